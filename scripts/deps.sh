@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a make target needs, only when something is missing.
+# Usage: scripts/deps.sh test|bench|demo
+# Needs root (apt-get); says so clearly otherwise.
+set -euo pipefail
+
+want=()
+need() { # need BINARY PACKAGE
+	command -v "$1" >/dev/null 2>&1 || want+=("$2")
+}
+
+case "${1:-test}" in
+test | bench | demo)
+	need fio fio
+	need nbdinfo libnbd-bin
+	need qemu-img qemu-utils
+	need qemu-io qemu-utils
+	need nbdkit nbdkit
+	;;
+*)
+	echo "deps.sh: unknown set '$1' (want test, bench or demo)" >&2
+	exit 2
+	;;
+esac
+
+# fio must have the nbd engine (Debian's fio 3.33 does, through libnbd).
+if command -v fio >/dev/null 2>&1 && ! fio --enghelp 2>/dev/null | grep -qw nbd; then
+	echo "deps.sh: $(command -v fio) has no ioengine=nbd; install Debian's fio (apt-get install fio)" >&2
+	exit 1
+fi
+
+[ ${#want[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+	echo "deps.sh: missing packages: ${want[*]}; run as root or: sudo apt-get install -y ${want[*]}" >&2
+	exit 1
+fi
+echo "deps.sh: installing ${want[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
