@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// report is everything one run measured; --json writes it.
+type report struct {
+	Machine   machine                               `json:"machine"`
+	Size      int64                                 `json:"size_bytes"`
+	Runtime   string                                `json:"runtime"`
+	Started   time.Time                             `json:"started"`
+	Targets   []string                              `json:"targets"`
+	Jobs      []job                                 `json:"jobs"`
+	Commands  map[string][]string                   `json:"commands"`
+	Results   map[string]map[string]result          `json:"results"` // target -> job -> result
+	Prefill   map[string]result                     `json:"prefill"`
+	FioOutput map[string]map[string]json.RawMessage `json:"fio_output"` // target -> job -> fio JSON
+}
+
+// benchmark runs the selected jobs on the selected targets and prints the
+// report. It fails only when a target cannot be run.
+func benchmark(ctx context.Context, cfg config) error {
+	if err := checkBinaries(cfg.targets); err != nil {
+		return err
+	}
+	work, err := workDir(cfg.dir)
+	if err != nil {
+		return err
+	}
+	if cfg.keep {
+		defer fmt.Fprintf(os.Stderr, "work dir kept: %s\n", work)
+	} else {
+		defer os.RemoveAll(work)
+	}
+
+	torusblk := cfg.torusblk
+	if contains(cfg.targets, "torus") && torusblk == "" {
+		slog.Info("building torusblk")
+		if torusblk, err = buildTorusblk(ctx, work); err != nil {
+			return err
+		}
+	}
+	if contains(cfg.targets, "torus") {
+		if _, err := os.Stat(torusblk); err != nil {
+			return fmt.Errorf("torusblk: %w", err)
+		}
+	}
+
+	m := describeMachine(work)
+	m.Tools = toolVersions(cfg.targets)
+	fmt.Println(m)
+	if m.FSType == "tmpfs" {
+		slog.Warn("the work dir is on tmpfs; numbers measure memory, not storage", "dir", work)
+	}
+	fmt.Printf("size=%d MiB runtime=%v per job, numjobs=1, targets=%s\n\n", cfg.size>>20, cfg.runtime, strings.Join(cfg.targets, ","))
+
+	rep := report{
+		Machine: m, Size: cfg.size, Runtime: cfg.runtime.String(), Started: time.Now().UTC(),
+		Targets: cfg.targets, Jobs: cfg.jobs,
+		Commands:  map[string][]string{},
+		Results:   map[string]map[string]result{},
+		Prefill:   map[string]result{},
+		FioOutput: map[string]map[string]json.RawMessage{},
+	}
+	for _, t := range cfg.targets {
+		if err := runTarget(ctx, cfg, t, work, torusblk, &rep); err != nil {
+			return fmt.Errorf("target %s: %w", t, err)
+		}
+	}
+	printTable(os.Stdout, &rep)
+	printVerdict(os.Stdout, &rep)
+	if cfg.jsonOut != "" {
+		b, err := json.MarshalIndent(&rep, "", "  ")
+		if err != nil {
+			return fmt.Errorf("encode json: %w", err)
+		}
+		if err := os.WriteFile(cfg.jsonOut, b, 0o644); err != nil {
+			return fmt.Errorf("write %s: %w", cfg.jsonOut, err)
+		}
+		fmt.Printf("\nraw results written to %s\n", cfg.jsonOut)
+	}
+	return nil
+}
+
+// runTarget starts one target, prefills it, runs the jobs and tears it down.
+func runTarget(ctx context.Context, cfg config, target, work, torusblk string, rep *report) error {
+	dir := filepath.Join(work, target)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("mkdir: %w", err)
+	}
+	if !cfg.keep {
+		defer os.RemoveAll(dir)
+	}
+	srv, err := startTarget(ctx, target, dir, cfg.size, torusblk)
+	if err != nil {
+		return err
+	}
+	defer srv.stop()
+	rep.Commands[target] = srv.cmd
+	slog.Info("target ready", "target", target, "cmd", strings.Join(srv.cmd, " "))
+
+	start := time.Now()
+	res, _, err := runFio(ctx, dir, prefillJob, srv.io, cfg.size, cfg.runtime, false)
+	if err != nil {
+		return fmt.Errorf("prefill: %w", err)
+	}
+	rep.Prefill[target] = res
+	slog.Info("prefilled", "target", target, "took", time.Since(start).Round(time.Millisecond), "MiB/s", int(res.BWBytes/(1<<20)))
+
+	rep.Results[target] = map[string]result{}
+	rep.FioOutput[target] = map[string]json.RawMessage{}
+	for _, j := range cfg.jobs {
+		res, raw, err := runFio(ctx, dir, j, srv.io, cfg.size, cfg.runtime, true)
+		if err != nil {
+			return err
+		}
+		rep.Results[target][j.Name] = res
+		rep.FioOutput[target][j.Name] = raw
+		slog.Info("job done", "target", target, "job", j.Name, "iops", int(res.IOPS),
+			"p50_us", res.P50us, "p99_us", res.P99us)
+	}
+	if srv.proc != nil && srv.proc.exited() {
+		return fmt.Errorf("server exited during the run: %v (%s)", srv.proc.err, srv.proc.tail())
+	}
+	return nil
+}
+
+// workDir creates the directory holding every target's data. Without --dir it
+// is a temp dir, on the repository's filesystem: os.TempDir when that is the
+// same filesystem, else a hidden directory under bench/ (the go tool ignores
+// it).
+func workDir(dir string) (string, error) {
+	if dir != "" {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return "", fmt.Errorf("--dir: %w", err)
+		}
+		if tmp, err := isTmpfs(dir); err != nil {
+			return "", err
+		} else if tmp {
+			slog.Warn("--dir is on tmpfs", "dir", dir)
+		}
+		w, err := os.MkdirTemp(dir, "torus-bench-")
+		if err != nil {
+			return "", fmt.Errorf("--dir: %w", err)
+		}
+		return w, nil
+	}
+	root, err := repoRoot()
+	if err != nil {
+		return "", err
+	}
+	parent := os.TempDir()
+	if tmp, err := isTmpfs(parent); err != nil || tmp || !sameFS(parent, root) {
+		parent = filepath.Join(root, "bench")
+	}
+	w, err := os.MkdirTemp(parent, ".torus-bench-")
+	if err != nil {
+		return "", fmt.Errorf("work dir: %w", err)
+	}
+	return w, nil
+}
+
+// toolVersions returns the first line of each tool's version output.
+func toolVersions(targets []string) string {
+	tools := [][]string{{"fio", "--version"}}
+	if contains(targets, "nbdkit") {
+		tools = append(tools, []string{"nbdkit", "--version"})
+	}
+	if contains(targets, "qemu-nbd") {
+		tools = append(tools, []string{"qemu-nbd", "--version"})
+	}
+	var out []string
+	for _, t := range tools {
+		b, err := exec.Command(t[0], t[1:]...).Output()
+		if err != nil {
+			continue
+		}
+		line, _, _ := strings.Cut(strings.TrimSpace(string(b)), "\n")
+		out = append(out, line)
+	}
+	return strings.Join(out, "; ")
+}
