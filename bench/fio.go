@@ -130,6 +130,9 @@ func runFio(ctx context.Context, workDir string, j job, t ioTarget, size int64, 
 	}
 	werr := p.wait(ctx)
 	raw, rerr := os.ReadFile(out)
+	if ctx.Err() != nil {
+		return result{}, nil, fmt.Errorf("fio %s: interrupted: %w", j.Name, ctx.Err())
+	}
 	if werr != nil {
 		return result{}, nil, fmt.Errorf("fio %s: %w (%s)", j.Name, werr, p.tail())
 	}
