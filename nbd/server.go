@@ -1,0 +1,224 @@
+// Package nbd serves engine.Volume exports over the Network Block Device
+// protocol (fixed newstyle handshake, simple and structured replies).
+//
+// Each connection runs two goroutines: a reader that parses requests and
+// submits them to the volume without waiting, and a writer that batches the
+// replies of completed requests. Requests live in preallocated per-connection
+// slots with payload buffers outside the Go heap, so the data path does not
+// allocate.
+package nbd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/torus-storage/torus/engine"
+)
+
+// Export is one named volume offered by a Server.
+type Export struct {
+	// Name is what clients ask for; the first export is also the default
+	// (empty name).
+	Name string
+	// Description is shown to clients that ask for it.
+	Description string
+	// Volume serves the I/O. The server does not close it.
+	Volume engine.Volume
+	// ReadOnly rejects writes, trims and write-zeroes with EPERM.
+	ReadOnly bool
+}
+
+// Options tune a Server. Zero values pick defaults.
+type Options struct {
+	// Logger receives connection-level events; nil discards them.
+	Logger *slog.Logger
+	// MaxInFlight bounds the requests in flight per connection (default 256).
+	// When it is reached the connection stops reading until a reply is sent.
+	MaxInFlight int
+	// MaxPayload is the largest read or write accepted (default 32 MiB).
+	MaxPayload int
+}
+
+const (
+	defaultMaxInFlight = 256
+	defaultMaxPayload  = 32 << 20
+	minMaxInFlight     = 128
+	blockSize          = 4096
+	// handshakeTimeout bounds the option haggling phase.
+	handshakeTimeout = 30 * time.Second
+	// drainTimeout bounds how long replies may take to reach a client when the
+	// server shuts down.
+	drainTimeout = 10 * time.Second
+)
+
+// Server serves a fixed set of exports. It is safe to call Serve on several
+// listeners.
+type Server struct {
+	exports []Export
+	opt     Options
+	log     *slog.Logger
+}
+
+// NewServer checks the exports and options and returns a server.
+func NewServer(exports []Export, opt Options) (*Server, error) {
+	if len(exports) == 0 {
+		return nil, errors.New("nbd: no exports")
+	}
+	seen := make(map[string]bool)
+	for i, e := range exports {
+		if e.Volume == nil {
+			return nil, fmt.Errorf("nbd: export %q has no volume", e.Name)
+		}
+		if len(e.Name) > maxStringLen || len(e.Description) > maxStringLen {
+			return nil, fmt.Errorf("nbd: export %d: name or description longer than %d bytes", i, maxStringLen)
+		}
+		if seen[e.Name] {
+			return nil, fmt.Errorf("nbd: duplicate export name %q", e.Name)
+		}
+		seen[e.Name] = true
+		if bs := e.Volume.BlockSize(); bs != blockSize {
+			return nil, fmt.Errorf("nbd: export %q: block size %d, want %d", e.Name, bs, blockSize)
+		}
+		if sz := e.Volume.Size(); sz < 0 || sz%blockSize != 0 {
+			return nil, fmt.Errorf("nbd: export %q: size %d is not a multiple of %d", e.Name, sz, blockSize)
+		}
+	}
+	if opt.MaxInFlight == 0 {
+		opt.MaxInFlight = defaultMaxInFlight
+	}
+	if opt.MaxInFlight < minMaxInFlight {
+		return nil, fmt.Errorf("nbd: MaxInFlight %d is below %d", opt.MaxInFlight, minMaxInFlight)
+	}
+	if opt.MaxPayload == 0 {
+		opt.MaxPayload = defaultMaxPayload
+	}
+	if opt.MaxPayload < 1<<20 || opt.MaxPayload%blockSize != 0 || opt.MaxPayload > 1<<30 {
+		return nil, fmt.Errorf("nbd: MaxPayload %d must be a multiple of %d between 1 MiB and 1 GiB", opt.MaxPayload, blockSize)
+	}
+	log := opt.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{exports: append([]Export(nil), exports...), opt: opt, log: log}, nil
+}
+
+// Serve accepts connections on l until ctx is done or l fails. On return the
+// listener is closed and every connection has finished: on cancellation each
+// connection stops reading requests, waits for its in-flight requests to
+// complete and their replies to be sent, then closes.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	var tempDelay time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				// Transient (e.g. EMFILE reported as temporary): back off.
+				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+				s.log.Warn("nbd: accept", "err", err, "retry_in", tempDelay)
+				time.Sleep(tempDelay)
+				continue
+			}
+			l.Close()
+			return fmt.Errorf("nbd: accept on %s: %w", l.Addr(), err)
+		}
+		tempDelay = 0
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.serveConn(ctx, nc)
+		}()
+	}
+}
+
+// serveConn runs the handshake and then the transmission phase of one client.
+func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
+	defer nc.Close()
+	log := s.log.With("remote", nc.RemoteAddr().String())
+	// Cancellation interrupts a blocked handshake read; the transmission
+	// phase installs its own hook.
+	unhook := context.AfterFunc(ctx, func() { nc.SetDeadline(time.Now()) })
+	nc.SetDeadline(time.Now().Add(handshakeTimeout))
+	hs, err := s.handshake(nc)
+	unhook()
+	if err != nil {
+		if !errors.Is(err, errAbort) {
+			log.Debug("nbd: handshake ended", "err", err)
+		}
+		return
+	}
+	nc.SetDeadline(time.Time{})
+	if ctx.Err() != nil {
+		return
+	}
+	log.Debug("nbd: client attached", "export", hs.export.Name, "structured", hs.structured)
+	c, err := newConn(nc, hs.export, hs.structured, s.opt)
+	if err != nil {
+		log.Error("nbd: connection setup", "err", err)
+		return
+	}
+	defer c.close()
+	hook := context.AfterFunc(ctx, func() { c.shutdown() })
+	defer hook()
+	if err := c.serve(); err != nil {
+		log.Debug("nbd: connection ended", "err", err)
+	}
+}
+
+// Listen opens a listener for addr, which is "unix:PATH" or "tcp:HOST:PORT".
+// A stale unix socket file (nothing accepts on it) is removed first; a live
+// one is an error.
+func Listen(addr string) (net.Listener, error) {
+	kind, rest, ok := strings.Cut(addr, ":")
+	if !ok || rest == "" {
+		return nil, fmt.Errorf("nbd: listen address %q: want unix:PATH or tcp:HOST:PORT", addr)
+	}
+	switch kind {
+	case "unix":
+		if fi, err := os.Lstat(rest); err == nil {
+			if fi.Mode()&os.ModeSocket == 0 {
+				return nil, fmt.Errorf("nbd: %s exists and is not a socket: pick another --listen", rest)
+			}
+			if c, err := net.DialTimeout("unix", rest, time.Second); err == nil {
+				c.Close()
+				return nil, fmt.Errorf("nbd: %s is in use by another process: pick another --listen", addr)
+			}
+			if err := os.Remove(rest); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("nbd: removing stale socket %s: %w", rest, err)
+			}
+		}
+		l, err := net.Listen("unix", rest)
+		if err != nil {
+			return nil, fmt.Errorf("nbd: listen on %s: %w", addr, err)
+		}
+		return l, nil
+	case "tcp":
+		l, err := net.Listen("tcp", rest)
+		if err != nil {
+			if errors.Is(err, syscall.EADDRINUSE) {
+				return nil, fmt.Errorf("%s is in use by another process: pick another --listen: %w", addr, err)
+			}
+			return nil, fmt.Errorf("nbd: listen on %s: %w", addr, err)
+		}
+		return l, nil
+	}
+	return nil, fmt.Errorf("nbd: listen address %q: want unix:PATH or tcp:HOST:PORT", addr)
+}
