@@ -1,0 +1,560 @@
+package engine
+
+// A shard is one goroutine locked to its OS thread that owns one io_uring
+// and all chunks that hash to it.
+//
+// Invariants:
+//   - Only the shard goroutine touches ring, chunks, ops, freeIdx, backlog,
+//     hdrBufs and the slotMeta of its chunks; submitters touch only queue
+//     (under mu) and sleeping.
+//   - Every op in flight holds one index of ops; userdata of its SQEs is
+//     udOp|index. A header write's userdata is udHdr|slot, a wake poll's is
+//     udWake. At most maxOps ops are in flight per shard, so at most maxOps
+//     header writes are in flight (each has at least one waiting op) and
+//     hdrBufs never runs dry.
+//   - sleeping is 1 only while the shard is about to block or blocked in
+//     SubmitAndWait with its eventfd poll armed; a submitter that pushes and
+//     sees 1 writes the eventfd.
+
+import (
+	"fmt"
+	"hash/crc32"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/iouring"
+)
+
+const (
+	maxOps      = 256
+	ringEntries = 512
+
+	udOp   = 1 << 56
+	udHdr  = 2 << 56
+	udWake = 3 << 56
+	udMask = 0xff << 56
+)
+
+type shard struct {
+	s  *Store
+	id int
+
+	mu       sync.Mutex
+	queue    []*ChunkOp
+	closed   bool
+	sleeping atomic.Int32
+	efd      int
+	one      [8]byte
+	done     chan struct{}
+
+	// Shard goroutine only.
+	ring     *iouring.Ring
+	local    []*ChunkOp
+	chunks   map[ChunkID]int32
+	ops      [maxOps]*ChunkOp
+	freeIdx  []int32
+	backlog  *ChunkOp
+	backTail *ChunkOp
+	hdrArena []byte
+	hdrBufs  [][]byte
+	cqes     [128]iouring.CQE
+	efdBuf   []byte
+	inflight int
+}
+
+func newShard(s *Store, id int) (*shard, error) {
+	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("shard %d: eventfd: %w", id, err)
+	}
+	sh := &shard{s: s, id: id, efd: efd, done: make(chan struct{}),
+		queue: make([]*ChunkOp, 0, maxOps), local: make([]*ChunkOp, 0, maxOps),
+		chunks: make(map[ChunkID]int32)}
+	sh.one[0] = 1
+	arena, err := alignbuf.Alloc((maxOps + 1) * BlockSize)
+	if err != nil {
+		unix.Close(efd)
+		return nil, err
+	}
+	sh.hdrArena = arena
+	for i := 0; i < maxOps; i++ {
+		sh.hdrBufs = append(sh.hdrBufs, arena[i*BlockSize:(i+1)*BlockSize:(i+1)*BlockSize])
+	}
+	sh.efdBuf = arena[maxOps*BlockSize : maxOps*BlockSize+8]
+	for i := maxOps - 1; i >= 0; i-- {
+		sh.freeIdx = append(sh.freeIdx, int32(i))
+	}
+	ready := make(chan error, 1)
+	go sh.run(ready)
+	if err := <-ready; err != nil {
+		<-sh.done
+		unix.Close(efd)
+		alignbuf.Free(arena)
+		return nil, err
+	}
+	return sh, nil
+}
+
+// newRing makes a ring with the best flags the kernel accepts.
+func newRing() (*iouring.Ring, error) {
+	var err error
+	for _, fl := range []uint32{
+		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer | iouring.SetupDeferTaskrun,
+		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer,
+		iouring.SetupCoopTaskrun,
+		0,
+	} {
+		var r *iouring.Ring
+		if r, err = iouring.New(ringEntries, fl); err == nil {
+			return r, nil
+		}
+	}
+	return nil, fmt.Errorf("io_uring setup: %w", err)
+}
+
+// push queues op for the shard goroutine.
+func (sh *shard) push(op *ChunkOp) {
+	sh.mu.Lock()
+	if sh.closed {
+		sh.mu.Unlock()
+		op.Done.CompleteChunk(op, ErrClosed)
+		return
+	}
+	sh.queue = append(sh.queue, op)
+	sh.mu.Unlock()
+	if sh.sleeping.Load() == 1 && sh.sleeping.CompareAndSwap(1, 0) {
+		unix.Write(sh.efd, sh.one[:])
+	}
+}
+
+// stop lets the shard finish every queued op and exit.
+func (sh *shard) stop() {
+	sh.mu.Lock()
+	sh.closed = true
+	sh.mu.Unlock()
+	unix.Write(sh.efd, sh.one[:])
+	<-sh.done
+	unix.Close(sh.efd)
+	alignbuf.Free(sh.hdrArena)
+}
+
+func (sh *shard) run(ready chan<- error) {
+	defer close(sh.done)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	r, err := newRing()
+	if err != nil {
+		ready <- fmt.Errorf("shard %d: %w", sh.id, err)
+		return
+	}
+	defer r.Close()
+	sh.ring = r
+	// Build the chunk map of this shard from the slots loaded at open.
+	for i := range sh.s.slots {
+		m := &sh.s.slots[i]
+		if m.used && sh.s.shardOfIndex(m.id) == sh.id {
+			sh.chunks[m.id] = int32(i)
+		}
+	}
+	sh.armWake()
+	ready <- nil
+
+	for {
+		sh.mu.Lock()
+		sh.local, sh.queue = sh.queue, sh.local[:0]
+		closed := sh.closed
+		sh.mu.Unlock()
+		for i, op := range sh.local {
+			sh.local[i] = nil
+			sh.accept(op)
+		}
+		// Once closed, push refuses new ops, so the shard is done when
+		// nothing is in flight.
+		if closed && sh.inflight == 0 && sh.backlog == nil {
+			return
+		}
+		n := sh.ring.PeekCQEs(sh.cqes[:])
+		if n == 0 {
+			sh.sleeping.Store(1)
+			sh.mu.Lock()
+			q := len(sh.queue)
+			sh.mu.Unlock()
+			if q > 0 {
+				sh.sleeping.Store(0)
+				sh.submit()
+				continue
+			}
+			if _, err := sh.ring.SubmitAndWait(1); err != nil {
+				sh.s.log.Error("store: io_uring wait failed", "shard", sh.id, "err", err)
+			}
+			sh.sleeping.Store(0)
+			n = sh.ring.PeekCQEs(sh.cqes[:])
+		}
+		for i := 0; i < n; i++ {
+			c := &sh.cqes[i]
+			sh.complete(c.UserData, c.Res)
+		}
+		sh.submit()
+	}
+}
+
+func (sh *shard) submit() {
+	if sh.ring.Pending() == 0 {
+		return
+	}
+	if _, err := sh.ring.Submit(); err != nil {
+		sh.s.log.Error("store: io_uring submit failed", "shard", sh.id, "err", err)
+	}
+}
+
+// sqe returns a free SQE, submitting the full SQ to make room.
+func (sh *shard) sqe() *iouring.SQE {
+	for {
+		if e := sh.ring.SQE(); e != nil {
+			return e
+		}
+		if _, err := sh.ring.Submit(); err != nil {
+			sh.s.log.Error("store: io_uring submit failed", "shard", sh.id, "err", err)
+		}
+	}
+}
+
+func (sh *shard) armWake() {
+	e := sh.sqe()
+	e.PrepPollAdd(int32(sh.efd), unix.POLLIN)
+	e.UserData = udWake
+}
+
+// accept gives op an index or parks it in the backlog.
+func (sh *shard) accept(op *ChunkOp) {
+	n := len(sh.freeIdx)
+	if n == 0 || sh.backlog != nil {
+		op.next = nil
+		if sh.backTail == nil {
+			sh.backlog = op
+		} else {
+			sh.backTail.next = op
+		}
+		sh.backTail = op
+		return
+	}
+	sh.start(op)
+}
+
+func (sh *shard) start(op *ChunkOp) {
+	n := len(sh.freeIdx)
+	op.idx = sh.freeIdx[n-1]
+	sh.freeIdx = sh.freeIdx[:n-1]
+	sh.ops[op.idx] = op
+	sh.inflight++
+	op.err = nil
+	op.freeing = false
+	op.pending = 0
+	op.slot = -1
+	op.next, op.hnext = nil, nil
+	sh.dispatch(op)
+}
+
+// dispatch maps op to its slot and runs or blocks it.
+func (sh *shard) dispatch(op *ChunkOp) {
+	s := sh.s
+	if op.Op == OpFlush {
+		e := sh.sqe()
+		e.PrepFsync(s.fd, iouring.FsyncDatasync)
+		e.UserData = udOp | uint64(op.idx)
+		op.pending = 1
+		return
+	}
+	slot, ok := sh.chunks[op.Chunk]
+	if !ok {
+		switch op.Op {
+		case OpRead:
+			clear(op.Buf)
+			sh.finish(op)
+			return
+		case OpWrite:
+			slot = s.allocSlot(op.Chunk)
+			if slot < 0 {
+				op.err = fmt.Errorf("store %s: write chunk %v: %d slots in use: %w", s.path, op.Chunk, len(s.slots), ErrNoSpace)
+				sh.finish(op)
+				return
+			}
+			sh.chunks[op.Chunk] = slot
+		default: // discard or write-zeroes of a chunk that holds nothing
+			sh.finish(op)
+			return
+		}
+	}
+	op.slot = slot
+	m := &s.slots[slot]
+	if m.blocked == nil && !conflicts(m.active, op) {
+		op.next = m.active
+		m.active = op
+		sh.run1(op, m)
+		return
+	}
+	op.next = nil
+	if m.blockedTail == nil {
+		m.blocked = op
+	} else {
+		m.blockedTail.next = op
+	}
+	m.blockedTail = op
+}
+
+// conflicts reports whether op overlaps a writing op of list, or is itself
+// writing and overlaps any op of list.
+func conflicts(list, op *ChunkOp) bool {
+	for a := list; a != nil; a = a.next {
+		if (a.Op != OpRead || op.Op != OpRead) && a.Off < op.Off+op.Length && op.Off < a.Off+a.Length {
+			return true
+		}
+	}
+	return false
+}
+
+// run1 issues the I/O of op, which holds its range of slot m.
+func (sh *shard) run1(op *ChunkOp, m *slotMeta) {
+	s := sh.s
+	base := uint64(s.dataOff(op.slot))
+	fua := op.Flags&FlagFUA != 0
+	switch op.Op {
+	case OpRead:
+		e := sh.sqe()
+		e.PrepRead(s.fd, op.Buf, base+uint64(op.Off))
+		e.UserData = udOp | uint64(op.idx)
+		op.pending = 1
+	case OpWrite:
+		b0 := int(op.Off / BlockSize)
+		for i := 0; i < int(op.Length/BlockSize); i++ {
+			m.crcs[b0+i] = crc32.Checksum(op.Buf[i*BlockSize:(i+1)*BlockSize], s.tab)
+			m.set(b0 + i)
+		}
+		m.version++
+		e := sh.sqe()
+		e.PrepWrite(s.fd, op.Buf, base+uint64(op.Off))
+		if fua {
+			e.OpFlags = unix.RWF_DSYNC
+		}
+		e.UserData = udOp | uint64(op.idx)
+		op.pending = 2
+		sh.joinHeader(op, m, fua)
+	case OpDiscard, OpWriteZeroes:
+		b0 := int(op.Off / BlockSize)
+		for i := 0; i < int(op.Length/BlockSize); i++ {
+			m.unset(b0 + i)
+		}
+		m.version++
+		keep := op.Op == OpWriteZeroes && op.Flags&FlagNoUnmap != 0
+		op.pending = 1
+		if !keep {
+			off, length := op.Off, op.Length
+			if m.empty() && m.active == op && op.next == nil {
+				// Nothing left in the chunk: free the slot.
+				op.freeing = true
+				m.used = false
+				off, length = 0, s.chunk
+			}
+			e := sh.sqe()
+			e.Opcode = iouring.OpFallocate
+			e.Fd = s.fd
+			e.Off = base + uint64(off)
+			e.Addr = uint64(length)
+			e.Len = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+			e.UserData = udOp | uint64(op.idx)
+			op.pending = 2
+		}
+		sh.joinHeader(op, m, fua)
+	}
+}
+
+// joinHeader makes op wait for a header write that includes the current
+// state of m.
+func (sh *shard) joinHeader(op *ChunkOp, m *slotMeta, fua bool) {
+	if !m.hdrInflight {
+		op.hnext = nil
+		sh.writeHeader(op.slot, m, op, fua)
+		return
+	}
+	op.hnext = m.hdrNext
+	m.hdrNext = op
+	m.hdrNextFUA = m.hdrNextFUA || fua
+}
+
+func (sh *shard) writeHeader(slot int32, m *slotMeta, waiters *ChunkOp, fua bool) {
+	n := len(sh.hdrBufs)
+	buf := sh.hdrBufs[n-1]
+	sh.hdrBufs = sh.hdrBufs[:n-1]
+	m.encode(buf, sh.s.blocks, sh.s.tab)
+	m.hdrBuf = buf
+	m.hdrInflight = true
+	m.hdrCur = waiters
+	e := sh.sqe()
+	e.PrepWrite(sh.s.fd, buf, uint64(sh.s.hdrOff(slot)))
+	if fua {
+		e.OpFlags = unix.RWF_DSYNC
+	}
+	e.UserData = udHdr | uint64(slot)
+}
+
+func (sh *shard) complete(ud uint64, res int32) {
+	switch ud & udMask {
+	case udWake:
+		unix.Read(sh.efd, sh.efdBuf)
+		sh.armWake()
+	case udHdr:
+		slot := int32(ud &^ udMask)
+		m := &sh.s.slots[slot]
+		sh.hdrBufs = append(sh.hdrBufs, m.hdrBuf)
+		m.hdrBuf = nil
+		waiters := m.hdrCur
+		m.hdrCur = nil
+		m.hdrInflight = false
+		if m.hdrNext != nil {
+			next, fua := m.hdrNext, m.hdrNextFUA
+			m.hdrNext, m.hdrNextFUA = nil, false
+			sh.writeHeader(slot, m, next, fua)
+		}
+		var err error
+		if res != BlockSize {
+			err = sh.ioErr("write header of slot", int64(slot), res)
+		}
+		for op := waiters; op != nil; {
+			next := op.hnext
+			op.hnext = nil
+			sh.partDone(op, err)
+			op = next
+		}
+	case udOp:
+		op := sh.ops[ud&^udMask]
+		var err error
+		switch op.Op {
+		case OpRead:
+			if res != int32(op.Length) {
+				err = sh.ioErr("read chunk", int64(op.Off), res)
+			} else {
+				err = sh.verify(op)
+			}
+		case OpWrite:
+			if res != int32(op.Length) {
+				err = sh.ioErr("write chunk", int64(op.Off), res)
+			}
+		default:
+			if res < 0 {
+				err = sh.ioErr(op.Op.String(), int64(op.Off), res)
+			}
+		}
+		sh.partDone(op, err)
+	}
+}
+
+func (sh *shard) ioErr(what string, off int64, res int32) error {
+	if res < 0 {
+		return fmt.Errorf("store %s: %s at %d: %w", sh.s.path, what, off, unix.Errno(-res))
+	}
+	return fmt.Errorf("store %s: %s at %d: short transfer of %d bytes", sh.s.path, what, off, res)
+}
+
+// verify checks every block a read returned against its CRC and zeroes the
+// blocks never written.
+func (sh *shard) verify(op *ChunkOp) error {
+	s := sh.s
+	m := &s.slots[op.slot]
+	b0 := int(op.Off / BlockSize)
+	for i := 0; i < int(op.Length/BlockSize); i++ {
+		blk := op.Buf[i*BlockSize : (i+1)*BlockSize]
+		if !m.bit(b0 + i) {
+			clear(blk)
+			continue
+		}
+		if c := crc32.Checksum(blk, s.tab); c != m.crcs[b0+i] {
+			return fmt.Errorf("store %s: chunk %v offset %d (slot %d): crc32c %08x, expected %08x: %w",
+				s.path, op.Chunk, op.Off+int64(i)*BlockSize, op.slot, c, m.crcs[b0+i], ErrChecksum)
+		}
+	}
+	return nil
+}
+
+func (sh *shard) partDone(op *ChunkOp, err error) {
+	if err != nil && op.err == nil {
+		op.err = err
+	}
+	op.pending--
+	if op.pending == 0 {
+		sh.finish(op)
+	}
+}
+
+// finish releases op's range and index and reports it.
+func (sh *shard) finish(op *ChunkOp) {
+	if op.slot >= 0 {
+		sh.unlock(op)
+	}
+	sh.ops[op.idx] = nil
+	sh.freeIdx = append(sh.freeIdx, op.idx)
+	sh.inflight--
+	err := op.err
+	op.err = nil
+	op.Done.CompleteChunk(op, err)
+	for sh.backlog != nil && len(sh.freeIdx) > 0 {
+		b := sh.backlog
+		sh.backlog = b.next
+		if sh.backlog == nil {
+			sh.backTail = nil
+		}
+		sh.start(b)
+	}
+}
+
+// unlock drops op's range of its slot and starts blocked ops that no longer
+// conflict, in order. After a slot is freed, its blocked ops are dispatched
+// again from scratch: the chunk no longer has a slot.
+func (sh *shard) unlock(op *ChunkOp) {
+	s := sh.s
+	m := &s.slots[op.slot]
+	if m.active == op {
+		m.active = op.next
+	} else {
+		for a := m.active; a != nil; a = a.next {
+			if a.next == op {
+				a.next = op.next
+				break
+			}
+		}
+	}
+	op.next = nil
+	if op.freeing {
+		if op.err != nil {
+			// The free did not reach the disk: keep the slot (its blocks
+			// read as zeros) rather than risk two slots for one chunk.
+			m.used = true
+		} else {
+			delete(sh.chunks, m.id)
+			blocked := m.blocked
+			m.blocked, m.blockedTail = nil, nil
+			s.releaseSlot(op.slot)
+			for b := blocked; b != nil; {
+				next := b.next
+				b.next = nil
+				b.slot = -1
+				sh.dispatch(b)
+				b = next
+			}
+			return
+		}
+	}
+	for m.blocked != nil && !conflicts(m.active, m.blocked) {
+		b := m.blocked
+		m.blocked = b.next
+		if m.blocked == nil {
+			m.blockedTail = nil
+		}
+		b.next = m.active
+		m.active = b
+		sh.run1(b, m)
+	}
+}

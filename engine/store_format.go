@@ -1,0 +1,273 @@
+package engine
+
+// On-disk format of the node store. docs/STORE.md describes it in prose.
+//
+// Layout (all integers little endian):
+//
+//	[0, 4096)                      superblock
+//	[hdrOff, hdrOff+slots*4096)    one 4 KiB header per slot, hdrOff = 4096
+//	[dataOff, dataOff+slots*chunk) one chunk of data per slot, dataOff aligned to the chunk size
+//
+// Invariants:
+//   - The superblock and every non-zero slot header end with the CRC32C
+//     (Castagnoli) of the bytes before it; an all-zero header is a free slot
+//     that was never written.
+//   - A used header names exactly one ChunkID; no two used headers name the
+//     same ChunkID (a slot is freed on disk before its chunk can get another).
+//   - A block whose bit is clear in the header's written bitmap reads as zeros
+//     whatever the data region holds; a block whose bit is set reads as the
+//     data region, which must match the block's CRC32C in the header.
+//   - version grows by one per change of the header (write, discard, free,
+//     reuse); it never goes back for a slot.
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+)
+
+// BlockSize is the store block size: the unit of checksums, alignment and
+// direct I/O.
+const BlockSize = 4096
+
+const (
+	storeMagic         = "TORUSSTO"
+	slotMagic          = "TORUSSLT"
+	storeFormatVersion = 1
+
+	// DefaultChunkSize is the chunk (slot) size used when none is given.
+	DefaultChunkSize = 1 << 20
+	// MaxChunkSize is the largest chunk size the fixed 4 KiB header can
+	// describe (a CRC per block plus the written bitmap).
+	MaxChunkSize = 2 << 20
+	// MinChunkSize is the smallest chunk size.
+	MinChunkSize = 64 << 10
+
+	maxBlocksPerChunk = MaxChunkSize / BlockSize
+	maxClusterID      = 64
+
+	sbFlagClean = 1 << 0
+
+	// superblock field offsets
+	sbVersion   = 8
+	sbFlags     = 12
+	sbUUID      = 16
+	sbBlockSize = 32
+	sbChunkSize = 36
+	sbSlots     = 40
+	sbHdrOff    = 48
+	sbDataOff   = 56
+	sbVolSize   = 64
+	sbClusterN  = 72
+	sbClusterID = 128
+	sbCRC       = BlockSize - 4
+
+	// slot header field offsets
+	shState   = 8
+	shVolume  = 16
+	shIndex   = 24
+	shSnap    = 32
+	shVersion = 40
+	shBlocks  = 48
+	shBitmap  = 64
+	shCRCs    = 128
+	shCRC     = BlockSize - 4
+
+	slotFree = 0
+	slotUsed = 1
+)
+
+// ErrCorrupt reports a store whose metadata does not verify.
+var ErrCorrupt = errors.New("engine: store metadata corrupt")
+
+// ErrNotStore reports a file or device without the store magic.
+var ErrNotStore = errors.New("engine: not a torus store")
+
+// superblock is the decoded first 4 KiB of a store.
+type superblock struct {
+	version   uint32
+	flags     uint32
+	uuid      [16]byte
+	blockSize uint32
+	chunkSize uint32
+	slots     uint64
+	hdrOff    uint64
+	dataOff   uint64
+	volSize   uint64
+	clusterID []byte
+}
+
+// layout computes the region offsets for slots chunks of chunkSize bytes.
+func layout(slots, chunkSize uint64) (hdrOff, dataOff, total uint64) {
+	hdrOff = BlockSize
+	dataOff = hdrOff + slots*BlockSize
+	dataOff = (dataOff + chunkSize - 1) / chunkSize * chunkSize
+	return hdrOff, dataOff, dataOff + slots*chunkSize
+}
+
+func (sb *superblock) encode(b []byte, tab *crc32.Table) {
+	clear(b[:BlockSize])
+	copy(b, storeMagic)
+	le := binary.LittleEndian
+	le.PutUint32(b[sbVersion:], sb.version)
+	le.PutUint32(b[sbFlags:], sb.flags)
+	copy(b[sbUUID:sbUUID+16], sb.uuid[:])
+	le.PutUint32(b[sbBlockSize:], sb.blockSize)
+	le.PutUint32(b[sbChunkSize:], sb.chunkSize)
+	le.PutUint64(b[sbSlots:], sb.slots)
+	le.PutUint64(b[sbHdrOff:], sb.hdrOff)
+	le.PutUint64(b[sbDataOff:], sb.dataOff)
+	le.PutUint64(b[sbVolSize:], sb.volSize)
+	le.PutUint16(b[sbClusterN:], uint16(len(sb.clusterID)))
+	copy(b[sbClusterID:sbClusterID+maxClusterID], sb.clusterID)
+	le.PutUint32(b[sbCRC:], crc32.Checksum(b[:sbCRC], tab))
+}
+
+// decodeSuperblock parses and checks a superblock. Errors say which check
+// failed so that an operator can tell "not a store" from "damaged store".
+func decodeSuperblock(b []byte, tab *crc32.Table) (*superblock, error) {
+	if len(b) < BlockSize {
+		return nil, fmt.Errorf("superblock too short (%d bytes): %w", len(b), ErrCorrupt)
+	}
+	if string(b[:8]) != storeMagic {
+		return nil, fmt.Errorf("bad magic %q, want %q: %w", b[:8], storeMagic, ErrNotStore)
+	}
+	le := binary.LittleEndian
+	if got, want := le.Uint32(b[sbCRC:]), crc32.Checksum(b[:sbCRC], tab); got != want {
+		return nil, fmt.Errorf("superblock checksum %08x, computed %08x: %w", got, want, ErrCorrupt)
+	}
+	sb := &superblock{
+		version:   le.Uint32(b[sbVersion:]),
+		flags:     le.Uint32(b[sbFlags:]),
+		blockSize: le.Uint32(b[sbBlockSize:]),
+		chunkSize: le.Uint32(b[sbChunkSize:]),
+		slots:     le.Uint64(b[sbSlots:]),
+		hdrOff:    le.Uint64(b[sbHdrOff:]),
+		dataOff:   le.Uint64(b[sbDataOff:]),
+		volSize:   le.Uint64(b[sbVolSize:]),
+	}
+	copy(sb.uuid[:], b[sbUUID:])
+	if sb.version != storeFormatVersion {
+		return nil, fmt.Errorf("store format version %d, this build reads version %d", sb.version, storeFormatVersion)
+	}
+	n := int(le.Uint16(b[sbClusterN:]))
+	if n > maxClusterID {
+		return nil, fmt.Errorf("cluster id length %d: %w", n, ErrCorrupt)
+	}
+	sb.clusterID = append([]byte(nil), b[sbClusterID:sbClusterID+n]...)
+	if sb.blockSize != BlockSize {
+		return nil, fmt.Errorf("block size %d, this build supports %d: %w", sb.blockSize, BlockSize, ErrCorrupt)
+	}
+	if err := checkChunkSize(int64(sb.chunkSize)); err != nil {
+		return nil, fmt.Errorf("%v: %w", err, ErrCorrupt)
+	}
+	h, d, _ := layout(sb.slots, uint64(sb.chunkSize))
+	if sb.slots == 0 || sb.hdrOff != h || sb.dataOff != d {
+		return nil, fmt.Errorf("region offsets %d/%d for %d slots, want %d/%d: %w", sb.hdrOff, sb.dataOff, sb.slots, h, d, ErrCorrupt)
+	}
+	return sb, nil
+}
+
+func checkChunkSize(cs int64) error {
+	if cs < MinChunkSize || cs > MaxChunkSize || cs&(cs-1) != 0 {
+		return fmt.Errorf("chunk size %d is not a power of two in [%d, %d]", cs, MinChunkSize, MaxChunkSize)
+	}
+	return nil
+}
+
+// slotMeta is the in-memory copy of a slot header. The shard owning the
+// slot's chunk is the only one to touch it while the slot is used.
+type slotMeta struct {
+	id      ChunkID
+	used    bool
+	version uint64
+	// written has bit b set when block b holds data (else it reads as zeros).
+	written [maxBlocksPerChunk / 64]uint64
+	// crcs is this slot's window of Store.crcs: one CRC32C per block.
+	crcs []uint32
+
+	// Runtime state of the owning shard (not on disk).
+	active      *ChunkOp // ops holding a range of this slot
+	blocked     *ChunkOp // FIFO of ops waiting for a range
+	blockedTail *ChunkOp
+	hdrInflight bool
+	hdrBuf      []byte
+	hdrCur      *ChunkOp // waiters of the header write in flight
+	hdrNext     *ChunkOp // waiters of the next header write
+	hdrNextFUA  bool
+}
+
+func (m *slotMeta) bit(b int) bool { return m.written[b>>6]&(1<<(b&63)) != 0 }
+func (m *slotMeta) set(b int)      { m.written[b>>6] |= 1 << (b & 63) }
+func (m *slotMeta) unset(b int)    { m.written[b>>6] &^= 1 << (b & 63) }
+
+func (m *slotMeta) empty() bool {
+	for _, w := range m.written {
+		if w != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// encode writes the header image of m into b (4 KiB).
+func (m *slotMeta) encode(b []byte, blocks int, tab *crc32.Table) {
+	clear(b[:BlockSize])
+	le := binary.LittleEndian
+	copy(b, slotMagic)
+	if m.used {
+		le.PutUint32(b[shState:], slotUsed)
+		le.PutUint64(b[shVolume:], m.id.Volume)
+		le.PutUint64(b[shIndex:], m.id.Index)
+		le.PutUint64(b[shSnap:], m.id.Snap)
+		for i, w := range m.written {
+			le.PutUint64(b[shBitmap+8*i:], w)
+		}
+		for i := 0; i < blocks; i++ {
+			le.PutUint32(b[shCRCs+4*i:], m.crcs[i])
+		}
+	}
+	le.PutUint64(b[shVersion:], m.version)
+	le.PutUint32(b[shBlocks:], uint32(blocks))
+	le.PutUint32(b[shCRC:], crc32.Checksum(b[:shCRC], tab))
+}
+
+// decode loads a header image into m. An all-zero image is a never-written
+// free slot.
+func (m *slotMeta) decode(b []byte, blocks int, tab *crc32.Table) error {
+	le := binary.LittleEndian
+	if string(b[:8]) != slotMagic {
+		for _, c := range b[:BlockSize] {
+			if c != 0 {
+				return fmt.Errorf("bad slot header magic %q: %w", b[:8], ErrCorrupt)
+			}
+		}
+		m.used = false
+		return nil
+	}
+	if got, want := le.Uint32(b[shCRC:]), crc32.Checksum(b[:shCRC], tab); got != want {
+		return fmt.Errorf("slot header checksum %08x, computed %08x: %w", got, want, ErrCorrupt)
+	}
+	if n := le.Uint32(b[shBlocks:]); int(n) != blocks {
+		return fmt.Errorf("slot header has %d blocks, store chunks have %d: %w", n, blocks, ErrCorrupt)
+	}
+	m.version = le.Uint64(b[shVersion:])
+	switch le.Uint32(b[shState:]) {
+	case slotFree:
+		m.used = false
+		return nil
+	case slotUsed:
+	default:
+		return fmt.Errorf("slot state %d: %w", le.Uint32(b[shState:]), ErrCorrupt)
+	}
+	m.used = true
+	m.id = ChunkID{Volume: le.Uint64(b[shVolume:]), Index: le.Uint64(b[shIndex:]), Snap: le.Uint64(b[shSnap:])}
+	for i := range m.written {
+		m.written[i] = le.Uint64(b[shBitmap+8*i:])
+	}
+	for i := 0; i < blocks; i++ {
+		m.crcs[i] = le.Uint32(b[shCRCs+4*i:])
+	}
+	return nil
+}
