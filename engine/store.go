@@ -180,8 +180,9 @@ func CreateStore(path string, opt StoreOptions) (*Store, error) {
 		return nil, fmt.Errorf("create store %s: cluster id longer than %d bytes", path, maxClusterID)
 	}
 	tab := crc32.MakeTable(crc32.Castagnoli)
-	sb := &superblock{version: storeFormatVersion, blockSize: BlockSize, chunkSize: uint32(cs),
-		volSize: uint64(opt.VolumeSize), clusterID: opt.ClusterID}
+	// A new store has no data yet, so it is clean: nothing to recover.
+	sb := &superblock{version: storeFormatVersion, flags: sbFlagClean, blockSize: BlockSize,
+		chunkSize: uint32(cs), volSize: uint64(opt.VolumeSize), clusterID: opt.ClusterID}
 	if _, err := rand.Read(sb.uuid[:]); err != nil {
 		return nil, fmt.Errorf("create store %s: uuid: %w", path, err)
 	}
