@@ -88,7 +88,7 @@ func printTable(w io.Writer, rep *report) {
 	}
 	tw.Flush()
 
-	if _, ok := rep.Results["torus"]; !ok {
+	if !comparable(rep) {
 		return
 	}
 	fmt.Fprintln(w)
@@ -117,10 +117,10 @@ func printTable(w io.Writer, rep *report) {
 // printVerdict prints PASS/MISS for each milestone target. It is
 // informational: a miss never fails the run.
 func printVerdict(w io.Writer, rep *report) {
-	tr, ok := rep.Results["torus"]
-	if !ok {
+	if !comparable(rep) {
 		return
 	}
+	tr := rep.Results["torus"]
 	fmt.Fprintln(w, "\nmilestone targets (informational):")
 	verdict := func(pass bool) string {
 		if pass {
@@ -161,4 +161,17 @@ func printVerdict(w io.Writer, rep *report) {
 		fmt.Fprintf(w, "  %s  %-18s torus p50 <= best peer p50: %s vs %s µs (%s)\n",
 			verdict(t50 <= pr.P50us), j.Name, fmtUs(t50), fmtUs(pr.P50us), p)
 	}
+}
+
+// comparable reports whether Torus ran together with a peer or raw io_uring.
+func comparable(rep *report) bool {
+	if _, ok := rep.Results["torus"]; !ok {
+		return false
+	}
+	for _, t := range append([]string{"raw"}, nbdPeers...) {
+		if _, ok := rep.Results[t]; ok {
+			return true
+		}
+	}
+	return false
 }
