@@ -6,6 +6,12 @@
 // replies of completed requests. Requests live in preallocated per-connection
 // slots with payload buffers outside the Go heap, so the data path does not
 // allocate.
+//
+// Requests must be aligned to the volume's 4096-byte block size (advertised
+// with NBD_INFO_BLOCK_SIZE); anything else is answered with NBD_EINVAL.
+// Connections to the same export share its Volume, so NBD_CMD_FLUSH on any
+// connection covers writes completed on every connection (CAN_MULTI_CONN).
+// The server never closes the volumes it serves.
 package nbd
 
 import (
@@ -51,6 +57,7 @@ const (
 	defaultMaxInFlight = 256
 	defaultMaxPayload  = 32 << 20
 	minMaxInFlight     = 128
+	maxMaxInFlight     = 1 << 14
 	blockSize          = 4096
 	// handshakeTimeout bounds the option haggling phase.
 	handshakeTimeout = 30 * time.Second
@@ -94,8 +101,8 @@ func NewServer(exports []Export, opt Options) (*Server, error) {
 	if opt.MaxInFlight == 0 {
 		opt.MaxInFlight = defaultMaxInFlight
 	}
-	if opt.MaxInFlight < minMaxInFlight {
-		return nil, fmt.Errorf("nbd: MaxInFlight %d is below %d", opt.MaxInFlight, minMaxInFlight)
+	if opt.MaxInFlight < minMaxInFlight || opt.MaxInFlight > maxMaxInFlight {
+		return nil, fmt.Errorf("nbd: MaxInFlight %d is outside [%d, %d]", opt.MaxInFlight, minMaxInFlight, maxMaxInFlight)
 	}
 	if opt.MaxPayload == 0 {
 		opt.MaxPayload = defaultMaxPayload
@@ -115,13 +122,15 @@ func NewServer(exports []Export, opt Options) (*Server, error) {
 // connection stops reading requests, waits for its in-flight requests to
 // complete and their replies to be sent, then closes.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	// Deferred in this order so that, whichever way Serve ends, connections
+	// are told to stop (cancel) before Serve waits for them (wg.Wait).
+	var wg sync.WaitGroup
+	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 
-	var wg sync.WaitGroup
-	defer wg.Wait()
 	var tempDelay time.Duration
 	for {
 		nc, err := l.Accept()
@@ -130,8 +139,9 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 				return nil
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// Transient (e.g. EMFILE reported as temporary): back off.
+			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+				errors.Is(err, syscall.ECONNABORTED) || (errors.As(err, &ne) && ne.Timeout()) {
+				// Transient: out of descriptors or an aborted handshake. Back off.
 				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
 				s.log.Warn("nbd: accept", "err", err, "retry_in", tempDelay)
 				time.Sleep(tempDelay)

@@ -560,3 +560,32 @@ func TestNewServerValidates(t *testing.T) {
 		}
 	}
 }
+
+func TestServeListenerFailure(t *testing.T) {
+	v := newMemVolume(1 << 20)
+	srv, err := NewServer(oneExport(v), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "f.sock")
+	l, err := Listen("unix:" + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(context.Background(), l) }()
+	c := dial(t, path, false)
+	if r := c.do(cmdRead, 0, 0, 4096, nil); r.errno != 0 {
+		t.Fatal(r)
+	}
+	l.Close() // the listener fails underneath Serve
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Serve returned nil after its listener failed")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return after its listener failed")
+	}
+	c.expectEOF()
+}
