@@ -36,14 +36,17 @@ type bufPool struct {
 	classes []sizeClass
 }
 
-// newBufPool creates classes of 4 KiB, 64 KiB and 1 MiB scaled to inFlight,
-// plus a small on-demand class of maxPayload buffers.
+// newBufPool creates classes of 4 KiB, 64 KiB, 256 KiB and 1 MiB scaled to
+// inFlight, plus a small on-demand class of maxPayload buffers. The arenas are
+// anonymous mappings, so untouched buffers cost address space, not memory
+// (about 29 MiB for inFlight=256, plus up to 2×maxPayload on demand).
 func newBufPool(inFlight, maxPayload int) (*bufPool, error) {
 	p := &bufPool{}
 	spec := []struct{ size, count int }{
 		{4 << 10, inFlight},
 		{64 << 10, max(inFlight/4, 2)},
-		{1 << 20, max(inFlight/32, 2)},
+		{256 << 10, max(inFlight/8, 2)},
+		{1 << 20, max(inFlight/16, 2)},
 	}
 	for _, sc := range spec {
 		if sc.size > maxPayload {
@@ -77,29 +80,32 @@ func (p *bufPool) classFor(n int) int {
 	return -1
 }
 
-// get returns a buffer of class ci, waiting for one to be put back if all are
-// in use, unless stop is closed first.
-func (p *bufPool) get(ci int, stop <-chan struct{}) ([]byte, error) {
-	c := &p.classes[ci]
-	select {
-	case b := <-c.ch:
-		return b, nil
-	default:
+// get returns a buffer of class ci or, if that class is exhausted, of a
+// larger class with a free buffer; with none free it waits for class ci
+// unless stop is closed first. It returns the class the buffer belongs to.
+func (p *bufPool) get(ci int, stop <-chan struct{}) ([]byte, int, error) {
+	for i := ci; i < len(p.classes); i++ {
+		select {
+		case b := <-p.classes[i].ch:
+			return b, i, nil
+		default:
+		}
 	}
+	c := &p.classes[ci]
 	if c.lazyLeft > 0 {
 		b, err := alignbuf.Alloc(c.size)
 		if err != nil {
-			return nil, fmt.Errorf("nbd: large payload buffer: %w", err)
+			return nil, 0, fmt.Errorf("nbd: large payload buffer: %w", err)
 		}
 		c.lazyLeft--
 		c.owned = append(c.owned, b)
-		return b, nil
+		return b, ci, nil
 	}
 	select {
 	case b := <-c.ch:
-		return b, nil
+		return b, ci, nil
 	case <-stop:
-		return nil, errStopped
+		return nil, 0, errStopped
 	}
 }
 

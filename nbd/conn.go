@@ -251,8 +251,7 @@ func (c *conn) prepare(s *slot, rq request) error {
 	}
 	switch rq.typ {
 	case cmdRead, cmdWrite:
-		ci := c.pool.classFor(int(rq.length))
-		b, err := c.pool.get(ci, c.stop)
+		b, ci, err := c.pool.get(c.pool.classFor(int(rq.length)), c.stop)
 		if err != nil {
 			return err
 		}
