@@ -36,6 +36,8 @@ const (
 	udOp   = 1 << 56
 	udHdr  = 2 << 56
 	udWake = 3 << 56
+	udAL   = 4 << 56
+	udALFs = 5 << 56
 	udMask = 0xff << 56
 )
 
@@ -64,6 +66,18 @@ type shard struct {
 	cqes     [128]iouring.CQE
 	efdBuf   []byte
 	inflight int
+
+	// Activity log (see store_format.go): alHot is what the shard's log
+	// block lists (-1 = empty entry).
+	alHot      [alMax]int32
+	alHand     int
+	alBuf      []byte
+	alSeq      uint64
+	alInflight bool
+	alQueued   []int32
+	alFlying   []int32
+	alCurOps   *ChunkOp // waiting for the log write in flight (via hnext)
+	alNextOps  *ChunkOp // waiting for the next log write (via hnext)
 }
 
 func newShard(s *Store, id int) (*shard, error) {
@@ -75,7 +89,7 @@ func newShard(s *Store, id int) (*shard, error) {
 		queue: make([]*ChunkOp, 0, maxOps), local: make([]*ChunkOp, 0, maxOps),
 		chunks: make(map[ChunkID]int32)}
 	sh.one[0] = 1
-	arena, err := alignbuf.Alloc((maxOps + 1) * BlockSize)
+	arena, err := alignbuf.Alloc((maxOps + 2) * BlockSize)
 	if err != nil {
 		unix.Close(efd)
 		return nil, err
@@ -85,6 +99,12 @@ func newShard(s *Store, id int) (*shard, error) {
 		sh.hdrBufs = append(sh.hdrBufs, arena[i*BlockSize:(i+1)*BlockSize:(i+1)*BlockSize])
 	}
 	sh.efdBuf = arena[maxOps*BlockSize : maxOps*BlockSize+8]
+	sh.alBuf = arena[(maxOps+1)*BlockSize : (maxOps+2)*BlockSize]
+	for i := range sh.alHot {
+		sh.alHot[i] = -1
+	}
+	sh.alQueued = make([]int32, 0, maxOps)
+	sh.alFlying = make([]int32, 0, maxOps)
 	for i := maxOps - 1; i >= 0; i-- {
 		sh.freeIdx = append(sh.freeIdx, int32(i))
 	}
@@ -256,6 +276,7 @@ func (sh *shard) start(op *ChunkOp) {
 	op.pending = 0
 	op.slot = -1
 	op.next, op.hnext = nil, nil
+	op.alw = false
 	sh.dispatch(op)
 }
 
@@ -317,8 +338,137 @@ func conflicts(list, op *ChunkOp) bool {
 	return false
 }
 
-// run1 issues the I/O of op, which holds its range of slot m.
+// run1 runs op, which holds its range of slot m: a read right away, a
+// write-class op once its slot is in the activity log on disk.
 func (sh *shard) run1(op *ChunkOp, m *slotMeta) {
+	if op.Op != OpRead {
+		op.alw = true
+		m.alWriters++
+		switch m.alState {
+		case alFlying:
+			op.hnext = sh.alCurOps
+			sh.alCurOps = op
+			return
+		case alCold:
+			m.alState = alQueued
+			sh.alQueued = append(sh.alQueued, op.slot)
+			fallthrough
+		case alQueued:
+			op.hnext = sh.alNextOps
+			sh.alNextOps = op
+			sh.writeAL()
+			return
+		}
+	}
+	sh.issue(op, m)
+}
+
+// writeAL writes the shard's activity-log block adding the queued slots,
+// unless a log write is in flight (then the next one will). Slots evicted to
+// make room have no write-class op in flight; an fdatasync linked before the
+// log write makes their completed writes durable first.
+func (sh *shard) writeAL() {
+	if sh.alInflight || len(sh.alQueued) == 0 {
+		return
+	}
+	s := sh.s
+	evicted := false
+	n := 0
+	for _, slot := range sh.alQueued {
+		pos := -1
+		for i := 0; i < alMax; i++ {
+			p := (sh.alHand + i) % alMax
+			old := sh.alHot[p]
+			if old < 0 {
+				pos = p
+				break
+			}
+			if om := &s.slots[old]; om.alState == alHot && om.alWriters == 0 {
+				om.alState, om.alPos1 = alCold, 0
+				evicted = true
+				pos = p
+				break
+			}
+		}
+		if pos < 0 {
+			break // table full of busy slots: retried when a write finishes
+		}
+		sh.alHand = (pos + 1) % alMax
+		sh.alHot[pos] = slot
+		m := &s.slots[slot]
+		m.alState, m.alPos1 = alFlying, int32(pos+1)
+		sh.alFlying = append(sh.alFlying, slot)
+		n++
+	}
+	if n == 0 {
+		return
+	}
+	sh.alQueued = append(sh.alQueued[:0], sh.alQueued[n:]...)
+	// Ops of slots now flying wait for this write; the others for a later one.
+	var keep *ChunkOp
+	for op := sh.alNextOps; op != nil; {
+		next := op.hnext
+		if s.slots[op.slot].alState == alFlying {
+			op.hnext = sh.alCurOps
+			sh.alCurOps = op
+		} else {
+			op.hnext = keep
+			keep = op
+		}
+		op = next
+	}
+	sh.alNextOps = keep
+	sh.alSeq++
+	encodeAL(sh.alBuf, sh.alSeq, sh.alHot[:], s.tab)
+	if evicted {
+		e := sh.sqe()
+		e.PrepFsync(s.fd, iouring.FsyncDatasync)
+		e.Flags |= iouring.SQEIOLink
+		e.UserData = udALFs
+	}
+	e := sh.sqe()
+	e.PrepWrite(s.fd, sh.alBuf, uint64(alOff+(sh.id%alBlocks)*BlockSize))
+	e.OpFlags = unix.RWF_DSYNC
+	e.UserData = udAL
+	sh.alInflight = true
+}
+
+// alDone handles the completion of the activity-log write.
+func (sh *shard) alDone(res int32) {
+	s := sh.s
+	var err error
+	if res != BlockSize {
+		err = sh.ioErr("write activity log block", int64(sh.id), res)
+	}
+	for _, slot := range sh.alFlying {
+		m := &s.slots[slot]
+		if err == nil {
+			m.alState = alHot
+		} else {
+			sh.alHot[m.alPos1-1] = -1
+			m.alState, m.alPos1 = alCold, 0
+		}
+	}
+	sh.alFlying = sh.alFlying[:0]
+	ops := sh.alCurOps
+	sh.alCurOps = nil
+	sh.alInflight = false
+	sh.writeAL()
+	for op := ops; op != nil; {
+		next := op.hnext
+		op.hnext = nil
+		if err != nil {
+			op.err = err
+			sh.finish(op)
+		} else {
+			sh.issue(op, &s.slots[op.slot])
+		}
+		op = next
+	}
+}
+
+// issue issues the I/O of op, which holds its range of slot m.
+func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 	s := sh.s
 	base := uint64(s.dataOff(op.slot))
 	fua := op.Flags&FlagFUA != 0
@@ -406,6 +556,12 @@ func (sh *shard) complete(ud uint64, res int32) {
 	case udWake:
 		unix.Read(sh.efd, sh.efdBuf)
 		sh.armWake()
+	case udAL:
+		sh.alDone(res)
+	case udALFs:
+		if res < 0 {
+			sh.s.log.Error("store: fdatasync before activity-log write failed", "shard", sh.id, "err", unix.Errno(-res))
+		}
 	case udHdr:
 		slot := int32(ud &^ udMask)
 		m := &sh.s.slots[slot]
@@ -491,6 +647,14 @@ func (sh *shard) partDone(op *ChunkOp, err error) {
 
 // finish releases op's range and index and reports it.
 func (sh *shard) finish(op *ChunkOp) {
+	if op.alw {
+		op.alw = false
+		m := &sh.s.slots[op.slot]
+		m.alWriters--
+		if m.alWriters == 0 && len(sh.alQueued) > 0 {
+			sh.writeAL()
+		}
+	}
 	if op.slot >= 0 {
 		sh.unlock(op)
 	}
@@ -534,6 +698,12 @@ func (sh *shard) unlock(op *ChunkOp) {
 			m.used = true
 		} else {
 			delete(sh.chunks, m.id)
+			if m.alPos1 > 0 {
+				// Leaving the in-memory log only; the on-disk block may
+				// list the slot until the next log write, which is harmless.
+				sh.alHot[m.alPos1-1] = -1
+			}
+			m.alState, m.alPos1 = alCold, 0
 			blocked := m.blocked
 			m.blocked, m.blockedTail = nil, nil
 			s.releaseSlot(op.slot)

@@ -5,7 +5,8 @@ package engine
 // Layout (all integers little endian):
 //
 //	[0, 4096)                      superblock
-//	[hdrOff, hdrOff+slots*4096)    one 4 KiB header per slot, hdrOff = 4096
+//	[4096, hdrOff)                 activity log: alBlocks blocks, one per shard
+//	[hdrOff, hdrOff+slots*4096)    one 4 KiB header per slot, hdrOff = 4096*(1+alBlocks)
 //	[dataOff, dataOff+slots*chunk) one chunk of data per slot, dataOff aligned to the chunk size
 //
 // Invariants:
@@ -19,6 +20,10 @@ package engine
 //     data region, which must match the block's CRC32C in the header.
 //   - version grows by one per change of the header (write, discard, free,
 //     reuse); it never goes back for a slot.
+//   - Every slot that has a data, punch or header write in flight, or had one
+//     since the last fdatasync, is listed in a valid activity-log block
+//     (written with RWF_DSYNC before the first such write is issued). An
+//     activity-log block is all zeros or carries a CRC32C that verifies.
 
 import (
 	"encoding/binary"
@@ -45,7 +50,15 @@ const (
 	MinChunkSize = 64 << 10
 
 	maxBlocksPerChunk = MaxChunkSize / BlockSize
-	maxClusterID      = 64
+
+	alMagic      = "TORUSAL1"
+	alOff        = BlockSize
+	alBlocks     = 64 // also the most shards a store runs with
+	alSeq        = 8
+	alCount      = 16
+	alSlots      = 32
+	alMax        = 1000 // slots listed per activity-log block (fits in 4 KiB)
+	maxClusterID = 64
 
 	sbFlagClean = 1 << 0
 
@@ -100,7 +113,7 @@ type superblock struct {
 
 // layout computes the region offsets for slots chunks of chunkSize bytes.
 func layout(slots, chunkSize uint64) (hdrOff, dataOff, total uint64) {
-	hdrOff = BlockSize
+	hdrOff = alOff + alBlocks*BlockSize
 	dataOff = hdrOff + slots*BlockSize
 	dataOff = (dataOff + chunkSize - 1) / chunkSize * chunkSize
 	return hdrOff, dataOff, dataOff + slots*chunkSize
@@ -196,6 +209,60 @@ type slotMeta struct {
 	hdrCur      *ChunkOp // waiters of the header write in flight
 	hdrNext     *ChunkOp // waiters of the next header write
 	hdrNextFUA  bool
+	alState     uint8 // alCold, alQueued, alFlying or alHot
+	alPos1      int32 // 1 + index in the shard's activity-log table, 0 if none
+	alWriters   int32 // write-class ops between AL gate and completion
+}
+
+// Activity-log states of a slot within its shard.
+const (
+	alCold   = iota // not in the log: writes must wait for a log write
+	alQueued        // will be in the next log write
+	alFlying        // in the log write in flight
+	alHot           // in the log on disk: writes may go
+)
+
+// encodeAL writes an activity-log block listing slots (negative entries are
+// skipped).
+func encodeAL(b []byte, seq uint64, slots []int32, tab *crc32.Table) {
+	clear(b[:BlockSize])
+	le := binary.LittleEndian
+	copy(b, alMagic)
+	le.PutUint64(b[alSeq:], seq)
+	n := 0
+	for _, s := range slots {
+		if s >= 0 {
+			le.PutUint32(b[alSlots+4*n:], uint32(s))
+			n++
+		}
+	}
+	le.PutUint32(b[alCount:], uint32(n))
+	le.PutUint32(b[BlockSize-4:], crc32.Checksum(b[:BlockSize-4], tab))
+}
+
+// decodeAL returns the slots an activity-log block lists; ok is false when
+// the block is neither all zeros nor valid (a torn log write).
+func decodeAL(b []byte, tab *crc32.Table, dst []uint32) (_ []uint32, ok bool) {
+	le := binary.LittleEndian
+	if string(b[:8]) != alMagic {
+		for _, c := range b[:BlockSize] {
+			if c != 0 {
+				return dst, false
+			}
+		}
+		return dst, true
+	}
+	if le.Uint32(b[BlockSize-4:]) != crc32.Checksum(b[:BlockSize-4], tab) {
+		return dst, false
+	}
+	n := int(le.Uint32(b[alCount:]))
+	if n > alMax {
+		return dst, false
+	}
+	for i := 0; i < n; i++ {
+		dst = append(dst, le.Uint32(b[alSlots+4*i:]))
+	}
+	return dst, true
 }
 
 func (m *slotMeta) bit(b int) bool { return m.written[b>>6]&(1<<(b&63)) != 0 }

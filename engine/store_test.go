@@ -1,0 +1,111 @@
+package engine
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// simulateCrash stops the store as kill -9 would: no final sync, no clean flag.
+func (s *Store) simulateCrash() {
+	s.closed.Store(true)
+	s.stopShards()
+	s.f.Close()
+}
+
+// The activity log scopes recovery: a damaged block in a slot with writes in
+// flight at the crash reads back as what is on disk, a damaged block in a
+// slot that was quiet still fails with ErrChecksum.
+func TestStoreActivityLogRecovery(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "v.store")
+	opt := LocalOptions{Shards: 1}
+	l := openTest(t, path, 8<<20, opt)
+	b := abuf(t, 64<<10)
+	fill(b, 1)
+	for c := int64(0); c < 4; c++ {
+		if err := do(l, OpWrite, 0, c<<20, 64<<10, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l = openTest(t, path, 8<<20, opt)
+	fill(b, 2)
+	if err := do(l, OpWrite, 0, 0, 64<<10, b); err != nil {
+		t.Fatal(err)
+	}
+	off0, _ := l.Store().SlotDataOffset(ChunkID{Index: 0})
+	off1, _ := l.Store().SlotDataOffset(ChunkID{Index: 1})
+	l.Store().simulateCrash()
+
+	// Tear a block of chunk 0 (hot) and rot a block of chunk 1 (quiet).
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	torn := bytes.Repeat([]byte{0xab}, 512)
+	f.WriteAt(torn, off0+4096)
+	f.WriteAt([]byte{0xcd}, off1+100)
+	f.Close()
+
+	l = openTest(t, path, 8<<20, opt)
+	defer l.Close()
+	st := l.Store().Stats()
+	if st.RecoveryChecked != 1 || st.RecoveryFixed != 1 {
+		t.Fatalf("recovery checked %d slots and fixed %d blocks, want 1 and 1", st.RecoveryChecked, st.RecoveryFixed)
+	}
+	r := abuf(t, 64<<10)
+	if err := do(l, OpRead, 0, 0, 64<<10, r); err != nil {
+		t.Fatalf("read of a block torn by the crash: %v", err)
+	}
+	want := append([]byte(nil), b...)
+	copy(want[4096:], torn)
+	if !bytes.Equal(r, want) {
+		t.Fatal("torn block does not read as the data on disk")
+	}
+	if err := do(l, OpRead, 0, 1<<20, 64<<10, r); !errors.Is(err, ErrChecksum) {
+		t.Fatalf("read of a rotted block in a quiet slot: %v, want ErrChecksum", err)
+	}
+}
+
+func TestStoreClosed(t *testing.T) {
+	l := openTest(t, filepath.Join(t.TempDir(), "v.store"), 4<<20, LocalOptions{})
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := do(l, OpRead, 0, 0, 4096, abuf(t, 4096)); !errors.Is(err, ErrClosed) {
+		t.Fatalf("read after close: %v", err)
+	}
+}
+
+// More active slots than a log block lists: the shard evicts quiet slots
+// (after an fdatasync) and keeps going; recovery checks at most alMax slots.
+func TestStoreActivityLogEviction(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "v.store")
+	const chunks = alMax + 200
+	opt := LocalOptions{Shards: 1, ChunkSize: MinChunkSize}
+	l := openTest(t, path, chunks*MinChunkSize, opt)
+	b := abuf(t, BlockSize)
+	for c := int64(0); c < chunks; c++ {
+		fill(b, uint64(c))
+		if err := do(l, OpWrite, 0, c*MinChunkSize, BlockSize, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.Store().simulateCrash()
+	l = openTest(t, path, chunks*MinChunkSize, opt)
+	defer l.Close()
+	if got := l.Store().Stats().RecoveryChecked; got == 0 || got > alMax {
+		t.Fatalf("recovery checked %d slots, want 1..%d", got, alMax)
+	}
+	want := abuf(t, BlockSize)
+	for c := int64(0); c < chunks; c++ {
+		fill(want, uint64(c))
+		if err := do(l, OpRead, 0, c*MinChunkSize, BlockSize, b); err != nil || !bytes.Equal(b, want) {
+			t.Fatalf("chunk %d after crash: %v", c, err)
+		}
+	}
+}
