@@ -47,6 +47,10 @@ func TestHandshakeGo(t *testing.T) {
 	if r := c.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
 		t.Fatalf("flush: %v", r)
 	}
+	// An option after GO is not a request (bad magic): the server hangs up
+	// cleanly once it has a request header's worth of bytes.
+	c.sendOpt(optInfo, infoData("disk", 0, 0, 0))
+	c.expectEOF()
 }
 
 func TestOptions(t *testing.T) {
