@@ -55,6 +55,8 @@ type shard struct {
 
 	// Shard goroutine only.
 	ring     *iouring.Ring
+	fd       int32 // the store fd, or 0 when registered as fixed file 0
+	fixed    uint8 // iouring.SQEFixedFile when fd is a fixed-file index
 	local    []*ChunkOp
 	chunks   map[ChunkID]int32
 	ops      [maxOps]*ChunkOp
@@ -173,6 +175,12 @@ func (sh *shard) run(ready chan<- error) {
 	}
 	defer r.Close()
 	sh.ring = r
+	sh.fd = sh.s.fd
+	if err := r.RegisterFiles([]int32{sh.s.fd}); err == nil {
+		sh.fd, sh.fixed = 0, iouring.SQEFixedFile
+	} else {
+		sh.s.log.Warn("store: io_uring file registration failed; using plain fds", "shard", sh.id, "err", err)
+	}
 	// Build the chunk map of this shard from the slots loaded at open.
 	for i := range sh.s.slots {
 		m := &sh.s.slots[i]
@@ -285,8 +293,9 @@ func (sh *shard) dispatch(op *ChunkOp) {
 	s := sh.s
 	if op.Op == OpFlush {
 		e := sh.sqe()
-		e.PrepFsync(s.fd, iouring.FsyncDatasync)
+		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
 		e.UserData = udOp | uint64(op.idx)
+		e.Flags |= sh.fixed
 		op.pending = 1
 		return
 	}
@@ -422,14 +431,16 @@ func (sh *shard) writeAL() {
 	encodeAL(sh.alBuf, sh.alSeq, sh.alHot[:], s.tab)
 	if evicted {
 		e := sh.sqe()
-		e.PrepFsync(s.fd, iouring.FsyncDatasync)
+		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
 		e.Flags |= iouring.SQEIOLink
 		e.UserData = udALFs
+		e.Flags |= sh.fixed
 	}
 	e := sh.sqe()
-	e.PrepWrite(s.fd, sh.alBuf, uint64(alOff+(sh.id%alBlocks)*BlockSize))
+	e.PrepWrite(sh.fd, sh.alBuf, uint64(alOff+(sh.id%alBlocks)*BlockSize))
 	e.OpFlags = unix.RWF_DSYNC
 	e.UserData = udAL
+	e.Flags |= sh.fixed
 	sh.alInflight = true
 }
 
@@ -475,8 +486,9 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 	switch op.Op {
 	case OpRead:
 		e := sh.sqe()
-		e.PrepRead(s.fd, op.Buf, base+uint64(op.Off))
+		e.PrepRead(sh.fd, op.Buf, base+uint64(op.Off))
 		e.UserData = udOp | uint64(op.idx)
+		e.Flags |= sh.fixed
 		op.pending = 1
 	case OpWrite:
 		b0 := int(op.Off / BlockSize)
@@ -486,11 +498,12 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		}
 		m.version++
 		e := sh.sqe()
-		e.PrepWrite(s.fd, op.Buf, base+uint64(op.Off))
+		e.PrepWrite(sh.fd, op.Buf, base+uint64(op.Off))
 		if fua {
 			e.OpFlags = unix.RWF_DSYNC
 		}
 		e.UserData = udOp | uint64(op.idx)
+		e.Flags |= sh.fixed
 		op.pending = 2
 		sh.joinHeader(op, m, fua)
 	case OpDiscard, OpWriteZeroes:
@@ -511,11 +524,12 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 			}
 			e := sh.sqe()
 			e.Opcode = iouring.OpFallocate
-			e.Fd = s.fd
+			e.Fd = sh.fd
 			e.Off = base + uint64(off)
 			e.Addr = uint64(length)
 			e.Len = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
 			e.UserData = udOp | uint64(op.idx)
+			e.Flags |= sh.fixed
 			op.pending = 2
 		}
 		sh.joinHeader(op, m, fua)
@@ -544,11 +558,12 @@ func (sh *shard) writeHeader(slot int32, m *slotMeta, waiters *ChunkOp, fua bool
 	m.hdrInflight = true
 	m.hdrCur = waiters
 	e := sh.sqe()
-	e.PrepWrite(sh.s.fd, buf, uint64(sh.s.hdrOff(slot)))
+	e.PrepWrite(sh.fd, buf, uint64(sh.s.hdrOff(slot)))
 	if fua {
 		e.OpFlags = unix.RWF_DSYNC
 	}
 	e.UserData = udHdr | uint64(slot)
+	e.Flags |= sh.fixed
 }
 
 func (sh *shard) complete(ud uint64, res int32) {
