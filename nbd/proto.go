@@ -45,12 +45,11 @@ const (
 	repServer = 2
 	repInfo   = 3
 
-	repFlagError   = 1 << 31
-	repErrUnsup    = repFlagError | 1
-	repErrPolicy   = repFlagError | 2
-	repErrInvalid  = repFlagError | 3
-	repErrUnknown  = repFlagError | 6
-	repErrShutdown = repFlagError | 7
+	repFlagError  = 1 << 31
+	repErrUnsup   = repFlagError | 1
+	repErrPolicy  = repFlagError | 2
+	repErrInvalid = repFlagError | 3
+	repErrUnknown = repFlagError | 6
 )
 
 // NBD_INFO types.
