@@ -8,22 +8,24 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 )
 
 // report is everything one run measured; --json writes it.
 type report struct {
-	Machine   machine                               `json:"machine"`
-	Size      int64                                 `json:"size_bytes"`
-	Runtime   string                                `json:"runtime"`
-	Started   time.Time                             `json:"started"`
-	Targets   []string                              `json:"targets"`
-	Jobs      []job                                 `json:"jobs"`
-	Commands  map[string][]string                   `json:"commands"`
-	Results   map[string]map[string]result          `json:"results"` // target -> job -> result
-	Prefill   map[string]result                     `json:"prefill"`
-	FioOutput map[string]map[string]json.RawMessage `json:"fio_output"` // target -> job -> fio JSON
+	LoadAvgEnd string                                `json:"loadavg_end"`
+	Machine    machine                               `json:"machine"`
+	Size       int64                                 `json:"size_bytes"`
+	Runtime    string                                `json:"runtime"`
+	Started    time.Time                             `json:"started"`
+	Targets    []string                              `json:"targets"`
+	Jobs       []job                                 `json:"jobs"`
+	Commands   map[string][]string                   `json:"commands"`
+	Results    map[string]map[string]result          `json:"results"` // target -> job -> result
+	Prefill    map[string]result                     `json:"prefill"`
+	FioOutput  map[string]map[string]json.RawMessage `json:"fio_output"` // target -> job -> fio JSON
 }
 
 // benchmark runs the selected jobs on the selected targets and prints the
@@ -58,6 +60,9 @@ func benchmark(ctx context.Context, cfg config) error {
 	m := describeMachine(work)
 	m.Tools = toolVersions(cfg.targets)
 	fmt.Println(m)
+	if l1, err := strconv.ParseFloat(strings.Fields(m.LoadAvg + " ?")[0], 64); err == nil && l1 > float64(m.CPUs)/2 {
+		slog.Warn("the machine is busy; numbers will be noisy", "loadavg", m.LoadAvg, "nproc", m.CPUs)
+	}
 	if m.FSType == "tmpfs" {
 		slog.Warn("the work dir is on tmpfs; numbers measure memory, not storage", "dir", work)
 	}
@@ -76,7 +81,9 @@ func benchmark(ctx context.Context, cfg config) error {
 			return fmt.Errorf("target %s: %w", t, err)
 		}
 	}
+	rep.LoadAvgEnd = loadAvg()
 	printTable(os.Stdout, &rep)
+	fmt.Printf("\nloadavg at start %s, at end %s (nproc=%d; fio and the server share these CPUs)\n", m.LoadAvg, rep.LoadAvgEnd, m.CPUs)
 	printVerdict(os.Stdout, &rep)
 	if cfg.jsonOut != "" {
 		b, err := json.MarshalIndent(&rep, "", "  ")

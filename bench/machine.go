@@ -22,11 +22,12 @@ type machine struct {
 	FSSource string `json:"fs_source"`
 	Mount    string `json:"mount_point"`
 	Tools    string `json:"tools"`
+	LoadAvg  string `json:"loadavg_start"`
 }
 
 func (m machine) String() string {
-	return fmt.Sprintf("machine: nproc=%d cpu=%q mem=%.1fGiB kernel=%s\ndir: %s on %s (%s, mounted at %s)\ntools: %s",
-		m.CPUs, m.CPUModel, float64(m.MemBytes)/(1<<30), m.Kernel, m.Dir, m.FSType, m.FSSource, m.Mount, m.Tools)
+	return fmt.Sprintf("machine: nproc=%d cpu=%q mem=%.1fGiB kernel=%s loadavg=%s\ndir: %s on %s (%s, mounted at %s)\ntools: %s",
+		m.CPUs, m.CPUModel, float64(m.MemBytes)/(1<<30), m.Kernel, m.LoadAvg, m.Dir, m.FSType, m.FSSource, m.Mount, m.Tools)
 }
 
 // describeMachine gathers the machine facts; missing facts are left empty.
@@ -41,7 +42,22 @@ func describeMachine(dir string) machine {
 		m.MemBytes = n << 10
 	}
 	m.FSType, m.FSSource, m.Mount = mountOf(dir)
+	m.LoadAvg = loadAvg()
 	return m
+}
+
+// loadAvg returns the 1, 5 and 15 minute load averages: other work on the
+// machine skews every number, so the report records it.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 // procField returns the value of the first "key: value" line with key.
