@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -15,17 +16,25 @@ import (
 
 // report is everything one run measured; --json writes it.
 type report struct {
-	LoadAvgEnd string                                `json:"loadavg_end"`
-	Machine    machine                               `json:"machine"`
-	Size       int64                                 `json:"size_bytes"`
-	Runtime    string                                `json:"runtime"`
-	Started    time.Time                             `json:"started"`
-	Targets    []string                              `json:"targets"`
-	Jobs       []job                                 `json:"jobs"`
-	Commands   map[string][]string                   `json:"commands"`
-	Results    map[string]map[string]result          `json:"results"` // target -> job -> result
-	Prefill    map[string]result                     `json:"prefill"`
-	FioOutput  map[string]map[string]json.RawMessage `json:"fio_output"` // target -> job -> fio JSON
+	LoadAvgEnd string    `json:"loadavg_end"`
+	Machine    machine   `json:"machine"`
+	Size       int64     `json:"size_bytes"`
+	Runtime    string    `json:"runtime"`
+	Started    time.Time `json:"started"`
+	Targets    []string  `json:"targets"`
+	Jobs       []job     `json:"jobs"`
+	// Results is the per-field median over the rounds: target -> job -> result.
+	Results map[string]map[string]result `json:"results"`
+	Rounds  []round                      `json:"rounds"`
+}
+
+// round is one pass over every target.
+type round struct {
+	Order     []string                              `json:"order"`
+	Commands  map[string][]string                   `json:"commands"`
+	Results   map[string]map[string]result          `json:"results"` // target -> job -> result
+	Prefill   map[string]result                     `json:"prefill"`
+	FioOutput map[string]map[string]json.RawMessage `json:"fio_output"` // target -> job -> fio JSON
 }
 
 // benchmark runs the selected jobs on the selected targets and prints the
@@ -66,21 +75,34 @@ func benchmark(ctx context.Context, cfg config) error {
 	if m.FSType == "tmpfs" {
 		slog.Warn("the work dir is on tmpfs; numbers measure memory, not storage", "dir", work)
 	}
-	fmt.Printf("size=%d MiB runtime=%v per job, numjobs=1, targets=%s\n\n", cfg.size>>20, cfg.runtime, strings.Join(cfg.targets, ","))
+	fmt.Printf("size=%d MiB runtime=%v per job, numjobs=1, rounds=%d (median shown), targets=%s\n\n",
+		cfg.size>>20, cfg.runtime, cfg.rounds, strings.Join(cfg.targets, ","))
 
 	rep := report{
 		Machine: m, Size: cfg.size, Runtime: cfg.runtime.String(), Started: time.Now().UTC(),
 		Targets: cfg.targets, Jobs: cfg.jobs,
-		Commands:  map[string][]string{},
-		Results:   map[string]map[string]result{},
-		Prefill:   map[string]result{},
-		FioOutput: map[string]map[string]json.RawMessage{},
 	}
-	for _, t := range cfg.targets {
-		if err := runTarget(ctx, cfg, t, work, torusblk, &rep); err != nil {
-			return fmt.Errorf("target %s: %w", t, err)
+	for i := 0; i < cfg.rounds; i++ {
+		// Rotate the order so no target always runs first (or last) on a
+		// machine whose load drifts.
+		rd := round{
+			Commands:  map[string][]string{},
+			Results:   map[string]map[string]result{},
+			Prefill:   map[string]result{},
+			FioOutput: map[string]map[string]json.RawMessage{},
 		}
+		for k := range cfg.targets {
+			rd.Order = append(rd.Order, cfg.targets[(i+k)%len(cfg.targets)])
+		}
+		slog.Info("round", "n", i+1, "of", cfg.rounds, "order", strings.Join(rd.Order, ","))
+		for _, t := range rd.Order {
+			if err := runTarget(ctx, cfg, t, work, torusblk, &rd); err != nil {
+				return fmt.Errorf("target %s: %w", t, err)
+			}
+		}
+		rep.Rounds = append(rep.Rounds, rd)
 	}
+	rep.Results = medians(rep.Rounds)
 	rep.LoadAvgEnd = loadAvg()
 	printTable(os.Stdout, &rep)
 	fmt.Printf("\nloadavg at start %s, at end %s (nproc=%d; fio and the server share these CPUs)\n", m.LoadAvg, rep.LoadAvgEnd, m.CPUs)
@@ -99,7 +121,7 @@ func benchmark(ctx context.Context, cfg config) error {
 }
 
 // runTarget starts one target, prefills it, runs the jobs and tears it down.
-func runTarget(ctx context.Context, cfg config, target, work, torusblk string, rep *report) error {
+func runTarget(ctx context.Context, cfg config, target, work, torusblk string, rep *round) error {
 	dir := filepath.Join(work, target)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("mkdir: %w", err)
@@ -195,4 +217,48 @@ func toolVersions(targets []string) string {
 		out = append(out, line)
 	}
 	return strings.Join(out, "; ")
+}
+
+// medians returns, for every target and job, the median of each field over
+// the rounds (fields independently; with two rounds, the mean).
+func medians(rounds []round) map[string]map[string]result {
+	out := map[string]map[string]result{}
+	if len(rounds) == 0 {
+		return out
+	}
+	for t, jobs := range rounds[0].Results {
+		out[t] = map[string]result{}
+		for j := range jobs {
+			var rs []result
+			for _, rd := range rounds {
+				if r, ok := rd.Results[t][j]; ok {
+					rs = append(rs, r)
+				}
+			}
+			out[t][j] = result{
+				IOPS:    median(rs, func(r result) float64 { return r.IOPS }),
+				BWBytes: median(rs, func(r result) float64 { return r.BWBytes }),
+				P50us:   median(rs, func(r result) float64 { return r.P50us }),
+				P99us:   median(rs, func(r result) float64 { return r.P99us }),
+				MeanUs:  median(rs, func(r result) float64 { return r.MeanUs }),
+			}
+		}
+	}
+	return out
+}
+
+func median(rs []result, field func(result) float64) float64 {
+	v := make([]float64, len(rs))
+	for i, r := range rs {
+		v[i] = field(r)
+	}
+	sort.Float64s(v)
+	n := len(v)
+	if n == 0 {
+		return 0
+	}
+	if n%2 == 1 {
+		return v[n/2]
+	}
+	return (v[n/2-1] + v[n/2]) / 2
 }

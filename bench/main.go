@@ -49,6 +49,7 @@ type config struct {
 	jobs     []job
 	jsonOut  string
 	keep     bool
+	rounds   int
 }
 
 func main() {
@@ -89,6 +90,7 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&targets, "targets", strings.Join(allTargets, ","), "comma-separated targets to run: "+strings.Join(allTargets, ","))
 	fs.StringVar(&jobs, "jobs", jobNames(allJobs), "comma-separated jobs to run: "+jobNames(allJobs))
 	fs.StringVar(&cfg.jsonOut, "json", "", "write the raw fio results and the summary to this file")
+	fs.IntVar(&cfg.rounds, "rounds", 1, "passes over all targets (order rotated each pass); the table shows the median")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work dir (backing files, logs) after the run")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
@@ -105,6 +107,9 @@ func parseFlags(args []string) (config, error) {
 	}
 	if cfg.runtime < time.Second {
 		return config{}, fmt.Errorf("--runtime %v: must be at least 1s", cfg.runtime)
+	}
+	if cfg.rounds < 1 {
+		return config{}, fmt.Errorf("--rounds %d: must be at least 1", cfg.rounds)
 	}
 	for _, t := range splitList(targets) {
 		if !contains(allTargets, t) {
