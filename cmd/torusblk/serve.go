@@ -1,0 +1,101 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/pflag"
+
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/units"
+	"github.com/torus-storage/torus/nbd"
+)
+
+// storeFile is the name of the store file inside --store DIR.
+const storeFile = "volume.store"
+
+func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
+	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	store := fs.String("store", "", "directory of the local store (created if absent), or a block device")
+	sizeStr := fs.String("size", "", "volume size, e.g. 10GiB (a multiple of 4 KiB)")
+	listen := fs.String("listen", "", "where to serve NBD: unix:PATH or tcp:HOST:PORT")
+	name := fs.String("name", "torus", "NBD export name")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT\n\n%s", fs.FlagUsages())
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return nil
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q (a cluster volume name needs the cluster milestone; use --store)", errUsage, fs.Arg(0))
+	}
+	if *store == "" || *sizeStr == "" || *listen == "" {
+		return fmt.Errorf("%w: --store, --size and --listen are required (example: torusblk serve --store /var/lib/torus/vol0 --size 10GiB --listen unix:/run/torus/vol0.sock)", errUsage)
+	}
+	size, err := units.ParseSize(*sizeStr)
+	if err != nil {
+		return fmt.Errorf("%w: --size: %v", errUsage, err)
+	}
+	if size <= 0 || size%4096 != 0 {
+		return fmt.Errorf("%w: --size %s: must be a positive multiple of 4 KiB", errUsage, *sizeStr)
+	}
+
+	path, err := storePath(*store)
+	if err != nil {
+		return err
+	}
+	// Listen before opening the store so a busy port costs nothing.
+	l, err := nbd.Listen(*listen)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+
+	vol, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: log})
+	if err != nil {
+		return err
+	}
+	srv, err := nbd.NewServer([]nbd.Export{{Name: *name, Description: "torus local volume", Volume: vol}}, nbd.Options{Logger: log})
+	if err != nil {
+		vol.Close()
+		return err
+	}
+	log.Info("serving", "listen", *listen, "store", path, "size", units.FormatSize(size), "export", *name)
+	serr := srv.Serve(ctx, l)
+	cerr := vol.Close()
+	if serr != nil && ctx.Err() == nil {
+		return fmt.Errorf("serving %s: %w", *listen, serr)
+	}
+	if cerr != nil {
+		return fmt.Errorf("closing the store: %w", cerr)
+	}
+	log.Info("stopped", "store", path)
+	return nil
+}
+
+// storePath turns --store into the store's path: a block device is used as
+// is; anything else is a directory, created if absent, holding volume.store.
+func storePath(store string) (string, error) {
+	if fi, err := os.Stat(store); err == nil && fi.Mode()&os.ModeDevice != 0 {
+		return store, nil
+	}
+	if err := os.MkdirAll(store, 0o750); err != nil {
+		return "", fmt.Errorf("--store %s: cannot create the directory: %w", store, err)
+	}
+	probe, err := os.CreateTemp(store, ".probe-*")
+	if err != nil {
+		return "", fmt.Errorf("--store %s: directory is not writable: %w", store, err)
+	}
+	probe.Close()
+	os.Remove(probe.Name())
+	return filepath.Join(store, storeFile), nil
+}
