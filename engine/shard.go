@@ -63,6 +63,7 @@ type shard struct {
 	freeIdx  []int32
 	backlog  *ChunkOp
 	backTail *ChunkOp
+	draining bool
 	hdrArena []byte
 	hdrBufs  [][]byte
 	cqes     [128]iouring.CQE
@@ -320,6 +321,7 @@ func (sh *shard) dispatch(op *ChunkOp) {
 		}
 	}
 	op.slot = slot
+	op.lockOff, op.lockLen = op.Off, op.Length
 	m := &s.slots[slot]
 	if m.blocked == nil && !conflicts(m.active, op) {
 		op.next = m.active
@@ -340,7 +342,7 @@ func (sh *shard) dispatch(op *ChunkOp) {
 // writing and overlaps any op of list.
 func conflicts(list, op *ChunkOp) bool {
 	for a := list; a != nil; a = a.next {
-		if (a.Op != OpRead || op.Op != OpRead) && a.Off < op.Off+op.Length && op.Off < a.Off+a.Length {
+		if (a.Op != OpRead || op.Op != OpRead) && a.lockOff < op.lockOff+op.lockLen && op.lockOff < a.lockOff+a.lockLen {
 			return true
 		}
 	}
@@ -521,6 +523,9 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 				op.freeing = true
 				m.used = false
 				off, length = 0, s.chunk
+				// Hold the whole chunk so that later ops wait for the
+				// free and are then dispatched without this slot.
+				op.lockOff, op.lockLen = 0, s.chunk
 			}
 			e := sh.sqe()
 			e.Opcode = iouring.OpFallocate
@@ -679,6 +684,10 @@ func (sh *shard) finish(op *ChunkOp) {
 	err := op.err
 	op.err = nil
 	op.Done.CompleteChunk(op, err)
+	if sh.draining {
+		return // an outer finish is draining the backlog
+	}
+	sh.draining = true
 	for sh.backlog != nil && len(sh.freeIdx) > 0 {
 		b := sh.backlog
 		sh.backlog = b.next
@@ -687,6 +696,7 @@ func (sh *shard) finish(op *ChunkOp) {
 		}
 		sh.start(b)
 	}
+	sh.draining = false
 }
 
 // unlock drops op's range of its slot and starts blocked ops that no longer

@@ -74,6 +74,8 @@ type ChunkOp struct {
 	pending int8
 	freeing bool
 	alw     bool // counted in its slot's alWriters
+	lockOff int64
+	lockLen int64
 	err     error
 	next    *ChunkOp // shard backlog / slot lock lists
 	hnext   *ChunkOp // slot header waiters
