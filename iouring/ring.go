@@ -129,6 +129,12 @@ func New(entries uint32, flags uint32) (*Ring, error) {
 
 // NewWithParams is New with explicit CQ size and SQPOLL parameters.
 func NewWithParams(entries uint32, cfg Params) (*Ring, error) {
+	return newRing(entries, cfg, false)
+}
+
+// newRing is NewWithParams; separateMaps maps the SQ and CQ rings separately
+// even on FeatSingleMmap kernels (for tests of the pre-5.4 path).
+func newRing(entries uint32, cfg Params, separateMaps bool) (*Ring, error) {
 	flags := cfg.Flags
 	if bad := flags & (setupAttachWQ | setupNoMmap | setupRegisteredFDOnly | setupNoSQArray); bad != 0 {
 		return nil, fmt.Errorf("iouring: setup flags %#x not supported by this package: %w", bad, unix.EINVAL)
@@ -147,14 +153,14 @@ func NewWithParams(entries uint32, cfg Params) (*Ring, error) {
 		return nil, fmt.Errorf("iouring: io_uring_setup(entries=%d, flags=%#x): %w", entries, flags, errno)
 	}
 	r := &Ring{fd: int(fd), flags: flags, features: p.features}
-	if err := r.mapRings(&p); err != nil {
+	if err := r.mapRings(&p, separateMaps); err != nil {
 		r.Close()
 		return nil, err
 	}
 	return r, nil
 }
 
-func (r *Ring) mapRings(p *params) error {
+func (r *Ring) mapRings(p *params, separateMaps bool) error {
 	sqeSize := uintptr(64)
 	r.sqeShift = 6
 	if r.flags&SetupSQE128 != 0 {
@@ -166,7 +172,7 @@ func (r *Ring) mapRings(p *params) error {
 	}
 	sqSize := uintptr(p.sqOff.array) + uintptr(p.sqEntries)*4
 	cqSize := uintptr(p.cqOff.cqes) + uintptr(p.cqEntries)*cqeSize
-	single := p.features&FeatSingleMmap != 0
+	single := p.features&FeatSingleMmap != 0 && !separateMaps
 	if single {
 		sqSize = max(sqSize, cqSize)
 		cqSize = sqSize

@@ -30,7 +30,7 @@ func onLockedThread(t *testing.T, f func()) {
 	<-done
 }
 
-func newRing(t *testing.T, entries, flags uint32) *Ring {
+func testRing(t *testing.T, entries, flags uint32) *Ring {
 	t.Helper()
 	r, err := New(entries, flags)
 	if err != nil {
@@ -147,7 +147,7 @@ func TestSetupRejectsFlags(t *testing.T) {
 }
 
 func TestNopBatch(t *testing.T) {
-	r := newRing(t, 32, 0)
+	r := testRing(t, 32, 0)
 	for round := range 3 {
 		for i := range 32 {
 			sqe := r.SQE()
@@ -189,7 +189,7 @@ func TestNopBatch(t *testing.T) {
 }
 
 func TestFullSQReturnsNil(t *testing.T) {
-	r := newRing(t, 4, 0)
+	r := testRing(t, 4, 0)
 	for i := range 4 {
 		if r.SQE() == nil {
 			t.Fatalf("SQE() #%d = nil", i)
@@ -212,7 +212,7 @@ func TestFullSQReturnsNil(t *testing.T) {
 
 func TestSQEReuseZeroed(t *testing.T) {
 	for _, flags := range []uint32{0, SetupSQE128} {
-		r := newRing(t, 1, flags)
+		r := testRing(t, 1, flags)
 		size := 64
 		if flags&SetupSQE128 != 0 {
 			size = 128
@@ -243,7 +243,7 @@ func TestSQEReuseZeroed(t *testing.T) {
 }
 
 func TestURingCmdEncoding(t *testing.T) {
-	r := newRing(t, 4, SetupSQE128|SetupCQE32)
+	r := testRing(t, 4, SetupSQE128|SetupCQE32)
 	sqe := r.SQE()
 	sqe.PrepURingCmd(7, 0xdeadbeef)
 	cmd := sqe.Cmd()
@@ -356,7 +356,7 @@ func TestReadWrite(t *testing.T) {
 	const bs = 4096
 	f := tempFile(t, 1<<20, unix.O_DIRECT)
 	fd := int32(f.Fd())
-	r := newRing(t, 8, 0)
+	r := testRing(t, 8, 0)
 	wbuf := allocBuf(t, 4*bs)
 	rbuf := allocBuf(t, 4*bs)
 	check := func(what string, c CQE, want int) {
@@ -541,7 +541,7 @@ func TestEINTRRetry(t *testing.T) {
 // TestCQOverflowNoLoss overfills the CQ; with FEAT_NODROP the kernel keeps the
 // extra completions and SubmitAndWait's GETEVENTS flushes them.
 func TestCQOverflowNoLoss(t *testing.T) {
-	r := newRing(t, 4, 0) // CQ of 8
+	r := testRing(t, 4, 0) // CQ of 8
 	if r.Features()&FeatNoDrop == 0 {
 		t.Fatal("kernel lacks FEAT_NODROP")
 	}
@@ -588,4 +588,63 @@ func TestCloseIdempotent(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatalf("second Close: %v", err)
 	}
+}
+
+// TestSeparateMaps runs the ring with the SQ and CQ rings mapped separately,
+// as on kernels without FEAT_SINGLE_MMAP.
+func TestSeparateMaps(t *testing.T) {
+	r, err := newRing(8, Params{Flags: SetupCQE32}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if &r.cqMap[0] == &r.sqMap[0] {
+		t.Fatal("SQ and CQ share one mapping")
+	}
+	for i := range uint64(40) {
+		nopRoundTrip(t, r, 1000+i)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+}
+
+// TestSingleIssuerOtherThread checks the documented threading rule: a
+// SingleIssuer ring refuses submissions from a thread other than its creator.
+func TestSingleIssuerOtherThread(t *testing.T) {
+	created := make(chan *Ring)
+	release := make(chan struct{})
+	go func() {
+		defer close(created)
+		// Stay locked (and so keep this thread to ourselves) until the other
+		// goroutine has tried, so that it cannot run on the creator's thread.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		r, err := New(4, SetupSingleIssuer)
+		if err != nil {
+			t.Errorf("New: %v", err)
+		}
+		created <- r
+		<-release
+		if r != nil {
+			// The creator still may submit: the refused NOP and this one.
+			r.SQE().PrepNop()
+			var cqes [4]CQE
+			if n, err := r.WaitCQEs(cqes[:], 2); err != nil || n != 2 {
+				t.Errorf("creator's WaitCQEs = %d, %v; want 2", n, err)
+			}
+			r.Close()
+		}
+	}()
+	r := <-created
+	if r != nil {
+		onLockedThread(t, func() {
+			r.SQE().PrepNop()
+			if _, err := r.Submit(); !errors.Is(err, unix.EEXIST) {
+				t.Errorf("Submit from a non-issuer thread: %v, want EEXIST", err)
+			}
+		})
+	}
+	close(release)
+	<-created
 }
