@@ -6,7 +6,7 @@ const (
 	SetupIOPoll uint32 = 1 << 0
 	// SetupSQPoll starts a kernel thread that polls the SQ, so submission needs no syscall.
 	SetupSQPoll uint32 = 1 << 1
-	// SetupSQAff pins the SQPOLL thread to a CPU (not settable through New; see NewWithParams).
+	// SetupSQAff pins the SQPOLL thread to Params.SQThreadCPU (CPU 0 through New).
 	SetupSQAff uint32 = 1 << 2
 	// SetupCQSize makes the kernel use an explicit CQ size (New uses 4 × entries).
 	SetupCQSize uint32 = 1 << 3

@@ -222,9 +222,10 @@ func (r *Ring) mapRings(p *params, separateMaps bool) error {
 	return nil
 }
 
-// Close unmaps the rings and closes the ring fd. In-flight requests are
-// cancelled by the kernel; buffers they use must stay valid until Close
-// returns. Close is idempotent and may be called from any thread.
+// Close unmaps the rings and closes the ring fd. Close does not wait for
+// in-flight requests: the kernel cancels them asynchronously, so reap every
+// CQE before Close if their buffers are to be freed or reused right after.
+// Close is idempotent and may be called from any thread.
 func (r *Ring) Close() error {
 	var errs []error
 	if r.sqeMap != nil {

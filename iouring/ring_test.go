@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unsafe"
@@ -353,10 +354,33 @@ func one(t *testing.T, r *Ring, prep func(*SQE)) CQE {
 }
 
 func TestReadWrite(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		flags uint32
+	}{
+		{"plain", 0},
+		{"sqpoll", SetupSQPoll},
+		{"sqe128+cqe32", SetupSQE128 | SetupCQE32},
+		{"single+defer+coop", SetupSingleIssuer | SetupDeferTaskrun | SetupCoopTaskrun},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			// The subtest goroutine is the ring's issuer thread.
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			testReadWrite(t, c.flags)
+		})
+	}
+}
+
+func testReadWrite(t *testing.T, flags uint32) {
 	const bs = 4096
 	f := tempFile(t, 1<<20, unix.O_DIRECT)
 	fd := int32(f.Fd())
-	r := testRing(t, 8, 0)
+	r, err := New(8, flags)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
 	wbuf := allocBuf(t, 4*bs)
 	rbuf := allocBuf(t, 4*bs)
 	check := func(what string, c CQE, want int) {
@@ -647,4 +671,20 @@ func TestSingleIssuerOtherThread(t *testing.T) {
 	}
 	close(release)
 	<-created
+}
+
+// TestOverflowCounterReported checks that an increase of the kernel's dropped
+// completion counter is reported once. The kernel never drops on a NODROP
+// kernel in a test, so the counter is bumped by hand.
+func TestOverflowCounterReported(t *testing.T) {
+	r := testRing(t, 4, 0)
+	atomic.AddUint32(r.cqOverflow, 3)
+	r.SQE().PrepNop()
+	n, err := r.Submit()
+	if !errors.Is(err, ErrCQOverflow) || n != 1 {
+		t.Fatalf("Submit after 3 drops = %d, %v; want 1 and ErrCQOverflow", n, err)
+	}
+	if _, err := r.Submit(); err != nil {
+		t.Fatalf("second Submit reported again: %v", err)
+	}
 }
