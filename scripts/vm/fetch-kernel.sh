@@ -72,6 +72,11 @@ apt_opts=(
 echo "fetch-kernel.sh: $name: updating package lists ($main $sec)" >&2
 apt-get "${apt_opts[@]}" -qq update >"$work/update.log" 2>&1 ||
 	{ cat "$work/update.log" >&2; die "$name: apt-get update failed against the temporary sources list"; }
+# apt-get update exits 0 when it cannot reach an archive: check that it got package lists.
+if ! compgen -G "$work/apt/lists/*_Packages*" >/dev/null; then
+	cat "$work/update.log" >&2
+	die "$name: could not download package lists for $main (no network to the archive?)"
+fi
 
 # Walk the metapackage's dependencies to the concrete kernel packages: names carrying a
 # version (linux-image-6.12.x+deb13-amd64, linux-binary-7.x..., linux-modules-7.x..., linux-base-7.x...).

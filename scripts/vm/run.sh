@@ -230,7 +230,11 @@ flock -u 9
 
 console_tail() {
 	echo "run.sh: last lines of the guest console ($kernel, $kver):" >&2
-	tail -n 30 "$run/console.log" 2>/dev/null | sed 's/^/  | /' >&2
+	if [ -s "$run/console.log" ]; then
+		tail -n 30 "$run/console.log" | sed 's/^/  | /' >&2
+	else
+		echo "  (empty: the kernel boots with 'quiet'; rerun with --console to watch it)" >&2
+	fi
 }
 if [ ! -f "$share/booted" ]; then
 	console_tail
