@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -22,34 +21,23 @@ const storeFile = "volume.store"
 func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
 	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
-	store := fs.String("store", "", "directory of the local store (created if absent), or a block device")
-	sizeStr := fs.String("size", "", "volume size, e.g. 10GiB (a multiple of 4 KiB)")
+	var vf volumeFlags
+	vf.register(fs)
 	listen := fs.String("listen", "", "where to serve NBD: unix:PATH or tcp:HOST:PORT")
 	name := fs.String("name", "torus", "NBD export name")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT\n\n%s", fs.FlagUsages())
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return nil
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+	if help, err := parseFlags(fs, args); help || err != nil {
+		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("%w: unexpected argument %q (a cluster volume name needs the cluster milestone; use --store)", errUsage, fs.Arg(0))
 	}
-	if *store == "" || *sizeStr == "" || *listen == "" {
+	if vf.store == "" || vf.size == "" || *listen == "" {
 		return fmt.Errorf("%w: --store, --size and --listen are required (example: torusblk serve --store /var/lib/torus/vol0 --size 10GiB --listen unix:/run/torus/vol0.sock)", errUsage)
 	}
-	size, err := units.ParseSize(*sizeStr)
-	if err != nil {
-		return fmt.Errorf("%w: --size: %v", errUsage, err)
-	}
-	if size <= 0 || size%4096 != 0 {
-		return fmt.Errorf("%w: --size %s: must be a positive multiple of 4 KiB", errUsage, *sizeStr)
-	}
-
-	path, err := storePath(*store)
+	path, size, err := vf.parse()
 	if err != nil {
 		return err
 	}
