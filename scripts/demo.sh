@@ -25,7 +25,7 @@ nbdinfo "$uri" | sed 's/^/   /'
 
 echo "== fio: 128 MiB of 4K random writes at QD32, then every block read back and verified (crc32c)"
 fio --name=verify --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 --size=128M \
-	--verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting \
+	--verify=crc32c --verify_fatal=1 --do_verify=1 --verify_state_save=0 --group_reporting \
 	--output-format=normal | grep -E 'IOPS|err=|verify:'
 fio --name=read --ioengine=nbd --uri="$uri" --rw=randread --bs=4k --iodepth=32 --size=256M \
 	--runtime=5 --time_based --output-format=normal | grep -E 'IOPS|err='

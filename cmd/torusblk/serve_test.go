@@ -135,7 +135,7 @@ func TestServeFioVerify(t *testing.T) {
 			out, err := runTool(t, 5*time.Minute, "fio", "--name=verify", "--ioengine=nbd", "--uri="+s.uri(),
 				"--rw=randwrite", "--bs=4k", fmt.Sprintf("--iodepth=%d", qd), "--size=64M",
 				fmt.Sprintf("--offset=%dM", 64*qd/32), "--verify=crc32c", "--verify_fatal=1",
-				"--do_verify=1", "--number_ios=4000", "--output-format=terse", "--terse-version=3")
+				"--do_verify=1", "--verify_state_save=0", "--number_ios=4000", "--output-format=terse", "--terse-version=3")
 			if err != nil {
 				t.Fatalf("fio verify at QD%d: %v\n%s\nserver log:\n%s", qd, err, out, s.log)
 			}
