@@ -10,9 +10,11 @@
 # --timeout, guest crash), with a clear message and the tail of the guest console.
 #
 # Inside the guest, COMMAND runs as root, chrooted into the host root (read-only), in the
-# caller's working directory, with the caller's PATH, and:
-#   /tmp, /run, /dev/shm   fresh tmpfs (writable)
-#   /mnt/disk              with --disk: a fresh ext4 file system on a virtio disk (O_DIRECT works)
+# caller's working directory, with the caller's exported environment, and:
+#   /tmp                   the host's /tmp under a tmpfs overlay (host files visible, writes stay in the guest)
+#   /run, /dev/shm         fresh tmpfs (writable)
+#   /mnt/disk              with --disk: a fresh ext4 file system on a virtio disk (O_DIRECT works),
+#                          and TMPDIR=/mnt/disk/tmp (tmpfs takes O_DIRECT only from 6.6)
 #   ext4, loop, nbd, ublk_drv  already loaded when the kernel has them
 #   TORUS_VM=1, TORUS_VM_KERNEL (NAME), TORUS_VM_KVER (uname -r), TORUS_VM_MODDIR, and
 #   TORUS_VM_OUT (a writable directory shared with the host); load more modules with
@@ -125,8 +127,13 @@ mount -t devtmpfs dev $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs shm $R/dev/shm
-mount -t tmpfs tmp $R/tmp
 mount -t tmpfs run $R/run
+# /tmp: the host's /tmp (so go test -exec binaries in /tmp/go-build* run) under a tmpfs overlay.
+mkdir -p /ovl
+mount -t tmpfs ovl /ovl && mkdir -p /ovl/u /ovl/w
+chroot $R /sbin/modprobe -d "$MODDIR" -S "$KVER" overlay 2>/dev/null
+mount -t overlay tmp -o lowerdir=$R/tmp,upperdir=/ovl/u,workdir=/ovl/w $R/tmp ||
+	{ echo "torus-vm: no overlay on /tmp, using a plain tmpfs"; mount -t tmpfs tmp $R/tmp; }
 mkdir -p $R/run/torus-vm
 mount --move /out $R/run/torus-vm
 O=$R/run/torus-vm
@@ -137,9 +144,13 @@ if [ "$DISK" = 1 ]; then
 	mount -t tmpfs mnt $R/mnt && mkdir -p $R/mnt/disk &&
 		mount -t ext4 /dev/vda $R/mnt/disk ||
 		{ echo "torus-vm: cannot mount /dev/vda on /mnt/disk" >$O/error; exit 1; }
+	mkdir -p $R/mnt/disk/tmp && chmod 1777 $R/mnt/disk/tmp
+	GTMP=/mnt/disk/tmp
+else
+	GTMP=/tmp
 fi
 cut -d' ' -f1 /proc/uptime >$O/booted
-chroot $R /usr/bin/env -i HOME=/root TERM=dumb TORUS_VM=1 TORUS_VM_KERNEL="$KNAME" \
+chroot $R /usr/bin/env -i HOME=/root TMPDIR=$GTMP TORUS_VM=1 TORUS_VM_KERNEL="$KNAME" \
 	TORUS_VM_KVER="$KVER" TORUS_VM_MODDIR="$MODDIR" TORUS_VM_OUT=/run/torus-vm \
 	/bin/bash /run/torus-vm/cmd.sh </dev/null >$O/stdout 2>$O/stderr
 echo $? >$O/status.tmp
@@ -194,7 +205,8 @@ q() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
 	echo "DISK=$([ -n "$disk" ] && echo 1 || echo 0)"
 } >"$share/env"
 {
-	echo "export PATH=$(q "$PATH")"
+	# The caller's environment (exported variables), less what belongs to the host shell.
+	export -p | grep -Ev '^declare -x (PWD|OLDPWD|SHLVL|_|TMPDIR|TORUS_VM_[A-Z]*)(=|$)' || true
 	echo "cd $(q "$PWD") 2>/dev/null || cd /"
 	printf 'exec'
 	printf ' %q' "$@"
