@@ -3,7 +3,7 @@
 # root, read-only over 9p. For kernel features the host lacks: ublk, nbd, loop, ext4 with O_DIRECT.
 #
 # Usage: scripts/vm/run.sh --kernel trixie|backports|bookworm [--mem 2G] [--disk SIZE]
-#                          [--timeout SECS] [--console] -- COMMAND [ARG...]
+#                          [--timeout SECS] [--console] [--out DIR] -- COMMAND [ARG...]
 #
 # Prints COMMAND's stdout and stderr (after the VM stops) and exits with COMMAND's exit status.
 # Exits 125 when the VM itself fails (no boot within --timeout, command still running at
@@ -17,7 +17,8 @@
 #                          and TMPDIR=/mnt/disk/tmp (tmpfs takes O_DIRECT only from 6.6)
 #   ext4, loop, nbd, ublk_drv  already loaded when the kernel has them
 #   TORUS_VM=1, TORUS_VM_KERNEL (NAME), TORUS_VM_KVER (uname -r), TORUS_VM_MODDIR, and
-#   TORUS_VM_OUT (a writable directory shared with the host); load more modules with
+#   TORUS_VM_OUT (a writable directory shared with the host, copied to --out DIR after the run);
+#   load more modules with
 #   modprobe -d "$TORUS_VM_MODDIR" -S "$TORUS_VM_KVER" MODULE
 #
 # Invariants:
@@ -37,11 +38,11 @@ die() {
 	exit $fail_vm
 }
 usage() {
-	echo "usage: run.sh --kernel trixie|backports|bookworm [--mem 2G] [--disk SIZE] [--timeout SECS] [--console] -- COMMAND..." >&2
+	echo "usage: run.sh --kernel trixie|backports|bookworm [--mem 2G] [--disk SIZE] [--timeout SECS] [--console] [--out DIR] -- COMMAND..." >&2
 	exit 2
 }
 
-kernel="" mem=2G disk="" timeout_s=300 console=0
+kernel="" mem=2G disk="" timeout_s=300 console=0 outdir=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--kernel) kernel=${2:?}; shift 2 ;;
@@ -49,6 +50,7 @@ while [ $# -gt 0 ]; do
 	--disk) disk=${2:?}; shift 2 ;;
 	--timeout) timeout_s=${2:?}; shift 2 ;;
 	--console) console=1; shift ;;
+	--out) outdir=${2:?}; shift 2 ;;
 	--) shift; break ;;
 	-h | --help) usage ;;
 	*) echo "run.sh: unknown argument '$1'" >&2; usage ;;
@@ -151,7 +153,7 @@ else
 fi
 cut -d' ' -f1 /proc/uptime >$O/booted
 chroot $R /usr/bin/env -i HOME=/root TMPDIR=$GTMP TORUS_VM=1 TORUS_VM_KERNEL="$KNAME" \
-	TORUS_VM_KVER="$KVER" TORUS_VM_MODDIR="$MODDIR" TORUS_VM_OUT=/run/torus-vm \
+	TORUS_VM_KVER="$KVER" TORUS_VM_MODDIR="$MODDIR" TORUS_VM_OUT=/run/torus-vm/results \
 	/bin/bash /run/torus-vm/cmd.sh </dev/null >$O/stdout 2>$O/stderr
 echo $? >$O/status.tmp
 cut -d' ' -f1 /proc/uptime >$O/done
@@ -196,7 +198,7 @@ fi
 run=$(mktemp -d "${TMPDIR:-/tmp}/torus-vm.XXXXXX")
 [ "${TORUS_VM_KEEP:-0}" = 1 ] || trap 'rm -rf "$run"' EXIT
 share=$run/out
-mkdir -p "$share"
+mkdir -p "$share/results"
 q() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
 {
 	echo "KNAME=$(q "$kernel")"
@@ -255,6 +257,9 @@ if [ ! -f "$share/booted" ]; then
 	die "kernel $kernel ($kver) stopped before running the command (qemu exit $qrc)"
 fi
 [ -f "$share/stdout" ] && cat "$share/stdout"
+if [ -n "$outdir" ]; then
+	mkdir -p "$outdir" && cp -a "$share/results/." "$outdir/" || echo "run.sh: cannot copy results to $outdir" >&2
+fi
 [ -f "$share/stderr" ] && cat "$share/stderr" >&2
 if [ ! -f "$share/status" ]; then
 	console_tail
