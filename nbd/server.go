@@ -232,3 +232,41 @@ func Listen(addr string) (net.Listener, error) {
 	}
 	return nil, fmt.Errorf("nbd: listen address %q: want unix:PATH or tcp:HOST:PORT", addr)
 }
+
+// ServeTransmission serves the transmission phase of the named export on nc,
+// with no handshake and simple replies: the peer must already know the size
+// and the flags of TransmissionFlags. This is how the kernel's NBD client
+// talks (see AttachKernel). It returns when the peer sends NBD_CMD_DISC or
+// hangs up, when the stream breaks, or, after ctx is done, once in-flight
+// requests have completed and their replies were sent. nc is closed on return.
+func (s *Server) ServeTransmission(ctx context.Context, nc net.Conn, export string) error {
+	defer nc.Close()
+	e := s.findExport(export)
+	if e == nil {
+		return fmt.Errorf("nbd: no export %q", export)
+	}
+	c, err := newConn(nc, e, false, s.opt)
+	if err != nil {
+		return fmt.Errorf("nbd: connection setup: %w", err)
+	}
+	defer c.close()
+	hook := context.AfterFunc(ctx, func() { c.shutdown() })
+	defer hook()
+	err = c.serve()
+	if err != nil && ctx.Err() == nil {
+		return err
+	}
+	// A stop requested through ctx is an orderly end, whatever the
+	// interrupted read reported.
+	return nil
+}
+
+// TransmissionFlags returns the transmission flags (NBD_FLAG_*) the server
+// advertises for the named export, or false if there is no such export.
+func (s *Server) TransmissionFlags(export string) (uint16, bool) {
+	e := s.findExport(export)
+	if e == nil {
+		return 0, false
+	}
+	return transmissionFlags(e), true
+}

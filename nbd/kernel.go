@@ -1,0 +1,577 @@
+package nbd
+
+// Attaching a Volume as /dev/nbdN through the kernel's own NBD client, in
+// process.
+//
+// AttachKernel creates one socketpair per connection, serves one end of each
+// with ServeTransmission (the kernel does no handshake) and hands the other
+// ends to the kernel: over generic netlink (NBD_CMD_CONNECT, several
+// connections, as CAN_MULTI_CONN allows), or, when the kernel has no "nbd"
+// netlink family or ForceIoctl is set, over the ioctl interface (one
+// connection; NBD_DO_IT blocks a dedicated thread until the disconnect).
+//
+// Invariants:
+//   - The serving goroutines run before the kernel gets the sockets: it may
+//     send requests (a partition scan) as soon as it is configured.
+//   - The kernel takes its own references to its socket ends; this process
+//     closes its copies once NBD_CMD_CONNECT or NBD_SET_SOCK returned.
+//   - done is closed only after every ServeTransmission returned (every
+//     request the kernel sent was completed and answered, or its socket died)
+//     and, on the ioctl path, after NBD_DO_IT returned and the device fd was
+//     closed. The Volume is never closed here: the caller owns it.
+//   - The NBD_DO_IT thread blocks every signal and stays locked until its
+//     goroutine exits, so the thread dies with it: a signal would interrupt
+//     the kernel's wait and tear the device down.
+//   - Close disconnects at most once.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/torus-storage/torus/engine"
+)
+
+// Ioctls of include/uapi/linux/nbd.h: _IO(0xab, n).
+const (
+	nbdSetSock       = 0xab00
+	nbdSetBlksize    = 0xab01
+	nbdDoIt          = 0xab03
+	nbdClearSock     = 0xab04
+	nbdClearQue      = 0xab05
+	nbdSetSizeBlocks = 0xab07
+	nbdDisconnect    = 0xab08
+	nbdSetTimeout    = 0xab09
+	nbdSetFlags      = 0xab0a
+)
+
+const (
+	defaultKernelConns = 4
+	maxKernelConns     = 64
+	// kernelSockBuf is the socket buffer size asked for on both ends (the
+	// kernel caps it unless we may force it).
+	kernelSockBuf = 4 << 20
+	// attachTimeout bounds AttachKernel when ctx has no deadline.
+	attachTimeout = 30 * time.Second
+	// detachTimeout bounds how long Close waits for the kernel to let go of
+	// the connections before it stops serving them itself.
+	detachTimeout = 20 * time.Second
+)
+
+// AttachOptions tune AttachKernel.
+type AttachOptions struct {
+	// Index is N of /dev/nbdN; -1 picks any free device. (0 is /dev/nbd0.)
+	Index int
+	// Conns is the number of connections (default 4). The ioctl interface
+	// supports only one and uses one whatever Conns says.
+	Conns int
+	// Timeout is the kernel's per-request timeout, in whole seconds
+	// (NBD_ATTR_TIMEOUT, NBD_SET_TIMEOUT). Zero leaves it unset: recent
+	// kernels then wait for slow requests instead of failing them.
+	Timeout time.Duration
+	// ForceIoctl uses the ioctl interface even when netlink is available.
+	ForceIoctl bool
+	// Logger receives attach and detach events; nil discards them.
+	Logger *slog.Logger
+}
+
+// KernelStatus is one kernel NBD device as NBD_CMD_STATUS reports it.
+type KernelStatus struct {
+	// Index is N of /dev/nbdN.
+	Index int
+	// Connected reports that the device is configured (in use).
+	Connected bool
+}
+
+// KernelDevice is a Volume attached as /dev/nbdN. Its methods are safe for
+// concurrent use.
+type KernelDevice struct {
+	index   int
+	path    string
+	netlink bool
+	log     *slog.Logger
+	cancel  context.CancelFunc // stops serving (backstop for Close)
+	done    chan struct{}      // closed when the device let go of the volume
+
+	mu  sync.Mutex
+	err error // first serving error; guarded by mu, final once done is closed
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// KernelAvailable reports why kernel NBD cannot be used here, or nil.
+func KernelAvailable() error {
+	_, modErr := os.Stat("/sys/module/nbd")
+	fi, devErr := os.Stat("/dev/nbd0")
+	if modErr != nil && (devErr != nil || fi.Mode()&os.ModeDevice == 0) {
+		return errors.New("kernel NBD is not available: /dev/nbd0 is missing and the nbd module is not loaded: modprobe nbd")
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("kernel NBD needs root (CAP_SYS_ADMIN): run as root")
+	}
+	return nil
+}
+
+// AttachKernel attaches vol as /dev/nbdN and returns once the device shows
+// the volume's size. ctx bounds the attach only; the device stays attached
+// until Close, DisconnectKernel (from any process), or a broken connection.
+// The caller keeps ownership of vol and closes it after Close or Wait
+// returned.
+func AttachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*KernelDevice, error) {
+	if err := KernelAvailable(); err != nil {
+		return nil, err
+	}
+	if opt.Index < -1 {
+		return nil, fmt.Errorf("nbd: attach: bad device index %d", opt.Index)
+	}
+	if opt.Conns == 0 {
+		opt.Conns = defaultKernelConns
+	}
+	if opt.Conns < 1 || opt.Conns > maxKernelConns {
+		return nil, fmt.Errorf("nbd: attach: %d connections: want 1 to %d", opt.Conns, maxKernelConns)
+	}
+	if opt.Timeout < 0 {
+		return nil, fmt.Errorf("nbd: attach: negative timeout %v", opt.Timeout)
+	}
+	log := opt.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if vol.Size() <= 0 {
+		return nil, fmt.Errorf("nbd: attach: volume size %d", vol.Size())
+	}
+	srv, err := NewServer([]Export{{Volume: vol}}, Options{Logger: log})
+	if err != nil {
+		return nil, fmt.Errorf("nbd: attach: %w", err)
+	}
+	flags, _ := srv.TransmissionFlags("")
+
+	var g *nbdGenl
+	if !opt.ForceIoctl {
+		g, err = openNBDGenl()
+		switch {
+		case errors.Is(err, errNoGenl):
+			log.Info("nbd: no nbd netlink family; falling back to the ioctl interface with one connection")
+		case err != nil:
+			return nil, fmt.Errorf("nbd: attach: %w", err)
+		default:
+			defer g.close()
+		}
+	}
+	conns := opt.Conns
+	if g == nil {
+		conns = 1
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, attachTimeout)
+		defer cancel()
+	}
+
+	serveCtx, cancel := context.WithCancel(context.Background())
+	d := &KernelDevice{index: opt.Index, netlink: g != nil, log: log, cancel: cancel, done: make(chan struct{})}
+	var wg sync.WaitGroup
+	kfds := make([]int, 0, conns)
+	closeKernelEnds := func() {
+		for _, fd := range kfds {
+			unix.Close(fd)
+		}
+		kfds = nil
+	}
+	fail := func(err error) (*KernelDevice, error) {
+		closeKernelEnds()
+		cancel()
+		wg.Wait()
+		return nil, err
+	}
+	for range conns {
+		nc, kfd, err := kernelSocketPair()
+		if err != nil {
+			return fail(err)
+		}
+		kfds = append(kfds, kfd)
+		wg.Go(func() {
+			if err := srv.ServeTransmission(serveCtx, nc, ""); err != nil {
+				d.setErr(err)
+			}
+		})
+	}
+
+	blocks := vol.Size() / blockSize
+	var ioctlDone chan struct{}
+	if g != nil {
+		d.index, err = g.connect(connectParams{
+			index: opt.Index, size: uint64(vol.Size()), blockSize: blockSize,
+			serverFlags: uint64(flags), timeout: opt.Timeout, fds: kfds,
+		})
+		if err != nil {
+			return fail(fmt.Errorf("nbd: attach: %w", err))
+		}
+		closeKernelEnds()
+	} else {
+		ioctlDone = make(chan struct{})
+		d.index, err = startIoctl(opt.Index, kfds[0], blocks, flags, opt.Timeout, d, ioctlDone)
+		kfds = nil // startIoctl owns (and closed) it
+		if err != nil {
+			return fail(fmt.Errorf("nbd: attach: %w", err))
+		}
+	}
+	d.path = fmt.Sprintf("/dev/nbd%d", d.index)
+	go func() {
+		wg.Wait()
+		if ioctlDone != nil {
+			<-ioctlDone
+		}
+		close(d.done)
+	}()
+	if err := waitSize(ctx, d.index, blocks*blockSize, d.done); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("nbd: attach: %w", err)
+	}
+	iface := "netlink"
+	if !d.netlink {
+		iface = "ioctl"
+	}
+	log.Info("nbd: attached", "device", d.path, "size", vol.Size(), "conns", conns, "interface", iface)
+	return d, nil
+}
+
+// kernelSocketPair returns the served end of a new socketpair as a net.Conn
+// and the kernel's end as a raw fd.
+func kernelSocketPair() (net.Conn, int, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, -1, fmt.Errorf("nbd: socketpair: %w", err)
+	}
+	for _, fd := range fds {
+		// Best effort: larger buffers let big reads and writes stream.
+		if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, kernelSockBuf) != nil {
+			unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, kernelSockBuf)
+		}
+		if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, kernelSockBuf) != nil {
+			unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, kernelSockBuf)
+		}
+	}
+	f := os.NewFile(uintptr(fds[0]), "nbd-server")
+	nc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, -1, fmt.Errorf("nbd: socketpair conn: %w", err)
+	}
+	return nc, fds[1], nil
+}
+
+// startIoctl configures a device through ioctls with the kernel socket kfd
+// (which it closes) and runs NBD_DO_IT on a dedicated thread, closing
+// finished when NBD_DO_IT has returned and the device fd is closed. index -1
+// tries free devices in order. It returns once the device runs, or the error
+// that stopped it.
+func startIoctl(index int, kfd int, blocks int64, flags uint16, timeout time.Duration, d *KernelDevice, finished chan struct{}) (int, error) {
+	candidates := []int{index}
+	if index < 0 {
+		candidates = freeIoctlDevices()
+		if len(candidates) == 0 {
+			unix.Close(kfd)
+			return -1, errors.New("no free /dev/nbdN device (all are configured)")
+		}
+	}
+	type result struct {
+		index int
+		err   error
+	}
+	setup := make(chan result, 1)
+	go func() {
+		defer close(finished)
+		// Never unlocked: the signal mask below must die with the thread.
+		runtime.LockOSThread()
+		var all unix.Sigset_t
+		for i := range all.Val {
+			all.Val[i] = ^all.Val[i]
+		}
+		if err := unix.PthreadSigmask(unix.SIG_BLOCK, &all, nil); err != nil {
+			unix.Close(kfd)
+			setup <- result{-1, fmt.Errorf("blocking signals on the NBD_DO_IT thread: %w", err)}
+			return
+		}
+		var fd, idx int
+		var err error
+		for _, idx = range candidates {
+			fd, err = configureIoctl(idx, kfd, blocks, flags, timeout)
+			if err == nil || index >= 0 {
+				break
+			}
+			d.log.Debug("nbd: device busy, trying the next", "index", idx, "err", err)
+		}
+		unix.Close(kfd)
+		if err != nil {
+			setup <- result{-1, err}
+			return
+		}
+		setup <- result{idx, nil}
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), nbdDoIt, 0)
+		if errno != 0 {
+			d.setErr(fmt.Errorf("nbd: NBD_DO_IT on nbd%d: %w", idx, errno))
+		}
+		unix.Syscall(unix.SYS_IOCTL, uintptr(fd), nbdClearQue, 0)
+		unix.Syscall(unix.SYS_IOCTL, uintptr(fd), nbdClearSock, 0)
+		unix.Close(fd)
+		d.log.Debug("nbd: NBD_DO_IT returned", "index", idx, "errno", errno)
+	}()
+	r := <-setup
+	return r.index, r.err
+}
+
+// configureIoctl opens /dev/nbdN and hands it kfd and the geometry. The
+// socket goes first: NBD_SET_SOCK fails on a device another task set up, so a
+// busy device is left alone.
+func configureIoctl(index, kfd int, blocks int64, flags uint16, timeout time.Duration) (int, error) {
+	path := fmt.Sprintf("/dev/nbd%d", index)
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("opening %s: %w", path, err)
+	}
+	steps := []struct {
+		name string
+		req  uintptr
+		arg  uintptr
+	}{
+		{"NBD_SET_SOCK", nbdSetSock, uintptr(kfd)},
+		{"NBD_SET_BLKSIZE", nbdSetBlksize, blockSize},
+		{"NBD_SET_SIZE_BLOCKS", nbdSetSizeBlocks, uintptr(blocks)},
+		{"NBD_SET_FLAGS", nbdSetFlags, uintptr(flags)},
+		{"NBD_SET_TIMEOUT", nbdSetTimeout, uintptr(seconds(timeout))},
+	}
+	for i, s := range steps {
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), s.req, s.arg); errno != 0 {
+			if i > 0 {
+				unix.Syscall(unix.SYS_IOCTL, uintptr(fd), nbdClearSock, 0)
+			}
+			unix.Close(fd)
+			return -1, fmt.Errorf("%s on %s: %w", s.name, path, errno)
+		}
+	}
+	return fd, nil
+}
+
+// freeIoctlDevices lists the indexes of /sys/block/nbdN devices that look
+// unconfigured (no pid file, size 0), in numeric order.
+func freeIoctlDevices() []int {
+	names, _ := filepath.Glob("/sys/block/nbd*")
+	var out []int
+	for _, n := range names {
+		i, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(n), "nbd"))
+		if err != nil {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(n, "pid")); err == nil {
+			continue
+		}
+		if sz, err := sysfsSize(i); err != nil || sz != 0 {
+			continue
+		}
+		out = append(out, i)
+	}
+	sort.Ints(out)
+	return out
+}
+
+// sysfsSize returns the size in bytes the kernel shows for /dev/nbdN.
+func sysfsSize(index int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/size", index))
+	if err != nil {
+		return 0, err
+	}
+	sectors, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("nbd%d size %q: %w", index, b, err)
+	}
+	return sectors * 512, nil
+}
+
+// waitSize polls until /dev/nbdN exists and shows size bytes.
+func waitSize(ctx context.Context, index int, size int64, done <-chan struct{}) error {
+	path := fmt.Sprintf("/dev/nbd%d", index)
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		sz, _ := sysfsSize(index)
+		if sz == size {
+			if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeDevice != 0 {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s did not show its size %d (shows %d): %w", path, size, sz, ctx.Err())
+		case <-done:
+			return fmt.Errorf("%s was disconnected before it became usable", path)
+		case <-t.C:
+		}
+	}
+}
+
+func (d *KernelDevice) setErr(err error) {
+	d.mu.Lock()
+	if d.err == nil {
+		d.err = err
+	}
+	d.mu.Unlock()
+}
+
+// Path is the device node, /dev/nbdN.
+func (d *KernelDevice) Path() string { return d.path }
+
+// Index is N of /dev/nbdN.
+func (d *KernelDevice) Index() int { return d.index }
+
+// Wait blocks until the device is disconnected (by Close, DisconnectKernel or
+// a broken connection) and every request the kernel sent has been answered.
+// It returns nil after an orderly disconnect.
+func (d *KernelDevice) Wait() error {
+	<-d.done
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.err
+}
+
+// Close flushes the device's page cache, disconnects it, waits for the
+// in-flight requests to drain and for the kernel to free the device (its size
+// drops to 0), and returns the first error met, including a serving error
+// Wait would return. It does not close the volume. Whoever still has the
+// device open (a mounted file system) sees I/O errors from then on.
+func (d *KernelDevice) Close() error {
+	d.closeOnce.Do(func() { d.closeErr = d.close() })
+	return d.closeErr
+}
+
+func (d *KernelDevice) close() error {
+	var errs []error
+	select {
+	case <-d.done:
+	default:
+		// Write back dirty pages of the device node before cutting it off.
+		if f, err := os.OpenFile(d.path, os.O_RDWR, 0); err == nil {
+			if err := f.Sync(); err != nil {
+				errs = append(errs, fmt.Errorf("nbd: flushing %s: %w", d.path, err))
+			}
+			f.Close()
+		}
+		if err := disconnect(d.index, d.netlink); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	select {
+	case <-d.done:
+	case <-time.After(detachTimeout):
+		d.log.Warn("nbd: the kernel did not release the connections; closing them", "device", d.path)
+		d.cancel()
+		<-d.done
+	}
+	d.cancel()
+	// The kernel frees the device's configuration when its last user lets
+	// go; the size drops to 0 then.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		sz, err := sysfsSize(d.index)
+		if err != nil || sz == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			d.log.Warn("nbd: device still shows a size after detach (is it open or mounted?)", "device", d.path, "size", sz)
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := d.Wait(); err != nil {
+		errs = append(errs, err)
+	}
+	d.log.Info("nbd: detached", "device", d.path)
+	return errors.Join(errs...)
+}
+
+// DisconnectKernel disconnects /dev/nbdN, whichever process serves it, over
+// netlink when the kernel has it and with NBD_DISCONNECT and NBD_CLEAR_SOCK
+// otherwise. A device that is not connected is left alone without error on
+// the netlink path.
+func DisconnectKernel(index int) error {
+	if err := KernelAvailable(); err != nil {
+		return err
+	}
+	g, err := openNBDGenl()
+	if err == nil {
+		defer g.close()
+		return g.disconnect(index)
+	}
+	if !errors.Is(err, errNoGenl) {
+		return err
+	}
+	return disconnect(index, false)
+}
+
+// disconnect sends the disconnect through the interface that set the device
+// up. On the ioctl path it only asks (NBD_DISCONNECT): the NBD_DO_IT thread
+// clears the socket once the connection drained.
+func disconnect(index int, netlink bool) error {
+	if netlink {
+		g, err := openNBDGenl()
+		if err != nil {
+			return fmt.Errorf("nbd: detach: %w", err)
+		}
+		defer g.close()
+		return g.disconnect(index)
+	}
+	path := fmt.Sprintf("/dev/nbd%d", index)
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("nbd: detach: opening %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), nbdDisconnect, 0); errno != 0 {
+		return fmt.Errorf("nbd: NBD_DISCONNECT on %s: %w", path, errno)
+	}
+	return nil
+}
+
+// ListKernel lists the kernel's NBD devices and whether each is connected,
+// through NBD_CMD_STATUS (or /sys/block when the kernel lacks netlink).
+func ListKernel() ([]KernelStatus, error) {
+	if err := KernelAvailable(); err != nil {
+		return nil, err
+	}
+	g, err := openNBDGenl()
+	if err == nil {
+		defer g.close()
+		st, err := g.status(-1)
+		sort.Slice(st, func(i, j int) bool { return st[i].Index < st[j].Index })
+		return st, err
+	}
+	if !errors.Is(err, errNoGenl) {
+		return nil, err
+	}
+	names, _ := filepath.Glob("/sys/block/nbd*")
+	var out []KernelStatus
+	for _, n := range names {
+		i, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(n), "nbd"))
+		if err != nil {
+			continue
+		}
+		_, perr := os.Stat(filepath.Join(n, "pid"))
+		out = append(out, KernelStatus{Index: i, Connected: perr == nil})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Index < out[j].Index })
+	return out, nil
+}
