@@ -1,0 +1,386 @@
+package ublk
+
+// One ublk queue: a goroutine locked to its OS thread that owns the queue's
+// io_uring, fetches requests from /dev/ublkcN and hands them to the Volume.
+//
+// Invariants:
+//   - The queue goroutine calls runtime.LockOSThread before it creates the
+//     ring and never unlocks: the thread that FETCHes is the queue's daemon
+//     for the kernel, and the ring (SINGLE_ISSUER|DEFER_TASKRUN) belongs to
+//     it. The goroutine returns only when every tag is finished (the device
+//     stopped) or the queue was told to quit after STOP_DEV; the locked
+//     thread then dies with it.
+//   - Every tag is in exactly one place: in the kernel (a FETCH or
+//     COMMIT_AND_FETCH outstanding, counted by inKernel), at the volume
+//     (counted by inVolume), or finished (dead). Only the queue goroutine
+//     changes the counters.
+//   - Completions arrive on other goroutines. tag.Complete stores the result
+//     in the tag and appends the tag number to q.done under q.mu; the first
+//     completion after a drain writes the eventfd, which a POLL_ADD kept armed
+//     in the ring turns into a CQE that wakes the queue thread out of
+//     io_uring_enter. q.done and q.spare have capacity depth and each tag is
+//     in at most one of them, so append never allocates.
+//   - The descriptor area is mapped read-only and read only for a tag the
+//     kernel just handed over (FETCH CQE with result 0).
+//   - Tag buffers are alignbuf memory (outside the Go heap): the kernel copies
+//     WRITE data into them before the FETCH CQE and READ data out of them at
+//     COMMIT, so they must not move.
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/iouring"
+)
+
+// pollData is the user_data of the eventfd POLL_ADD; tag commands use the tag.
+const pollData = 1 << 32
+
+type tagState struct {
+	q    *queue
+	req  engine.Request
+	buf  []byte
+	res  int32
+	tag  uint16
+	dead bool
+}
+
+// Complete is the engine.Completer of the tag's request; it may run on any
+// goroutine, possibly inside Submit.
+func (t *tagState) Complete(r *engine.Request, err error) {
+	switch {
+	case err != nil:
+		t.res = -int32(engine.Errno(err))
+	case r.Op == engine.OpRead || r.Op == engine.OpWrite:
+		t.res = int32(r.Length)
+	default:
+		t.res = 0
+	}
+	t.q.push(t.tag)
+}
+
+type queue struct {
+	id    int
+	depth int
+	maxIO int
+	cfd   int // /dev/ublkcN
+	vol   engine.Volume
+	log   *slog.Logger
+
+	opFetch, opCommit uint32
+
+	ring  *iouring.Ring
+	descs []byte
+	bufs  []byte
+	efd   int
+	tags  []tagState
+	cqes  []iouring.CQE
+
+	inKernel    int
+	inVolume    int
+	pollArmed   bool
+	efdBuf      [8]byte
+	quitting    bool
+	ioErrLogged bool
+
+	mu       sync.Mutex
+	done     []uint16
+	spare    []uint16
+	signaled bool
+	one      [8]byte
+
+	quit   atomic.Bool
+	exited chan struct{}
+	err    error // set before exited is closed
+}
+
+func newQueue(id, depth, maxIO, cfd int, legacy bool, vol engine.Volume, log *slog.Logger) *queue {
+	q := &queue{
+		id: id, depth: depth, maxIO: maxIO, cfd: cfd, vol: vol, log: log,
+		opFetch:  ioOp(ioFetchReq, legacy),
+		opCommit: ioOp(ioCommitAndFetchReq, legacy),
+		efd:      -1,
+		tags:     make([]tagState, depth),
+		cqes:     make([]iouring.CQE, 2*depth+4),
+		done:     make([]uint16, 0, depth),
+		spare:    make([]uint16, 0, depth),
+		exited:   make(chan struct{}),
+	}
+	q.one[0] = 1
+	for i := range q.tags {
+		t := &q.tags[i]
+		t.q, t.tag = q, uint16(i)
+		t.req.Done = t
+		t.req.Tag = uint64(i)
+	}
+	return q
+}
+
+// push hands a completed tag back to the queue thread.
+func (q *queue) push(tag uint16) {
+	q.mu.Lock()
+	q.done = append(q.done, tag)
+	wake := !q.signaled
+	q.signaled = true
+	q.mu.Unlock()
+	if wake {
+		q.wake()
+	}
+}
+
+func (q *queue) wake() {
+	for {
+		_, err := unix.Write(q.efd, q.one[:])
+		if err != unix.EINTR {
+			return
+		}
+	}
+}
+
+// requestQuit makes the queue stop committing, wait for the volume and exit,
+// closing its ring (which cancels the commands still in the kernel).
+func (q *queue) requestQuit() {
+	q.quit.Store(true)
+	q.wake()
+}
+
+// run is the queue goroutine. It reports setup (ring, mapping, FETCH of every
+// tag submitted) on ready, then serves until the queue is finished.
+func (q *queue) run(ready chan<- error) {
+	runtime.LockOSThread() // never unlocked: see the invariants
+	defer close(q.exited)
+	if err := q.setup(); err != nil {
+		q.err = err
+		q.release()
+		ready <- err
+		return
+	}
+	ready <- nil
+	q.err = q.loop()
+	q.release()
+}
+
+func (q *queue) setup() error {
+	// Avoid reclaim recursion through our own device (as ublksrv does);
+	// needs CAP_SYS_RESOURCE, so failure is only logged.
+	if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
+		q.log.Debug("ublk: PR_SET_IO_FLUSHER refused", "queue", q.id, "err", err)
+	}
+	entries := uint32(q.depth + 2)
+	var err error
+	for _, flags := range []uint32{
+		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer | iouring.SetupDeferTaskrun,
+		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer,
+		iouring.SetupCoopTaskrun,
+		0,
+	} {
+		q.ring, err = iouring.New(entries, flags)
+		if err == nil {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d ring: %w", q.id, err)
+	}
+	if uint32(len(q.cqes)) < q.ring.CQEntries() {
+		q.cqes = make([]iouring.CQE, q.ring.CQEntries())
+	}
+	ps := unix.Getpagesize()
+	q.descs, err = unix.Mmap(q.cfd, descOffset(q.id, ps), descLen(q.depth, ps), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: mmap descriptors: %w", q.id, err)
+	}
+	q.bufs, err = alignbuf.Alloc(q.depth * q.maxIO)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d buffers: %w", q.id, err)
+	}
+	for i := range q.tags {
+		q.tags[i].buf = q.bufs[i*q.maxIO : (i+1)*q.maxIO : (i+1)*q.maxIO]
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d eventfd: %w", q.id, err)
+	}
+	q.efd = efd
+	for i := range q.tags {
+		q.prepCmd(q.opFetch, uint16(i), 0)
+	}
+	q.armPoll()
+	if _, err := q.ring.Submit(); err != nil {
+		return fmt.Errorf("ublk: queue %d: submit FETCH_REQ: %w", q.id, err)
+	}
+	return nil
+}
+
+// release frees what setup made; ring first so that the kernel lets go of
+// the buffers before they are unmapped.
+func (q *queue) release() {
+	if q.ring != nil {
+		q.ring.Close()
+	}
+	if q.descs != nil {
+		unix.Munmap(q.descs)
+		q.descs = nil
+	}
+	if q.efd >= 0 {
+		unix.Close(q.efd)
+		q.efd = -1
+	}
+	if q.bufs != nil {
+		alignbuf.Free(q.bufs)
+		q.bufs = nil
+	}
+}
+
+func (q *queue) prepCmd(op uint32, tag uint16, res int32) {
+	q.fillCmd(q.ring.SQE(), op, tag, res) // never nil: at most depth commands plus one poll
+	q.inKernel++
+}
+
+// fillCmd prepares sqe (fresh from Ring.SQE) as I/O command op for tag.
+// The buffer address goes with every command: COMMIT_AND_FETCH_REQ carries
+// it too (the kernel re-reads it for the next request).
+func (q *queue) fillCmd(sqe *iouring.SQE, op uint32, tag uint16, res int32) {
+	sqe.PrepURingCmd(int32(q.cfd), op)
+	c := (*ioCmd)(unsafe.Pointer(sqe.Cmd()))
+	c.qID = uint16(q.id)
+	c.tag = tag
+	c.result = res
+	c.addr = uint64(uintptr(unsafe.Pointer(&q.tags[tag].buf[0])))
+	sqe.UserData = uint64(tag)
+}
+
+func (q *queue) armPoll() {
+	sqe := q.ring.SQE()
+	sqe.PrepPollAdd(int32(q.efd), unix.POLLIN)
+	sqe.UserData = pollData
+	q.pollArmed = true
+}
+
+func (q *queue) loop() error {
+	for {
+		if q.quit.Load() {
+			q.quitting = true
+		}
+		if q.inVolume == 0 && (q.inKernel == 0 || q.quitting) {
+			return nil
+		}
+		if _, err := q.ring.SubmitAndWait(1); err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
+			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
+		}
+		n := q.ring.PeekCQEs(q.cqes)
+		for i := 0; i < n; i++ {
+			q.handle(&q.cqes[i])
+		}
+		q.drain()
+	}
+}
+
+// handle processes one CQE of the queue ring.
+func (q *queue) handle(c *iouring.CQE) {
+	if c.UserData == pollData {
+		q.pollArmed = false
+		unix.Read(q.efd, q.efdBuf[:]) // reset the counter; EAGAIN is fine
+		if c.Res >= 0 {
+			// Kept armed while quitting too: the volume's last completions
+			// must still wake the thread.
+			q.armPoll()
+		}
+		return
+	}
+	tag := uint16(c.UserData)
+	q.inKernel--
+	switch c.Res {
+	case ioResOK:
+		if q.quitting {
+			q.tags[tag].dead = true
+			return
+		}
+		q.start(tag)
+	case ioResAbort:
+		q.tags[tag].dead = true
+	default:
+		q.tags[tag].dead = true
+		if !q.ioErrLogged {
+			q.ioErrLogged = true
+			q.log.Error("ublk: queue command failed; tag abandoned", "queue", q.id, "tag", tag, "err", unix.Errno(-c.Res))
+		}
+	}
+}
+
+// start turns the descriptor of tag into a Request and submits it.
+func (q *queue) start(tag uint16) {
+	d := (*ioDesc)(unsafe.Pointer(&q.descs[int(tag)*int(unsafe.Sizeof(ioDesc{}))]))
+	t := &q.tags[tag]
+	r := &t.req
+	opFlags := d.opFlags
+	r.Offset = int64(d.startSector) << 9
+	r.Length = int64(d.nrSectors) << 9
+	r.Flags = 0
+	r.Buf = nil
+	if opFlags&ioFlagFUA != 0 {
+		r.Flags |= engine.FlagFUA
+	}
+	switch uint8(opFlags) {
+	case opRead, opWrite:
+		if r.Length > int64(len(t.buf)) {
+			q.finish(tag, -int32(unix.EINVAL))
+			return
+		}
+		r.Op = engine.OpRead
+		if uint8(opFlags) == opWrite {
+			r.Op = engine.OpWrite
+		}
+		r.Buf = t.buf[:r.Length]
+	case opFlush:
+		r.Op, r.Offset, r.Length = engine.OpFlush, 0, 0
+	case opDiscard:
+		r.Op = engine.OpDiscard
+	case opWriteZeroes:
+		r.Op = engine.OpWriteZeroes
+		if opFlags&ioFlagNoUnmap != 0 {
+			r.Flags |= engine.FlagNoUnmap
+		}
+	default:
+		q.finish(tag, -int32(unix.EOPNOTSUPP))
+		return
+	}
+	q.inVolume++
+	q.vol.Submit(r)
+}
+
+// finish commits tag's result right away (a request the volume never saw).
+func (q *queue) finish(tag uint16, res int32) {
+	q.prepCmd(q.opCommit, tag, res)
+}
+
+// drain commits the tags the volume completed since the last drain.
+func (q *queue) drain() {
+	q.mu.Lock()
+	list := q.done
+	q.done = q.spare[:0]
+	q.spare = list
+	q.signaled = false
+	q.mu.Unlock()
+	for _, tag := range list {
+		q.inVolume--
+		if q.quitting {
+			q.tags[tag].dead = true
+			continue
+		}
+		res := q.tags[tag].res
+		if res == 0 && q.tags[tag].req.Op == engine.OpRead {
+			res = -int32(unix.EIO) // never happens for a non-empty read
+		}
+		q.prepCmd(q.opCommit, tag, res)
+	}
+}
