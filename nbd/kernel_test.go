@@ -312,7 +312,7 @@ func TestGenlFamily(t *testing.T) {
 	if err != nil || id != unix.GENL_ID_CTRL {
 		t.Fatalf("nlctrl: id %#x, %v", id, err)
 	}
-	id, err = c.familyID("torus-no-such-family")
+	id, err = c.familyID("torus-nofam")
 	if err != errNoGenl {
 		t.Fatalf("missing family: id %#x, %v", id, err)
 	}
