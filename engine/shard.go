@@ -10,8 +10,14 @@ package engine
 //   - Every op in flight holds one index of ops; userdata of its SQEs is
 //     udOp|index. A header write's userdata is udHdr|slot, a wake poll's is
 //     udWake. At most maxOps ops are in flight per shard, so at most maxOps
-//     header writes are in flight (each has at least one waiting op) and
-//     hdrBufs never runs dry.
+//     header writes with waiting ops are in flight, plus at most cleanMax
+//     cleaning writes (dirty headers written without a waiting op, counted in
+//     cleaning), and hdrBufs never runs dry.
+//   - A dirty slot is hot (listed in the shard's log on disk). The log write
+//     that evicts a slot is issued only when the slot is idle (no write-class
+//     op), clean and has no header write in flight, and it is linked behind
+//     an fdatasync, so the slot's last header and data are durable before the
+//     log stops listing it.
 //   - sleeping is 1 only while the shard is about to block or blocked in
 //     SubmitAndWait with its eventfd poll armed; a submitter that pushes and
 //     sees 1 writes the eventfd.
@@ -31,6 +37,7 @@ import (
 
 const (
 	maxOps      = 256
+	cleanMax    = 32 // dirty headers written at once to make room in the log
 	ringEntries = 512
 
 	udOp   = 1 << 56
@@ -69,13 +76,16 @@ type shard struct {
 	cqes     [128]iouring.CQE
 	efdBuf   []byte
 	inflight int
+	cleaning int // header writes without waiting ops in flight
 
 	// Activity log (see store_format.go): alHot is what the shard's log
-	// block lists (-1 = empty entry).
-	alHot      [alMax]int32
+	// blocks list (-1 = empty entry), alMax entries per block.
+	alHot      [alShardMax]int32
 	alHand     int
-	alBuf      []byte
+	alBuf      []byte // alPerShard blocks
 	alSeq      uint64
+	alLen      int    // bytes of the log write in flight
+	alFsEpoch  uint64 // syncNext taken by the fdatasync linked before it
 	alInflight bool
 	alQueued   []int32
 	alFlying   []int32
@@ -92,17 +102,18 @@ func newShard(s *Store, id int) (*shard, error) {
 		queue: make([]*ChunkOp, 0, maxOps), local: make([]*ChunkOp, 0, maxOps),
 		chunks: make(map[ChunkID]int32)}
 	sh.one[0] = 1
-	arena, err := alignbuf.Alloc((maxOps + 2) * BlockSize)
+	const nh = maxOps + cleanMax
+	arena, err := alignbuf.Alloc((nh + 1 + alPerShard) * BlockSize)
 	if err != nil {
 		unix.Close(efd)
 		return nil, err
 	}
 	sh.hdrArena = arena
-	for i := 0; i < maxOps; i++ {
+	for i := 0; i < nh; i++ {
 		sh.hdrBufs = append(sh.hdrBufs, arena[i*BlockSize:(i+1)*BlockSize:(i+1)*BlockSize])
 	}
-	sh.efdBuf = arena[maxOps*BlockSize : maxOps*BlockSize+8]
-	sh.alBuf = arena[(maxOps+1)*BlockSize : (maxOps+2)*BlockSize]
+	sh.efdBuf = arena[nh*BlockSize : nh*BlockSize+8]
+	sh.alBuf = arena[(nh+1)*BlockSize : (nh+1+alPerShard)*BlockSize]
 	for i := range sh.alHot {
 		sh.alHot[i] = -1
 	}
@@ -202,8 +213,8 @@ func (sh *shard) run(ready chan<- error) {
 			sh.accept(op)
 		}
 		// Once closed, push refuses new ops, so the shard is done when
-		// nothing is in flight.
-		if closed && sh.inflight == 0 && sh.backlog == nil {
+		// nothing is in flight and every dirty header is written.
+		if closed && sh.inflight == 0 && sh.backlog == nil && !sh.cleanAll() {
 			return
 		}
 		n := sh.ring.PeekCQEs(sh.cqes[:])
@@ -293,6 +304,7 @@ func (sh *shard) start(op *ChunkOp) {
 func (sh *shard) dispatch(op *ChunkOp) {
 	s := sh.s
 	if op.Op == OpFlush {
+		op.epoch = s.syncNext.Add(1)
 		e := sh.sqe()
 		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
 		e.UserData = udOp | uint64(op.idx)
@@ -374,10 +386,13 @@ func (sh *shard) run1(op *ChunkOp, m *slotMeta) {
 	sh.issue(op, m)
 }
 
-// writeAL writes the shard's activity-log block adding the queued slots,
-// unless a log write is in flight (then the next one will). Slots evicted to
-// make room have no write-class op in flight; an fdatasync linked before the
-// log write makes their completed writes durable first.
+// writeAL writes the shard's activity-log blocks adding the queued slots,
+// unless a log write is in flight (then the next one will). A slot is evicted
+// to make room only when it is idle (no write-class op), clean and has no
+// header write in flight; an fdatasync linked before the log write makes its
+// header and completed writes durable first. Dirty idle slots the clock hand
+// passes get their header written (cleaned) so that a later call can evict
+// them.
 func (sh *shard) writeAL() {
 	if sh.alInflight || len(sh.alQueued) == 0 {
 		return
@@ -385,27 +400,43 @@ func (sh *shard) writeAL() {
 	s := sh.s
 	evicted := false
 	n := 0
+	lo, hi := alPerShard, -1
 	for _, slot := range sh.alQueued {
 		pos := -1
-		for i := 0; i < alMax; i++ {
-			p := (sh.alHand + i) % alMax
+		for i := 0; i < alShardMax; i++ {
+			p := sh.alHand + i
+			if p >= alShardMax {
+				p -= alShardMax
+			}
 			old := sh.alHot[p]
 			if old < 0 {
 				pos = p
 				break
 			}
-			if om := &s.slots[old]; om.alState == alHot && om.alWriters == 0 {
-				om.alState, om.alPos1 = alCold, 0
-				evicted = true
-				pos = p
-				break
+			om := &s.slots[old]
+			if om.alState != alHot || om.alWriters != 0 {
+				continue
 			}
+			if om.dirty || om.hdrInflight {
+				if !om.hdrInflight && sh.cleaning < cleanMax {
+					sh.clean(old, om)
+				}
+				continue
+			}
+			om.alState, om.alPos1 = alCold, 0
+			evicted = true
+			pos = p
+			break
 		}
 		if pos < 0 {
-			break // table full of busy slots: retried when a write finishes
+			break // no room yet: retried when a write or cleaning finishes
 		}
-		sh.alHand = (pos + 1) % alMax
+		sh.alHand = pos + 1
+		if sh.alHand == alShardMax {
+			sh.alHand = 0
+		}
 		sh.alHot[pos] = slot
+		lo, hi = min(lo, pos/alMax), max(hi, pos/alMax)
 		m := &s.slots[slot]
 		m.alState, m.alPos1 = alFlying, int32(pos+1)
 		sh.alFlying = append(sh.alFlying, slot)
@@ -430,27 +461,72 @@ func (sh *shard) writeAL() {
 	}
 	sh.alNextOps = keep
 	sh.alSeq++
-	encodeAL(sh.alBuf, sh.alSeq, sh.alHot[:], s.tab)
+	// Only the blocks that changed are written. Each block verifies on its
+	// own, so a write torn between blocks leaves each listing either its old
+	// or its new slots: safe, as evicted slots are durable and added slots
+	// have no write issued yet.
+	for k := lo; k <= hi; k++ {
+		encodeAL(sh.alBuf[k*BlockSize:(k+1)*BlockSize], sh.alSeq, sh.alHot[k*alMax:(k+1)*alMax], s.tab)
+	}
 	if evicted {
+		sh.alFsEpoch = s.syncNext.Add(1)
 		e := sh.sqe()
 		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
 		e.Flags |= iouring.SQEIOLink
 		e.UserData = udALFs
 		e.Flags |= sh.fixed
 	}
+	sh.alLen = (hi - lo + 1) * BlockSize
 	e := sh.sqe()
-	e.PrepWrite(sh.fd, sh.alBuf, uint64(alOff+(sh.id%alBlocks)*BlockSize))
+	e.PrepWrite(sh.fd, sh.alBuf[lo*BlockSize:(hi+1)*BlockSize], uint64(alOff+((sh.id%alShards)*alPerShard+lo)*BlockSize))
 	e.OpFlags = unix.RWF_DSYNC
 	e.UserData = udAL
 	e.Flags |= sh.fixed
 	sh.alInflight = true
 }
 
+// clean writes the dirty header of an idle slot.
+func (sh *shard) clean(slot int32, m *slotMeta) {
+	sh.cleaning++
+	sh.writeHeader(slot, m, nil, false)
+}
+
+// cleanAll writes the dirty headers of the shard's log (at close) and reports
+// whether any is left to write or in flight. A header that failed is not
+// retried: it is counted in Store.dirtyLeft and the log keeps the slot.
+func (sh *shard) cleanAll() bool {
+	busy := sh.cleaning > 0
+	if sh.s.skipClean.Load() {
+		return busy
+	}
+	for _, slot := range sh.alHot {
+		if slot < 0 {
+			continue
+		}
+		m := &sh.s.slots[slot]
+		if !m.dirty || m.hdrFail {
+			continue
+		}
+		busy = true
+		if !m.hdrInflight && sh.cleaning < cleanMax {
+			sh.clean(slot, m)
+		}
+	}
+	if !busy {
+		for _, slot := range sh.alHot {
+			if slot >= 0 && sh.s.slots[slot].dirty {
+				sh.s.dirtyLeft.Add(1)
+			}
+		}
+	}
+	return busy
+}
+
 // alDone handles the completion of the activity-log write.
 func (sh *shard) alDone(res int32) {
 	s := sh.s
 	var err error
-	if res != BlockSize {
+	if res != int32(sh.alLen) {
 		err = sh.ioErr("write activity log block", int64(sh.id), res)
 	}
 	for _, slot := range sh.alFlying {
@@ -493,8 +569,15 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		e.Flags |= sh.fixed
 		op.pending = 1
 	case OpWrite:
-		b0 := int(op.Off / BlockSize)
-		for i := 0; i < int(op.Length/BlockSize); i++ {
+		// The slot is hot (in the log on disk). If every block's written
+		// bit is already on disk (set bits in RAM are: the op that set one
+		// held the block until its header was written) the header may lag:
+		// one data write, header dirty. A FUA write also needs those bits
+		// durable, or it writes the header with RWF_DSYNC.
+		b0, nb := int(op.Off/BlockSize), int(op.Length/BlockSize)
+		fast := !m.hdrFail && m.allSet(b0, nb) &&
+			(!fua || m.hdrEpoch == 0 || s.synced.Load() > m.hdrEpoch)
+		for i := 0; i < nb; i++ {
 			m.crcs[b0+i] = crc32.Checksum(op.Buf[i*BlockSize:(i+1)*BlockSize], s.tab)
 			m.set(b0 + i)
 		}
@@ -506,6 +589,11 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		}
 		e.UserData = udOp | uint64(op.idx)
 		e.Flags |= sh.fixed
+		if fast {
+			m.dirty = true
+			op.pending = 1
+			return
+		}
 		op.pending = 2
 		sh.joinHeader(op, m, fua)
 	case OpDiscard, OpWriteZeroes:
@@ -559,9 +647,11 @@ func (sh *shard) writeHeader(slot int32, m *slotMeta, waiters *ChunkOp, fua bool
 	buf := sh.hdrBufs[n-1]
 	sh.hdrBufs = sh.hdrBufs[:n-1]
 	m.encode(buf, sh.s.blocks, sh.s.tab)
+	m.dirty = false
 	m.hdrBuf = buf
 	m.hdrInflight = true
 	m.hdrCur = waiters
+	m.hdrCurFUA = fua
 	e := sh.sqe()
 	e.PrepWrite(sh.fd, buf, uint64(sh.s.hdrOff(slot)))
 	if fua {
@@ -581,6 +671,8 @@ func (sh *shard) complete(ud uint64, res int32) {
 	case udALFs:
 		if res < 0 {
 			sh.s.log.Error("store: fdatasync before activity-log write failed", "shard", sh.id, "err", unix.Errno(-res))
+		} else {
+			sh.s.markSynced(sh.alFsEpoch)
 		}
 	case udHdr:
 		slot := int32(ud &^ udMask)
@@ -590,14 +682,30 @@ func (sh *shard) complete(ud uint64, res int32) {
 		waiters := m.hdrCur
 		m.hdrCur = nil
 		m.hdrInflight = false
+		var err error
+		if res != BlockSize {
+			err = sh.ioErr("write header of slot", int64(slot), res)
+			// The bitmap on disk may lag RAM: write it with every write
+			// until a header write succeeds; keep the slot in the log.
+			m.hdrFail, m.dirty = true, true
+		} else {
+			m.hdrFail = false
+			m.hdrEpoch = 0
+			if !m.hdrCurFUA {
+				m.hdrEpoch = sh.s.syncNext.Load()
+			}
+		}
 		if m.hdrNext != nil {
 			next, fua := m.hdrNext, m.hdrNextFUA
 			m.hdrNext, m.hdrNextFUA = nil, false
 			sh.writeHeader(slot, m, next, fua)
 		}
-		var err error
-		if res != BlockSize {
-			err = sh.ioErr("write header of slot", int64(slot), res)
+		if waiters == nil {
+			sh.cleaning--
+			if err != nil {
+				sh.s.log.Error("store: writing a dirty slot header failed", "shard", sh.id, "err", err)
+			}
+			sh.writeAL()
 		}
 		for op := waiters; op != nil; {
 			next := op.hnext
@@ -619,12 +727,29 @@ func (sh *shard) complete(ud uint64, res int32) {
 			if res != int32(op.Length) {
 				err = sh.ioErr("write chunk", int64(op.Off), res)
 			}
+		case OpFlush:
+			if res < 0 {
+				err = sh.ioErr("flush", 0, res)
+			} else {
+				sh.s.markSynced(op.epoch)
+			}
 		default:
 			if res < 0 {
 				err = sh.ioErr(op.Op.String(), int64(op.Off), res)
 			}
 		}
 		sh.partDone(op, err)
+	}
+}
+
+// markSynced records that an fdatasync that took epoch e from syncNext has
+// completed.
+func (s *Store) markSynced(e uint64) {
+	for {
+		cur := s.synced.Load()
+		if cur >= e || s.synced.CompareAndSwap(cur, e) {
+			return
+		}
 	}
 }
 

@@ -19,8 +19,16 @@ package engine
 //     and CRC.
 //   - At most one header write per slot is in flight; header changes made
 //     meanwhile are coalesced into the next one, which is issued as soon as the
-//     one in flight completes. A write completes only after a header write
-//     that includes its CRCs has completed.
+//     one in flight completes. A write that sets a written bit, a discard and
+//     a write-zeroes complete only after a header write that includes their
+//     change has completed. A write whose blocks all have their bit set
+//     already (so set on disk, see store_format.go) only marks the header
+//     dirty: its slot is in the on-disk activity log, which stands in for the
+//     CRCs until the header is written (at eviction from the log or Close).
+//   - syncNext and synced order header completions against fdatasyncs: an
+//     fdatasync takes syncNext.Add(1) when submitted and raises synced to that
+//     value when it succeeds; a header write completing stamps syncNext.Load(),
+//     so it is durable once synced exceeds its stamp.
 
 import (
 	"crypto/rand"
@@ -73,7 +81,8 @@ type ChunkOp struct {
 	idx     int32
 	pending int8
 	freeing bool
-	alw     bool // counted in its slot's alWriters
+	alw     bool   // counted in its slot's alWriters
+	epoch   uint64 // OpFlush: Store.syncNext taken at submission
 	lockOff int64
 	lockLen int64
 	err     error
@@ -133,6 +142,10 @@ type Store struct {
 	freeMu sync.Mutex
 	free   []uint32
 	used   atomic.Int64
+
+	syncNext, synced atomic.Uint64
+	dirtyLeft        atomic.Int64 // dirty headers shards failed to write at close
+	skipClean        atomic.Bool  // tests: stop shards as a crash would, headers dirty
 
 	shards               []*shard
 	recChecked, recFixed int64
@@ -310,6 +323,7 @@ func OpenStore(path string, opt StoreOptions) (*Store, error) {
 		log = slog.Default()
 	}
 	s := &Store{path: path, log: log, tab: crc32.MakeTable(crc32.Castagnoli)}
+	s.syncNext.Store(1)
 	flags := os.O_RDWR
 	direct := !opt.ForceBuffered
 	var f *os.File
@@ -518,6 +532,7 @@ func (s *Store) allocSlot(id ChunkID) int32 {
 	m.id = id
 	m.used = true
 	m.alState, m.alPos1, m.alWriters = alCold, 0, 0
+	m.dirty, m.hdrFail, m.hdrEpoch = false, false, 0
 	m.version++
 	m.written = [len(m.written)]uint64{}
 	clear(m.crcs)
@@ -570,8 +585,9 @@ func (s *Store) Submit(op *ChunkOp) {
 	s.shardOf(op.Chunk).push(op)
 }
 
-// Close waits for submitted ops, makes completed writes durable, records a
-// clean shutdown in the superblock and closes the store.
+// Close waits for submitted ops, writes dirty slot headers, makes completed
+// writes durable, records a clean shutdown in the superblock and closes the
+// store.
 func (s *Store) Close() error {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
@@ -580,7 +596,14 @@ func (s *Store) Close() error {
 	}
 	s.stopShards()
 	var errs []error
-	if err := unix.Fdatasync(int(s.fd)); err != nil {
+	if n := s.dirtyLeft.Load(); n > 0 {
+		// The activity log still lists these slots, so the next open
+		// recovers their CRCs; the store must not be marked clean.
+		errs = append(errs, fmt.Errorf("close store %s: %d slot headers could not be written", s.path, n))
+		if err := unix.Fdatasync(int(s.fd)); err != nil {
+			errs = append(errs, fmt.Errorf("close store %s: fdatasync: %w", s.path, err))
+		}
+	} else if err := unix.Fdatasync(int(s.fd)); err != nil {
 		errs = append(errs, fmt.Errorf("close store %s: fdatasync: %w", s.path, err))
 	} else if buf, err := alignbuf.Alloc(BlockSize); err != nil {
 		errs = append(errs, err)
@@ -601,7 +624,7 @@ func (s *Store) startShards(n int) error {
 	if n <= 0 {
 		n = runtime.NumCPU()
 	}
-	n = min(n, alBlocks)
+	n = min(n, alShards)
 	s.nshards = n
 	for i := 0; i < n; i++ {
 		sh, err := newShard(s, i)

@@ -5,7 +5,7 @@ package engine
 // Layout (all integers little endian):
 //
 //	[0, 4096)                      superblock
-//	[4096, hdrOff)                 activity log: alBlocks blocks, one per shard
+//	[4096, hdrOff)                 activity log: alBlocks blocks, alPerShard per shard
 //	[hdrOff, hdrOff+slots*4096)    one 4 KiB header per slot, hdrOff = 4096*(1+alBlocks)
 //	[dataOff, dataOff+slots*chunk) one chunk of data per slot, dataOff aligned to the chunk size
 //
@@ -17,13 +17,24 @@ package engine
 //     same ChunkID (a slot is freed on disk before its chunk can get another).
 //   - A block whose bit is clear in the header's written bitmap reads as zeros
 //     whatever the data region holds; a block whose bit is set reads as the
-//     data region, which must match the block's CRC32C in the header.
-//   - version grows by one per change of the header (write, discard, free,
-//     reuse); it never goes back for a slot.
+//     data region.
+//   - The written bitmap on disk is never behind an acknowledged write: a
+//     write that sets a bit completes only after a header image carrying the
+//     bit has been written (with RWF_DSYNC if the write is FUA), and a FUA
+//     write relies on a bit set earlier only once that bit is durable.
+//   - A block's CRC32C in the header matches its data, except in slots listed
+//     in the on-disk activity log: there the header may lag the data (dirty
+//     header: the CRCs live only in RAM) and recovery recomputes them. A slot
+//     leaves the log only after its header is current and an fdatasync has
+//     completed: header write, then fdatasync, then the log write dropping it.
+//   - version grows by one per change of the slot (write, discard, free,
+//     reuse); it never goes back on disk (a dirty header carries a later
+//     version when it is written; recovery adds one when it fixes a slot).
 //   - Every slot that has a data, punch or header write in flight, or had one
-//     since the last fdatasync, is listed in a valid activity-log block
-//     (written with RWF_DSYNC before the first such write is issued). An
-//     activity-log block is all zeros or carries a CRC32C that verifies.
+//     since the last fdatasync, or whose header is dirty, is listed in a valid
+//     activity-log block of its shard (written with RWF_DSYNC before the
+//     first such write is issued). An activity-log block is all zeros or
+//     carries a CRC32C that verifies.
 
 import (
 	"encoding/binary"
@@ -37,9 +48,11 @@ import (
 const BlockSize = 4096
 
 const (
-	storeMagic         = "TORUSSTO"
-	slotMagic          = "TORUSSLT"
-	storeFormatVersion = 1
+	storeMagic = "TORUSSTO"
+	slotMagic  = "TORUSSLT"
+	// storeFormatVersion 2: activity log of 4 blocks per shard (version 1
+	// had one), so the header and data regions moved.
+	storeFormatVersion = 2
 
 	// DefaultChunkSize is the chunk (slot) size used when none is given.
 	DefaultChunkSize = 1 << 20
@@ -51,13 +64,18 @@ const (
 
 	maxBlocksPerChunk = MaxChunkSize / BlockSize
 
-	alMagic      = "TORUSAL1"
-	alOff        = BlockSize
-	alBlocks     = 64 // also the most shards a store runs with
-	alSeq        = 8
-	alCount      = 16
-	alSlots      = 32
-	alMax        = 1000 // slots listed per activity-log block (fits in 4 KiB)
+	alMagic    = "TORUSAL1"
+	alOff      = BlockSize
+	alShards   = 64 // the most shards a store runs with
+	alPerShard = 4  // activity-log blocks per shard
+	alBlocks   = alShards * alPerShard
+	alSeq      = 8
+	alCount    = 16
+	alSlots    = 32
+	alMax      = 1000 // slots listed per activity-log block (fits in 4 KiB)
+	// alShardMax is the number of slots one shard's log lists: 4000, i.e.
+	// a 4 GiB working set of 1 MiB chunks per shard.
+	alShardMax   = alMax * alPerShard
 	maxClusterID = 64
 
 	sbFlagClean = 1 << 0
@@ -162,7 +180,8 @@ func decodeSuperblock(b []byte, tab *crc32.Table) (*superblock, error) {
 	}
 	copy(sb.uuid[:], b[sbUUID:])
 	if sb.version != storeFormatVersion {
-		return nil, fmt.Errorf("store format version %d, this build reads version %d", sb.version, storeFormatVersion)
+		return nil, fmt.Errorf("store format version %d, this build reads only version %d (pre-release formats are not converted: make a new store)",
+			sb.version, storeFormatVersion)
 	}
 	n := int(le.Uint16(b[sbClusterN:]))
 	if n > maxClusterID {
@@ -209,9 +228,20 @@ type slotMeta struct {
 	hdrCur      *ChunkOp // waiters of the header write in flight
 	hdrNext     *ChunkOp // waiters of the next header write
 	hdrNextFUA  bool
-	alState     uint8 // alCold, alQueued, alFlying or alHot
-	alPos1      int32 // 1 + index in the shard's activity-log table, 0 if none
-	alWriters   int32 // write-class ops between AL gate and completion
+	hdrCurFUA   bool // the header write in flight has RWF_DSYNC
+	// dirty: the in-memory CRCs are newer than the last header image issued
+	// (only while the slot is in the activity log).
+	dirty bool
+	// hdrFail: the last header write failed, so the bitmap on disk may lag;
+	// every write writes the header until one succeeds.
+	hdrFail bool
+	// hdrEpoch is Store.syncNext when the last header write completed, 0 if
+	// it was written with RWF_DSYNC (or at open): the header is durable once
+	// Store.synced exceeds it.
+	hdrEpoch  uint64
+	alState   uint8 // alCold, alQueued, alFlying or alHot
+	alPos1    int32 // 1 + index in the shard's activity-log table, 0 if none
+	alWriters int32 // write-class ops between AL gate and completion
 }
 
 // Activity-log states of a slot within its shard.
@@ -268,6 +298,16 @@ func decodeAL(b []byte, tab *crc32.Table, dst []uint32) (_ []uint32, ok bool) {
 func (m *slotMeta) bit(b int) bool { return m.written[b>>6]&(1<<(b&63)) != 0 }
 func (m *slotMeta) set(b int)      { m.written[b>>6] |= 1 << (b & 63) }
 func (m *slotMeta) unset(b int)    { m.written[b>>6] &^= 1 << (b & 63) }
+
+// allSet reports whether blocks [b0, b0+n) all have their written bit set.
+func (m *slotMeta) allSet(b0, n int) bool {
+	for b := b0; b < b0+n; b++ {
+		if !m.bit(b) {
+			return false
+		}
+	}
+	return true
+}
 
 func (m *slotMeta) empty() bool {
 	for _, w := range m.written {

@@ -9,13 +9,16 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/torus-storage/torus/internal/alignbuf"
 )
 
-// simulateCrash stops the store as kill -9 would: no final sync, no clean flag.
+// simulateCrash stops the store as kill -9 would: no final sync, no clean
+// flag, dirty headers left unwritten.
 func (s *Store) simulateCrash() {
+	s.skipClean.Store(true)
 	s.closed.Store(true)
 	s.stopShards()
 	s.f.Close()
@@ -60,8 +63,10 @@ func TestStoreActivityLogRecovery(t *testing.T) {
 	l = openTest(t, path, 8<<20, opt)
 	defer l.Close()
 	st := l.Store().Stats()
-	if st.RecoveryChecked != 1 || st.RecoveryFixed != 1 {
-		t.Fatalf("recovery checked %d slots and fixed %d blocks, want 1 and 1", st.RecoveryChecked, st.RecoveryFixed)
+	// The 16 blocks rewritten before the crash had their CRCs only in RAM
+	// (dirty header), one of them is also torn: all 16 are rechecksummed.
+	if st.RecoveryChecked != 1 || st.RecoveryFixed != 16 {
+		t.Fatalf("recovery checked %d slots and fixed %d blocks, want 1 and 16", st.RecoveryChecked, st.RecoveryFixed)
 	}
 	r := abuf(t, 64<<10)
 	if err := do(l, OpRead, 0, 0, 64<<10, r); err != nil {
@@ -87,32 +92,142 @@ func TestStoreClosed(t *testing.T) {
 	}
 }
 
-// More active slots than a log block lists: the shard evicts quiet slots
-// (after an fdatasync) and keeps going; recovery checks at most alMax slots.
+// A working set larger than the activity log: the shard writes dirty headers
+// of idle slots, evicts them after an fdatasync and keeps going. After a crash
+// with dirty headers left, recovery checks at most one log's worth of slots
+// and every flushed write reads back.
 func TestStoreActivityLogEviction(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "v.store")
-	const chunks = alMax + 200
+	const chunks = alShardMax + 300
+	const size = chunks * MinChunkSize
 	opt := LocalOptions{Shards: 1, ChunkSize: MinChunkSize}
-	l := openTest(t, path, chunks*MinChunkSize, opt)
-	b := abuf(t, BlockSize)
+	l := openTest(t, path, size, opt)
+	// Round 0 allocates every chunk (header writes); rounds 1 and 2
+	// overwrite the same blocks in another order (data writes only, dirty
+	// headers), cycling the whole working set through the log.
+	const rounds = 3
+	parallel(t, chunks, func(i int, b []byte) error {
+		c := int64(i)
+		stampBlocks(b, c*MinChunkSize, 0)
+		return do(l, OpWrite, 0, c*MinChunkSize, BlockSize, b)
+	})
+	for r := uint64(1); r < rounds; r++ {
+		parallel(t, chunks, func(i int, b []byte) error {
+			c := int64(i*7919) % chunks
+			stampBlocks(b, c*MinChunkSize, r)
+			return do(l, OpWrite, 0, c*MinChunkSize, BlockSize, b)
+		})
+	}
+	if err := do(l, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	st := l.Store()
+	st.simulateCrash()
+	dirty := 0
+	for i := range st.slots {
+		if st.slots[i].dirty {
+			dirty++
+		}
+	}
+	if dirty == 0 || dirty > alShardMax {
+		t.Fatalf("%d dirty headers at the crash, want 1..%d", dirty, alShardMax)
+	}
+	l = openTest(t, path, size, opt)
+	defer l.Close()
+	if got := l.Store().Stats().RecoveryChecked; got == 0 || got > alShardMax {
+		t.Fatalf("recovery checked %d slots, want 1..%d", got, alShardMax)
+	}
+	b, want := abuf(t, BlockSize), abuf(t, BlockSize)
 	for c := int64(0); c < chunks; c++ {
-		fill(b, uint64(c))
-		if err := do(l, OpWrite, 0, c*MinChunkSize, BlockSize, b); err != nil {
+		stampBlocks(want, c*MinChunkSize, rounds-1)
+		if err := do(l, OpRead, 0, c*MinChunkSize, BlockSize, b); err != nil || !bytes.Equal(b, want) {
+			t.Fatalf("chunk %d after crash: %v (data equal %v)", c, err, bytes.Equal(b, want))
+		}
+	}
+}
+
+// parallel runs f(i, buf) for i in [0, n) on 32 goroutines, each with its own
+// 4 KiB aligned buffer, and fails t on the first error.
+func parallel(t *testing.T, n int, f func(i int, b []byte) error) {
+	t.Helper()
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, 32)
+	for g := 0; g < 32; g++ {
+		b := abuf(t, BlockSize)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n {
+					return
+				}
+				if err := f(i, b); err != nil {
+					errs <- fmt.Errorf("item %d: %w", i, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A FUA write may skip its header only once the written bits it relies on
+// are durable; until then it writes the header with RWF_DSYNC.
+func TestStoreFUAHeaderDurability(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "v.store")
+	opt := LocalOptions{Shards: 1}
+	l := openTest(t, path, 4<<20, opt)
+	b := abuf(t, BlockSize)
+	m := func() *slotMeta {
+		off, ok := l.Store().SlotDataOffset(ChunkID{})
+		if !ok {
+			t.Fatal("chunk 0 has no slot")
+		}
+		return &l.Store().slots[(off-int64(l.Store().sb.dataOff))/l.Store().chunk]
+	}
+	write := func(flags Flags, seed uint64) {
+		t.Helper()
+		stampBlocks(b, 8192, seed)
+		if err := do(l, OpWrite, flags, 8192, BlockSize, b); err != nil {
 			t.Fatal(err)
 		}
 	}
-	l.Store().simulateCrash()
-	l = openTest(t, path, chunks*MinChunkSize, opt)
-	defer l.Close()
-	if got := l.Store().Stats().RecoveryChecked; got == 0 || got > alMax {
-		t.Fatalf("recovery checked %d slots, want 1..%d", got, alMax)
+	write(0, 1) // sets the bit: header written, not yet durable
+	if m().dirty {
+		t.Fatal("a write that sets a written bit left the header dirty")
 	}
+	write(0, 2)
+	if !m().dirty {
+		t.Fatal("an overwrite wrote the header")
+	}
+	write(FlagFUA, 3)
+	if m().dirty {
+		t.Fatal("a FUA write relied on a written bit that was not durable yet")
+	}
+	if err := do(l, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	write(0, 4)
+	if err := do(l, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	write(FlagFUA, 5)
+	if !m().dirty {
+		t.Fatal("a FUA overwrite of a durable block wrote the header")
+	}
+	l.Store().simulateCrash()
+	l = openTest(t, path, 4<<20, opt)
+	defer l.Close()
 	want := abuf(t, BlockSize)
-	for c := int64(0); c < chunks; c++ {
-		fill(want, uint64(c))
-		if err := do(l, OpRead, 0, c*MinChunkSize, BlockSize, b); err != nil || !bytes.Equal(b, want) {
-			t.Fatalf("chunk %d after crash: %v", c, err)
-		}
+	stampBlocks(want, 8192, 5)
+	if err := do(l, OpRead, 0, 8192, BlockSize, b); err != nil || !bytes.Equal(b, want) {
+		t.Fatalf("FUA write after crash: %v (equal %v)", err, bytes.Equal(b, want))
 	}
 }
 
