@@ -1,0 +1,443 @@
+package netquic
+
+// Client invariants (kept by this file):
+//   - A client session is one connection with Options.Streams long-lived
+//     streams; each stream has Depth slots. A request id is
+//     generation<<32 | slot index, so a response finds its slot without a
+//     map and a stale id never matches a reused slot.
+//   - Slot states: idle → waiting (caller wrote the request) → receiving
+//     (reader owns the caller's response buffer) → done (caller owns it
+//     again). A caller whose context ends moves waiting → abandoned and
+//     returns at once; the reader then drains the late response and frees the
+//     slot. A caller never returns while the reader may still write into its
+//     buffer (state receiving).
+//   - The slot index goes back to the stream's free list exactly once: by the
+//     caller after done, or by the reader after an abandoned slot's response.
+//   - A session dies once (first stream or connection error); every waiting
+//     slot then completes with ErrConnLost, and the next Call dials anew.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+
+	"github.com/quic-go/quic-go"
+)
+
+// ErrConnLost is wrapped by the error of every call that was in flight when
+// its connection failed; the request may or may not have been executed.
+var ErrConnLost = errors.New("netquic: connection lost")
+
+// ErrClosed is returned by calls on a closed Client.
+var ErrClosed = errors.New("netquic: client closed")
+
+// ErrResponseTooLarge is returned when a response payload exceeds the
+// capacity of the buffer the caller provided.
+var ErrResponseTooLarge = errors.New("netquic: response larger than the caller's buffer")
+
+const (
+	slotIdle uint32 = iota
+	slotWaiting
+	slotReceiving
+	slotDone
+	slotAbandoned
+)
+
+// smallWrite is the largest payload copied next to its header so the frame
+// goes out in one stream Write.
+const smallWrite = 64 << 10
+
+// Client sends requests to one peer over a pool of long-lived streams and
+// matches responses by id. It is safe for concurrent use; it dials lazily
+// and redials after the connection fails.
+type Client struct {
+	addr string
+	tls  *tls.Config
+	opts Options
+
+	mu     sync.Mutex // serializes dialing and Close
+	tr     *quic.Transport
+	udp    *net.UDPConn
+	sess   atomic.Pointer[clientSession]
+	closed atomic.Bool
+}
+
+// NewClient returns a client of the server at addr (host:port). tlsConf is
+// the node's client configuration (LoadTLS); when its ServerName is empty the
+// host of addr is verified. Nothing is dialed until the first Call.
+func NewClient(addr string, tlsConf *tls.Config, opts *Options) (*Client, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("netquic: client %s: %w", addr, err)
+	}
+	tc := tlsConf.Clone()
+	if tc.ServerName == "" {
+		tc.ServerName = host
+	}
+	o := opts.withDefaults()
+	if o.Transport != TransportQUIC && o.Transport != TransportTCP {
+		return nil, fmt.Errorf("netquic: client %s: unknown transport %q", addr, o.Transport)
+	}
+	return &Client{addr: addr, tls: tc, opts: o}, nil
+}
+
+// Call sends req and waits for the response, which it stores in resp:
+// resp.Payload must have the capacity of the largest response accepted and
+// receives its length. req.Payload may be reused once Call returns. When ctx
+// ends first, Call returns ctx.Err() (wrapped) and the late response is
+// dropped. Call does not allocate in steady state.
+func (c *Client) Call(ctx context.Context, req, resp *Message) error {
+	if len(req.Payload) > c.opts.MaxPayload {
+		return fmt.Errorf("netquic: call %s: payload %d over limit %d", c.addr, len(req.Payload), c.opts.MaxPayload)
+	}
+	s, err := c.session(ctx)
+	if err != nil {
+		return err
+	}
+	return s.call(ctx, req, resp)
+}
+
+// Close closes the connection; calls in flight fail with ErrConnLost.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed.Swap(true) {
+		return nil
+	}
+	if s := c.sess.Load(); s != nil {
+		s.fail(ErrClosed)
+	}
+	if c.tr != nil {
+		c.tr.Close()
+		c.udp.Close()
+	}
+	return nil
+}
+
+// session returns the live session, dialing a new one if there is none.
+func (c *Client) session(ctx context.Context) (*clientSession, error) {
+	if s := c.sess.Load(); s != nil && !s.isDead() {
+		return s, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed.Load() {
+		return nil, ErrClosed
+	}
+	if s := c.sess.Load(); s != nil && !s.isDead() {
+		return s, nil
+	}
+	s, err := c.dial(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("netquic: dial %s (%s): %w", c.addr, c.opts.Transport, err)
+	}
+	c.sess.Store(s)
+	return s, nil
+}
+
+// dial opens a connection and its streams. Called with c.mu held.
+func (c *Client) dial(ctx context.Context) (*clientSession, error) {
+	s := &clientSession{c: c, dead: make(chan struct{})}
+	raws := make([]rawStream, 0, c.opts.Streams)
+	switch c.opts.Transport {
+	case TransportQUIC:
+		if c.tr == nil {
+			udp, err := listenUDP(":0", c.opts.UDPBuffer, c.opts.Logger)
+			if err != nil {
+				return nil, err
+			}
+			c.udp = udp
+			c.tr = &quic.Transport{Conn: udp}
+		}
+		ra, err := net.ResolveUDPAddr("udp", c.addr)
+		if err != nil {
+			return nil, err
+		}
+		conn, err := c.tr.Dial(ctx, ra, c.tls, c.opts.QUIC)
+		if err != nil {
+			return nil, err
+		}
+		s.closeConn = func() { conn.CloseWithError(0, "closed") }
+		for range c.opts.Streams {
+			st, err := conn.OpenStreamSync(ctx)
+			if err != nil {
+				conn.CloseWithError(1, "open stream failed")
+				return nil, fmt.Errorf("open stream: %w", err)
+			}
+			raws = append(raws, quicStream{st})
+		}
+		go func() {
+			<-conn.Context().Done()
+			s.fail(context.Cause(conn.Context()))
+		}()
+	case TransportTCP:
+		d := tls.Dialer{Config: c.tls}
+		var conns []*tls.Conn
+		closeAll := func() {
+			for _, tc := range conns {
+				tc.Close()
+			}
+		}
+		for range c.opts.Streams {
+			nc, err := d.DialContext(ctx, "tcp", c.addr)
+			if err != nil {
+				closeAll()
+				return nil, err
+			}
+			tc := nc.(*tls.Conn)
+			setNoDelay(tc.NetConn())
+			conns = append(conns, tc)
+			raws = append(raws, tcpStream{tc})
+		}
+		s.closeConn = closeAll
+	}
+	s.streams = make([]*clientStream, len(raws))
+	for i, r := range raws {
+		s.streams[i] = newClientStream(s, r, c.opts.Depth)
+	}
+	for _, cs := range s.streams {
+		go cs.readLoop()
+	}
+	return s, nil
+}
+
+// clientSession is one connection and its streams.
+type clientSession struct {
+	c         *Client
+	streams   []*clientStream
+	closeConn func()
+
+	once sync.Once
+	dead chan struct{}
+	err  error // set before dead is closed
+}
+
+func (s *clientSession) isDead() bool {
+	select {
+	case <-s.dead:
+		return true
+	default:
+		return false
+	}
+}
+
+// fail kills the session: the connection is closed and every waiting call
+// completes with ErrConnLost wrapping cause.
+func (s *clientSession) fail(cause error) {
+	s.once.Do(func() {
+		if cause == nil {
+			cause = errors.New("connection closed")
+		}
+		s.err = fmt.Errorf("%w: %s: %w", ErrConnLost, s.c.addr, cause)
+		close(s.dead)
+		if s.closeConn != nil {
+			s.closeConn()
+		}
+		for _, cs := range s.streams {
+			cs.failWaiting(s.err)
+		}
+	})
+}
+
+func (s *clientSession) call(ctx context.Context, req, resp *Message) error {
+	// Least-loaded stream; ties go to the first.
+	cs := s.streams[0]
+	best := cs.inflight.Load()
+	for _, o := range s.streams[1:] {
+		if n := o.inflight.Load(); n < best {
+			cs, best = o, n
+		}
+	}
+	cs.inflight.Add(1)
+	defer cs.inflight.Add(-1)
+
+	var idx uint32
+	select {
+	case idx = <-cs.free:
+	case <-ctx.Done():
+		return fmt.Errorf("netquic: call %s: waiting for a slot: %w", s.c.addr, context.Cause(ctx))
+	case <-s.dead:
+		return s.err
+	}
+	sl := &cs.slots[idx]
+	sl.gen++
+	id := uint64(sl.gen)<<32 | uint64(idx)
+	sl.resp = resp
+	sl.err = nil
+	sl.id.Store(id)
+	sl.state.Store(slotWaiting)
+	if s.isDead() {
+		// fail may have swept the slots before this one became waiting.
+		if sl.state.CompareAndSwap(slotWaiting, slotIdle) {
+			cs.free <- idx
+			return s.err
+		}
+	}
+
+	if err := cs.write(id, req); err != nil {
+		s.fail(err)
+	}
+
+	select {
+	case <-sl.done:
+	case <-ctx.Done():
+		if sl.state.CompareAndSwap(slotWaiting, slotAbandoned) {
+			return fmt.Errorf("netquic: call %s: %w", s.c.addr, context.Cause(ctx))
+		}
+		<-sl.done // the reader owns the buffer right now; wait for it
+	}
+	err := sl.err
+	sl.resp = nil
+	sl.state.Store(slotIdle)
+	cs.free <- idx
+	return err
+}
+
+// clientStream is one long-lived stream of a session.
+type clientStream struct {
+	s        *clientSession
+	raw      rawStream
+	inflight atomic.Int32
+	free     chan uint32
+	slots    []slot
+
+	wmu  sync.Mutex
+	wbuf []byte // header, and small payloads next to it
+
+	rbuf    []byte // header scratch of the reader
+	discard []byte // sink for abandoned responses
+}
+
+type slot struct {
+	state atomic.Uint32
+	id    atomic.Uint64
+	gen   uint32   // owned by the caller holding the slot
+	resp  *Message // the caller's response, valid while waiting/receiving
+	err   error
+	done  chan struct{} // capacity 1; one send per transition to done
+}
+
+func newClientStream(s *clientSession, raw rawStream, depth int) *clientStream {
+	cs := &clientStream{
+		s:       s,
+		raw:     raw,
+		free:    make(chan uint32, depth),
+		slots:   make([]slot, depth),
+		wbuf:    make([]byte, FrameHeaderSize+smallWrite),
+		rbuf:    make([]byte, FrameHeaderSize),
+		discard: make([]byte, 64<<10),
+	}
+	for i := range cs.slots {
+		cs.slots[i].done = make(chan struct{}, 1)
+		cs.free <- uint32(i)
+	}
+	return cs
+}
+
+// write sends one request frame, in a single Write when the payload is small.
+func (cs *clientStream) write(id uint64, m *Message) error {
+	h := frameHeader{kind: kindRequest, code: m.Code, id: id, length: uint32(len(m.Payload)), user: m.Header}
+	cs.wmu.Lock()
+	defer cs.wmu.Unlock()
+	return writeFrame(cs.raw, cs.wbuf, &h, m.Payload)
+}
+
+// writeFrame writes header h and payload p to w using wbuf as scratch.
+func writeFrame(w rawStream, wbuf []byte, h *frameHeader, p []byte) error {
+	putHeader(wbuf, h)
+	if len(p) <= len(wbuf)-FrameHeaderSize {
+		n := copy(wbuf[FrameHeaderSize:], p)
+		_, err := w.Write(wbuf[:FrameHeaderSize+n])
+		return err
+	}
+	if _, err := w.Write(wbuf[:FrameHeaderSize]); err != nil {
+		return err
+	}
+	_, err := w.Write(p)
+	return err
+}
+
+// failWaiting completes every waiting slot with err.
+func (cs *clientStream) failWaiting(err error) {
+	for i := range cs.slots {
+		sl := &cs.slots[i]
+		if sl.state.CompareAndSwap(slotWaiting, slotDone) {
+			sl.err = err
+			sl.done <- struct{}{}
+		}
+	}
+}
+
+// readLoop reads responses and completes their slots until the stream fails.
+func (cs *clientStream) readLoop() {
+	var h frameHeader
+	max := uint32(cs.s.c.opts.MaxPayload)
+	for {
+		if err := readHeader(cs.raw, cs.rbuf, kindResponse, max, &h); err != nil {
+			cs.s.fail(fmt.Errorf("read response: %w", err))
+			return
+		}
+		idx := uint32(h.id)
+		if int(idx) >= len(cs.slots) || cs.slots[idx].id.Load() != h.id {
+			cs.s.fail(fmt.Errorf("%w: response for unknown id %#x", ErrMalformed, h.id))
+			return
+		}
+		sl := &cs.slots[idx]
+		if sl.state.CompareAndSwap(slotWaiting, slotReceiving) {
+			var err error
+			m := sl.resp
+			if int(h.length) > cap(m.Payload) {
+				err = fmt.Errorf("%w: %d > %d", ErrResponseTooLarge, h.length, cap(m.Payload))
+				if derr := cs.drain(int(h.length)); derr != nil {
+					sl.err = derr
+					sl.state.Store(slotDone)
+					sl.done <- struct{}{}
+					cs.s.fail(derr)
+					return
+				}
+			} else {
+				m.Payload = m.Payload[:h.length]
+				if rerr := readPayload(cs.raw, m.Payload); rerr != nil {
+					sl.err = fmt.Errorf("%w: %s: read response: %w", ErrConnLost, cs.s.c.addr, rerr)
+					sl.state.Store(slotDone)
+					sl.done <- struct{}{}
+					cs.s.fail(rerr)
+					return
+				}
+				m.Code = h.code
+				m.Header = h.user
+			}
+			sl.err = err
+			sl.state.Store(slotDone)
+			sl.done <- struct{}{}
+			continue
+		}
+		if sl.state.CompareAndSwap(slotAbandoned, slotIdle) {
+			err := cs.drain(int(h.length))
+			cs.free <- idx
+			if err != nil {
+				cs.s.fail(err)
+				return
+			}
+			continue
+		}
+		cs.s.fail(fmt.Errorf("%w: response for id %#x in state %d", ErrMalformed, h.id, sl.state.Load()))
+		return
+	}
+}
+
+// drain reads and drops n payload bytes.
+func (cs *clientStream) drain(n int) error {
+	for n > 0 {
+		k := min(n, len(cs.discard))
+		if err := readPayload(cs.raw, cs.discard[:k]); err != nil {
+			return fmt.Errorf("drain response: %w", err)
+		}
+		n -= k
+	}
+	return nil
+}
