@@ -317,34 +317,48 @@ func TestKernelFioPerf(t *testing.T) {
 	if secs == "" {
 		secs = "8"
 	}
-	for _, rw := range []string{"randread", "randwrite"} {
-		out := run(t, "fio", "--name="+rw, "--filename="+d.Path(), "--ioengine=libaio", "--direct=1",
-			"--iodepth=32", "--rw="+rw, "--bs=4k", "--size=128M", "--time_based", "--runtime="+secs,
-			"--ramp_time=1", "--randrepeat=0", "--output-format=json")
-		var res struct {
-			Jobs []struct {
-				Read, Write struct {
-					IOPS  float64 `json:"iops"`
-					ClatN struct {
-						Mean float64 `json:"mean"`
-					} `json:"clat_ns"`
-				}
-			} `json:"jobs"`
+	base := filepath.Join(vmStoreDir(t), "baseline.fio")
+	defer os.Remove(base)
+	run(t, "fio", "--name=basefill", "--filename="+base, "--ioengine=libaio", "--direct=1",
+		"--iodepth=8", "--rw=write", "--bs=1M", "--size=128M", "--output-format=terse")
+	for _, target := range []struct{ name, file string }{{"nbd", d.Path()}, {"baseline-file", base}} {
+		for _, rw := range []string{"randread", "randwrite"} {
+			iops, lat := fioIOPS(t, target.file, rw, secs)
+			t.Logf("PERF kernel=%s target=%s %s 4k QD32: %.0f IOPS, mean completion latency %.0f us",
+				os.Getenv("TORUS_VM_KERNEL"), target.name, rw, iops, lat)
 		}
-		if i := strings.IndexByte(out, '{'); i > 0 {
-			out = out[i:]
-		}
-		if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.Jobs) == 0 {
-			t.Fatalf("fio %s JSON: %v\n%s", rw, err, out)
-		}
-		st := res.Jobs[0].Read
-		if rw == "randwrite" {
-			st = res.Jobs[0].Write
-		}
-		if st.IOPS <= 0 {
-			t.Fatalf("fio %s: no I/O completed", rw)
-		}
-		t.Logf("PERF kernel=%s %s 4k QD32 conns=4: %.0f IOPS, mean completion latency %.0f us",
-			os.Getenv("TORUS_VM_KERNEL"), rw, st.IOPS, st.ClatN.Mean/1000)
 	}
+}
+
+// fioIOPS runs 4K random rw at QD32 on file for secs seconds and returns IOPS
+// and the mean completion latency in microseconds.
+func fioIOPS(t *testing.T, file, rw, secs string) (float64, float64) {
+	t.Helper()
+	out := run(t, "fio", "--name="+rw, "--filename="+file, "--ioengine=libaio", "--direct=1",
+		"--iodepth=32", "--rw="+rw, "--bs=4k", "--size=128M", "--time_based", "--runtime="+secs,
+		"--ramp_time=1", "--randrepeat=0", "--output-format=json")
+	var res struct {
+		Jobs []struct {
+			Read, Write struct {
+				IOPS  float64 `json:"iops"`
+				ClatN struct {
+					Mean float64 `json:"mean"`
+				} `json:"clat_ns"`
+			}
+		} `json:"jobs"`
+	}
+	if i := strings.IndexByte(out, '{'); i > 0 {
+		out = out[i:]
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.Jobs) == 0 {
+		t.Fatalf("fio %s JSON: %v\n%s", rw, err, out)
+	}
+	st := res.Jobs[0].Read
+	if rw == "randwrite" {
+		st = res.Jobs[0].Write
+	}
+	if st.IOPS <= 0 {
+		t.Fatalf("fio %s on %s: no I/O completed", rw, file)
+	}
+	return st.IOPS, st.ClatN.Mean / 1000
 }
