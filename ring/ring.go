@@ -43,6 +43,12 @@
 // nodes carry more than their capacity share. Capacity weighting is exact
 // only within a zone, or across zones of equal capacity.
 //
+// Cost: a lookup is a table-indexed search for the key's vnode and, per
+// owner, a walk of at most 16 vnodes; when the eligible domains are rare on
+// the ring (say a new zone with one small node) it then looks up the next
+// vnode of every eligible domain (binary search per domain), so a lookup
+// never walks the whole ring. Memory is about 40 bytes per vnode.
+//
 // A Ring is immutable and safe for concurrent use; a new ring version is a new
 // Ring (see Ring.Next). Rings serialise with MarshalBinary so that the current
 // one can be kept in a CAS store; the Version travels along.
@@ -62,6 +68,9 @@ package ring
 //     len(pos). search(key) is therefore a short forward scan from lut[b].
 //   - zone[n] in [0, nZones), host[n] in [0, nHosts); host indices are per
 //     (Zone, Host) pair, so equal host indices imply equal zone indices.
+//   - byDomain[rule] lists every vnode index once, grouped by the domain
+//     (zone, host, node) of its node, ascending within the group; every
+//     domain has at least one vnode (every node has one).
 
 import (
 	"cmp"
@@ -129,6 +138,12 @@ type Ring struct {
 	owner   []uint32 // node index per vnode
 	lut     []uint32
 	lutBits uint
+
+	// For each rule, the vnode indices grouped by domain (zone, host or
+	// node), ascending within a domain: domain k of rule d has
+	// byDomain[d][domOff[d][k]:domOff[d][k+1]].
+	byDomain [3][]uint32
+	domOff   [3][]uint32
 }
 
 // New builds a ring of nodes. The order of nodes does not matter. It fails on
@@ -206,6 +221,7 @@ func New(nodes []Node, opt Options) (*Ring, error) {
 		r.pos[i], r.owner[i] = v.pos, v.node
 	}
 	r.buildLUT()
+	r.buildDomains()
 	return r, nil
 }
 
@@ -317,30 +333,113 @@ func (r *Ring) OwnerIndices(key uint64, n int, dst []int) []int {
 		if want != rule {
 			rule, i = want, start
 		}
-		// An eligible node exists (by the counts above), so the walk ends
-		// within one turn; steps guards the invariant anyway.
-		for steps := 0; ; steps++ {
-			if steps > nv {
-				panic("ring: no eligible owner within one turn")
-			}
+		// Walk a few vnodes; if the eligible domains are rare on the ring,
+		// jump to the first vnode of each eligible domain instead. Both
+		// find the first eligible vnode from i.
+		c := -1
+		for range walkSteps {
 			if i >= nv {
 				i = 0
 			}
-			c := int(r.owner[i])
+			n := int(r.owner[i])
 			i++
-			if r.eligible(c, rule, dst) {
-				dst = append(dst, c)
-				if rule != ruleNode {
-					hosts++
-					if rule == ruleZone {
-						zones++
-					}
-				}
+			if r.eligible(n, rule, dst) {
+				c = n
 				break
+			}
+		}
+		if c < 0 {
+			if i >= nv {
+				i = 0
+			}
+			g := r.nextEligible(rule, i, dst)
+			c, i = int(r.owner[g]), g+1
+		}
+		dst = append(dst, c)
+		if rule != ruleNode {
+			hosts++
+			if rule == ruleZone {
+				zones++
 			}
 		}
 	}
 	return dst
+}
+
+// walkSteps is how many vnodes OwnerIndices walks before it looks the next
+// eligible vnode up per domain (nextEligible).
+const walkSteps = 16
+
+// domainOf returns node c's domain under rule.
+func (r *Ring) domainOf(rule, c int) int {
+	switch rule {
+	case ruleZone:
+		return int(r.zone[c])
+	case ruleHost:
+		return int(r.host[c])
+	}
+	return c
+}
+
+// nextEligible returns the index of the first vnode at or after i (cyclic)
+// whose node is eligible under rule: for every domain not holding an owner
+// yet, its first vnode at or after i, whichever comes first. An eligible
+// domain exists whenever OwnerIndices calls it.
+func (r *Ring) nextEligible(rule, i int, owners []int) int {
+	nv := len(r.pos)
+	by, off := r.byDomain[rule], r.domOff[rule]
+	best, bestDist := -1, nv
+	for k := range len(off) - 1 {
+		used := false
+		for _, o := range owners {
+			if r.domainOf(rule, o) == k {
+				used = true
+				break
+			}
+		}
+		if used {
+			continue
+		}
+		sub := by[off[k]:off[k+1]]
+		j, _ := slices.BinarySearch(sub, uint32(i))
+		if j == len(sub) {
+			j = 0
+		}
+		g := int(sub[j])
+		d := g - i
+		if d < 0 {
+			d += nv
+		}
+		if d < bestDist {
+			best, bestDist = g, d
+		}
+	}
+	if best < 0 {
+		panic("ring: no eligible owner")
+	}
+	return best
+}
+
+// buildDomains fills byDomain and domOff.
+func (r *Ring) buildDomains() {
+	ndom := [3]int{r.nZones, r.nHosts, len(r.nodes)}
+	for rule := range 3 {
+		off := make([]uint32, ndom[rule]+1)
+		for _, n := range r.owner {
+			off[r.domainOf(rule, int(n))+1]++
+		}
+		for k := 1; k < len(off); k++ {
+			off[k] += off[k-1]
+		}
+		next := slices.Clone(off[:len(off)-1])
+		by := make([]uint32, len(r.owner))
+		for g, n := range r.owner {
+			k := r.domainOf(rule, int(n))
+			by[next[k]] = uint32(g)
+			next[k]++
+		}
+		r.byDomain[rule], r.domOff[rule] = by, off
+	}
 }
 
 // eligible reports whether node c may be the next owner under rule, given

@@ -458,3 +458,79 @@ func BenchmarkChunkKey(b *testing.B) {
 	}
 	_ = s
 }
+
+// BenchmarkOwnersSkewedZone: 3 zones where zone z2 has one node of 1/10
+// the capacity of the others (13 vnodes among 12813), R=3: the walk to find
+// a node of z2 is long. This is the slow case of the placement rule.
+func BenchmarkOwnersSkewedZone(b *testing.B) {
+	ns := topo(2, 25, 2)
+	ns = append(ns, Node{ID: "small", Zone: "z2", Host: "hs", Capacity: ns[0].Capacity / 10})
+	r := mustNew(b, ns, Options{})
+	keys := SampleKeys(1 << 16)
+	dst := make([]string, 0, 3)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		dst = r.Owners(keys[i&(len(keys)-1)], 3, dst)
+		i++
+	}
+}
+
+// refOwners is the placement rule of the package comment, literally: each
+// owner is the first node from the key's vnode that satisfies the strongest
+// satisfiable rule, walking vnode by vnode.
+func refOwners(r *Ring, key uint64, n int) []int {
+	var owners []int
+	if r.Len() == 0 {
+		return owners
+	}
+	start := r.search(key)
+	zones, hosts := map[uint32]bool{}, map[uint32]bool{}
+	for len(owners) < min(n, r.Len()) {
+		for step := range len(r.pos) {
+			c := int(r.owner[(start+step)%len(r.pos)])
+			var ok bool
+			switch {
+			case len(zones) < r.Zones():
+				ok = !zones[r.zone[c]]
+			case len(hosts) < r.Hosts():
+				ok = !hosts[r.host[c]]
+			default:
+				ok = !slices.Contains(owners, c)
+			}
+			if ok {
+				owners = append(owners, c)
+				zones[r.zone[c]], hosts[r.host[c]] = true, true
+				break
+			}
+		}
+	}
+	return owners
+}
+
+// TestOwnersMatchReference checks the fast walk (resuming, with the
+// per-domain jump) against refOwners, including rings where some zone or
+// host or node is rare on the ring so that the jump is taken.
+func TestOwnersMatchReference(t *testing.T) {
+	skewZone := append(topo(2, 5, 2), Node{ID: "small", Zone: "z9", Host: "x", Capacity: 1 << 36})
+	skewHost := append(flat(8), Node{ID: "tiny", Host: "tinyhost", Capacity: 1 << 34})
+	for i := range skewHost {
+		skewHost[i].Zone = "one"
+	}
+	skewNode := []Node{{ID: "big", Capacity: 1000}, {ID: "big2", Capacity: 1000}, {ID: "t", Capacity: 1}}
+	for name, ns := range map[string][]Node{
+		"3x3x2": topo(3, 3, 2), "1x3x2": topo(1, 3, 2), "flat10": flat(10), "4x2x3": topo(4, 2, 3),
+		"skewZone": skewZone, "skewHost": skewHost, "skewNode": skewNode,
+	} {
+		r := mustNew(t, ns, Options{})
+		var dst []int
+		for _, k := range SampleKeys(5000) {
+			for n := 1; n <= 5; n++ {
+				dst = r.OwnerIndices(k, n, dst)
+				if want := refOwners(r, k, n); !slices.Equal(dst, want) {
+					t.Fatalf("%s key %#x R=%d: owners %v, reference %v", name, k, n, dst, want)
+				}
+			}
+		}
+	}
+}
