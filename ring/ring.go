@@ -29,7 +29,11 @@
 //     than R entries, never duplicates, never an error);
 //   - with R=1, adding a node moves exactly the keys whose first vnode is now
 //     one of the new node's, about Capacity(new)/Capacity(total) of them;
-//     removing a node moves only the keys it owned.
+//     removing a node moves only the keys it owned;
+//   - for any R, removing a node that is not the last of its zone or host
+//     leaves the owners (and their order) of every key it did not own
+//     unchanged; adding a node changes only the owner sets it joins, plus
+//     any other set whose zone or host count the addition changes.
 //
 // Weighting is exact for the primary (R=1: a node's share of keys is its
 // share of vnodes, so of Capacity). For R>1 a node holds at most one replica
@@ -119,7 +123,7 @@ type Options struct {
 	Unit uint64
 	// VNodesPerUnit is the vnode count of a node of Capacity Unit; zero means
 	// DefaultVNodesPerUnit. More vnodes balance better and use more memory
-	// (16 bytes each, plus a lookup table of about the same size).
+	// (about 40 bytes per vnode, lookup tables included).
 	VNodesPerUnit uint32
 }
 

@@ -534,3 +534,26 @@ func TestOwnersMatchReference(t *testing.T) {
 		}
 	}
 }
+
+// TestAddOnlyChangesSetsJoined: adding a disk to an existing host (zone and
+// host counts unchanged) changes no owner set the new node does not join.
+func TestAddOnlyChangesSetsJoined(t *testing.T) {
+	for _, ns := range [][]Node{topo(1, 4, 2), topo(3, 2, 2), topo(2, 3, 1)} {
+		old := mustNew(t, ns, Options{})
+		add := Node{ID: "new", Zone: ns[0].Zone, Host: ns[0].Host, Capacity: ns[0].Capacity}
+		nr, err := old.Next(append(slices.Clone(ns), add))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for n := 1; n <= 4; n++ {
+			var a, b []string
+			for _, k := range SampleKeys(20000) {
+				a = old.Owners(k, n, a)
+				b = nr.Owners(k, n, b)
+				if !slices.Contains(b, "new") && !slices.Equal(a, b) {
+					t.Fatalf("%d nodes R=%d key %#x: owners %v -> %v without the new node", len(ns), n, k, a, b)
+				}
+			}
+		}
+	}
+}
