@@ -295,7 +295,14 @@ func TestVMRecovery(t *testing.T) {
 	if err := fio.Start(); err != nil {
 		t.Fatal(err)
 	}
+	fioDone := make(chan error, 1)
+	go func() { fioDone <- fio.Wait() }()
 	time.Sleep(1500 * time.Millisecond)
+	select {
+	case err := <-fioDone:
+		t.Fatalf("fio ended before the server was killed (err %v): the test would prove nothing\n%s", err, fioOut.String())
+	default:
+	}
 	a.cmd.Process.Signal(syscall.SIGKILL)
 	a.cmd.Wait()
 	t.Logf("server %d killed while fio writes", a.cmd.Process.Pid)
@@ -311,8 +318,6 @@ func TestVMRecovery(t *testing.T) {
 	if b.id != a.id {
 		t.Fatalf("recovered device %d, want %d", b.id, a.id)
 	}
-	fioDone := make(chan error, 1)
-	go func() { fioDone <- fio.Wait() }()
 	select {
 	case err := <-fioDone:
 		if err != nil {
