@@ -503,10 +503,10 @@ func (d *KernelDevice) close() error {
 	return errors.Join(errs...)
 }
 
-// DisconnectKernel disconnects /dev/nbdN, whichever process serves it, over
-// netlink when the kernel has it and with NBD_DISCONNECT and NBD_CLEAR_SOCK
-// otherwise. A device that is not connected is left alone without error on
-// the netlink path.
+// DisconnectKernel disconnects /dev/nbdN, whichever process serves it: over
+// netlink when the kernel has it (a device that is not connected is left
+// alone without error), otherwise with NBD_DISCONNECT and, if the server has
+// not let go within a few seconds, NBD_CLEAR_SOCK.
 func DisconnectKernel(index int) error {
 	if err := KernelAvailable(); err != nil {
 		return err
@@ -519,8 +519,12 @@ func DisconnectKernel(index int) error {
 	if !errors.Is(err, errNoGenl) {
 		return err
 	}
-	return disconnect(index, false)
+	return disconnectIoctl(index, ioctlClearGrace)
 }
+
+// ioctlClearGrace is how long DisconnectKernel lets the server of an
+// ioctl-configured device drain before it cuts the sockets.
+const ioctlClearGrace = 5 * time.Second
 
 // disconnect sends the disconnect through the interface that set the device
 // up. On the ioctl path it only asks (NBD_DISCONNECT): the NBD_DO_IT thread
@@ -534,16 +538,37 @@ func disconnect(index int, netlink bool) error {
 		defer g.close()
 		return g.disconnect(index)
 	}
+	return disconnectIoctl(index, 0)
+}
+
+// disconnectIoctl sends NBD_DISCONNECT to /dev/nbdN. With grace > 0 it then
+// waits up to grace for the device to be released (its pid file goes away
+// once the server drained and every opener closed it) and issues
+// NBD_CLEAR_SOCK if it was not.
+func disconnectIoctl(index int, grace time.Duration) error {
 	path := fmt.Sprintf("/dev/nbd%d", index)
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("nbd: detach: opening %s: %w", path, err)
+	ioctl := func(req uintptr, name string) error {
+		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("nbd: detach: opening %s: %w", path, err)
+		}
+		// Closed before waiting: an open descriptor keeps the device configured.
+		defer unix.Close(fd)
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, 0); errno != 0 {
+			return fmt.Errorf("nbd: %s on %s: %w", name, path, errno)
+		}
+		return nil
 	}
-	defer unix.Close(fd)
-	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), nbdDisconnect, 0); errno != 0 {
-		return fmt.Errorf("nbd: NBD_DISCONNECT on %s: %w", path, errno)
+	if err := ioctl(nbdDisconnect, "NBD_DISCONNECT"); err != nil || grace <= 0 {
+		return err
 	}
-	return nil
+	pid := fmt.Sprintf("/sys/block/nbd%d/pid", index)
+	for deadline := time.Now().Add(grace); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(pid); err != nil {
+			return nil
+		}
+	}
+	return ioctl(nbdClearSock, "NBD_CLEAR_SOCK")
 }
 
 // ListKernel lists the kernel's NBD devices and whether each is connected,

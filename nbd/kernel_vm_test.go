@@ -203,13 +203,26 @@ func TestKernelIoctlFioVerify(t *testing.T) {
 // TestDisconnectKernel detaches from outside (as torusblk detach does): Wait
 // returns and Close afterwards is clean.
 func TestDisconnectKernel(t *testing.T) {
-	for _, ioctl := range []bool{false, true} {
-		t.Run(fmt.Sprintf("ioctl=%v", ioctl), func(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		attachIoctl bool
+		detach      func(index int) error
+	}{
+		{"netlink", false, DisconnectKernel},
+		{"ioctl-attached", true, DisconnectKernel},
+		// The kernels we test all have netlink: exercise the fallback
+		// directly, on both kinds of devices.
+		{"ioctl-detach", true, func(i int) error { return disconnectIoctl(i, ioctlClearGrace) }},
+		{"ioctl-detach-netlink-device", false, func(i int) error { return disconnectIoctl(i, ioctlClearGrace) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			vol, _ := newVMVolume(t, 64<<20)
 			defer vol.Close()
-			d := attachVM(t, vol, AttachOptions{Index: -1, Conns: 2, ForceIoctl: ioctl})
-			if err := DisconnectKernel(d.Index()); err != nil {
-				t.Fatalf("DisconnectKernel: %v", err)
+			d := attachVM(t, vol, AttachOptions{Index: -1, Conns: 2, ForceIoctl: tc.attachIoctl})
+			// Some I/O in the page cache, so the disconnect has something to cut.
+			run(t, "dd", "if=/dev/urandom", "of="+d.Path(), "bs=64k", "count=16", "status=none")
+			if err := tc.detach(d.Index()); err != nil {
+				t.Fatalf("disconnect: %v", err)
 			}
 			waited := make(chan error, 1)
 			go func() { waited <- d.Wait() }()
