@@ -135,7 +135,7 @@ func listenUDP(addr string, size int, log *slog.Logger) (*net.UDPConn, error) {
 	if err != nil {
 		log.Warn("netquic: UDP buffers", "addr", c.LocalAddr().String(), "err", err)
 	} else {
-		lvl := slog.LevelDebug
+		lvl := slog.LevelInfo
 		if rcv < size || snd < size {
 			lvl = slog.LevelWarn
 		}
