@@ -19,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -322,24 +323,41 @@ func TestKernelFilesystem(t *testing.T) {
 func TestKernelFioPerf(t *testing.T) {
 	vol, _ := newVMVolume(t, 256<<20)
 	defer vol.Close()
-	d := attachVM(t, vol, AttachOptions{Index: -1})
-	defer detachVM(t, d)
-	run(t, "fio", "--name=fill", "--filename="+d.Path(), "--ioengine=libaio", "--direct=1",
-		"--iodepth=8", "--rw=write", "--bs=1M", "--size=128M", "--output-format=terse")
 	secs := os.Getenv("TORUS_NBD_PERF_SECONDS")
 	if secs == "" {
 		secs = "8"
 	}
+	// TORUS_NBD_PERF_CONNS lists connection counts to measure ("1 4").
+	conns := strings.Fields(os.Getenv("TORUS_NBD_PERF_CONNS"))
+	if len(conns) == 0 {
+		conns = []string{"4"}
+	}
+	for i, cs := range conns {
+		n, err := strconv.Atoi(cs)
+		if err != nil {
+			t.Fatalf("TORUS_NBD_PERF_CONNS: %v", err)
+		}
+		d := attachVM(t, vol, AttachOptions{Index: -1, Conns: n})
+		if i == 0 {
+			run(t, "fio", "--name=fill", "--filename="+d.Path(), "--ioengine=libaio", "--direct=1",
+				"--iodepth=8", "--rw=write", "--bs=1M", "--size=128M", "--output-format=terse")
+		}
+		for _, rw := range []string{"randread", "randwrite"} {
+			iops, lat := fioIOPS(t, d.Path(), rw, secs)
+			t.Logf("PERF kernel=%s target=nbd conns=%d %s 4k QD32: %.0f IOPS, mean completion latency %.0f us",
+				os.Getenv("TORUS_VM_KERNEL"), n, rw, iops, lat)
+		}
+		detachVM(t, d)
+	}
+	// The same fio on a plain file next to the store: what the VM's disk gives.
 	base := filepath.Join(vmStoreDir(t), "baseline.fio")
 	defer os.Remove(base)
 	run(t, "fio", "--name=basefill", "--filename="+base, "--ioengine=libaio", "--direct=1",
 		"--iodepth=8", "--rw=write", "--bs=1M", "--size=128M", "--output-format=terse")
-	for _, target := range []struct{ name, file string }{{"nbd", d.Path()}, {"baseline-file", base}} {
-		for _, rw := range []string{"randread", "randwrite"} {
-			iops, lat := fioIOPS(t, target.file, rw, secs)
-			t.Logf("PERF kernel=%s target=%s %s 4k QD32: %.0f IOPS, mean completion latency %.0f us",
-				os.Getenv("TORUS_VM_KERNEL"), target.name, rw, iops, lat)
-		}
+	for _, rw := range []string{"randread", "randwrite"} {
+		iops, lat := fioIOPS(t, base, rw, secs)
+		t.Logf("PERF kernel=%s target=baseline-file %s 4k QD32: %.0f IOPS, mean completion latency %.0f us",
+			os.Getenv("TORUS_VM_KERNEL"), rw, iops, lat)
 	}
 }
 

@@ -3,7 +3,8 @@
 # Debian kernels: bookworm (6.1, no ublk: the kernel NBD fallback case) and trixie by default.
 #
 # Usage: nbd/vmtest.sh [bookworm] [trixie] [backports]   (env: RUN=regexp to pick tests,
-#        TORUS_NBD_PERF_SECONDS=N for the fio measurement, default 8)
+#        TORUS_NBD_PERF_SECONDS=N for the fio measurement, default 8,
+#        TORUS_NBD_PERF_CONNS="1 4" for the connection counts it measures, default 4)
 #
 # The test binary is built on the host into .vmbin/ (the guest's /tmp is a fresh tmpfs and its
 # root is the host's, read-only); the guest runs it as root with /mnt/disk (ext4, O_DIRECT) for
@@ -23,7 +24,7 @@ failed=()
 for k in "${kernels[@]}"; do
 	echo "--- nbd/vmtest.sh: $k" >&2
 	if ! scripts/vm/run.sh --kernel "$k" --disk 2G --timeout 1200 -- \
-		env TORUS_NBD_PERF_SECONDS="${TORUS_NBD_PERF_SECONDS:-8}" \
+		env TORUS_NBD_PERF_SECONDS="${TORUS_NBD_PERF_SECONDS:-8}" TORUS_NBD_PERF_CONNS="${TORUS_NBD_PERF_CONNS:-4}" \
 		.vmbin/nbd.test -test.run "$run" -test.v -test.count 1 -test.timeout 18m; then
 		failed+=("$k")
 	fi
