@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 
 	"github.com/spf13/pflag"
 
@@ -25,6 +26,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	vf.register(fs)
 	listen := fs.String("listen", "", "where to serve NBD: unix:PATH or tcp:HOST:PORT")
 	name := fs.String("name", "torus", "NBD export name")
+	shards := fs.Int("shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
+	cpuProfile := fs.String("cpuprofile", "", "write a Go CPU profile of the whole run to this file (for performance work)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT\n\n%s", fs.FlagUsages())
 	}
@@ -41,6 +44,17 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	if err != nil {
 		return err
 	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	// Listen before opening the store so a busy port costs nothing.
 	l, err := nbd.Listen(*listen)
 	if err != nil {
@@ -48,7 +62,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	}
 	defer l.Close()
 
-	vol, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: log})
+	vol, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: log, Shards: *shards})
 	if err != nil {
 		return err
 	}
