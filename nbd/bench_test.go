@@ -12,19 +12,23 @@ import (
 // and write, queue depth 32) over a unix socket against an in-memory volume.
 // The client side is allocation-free too, so allocs/op is the server's.
 func BenchmarkRoundTrip4K(b *testing.B) {
-	const qd = 32
 	v := newMemVolume(64 << 20)
 	path := startServer(b, oneExport(v), Options{})
 	c := dial(b, path, false)
 	c.nc.SetDeadline(time.Time{})
-	br := bufio.NewReaderSize(c.nc, 256<<10)
-	bw := bufio.NewWriterSize(c.nc, 256<<10)
+	roundTrip4K(b, c.nc, uint64(v.Size()/4096))
+}
+
+// roundTrip4K drives b.N pipelined 4 KiB requests with simple replies over nc.
+func roundTrip4K(b *testing.B, nc io.ReadWriter, blocks uint64) {
+	const qd = 32
+	br := bufio.NewReaderSize(nc, 256<<10)
+	bw := bufio.NewWriterSize(nc, 256<<10)
 	tokens := make(chan struct{}, qd)
 	for range qd {
 		tokens <- struct{}{}
 	}
 	payload := make([]byte, 4096)
-	blocks := uint64(v.Size() / 4096)
 	sendErr := make(chan error, 1)
 	var hdr [requestSize]byte
 	var rh [simpleReplySize]byte

@@ -322,3 +322,44 @@ func TestGenlFamily(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkServeTransmission4K is BenchmarkRoundTrip4K over the path the
+// kernel uses: a socketpair served by ServeTransmission, no handshake.
+func BenchmarkServeTransmission4K(b *testing.B) {
+	v := newMemVolume(64 << 20)
+	srv, err := NewServer(oneExport(v), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	nc, kfd, err := kernelSocketPair()
+	if err != nil {
+		b.Fatal(err)
+	}
+	kf := os.NewFile(uintptr(kfd), "kernel-end")
+	kc, err := net.FileConn(kf)
+	kf.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer kc.Close()
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeTransmission(context.Background(), nc, "") }()
+	roundTrip4K(b, kc, uint64(v.Size()/4096))
+	kc.Close()
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+}
+
+// TestServeTransmissionZeroAlloc fails if the kernel-facing data path
+// allocates in steady state.
+func TestServeTransmissionZeroAlloc(t *testing.T) {
+	r := testing.Benchmark(BenchmarkServeTransmission4K)
+	if r.N == 0 {
+		t.Fatal("benchmark did not run")
+	}
+	if a := r.AllocsPerOp(); a != 0 {
+		t.Fatalf("%d allocs/op (%d B/op), want 0", a, r.AllocedBytesPerOp())
+	}
+	t.Logf("%v", r)
+}
