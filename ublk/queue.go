@@ -15,11 +15,15 @@ package ublk
 //     (counted by inVolume), or finished (dead). Only the queue goroutine
 //     changes the counters.
 //   - Completions arrive on other goroutines. tag.Complete stores the result
-//     in the tag and appends the tag number to q.done under q.mu; the first
-//     completion after a drain writes the eventfd, which a POLL_ADD kept armed
-//     in the ring turns into a CQE that wakes the queue thread out of
-//     io_uring_enter. q.done and q.spare have capacity depth and each tag is
-//     in at most one of them, so append never allocates.
+//     in the tag and appends the tag number to q.done under q.mu. q.signaled
+//     is false only while the queue thread is about to sleep with q.done
+//     empty (it checks and clears it under q.mu); the push that finds it
+//     false sets it and writes the eventfd, and the READ of the eventfd kept
+//     in flight in the ring completes and wakes the thread out of
+//     io_uring_enter (with DEFER_TASKRUN nothing else could). While the
+//     thread is awake pushes make no syscall. q.done and q.spare have
+//     capacity depth and each tag is in at most one of them, so append never
+//     allocates.
 //   - The descriptor area is mapped read-only and read only for a tag the
 //     kernel just handed over (FETCH CQE with result 0).
 //   - Tag buffers are alignbuf memory (outside the Go heap): the kernel copies
@@ -87,8 +91,7 @@ type queue struct {
 
 	inKernel    int
 	inVolume    int
-	pollArmed   bool
-	efdBuf      [8]byte
+	efdBuf      []byte // 8 bytes of alignbuf memory the eventfd READ fills
 	quitting    bool
 	ioErrLogged bool
 
@@ -199,14 +202,12 @@ func (q *queue) setup() error {
 	if err != nil {
 		return fmt.Errorf("ublk: queue %d: mmap descriptors: %w", q.id, err)
 	}
-	q.bufs, err = alignbuf.Alloc(q.depth * q.maxIO)
-	if err != nil {
-		return fmt.Errorf("ublk: queue %d buffers: %w", q.id, err)
+	if err := q.allocBufs(); err != nil {
+		return err
 	}
-	for i := range q.tags {
-		q.tags[i].buf = q.bufs[i*q.maxIO : (i+1)*q.maxIO : (i+1)*q.maxIO]
-	}
-	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	// Blocking, so that the ring's READ waits (a non-blocking fd would
+	// make it fail with EAGAIN); writes never block at our counts.
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("ublk: queue %d eventfd: %w", q.id, err)
 	}
@@ -214,7 +215,7 @@ func (q *queue) setup() error {
 	for i := range q.tags {
 		q.prepCmd(q.opFetch, uint16(i), 0)
 	}
-	q.armPoll()
+	q.armWake()
 	if _, err := q.ring.Submit(); err != nil {
 		return fmt.Errorf("ublk: queue %d: submit FETCH_REQ: %w", q.id, err)
 	}
@@ -241,6 +242,21 @@ func (q *queue) release() {
 	}
 }
 
+// allocBufs maps the tag buffers and, after them, the eventfd read buffer.
+func (q *queue) allocBufs() error {
+	n := q.depth * q.maxIO
+	var err error
+	q.bufs, err = alignbuf.Alloc(n + alignbuf.PageSize)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d buffers: %w", q.id, err)
+	}
+	for i := range q.tags {
+		q.tags[i].buf = q.bufs[i*q.maxIO : (i+1)*q.maxIO : (i+1)*q.maxIO]
+	}
+	q.efdBuf = q.bufs[n : n+8 : n+8]
+	return nil
+}
+
 func (q *queue) prepCmd(op uint32, tag uint16, res int32) {
 	q.fillCmd(q.ring.SQE(), op, tag, res) // never nil: at most depth commands plus one poll
 	q.inKernel++
@@ -259,11 +275,12 @@ func (q *queue) fillCmd(sqe *iouring.SQE, op uint32, tag uint16, res int32) {
 	sqe.UserData = uint64(tag)
 }
 
-func (q *queue) armPoll() {
+// armWake keeps a READ of the eventfd in flight: it completes (resetting
+// the counter) when a completer writes the eventfd.
+func (q *queue) armWake() {
 	sqe := q.ring.SQE()
-	sqe.PrepPollAdd(int32(q.efd), unix.POLLIN)
+	sqe.PrepRead(int32(q.efd), q.efdBuf, ^uint64(0))
 	sqe.UserData = pollData
-	q.pollArmed = true
 }
 
 func (q *queue) loop() error {
@@ -274,7 +291,17 @@ func (q *queue) loop() error {
 		if q.inVolume == 0 && (q.inKernel == 0 || q.quitting) {
 			return nil
 		}
-		if _, err := q.ring.SubmitAndWait(1); err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
+		// Sleep only if nothing was handed back since the last drain; from
+		// here on a push must write the eventfd.
+		wait := uint32(1)
+		q.mu.Lock()
+		if len(q.done) > 0 {
+			wait = 0
+		} else {
+			q.signaled = false
+		}
+		q.mu.Unlock()
+		if _, err := q.ring.SubmitAndWait(wait); err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
 			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 		}
 		n := q.ring.PeekCQEs(q.cqes)
@@ -288,12 +315,10 @@ func (q *queue) loop() error {
 // handle processes one CQE of the queue ring.
 func (q *queue) handle(c *iouring.CQE) {
 	if c.UserData == pollData {
-		q.pollArmed = false
-		unix.Read(q.efd, q.efdBuf[:]) // reset the counter; EAGAIN is fine
-		if c.Res >= 0 {
+		if c.Res >= 0 || c.Res == -int32(unix.EINTR) || c.Res == -int32(unix.EAGAIN) {
 			// Kept armed while quitting too: the volume's last completions
 			// must still wake the thread.
-			q.armPoll()
+			q.armWake()
 		}
 		return
 	}
@@ -369,7 +394,6 @@ func (q *queue) drain() {
 	list := q.done
 	q.done = q.spare[:0]
 	q.spare = list
-	q.signaled = false
 	q.mu.Unlock()
 	for _, tag := range list {
 		q.inVolume--

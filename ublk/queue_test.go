@@ -62,19 +62,15 @@ func hostQueue(t testing.TB, vol engine.Volume, depth int) (*queue, []ioDesc) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	q := newQueue(0, depth, 64<<10, fake, false, vol, slog.Default())
+	q := newQueue(0, depth, 64<<10, fake, false, vol, slog.New(slog.DiscardHandler))
 	q.ring, err = iouring.New(uint32(depth+2), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	q.bufs, err = alignbuf.Alloc(depth * q.maxIO)
-	if err != nil {
+	if err := q.allocBufs(); err != nil {
 		t.Fatal(err)
 	}
-	for i := range q.tags {
-		q.tags[i].buf = q.bufs[i*q.maxIO : (i+1)*q.maxIO : (i+1)*q.maxIO]
-	}
-	q.efd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	q.efd, err = unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +161,7 @@ func TestFillCmd(t *testing.T) {
 func TestQueueAsyncHandoff(t *testing.T) {
 	vol := &memVolume{data: make([]byte, 1<<20), async: true}
 	q, descs := hostQueue(t, vol, 16)
-	q.armPoll()
+	q.armWake()
 	for i := range descs {
 		descs[i] = ioDesc{opFlags: opWrite, nrSectors: 8, startSector: uint64(i * 8)}
 		deliver(q, uint16(i))
@@ -203,7 +199,9 @@ func queueStep(q *queue) func() {
 			q.ring.SubmitAndWait(1)
 		}
 		q.inKernel--
-		unix.Read(q.efd, q.efdBuf[:])
+		q.mu.Lock()
+		q.signaled = false // as the loop does before it sleeps
+		q.mu.Unlock()
 	}
 }
 
