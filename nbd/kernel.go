@@ -218,7 +218,7 @@ func AttachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*K
 			serverFlags: uint64(flags), timeout: opt.Timeout, fds: kfds,
 		})
 		if err != nil {
-			return fail(fmt.Errorf("nbd: attach: %w", err))
+			return fail(attachError(opt.Index, err))
 		}
 		closeKernelEnds()
 	} else {
@@ -226,7 +226,7 @@ func AttachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*K
 		d.index, err = startIoctl(opt.Index, kfds[0], blocks, flags, opt.Timeout, d, ioctlDone)
 		kfds = nil // startIoctl owns (and closed) it
 		if err != nil {
-			return fail(fmt.Errorf("nbd: attach: %w", err))
+			return fail(attachError(opt.Index, err))
 		}
 	}
 	d.path = fmt.Sprintf("/dev/nbd%d", d.index)
@@ -247,6 +247,18 @@ func AttachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*K
 	}
 	log.Info("nbd: attached", "device", d.path, "size", vol.Size(), "conns", conns, "interface", iface)
 	return d, nil
+}
+
+// attachError explains a failed connect; a busy device gets a hint.
+func attachError(index int, err error) error {
+	dev := "a free /dev/nbdN"
+	if index >= 0 {
+		dev = fmt.Sprintf("/dev/nbd%d", index)
+	}
+	if errors.Is(err, unix.EBUSY) || (index >= 0 && errors.Is(err, unix.EINVAL) && strings.Contains(err.Error(), "SET_SOCK")) {
+		return fmt.Errorf("nbd: attach to %s: the device is in use (pick another index, or -1 for any free one): %w", dev, err)
+	}
+	return fmt.Errorf("nbd: attach to %s: %w", dev, err)
 }
 
 // kernelSocketPair returns the served end of a new socketpair as a net.Conn

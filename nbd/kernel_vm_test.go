@@ -183,6 +183,16 @@ func TestKernelNetlinkFioVerify(t *testing.T) {
 	if !found {
 		t.Fatalf("ListKernel %v does not show nbd%d connected", st, d.Index())
 	}
+	// A configured device refuses a second attach, through either interface,
+	// and the failed attach leaves it working.
+	for _, ioctl := range []bool{false, true} {
+		d2, err := AttachKernel(context.Background(), vol, AttachOptions{Index: d.Index(), ForceIoctl: ioctl, Logger: testLogger(t)})
+		if err == nil {
+			d2.Close()
+			t.Fatalf("second attach (ioctl %v) to busy nbd%d succeeded", ioctl, d.Index())
+		}
+		t.Logf("second attach (ioctl %v): %v", ioctl, err)
+	}
 	fioVerify(t, d.Path(), "64M")
 	detachVM(t, d)
 }

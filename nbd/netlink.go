@@ -333,7 +333,7 @@ func encodeConnect(p connectParams) []byte {
 func (g *nbdGenl) connect(p connectParams) (int, error) {
 	replies, err := g.c.request(g.id, nbdCmdConnect, nbdGenlVersion, encodeConnect(p))
 	if err != nil {
-		return -1, fmt.Errorf("nbd: netlink NBD_CMD_CONNECT: %w", err)
+		return -1, fmt.Errorf("netlink NBD_CMD_CONNECT: %w", err)
 	}
 	for _, r := range replies {
 		attrs, err := parseAttrs(r)

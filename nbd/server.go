@@ -12,6 +12,10 @@
 // Connections to the same export share its Volume, so NBD_CMD_FLUSH on any
 // connection covers writes completed on every connection (CAN_MULTI_CONN).
 // The server never closes the volumes it serves.
+//
+// AttachKernel attaches a volume as /dev/nbdN through the Linux kernel's own
+// NBD client, served in process over socketpairs (see kernel.go);
+// DisconnectKernel and ListKernel manage such devices from any process.
 package nbd
 
 import (
