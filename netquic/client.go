@@ -170,10 +170,7 @@ func (c *Client) dial(ctx context.Context) (*clientSession, error) {
 			}
 			raws = append(raws, quicStream{st})
 		}
-		go func() {
-			<-conn.Context().Done()
-			s.fail(context.Cause(conn.Context()))
-		}()
+		s.connDone = conn.Context()
 	case TransportTCP:
 		d := tls.Dialer{Config: c.tls}
 		var conns []*tls.Conn
@@ -199,8 +196,15 @@ func (c *Client) dial(ctx context.Context) (*clientSession, error) {
 	for i, r := range raws {
 		s.streams[i] = newClientStream(s, r, c.opts.Depth)
 	}
+	// Start the goroutines that may call fail only once s is complete.
 	for _, cs := range s.streams {
 		go cs.readLoop()
+	}
+	if s.connDone != nil {
+		go func() {
+			<-s.connDone.Done()
+			s.fail(context.Cause(s.connDone))
+		}()
 	}
 	return s, nil
 }
@@ -210,6 +214,7 @@ type clientSession struct {
 	c         *Client
 	streams   []*clientStream
 	closeConn func()
+	connDone  context.Context // QUIC: ends with the connection
 
 	once sync.Once
 	dead chan struct{}

@@ -47,8 +47,13 @@ func newPKI(t testing.TB) *pki {
 	return p
 }
 
-// echo replies with Code+1, the same header and the request payload.
+// echo replies with Code+1, the same header and the request payload; op
+// 7 answers with the peer's certificate name.
 var echo = HandlerFunc(func(r *ServerRequest) {
+	if r.Code == 7 {
+		_ = r.Reply(0, nil, []byte(r.PeerName()))
+		return
+	}
 	_ = r.Reply(r.Code+1, &r.Header, r.Payload)
 })
 
@@ -114,14 +119,27 @@ func TestMTLS(t *testing.T) {
 			if string(resp.Payload) != "hello" || resp.Code != 2 {
 				t.Fatalf("got %q code %d", resp.Payload, resp.Code)
 			}
-			// A client with a certificate from another CA is refused.
-			bad, err := NewClient(srv.Addr().String(), evil.Client, &Options{Transport: tr})
-			if err != nil {
-				t.Fatal(err)
+			resp.Payload = resp.Payload[:cap(resp.Payload)]
+			if err := cli.Call(ctx, &Message{Code: 7}, &resp); err != nil || string(resp.Payload) != "n2" {
+				t.Fatalf("PeerName: %q, %v; want n2", resp.Payload, err)
 			}
-			defer bad.Close()
-			if err := callOnce(bad, 2*time.Second); err == nil {
-				t.Fatal("client with a foreign certificate was served")
+			// A client that trusts our CA but presents a certificate from
+			// another CA, or none, is refused by the server.
+			foreign := evil.Client.Clone()
+			foreign.RootCAs = p.cliTLS.Client.RootCAs
+			anon := foreign.Clone()
+			anon.Certificates = nil
+			for name, tc := range map[string]*tls.Config{"foreign cert": foreign, "no cert": anon} {
+				bad, err := NewClient(srv.Addr().String(), tc, &Options{Transport: tr})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := callOnce(bad, 2*time.Second); err == nil {
+					t.Fatalf("client with %s was served", name)
+				} else {
+					t.Logf("client with %s: %v", name, err)
+				}
+				bad.Close()
 			}
 			// A server with a certificate from another CA is refused by our client.
 			esrv, err := Listen("127.0.0.1:0", evil.Server, echo, &Options{Transport: tr})
@@ -136,6 +154,8 @@ func TestMTLS(t *testing.T) {
 			defer c2.Close()
 			if err := callOnce(c2, 2*time.Second); err == nil {
 				t.Fatal("client accepted a server with a foreign certificate")
+			} else {
+				t.Logf("foreign server: %v", err)
 			}
 		})
 	}
@@ -167,6 +187,9 @@ func TestRoundTrip(t *testing.T) {
 							n = rng.IntN(8192)
 						}
 						req.Code = uint8(rng.UintN(200))
+						if req.Code == 7 { // op 7 is PeerName
+							req.Code = 8
+						}
 						for j := range req.Header {
 							req.Header[j] = byte(rng.UintN(256))
 						}
@@ -384,6 +407,36 @@ func TestMalformedFrame(t *testing.T) {
 	}
 }
 
+func TestMalformedFrameTCP(t *testing.T) {
+	p := newPKI(t)
+	srv, cli := startPair(t, p, TransportTCP, echo)
+	tc := p.cliTLS.Client.Clone()
+	tc.ServerName = "127.0.0.1"
+	c, err := tls.Dial("tcp", srv.Addr().String(), tc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	b := make([]byte, FrameHeaderSize)
+	putHeader(b, &frameHeader{kind: kindRequest, id: 1, length: 8})
+	b[0] = 0x42
+	if _, err := c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(b); err == nil || isTimeout(err) {
+		t.Fatalf("server kept a stream with a bad frame open: n=%d err=%v", n, err)
+	}
+	if err := callOnce(cli, 5*time.Second); err != nil {
+		t.Fatalf("server stopped serving after a bad frame: %v", err)
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
 // FuzzFrame feeds arbitrary bytes to the frame decoder: it must reject or
 // decode them without panicking, and anything it decodes must re-encode to
 // the same bytes.
@@ -425,6 +478,3 @@ func FuzzFrame(f *testing.F) {
 		}
 	})
 }
-
-var _ = net.IPv4len
-var _ tls.Config

@@ -52,6 +52,10 @@ type ServerRequest struct {
 	buf []byte // backing store of Payload and Buffer, from alignbuf
 }
 
+// PeerName is the common name of the peer's certificate (the node name
+// given to IssueCert), verified against the cluster CA.
+func (r *ServerRequest) PeerName() string { return r.st.peerName }
+
 // Buffer returns n bytes of page-aligned scratch owned by r, for the
 // response payload (a read's data). It shares storage with r.Payload, so
 // consume the request payload first. n is at most Options.MaxPayload.
@@ -183,7 +187,7 @@ func (s *Server) Close() error {
 		s.ln.Close()
 		s.tr.Close()
 		s.udp.Close()
-	} else {
+	} else if s.tcpLn != nil {
 		s.tcpLn.Close()
 	}
 	s.mu.Lock()
@@ -211,7 +215,7 @@ func (s *Server) acceptQUIC() {
 					conn.CloseWithError(0, "")
 					return
 				}
-				s.serveStream(quicStream{st}, conn.RemoteAddr())
+				s.serveStream(quicStream{st}, conn.RemoteAddr(), peerName(conn.ConnectionState().TLS))
 			}
 		})
 	}
@@ -225,19 +229,20 @@ func (s *Server) acceptTCP() {
 		}
 		tc := c.(*tls.Conn)
 		setNoDelay(tc.NetConn())
-		s.serveStream(tcpStream{tc}, c.RemoteAddr())
+		s.serveStream(tcpStream{tc}, c.RemoteAddr(), "")
 	}
 }
 
 // serveStream starts the reader goroutine of one stream.
-func (s *Server) serveStream(raw rawStream, peer net.Addr) {
+func (s *Server) serveStream(raw rawStream, peer net.Addr, name string) {
 	st := &serverStream{
-		srv:  s,
-		raw:  raw,
-		peer: peer,
-		wbuf: make([]byte, FrameHeaderSize+smallWrite),
-		rbuf: make([]byte, FrameHeaderSize),
-		room: make(chan struct{}, 1),
+		srv:      s,
+		raw:      raw,
+		peer:     peer,
+		peerName: name,
+		wbuf:     make([]byte, FrameHeaderSize+smallWrite),
+		rbuf:     make([]byte, FrameHeaderSize),
+		room:     make(chan struct{}, 1),
 	}
 	s.mu.Lock()
 	if s.ctx.Err() != nil {
@@ -252,9 +257,10 @@ func (s *Server) serveStream(raw rawStream, peer net.Addr) {
 
 // serverStream is one stream of a connection, server side.
 type serverStream struct {
-	srv  *Server
-	raw  rawStream
-	peer net.Addr
+	srv      *Server
+	raw      rawStream
+	peer     net.Addr
+	peerName string // certificate common name, set before the first Serve
 
 	wmu  sync.Mutex
 	wbuf []byte
@@ -331,6 +337,11 @@ func (st *serverStream) readLoop() {
 			st.fail(err)
 			return
 		}
+		if st.peerName == "" {
+			if ts, ok := st.raw.(tcpStream); ok {
+				st.peerName = peerName(ts.ConnectionState()) // handshake done by the read above
+			}
+		}
 		r := st.get()
 		if err := r.grow(int(h.length)); err != nil {
 			st.release(r)
@@ -378,6 +389,13 @@ func (st *serverStream) finish() {
 		_ = alignbuf.Free(r.buf)
 		r.buf = nil
 	}
+}
+
+func peerName(cs tls.ConnectionState) string {
+	if len(cs.PeerCertificates) == 0 {
+		return ""
+	}
+	return cs.PeerCertificates[0].Subject.CommonName
 }
 
 func isClosed(err error) bool {
