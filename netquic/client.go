@@ -24,6 +24,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/quic-go/quic-go"
 )
@@ -283,8 +284,10 @@ func (s *clientSession) call(ctx context.Context, req, resp *Message) error {
 		}
 	}
 
-	if err := cs.write(id, req); err != nil {
-		s.fail(err)
+	werr := cs.write(ctx, id, req)
+	if werr != nil {
+		// A frame may be half written; the stream is unusable.
+		s.fail(werr)
 	}
 
 	select {
@@ -299,6 +302,9 @@ func (s *clientSession) call(ctx context.Context, req, resp *Message) error {
 	sl.resp = nil
 	sl.state.Store(slotIdle)
 	cs.free <- idx
+	if werr != nil && ctx.Err() != nil {
+		return fmt.Errorf("netquic: call %s: write blocked: %w (%w)", s.c.addr, context.Cause(ctx), ErrConnLost)
+	}
 	return err
 }
 
@@ -311,7 +317,8 @@ type clientStream struct {
 	slots    []slot
 
 	wmu  sync.Mutex
-	wbuf []byte // header, and small payloads next to it
+	wbuf []byte    // header, and small payloads next to it
+	wdl  time.Time // write deadline currently set on raw
 
 	rbuf    []byte // header scratch of the reader
 	discard []byte // sink for abandoned responses
@@ -344,10 +351,19 @@ func newClientStream(s *clientSession, raw rawStream, depth int) *clientStream {
 }
 
 // write sends one request frame, in a single Write when the payload is small.
-func (cs *clientStream) write(id uint64, m *Message) error {
+// The stream's write deadline follows ctx's deadline, so a peer that stops
+// reading (flow control exhausted) cannot hold a call past its deadline.
+func (cs *clientStream) write(ctx context.Context, id uint64, m *Message) error {
 	h := frameHeader{kind: kindRequest, code: m.Code, id: id, length: uint32(len(m.Payload)), user: m.Header}
+	dl, _ := ctx.Deadline()
 	cs.wmu.Lock()
 	defer cs.wmu.Unlock()
+	if !dl.Equal(cs.wdl) {
+		if err := cs.raw.SetWriteDeadline(dl); err != nil {
+			return fmt.Errorf("set write deadline: %w", err)
+		}
+		cs.wdl = dl
+	}
 	return writeFrame(cs.raw, cs.wbuf, &h, m.Payload)
 }
 

@@ -274,6 +274,49 @@ func TestDeadline(t *testing.T) {
 	}
 }
 
+// TestDeadlineBlockedWrite: a server whose handler stops reading its
+// streams fills the flow-control windows; callers writing 1 MiB must still
+// return by their deadline.
+func TestDeadlineBlockedWrite(t *testing.T) {
+	p := newPKI(t)
+	for _, tr := range transports {
+		t.Run(tr, func(t *testing.T) {
+			release := make(chan struct{})
+			stuck := HandlerFunc(func(r *ServerRequest) {
+				<-release // blocks the stream's reader: nothing more is read
+				_ = r.Reply(0, nil, nil)
+			})
+			_, cli := startPair(t, p, tr, stuck)
+			defer close(release) // before the server's cleanup waits for its readers
+			payload := make([]byte, 1<<20)
+			var wg sync.WaitGroup
+			errs := make(chan error, 64)
+			start := time.Now()
+			for range 64 {
+				wg.Go(func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+					defer cancel()
+					resp := Message{Payload: make([]byte, 16)}
+					errs <- cli.Call(ctx, &Message{Code: 2, Payload: payload}, &resp)
+				})
+			}
+			wg.Wait()
+			close(errs)
+			if d := time.Since(start); d > 3*time.Second {
+				t.Errorf("64 calls against a stuck server took %v", d)
+			}
+			// A write that times out kills the connection (its stream holds a
+			// half-written frame), so calls that had already written may see
+			// ErrConnLost a moment before their own deadline.
+			for err := range errs {
+				if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, ErrConnLost) {
+					t.Errorf("err %v, want deadline exceeded or connection lost", err)
+				}
+			}
+		})
+	}
+}
+
 // blackhole never replies to op 9.
 var blackhole = HandlerFunc(func(r *ServerRequest) {
 	if r.Code == 9 {

@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/torus-storage/torus/internal/alignbuf"
@@ -90,6 +91,8 @@ func (r *ServerRequest) grow(n int) error {
 
 // Reply sends the response (status code, header, payload) on the stream
 // the request came from and releases r; r must not be used afterwards.
+// It blocks only while the peer's flow-control window is full, at most
+// Options.ReplyTimeout, after which the stream is aborted.
 // payload may be r.Payload, memory from r.Buffer, or any other slice.
 func (r *ServerRequest) Reply(code uint8, header *[UserHeaderSize]byte, payload []byte) error {
 	st := r.st
@@ -101,8 +104,12 @@ func (r *ServerRequest) Reply(code uint8, header *[UserHeaderSize]byte, payload 
 	var err error
 	if st.werr != nil {
 		err = st.werr
-	} else if err = writeFrame(st.raw, st.wbuf, &h, payload); err != nil {
-		st.werr = err
+	} else if err = st.raw.SetWriteDeadline(time.Now().Add(st.srv.opts.ReplyTimeout)); err == nil {
+		if err = writeFrame(st.raw, st.wbuf, &h, payload); err != nil {
+			// A frame may be half written: the stream is done for.
+			st.werr = err
+			st.raw.abort()
+		}
 	}
 	st.wmu.Unlock()
 	st.release(r)

@@ -43,6 +43,9 @@ type Options struct {
 	// MaxPayload is the largest payload accepted in a frame (default
 	// DefaultMaxPayload). A larger length is a malformed frame.
 	MaxPayload int
+	// ReplyTimeout bounds how long a server's Reply may block on a peer
+	// that does not read (default 10 s); the stream is then aborted.
+	ReplyTimeout time.Duration
 	// UDPBuffer is the socket buffer size asked for (default 7 MiB).
 	UDPBuffer int
 	// QUIC overrides the QUIC configuration built by QUICConfig.
@@ -67,6 +70,9 @@ func (o *Options) withDefaults() Options {
 	}
 	if r.MaxPayload <= 0 {
 		r.MaxPayload = DefaultMaxPayload
+	}
+	if r.ReplyTimeout <= 0 {
+		r.ReplyTimeout = 10 * time.Second
 	}
 	if r.UDPBuffer <= 0 {
 		r.UDPBuffer = 7 << 20
@@ -106,6 +112,8 @@ type rawStream interface {
 	abort()
 	// Close ends the sending side cleanly.
 	Close() error
+	// SetWriteDeadline bounds blocked Writes; the zero time removes it.
+	SetWriteDeadline(t time.Time) error
 }
 
 type quicStream struct{ *quic.Stream }
