@@ -24,6 +24,9 @@ package ublk
 //     thread is awake pushes make no syscall. q.done and q.spare have
 //     capacity depth and each tag is in at most one of them, so append never
 //     allocates.
+//   - The eventfd is written only under q.mu and closed only under q.mu
+//     (q.efdClosed), so no late completer or requestQuit writes to a closed
+//     and possibly reused descriptor number.
 //   - The descriptor area is mapped read-only and read only for a tag the
 //     kernel just handed over (FETCH CQE with result 0).
 //   - Tag buffers are alignbuf memory (outside the Go heap): the kernel copies
@@ -95,11 +98,12 @@ type queue struct {
 	quitting    bool
 	ioErrLogged bool
 
-	mu       sync.Mutex
-	done     []uint16
-	spare    []uint16
-	signaled bool
-	one      [8]byte
+	mu        sync.Mutex
+	done      []uint16
+	spare     []uint16
+	signaled  bool
+	efdClosed bool
+	one       [8]byte
 
 	quit   atomic.Bool
 	exited chan struct{}
@@ -132,15 +136,18 @@ func newQueue(id, depth, maxIO, cfd int, legacy bool, vol engine.Volume, log *sl
 func (q *queue) push(tag uint16) {
 	q.mu.Lock()
 	q.done = append(q.done, tag)
-	wake := !q.signaled
-	q.signaled = true
-	q.mu.Unlock()
-	if wake {
-		q.wake()
+	if !q.signaled {
+		q.signaled = true
+		q.wakeLocked()
 	}
+	q.mu.Unlock()
 }
 
-func (q *queue) wake() {
+// wakeLocked writes the eventfd; q.mu is held.
+func (q *queue) wakeLocked() {
+	if q.efdClosed || q.efd < 0 {
+		return
+	}
 	for {
 		_, err := unix.Write(q.efd, q.one[:])
 		if err != unix.EINTR {
@@ -153,7 +160,9 @@ func (q *queue) wake() {
 // closing its ring (which cancels the commands still in the kernel).
 func (q *queue) requestQuit() {
 	q.quit.Store(true)
-	q.wake()
+	q.mu.Lock()
+	q.wakeLocked()
+	q.mu.Unlock()
 }
 
 // run is the queue goroutine. It reports setup (ring, mapping, FETCH of every
@@ -232,10 +241,13 @@ func (q *queue) release() {
 		unix.Munmap(q.descs)
 		q.descs = nil
 	}
+	q.mu.Lock()
 	if q.efd >= 0 {
 		unix.Close(q.efd)
 		q.efd = -1
 	}
+	q.efdClosed = true
+	q.mu.Unlock()
 	if q.bufs != nil {
 		alignbuf.Free(q.bufs)
 		q.bufs = nil
