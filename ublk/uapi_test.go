@@ -1,6 +1,8 @@
 package ublk
 
 import (
+	"os"
+	"strings"
 	"testing"
 	"unsafe"
 )
@@ -103,5 +105,20 @@ func TestDescDecode(t *testing.T) {
 	d := (*ioDesc)(unsafe.Pointer(&raw[0]))
 	if d.op() != opWrite || d.opFlags&ioFlagFUA == 0 || d.nrSectors != 8 || d.startSector != 16 || d.addr != 0x1000 {
 		t.Fatalf("decoded %+v", *d)
+	}
+}
+
+// TestAvailable checks both answers: nil where the control device opens, the
+// actionable message where it is missing (as on the host, which has no ublk).
+func TestAvailable(t *testing.T) {
+	err := Available()
+	if _, serr := os.Stat(ControlPath); os.IsNotExist(serr) {
+		if err == nil || !strings.Contains(err.Error(), "modprobe ublk_drv; needs Linux 6.0+ with CONFIG_BLK_DEV_UBLK") {
+			t.Fatalf("Available() = %v, want the missing-module message", err)
+		}
+		return
+	}
+	if err != nil && !strings.Contains(err.Error(), "needs root") {
+		t.Fatalf("Available() = %v with %s present", err, ControlPath)
 	}
 }
