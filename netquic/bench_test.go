@@ -204,6 +204,11 @@ func TestReport(t *testing.T) {
 		rows = append(rows, r)
 	}
 	w := os.Stdout
+	if u, err := listenUDP("127.0.0.1:0", 7<<20, quiet); err == nil {
+		rcv, snd, err := setUDPBuffers(u, 7<<20)
+		fmt.Fprintf(w, "\nUDP socket buffers obtained: rcv %d snd %d (wanted %d) %v\n", rcv, snd, 7<<20, err)
+		u.Close()
+	}
 	fmt.Fprintf(w, "\n%-5s %12s %12s %14s %12s %12s %10s %10s\n", "", "4K-read p50", "4K-read p99", "4K-echo p50", "QD32 ops/s", "1MiB Gbit/s", "allocs/rd", "allocs/wr")
 	for _, r := range rows {
 		fmt.Fprintf(w, "%-5s %12v %12v %14v %12.0f %12.2f %10.1f %10.1f\n", r.tr, r.p50.Round(time.Microsecond), r.p99.Round(time.Microsecond),

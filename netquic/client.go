@@ -177,7 +177,7 @@ func (c *Client) dial(ctx context.Context) (*clientSession, error) {
 		var conns []*tls.Conn
 		closeAll := func() {
 			for _, tc := range conns {
-				tc.Close()
+				tcpStream{tc}.abort()
 			}
 		}
 		for range c.opts.Streams {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -59,14 +60,17 @@ var echo = HandlerFunc(func(r *ServerRequest) {
 
 var transports = []string{TransportQUIC, TransportTCP}
 
+// quiet logs warnings only, keeping benchmark output readable.
+var quiet = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+
 func startPair(t testing.TB, p *pki, transport string, h Handler) (*Server, *Client) {
 	t.Helper()
-	srv, err := Listen("127.0.0.1:0", p.srvTLS.Server, h, &Options{Transport: transport})
+	srv, err := Listen("127.0.0.1:0", p.srvTLS.Server, h, &Options{Transport: transport, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Close() })
-	cli, err := NewClient(srv.Addr().String(), p.cliTLS.Client, &Options{Transport: transport})
+	cli, err := NewClient(srv.Addr().String(), p.cliTLS.Client, &Options{Transport: transport, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -59,24 +59,36 @@ func (r *ServerRequest) PeerName() string { return r.st.peerName }
 
 // Buffer returns n bytes of page-aligned scratch owned by r, for the
 // response payload (a read's data). It shares storage with r.Payload, so
-// consume the request payload first. n is at most Options.MaxPayload.
+// consume the request payload first (when the buffer has to grow, r.Payload
+// is set to nil). n is at most Options.MaxPayload.
 func (r *ServerRequest) Buffer(n int) ([]byte, error) {
 	if n > r.st.srv.opts.MaxPayload {
 		return nil, fmt.Errorf("netquic: buffer of %d bytes over limit %d", n, r.st.srv.opts.MaxPayload)
 	}
-	if err := r.grow(n); err != nil {
-		return nil, err
+	if n > cap(r.buf) {
+		r.Payload = nil // its memory is about to be unmapped
+		if err := r.grow(n); err != nil {
+			return nil, err
+		}
 	}
 	return r.buf[:n], nil
 }
+
+// Request buffers come in two classes: small (smallBuf) and large
+// (MaxPayload rounded to a page). A stream keeps at most maxLargeFree idle
+// large buffers.
+const (
+	smallBuf     = 64 << 10
+	maxLargeFree = 8
+)
 
 func (r *ServerRequest) grow(n int) error {
 	if n <= cap(r.buf) {
 		return nil
 	}
-	size := 64 << 10
-	for size < n {
-		size *= 2
+	size := smallBuf
+	if n > smallBuf {
+		size = max(n, r.st.srv.opts.MaxPayload)
 	}
 	b, err := alignbuf.Alloc(size)
 	if err != nil {
@@ -275,20 +287,26 @@ type serverStream struct {
 
 	rbuf []byte
 
-	mu       sync.Mutex // guards free, inflight, gone
-	free     []*ServerRequest
-	inflight int
-	gone     bool          // reader stopped: released requests free their buffers
-	room     chan struct{} // signalled when inflight drops below Depth
+	mu        sync.Mutex // guards freeSmall, freeLarge, inflight, gone
+	freeSmall []*ServerRequest
+	freeLarge []*ServerRequest
+	inflight  int
+	gone      bool          // reader stopped: released requests free their buffers
+	room      chan struct{} // signalled when inflight drops below Depth
 }
 
-func (st *serverStream) get() *ServerRequest {
+// get returns an idle request whose buffer holds n bytes if one is free.
+func (st *serverStream) get(n int) *ServerRequest {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.inflight++
-	if n := len(st.free); n > 0 {
-		r := st.free[n-1]
-		st.free = st.free[:n-1]
+	list := &st.freeSmall
+	if n > smallBuf && len(st.freeLarge) > 0 {
+		list = &st.freeLarge
+	}
+	if k := len(*list); k > 0 {
+		r := (*list)[k-1]
+		*list = (*list)[:k-1]
 		return r
 	}
 	return &ServerRequest{st: st}
@@ -298,15 +316,23 @@ func (st *serverStream) release(r *ServerRequest) {
 	r.Payload = nil
 	st.mu.Lock()
 	st.inflight--
-	if st.gone {
-		st.mu.Unlock()
-		_ = alignbuf.Free(r.buf)
-		r.buf = nil
-		return
+	var drop []byte
+	switch {
+	case st.gone:
+		drop, r.buf = r.buf, nil
+	case cap(r.buf) > smallBuf && len(st.freeLarge) < maxLargeFree:
+		st.freeLarge = append(st.freeLarge, r)
+	default:
+		if cap(r.buf) > smallBuf {
+			drop, r.buf = r.buf, nil
+		}
+		st.freeSmall = append(st.freeSmall, r)
 	}
-	st.free = append(st.free, r)
-	wake := st.inflight == st.srv.opts.Depth-1
+	wake := !st.gone && st.inflight == st.srv.opts.Depth-1
 	st.mu.Unlock()
+	if drop != nil {
+		_ = alignbuf.Free(drop)
+	}
 	if wake {
 		select {
 		case st.room <- struct{}{}:
@@ -349,7 +375,7 @@ func (st *serverStream) readLoop() {
 				st.peerName = peerName(ts.ConnectionState()) // handshake done by the read above
 			}
 		}
-		r := st.get()
+		r := st.get(int(h.length))
 		if err := r.grow(int(h.length)); err != nil {
 			st.release(r)
 			st.fail(err)
@@ -389,8 +415,8 @@ func (st *serverStream) finish() {
 	st.srv.mu.Unlock()
 	st.mu.Lock()
 	st.gone = true
-	free := st.free
-	st.free = nil
+	free := append(st.freeSmall, st.freeLarge...)
+	st.freeSmall, st.freeLarge = nil, nil
 	st.mu.Unlock()
 	for _, r := range free {
 		_ = alignbuf.Free(r.buf)

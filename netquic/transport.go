@@ -125,7 +125,10 @@ func (s quicStream) abort() {
 
 type tcpStream struct{ *tls.Conn }
 
-func (s tcpStream) abort() { s.Conn.Close() }
+// abort closes the TCP connection under the TLS one: tls.Conn.Close would
+// first try to send close_notify, which blocks up to 5 s behind a peer that
+// does not read.
+func (s tcpStream) abort() { s.Conn.NetConn().Close() }
 
 // listenUDP opens a UDP socket on addr with socket buffers of size bytes if
 // the kernel allows it (SO_RCVBUFFORCE/SO_SNDBUFFORCE when root and capped),
