@@ -201,6 +201,7 @@ func (c *Client) dial(ctx context.Context) (*clientSession, error) {
 	for _, cs := range s.streams {
 		go cs.readLoop()
 	}
+	go s.watchdog()
 	if s.connDone != nil {
 		go func() {
 			<-s.connDone.Done()
@@ -317,8 +318,11 @@ type clientStream struct {
 	slots    []slot
 
 	wmu  sync.Mutex
-	wbuf []byte    // header, and small payloads next to it
-	wdl  time.Time // write deadline currently set on raw
+	wbuf []byte // header, and small payloads next to it
+	// wdl is the caller's deadline (Unix ns) while a write with one is in
+	// progress, else 0; the session watchdog fails the session when a write
+	// is blocked past it.
+	wdl atomic.Int64
 
 	rbuf    []byte // header scratch of the reader
 	discard []byte // sink for abandoned responses
@@ -351,20 +355,43 @@ func newClientStream(s *clientSession, raw rawStream, depth int) *clientStream {
 }
 
 // write sends one request frame, in a single Write when the payload is small.
-// The stream's write deadline follows ctx's deadline, so a peer that stops
-// reading (flow control exhausted) cannot hold a call past its deadline.
+// A write blocked past ctx's deadline (a peer that stopped reading) is
+// ended by the session watchdog.
 func (cs *clientStream) write(ctx context.Context, id uint64, m *Message) error {
 	h := frameHeader{kind: kindRequest, code: m.Code, id: id, length: uint32(len(m.Payload)), user: m.Header}
-	dl, _ := ctx.Deadline()
+	dl, hasDL := ctx.Deadline()
 	cs.wmu.Lock()
 	defer cs.wmu.Unlock()
-	if !dl.Equal(cs.wdl) {
-		if err := cs.raw.SetWriteDeadline(dl); err != nil {
-			return fmt.Errorf("set write deadline: %w", err)
-		}
-		cs.wdl = dl
+	if hasDL {
+		cs.wdl.Store(dl.UnixNano())
+		defer cs.wdl.Store(0)
 	}
 	return writeFrame(cs.raw, cs.wbuf, &h, m.Payload)
+}
+
+// watchdogTick is how often blocked writes are checked against their
+// callers' deadlines, hence the slack of the deadline of a blocked write.
+const watchdogTick = 20 * time.Millisecond
+
+// watchdog fails the session when a write is blocked past its caller's
+// deadline, and returns when the session dies. Setting stream write
+// deadlines instead would cost quic-go a timer per Write.
+func (s *clientSession) watchdog() {
+	t := time.NewTicker(watchdogTick)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.dead:
+			return
+		case now := <-t.C:
+			for _, cs := range s.streams {
+				if d := cs.wdl.Load(); d != 0 && now.UnixNano() > d {
+					s.fail(errors.New("write blocked past the caller's deadline (peer not reading)"))
+					return
+				}
+			}
+		}
+	}
 }
 
 // writeFrame writes header h and payload p to w using wbuf as scratch.

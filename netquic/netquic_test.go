@@ -525,3 +525,54 @@ func FuzzFrame(f *testing.F) {
 		}
 	})
 }
+
+// TestReplyTimeout: a client that stops reading cannot hold a server's
+// Reply longer than ReplyTimeout.
+func TestReplyTimeout(t *testing.T) {
+	p := newPKI(t)
+	replyErr := make(chan error, 64)
+	h := HandlerFunc(func(r *ServerRequest) {
+		b, _ := r.Buffer(1 << 20)
+		go func() { replyErr <- r.Reply(0, nil, b) }() // as a completion goroutine would
+	})
+	srv, err := Listen("127.0.0.1:0", p.srvTLS.Server, h, &Options{ReplyTimeout: 500 * time.Millisecond, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	tc := p.cliTLS.Client.Clone()
+	tc.ServerName = "127.0.0.1"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := quic.DialAddr(ctx, srv.Addr().String(), tc, QUICConfig(4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.CloseWithError(0, "")
+	st, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, FrameHeaderSize)
+	for i := range 32 { // 32 MiB of responses, far over the windows; never read
+		putHeader(b, &frameHeader{kind: kindRequest, code: 3, id: uint64(i)})
+		if _, err := st.Write(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	for {
+		select {
+		case err := <-replyErr:
+			if err == nil {
+				continue
+			}
+			if d := time.Since(start); d > 3*time.Second {
+				t.Fatalf("blocked reply failed only after %v", d)
+			}
+			return
+		case <-time.After(5 * time.Second):
+			t.Fatal("a reply to a client that does not read is still blocked after 5 s")
+		}
+	}
+}

@@ -5,7 +5,6 @@ import (
 	"io"
 	"net"
 	"testing"
-	"time"
 )
 
 // pipeStream is an in-memory rawStream, so the framing, slot and buffer
@@ -21,8 +20,6 @@ func (p pipeStream) abort() {
 }
 
 func (p pipeStream) Close() error { return p.PipeWriter.Close() }
-
-func (p pipeStream) SetWriteDeadline(time.Time) error { return nil }
 
 // pipePair wires a client session with one stream to a server stream
 // serving h, over in-memory pipes.

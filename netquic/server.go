@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -116,12 +117,14 @@ func (r *ServerRequest) Reply(code uint8, header *[UserHeaderSize]byte, payload 
 	var err error
 	if st.werr != nil {
 		err = st.werr
-	} else if err = st.raw.SetWriteDeadline(time.Now().Add(st.srv.opts.ReplyTimeout)); err == nil {
+	} else {
+		st.wsince.Store(st.srv.tick.Load())
 		if err = writeFrame(st.raw, st.wbuf, &h, payload); err != nil {
 			// A frame may be half written: the stream is done for.
 			st.werr = err
 			st.raw.abort()
 		}
+		st.wsince.Store(0)
 	}
 	st.wmu.Unlock()
 	st.release(r)
@@ -148,6 +151,37 @@ type Server struct {
 
 	mu      sync.Mutex // guards streams; not on the request path
 	streams map[*serverStream]struct{}
+
+	tick atomic.Int64 // coarse clock of the reply watchdog, starts at 1
+}
+
+// serverTick is the period of the server's coarse clock.
+const serverTick = 250 * time.Millisecond
+
+// watchdog advances the coarse clock and aborts streams whose reply write
+// has been blocked for ReplyTimeout (a peer that stopped reading), so a
+// completion goroutine cannot be stalled for longer. A per-reply stream
+// write deadline would cost quic-go a timer per Write.
+func (s *Server) watchdog() {
+	t := time.NewTicker(serverTick)
+	defer t.Stop()
+	limit := int64(s.opts.ReplyTimeout/serverTick) + 1
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := s.tick.Add(1)
+		s.mu.Lock()
+		for st := range s.streams {
+			if since := st.wsince.Load(); since != 0 && now-since >= limit {
+				s.opts.Logger.Warn("netquic: reply blocked, aborting stream", "peer", st.peer.String(), "timeout", s.opts.ReplyTimeout)
+				st.raw.abort()
+			}
+		}
+		s.mu.Unlock()
+	}
 }
 
 // Listen starts a server on addr (host:port; port 0 picks one) with the
@@ -157,6 +191,8 @@ func Listen(addr string, tlsConf *tls.Config, h Handler, opts *Options) (*Server
 	o := opts.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{h: h, opts: o, tls: tlsConf, ctx: ctx, cancel: cancel, streams: make(map[*serverStream]struct{})}
+	s.tick.Store(1)
+	s.wg.Go(s.watchdog)
 	switch o.Transport {
 	case TransportQUIC:
 		udp, err := listenUDP(addr, o.UDPBuffer, o.Logger)
@@ -284,6 +320,10 @@ type serverStream struct {
 	wmu  sync.Mutex
 	wbuf []byte
 	werr error // first write error; later replies fail fast
+	// wsince is the server tick at which the current reply write started,
+	// 0 when none is in progress; the watchdog aborts a stream whose write
+	// has blocked for ReplyTimeout.
+	wsince atomic.Int64
 
 	rbuf []byte
 

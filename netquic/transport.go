@@ -112,8 +112,6 @@ type rawStream interface {
 	abort()
 	// Close ends the sending side cleanly.
 	Close() error
-	// SetWriteDeadline bounds blocked Writes; the zero time removes it.
-	SetWriteDeadline(t time.Time) error
 }
 
 type quicStream struct{ *quic.Stream }
