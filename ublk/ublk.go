@@ -451,3 +451,24 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 		return nil
 	}
 }
+
+// Delete stops and removes ublk device id whose server is gone (for example
+// one left quiesced for recovery after its server was killed). It waits, as
+// the kernel does, while /dev/ublkbN is still open or mounted.
+func Delete(id int) error {
+	if id < 0 {
+		return fmt.Errorf("ublk: bad device id %d", id)
+	}
+	c, err := openCtrl()
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	// STOP_DEV fails on a device that is already stopped; DEL_DEV is what
+	// must succeed.
+	c.stopDev(uint32(id))
+	if err := c.delDev(uint32(id)); err != nil {
+		return fmt.Errorf("ublk: deleting device %d: %w", id, err)
+	}
+	return nil
+}

@@ -1,10 +1,17 @@
 // Command torusblk serves and attaches Torus volumes.
 //
-//	torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT
+//	torusblk serve   --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT
+//	torusblk attach  --store DIR --size SIZE [--mode ublk|nbd|auto]
+//	torusblk detach  DEVICE
+//	torusblk recover /dev/ublkbN
+//	torusblk list
 //
-// serve exports one volume kept in a local store over NBD until it is
-// signalled (SIGINT or SIGTERM), then drains in-flight requests, makes every
-// completed write durable and exits.
+// serve exports one volume kept in a local store over NBD; attach makes it a
+// local block device (ublk, or the kernel NBD client where ublk is missing).
+// Both run in the foreground until signalled (SIGINT or SIGTERM), then drain
+// in-flight requests, make every completed write durable and exit. detach
+// signals the attaching process; recover re-attaches a ublk device whose
+// server was killed, from the state attach keeps under /run/torus.
 package main
 
 import (
@@ -21,7 +28,11 @@ import (
 const usage = `torusblk: serve and attach Torus volumes
 
 Usage:
-  torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT
+  torusblk serve   --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT
+  torusblk attach  --store DIR --size SIZE [--mode ublk|nbd|auto]
+  torusblk detach  DEVICE
+  torusblk recover /dev/ublkbN
+  torusblk list
 
 Run 'torusblk COMMAND --help' for a command's flags.
 `
@@ -46,6 +57,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		err = cmdServe(ctx, args[1:], stdout, stderr, log)
+	case "attach":
+		err = cmdAttach(ctx, args[1:], stdout, stderr, log)
+	case "detach":
+		err = cmdDetach(ctx, args[1:], stdout, stderr, log)
+	case "recover":
+		err = cmdRecover(ctx, args[1:], stdout, stderr, log)
+	case "list":
+		err = cmdList(ctx, args[1:], stdout, stderr, log)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -1,0 +1,311 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/units"
+	"github.com/torus-storage/torus/nbd"
+	"github.com/torus-storage/torus/ublk"
+)
+
+// defaultRunDir keeps one JSON file per attached device: what `recover`
+// needs to serve it again and what `list` and `detach` show.
+const defaultRunDir = "/run/torus"
+
+// attachment is the state kept for one attached device.
+type attachment struct {
+	Device string `json:"device"`
+	Mode   string `json:"mode"`  // "ublk" or "nbd"
+	ID     int    `json:"id"`    // ublk device id or nbd index
+	Store  string `json:"store"` // store path (file or block device)
+	Size   int64  `json:"size"`
+	PID    int    `json:"pid"`
+	Queues int    `json:"queues,omitempty"`
+	Depth  int    `json:"depth,omitempty"`
+}
+
+func stateFile(runDir, device string) string {
+	return filepath.Join(runDir, filepath.Base(device)+".json")
+}
+
+func (a *attachment) save(runDir string) error {
+	if err := os.MkdirAll(runDir, 0o755); err != nil {
+		return fmt.Errorf("keeping attach state: %w", err)
+	}
+	b, _ := json.MarshalIndent(a, "", "  ")
+	tmp := stateFile(runDir, a.Device) + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("keeping attach state: %w", err)
+	}
+	return os.Rename(tmp, stateFile(runDir, a.Device))
+}
+
+func loadAttachment(runDir, device string) (*attachment, error) {
+	b, err := os.ReadFile(stateFile(runDir, device))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s was not attached by torusblk (no %s; see torusblk list)", device, stateFile(runDir, device))
+	}
+	if err != nil {
+		return nil, err
+	}
+	a := new(attachment)
+	if err := json.Unmarshal(b, a); err != nil {
+		return nil, fmt.Errorf("%s: %w", stateFile(runDir, device), err)
+	}
+	return a, nil
+}
+
+func alive(pid int) bool {
+	return pid > 0 && syscall.Kill(pid, 0) == nil
+}
+
+func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
+	fs := pflag.NewFlagSet("attach", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var vf volumeFlags
+	vf.register(fs)
+	mode := fs.String("mode", "auto", "ublk, nbd (kernel NBD client) or auto (ublk when /dev/ublk-control exists, else nbd)")
+	queues := fs.Int("queues", 0, "ublk queues (default: one per CPU)")
+	depth := fs.Int("depth", 128, "ublk queue depth")
+	conns := fs.Int("connections", 4, "kernel NBD connections")
+	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept for list, detach and recover")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: torusblk attach --store DIR --size SIZE [--mode ublk|nbd|auto]\n\nPrints the device path once it is ready and serves it until detached or signalled.\n\n%s", fs.FlagUsages())
+	}
+	if help, err := parseFlags(fs, args); help || err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q (a cluster volume name needs the cluster milestone; use --store)", errUsage, fs.Arg(0))
+	}
+	path, size, err := vf.parse()
+	if err != nil {
+		return err
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("attaching a block device needs root (run with sudo)")
+	}
+	switch *mode {
+	case "auto":
+		if uerr := ublk.Available(); uerr == nil {
+			*mode = "ublk"
+			log.Info("mode auto: using ublk", "why", "/dev/ublk-control is present")
+		} else {
+			*mode = "nbd"
+			log.Info("mode auto: using kernel NBD", "why", uerr.Error())
+		}
+	case "ublk", "nbd":
+	default:
+		return fmt.Errorf("%w: --mode %q: want ublk, nbd or auto", errUsage, *mode)
+	}
+	switch *mode {
+	case "ublk":
+		if err := ublk.Available(); err != nil {
+			return err
+		}
+	case "nbd":
+		if err := nbd.KernelAvailable(); err != nil {
+			return err
+		}
+	}
+
+	vol, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: log})
+	if err != nil {
+		return err
+	}
+	a := &attachment{Mode: *mode, Store: path, Size: size, PID: os.Getpid()}
+	var wait func() error
+	var closeDev func() error
+	switch *mode {
+	case "ublk":
+		dev, err := ublk.Create(ctx, vol, ublk.Options{Queues: *queues, Depth: *depth, Recovery: true, Logger: log})
+		if err != nil {
+			vol.Close()
+			return err
+		}
+		a.Device, a.ID, a.Queues, a.Depth = dev.Path(), dev.ID(), *queues, *depth
+		wait, closeDev = dev.Wait, dev.Close
+	case "nbd":
+		dev, err := nbd.AttachKernel(ctx, vol, nbd.AttachOptions{Index: -1, Conns: *conns, Logger: log})
+		if err != nil {
+			vol.Close()
+			return err
+		}
+		a.Device, a.ID = dev.Path(), dev.Index()
+		wait, closeDev = dev.Wait, dev.Close
+	}
+	return serveDevice(ctx, a, *runDir, vol, wait, closeDev, stdout, log)
+}
+
+// serveDevice records the attachment, prints the device and serves until the
+// device goes away or ctx is cancelled, then detaches and closes the volume.
+func serveDevice(ctx context.Context, a *attachment, runDir string, vol engine.Volume, wait, closeDev func() error, stdout io.Writer, log *slog.Logger) error {
+	if err := a.save(runDir); err != nil {
+		closeDev()
+		vol.Close()
+		return err
+	}
+	fmt.Fprintln(stdout, a.Device)
+	log.Info("attached", "device", a.Device, "mode", a.Mode, "store", a.Store, "size", units.FormatSize(a.Size))
+
+	done := make(chan error, 1)
+	go func() { done <- wait() }()
+	var werr error
+	select {
+	case <-ctx.Done():
+		log.Info("detaching", "device", a.Device)
+		werr = closeDev()
+		<-done
+	case werr = <-done:
+		closeDev()
+	}
+	cerr := vol.Close()
+	os.Remove(stateFile(runDir, a.Device))
+	if werr != nil {
+		return fmt.Errorf("%s: %w", a.Device, werr)
+	}
+	if cerr != nil {
+		return fmt.Errorf("closing the store: %w", cerr)
+	}
+	log.Info("detached", "device", a.Device)
+	return nil
+}
+
+func cmdRecover(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
+	fs := pflag.NewFlagSet("recover", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: torusblk recover /dev/ublkbN\n\nServes a ublk device again after the process that attached it died.\n\n%s", fs.FlagUsages())
+	}
+	if help, err := parseFlags(fs, args); help || err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("%w: recover takes one device, e.g. torusblk recover /dev/ublkb0", errUsage)
+	}
+	a, err := loadAttachment(*runDir, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	if a.Mode != "ublk" {
+		return fmt.Errorf("%s is attached over %s; only ublk devices can be recovered (detach and attach again)", a.Device, a.Mode)
+	}
+	if alive(a.PID) && a.PID != os.Getpid() {
+		return fmt.Errorf("%s is still served by process %d; recover is for a device whose server died", a.Device, a.PID)
+	}
+	vol, err := engine.OpenLocal(a.Store, a.Size, engine.LocalOptions{Logger: log})
+	if err != nil {
+		return err
+	}
+	dev, err := ublk.Recover(ctx, a.ID, vol, ublk.Options{Queues: a.Queues, Depth: a.Depth, Recovery: true, Logger: log})
+	if err != nil {
+		vol.Close()
+		return err
+	}
+	a.PID = os.Getpid()
+	log.Info("recovered", "device", a.Device)
+	return serveDevice(ctx, a, *runDir, vol, dev.Wait, dev.Close, stdout, log)
+}
+
+func cmdDetach(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
+	fs := pflag.NewFlagSet("detach", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept")
+	timeout := fs.Duration("timeout", 60*time.Second, "how long to wait for the device to go")
+	if help, err := parseFlags(fs, args); help || err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("%w: detach takes one device, e.g. torusblk detach /dev/ublkb0", errUsage)
+	}
+	a, err := loadAttachment(*runDir, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	if alive(a.PID) {
+		// The attaching process owns the device: ask it to stop, which
+		// drains I/O, removes the device and closes the store cleanly.
+		if err := syscall.Kill(a.PID, syscall.SIGTERM); err != nil {
+			return fmt.Errorf("signalling process %d that serves %s: %w", a.PID, a.Device, err)
+		}
+		deadline := time.Now().Add(*timeout)
+		for alive(a.PID) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s: process %d did not stop within %v (is the device still mounted? umount it first)", a.Device, a.PID, *timeout)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		log.Info("detached", "device", a.Device)
+		return nil
+	}
+	// Nobody serves it any more: remove the device directly.
+	switch a.Mode {
+	case "ublk":
+		err = ublk.Delete(a.ID)
+	case "nbd":
+		err = nbd.DisconnectKernel(a.ID)
+	}
+	if err != nil {
+		return fmt.Errorf("removing %s: %w", a.Device, err)
+	}
+	os.Remove(stateFile(*runDir, a.Device))
+	log.Info("removed the device of a dead server", "device", a.Device)
+	return nil
+}
+
+func cmdList(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
+	fs := pflag.NewFlagSet("list", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if help, err := parseFlags(fs, args); help || err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(*runDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	var list []*attachment
+	for _, e := range ents {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		if a, err := loadAttachment(*runDir, strings.TrimSuffix(e.Name(), ".json")); err == nil {
+			list = append(list, a)
+		}
+	}
+	if *asJSON {
+		b, _ := json.MarshalIndent(list, "", "  ")
+		fmt.Fprintln(stdout, string(b))
+		return nil
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tMODE\tSIZE\tSTORE\tPID\tSTATE")
+	for _, a := range list {
+		state := "serving"
+		if !alive(a.PID) {
+			state = "server dead: torusblk recover " + a.Device
+			if a.Mode != "ublk" {
+				state = "server dead: torusblk detach " + a.Device
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.Store, strconv.Itoa(a.PID), state)
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# End-to-end test of `torusblk attach|list|detach|recover` on real kernels, in a VM per kernel.
+#
+# Usage: scripts/vm/attach-e2e.sh [trixie] [backports] [bookworm]   (default: all three)
+#
+# On kernels with ublk (trixie 6.12, backports 7.x) `--mode auto` must pick ublk; on bookworm
+# (6.1, no ublk) it must fall back to the kernel NBD client. On each: a filesystem round trip
+# (mkfs.ext4, files, sync, umount, e2fsck -fn, remount, compare), fio verify=crc32c at QD32 on
+# the raw device, discard reaching the store (its allocated space drops), and detach leaving no
+# device. With ublk also: kill -9 of the server in the middle of a fio verify job, then
+# `torusblk recover`, and the same fio job finishes and verifies every block.
+# Prints 'N passed, N failed' per kernel and exits non-zero when anything failed.
+set -euo pipefail
+
+if [ "${1:-}" = --guest ]; then
+	shift
+	bin=$1
+	want=$2 # ublk or nbd
+	pass=0 fail=0
+	ok() { echo "ok   - $*"; pass=$((pass + 1)); }
+	bad() { echo "FAIL - $*"; fail=$((fail + 1)); }
+	finish() {
+		echo "$TORUS_VM_KERNEL ($TORUS_VM_KVER): $pass passed, $fail failed"
+		[ "$fail" = 0 ]
+		exit
+	}
+	store=/mnt/disk/store
+	mkdir -p /mnt/vol
+	attach() { # starts torusblk attach in the background, sets dev and apid
+		: >/tmp/dev
+		"$bin" attach --store "$store" --size 1GiB --mode auto >/tmp/dev 2>>/tmp/attach.log &
+		apid=$!
+		for _ in $(seq 600); do
+			dev=$(head -n1 /tmp/dev)
+			[ -n "$dev" ] && [ -b "$dev" ] && return 0
+			kill -0 $apid 2>/dev/null || break
+			sleep 0.1
+		done
+		return 1
+	}
+
+	if attach; then ok "attach --mode auto printed $dev"; else
+		bad "attach did not print a device"
+		cat /tmp/attach.log
+		finish
+	fi
+	case "$want:$dev" in
+	ublk:/dev/ublkb* | nbd:/dev/nbd*) ok "auto picked $want" ;;
+	*) bad "auto picked $dev, want $want" ;;
+	esac
+	grep -q "mode auto: using" /tmp/attach.log && ok "attach says which mode and why" || bad "attach did not say why it chose its mode"
+	"$bin" list | grep -q "^$dev .*serving" && ok "list shows $dev serving" || bad "list does not show $dev: $("$bin" list)"
+
+	# Filesystem round trip.
+	if mkfs.ext4 -q -F "$dev" && mount "$dev" /mnt/vol; then
+		for i in 1 2 3 4 5 6; do head -c $((3 << 20)) /dev/urandom >/mnt/vol/f$i; done
+		(cd /mnt/vol && sha256sum f* >/tmp/sums)
+		sync && umount /mnt/vol
+		if e2fsck -fn "$dev" >/tmp/fsck 2>&1; then ok "e2fsck -fn clean"; else bad "e2fsck: $(cat /tmp/fsck)"; fi
+		mount "$dev" /mnt/vol && (cd /mnt/vol && sha256sum -c --quiet /tmp/sums) && ok "files intact after remount" || bad "files differ after remount"
+		umount /mnt/vol
+	else
+		bad "mkfs.ext4/mount on $dev"
+	fi
+
+	# Raw device verify.
+	if fio --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 \
+		--size=128M --offset=256M --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_state_save=0 \
+		--output=/tmp/fio.out >/dev/null 2>&1; then
+		ok "fio verify=crc32c QD32 on $dev ($(grep -o 'IOPS=[0-9.k]*' /tmp/fio.out | tr '\n' ' '))"
+	else
+		bad "fio verify on $dev: $(tail -5 /tmp/fio.out)"
+	fi
+
+	# Discard reaches the store.
+	sync
+	before=$(du -k "$store/volume.store" | cut -f1)
+	blkdiscard "$dev"
+	sleep 0.5
+	after=$(du -k "$store/volume.store" | cut -f1)
+	if [ "$after" -lt $((before / 4)) ]; then ok "discard freed store space (${before} KiB -> ${after} KiB)"; else bad "discard did not free space (${before} KiB -> ${after} KiB)"; fi
+
+	if [ "$want" = ublk ]; then
+		# kill -9 the server during a fio verify job, recover, the job finishes and verifies.
+		fio --name=k --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 \
+			--size=96M --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_state_save=0 \
+			--output=/tmp/fiok.out >/dev/null 2>&1 &
+		fpid=$!
+		sleep 4
+		if kill -0 $fpid 2>/dev/null; then
+			kill -9 $apid
+			wait $apid 2>/dev/null || true
+			"$bin" list | grep -q "server dead: torusblk recover $dev" && ok "list says the dead server's device needs recover" || bad "list after kill -9: $("$bin" list)"
+			: >/tmp/dev
+			"$bin" recover "$dev" >/tmp/dev 2>>/tmp/attach.log &
+			apid=$!
+			if wait $fpid; then ok "fio verify survived kill -9 + recover ($(grep -o 'IOPS=[0-9.k]*' /tmp/fiok.out | tr '\n' ' '))"; else bad "fio across kill -9/recover: $(tail -8 /tmp/fiok.out)"; fi
+			[ "$(head -n1 /tmp/dev)" = "$dev" ] && ok "recover printed $dev" || bad "recover printed '$(cat /tmp/dev)'"
+		else
+			bad "fio finished before the kill; the test proves nothing"
+		fi
+	fi
+
+	"$bin" detach "$dev" && ok "detach $dev" || bad "detach $dev: $(tail -3 /tmp/attach.log)"
+	wait $apid 2>/dev/null && ok "attach process exited 0" || bad "attach process exit status $?"
+	case "$dev" in
+	/dev/ublkb*) [ -e "$dev" ] && bad "$dev still exists after detach" || ok "no $dev after detach" ;;
+	/dev/nbd*) [ "$(cat /sys/block/${dev#/dev/}/size)" = 0 ] && ok "$dev disconnected (size 0)" || bad "$dev still has a size after detach" ;;
+	esac
+	[ -z "$("$bin" list | tail -n +2)" ] && ok "list is empty" || bad "list after detach: $("$bin" list)"
+	# And the wrong inputs get clear errors.
+	out=$("$bin" attach --store "$store" --size 2GiB --mode "$want" 2>&1) && bad "attach with another size succeeded" ||
+		{ echo "$out" | grep -q "made for a 1 GiB volume" && ok "attach with another size: clear error" || bad "attach with another size: $out"; }
+	out=$("$bin" recover /dev/ublkb9 2>&1) && bad "recover of an unknown device succeeded" ||
+		{ echo "$out" | grep -q "was not attached by torusblk" && ok "recover of an unknown device: clear error" || bad "recover unknown: $out"; }
+	if [ "$want" = nbd ]; then
+		out=$("$bin" attach --store "$store" --size 1GiB --mode ublk 2>&1) && bad "--mode ublk without ublk succeeded" ||
+			{ echo "$out" | grep -q "ublk is not available" && ok "--mode ublk without ublk: clear error" || bad "--mode ublk: $out"; }
+	fi
+	finish
+fi
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$root"
+kernels=("$@")
+[ ${#kernels[@]} -gt 0 ] || kernels=(trixie backports bookworm)
+mkdir -p .vmbin
+go build -o .vmbin/torusblk ./cmd/torusblk
+failed=()
+for k in "${kernels[@]}"; do
+	want=ublk
+	[ "$k" = bookworm ] && want=nbd
+	echo "--- attach-e2e on $k (expect $want)" >&2
+	scripts/vm/run.sh --kernel "$k" --disk 2G --timeout 900 -- \
+		"$root/scripts/vm/attach-e2e.sh" --guest "$root/.vmbin/torusblk" "$want" || failed+=("$k")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+	echo "attach-e2e: FAILED on ${failed[*]}" >&2
+	exit 1
+fi
