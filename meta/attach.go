@@ -1,0 +1,192 @@
+package meta
+
+// Invariants of the attach lock:
+//   - attach/ID exists iff some holder's lease is alive; it is created only
+//     in the transaction that also writes epochs/ID = previous epoch + 1, so
+//     the epoch of the current holder is greater than every earlier one.
+//   - Storage nodes fence writes by epoch: a holder whose lease was lost may
+//     not have noticed yet, so Lost is a hint to stop, the epoch is the
+//     guarantee.
+//   - An AttachLease's goroutine closes lost exactly once, when the
+//     keepalive ends for any reason other than Release.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// attachRecord is the value of attach/ID.
+type attachRecord struct {
+	Holder string    `json:"holder"`
+	Host   string    `json:"host"`
+	Epoch  uint64    `json:"epoch"`
+	Since  time.Time `json:"since"`
+}
+
+func attachedError(name string, val []byte) error {
+	var a attachRecord
+	json.Unmarshal(val, &a)
+	return fmt.Errorf("volume %s is attached by %q on host %s (epoch %d, since %s): %w",
+		name, a.Holder, a.Host, a.Epoch, a.Since.Format(time.RFC3339), ErrAttached)
+}
+
+// AttachLease is a held attach lock on a volume. Keep it until Release; a
+// goroutine keeps its lease alive.
+type AttachLease struct {
+	s      *Store
+	volume Volume
+	epoch  uint64
+	lease  clientv3.LeaseID
+	lost   chan struct{}
+	stop   context.CancelFunc
+	done   chan struct{}
+
+	mu       sync.Mutex
+	released bool
+}
+
+// Attach takes the attach lock of the volume called name for holder, under
+// a lease of ttl, and bumps the volume's epoch in the same transaction. It
+// fails with ErrAttached (naming the holder) while someone else holds it.
+func (s *Store) Attach(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
+	if holder == "" {
+		return nil, fmt.Errorf("meta: attach %s: empty holder: %w", name, ErrInvalid)
+	}
+	host, _ := os.Hostname()
+	for range maxTries {
+		v, rev, err := s.volume(ctx, name)
+		if err != nil {
+			return nil, fmt.Errorf("meta: attach: %w", err)
+		}
+		ak, ek := s.attachKey(v.ID), s.epochKey(v.ID)
+		resp, err := s.cli.Get(ctx, ek)
+		if err != nil {
+			return nil, fmt.Errorf("meta: attach %s: read epoch: %w", name, err)
+		}
+		epoch, erev, err := parseEpoch(resp)
+		if err != nil {
+			return nil, fmt.Errorf("meta: attach %s: %w", name, err)
+		}
+		epoch++
+		rec, _ := json.Marshal(attachRecord{Holder: holder, Host: host, Epoch: epoch, Since: time.Now().UTC()})
+		g, err := s.cli.Grant(ctx, ttlSeconds(ttl))
+		if err != nil {
+			return nil, fmt.Errorf("meta: attach %s: grant lease: %w", name, err)
+		}
+		tr, err := s.txn(ctx,
+			[]clientv3.Cmp{
+				clientv3.Compare(clientv3.ModRevision(s.volKey(v.ID)), "=", rev),
+				clientv3.Compare(clientv3.CreateRevision(ak), "=", 0),
+				clientv3.Compare(clientv3.ModRevision(ek), "=", erev),
+			},
+			[]clientv3.Op{
+				clientv3.OpPut(ak, string(rec), clientv3.WithLease(g.ID)),
+				clientv3.OpPut(ek, strconv.FormatUint(epoch, 10)),
+			},
+			[]clientv3.Op{clientv3.OpGet(ak)})
+		if err == nil && tr.Succeeded {
+			return s.newAttachLease(v, epoch, g.ID), nil
+		}
+		s.cli.Revoke(context.WithoutCancel(ctx), g.ID)
+		if err != nil {
+			return nil, fmt.Errorf("meta: attach %s: %w", name, err)
+		}
+		if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 {
+			return nil, fmt.Errorf("meta: attach: %w", attachedError(name, kvs[0].Value))
+		}
+		// The volume or its epoch changed under us: retry.
+	}
+	return nil, fmt.Errorf("meta: attach %s: contended %d times: %w", name, maxTries, ErrConflict)
+}
+
+func parseEpoch(resp *clientv3.GetResponse) (epoch uint64, rev int64, err error) {
+	if len(resp.Kvs) == 0 {
+		return 0, 0, nil
+	}
+	epoch, err = strconv.ParseUint(string(resp.Kvs[0].Value), 10, 64)
+	if err != nil {
+		return 0, 0, fmt.Errorf("corrupt epoch %q: %w", resp.Kvs[0].Value, err)
+	}
+	return epoch, resp.Kvs[0].ModRevision, nil
+}
+
+func (s *Store) newAttachLease(v Volume, epoch uint64, lease clientv3.LeaseID) *AttachLease {
+	ctx, stop := context.WithCancel(s.cli.Ctx())
+	a := &AttachLease{s: s, volume: v, epoch: epoch, lease: lease, lost: make(chan struct{}), stop: stop, done: make(chan struct{})}
+	go a.run(ctx)
+	return a
+}
+
+func (a *AttachLease) run(ctx context.Context) {
+	defer close(a.done)
+	ch, err := a.s.cli.KeepAlive(clientv3.WithRequireLeader(ctx), a.lease)
+	if err == nil {
+		for range ch { // drain
+		}
+	}
+	a.mu.Lock()
+	released := a.released
+	a.mu.Unlock()
+	if !released {
+		a.s.log.Warn("attach lease lost", "volume", a.volume.Name, "epoch", a.epoch, "err", err)
+	}
+	close(a.lost)
+}
+
+// Volume returns the attached volume as it was when attached.
+func (a *AttachLease) Volume() Volume { return a.volume }
+
+// Epoch returns the attach epoch: greater than that of every earlier
+// holder. Storage nodes refuse writes carrying an older epoch.
+func (a *AttachLease) Epoch() uint64 { return a.epoch }
+
+// Lost returns a channel closed when the lease ends: released, expired (etcd
+// unreachable for longer than the TTL) or revoked. After that the holder must
+// stop writing; another holder may already have a higher epoch.
+func (a *AttachLease) Lost() <-chan struct{} { return a.lost }
+
+// Release stops the keepalive and revokes the lease, which frees the lock at
+// once. It is safe to call more than once.
+func (a *AttachLease) Release(ctx context.Context) error {
+	a.mu.Lock()
+	if a.released {
+		a.mu.Unlock()
+		return nil
+	}
+	a.released = true
+	a.mu.Unlock()
+	a.stop()
+	<-a.done
+	_, err := a.s.cli.Revoke(ctx, a.lease)
+	if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) { // not found: expired already
+		return fmt.Errorf("meta: release %s: revoke lease: %w", a.volume.Name, err)
+	}
+	return nil
+}
+
+// Epoch returns the last attach epoch of the volume called name (0 if it
+// was never attached).
+func (s *Store) Epoch(ctx context.Context, name string) (uint64, error) {
+	v, _, err := s.volume(ctx, name)
+	if err != nil {
+		return 0, fmt.Errorf("meta: epoch: %w", err)
+	}
+	resp, err := s.cli.Get(ctx, s.epochKey(v.ID))
+	if err != nil {
+		return 0, fmt.Errorf("meta: epoch of %s: %w", name, err)
+	}
+	e, _, err := parseEpoch(resp)
+	if err != nil {
+		return 0, fmt.Errorf("meta: epoch of %s: %w", name, err)
+	}
+	return e, nil
+}

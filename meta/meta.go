@@ -1,0 +1,318 @@
+// Package meta keeps Torus cluster metadata in etcd: the cluster config, the
+// node registry, the placement ring, volumes and their attach locks.
+//
+// Everything lives under one key prefix (default DefaultPrefix):
+//
+//	PREFIX/schema                   "1.0": schema version, major.minor
+//	PREFIX/v1/config                JSON Config
+//	PREFIX/v1/nodes/ID              JSON Node, attached to the node's lease
+//	PREFIX/v1/ring                  ring.Ring binary encoding
+//	PREFIX/v1/volumes/next-id       next volume id, decimal
+//	PREFIX/v1/volumes/by-name/NAME  volume id, decimal
+//	PREFIX/v1/volumes/ID            JSON Volume; ID is 20 zero-padded digits
+//	PREFIX/v1/attach/ID             JSON attach record, attached to the holder's lease
+//	PREFIX/v1/epochs/ID             last attach epoch of the volume, decimal
+//
+// Invariants (kept by this file's txn helper and by every writer):
+//
+//   - Every write is one etcd transaction whose first comparison is
+//     "PREFIX/schema == the value seen at Open or Init"; a cluster that was
+//     never initialised, or whose schema changed under us, refuses writes
+//     with ErrNotInitialized or ErrSchemaVersion.
+//   - Open refuses a prefix holding another major schema version.
+//   - The ring key changes only by compare-and-swap on its mod revision.
+//   - A volume's attach key and its epoch bump are written in the same
+//     transaction, so every holder of the attach lock has a distinct epoch,
+//     and epochs of successive holders strictly increase.
+//   - Volume ids come from the next-id counter, changed only by CAS, so an
+//     id is never reused, not even after a delete (epochs stay monotonic).
+//   - Keys attached to a lease (nodes, attach) vanish when the lease ends:
+//     presence means a live owner.
+package meta
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// DefaultPrefix is the key prefix used when Open is given "".
+const DefaultPrefix = "/torus/"
+
+// SchemaMajor and SchemaMinor are the schema version this package writes.
+// Open refuses a prefix initialised with another major version.
+const (
+	SchemaMajor = 1
+	SchemaMinor = 0
+)
+
+// DefaultDialTimeout bounds how long Open waits for etcd.
+const DefaultDialTimeout = 3 * time.Second
+
+// Sentinel errors, for errors.Is. Returned errors wrap them with context.
+var (
+	ErrUnreachable        = errors.New("etcd is unreachable")
+	ErrNotInitialized     = errors.New("cluster not initialised")
+	ErrAlreadyInitialized = errors.New("cluster already initialised")
+	ErrSchemaVersion      = errors.New("unsupported metadata schema version")
+	ErrConflict           = errors.New("concurrent update")
+	ErrExists             = errors.New("already exists")
+	ErrNotFound           = errors.New("not found")
+	ErrAttached           = errors.New("volume is attached")
+	ErrShrink             = errors.New("size below the current size")
+	ErrInvalid            = errors.New("invalid argument")
+)
+
+// Options tune Open.
+type Options struct {
+	// DialTimeout bounds how long Open waits for etcd to answer; zero means
+	// DefaultDialTimeout.
+	DialTimeout time.Duration
+	// Logger receives background events (re-registrations, lost leases,
+	// watch restarts); nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Store is a handle on the metadata of one Torus cluster. It is safe for
+// concurrent use. Close it when done.
+type Store struct {
+	cli    *clientv3.Client
+	log    *slog.Logger
+	prefix string
+	schema string // schema value every write compares against
+
+	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs string
+}
+
+type unreachableError struct {
+	endpoints string
+	cause     error
+}
+
+func (e *unreachableError) Error() string {
+	return fmt.Sprintf("etcd at %s is unreachable: start etcd or pass --etcd (%v)", e.endpoints, e.cause)
+}
+
+func (e *unreachableError) Is(target error) bool { return target == ErrUnreachable }
+func (e *unreachableError) Unwrap() error        { return e.cause }
+
+// Open connects to etcd at endpoints and checks the schema under prefix
+// ("" means DefaultPrefix; it must start and end with "/"). It fails with
+// ErrUnreachable within opt.DialTimeout if etcd does not answer, and with
+// ErrSchemaVersion if prefix holds another major schema version. An
+// uninitialised prefix is fine: call Init.
+func Open(ctx context.Context, endpoints []string, prefix string, opt Options) (*Store, error) {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	if !strings.HasPrefix(prefix, "/") || !strings.HasSuffix(prefix, "/") {
+		return nil, fmt.Errorf("meta: prefix %q must start and end with '/': %w", prefix, ErrInvalid)
+	}
+	if len(endpoints) == 0 {
+		return nil, fmt.Errorf("meta: no etcd endpoints: %w", ErrInvalid)
+	}
+	if opt.DialTimeout <= 0 {
+		opt.DialTimeout = DefaultDialTimeout
+	}
+	if opt.Logger == nil {
+		opt.Logger = slog.Default()
+	}
+	eps := strings.Join(endpoints, ",")
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   endpoints,
+		DialTimeout: opt.DialTimeout,
+		Logger:      zap.NewNop(),
+	})
+	if err != nil {
+		return nil, &unreachableError{eps, err}
+	}
+	s := newStore(cli, prefix, opt.Logger)
+
+	pctx, cancel := context.WithTimeout(ctx, opt.DialTimeout)
+	resp, err := cli.Get(clientv3.WithRequireLeader(pctx), s.kSchema)
+	cancel()
+	if err != nil {
+		cli.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("meta: open %s: %w", eps, ctx.Err())
+		}
+		return nil, &unreachableError{eps, err}
+	}
+	if len(resp.Kvs) == 1 {
+		v := string(resp.Kvs[0].Value)
+		if err := s.checkSchema(v); err != nil {
+			cli.Close()
+			return nil, err
+		}
+		s.schema = v
+	}
+	return s, nil
+}
+
+func newStore(cli *clientv3.Client, prefix string, log *slog.Logger) *Store {
+	v := prefix + "v" + strconv.Itoa(SchemaMajor) + "/"
+	return &Store{
+		cli:      cli,
+		log:      log.With("component", "meta"),
+		prefix:   prefix,
+		schema:   schemaValue(),
+		kSchema:  prefix + "schema",
+		kConfig:  v + "config",
+		kNodes:   v + "nodes/",
+		kRing:    v + "ring",
+		kNextID:  v + "volumes/next-id",
+		kByName:  v + "volumes/by-name/",
+		kVolumes: v + "volumes/",
+		kAttach:  v + "attach/",
+		kEpochs:  v + "epochs/",
+	}
+}
+
+func schemaValue() string { return fmt.Sprintf("%d.%d", SchemaMajor, SchemaMinor) }
+
+func (s *Store) checkSchema(v string) error {
+	major, _, _ := strings.Cut(v, ".")
+	if major != strconv.Itoa(SchemaMajor) {
+		return fmt.Errorf("meta: etcd prefix %s holds schema version %q, this build understands %d.x only: "+
+			"use a matching torus build or another prefix: %w", s.prefix, v, SchemaMajor, ErrSchemaVersion)
+	}
+	return nil
+}
+
+// Close closes the etcd client. Leases of registrations and attach locks
+// still held are not revoked: they expire after their TTL (call their
+// Close/Release first for a clean exit).
+func (s *Store) Close() error { return s.cli.Close() }
+
+// Prefix returns the key prefix of the store.
+func (s *Store) Prefix() string { return s.prefix }
+
+// txn runs If(schema == s.schema, cmps...).Then(thens...).Else(elses...).
+// When the comparison fails it reports a missing or changed schema as an
+// error; otherwise it returns the response for the caller to interpret (the
+// Else responses are resp.Responses[:len(elses)]).
+func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, thens, elses []clientv3.Op) (*clientv3.TxnResponse, error) {
+	all := append([]clientv3.Cmp{clientv3.Compare(clientv3.Value(s.kSchema), "=", s.schema)}, cmps...)
+	el := append(elses[:len(elses):len(elses)], clientv3.OpGet(s.kSchema))
+	resp, err := s.cli.Txn(ctx).If(all...).Then(thens...).Else(el...).Commit()
+	if err != nil {
+		return nil, err
+	}
+	if resp.Succeeded {
+		return resp, nil
+	}
+	kvs := resp.Responses[len(elses)].GetResponseRange().Kvs
+	if len(kvs) == 0 {
+		return nil, fmt.Errorf("meta: prefix %s: %w: run init first", s.prefix, ErrNotInitialized)
+	}
+	if v := string(kvs[0].Value); v != s.schema {
+		if err := s.checkSchema(v); err != nil {
+			return nil, err
+		}
+		return nil, fmt.Errorf("meta: schema under %s changed from %q to %q while open: reopen: %w",
+			s.prefix, s.schema, v, ErrSchemaVersion)
+	}
+	return resp, nil
+}
+
+// Config is the cluster-wide configuration, written once by Init.
+type Config struct {
+	// ClusterID names the cluster; Init fills in a random one if empty.
+	ClusterID string `json:"cluster_id"`
+	// ChunkSize is the placement unit in bytes, a power of two.
+	ChunkSize uint64 `json:"chunk_size"`
+	// Replication is the default number of copies of a chunk.
+	Replication int `json:"replication"`
+	// Created is when Init ran; Init fills it in if zero.
+	Created time.Time `json:"created"`
+}
+
+// Init writes the schema version and cfg. It fails with
+// ErrAlreadyInitialized if the prefix already holds a cluster.
+func (s *Store) Init(ctx context.Context, cfg Config) error {
+	if cfg.ChunkSize == 0 || cfg.ChunkSize&(cfg.ChunkSize-1) != 0 {
+		return fmt.Errorf("meta: init: chunk size %d is not a power of two: %w", cfg.ChunkSize, ErrInvalid)
+	}
+	if cfg.Replication < 1 {
+		return fmt.Errorf("meta: init: replication %d below 1: %w", cfg.Replication, ErrInvalid)
+	}
+	if cfg.ClusterID == "" {
+		var b [8]byte
+		rand.Read(b[:])
+		cfg.ClusterID = hex.EncodeToString(b[:])
+	}
+	if cfg.Created.IsZero() {
+		cfg.Created = time.Now().UTC()
+	}
+	js, err := json.Marshal(cfg)
+	if err != nil {
+		return fmt.Errorf("meta: init: %w", err)
+	}
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(s.kSchema), "=", 0),
+			clientv3.Compare(clientv3.CreateRevision(s.kConfig), "=", 0)).
+		Then(clientv3.OpPut(s.kSchema, schemaValue()), clientv3.OpPut(s.kConfig, string(js))).
+		Else(clientv3.OpGet(s.kSchema), clientv3.OpGet(s.kConfig)).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("meta: init %s: %w", s.prefix, err)
+	}
+	if resp.Succeeded {
+		s.schema = schemaValue()
+		return nil
+	}
+	detail := ""
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
+		var old Config
+		if json.Unmarshal(kvs[0].Value, &old) == nil {
+			detail = fmt.Sprintf(" (cluster %s, created %s)", old.ClusterID, old.Created.Format(time.RFC3339))
+		}
+	}
+	return fmt.Errorf("meta: init: prefix %s already holds a cluster%s: %w", s.prefix, detail, ErrAlreadyInitialized)
+}
+
+// Config returns the cluster configuration; ErrNotInitialized before Init.
+func (s *Store) Config(ctx context.Context) (Config, error) {
+	var cfg Config
+	resp, err := s.cli.Get(ctx, s.kConfig)
+	if err != nil {
+		return cfg, fmt.Errorf("meta: read config: %w", err)
+	}
+	if len(resp.Kvs) == 0 {
+		return cfg, fmt.Errorf("meta: prefix %s: %w: run init first", s.prefix, ErrNotInitialized)
+	}
+	if err := json.Unmarshal(resp.Kvs[0].Value, &cfg); err != nil {
+		return cfg, fmt.Errorf("meta: decode config: %w", err)
+	}
+	return cfg, nil
+}
+
+// ttlSeconds converts a lease TTL to etcd's whole seconds, at least 1.
+func ttlSeconds(ttl time.Duration) int64 {
+	sec := int64((ttl + time.Second - 1) / time.Second)
+	return max(sec, 1)
+}
+
+// backoff sleeps for d (doubling it up to max) or until ctx is done; it
+// reports whether ctx is still live.
+func backoff(ctx context.Context, d *time.Duration, maxD time.Duration) bool {
+	t := time.NewTimer(*d)
+	defer t.Stop()
+	*d = min(*d*2, maxD)
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

@@ -1,0 +1,220 @@
+package meta
+
+// Invariants of volume records:
+//   - by-name/NAME exists iff volumes/ID exists with Name == NAME; both are
+//     created and deleted in one transaction.
+//   - Size only grows (ResizeVolume refuses to shrink).
+//   - A volume is deleted only while its attach key is absent, checked in
+//     the deleting transaction.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// Volume states.
+const (
+	// VolumeReady is a volume that can be attached.
+	VolumeReady = "ready"
+)
+
+// Volume is the metadata of a volume.
+type Volume struct {
+	// ID is allocated by CreateVolume, never reused; it is the volume
+	// number in chunk keys (ring.ChunkKey).
+	ID uint64 `json:"id"`
+	// Name is unique in the cluster.
+	Name string `json:"name"`
+	// Size in bytes.
+	Size uint64 `json:"size"`
+	// Replication is the number of copies of each chunk.
+	Replication int `json:"replication"`
+	// State is VolumeReady.
+	State string `json:"state"`
+	// Created is when CreateVolume ran.
+	Created time.Time `json:"created"`
+}
+
+// maxTries bounds CAS retry loops against concurrent writers.
+const maxTries = 64
+
+func (s *Store) volKey(id uint64) string    { return fmt.Sprintf("%s%020d", s.kVolumes, id) }
+func (s *Store) attachKey(id uint64) string { return fmt.Sprintf("%s%020d", s.kAttach, id) }
+func (s *Store) epochKey(id uint64) string  { return fmt.Sprintf("%s%020d", s.kEpochs, id) }
+
+// CreateVolume creates a volume of size bytes with replication copies
+// (0: the cluster default from Config). It fails with ErrExists if name is
+// taken.
+func (s *Store) CreateVolume(ctx context.Context, name string, size uint64, replication int) (Volume, error) {
+	if err := validName("volume name", name); err != nil {
+		return Volume{}, err
+	}
+	if size == 0 {
+		return Volume{}, fmt.Errorf("meta: create volume %s: size 0: %w", name, ErrInvalid)
+	}
+	if replication <= 0 {
+		cfg, err := s.Config(ctx)
+		if err != nil {
+			return Volume{}, fmt.Errorf("meta: create volume %s: %w", name, err)
+		}
+		replication = cfg.Replication
+	}
+	nameKey := s.kByName + name
+	for range maxTries {
+		resp, err := s.cli.Get(ctx, s.kNextID)
+		if err != nil {
+			return Volume{}, fmt.Errorf("meta: create volume %s: read id counter: %w", name, err)
+		}
+		id, rev := uint64(1), int64(0)
+		if len(resp.Kvs) == 1 {
+			if id, err = strconv.ParseUint(string(resp.Kvs[0].Value), 10, 64); err != nil {
+				return Volume{}, fmt.Errorf("meta: create volume %s: corrupt id counter: %w", name, err)
+			}
+			rev = resp.Kvs[0].ModRevision
+		}
+		v := Volume{ID: id, Name: name, Size: size, Replication: replication, State: VolumeReady, Created: time.Now().UTC()}
+		js, _ := json.Marshal(v)
+		tr, err := s.txn(ctx,
+			[]clientv3.Cmp{
+				clientv3.Compare(clientv3.CreateRevision(nameKey), "=", 0),
+				clientv3.Compare(clientv3.ModRevision(s.kNextID), "=", rev),
+			},
+			[]clientv3.Op{
+				clientv3.OpPut(nameKey, strconv.FormatUint(id, 10)),
+				clientv3.OpPut(s.volKey(id), string(js)),
+				clientv3.OpPut(s.kNextID, strconv.FormatUint(id+1, 10)),
+			},
+			[]clientv3.Op{clientv3.OpGet(nameKey, clientv3.WithCountOnly())})
+		if err != nil {
+			return Volume{}, fmt.Errorf("meta: create volume %s: %w", name, err)
+		}
+		if tr.Succeeded {
+			return v, nil
+		}
+		if tr.Responses[0].GetResponseRange().Count > 0 {
+			return Volume{}, fmt.Errorf("meta: volume %s already exists: %w", name, ErrExists)
+		}
+	}
+	return Volume{}, fmt.Errorf("meta: create volume %s: id counter contended %d times: %w", name, maxTries, ErrConflict)
+}
+
+// volume reads a volume by name with the mod revision of its record.
+func (s *Store) volume(ctx context.Context, name string) (Volume, int64, error) {
+	var v Volume
+	if err := validName("volume name", name); err != nil {
+		return v, 0, err
+	}
+	resp, err := s.cli.Get(ctx, s.kByName+name)
+	if err != nil {
+		return v, 0, fmt.Errorf("meta: read volume %s: %w", name, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return v, 0, fmt.Errorf("meta: volume %s: %w", name, ErrNotFound)
+	}
+	id, err := strconv.ParseUint(string(resp.Kvs[0].Value), 10, 64)
+	if err != nil {
+		return v, 0, fmt.Errorf("meta: volume %s: corrupt id: %w", name, err)
+	}
+	resp, err = s.cli.Get(ctx, s.volKey(id))
+	if err != nil {
+		return v, 0, fmt.Errorf("meta: read volume %s: %w", name, err)
+	}
+	if len(resp.Kvs) == 0 { // deleted between the two reads
+		return v, 0, fmt.Errorf("meta: volume %s: %w", name, ErrNotFound)
+	}
+	if err := json.Unmarshal(resp.Kvs[0].Value, &v); err != nil {
+		return v, 0, fmt.Errorf("meta: decode volume %s: %w", name, err)
+	}
+	return v, resp.Kvs[0].ModRevision, nil
+}
+
+// Volume returns the volume called name, or ErrNotFound.
+func (s *Store) Volume(ctx context.Context, name string) (Volume, error) {
+	v, _, err := s.volume(ctx, name)
+	return v, err
+}
+
+// Volumes returns all volumes, ordered by ID.
+func (s *Store) Volumes(ctx context.Context) ([]Volume, error) {
+	// Records are volumes/<digits>; by-name/ and next-id sort after '9'.
+	resp, err := s.cli.Get(ctx, s.kVolumes+"0", clientv3.WithRange(s.kVolumes+":"))
+	if err != nil {
+		return nil, fmt.Errorf("meta: list volumes: %w", err)
+	}
+	vols := make([]Volume, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		var v Volume
+		if err := json.Unmarshal(kv.Value, &v); err != nil {
+			return nil, fmt.Errorf("meta: decode volume %s: %w", kv.Key, err)
+		}
+		vols = append(vols, v)
+	}
+	return vols, nil
+}
+
+// DeleteVolume removes the volume called name. It is refused with
+// ErrAttached while the volume is attached.
+func (s *Store) DeleteVolume(ctx context.Context, name string) error {
+	for range maxTries {
+		v, rev, err := s.volume(ctx, name)
+		if err != nil {
+			return fmt.Errorf("meta: delete: %w", err)
+		}
+		ak := s.attachKey(v.ID)
+		tr, err := s.txn(ctx,
+			[]clientv3.Cmp{
+				clientv3.Compare(clientv3.ModRevision(s.volKey(v.ID)), "=", rev),
+				clientv3.Compare(clientv3.CreateRevision(ak), "=", 0),
+			},
+			[]clientv3.Op{
+				clientv3.OpDelete(s.kByName + name),
+				clientv3.OpDelete(s.volKey(v.ID)),
+				clientv3.OpDelete(s.epochKey(v.ID)),
+			},
+			[]clientv3.Op{clientv3.OpGet(ak)})
+		if err != nil {
+			return fmt.Errorf("meta: delete volume %s: %w", name, err)
+		}
+		if tr.Succeeded {
+			return nil
+		}
+		if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 {
+			return fmt.Errorf("meta: delete volume %s: %w", name, attachedError(name, kvs[0].Value))
+		}
+	}
+	return fmt.Errorf("meta: delete volume %s: contended %d times: %w", name, maxTries, ErrConflict)
+}
+
+// ResizeVolume grows the volume called name to newSize bytes. Shrinking is
+// refused with ErrShrink; the same size is a no-op.
+func (s *Store) ResizeVolume(ctx context.Context, name string, newSize uint64) (Volume, error) {
+	for range maxTries {
+		v, rev, err := s.volume(ctx, name)
+		if err != nil {
+			return v, fmt.Errorf("meta: resize: %w", err)
+		}
+		if newSize < v.Size {
+			return v, fmt.Errorf("meta: resize volume %s to %d bytes: %w (%d bytes)", name, newSize, ErrShrink, v.Size)
+		}
+		if newSize == v.Size {
+			return v, nil
+		}
+		v.Size = newSize
+		js, _ := json.Marshal(v)
+		tr, err := s.txn(ctx,
+			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.volKey(v.ID)), "=", rev)},
+			[]clientv3.Op{clientv3.OpPut(s.volKey(v.ID), string(js))}, nil)
+		if err != nil {
+			return v, fmt.Errorf("meta: resize volume %s: %w", name, err)
+		}
+		if tr.Succeeded {
+			return v, nil
+		}
+	}
+	return Volume{}, fmt.Errorf("meta: resize volume %s: contended %d times: %w", name, maxTries, ErrConflict)
+}
