@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 FUZZTIME ?= 10s
 
-.PHONY: all build test unit fuzz-smoke lint bench demo clean
+.PHONY: all build test test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
 
 all: build
 
@@ -12,11 +12,32 @@ build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
 # Every test: unit and integration tests with real clients (fio, nbdinfo,
-# qemu-img, qemu-io), then a short run of every fuzz target.
+# qemu-img, qemu-io), a short run of every fuzz target, then the real-kernel
+# tests in VMs.
 test: lint
 	scripts/deps.sh test
 	$(GO) test -count=1 -timeout 20m $(PKGS)
 	$(MAKE) fuzz-smoke
+	$(MAKE) test-vm
+
+# Real-kernel tests in qemu (TCG): ublk on trixie 6.12 and the newest
+# trixie-backports 7.x, the kernel NBD client on bookworm 6.1 (no ublk), and
+# torusblk attach/detach/recover end to end on all three. Kernels are fetched
+# once into ~/.cache/torus-vm.
+test-vm: vm-kernels
+	UBLK_TEST_RUN='^TestVM(Device|StopByOther|Recovery)$$' ublk/vmtest.sh trixie backports
+	RUN='^Test(KernelNetlinkFioVerify|KernelIoctlFioVerify|DisconnectKernel|KernelFilesystem)$$' nbd/vmtest.sh bookworm
+	scripts/vm/attach-e2e.sh trixie backports bookworm
+
+vm-kernels:
+	scripts/deps.sh vm
+	scripts/vm/fetch-kernel.sh trixie
+	scripts/vm/fetch-kernel.sh backports
+	scripts/vm/fetch-kernel.sh bookworm
+
+# The harness's own check: each kernel boots and has what the tests need.
+vm-check: vm-kernels
+	scripts/vm/check.sh
 
 # Each fuzz target runs briefly on top of its checked-in corpus.
 fuzz-smoke:
@@ -37,6 +58,11 @@ bench:
 	scripts/deps.sh bench
 	$(GO) test -run '^$$' -bench . -benchmem ./iouring/ ./engine/ ./nbd/
 	$(GO) run ./bench $(BENCHFLAGS)
+
+# Benchmark in the VM: ublk, a loop device and kernel NBD over the same
+# backing file, one boot.
+bench-vm: vm-kernels
+	scripts/vm/bench-vm.sh
 
 demo: build
 	scripts/deps.sh demo

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a make target needs, only when something is missing.
-# Usage: scripts/deps.sh test|bench|demo
+# Usage: scripts/deps.sh test|bench|demo|vm
 # Needs root (apt-get); says so clearly otherwise.
 set -euo pipefail
 
@@ -17,8 +17,16 @@ test | bench | demo)
 	need qemu-io qemu-utils
 	need nbdkit nbdkit
 	;;
+vm)
+	# Guests run the host's binaries over 9p; scripts/vm/run.sh installs qemu and busybox itself.
+	need fio fio
+	need mkfs.ext4 e2fsprogs
+	need blkdiscard util-linux
+	need depmod kmod
+	need xz xz-utils
+	;;
 *)
-	echo "deps.sh: unknown set '$1' (want test, bench or demo)" >&2
+	echo "deps.sh: unknown set '$1' (want test, bench, demo or vm)" >&2
 	exit 2
 	;;
 esac
