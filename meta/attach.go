@@ -155,7 +155,8 @@ func (a *AttachLease) Epoch() uint64 { return a.epoch }
 func (a *AttachLease) Lost() <-chan struct{} { return a.lost }
 
 // Release stops the keepalive and revokes the lease, which frees the lock at
-// once. It is safe to call more than once.
+// once. It is safe to call more than once. The revoke waits for etcd: give
+// ctx a deadline (if it fails, the lock is freed when the TTL runs out).
 func (a *AttachLease) Release(ctx context.Context) error {
 	a.mu.Lock()
 	if a.released {

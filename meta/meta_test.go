@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -525,4 +527,194 @@ func TestUnreachable(t *testing.T) {
 		t.Fatalf("Open took %v with a 500ms dial timeout", took)
 	}
 	t.Logf("%v after %v", err, took.Round(time.Millisecond))
+}
+
+// proxy forwards TCP connections to an etcd; cut drops every connection
+// and refuses new ones until heal: an etcd outage as the client sees it,
+// while the test still reaches etcd directly.
+type proxy struct {
+	l      net.Listener
+	target string
+	mu     sync.Mutex
+	down   bool
+	conns  []net.Conn
+}
+
+func startProxy(t *testing.T, target string) *proxy {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{l: l, target: strings.TrimPrefix(target, "http://")}
+	t.Cleanup(func() { l.Close(); p.cut() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			p.mu.Lock()
+			down := p.down
+			p.mu.Unlock()
+			if down {
+				c.Close()
+				continue
+			}
+			u, err := net.Dial("tcp", p.target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, u)
+			p.mu.Unlock()
+			go func() { io.Copy(u, c); u.Close() }()
+			go func() { io.Copy(c, u); c.Close() }()
+		}
+	}()
+	return p
+}
+
+func (p *proxy) url() string { return "http://" + p.l.Addr().String() }
+
+func (p *proxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.down = true
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+func (p *proxy) heal() {
+	p.mu.Lock()
+	p.down = false
+	p.mu.Unlock()
+}
+
+// TestOutage cuts a store off etcd while the ring changes and the history
+// is compacted: the watcher resumes behind the compaction, must re-read and
+// deliver the latest ring; the node registration survives.
+func TestOutage(t *testing.T) {
+	ep := startEtcd(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	direct := initStore(t, ep)
+	px := startProxy(t, ep)
+	s := open(t, px.url(), "")
+	r, err := s.RegisterNode(ctx, Node{ID: "n1", Addr: "a:1", Capacity: 1}, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := s.WatchRing(ctx)
+	cur, rev, _ := direct.Ring(ctx)
+	if err := direct.CASRing(ctx, rev, mkRing(t, cur, "a")); err != nil {
+		t.Fatal(err)
+	}
+	if u := <-w; u.Ring.Version() != 1 {
+		t.Fatalf("got v%d", u.Ring.Version())
+	}
+
+	t0 := time.Now()
+	px.cut()
+	for i := range 5 {
+		cur, rev, _ = direct.Ring(ctx)
+		if err := direct.CASRing(ctx, rev, mkRing(t, cur, "a", fmt.Sprint("n", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cur, rev, _ = direct.Ring(ctx)
+	if _, err := direct.cli.Compact(ctx, rev); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	px.heal()
+
+	// Versions 2-5 were compacted away while the watcher was cut off.
+	select {
+	case u := <-w:
+		t.Logf("ring delivered %v after the cut", time.Since(t0).Round(time.Millisecond))
+		if u.Ring.Version() != 6 || u.Rev != rev {
+			t.Fatalf("after the outage got v%d rev %d, want v6 rev %d", u.Ring.Version(), u.Rev, rev)
+		}
+	case <-time.After(8 * time.Second):
+		t.Fatal("watcher delivered nothing after the outage")
+	}
+	nodes, err := direct.Nodes(ctx)
+	if err != nil || len(nodes) != 1 {
+		t.Fatalf("nodes after outage %+v, %v", nodes, err)
+	}
+	cctx, ccancel := context.WithTimeout(ctx, 5*time.Second)
+	defer ccancel()
+	if err := r.Close(cctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// BenchmarkOps measures metadata round trips against an embedded etcd
+// (fsync included): these are control-path costs, not per-I/O ones.
+func BenchmarkOps(b *testing.B) {
+	ctx := context.Background()
+	e, err := StartEmbedded(ctx, b.TempDir(), "", "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	s, err := Open(ctx, []string{e.Endpoint()}, "", Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Init(ctx, Config{ChunkSize: 1 << 20, Replication: 1}); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := s.CreateVolume(ctx, "v", 1<<30, 1); err != nil {
+		b.Fatal(err)
+	}
+	var ns []ring.Node
+	for i := range 32 {
+		ns = append(ns, ring.Node{ID: fmt.Sprint("node", i), Zone: fmt.Sprint("z", i%3), Capacity: 1 << 40})
+	}
+	r0, _ := ring.New(nil, ring.Options{})
+	r1, _ := r0.Next(ns)
+	if err := s.CASRing(ctx, 0, r1); err != nil {
+		b.Fatal(err)
+	}
+	b.Run("Volume", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := s.Volume(ctx, "v"); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("Ring32", func(b *testing.B) {
+		for b.Loop() {
+			if _, _, err := s.Ring(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("CASRing32", func(b *testing.B) {
+		cur, rev, _ := s.Ring(ctx)
+		for b.Loop() {
+			next, _ := cur.Next(ns)
+			if err := s.CASRing(ctx, rev, next); err != nil {
+				b.Fatal(err)
+			}
+			rev++ // the CAS is the only write
+			cur = next
+		}
+	})
+	b.Run("AttachRelease", func(b *testing.B) {
+		for b.Loop() {
+			l, err := s.Attach(ctx, "v", "bench", 5*time.Second)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := l.Release(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -168,6 +168,7 @@ func (r *Registration) Lease() clientv3.LeaseID {
 
 // Close stops keeping the registration alive and revokes its lease, which
 // removes the node from Nodes at once. It is safe to call more than once.
+// The revoke waits for etcd: give ctx a deadline.
 func (r *Registration) Close(ctx context.Context) error {
 	r.stop()
 	<-r.done
