@@ -268,8 +268,7 @@ func (s *Store) Init(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("meta: init %s: %w", s.prefix, err)
 	}
 	if resp.Succeeded {
-		s.schema = schemaValue()
-		return nil
+		return nil // s.schema already is schemaValue(): Open saw no schema
 	}
 	detail := ""
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
