@@ -16,6 +16,21 @@ package nbd
 //   - The reader stops, then takes every slot back from free, then lets the
 //     writer flush and exit: every submitted request has completed and every
 //     reply has been written before the socket closes.
+//   - The output stream (w, dbuf, left, spare, werr) has one owner at a time:
+//     whoever set writing under mu, either the writer goroutine or a
+//     completer writing directly. Bytes of one reply are written by one owner
+//     in one piece (copied whole into w or dbuf), so replies never
+//     interleave; their order between each other is free (NBD allows it).
+//   - A completer that finds the stream free, no other request of the
+//     connection in flight and the reader without buffered requests writes
+//     the queued replies itself with non-blocking writes (no writer wake-up
+//     on the fast path, one write per burst: with more requests coming, the
+//     writer goroutine batches them as before). What the
+//     socket does not take stays in left with hasLeft set; from then on only
+//     the writer goroutine may take the stream, and it writes left first.
+//   - Whoever enqueues while writing is set relies on the owner: on giving
+//     the stream up, the owner looks at the queue again and either keeps
+//     writing or notifies the writer goroutine.
 //   - The data path (read header, get slot and buffer, Submit, Complete,
 //     write reply, release) allocates nothing.
 
@@ -24,6 +39,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -52,6 +68,7 @@ func (s *slot) Complete(_ *engine.Request, err error) {
 	if err != nil {
 		s.errno = nbdErrno(err)
 	}
+	s.c.pending.Add(-1)
 	s.c.enqueue(s)
 }
 
@@ -77,10 +94,23 @@ type conn struct {
 	pool  *bufPool
 	hdr   [requestSize]byte
 
-	mu     sync.Mutex
-	queue  []*slot // completed requests awaiting their reply; guarded by mu
-	spare  []*slot // writer-owned second queue buffer
-	notify chan struct{}
+	mu      sync.Mutex
+	queue   []*slot // completed requests awaiting their reply; guarded by mu
+	writing bool    // the output stream has an owner; guarded by mu
+	hasLeft bool    // left holds unwritten bytes; guarded by mu
+	spare   []*slot // stream-owned second queue buffer
+	notify  chan struct{}
+
+	// Direct writes from the completing goroutine (nil raw: disabled).
+	pending    atomic.Int32 // submitted and not completed
+	readerBusy atomic.Bool  // the reader holds more buffered requests
+	raw        syscall.RawConn
+	rawFn      func(fd uintptr) bool // c.rawWrite, bound once
+	dbuf       []byte                // stream-owned: replies of one direct write
+	left       []byte                // stream-owned: tail of dbuf the socket refused
+	dsend      []byte                // rawWrite's input
+	dn         int                   // rawWrite's byte count
+	derr       error                 // rawWrite's hard error
 
 	stop       chan struct{} // closed by shutdown
 	stopOnce   sync.Once
@@ -114,6 +144,13 @@ func newConn(rw io.ReadWriter, e *Export, structured bool, opt Options) (*conn, 
 		stop:       make(chan struct{}),
 		writerExit: make(chan struct{}),
 		writerDone: make(chan struct{}),
+	}
+	if sc, ok := rw.(syscall.Conn); ok && !opt.NoDirectReplies {
+		if raw, err := sc.SyscallConn(); err == nil {
+			c.raw = raw
+			c.rawFn = c.rawWrite
+			c.dbuf = make([]byte, 0, writeBufSize)
+		}
 	}
 	for i := range c.slots {
 		s := &c.slots[i]
@@ -184,10 +221,12 @@ func (c *conn) readLoop() error {
 			c.free <- s
 			return err
 		}
+		c.readerBusy.Store(c.r.Buffered() >= requestSize)
 		if s.errno != 0 {
 			c.enqueue(s)
 			continue
 		}
+		c.pending.Add(1)
 		c.vol.Submit(&s.req)
 	}
 }
@@ -280,26 +319,147 @@ func (c *conn) prepare(s *slot, rq request) error {
 	return nil
 }
 
-// enqueue hands a finished slot to the writer. It never blocks for long: the
-// queue has room for every slot.
+// enqueue hands a finished slot to the output stream. When the stream is
+// free it writes the queued replies itself, without blocking; otherwise the
+// current owner or the writer goroutine sends it. It never blocks for long:
+// the queue has room for every slot.
 func (c *conn) enqueue(s *slot) {
 	c.mu.Lock()
 	c.queue = append(c.queue, s)
+	if c.writing {
+		c.mu.Unlock()
+		return
+	}
+	if c.raw == nil || c.hasLeft || c.pending.Load() != 0 || c.readerBusy.Load() {
+		c.mu.Unlock()
+		c.wake()
+		return
+	}
+	c.writing = true
 	c.mu.Unlock()
+	c.directWrite()
+}
+
+// wake notifies the writer goroutine.
+func (c *conn) wake() {
 	select {
 	case c.notify <- struct{}{}:
 	default:
 	}
 }
 
+// directMaxRounds bounds how many batches one completer writes before it
+// leaves the rest to the writer goroutine, so a store thread is not held.
+const directMaxRounds = 4
+
+// directWrite writes queued replies with non-blocking writes; the caller
+// owns the stream and directWrite gives it up.
+func (c *conn) directWrite() {
+	for round := 0; ; round++ {
+		c.mu.Lock()
+		batch := c.queue
+		c.queue = c.spare
+		c.mu.Unlock()
+		buf := c.dbuf[:0]
+		keep := batch[:0]
+		for _, s := range batch {
+			if c.werr != nil {
+				c.release(s)
+				continue
+			}
+			h, d := c.replyParts(s)
+			if len(buf)+len(h)+len(d) > cap(buf) {
+				keep = append(keep, s) // too big for dbuf: the writer sends it
+				continue
+			}
+			buf = append(buf, h...)
+			buf = append(buf, d...)
+			c.release(s)
+		}
+		n, err := 0, error(nil)
+		if len(buf) > 0 {
+			n, err = c.writeNonBlocking(buf)
+		}
+		if err != nil {
+			c.fail(err)
+		}
+		c.mu.Lock()
+		c.queue = append(c.queue, keep...)
+		clear(batch)
+		c.spare = batch[:0]
+		if n < len(buf) && err == nil {
+			c.left, c.hasLeft = buf[n:], true
+		}
+		if len(c.queue) > 0 && !c.hasLeft && len(keep) == 0 && round+1 < directMaxRounds {
+			c.mu.Unlock()
+			continue
+		}
+		c.writing = false
+		handOff := c.hasLeft || len(c.queue) > 0
+		c.mu.Unlock()
+		if handOff {
+			c.wake()
+		}
+		return
+	}
+}
+
+// writeNonBlocking writes what the socket takes now of b; a short count with
+// a nil error means the socket is full.
+func (c *conn) writeNonBlocking(b []byte) (int, error) {
+	c.dsend, c.dn, c.derr = b, 0, nil
+	err := c.raw.Write(c.rawFn)
+	n, derr := c.dn, c.derr
+	c.dsend, c.derr = nil, nil
+	if derr != nil {
+		return n, derr
+	}
+	return n, err
+}
+
+// rawWrite is the syscall.RawConn callback of writeNonBlocking: it never
+// waits for the socket.
+func (c *conn) rawWrite(fd uintptr) bool {
+	for len(c.dsend) > 0 {
+		n, err := syscall.Write(int(fd), c.dsend)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil {
+			if err != syscall.EAGAIN {
+				c.derr = err
+			}
+			return true
+		}
+		c.dn += n
+		c.dsend = c.dsend[n:]
+	}
+	return true
+}
+
 // writeLoop writes replies in completion order, flushing when the queue
-// drains.
+// drains. It takes the stream only when nobody owns it.
 func (c *conn) writeLoop() {
 	defer close(c.writerDone)
 	for {
 		select {
 		case <-c.notify:
 		case <-c.writerExit:
+			// Every slot is back, but a direct writer may still be
+			// finishing its write: wait for it to give the stream up.
+			for {
+				c.mu.Lock()
+				busy := c.writing
+				if !busy {
+					c.writing = true
+				}
+				c.mu.Unlock()
+				if !busy {
+					break
+				}
+				time.Sleep(50 * time.Microsecond)
+			}
+			c.writeLeft()
 			c.drainQueue()
 			if c.werr == nil {
 				if err := c.w.Flush(); err != nil {
@@ -308,13 +468,49 @@ func (c *conn) writeLoop() {
 			}
 			return
 		}
-		c.drainQueue()
-		if c.werr == nil {
-			if err := c.w.Flush(); err != nil {
-				c.fail(err)
+		c.mu.Lock()
+		if c.writing {
+			c.mu.Unlock()
+			continue // the owner notifies again if it leaves work behind
+		}
+		c.writing = true
+		c.mu.Unlock()
+		for {
+			c.writeLeft()
+			c.drainQueue()
+			if c.werr == nil {
+				if err := c.w.Flush(); err != nil {
+					c.fail(err)
+				}
 			}
+			c.mu.Lock()
+			if len(c.queue) == 0 {
+				c.writing = false
+				c.mu.Unlock()
+				break
+			}
+			c.mu.Unlock()
 		}
 	}
+}
+
+// writeLeft writes what a direct write left behind; the caller owns the
+// stream.
+func (c *conn) writeLeft() {
+	c.mu.Lock()
+	has := c.hasLeft
+	c.mu.Unlock()
+	if !has {
+		return
+	}
+	if c.werr == nil {
+		if _, err := c.w.Write(c.left); err != nil {
+			c.fail(err)
+		}
+	}
+	c.mu.Lock()
+	c.left, c.hasLeft = nil, false
+	c.mu.Unlock()
 }
 
 // drainQueue writes and releases queued slots until the queue is empty.
@@ -350,19 +546,28 @@ func (c *conn) fail(err error) {
 
 // writeReply writes the reply of s into the buffered writer.
 func (c *conn) writeReply(s *slot) error {
+	h, d := c.replyParts(s)
+	if _, err := c.w.Write(h); err != nil {
+		return err
+	}
+	if len(d) > 0 {
+		_, err := c.w.Write(d)
+		return err
+	}
+	return nil
+}
+
+// replyParts encodes the reply header of s into s.hdr and returns it with
+// the reply's payload (nil if none).
+func (c *conn) replyParts(s *slot) (h, data []byte) {
 	withData := s.typ == cmdRead && s.errno == 0
+	if withData {
+		data = s.req.Buf
+	}
 	if !c.structured {
 		putSimpleReply(s.hdr[:], s.errno, s.cookie)
-		if _, err := c.w.Write(s.hdr[:simpleReplySize]); err != nil {
-			return err
-		}
-		if withData {
-			_, err := c.w.Write(s.req.Buf)
-			return err
-		}
-		return nil
+		return s.hdr[:simpleReplySize], data
 	}
-	var h []byte
 	switch {
 	case withData:
 		putStructuredHeader(s.hdr[:], replyFlagDone, replyTypeOffsetData, s.cookie, uint32(8+len(s.req.Buf)))
@@ -377,14 +582,7 @@ func (c *conn) writeReply(s *slot) error {
 		putStructuredHeader(s.hdr[:], replyFlagDone, replyTypeNone, s.cookie, 0)
 		h = s.hdr[:structuredHeaderSize]
 	}
-	if _, err := c.w.Write(h); err != nil {
-		return err
-	}
-	if withData {
-		_, err := c.w.Write(s.req.Buf)
-		return err
-	}
-	return nil
+	return h, data
 }
 
 // release returns the payload buffer and the slot.

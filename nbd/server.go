@@ -55,6 +55,11 @@ type Options struct {
 	MaxInFlight int
 	// MaxPayload is the largest read or write accepted (default 32 MiB).
 	MaxPayload int
+	// NoDirectReplies makes every reply go through the connection's writer
+	// goroutine. By default the goroutine that completes a request (a store
+	// thread) writes the reply itself with a non-blocking write when no other
+	// reply is being written, which saves a goroutine wake-up per reply.
+	NoDirectReplies bool
 }
 
 const (

@@ -593,3 +593,35 @@ func TestServeListenerFailure(t *testing.T) {
 	}
 	c.expectEOF()
 }
+
+// TestDirectRepliesSocketFull sends reads one at a time (so each completes
+// with nothing else in flight and its reply is written directly) without
+// reading the replies until the socket is full: the direct writes hit EAGAIN
+// and hand their tail to the writer goroutine. Every reply must still arrive
+// whole and in one piece.
+func TestDirectRepliesSocketFull(t *testing.T) {
+	for _, structured := range []bool{false, true} {
+		v := newMemVolume(testVolSize)
+		for i := range v.data {
+			v.data[i] = byte(i*7 + i>>12)
+		}
+		path := startServer(t, oneExport(v), Options{})
+		c := dial(t, path, structured)
+		const n, size = 96, 64 << 10 // 6 MiB of replies, far above the socket buffer
+		for i := 0; i < n; i++ {
+			off := uint64(i%(testVolSize/size)) * size
+			c.send(cmdRead, 0, uint64(i), off, size, nil)
+			time.Sleep(200 * time.Microsecond)
+		}
+		for i := 0; i < n; i++ {
+			r := c.recv()
+			if r.errno != 0 {
+				t.Fatalf("structured=%v: reply %v", structured, r)
+			}
+			off := (r.cookie % (testVolSize / size)) * size
+			if !bytes.Equal(r.data, v.data[off:off+size]) {
+				t.Fatalf("structured=%v: read %d: data mismatch", structured, r.cookie)
+			}
+		}
+	}
+}

@@ -27,6 +27,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	listen := fs.String("listen", "", "where to serve NBD: unix:PATH or tcp:HOST:PORT")
 	name := fs.String("name", "torus", "NBD export name")
 	shards := fs.Int("shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
+	procs := fs.Int("gomaxprocs", procsAuto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
 	cpuProfile := fs.String("cpuprofile", "", "write a Go CPU profile of the whole run to this file (for performance work)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT\n\n%s", fs.FlagUsages())
@@ -42,6 +43,9 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	}
 	path, size, err := vf.parse()
 	if err != nil {
+		return err
+	}
+	if _, err := setProcs(*procs, *shards, log); err != nil {
 		return err
 	}
 	if *cpuProfile != "" {
