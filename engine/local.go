@@ -10,6 +10,13 @@ package engine
 //     which drops it after the last part is submitted, so the request never
 //     completes while Submit is still splitting it.
 //   - The first error of any part is the request's error.
+//   - A request submitted through a ShardDriver (parent.home set) completes
+//     on the driver's thread: the part that finishes it last does so only if
+//     it runs on a shard that driver drives; otherwise it pushes the parent
+//     to the driver's first shard as an opDeliver op. Driver submits never
+//     block for a part: when the pool is empty they make one, and a part
+//     returned to a full pool is dropped (no allocation while the pool
+//     suffices).
 
 import (
 	"errors"
@@ -56,6 +63,7 @@ type part struct {
 	remaining atomic.Int32
 	mu        sync.Mutex
 	err       error
+	home      *ShardDriver // parent only: deliver on this driver's thread
 }
 
 var _ Volume = (*Local)(nil)
@@ -168,13 +176,47 @@ func (l *Local) Size() int64 { return l.size }
 func (l *Local) BlockSize() int { return BlockSize }
 
 // Submit starts r; it blocks only while all parts are in use.
-func (l *Local) Submit(r *Request) {
+func (l *Local) Submit(r *Request) { l.submit(r, nil) }
+
+// getPart takes a part from the pool; a driver never waits for one.
+func (l *Local) getPart(d *ShardDriver) *part {
+	if d == nil {
+		return <-l.parts
+	}
+	select {
+	case p := <-l.parts:
+		return p
+	default:
+		p := &part{l: l}
+		p.Done = p
+		return p
+	}
+}
+
+func (l *Local) putPart(p *part) {
+	select {
+	case l.parts <- p:
+	default: // an extra part made by a driver
+	}
+}
+
+func (l *Local) submitOp(op *ChunkOp, d *ShardDriver) {
+	if d == nil {
+		l.st.Submit(op)
+		return
+	}
+	d.submitOp(op)
+}
+
+// submit starts r from an ordinary goroutine (d nil) or from driver d's
+// thread.
+func (l *Local) submit(r *Request, d *ShardDriver) {
 	if r.Op == OpFlush {
-		p := <-l.parts
-		p.start(r, p)
+		p := l.getPart(d)
+		p.start(r, p, d)
 		p.Op, p.Flags, p.Chunk, p.Off, p.Length, p.Buf = OpFlush, r.Flags, ChunkID{}, 0, 0, nil
 		p.remaining.Store(1)
-		l.st.Submit(&p.ChunkOp)
+		l.submitOp(&p.ChunkOp, d)
 		return
 	}
 	if r.Offset < 0 || r.Length <= 0 || r.Offset%BlockSize != 0 || r.Length%BlockSize != 0 ||
@@ -193,15 +235,15 @@ func (l *Local) Submit(r *Request) {
 		r.Done.Complete(r, ErrRange)
 		return
 	}
-	parent := <-l.parts
-	parent.start(r, parent)
+	parent := l.getPart(d)
+	parent.start(r, parent, d)
 	parent.remaining.Store(1)
 	off, end := r.Offset, r.Offset+r.Length
 	p := parent
 	for off < end {
 		if p == nil {
-			p = <-l.parts
-			p.start(r, parent)
+			p = l.getPart(d)
+			p.start(r, parent, nil)
 		}
 		idx := off / l.chunk
 		in := off - idx*l.chunk
@@ -215,19 +257,30 @@ func (l *Local) Submit(r *Request) {
 		}
 		parent.remaining.Add(1)
 		off += n
-		l.st.Submit(&p.ChunkOp)
+		l.submitOp(&p.ChunkOp, d)
 		p = nil
 	}
-	parent.done()
+	var cur *shard
+	if d != nil {
+		cur = d.shards[0]
+	}
+	parent.done(cur)
 }
 
-func (p *part) start(r *Request, parent *part) {
-	p.req, p.parent, p.err = r, parent, nil
+func (p *part) start(r *Request, parent *part, home *ShardDriver) {
+	p.req, p.parent, p.err, p.home = r, parent, nil, home
+	if home != nil {
+		home.pending++
+	}
 }
 
 // CompleteChunk records the part's result and finishes the request after its
-// last part.
-func (p *part) CompleteChunk(_ *ChunkOp, err error) {
+// last part; for an opDeliver op it completes the request.
+func (p *part) CompleteChunk(op *ChunkOp, err error) {
+	if p.Op == opDeliver {
+		p.deliver()
+		return
+	}
 	parent := p.parent
 	if err != nil {
 		parent.mu.Lock()
@@ -239,18 +292,33 @@ func (p *part) CompleteChunk(_ *ChunkOp, err error) {
 	p.Buf = nil
 	if p != parent {
 		p.req, p.parent = nil, nil
-		p.l.parts <- p
+		p.l.putPart(p)
 	}
-	parent.done()
+	parent.done(op.sh)
 }
 
-func (p *part) done() {
+// done drops one reference of parent p; cur is the shard whose owner thread
+// runs the call (nil: not a shard thread).
+func (p *part) done(cur *shard) {
 	if p.remaining.Add(-1) != 0 {
 		return
 	}
+	if p.home != nil && (cur == nil || cur.driver != p.home) {
+		p.Op = opDeliver
+		p.home.shards[0].push(&p.ChunkOp)
+		return
+	}
+	p.deliver()
+}
+
+// deliver completes the request of parent p.
+func (p *part) deliver() {
 	r, err := p.req, p.err
-	p.req, p.parent, p.err = nil, nil, nil
-	p.l.parts <- p
+	if p.home != nil {
+		p.home.pending--
+	}
+	p.req, p.parent, p.err, p.home = nil, nil, nil, nil
+	p.l.putPart(p)
 	r.Done.Complete(r, err)
 }
 

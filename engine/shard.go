@@ -21,6 +21,16 @@ package engine
 //   - sleeping is 1 only while the shard is about to block or blocked in
 //     SubmitAndWait with its eventfd poll armed; a submitter that pushes and
 //     sees 1 writes the eventfd.
+//   - "The shard goroutine" above means the shard's current owner thread: its
+//     own goroutine (run), or a ShardDriver's locked thread (see driver.go).
+//     Ownership moves only while the shard is quiet (no op, header, log or
+//     cleaning write in flight): the old owner stops, and the new one starts
+//     after a channel receive or go statement, so every hand-over is a
+//     happens-before edge. driver is written only during a hand-over and read
+//     only by the owner.
+//   - Every SQE's user_data carries the shard id in bits 40..47 (udShard), so
+//     shards and a frontend can share one ring (a frontend's own user_data
+//     keeps bits 56..63 zero).
 
 import (
 	"fmt"
@@ -46,6 +56,9 @@ const (
 	udAL   = 4 << 56
 	udALFs = 5 << 56
 	udMask = 0xff << 56
+
+	udShardShift = 40
+	udIdxMask    = 1<<udShardShift - 1
 )
 
 type shard struct {
@@ -55,10 +68,14 @@ type shard struct {
 	mu       sync.Mutex
 	queue    []*ChunkOp
 	closed   bool
+	yield    bool          // a driver waits for the own goroutine to stop
+	runDone  chan struct{} // closed when the current owner lets go
 	sleeping atomic.Int32
 	efd      int
 	one      [8]byte
-	done     chan struct{}
+
+	ud     uint64       // shard id in user_data (udShard)
+	driver *ShardDriver // the driving thread, nil when run owns the shard
 
 	// Shard goroutine only.
 	ring     *iouring.Ring
@@ -98,7 +115,7 @@ func newShard(s *Store, id int) (*shard, error) {
 	if err != nil {
 		return nil, fmt.Errorf("shard %d: eventfd: %w", id, err)
 	}
-	sh := &shard{s: s, id: id, efd: efd, done: make(chan struct{}),
+	sh := &shard{s: s, id: id, efd: efd, runDone: make(chan struct{}), ud: uint64(id) << udShardShift,
 		queue: make([]*ChunkOp, 0, maxOps), local: make([]*ChunkOp, 0, maxOps),
 		chunks: make(map[ChunkID]int32)}
 	sh.one[0] = 1
@@ -122,10 +139,17 @@ func newShard(s *Store, id int) (*shard, error) {
 	for i := maxOps - 1; i >= 0; i-- {
 		sh.freeIdx = append(sh.freeIdx, int32(i))
 	}
+	// Build the chunk map of this shard from the slots loaded at open.
+	for i := range s.slots {
+		m := &s.slots[i]
+		if m.used && s.shardOfIndex(m.id) == id {
+			sh.chunks[m.id] = int32(i)
+		}
+	}
 	ready := make(chan error, 1)
-	go sh.run(ready)
+	go sh.run(ready, sh.runDone)
 	if err := <-ready; err != nil {
-		<-sh.done
+		<-sh.runDone
 		unix.Close(efd)
 		alignbuf.Free(arena)
 		return nil, err
@@ -150,34 +174,73 @@ func newRing() (*iouring.Ring, error) {
 	return nil, fmt.Errorf("io_uring setup: %w", err)
 }
 
-// push queues op for the shard goroutine.
+// push queues op for the shard's owner thread.
 func (sh *shard) push(op *ChunkOp) {
 	sh.mu.Lock()
-	if sh.closed {
+	if sh.closed && op.Op != opDeliver {
 		sh.mu.Unlock()
+		op.sh = nil
 		op.Done.CompleteChunk(op, ErrClosed)
 		return
 	}
+	op.sh = sh
 	sh.queue = append(sh.queue, op)
 	sh.mu.Unlock()
+	sh.wake()
+}
+
+// wake makes a sleeping owner look at the queue.
+func (sh *shard) wake() {
 	if sh.sleeping.Load() == 1 && sh.sleeping.CompareAndSwap(1, 0) {
 		unix.Write(sh.efd, sh.one[:])
 	}
 }
 
-// stop lets the shard finish every queued op and exit.
+// wakeNow wakes the owner whether or not it sleeps.
+func (sh *shard) wakeNow() { unix.Write(sh.efd, sh.one[:]) }
+
+// stop lets the shard finish every queued op and exit. A driven shard is
+// finished by the own goroutine that its driver's Release restarts.
 func (sh *shard) stop() {
 	sh.mu.Lock()
 	sh.closed = true
 	sh.mu.Unlock()
 	unix.Write(sh.efd, sh.one[:])
-	<-sh.done
+	for {
+		sh.mu.Lock()
+		ch := sh.runDone
+		sh.mu.Unlock()
+		<-ch
+		sh.mu.Lock()
+		again := sh.runDone != ch
+		sh.mu.Unlock()
+		if !again {
+			break
+		}
+	}
 	unix.Close(sh.efd)
 	alignbuf.Free(sh.hdrArena)
 }
 
-func (sh *shard) run(ready chan<- error) {
-	defer close(sh.done)
+// useRing makes r the shard's ring; the caller is the new owner thread.
+func (sh *shard) useRing(r *iouring.Ring, fixed bool) {
+	sh.ring = r
+	sh.fd, sh.fixed = sh.s.fd, 0
+	if fixed {
+		sh.fd, sh.fixed = 0, iouring.SQEFixedFile
+	}
+}
+
+// quiet reports whether nothing of the shard is in flight on its ring but
+// the eventfd poll.
+func (sh *shard) quiet() bool {
+	return sh.inflight == 0 && sh.backlog == nil && sh.cleaning == 0 && !sh.alInflight
+}
+
+// run is the shard's own goroutine. It serves until the store closes or a
+// driver asks for the shard (yield), then closes done.
+func (sh *shard) run(ready chan<- error, done chan struct{}) {
+	defer close(done)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	r, err := newRing()
@@ -186,35 +249,37 @@ func (sh *shard) run(ready chan<- error) {
 		return
 	}
 	defer r.Close()
-	sh.ring = r
-	sh.fd = sh.s.fd
-	if err := r.RegisterFiles([]int32{sh.s.fd}); err == nil {
-		sh.fd, sh.fixed = 0, iouring.SQEFixedFile
-	} else {
+	err = r.RegisterFiles([]int32{sh.s.fd})
+	if err != nil {
 		sh.s.log.Warn("store: io_uring file registration failed; using plain fds", "shard", sh.id, "err", err)
 	}
-	// Build the chunk map of this shard from the slots loaded at open.
-	for i := range sh.s.slots {
-		m := &sh.s.slots[i]
-		if m.used && sh.s.shardOfIndex(m.id) == sh.id {
-			sh.chunks[m.id] = int32(i)
-		}
-	}
+	sh.useRing(r, err == nil)
+	defer func() { sh.ring = nil }()
 	sh.armWake()
 	ready <- nil
 
 	for {
 		sh.mu.Lock()
-		sh.local, sh.queue = sh.queue, sh.local[:0]
+		yield := sh.yield
+		if !yield {
+			sh.local, sh.queue = sh.queue, sh.local[:0]
+		}
 		closed := sh.closed
 		sh.mu.Unlock()
 		for i, op := range sh.local {
 			sh.local[i] = nil
 			sh.accept(op)
 		}
+		sh.local = sh.local[:0]
 		// Once closed, push refuses new ops, so the shard is done when
-		// nothing is in flight and every dirty header is written.
-		if closed && sh.inflight == 0 && sh.backlog == nil && !sh.cleanAll() {
+		// nothing is in flight and every dirty header is written. A
+		// driver takes the shard once it is quiet; ops still queued stay
+		// for it.
+		if yield && sh.quiet() {
+			sh.sleeping.Store(0)
+			return
+		}
+		if closed && !yield && sh.inflight == 0 && sh.backlog == nil && !sh.cleanAll() {
 			return
 		}
 		n := sh.ring.PeekCQEs(sh.cqes[:])
@@ -222,6 +287,9 @@ func (sh *shard) run(ready chan<- error) {
 			sh.sleeping.Store(1)
 			sh.mu.Lock()
 			q := len(sh.queue)
+			if sh.yield {
+				q = 0
+			}
 			sh.mu.Unlock()
 			if q > 0 {
 				sh.sleeping.Store(0)
@@ -266,11 +334,16 @@ func (sh *shard) sqe() *iouring.SQE {
 func (sh *shard) armWake() {
 	e := sh.sqe()
 	e.PrepPollAdd(int32(sh.efd), unix.POLLIN)
-	e.UserData = udWake
+	e.UserData = udWake | sh.ud
 }
 
-// accept gives op an index or parks it in the backlog.
+// accept gives op an index or parks it in the backlog; a delivery (see
+// driver.go) completes its request right away.
 func (sh *shard) accept(op *ChunkOp) {
+	if op.Op == opDeliver {
+		op.Done.CompleteChunk(op, nil)
+		return
+	}
 	n := len(sh.freeIdx)
 	if n == 0 || sh.backlog != nil {
 		op.next = nil
@@ -307,7 +380,7 @@ func (sh *shard) dispatch(op *ChunkOp) {
 		op.epoch = s.syncNext.Add(1)
 		e := sh.sqe()
 		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
-		e.UserData = udOp | uint64(op.idx)
+		e.UserData = udOp | sh.ud | uint64(op.idx)
 		e.Flags |= sh.fixed
 		op.pending = 1
 		return
@@ -473,14 +546,14 @@ func (sh *shard) writeAL() {
 		e := sh.sqe()
 		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
 		e.Flags |= iouring.SQEIOLink
-		e.UserData = udALFs
+		e.UserData = udALFs | sh.ud
 		e.Flags |= sh.fixed
 	}
 	sh.alLen = (hi - lo + 1) * BlockSize
 	e := sh.sqe()
 	e.PrepWrite(sh.fd, sh.alBuf[lo*BlockSize:(hi+1)*BlockSize], uint64(alOff+((sh.id%alShards)*alPerShard+lo)*BlockSize))
 	e.OpFlags = unix.RWF_DSYNC
-	e.UserData = udAL
+	e.UserData = udAL | sh.ud
 	e.Flags |= sh.fixed
 	sh.alInflight = true
 }
@@ -565,7 +638,7 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 	case OpRead:
 		e := sh.sqe()
 		e.PrepRead(sh.fd, op.Buf, base+uint64(op.Off))
-		e.UserData = udOp | uint64(op.idx)
+		e.UserData = udOp | sh.ud | uint64(op.idx)
 		e.Flags |= sh.fixed
 		op.pending = 1
 	case OpWrite:
@@ -587,7 +660,7 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		if fua {
 			e.OpFlags = unix.RWF_DSYNC
 		}
-		e.UserData = udOp | uint64(op.idx)
+		e.UserData = udOp | sh.ud | uint64(op.idx)
 		e.Flags |= sh.fixed
 		if fast {
 			m.dirty = true
@@ -621,7 +694,7 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 			e.Off = base + uint64(off)
 			e.Addr = uint64(length)
 			e.Len = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
-			e.UserData = udOp | uint64(op.idx)
+			e.UserData = udOp | sh.ud | uint64(op.idx)
 			e.Flags |= sh.fixed
 			op.pending = 2
 		}
@@ -657,7 +730,7 @@ func (sh *shard) writeHeader(slot int32, m *slotMeta, waiters *ChunkOp, fua bool
 	if fua {
 		e.OpFlags = unix.RWF_DSYNC
 	}
-	e.UserData = udHdr | uint64(slot)
+	e.UserData = udHdr | sh.ud | uint64(slot)
 	e.Flags |= sh.fixed
 }
 
@@ -675,7 +748,7 @@ func (sh *shard) complete(ud uint64, res int32) {
 			sh.s.markSynced(sh.alFsEpoch)
 		}
 	case udHdr:
-		slot := int32(ud &^ udMask)
+		slot := int32(ud & udIdxMask)
 		m := &sh.s.slots[slot]
 		sh.hdrBufs = append(sh.hdrBufs, m.hdrBuf)
 		m.hdrBuf = nil
@@ -714,7 +787,7 @@ func (sh *shard) complete(ud uint64, res int32) {
 			op = next
 		}
 	case udOp:
-		op := sh.ops[ud&^udMask]
+		op := sh.ops[ud&udIdxMask]
 		var err error
 		switch op.Op {
 		case OpRead:

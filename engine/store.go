@@ -88,7 +88,12 @@ type ChunkOp struct {
 	err     error
 	next    *ChunkOp // shard backlog / slot lock lists
 	hnext   *ChunkOp // slot header waiters
+	sh      *shard   // the shard that reports op (nil: the submitter does)
 }
+
+// opDeliver marks a ChunkOp pushed to a driven shard only to complete its
+// request on the driver's thread (see driver.go).
+const opDeliver Op = 0xff
 
 // StoreOptions configure CreateStore and OpenStore.
 type StoreOptions struct {
@@ -561,6 +566,7 @@ func (s *Store) shardOf(id ChunkID) *shard { return s.shards[s.shardOfIndex(id)]
 // Submit starts op; op.Done is called exactly once, possibly on another
 // goroutine and possibly before Submit returns. Submit does not allocate.
 func (s *Store) Submit(op *ChunkOp) {
+	op.sh = nil
 	if s.closed.Load() {
 		op.Done.CompleteChunk(op, ErrClosed)
 		return

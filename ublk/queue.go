@@ -29,6 +29,12 @@ package ublk
 //     and possibly reused descriptor number.
 //   - The descriptor area is mapped read-only and read only for a tag the
 //     kernel just handed over (FETCH CQE with result 0).
+//   - A queue that drives store shards (drv, see engine.ShardDriver) runs
+//     them on this thread and ring: CQEs whose user_data drv.Owns go to the
+//     shards, the rest are ours. Every request it submits completes on this
+//     thread, so its tags commit directly (commit), without q.mu or the
+//     eventfd. drv is set in setup before the first Submit and released
+//     after the loop, before the ring is closed.
 //   - Tag buffers are alignbuf memory (outside the Go heap): the kernel copies
 //     WRITE data into them before the FETCH CQE and READ data out of them at
 //     COMMIT, so they must not move.
@@ -72,7 +78,18 @@ func (t *tagState) Complete(r *engine.Request, err error) {
 	default:
 		t.res = 0
 	}
+	if t.q.drv != nil {
+		t.q.commit(t.tag)
+		return
+	}
 	t.q.push(t.tag)
+}
+
+// driveable is a Volume whose store shards a queue thread can run itself
+// (engine.Local).
+type driveable interface {
+	Shards() int
+	DriveShards(r *iouring.Ring, ids ...int) (*engine.ShardDriver, error)
 }
 
 type queue struct {
@@ -105,14 +122,17 @@ type queue struct {
 	efdClosed bool
 	one       [8]byte
 
+	drvIDs []int               // shards this queue drives
+	drv    *engine.ShardDriver // nil when the queue drives no shard
+
 	quit   atomic.Bool
 	exited chan struct{}
 	err    error // set before exited is closed
 }
 
-func newQueue(id, depth, maxIO, cfd int, legacy bool, vol engine.Volume, log *slog.Logger) *queue {
+func newQueue(id, depth, maxIO, cfd int, legacy bool, vol engine.Volume, drvIDs []int, log *slog.Logger) *queue {
 	q := &queue{
-		id: id, depth: depth, maxIO: maxIO, cfd: cfd, vol: vol, log: log,
+		id: id, depth: depth, maxIO: maxIO, cfd: cfd, vol: vol, log: log, drvIDs: drvIDs,
 		opFetch:  ioOp(ioFetchReq, legacy),
 		opCommit: ioOp(ioCommitAndFetchReq, legacy),
 		efd:      -1,
@@ -188,6 +208,9 @@ func (q *queue) setup() error {
 		q.log.Debug("ublk: PR_SET_IO_FLUSHER refused", "queue", q.id, "err", err)
 	}
 	entries := uint32(q.depth + 2)
+	if len(q.drvIDs) > 0 {
+		entries += 512 // the shards' I/O (they submit when the SQ is full)
+	}
 	var err error
 	for _, flags := range []uint32{
 		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer | iouring.SetupDeferTaskrun,
@@ -214,6 +237,13 @@ func (q *queue) setup() error {
 	if err := q.allocBufs(); err != nil {
 		return err
 	}
+	if len(q.drvIDs) > 0 {
+		drv, err := q.vol.(driveable).DriveShards(q.ring, q.drvIDs...)
+		if err != nil {
+			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
+		}
+		q.drv = drv
+	}
 	// Blocking, so that the ring's READ waits (a non-blocking fd would
 	// make it fail with EAGAIN); writes never block at our counts.
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
@@ -234,6 +264,12 @@ func (q *queue) setup() error {
 // release frees what setup made; ring first so that the kernel lets go of
 // the buffers before they are unmapped.
 func (q *queue) release() {
+	if q.drv != nil {
+		if err := q.drv.Release(); err != nil {
+			q.log.Error("ublk: giving the store shards back failed", "queue", q.id, "err", err)
+		}
+		q.drv = nil
+	}
 	if q.ring != nil {
 		q.ring.Close()
 	}
@@ -270,8 +306,21 @@ func (q *queue) allocBufs() error {
 }
 
 func (q *queue) prepCmd(op uint32, tag uint16, res int32) {
-	q.fillCmd(q.ring.SQE(), op, tag, res) // never nil: at most depth commands plus one poll
+	q.fillCmd(q.sqe(), op, tag, res)
 	q.inKernel++
+}
+
+// sqe returns a free SQE. Without shards it is never short (at most depth
+// commands plus one read); with them it submits a full SQ to make room.
+func (q *queue) sqe() *iouring.SQE {
+	for {
+		if e := q.ring.SQE(); e != nil {
+			return e
+		}
+		if _, err := q.ring.Submit(); err != nil {
+			q.log.Error("ublk: io_uring submit failed", "queue", q.id, "err", err)
+		}
+	}
 }
 
 // fillCmd prepares sqe (fresh from Ring.SQE) as I/O command op for tag.
@@ -290,7 +339,7 @@ func (q *queue) fillCmd(sqe *iouring.SQE, op uint32, tag uint16, res int32) {
 // armWake keeps a READ of the eventfd in flight: it completes (resetting
 // the counter) when a completer writes the eventfd.
 func (q *queue) armWake() {
-	sqe := q.ring.SQE()
+	sqe := q.sqe()
 	sqe.PrepRead(int32(q.efd), q.efdBuf, ^uint64(0))
 	sqe.UserData = pollData
 }
@@ -303,6 +352,10 @@ func (q *queue) loop() error {
 		if q.inVolume == 0 && (q.inKernel == 0 || q.quitting) {
 			return nil
 		}
+		drv := q.drv
+		if drv != nil {
+			drv.Poll()
+		}
 		// Sleep only if nothing was handed back since the last drain; from
 		// here on a push must write the eventfd.
 		wait := uint32(1)
@@ -313,12 +366,24 @@ func (q *queue) loop() error {
 			q.signaled = false
 		}
 		q.mu.Unlock()
-		if _, err := q.ring.SubmitAndWait(wait); err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
+		if wait == 1 && drv != nil && !drv.Sleep() {
+			wait = 0
+		}
+		_, err := q.ring.SubmitAndWait(wait)
+		if drv != nil {
+			drv.Woke()
+		}
+		if err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
 			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 		}
 		n := q.ring.PeekCQEs(q.cqes)
 		for i := 0; i < n; i++ {
-			q.handle(&q.cqes[i])
+			c := &q.cqes[i]
+			if drv != nil && drv.Owns(c.UserData) {
+				drv.Handle(c)
+				continue
+			}
+			q.handle(c)
 		}
 		q.drain()
 	}
@@ -392,7 +457,25 @@ func (q *queue) start(tag uint16) {
 		return
 	}
 	q.inVolume++
+	if q.drv != nil {
+		q.drv.Submit(r)
+		return
+	}
 	q.vol.Submit(r)
+}
+
+// commit commits tag, which the volume completed, on the queue thread.
+func (q *queue) commit(tag uint16) {
+	q.inVolume--
+	if q.quitting {
+		q.tags[tag].dead = true
+		return
+	}
+	res := q.tags[tag].res
+	if res == 0 && q.tags[tag].req.Op == engine.OpRead {
+		res = -int32(unix.EIO) // never happens for a non-empty read
+	}
+	q.prepCmd(q.opCommit, tag, res)
 }
 
 // finish commits tag's result right away (a request the volume never saw).
@@ -408,15 +491,6 @@ func (q *queue) drain() {
 	q.spare = list
 	q.mu.Unlock()
 	for _, tag := range list {
-		q.inVolume--
-		if q.quitting {
-			q.tags[tag].dead = true
-			continue
-		}
-		res := q.tags[tag].res
-		if res == 0 && q.tags[tag].req.Op == engine.OpRead {
-			res = -int32(unix.EIO) // never happens for a non-empty read
-		}
-		q.prepCmd(q.opCommit, tag, res)
+		q.commit(tag)
 	}
 }

@@ -62,7 +62,7 @@ func hostQueue(t testing.TB, vol engine.Volume, depth int) (*queue, []ioDesc) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	q := newQueue(0, depth, 64<<10, fake, false, vol, slog.New(slog.DiscardHandler))
+	q := newQueue(0, depth, 64<<10, fake, false, vol, nil, slog.New(slog.DiscardHandler))
 	q.ring, err = iouring.New(uint32(depth+2), 0)
 	if err != nil {
 		t.Fatal(err)

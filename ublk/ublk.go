@@ -41,8 +41,17 @@ import (
 // Options configure Create and Recover. The zero value is usable.
 type Options struct {
 	// Queues is the number of hardware queues, each served by its own
-	// locked OS thread (default runtime.NumCPU(); the kernel caps it at the
-	// CPU count). Ignored by Recover, which uses the device's.
+	// locked OS thread (the kernel caps it at the CPU count). Ignored by
+	// Recover, which uses the device's. The default is runtime.NumCPU(),
+	// except for a volume whose store shards the queues can run themselves
+	// (engine.Local): then 1, and that queue thread runs every shard, so
+	// that an I/O never crosses threads (measured best on 2 CPUs, where
+	// the other CPU is left to the application).
+	//
+	// With such a volume, queue i runs the shards j with j%Queues == i
+	// (shard i alone if there are more queues than shards) on its own
+	// ring; a request for a chunk of another queue's shard is handed over
+	// to that thread and back.
 	Queues int
 	// Depth is the number of tags (requests in flight) per queue (default
 	// 128, at most 4096). Ignored by Recover.
@@ -69,9 +78,12 @@ const (
 	maxDiscard = 64 << 20
 )
 
-func (o *Options) fill() error {
+func (o *Options) fill(vol engine.Volume) error {
 	if o.Queues <= 0 {
 		o.Queues = runtime.NumCPU()
+		if _, ok := vol.(driveable); ok {
+			o.Queues = 1
+		}
 	}
 	if o.Depth <= 0 {
 		o.Depth = defaultDepth
@@ -140,7 +152,7 @@ func Features() (uint64, error) {
 // and serves I/O. vol.BlockSize() becomes the logical and physical block
 // size. ctx bounds the setup only.
 func Create(ctx context.Context, vol engine.Volume, opt Options) (*Device, error) {
-	if err := opt.fill(); err != nil {
+	if err := opt.fill(vol); err != nil {
 		return nil, err
 	}
 	bs := vol.BlockSize()
@@ -243,7 +255,7 @@ func Create(ctx context.Context, vol engine.Volume, opt Options) (*Device, error
 // the same volume (its size is checked). Queues, Depth and MaxIO of opt are
 // ignored: the device's are used.
 func Recover(ctx context.Context, devID int, vol engine.Volume, opt Options) (*Device, error) {
-	if err := opt.fill(); err != nil {
+	if err := opt.fill(vol); err != nil {
 		return nil, err
 	}
 	c, err := openCtrl()
@@ -316,7 +328,7 @@ func (d *Device) attach(ctx context.Context) error {
 	legacy := d.info.flags&FeatureCmdIoctlEncode == 0
 	ready := make(chan error, nq)
 	for i := 0; i < nq; i++ {
-		q := newQueue(i, depth, maxIO, d.cfd, legacy, d.vol, d.log)
+		q := newQueue(i, depth, maxIO, d.cfd, legacy, d.vol, driveIDs(d.vol, i, nq), d.log)
 		d.queues = append(d.queues, q)
 		go q.run(ready)
 	}
@@ -328,6 +340,26 @@ func (d *Device) attach(ctx context.Context) error {
 	}
 	go d.watch()
 	return errors.Join(errs...)
+}
+
+// driveIDs returns the store shards queue i of nq runs itself, or nil.
+func driveIDs(vol engine.Volume, i, nq int) []int {
+	dv, ok := vol.(driveable)
+	if !ok {
+		return nil
+	}
+	ns := dv.Shards()
+	if nq > ns {
+		if i < ns {
+			return []int{i}
+		}
+		return nil
+	}
+	var ids []int
+	for j := i; j < ns; j += nq {
+		ids = append(ids, j)
+	}
+	return ids
 }
 
 // watch closes d.done when every queue goroutine has exited.
