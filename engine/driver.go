@@ -55,7 +55,8 @@ func (l *Local) Shards() int { return l.st.nshards }
 // r needs room for the shards' I/O besides the caller's: the shards submit
 // the ring when the SQ is full and keep at most about 300 ops in flight
 // each. DriveShards registers the store as r's fixed file 0 if r has no
-// registered files; otherwise it uses the plain descriptor.
+// registered files; otherwise it uses the plain descriptor. Close of the
+// volume waits until every driver has released its shards.
 func (l *Local) DriveShards(r *iouring.Ring, ids ...int) (*ShardDriver, error) {
 	st := l.st
 	if len(ids) == 0 {

@@ -5,7 +5,8 @@
 // new server process to a device whose previous server died (devices created
 // with Options.Recovery). The data path runs on one OS-thread-locked
 // goroutine per hardware queue with its own io_uring, and allocates nothing
-// per I/O.
+// per I/O. Over an engine.Local the queue threads also run the store's
+// shards on their rings (engine.ShardDriver), so an I/O stays on one thread.
 //
 // Lifecycle:
 //
