@@ -27,6 +27,10 @@ func (c *tidCompleter) Complete(_ *Request, err error) {
 	}
 }
 
+type countCompleter struct{ n int }
+
+func (c *countCompleter) Complete(*Request, error) { c.n++ }
+
 // driveLoop runs d's loop on the current (locked) thread until cond holds.
 func driveLoop(t *testing.T, r *iouring.Ring, d *ShardDriver, spin bool, cond func() bool) {
 	cqes := make([]iouring.CQE, 256)
@@ -125,6 +129,37 @@ func TestShardDriver(t *testing.T) {
 				d.Submit(&reqs[i])
 			}
 			driveLoop(t, r, d, false, func() bool { return c.n == 2*n+1 })
+			// The driven path allocates nothing per I/O.
+			cq := make([]iouring.CQE, 64)
+			cnt := &countCompleter{}
+			rq := &Request{Op: OpRead, Offset: off(0), Length: ioLen, Buf: rbuf[:ioLen], Done: cnt}
+			allocs := testing.AllocsPerRun(100, func() {
+				want := cnt.n + 1
+				d.Submit(rq)
+				for cnt.n < want {
+					d.Poll()
+					if cnt.n == want {
+						break
+					}
+					wait := uint32(0)
+					if d.Sleep() {
+						wait = 1
+					}
+					_, err := r.SubmitAndWait(wait)
+					d.Woke()
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					k := r.PeekCQEs(cq)
+					for i := 0; i < k; i++ {
+						d.Handle(&cq[i])
+					}
+				}
+			})
+			if allocs != 0 {
+				return fmt.Errorf("driven read: %v allocs per I/O, want 0", allocs)
+			}
 			// Keep driving until the foreign writer is done: its ops on
 			// shard 0 need this thread (spinning: done is no ring event).
 			driveLoop(t, r, d, true, func() bool {
