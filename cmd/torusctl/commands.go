@@ -1,0 +1,404 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/torus-storage/torus/internal/units"
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+)
+
+// commands returns the command table. ring set-replication is absent: meta
+// has no API to change the config after Init.
+func commands() []command {
+	return []command{
+		{path: "init", build: buildInit},
+		{path: "status", build: plain(cmdStatus)},
+		{path: "node list", build: plain(cmdNodeList)},
+		{path: "ring show", build: plain(cmdRingShow)},
+		{path: "volume create", args: "NAME", nargs: 1, build: buildVolumeCreate},
+		{path: "volume list", build: plain(cmdVolumeList)},
+		{path: "volume info", args: "NAME", nargs: 1, build: plain(cmdVolumeInfo)},
+		{path: "volume resize", args: "NAME", nargs: 1, build: buildVolumeResize},
+		{path: "volume delete", args: "NAME", nargs: 1, build: plain(cmdVolumeDelete)},
+	}
+}
+
+// plain is the build function of a command without flags of its own.
+func plain(f runFunc) func(*pflag.FlagSet) runFunc {
+	return func(*pflag.FlagSet) runFunc { return f }
+}
+
+// withStore opens the metadata store, runs f and closes the store.
+func withStore(ctx context.Context, e *env, f func(s *meta.Store) error) error {
+	s, err := e.g.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	return f(s)
+}
+
+// printJSON writes v as indented JSON.
+func (e *env) printJSON(v any) error {
+	enc := json.NewEncoder(e.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// table returns a tabwriter on stdout; Flush it.
+func (e *env) table() *tabwriter.Writer {
+	return tabwriter.NewWriter(e.stdout, 0, 8, 2, ' ', 0)
+}
+
+// parseSize parses a volume size flag: positive, a multiple of 4 KiB.
+func parseSize(s string) (uint64, error) {
+	if s == "" {
+		return 0, fmt.Errorf("%w: --size is required (example: --size 10GiB)", errUsage)
+	}
+	n, err := units.ParseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("%w: --size: %v", errUsage, err)
+	}
+	if n <= 0 || n%4096 != 0 {
+		return 0, fmt.Errorf("%w: --size %s: must be a positive multiple of 4 KiB", errUsage, s)
+	}
+	return uint64(n), nil
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return fmt.Sprintf("%d %s", n, one)
+	}
+	return fmt.Sprintf("%d %s", n, many)
+}
+
+// initResult is what init prints.
+type initResult struct {
+	ClusterID   string `json:"cluster_id"`
+	ChunkSize   uint64 `json:"chunk_size"`
+	Replication int    `json:"replication"`
+	CADir       string `json:"ca_dir"`
+}
+
+func buildInit(fs *pflag.FlagSet) runFunc {
+	dir := fs.String("cluster-dir", "", "directory for the cluster CA (ca.crt, ca.key); created if absent")
+	chunk := fs.String("chunk-size", "1MiB", "placement chunk size, a power of two")
+	repl := fs.Int("replication", 3, "default number of copies of each chunk")
+	return func(ctx context.Context, e *env, _ []string) error {
+		if *dir == "" {
+			return fmt.Errorf("%w: --cluster-dir is required (example: --cluster-dir /etc/torus)", errUsage)
+		}
+		cs, err := units.ParseSize(*chunk)
+		if err != nil {
+			return fmt.Errorf("%w: --chunk-size: %v", errUsage, err)
+		}
+		if cs < 4096 || cs&(cs-1) != 0 {
+			return fmt.Errorf("%w: --chunk-size %s: must be a power of two of at least 4 KiB", errUsage, *chunk)
+		}
+		if *repl < 1 {
+			return fmt.Errorf("%w: --replication %d: must be at least 1", errUsage, *repl)
+		}
+		return withStore(ctx, e, func(s *meta.Store) error {
+			// Refuse before touching the CA directory if etcd already
+			// holds a cluster.
+			if _, err := s.Config(ctx); err == nil {
+				return fmt.Errorf("prefix %s of etcd %s already holds a cluster (see 'torusctl status'): "+
+					"use another --prefix to create a second one", s.Prefix(), e.g.etcd)
+			} else if !errors.Is(err, meta.ErrNotInitialized) {
+				return err
+			}
+			if err := netquic.NewCA(*dir); err != nil {
+				return fmt.Errorf("%w: remove the old CA or pick another --cluster-dir", err)
+			}
+			var b [16]byte
+			rand.Read(b[:])
+			cfg := meta.Config{ClusterID: hex.EncodeToString(b[:]), ChunkSize: uint64(cs), Replication: *repl}
+			if err := s.Init(ctx, cfg); err != nil {
+				// The CA was created just now and belongs to no cluster.
+				os.Remove(filepath.Join(*dir, netquic.CAKeyFile))
+				os.Remove(filepath.Join(*dir, netquic.CACertFile))
+				if errors.Is(err, meta.ErrAlreadyInitialized) {
+					return fmt.Errorf("%w: use another --prefix to create a second one", err)
+				}
+				return err
+			}
+			abs, _ := filepath.Abs(*dir)
+			res := initResult{cfg.ClusterID, cfg.ChunkSize, cfg.Replication, abs}
+			if e.g.output == "json" {
+				return e.printJSON(res)
+			}
+			fmt.Fprintf(e.stdout, "initialised cluster %s under %s (chunk size %s, replication %d)\nCA in %s\n",
+				res.ClusterID, s.Prefix(), units.FormatSize(cs), res.Replication, abs)
+			return nil
+		})
+	}
+}
+
+// statusResult is what status prints.
+type statusResult struct {
+	ClusterID   string    `json:"cluster_id"`
+	Created     time.Time `json:"created"`
+	ChunkSize   uint64    `json:"chunk_size"`
+	Replication int       `json:"replication"`
+	LiveNodes   int       `json:"live_nodes"`
+	Volumes     int       `json:"volumes"`
+	RingVersion uint64    `json:"ring_version"`
+}
+
+func cmdStatus(ctx context.Context, e *env, _ []string) error {
+	return withStore(ctx, e, func(s *meta.Store) error {
+		cfg, err := s.Config(ctx)
+		if err != nil {
+			return err
+		}
+		nodes, err := s.Nodes(ctx)
+		if err != nil {
+			return err
+		}
+		vols, err := s.Volumes(ctx)
+		if err != nil {
+			return err
+		}
+		r, _, err := s.Ring(ctx)
+		if err != nil {
+			return err
+		}
+		res := statusResult{cfg.ClusterID, cfg.Created, cfg.ChunkSize, cfg.Replication, len(nodes), len(vols), r.Version()}
+		if e.g.output == "json" {
+			return e.printJSON(res)
+		}
+		tw := e.table()
+		fmt.Fprintf(tw, "cluster id:\t%s\n", res.ClusterID)
+		fmt.Fprintf(tw, "created:\t%s\n", res.Created.Format(time.RFC3339))
+		fmt.Fprintf(tw, "chunk size:\t%s\n", units.FormatSize(int64(res.ChunkSize)))
+		fmt.Fprintf(tw, "replication:\t%d\n", res.Replication)
+		fmt.Fprintf(tw, "live nodes:\t%d\n", res.LiveNodes)
+		fmt.Fprintf(tw, "volumes:\t%d\n", res.Volumes)
+		fmt.Fprintf(tw, "ring version:\t%d\n", res.RingVersion)
+		return tw.Flush()
+	})
+}
+
+func cmdNodeList(ctx context.Context, e *env, _ []string) error {
+	return withStore(ctx, e, func(s *meta.Store) error {
+		nodes, err := s.Nodes(ctx)
+		if err != nil {
+			return err
+		}
+		if e.g.output == "json" {
+			return e.printJSON(nodes)
+		}
+		tw := e.table()
+		fmt.Fprintln(tw, "ID\tADDRESS\tZONE\tHOST\tCAPACITY")
+		for _, n := range nodes {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.ID, n.Addr, n.Zone, n.Host, units.FormatSize(int64(n.Capacity)))
+		}
+		return tw.Flush()
+	})
+}
+
+// ringResult is what ring show prints.
+type ringResult struct {
+	Version     uint64   `json:"version"`
+	Nodes       []string `json:"nodes"`
+	VNodes      int      `json:"vnodes"`
+	Zones       int      `json:"zones"`
+	Hosts       int      `json:"hosts"`
+	Replication int      `json:"replication"`
+}
+
+func cmdRingShow(ctx context.Context, e *env, _ []string) error {
+	return withStore(ctx, e, func(s *meta.Store) error {
+		cfg, err := s.Config(ctx)
+		if err != nil {
+			return err
+		}
+		r, _, err := s.Ring(ctx)
+		if err != nil {
+			return err
+		}
+		res := ringResult{Version: r.Version(), Nodes: []string{}, VNodes: r.VNodes(), Zones: r.Zones(),
+			Hosts: r.Hosts(), Replication: cfg.Replication}
+		for _, n := range r.Nodes() {
+			res.Nodes = append(res.Nodes, n.ID)
+		}
+		if e.g.output == "json" {
+			return e.printJSON(res)
+		}
+		tw := e.table()
+		fmt.Fprintf(tw, "version:\t%d\n", res.Version)
+		fmt.Fprintf(tw, "nodes:\t%d %v\n", len(res.Nodes), res.Nodes)
+		fmt.Fprintf(tw, "vnodes:\t%d\n", res.VNodes)
+		fmt.Fprintf(tw, "zones/hosts:\t%d/%d\n", res.Zones, res.Hosts)
+		fmt.Fprintf(tw, "replication:\t%d\n", res.Replication)
+		return tw.Flush()
+	})
+}
+
+// volumeResult is a volume as printed, with its attach epoch.
+type volumeResult struct {
+	meta.Volume
+	Epoch uint64 `json:"epoch"`
+}
+
+func (e *env) printVolume(v volumeResult) error {
+	if e.g.output == "json" {
+		return e.printJSON(v)
+	}
+	tw := e.table()
+	fmt.Fprintf(tw, "name:\t%s\n", v.Name)
+	fmt.Fprintf(tw, "id:\t%d\n", v.ID)
+	fmt.Fprintf(tw, "size:\t%s (%d bytes)\n", units.FormatSize(int64(v.Size)), v.Size)
+	fmt.Fprintf(tw, "replication:\t%d\n", v.Replication)
+	fmt.Fprintf(tw, "state:\t%s\n", v.State)
+	fmt.Fprintf(tw, "created:\t%s\n", v.Created.Format(time.RFC3339))
+	fmt.Fprintf(tw, "epoch:\t%d\n", v.Epoch)
+	return tw.Flush()
+}
+
+func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
+	size := fs.String("size", "", "volume size, e.g. 10GiB (a multiple of 4 KiB)")
+	repl := fs.Int("replication", 0, "copies of each chunk (default: the cluster's replication)")
+	return func(ctx context.Context, e *env, args []string) error {
+		n, err := parseSize(*size)
+		if err != nil {
+			return err
+		}
+		if *repl < 0 {
+			return fmt.Errorf("%w: --replication %d: must be at least 1", errUsage, *repl)
+		}
+		return withStore(ctx, e, func(s *meta.Store) error {
+			cfg, err := s.Config(ctx)
+			if err != nil {
+				return err
+			}
+			r := *repl
+			if r == 0 {
+				r = cfg.Replication
+			}
+			nodes, err := s.Nodes(ctx)
+			if err != nil {
+				return err
+			}
+			if len(nodes) < r {
+				hint := "start more torusd nodes"
+				if len(nodes) > 0 {
+					hint += fmt.Sprintf(" or pass --replication %d", len(nodes))
+				}
+				live := "no node is live"
+				if len(nodes) > 0 {
+					live = "only " + plural(len(nodes), "node is", "nodes are") + " live"
+				}
+				return fmt.Errorf("volume needs %d replicas but %s: %s", r, live, hint)
+			}
+			v, err := s.CreateVolume(ctx, args[0], n, r)
+			if errors.Is(err, meta.ErrExists) {
+				return fmt.Errorf("%w: pick another name, or see 'torusctl volume info %s'", err, args[0])
+			}
+			if err != nil {
+				return err
+			}
+			if e.g.output == "json" {
+				return e.printJSON(volumeResult{Volume: v})
+			}
+			fmt.Fprintf(e.stdout, "created volume %s (id %d, %s, replication %d)\n",
+				v.Name, v.ID, units.FormatSize(int64(v.Size)), v.Replication)
+			return nil
+		})
+	}
+}
+
+func cmdVolumeList(ctx context.Context, e *env, _ []string) error {
+	return withStore(ctx, e, func(s *meta.Store) error {
+		vols, err := s.Volumes(ctx)
+		if err != nil {
+			return err
+		}
+		if e.g.output == "json" {
+			return e.printJSON(vols)
+		}
+		tw := e.table()
+		fmt.Fprintln(tw, "NAME\tID\tSIZE\tREPLICATION\tSTATE\tCREATED")
+		for _, v := range vols {
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\n", v.Name, v.ID, units.FormatSize(int64(v.Size)),
+				v.Replication, v.State, v.Created.Format(time.RFC3339))
+		}
+		return tw.Flush()
+	})
+}
+
+// notFound adds a hint to a missing volume error.
+func notFound(err error) error {
+	if errors.Is(err, meta.ErrNotFound) {
+		return fmt.Errorf("%w: see 'torusctl volume list'", err)
+	}
+	return err
+}
+
+func cmdVolumeInfo(ctx context.Context, e *env, args []string) error {
+	return withStore(ctx, e, func(s *meta.Store) error {
+		v, err := s.Volume(ctx, args[0])
+		if err != nil {
+			return notFound(err)
+		}
+		ep, err := s.Epoch(ctx, args[0])
+		if err != nil {
+			return notFound(err)
+		}
+		return e.printVolume(volumeResult{v, ep})
+	})
+}
+
+func buildVolumeResize(fs *pflag.FlagSet) runFunc {
+	size := fs.String("size", "", "new volume size, e.g. 20GiB; volumes only grow")
+	return func(ctx context.Context, e *env, args []string) error {
+		n, err := parseSize(*size)
+		if err != nil {
+			return err
+		}
+		return withStore(ctx, e, func(s *meta.Store) error {
+			v, err := s.ResizeVolume(ctx, args[0], n)
+			if errors.Is(err, meta.ErrShrink) {
+				return fmt.Errorf("volume %s is %s, %s is smaller: volumes only grow (create a new one to shrink)",
+					args[0], units.FormatSize(int64(v.Size)), *size)
+			}
+			if err != nil {
+				return notFound(err)
+			}
+			if e.g.output == "json" {
+				return e.printJSON(volumeResult{Volume: v})
+			}
+			fmt.Fprintf(e.stdout, "volume %s is now %s\n", v.Name, units.FormatSize(int64(v.Size)))
+			return nil
+		})
+	}
+}
+
+func cmdVolumeDelete(ctx context.Context, e *env, args []string) error {
+	return withStore(ctx, e, func(s *meta.Store) error {
+		err := s.DeleteVolume(ctx, args[0])
+		if errors.Is(err, meta.ErrAttached) {
+			return fmt.Errorf("%w: detach it first", err)
+		}
+		if err != nil {
+			return notFound(err)
+		}
+		if e.g.output == "json" {
+			return e.printJSON(map[string]string{"deleted": args[0]})
+		}
+		fmt.Fprintf(e.stdout, "deleted volume %s\n", args[0])
+		return nil
+	})
+}
