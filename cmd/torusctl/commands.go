@@ -243,6 +243,9 @@ func cmdRingShow(ctx context.Context, e *env, _ []string) error {
 		fmt.Fprintf(tw, "vnodes:\t%d\n", res.VNodes)
 		fmt.Fprintf(tw, "zones/hosts:\t%d/%d\n", res.Zones, res.Hosts)
 		fmt.Fprintf(tw, "replication:\t%d\n", res.Replication)
+		if len(res.Nodes) == 0 {
+			fmt.Fprintln(tw, "(empty ring: no node has been added to it yet)")
+		}
 		return tw.Flush()
 	})
 }
@@ -305,7 +308,8 @@ func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
 			}
 			v, err := s.CreateVolume(ctx, args[0], n, r)
 			if errors.Is(err, meta.ErrExists) {
-				return fmt.Errorf("%w: pick another name, or see 'torusctl volume info %s'", err, args[0])
+				return fmt.Errorf("volume %s already exists: pick another name, or see 'torusctl volume info %s'",
+					args[0], args[0])
 			}
 			if err != nil {
 				return err
