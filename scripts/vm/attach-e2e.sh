@@ -8,7 +8,9 @@
 # (mkfs.ext4, files, sync, umount, e2fsck -fn, remount, compare), fio verify=crc32c at QD32 on
 # the raw device, discard reaching the store (its allocated space drops), and detach leaving no
 # device. With ublk also: kill -9 of the server in the middle of a fio verify job, then
-# `torusblk recover`, and the same fio job finishes and verifies every block.
+# `torusblk recover`, and the same fio job finishes and verifies every block. Last, the store on a
+# raw block device (a direct-io loop device): written with fio verify, detached, attached again,
+# and everything re-verified.
 # Prints 'N passed, N failed' per kernel and exits non-zero when anything failed.
 set -euo pipefail
 
@@ -26,9 +28,9 @@ if [ "${1:-}" = --guest ]; then
 	}
 	store=/mnt/disk/store
 	mkdir -p /mnt/vol
-	attach() { # starts torusblk attach in the background, sets dev and apid
+	attach() { # [STORE SIZE] starts torusblk attach in the background, sets dev and apid
 		: >/tmp/dev
-		"$bin" attach --store "$store" --size 1GiB --mode auto >/tmp/dev 2>>/tmp/attach.log &
+		"$bin" attach --store "${1:-$store}" --size "${2:-1GiB}" --mode auto >/tmp/dev 2>>/tmp/attach.log &
 		apid=$!
 		for _ in $(seq 600); do
 			dev=$(head -n1 /tmp/dev)
@@ -117,6 +119,28 @@ if [ "${1:-}" = --guest ]; then
 		out=$("$bin" attach --store "$store" --size 1GiB --mode ublk 2>&1) && bad "--mode ublk without ublk succeeded" ||
 			{ echo "$out" | grep -q "ublk is not available" && ok "--mode ublk without ublk: clear error" || bad "--mode ublk: $out"; }
 	fi
+
+	# The store on a raw block device (a direct-io loop device here): written, detached, attached again, and
+	# everything fio wrote verifies.
+	truncate -s 300M /mnt/disk/raw.img
+	raw=$(losetup --direct-io=on --find --show /mnt/disk/raw.img)
+	rawjob=(--name=raw --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 --size=96M
+		--verify=crc32c --verify_fatal=1 --verify_state_save=0 --randseed=42)
+	if attach "$raw" 256MiB; then
+		fio "${rawjob[@]}" --filename="$dev" --do_verify=1 --output=/tmp/fior.out >/dev/null 2>&1 &&
+			ok "store on block device $raw: fio verify on $dev" || bad "fio on a block-device store: $(tail -5 /tmp/fior.out)"
+		"$bin" detach "$dev" && wait $apid || bad "detach of the block-device store"
+		if attach "$raw" 256MiB; then
+			fio "${rawjob[@]}" --filename="$dev" --verify_only --output=/tmp/fior2.out >/dev/null 2>&1 &&
+				ok "block-device store: data verifies after detach and re-attach" || bad "re-verify on a block-device store: $(tail -5 /tmp/fior2.out)"
+			"$bin" detach "$dev" && wait $apid || bad "second detach of the block-device store"
+		else
+			bad "re-attach of the block-device store: $(tail -3 /tmp/attach.log)"
+		fi
+	else
+		bad "attach with --store $raw: $(tail -3 /tmp/attach.log)"
+	fi
+	losetup -d "$raw"
 	finish
 fi
 
