@@ -457,10 +457,13 @@ func crashWrite(i int) (off, length int64) {
 	return off, length
 }
 
-func TestLocalCrashRecovery(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "v.store")
+// startCrashChild re-runs the test binary as a writer child (see
+// crashChildEnv) with arg and returns it with a scanner over its stdout, on
+// which it reports progress until the test kills it.
+func startCrashChild(t *testing.T, arg string) (*exec.Cmd, *bufio.Scanner) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), crashChildEnv+"="+path)
+	cmd.Env = append(os.Environ(), crashChildEnv+"="+arg)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -468,7 +471,12 @@ func TestLocalCrashRecovery(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	sc := bufio.NewScanner(out)
+	return cmd, bufio.NewScanner(out)
+}
+
+func TestLocalCrashRecovery(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "v.store")
+	cmd, sc := startCrashChild(t, path)
 	flushed := 0
 	for sc.Scan() {
 		line := sc.Text()
@@ -602,16 +610,7 @@ func laggingBlocks(t *testing.T, path string) int {
 // checksum error, and a clean close leaves no header behind its data.
 func TestLocalCrashDirtyHeaders(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "v.store")
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), crashChildEnv+"=dirty:"+path)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	sc := bufio.NewScanner(out)
+	cmd, sc := startCrashChild(t, "dirty:"+path)
 	done := false
 	for sc.Scan() {
 		line := sc.Text()
