@@ -225,7 +225,8 @@ func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, thens, elses []cli
 	return resp, nil
 }
 
-// Config is the cluster-wide configuration, written once by Init.
+// Config is the cluster-wide configuration, written by Init; afterwards
+// only Replication changes (SetReplication).
 type Config struct {
 	// ClusterID names the cluster; Init fills in a random one if empty.
 	ClusterID string `json:"cluster_id"`

@@ -1,0 +1,137 @@
+package meta
+
+// Invariants of the cluster-wide operations in this file:
+//   - The config key changes after Init only through SetReplication, by
+//     compare-and-swap on its mod revision; ClusterID, ChunkSize and Created
+//     never change.
+//   - JoinRing changes the ring only through CASRing, building the next ring
+//     with ring.Next (so its Version grows by one), and writes nothing when
+//     the ring already holds the node as given: a restarting node does not
+//     bump the ring version.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/torus-storage/torus/ring"
+)
+
+// SetReplication changes the cluster's default replication (the number of
+// copies of a chunk of volumes created afterwards) to r. It refuses r < 1
+// with ErrInvalid; checking that the ring has enough nodes is the caller's
+// business. Volumes already created keep their own replication.
+func (s *Store) SetReplication(ctx context.Context, r int) error {
+	if r < 1 {
+		return fmt.Errorf("meta: set replication %d: must be at least 1: %w", r, ErrInvalid)
+	}
+	for range maxTries {
+		resp, err := s.cli.Get(ctx, s.kConfig)
+		if err != nil {
+			return fmt.Errorf("meta: set replication: read config: %w", err)
+		}
+		if len(resp.Kvs) == 0 {
+			return fmt.Errorf("meta: prefix %s: %w: run init first", s.prefix, ErrNotInitialized)
+		}
+		var cfg Config
+		if err := json.Unmarshal(resp.Kvs[0].Value, &cfg); err != nil {
+			return fmt.Errorf("meta: set replication: decode config: %w", err)
+		}
+		if cfg.Replication == r {
+			return nil
+		}
+		cfg.Replication = r
+		js, err := json.Marshal(cfg)
+		if err != nil {
+			return fmt.Errorf("meta: set replication: %w", err)
+		}
+		tr, err := s.txn(ctx,
+			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.kConfig), "=", resp.Kvs[0].ModRevision)},
+			[]clientv3.Op{clientv3.OpPut(s.kConfig, string(js))}, nil)
+		if err != nil {
+			return fmt.Errorf("meta: set replication %d: %w", r, err)
+		}
+		if tr.Succeeded {
+			return nil
+		}
+		// The config changed under us: re-read and retry.
+	}
+	return fmt.Errorf("meta: set replication %d: contended %d times: %w", r, maxTries, ErrConflict)
+}
+
+// Epochs returns the last attach epoch of every volume that was ever
+// attached, by volume id. A storage node raises its fences to these at
+// start-up, before it serves, so a writer fenced while the node was down
+// stays fenced.
+func (s *Store) Epochs(ctx context.Context) (map[uint64]uint64, error) {
+	resp, err := s.cli.Get(ctx, s.kEpochs, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("meta: read epochs: %w", err)
+	}
+	out := make(map[uint64]uint64, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		id, err := strconv.ParseUint(strings.TrimPrefix(string(kv.Key), s.kEpochs), 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("meta: read epochs: corrupt key %q: %w", kv.Key, err)
+		}
+		e, err := strconv.ParseUint(string(kv.Value), 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("meta: read epochs: corrupt epoch %q of volume %d: %w", kv.Value, id, err)
+		}
+		out[id] = e
+	}
+	return out, nil
+}
+
+// JoinRing makes n a member of the ring: it adds n, or updates its zone,
+// host and capacity if the ring holds another version of it, and returns
+// the resulting ring. When the ring already holds n as given it writes
+// nothing and returns the current ring. It retries on concurrent ring
+// changes (compare-and-swap) and fails with ErrConflict only after many.
+// The node's address is not part of the ring (see Nodes for it).
+func (s *Store) JoinRing(ctx context.Context, n Node) (*ring.Ring, error) {
+	if err := validName("node id", n.ID); err != nil {
+		return nil, err
+	}
+	if n.Capacity == 0 {
+		return nil, fmt.Errorf("meta: join ring: node %s: capacity 0: %w", n.ID, ErrInvalid)
+	}
+	want := n.RingNode()
+	for range maxTries {
+		cur, rev, err := s.Ring(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("meta: join ring: %w", err)
+		}
+		nodes := cur.Nodes()
+		found := false
+		for i, m := range nodes {
+			if m.ID != want.ID {
+				continue
+			}
+			if m == want {
+				return cur, nil
+			}
+			nodes[i], found = want, true
+		}
+		if !found {
+			nodes = append(nodes, want)
+		}
+		next, err := cur.Next(nodes)
+		if err != nil {
+			return nil, fmt.Errorf("meta: join ring: node %s: %w", n.ID, err)
+		}
+		err = s.CASRing(ctx, rev, next)
+		if err == nil {
+			return next, nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return nil, fmt.Errorf("meta: join ring: node %s: %w", n.ID, err)
+		}
+	}
+	return nil, fmt.Errorf("meta: join ring: node %s: ring contended %d times: %w", n.ID, maxTries, ErrConflict)
+}
