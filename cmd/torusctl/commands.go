@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"text/tabwriter"
 	"time"
 
@@ -19,14 +20,14 @@ import (
 	"github.com/torus-storage/torus/netquic"
 )
 
-// commands returns the command table. ring set-replication is absent: meta
-// has no API to change the config after Init.
+// commands returns the command table.
 func commands() []command {
 	return []command{
 		{path: "init", build: buildInit},
 		{path: "status", build: plain(cmdStatus)},
 		{path: "node list", build: plain(cmdNodeList)},
 		{path: "ring show", build: plain(cmdRingShow)},
+		{path: "ring set-replication", args: "N", nargs: 1, build: plain(cmdRingSetReplication)},
 		{path: "volume create", args: "NAME", nargs: 1, build: buildVolumeCreate},
 		{path: "volume list", build: plain(cmdVolumeList)},
 		{path: "volume info", args: "NAME", nargs: 1, build: plain(cmdVolumeInfo)},
@@ -247,6 +248,40 @@ func cmdRingShow(ctx context.Context, e *env, _ []string) error {
 			fmt.Fprintln(tw, "(empty ring: no node has been added to it yet)")
 		}
 		return tw.Flush()
+	})
+}
+
+// cmdRingSetReplication changes the cluster's default replication. It
+// refuses more copies than the ring has nodes: such a replication could not
+// place R distinct copies of a chunk.
+func cmdRingSetReplication(ctx context.Context, e *env, args []string) error {
+	r, err := strconv.Atoi(args[0])
+	if err != nil || r < 1 {
+		return fmt.Errorf("%w: replication %q: must be a whole number of at least 1 (example: torusctl ring set-replication 3)",
+			errUsage, args[0])
+	}
+	return withStore(ctx, e, func(s *meta.Store) error {
+		cfg, err := s.Config(ctx)
+		if err != nil {
+			return err
+		}
+		rg, _, err := s.Ring(ctx)
+		if err != nil {
+			return err
+		}
+		if rg.Len() < r {
+			return fmt.Errorf("not enough nodes for R=%d: the ring has %d; add nodes first (start torusd on more machines)",
+				r, rg.Len())
+		}
+		if err := s.SetReplication(ctx, r); err != nil {
+			return err
+		}
+		if e.g.output == "json" {
+			return e.printJSON(map[string]int{"replication": r, "previous": cfg.Replication})
+		}
+		fmt.Fprintf(e.stdout, "replication is now %d (was %d); it applies to volumes created from now on\n",
+			r, cfg.Replication)
+		return nil
 	})
 }
 

@@ -4,6 +4,7 @@
 //	torusctl status
 //	torusctl node list
 //	torusctl ring show
+//	torusctl ring set-replication N
 //	torusctl volume create NAME --size SIZE [--replication N]
 //	torusctl volume list
 //	torusctl volume info NAME
@@ -40,6 +41,7 @@ Usage:
   torusctl [global flags] status
   torusctl [global flags] node list
   torusctl [global flags] ring show
+  torusctl [global flags] ring set-replication N
   torusctl [global flags] volume create NAME --size SIZE [--replication N]
   torusctl [global flags] volume list
   torusctl [global flags] volume info NAME
@@ -235,6 +237,8 @@ func example(c *command) string {
 		return "vol0 --size 10GiB"
 	case "volume resize":
 		return "vol0 --size 20GiB"
+	case "ring set-replication":
+		return "3"
 	default:
 		return "vol0"
 	}

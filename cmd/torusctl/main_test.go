@@ -326,3 +326,41 @@ func TestEtcdFromEnv(t *testing.T) {
 		t.Fatalf("status with TORUS_ETCD: %v\n%s", err, out)
 	}
 }
+
+func TestRingSetReplication(t *testing.T) {
+	initCluster(t, 1)
+	fails(t, 2, "must be a whole number of at least 1", "ring", "set-replication", "0")
+	fails(t, 2, "must be a whole number of at least 1", "ring", "set-replication", "three")
+	fails(t, 2, "want N", "ring", "set-replication")
+	fails(t, 1, "not enough nodes for R=2: the ring has 0; add nodes first", "ring", "set-replication", "2")
+
+	ctx := context.Background()
+	s, err := meta.Open(ctx, []string{endpoint}, prefix(t), meta.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := range 2 {
+		if _, err := s.JoinRing(ctx, meta.Node{ID: fmt.Sprintf("n%d", i), Capacity: 1 << 30, Host: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fails(t, 1, "not enough nodes for R=3: the ring has 2; add nodes first", "ring", "set-replication", "3")
+	if out := must(t, "ring", "set-replication", "2"); !strings.Contains(out, "replication is now 2 (was 1)") {
+		t.Fatalf("ring set-replication 2: %q", out)
+	}
+	var rr ringResult
+	if err := json.Unmarshal([]byte(must(t, "ring", "show", "--output", "json")), &rr); err != nil {
+		t.Fatal(err)
+	}
+	if rr.Replication != 2 || len(rr.Nodes) != 2 {
+		t.Fatalf("ring show after set-replication 2: %+v", rr)
+	}
+	var res map[string]int
+	if err := json.Unmarshal([]byte(must(t, "--output", "json", "ring", "set-replication", "1")), &res); err != nil {
+		t.Fatal(err)
+	}
+	if res["replication"] != 1 || res["previous"] != 2 {
+		t.Fatalf("ring set-replication --output json: %v", res)
+	}
+}
