@@ -1,0 +1,192 @@
+// Package wire is the chunk protocol between a Cluster volume (the client)
+// and a NodeServer, carried in netquic frames.
+//
+// A netquic frame already has an op (request) or status (response) byte, a
+// request id and a payload length; this package defines the op and status
+// values and the 32-byte caller header. Layout of the header, little endian:
+//
+//	[0:8]    volume id
+//	[8:16]   chunk index (offset in the volume / chunk size)
+//	[16:24]  attach epoch (writes, discards, write-zeroes, fence); in a
+//	         stale-epoch response, the node's current epoch of the volume
+//	[24:26]  offset inside the chunk, in 4 KiB blocks
+//	[26:28]  length, in 4 KiB blocks (at most 512: chunks are at most 2 MiB)
+//	[28]     flags: bit 0 FUA, bit 1 NoUnmap; other bits zero
+//	[29:32]  snapshot (24 bits; 0 is the live volume)
+//
+// Payload: a write request carries exactly length bytes; a read response
+// carries exactly length bytes when its status is OK; every other frame has
+// an empty payload.
+//
+// Invariants (kept by Decode): a decoded Header has Off and Len that are
+// multiples of BlockSize, Len > 0 for ops that address data, no unknown flag
+// bit, and Off+Len within MaxChunk. Decode never panics, whatever the bytes
+// (FuzzDecode).
+package wire
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// HeaderSize is the size of the caller header in a netquic frame.
+const HeaderSize = 32
+
+// BlockSize is the unit of offsets and lengths on the wire.
+const BlockSize = 4096
+
+// MaxChunk is the largest chunk size the protocol can address (2 MiB).
+const MaxChunk = 2 << 20
+
+// Op is a request's operation (the netquic frame's code).
+type Op uint8
+
+// Operations.
+const (
+	OpRead        Op = 1
+	OpWrite       Op = 2
+	OpFlush       Op = 3
+	OpDiscard     Op = 4
+	OpWriteZeroes Op = 5
+	// OpFence raises the node's epoch of Header.Volume to Header.Epoch; it
+	// fails with StatusStaleEpoch if the node already knows a higher one.
+	OpFence Op = 6
+)
+
+// String names the op.
+func (o Op) String() string {
+	switch o {
+	case OpRead:
+		return "read"
+	case OpWrite:
+		return "write"
+	case OpFlush:
+		return "flush"
+	case OpDiscard:
+		return "discard"
+	case OpWriteZeroes:
+		return "write-zeroes"
+	case OpFence:
+		return "fence"
+	}
+	return fmt.Sprintf("op(%d)", uint8(o))
+}
+
+// Valid reports whether o is a known op.
+func (o Op) Valid() bool { return o >= OpRead && o <= OpFence }
+
+// Status is a response's status (the netquic frame's code).
+type Status uint8
+
+// Statuses.
+const (
+	StatusOK         Status = 0
+	StatusRange      Status = 1 // outside the chunk, not block aligned, or payload length wrong
+	StatusNoSpace    Status = 2 // the node's store is full
+	StatusChecksum   Status = 3 // a block failed its CRC on the node
+	StatusStaleEpoch Status = 4 // the writer's epoch is older than the node's
+	StatusIO         Status = 5 // any other error of the node
+	StatusBadRequest Status = 6 // unknown op or malformed header
+)
+
+// String names the status.
+func (s Status) String() string {
+	switch s {
+	case StatusOK:
+		return "ok"
+	case StatusRange:
+		return "range"
+	case StatusNoSpace:
+		return "no-space"
+	case StatusChecksum:
+		return "checksum"
+	case StatusStaleEpoch:
+		return "stale-epoch"
+	case StatusIO:
+		return "io"
+	case StatusBadRequest:
+		return "bad-request"
+	}
+	return fmt.Sprintf("status(%d)", uint8(s))
+}
+
+// Header flags.
+const (
+	FlagFUA     uint8 = 1 << 0
+	FlagNoUnmap uint8 = 1 << 1
+	flagsKnown        = FlagFUA | FlagNoUnmap
+)
+
+// Header is the decoded caller header of a request or response.
+type Header struct {
+	Volume uint64
+	Index  uint64
+	Epoch  uint64
+	// Off and Len are byte counts, multiples of BlockSize.
+	Off, Len uint32
+	Flags    uint8
+	Snap     uint32 // 24 bits
+}
+
+// ErrMalformed is wrapped by every Decode error.
+var ErrMalformed = errors.New("wire: malformed chunk header")
+
+// Encode writes h into b. Off and Len must be multiples of BlockSize with
+// Off+Len <= MaxChunk, and Snap below 1<<24; Encode does not check (the
+// client builds them from a validated request).
+func (h *Header) Encode(b *[HeaderSize]byte) {
+	binary.LittleEndian.PutUint64(b[0:8], h.Volume)
+	binary.LittleEndian.PutUint64(b[8:16], h.Index)
+	binary.LittleEndian.PutUint64(b[16:24], h.Epoch)
+	binary.LittleEndian.PutUint16(b[24:26], uint16(h.Off/BlockSize))
+	binary.LittleEndian.PutUint16(b[26:28], uint16(h.Len/BlockSize))
+	b[28] = h.Flags
+	b[29] = byte(h.Snap)
+	b[30] = byte(h.Snap >> 8)
+	b[31] = byte(h.Snap >> 16)
+}
+
+// Decode reads b into h and checks it for op: known flags, and for the ops
+// that address data (read, write, discard, write-zeroes) a non-empty range
+// that fits in MaxChunk. It never panics.
+func Decode(op Op, b *[HeaderSize]byte, h *Header) error {
+	h.Volume = binary.LittleEndian.Uint64(b[0:8])
+	h.Index = binary.LittleEndian.Uint64(b[8:16])
+	h.Epoch = binary.LittleEndian.Uint64(b[16:24])
+	offB := uint32(binary.LittleEndian.Uint16(b[24:26]))
+	lenB := uint32(binary.LittleEndian.Uint16(b[26:28]))
+	h.Off, h.Len = offB*BlockSize, lenB*BlockSize
+	h.Flags = b[28]
+	h.Snap = uint32(b[29]) | uint32(b[30])<<8 | uint32(b[31])<<16
+	if !op.Valid() {
+		return fmt.Errorf("%w: unknown op %d", ErrMalformed, uint8(op))
+	}
+	if h.Flags&^flagsKnown != 0 {
+		return fmt.Errorf("%w: unknown flags %#x", ErrMalformed, h.Flags)
+	}
+	switch op {
+	case OpRead, OpWrite, OpDiscard, OpWriteZeroes:
+		if lenB == 0 {
+			return fmt.Errorf("%w: %v of zero length", ErrMalformed, op)
+		}
+		if offB+lenB > MaxChunk/BlockSize {
+			return fmt.Errorf("%w: %v of %d blocks at block %d crosses the largest chunk", ErrMalformed, op, lenB, offB)
+		}
+	}
+	return nil
+}
+
+// CheckPayload checks that a request of op with header h carries an n-byte
+// payload as the protocol requires: exactly h.Len bytes for a write, none
+// for every other op.
+func CheckPayload(op Op, h *Header, n int) error {
+	want := 0
+	if op == OpWrite {
+		want = int(h.Len)
+	}
+	if n != want {
+		return fmt.Errorf("%w: %v with a %d-byte payload, want %d", ErrMalformed, op, n, want)
+	}
+	return nil
+}

@@ -1,0 +1,322 @@
+package engine
+
+// NodeServer serves a Store's chunks over netquic with the chunk protocol of
+// engine/internal/wire.
+//
+// Invariants:
+//   - Every request is validated (known op, well-formed header, range inside
+//     the store's chunk, payload length) before anything reaches the store;
+//     a bad one is answered with StatusBadRequest or StatusRange and changes
+//     nothing.
+//   - No goroutine per request: Serve runs on the stream's reader goroutine,
+//     submits one pooled nodeOp to the Store and returns; the store's
+//     completion replies and returns the nodeOp to the pool.
+//   - Epoch fencing: epochs[volume] only grows. A write, discard or
+//     write-zeroes is checked against it and submitted to the store while
+//     holding the volume's read lock; a raise (fence, or a write with a
+//     higher epoch) takes the write lock. So once a fence is answered, every
+//     write with an older epoch was either submitted to the store before it
+//     (and the store keeps overlapping ops in submission order) or is
+//     refused with StatusStaleEpoch without touching the store.
+//   - Reads and flushes carry no epoch check.
+
+import (
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+
+	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/netquic"
+)
+
+// ErrFenced is reported for a write refused by a storage node because a
+// newer writer attached the volume (its attach epoch is higher).
+var ErrFenced = errors.New("engine: writer fenced: the volume was attached again by a newer holder; stop writing and re-attach")
+
+// NodeServerOptions configure NewNodeServer.
+type NodeServerOptions struct {
+	// NodeID names the node in logs and errors.
+	NodeID string
+	// Logger receives warnings (default slog.Default()).
+	Logger *slog.Logger
+}
+
+// NodeStats are a NodeServer's counters since it started.
+type NodeStats struct {
+	Reads, Writes, ReadBytes, WriteBytes, Flushes, Discards uint64
+	// Errors counts requests answered with any status but OK; NoSpace and
+	// StaleEpoch count two kinds of them.
+	Errors, NoSpace, StaleEpoch uint64
+}
+
+// NodeServer serves a Store's chunks to clients over netquic; it implements
+// netquic.Handler.
+type NodeServer struct {
+	st    *Store
+	id    string
+	log   *slog.Logger
+	chunk int64
+
+	ops    sync.Pool // *nodeOp
+	epochs sync.Map  // volume id → *volEpoch
+
+	reads, writes, readBytes, writeBytes, flushes, discards atomic.Uint64
+	errs, noSpace, stale                                    atomic.Uint64
+}
+
+var _ netquic.Handler = (*NodeServer)(nil)
+
+type volEpoch struct {
+	mu sync.RWMutex
+	e  atomic.Uint64 // written under mu's write lock
+}
+
+// nodeOp is one request in flight to the store.
+type nodeOp struct {
+	ChunkOp
+	n   *NodeServer
+	r   *netquic.ServerRequest
+	wop wire.Op
+}
+
+// NewNodeServer returns a server of st's chunks. Serve it with
+// netquic.Listen(addr, tls, n, opts).
+func NewNodeServer(st *Store, opt NodeServerOptions) *NodeServer {
+	n := &NodeServer{st: st, id: opt.NodeID, log: opt.Logger, chunk: st.ChunkSize()}
+	if n.log == nil {
+		n.log = slog.Default()
+	}
+	n.ops.New = func() any {
+		o := &nodeOp{n: n}
+		o.Done = o
+		return o
+	}
+	return n
+}
+
+// Stats returns the server's counters.
+func (n *NodeServer) Stats() NodeStats {
+	return NodeStats{
+		Reads: n.reads.Load(), Writes: n.writes.Load(), ReadBytes: n.readBytes.Load(),
+		WriteBytes: n.writeBytes.Load(), Flushes: n.flushes.Load(), Discards: n.discards.Load(),
+		Errors: n.errs.Load(), NoSpace: n.noSpace.Load(), StaleEpoch: n.stale.Load(),
+	}
+}
+
+// Epoch returns the highest epoch known for volume (0 if none).
+func (n *NodeServer) Epoch(volume uint64) uint64 {
+	if v, ok := n.epochs.Load(volume); ok {
+		return v.(*volEpoch).e.Load()
+	}
+	return 0
+}
+
+func (n *NodeServer) volEpoch(volume uint64) *volEpoch {
+	if v, ok := n.epochs.Load(volume); ok {
+		return v.(*volEpoch)
+	}
+	v, _ := n.epochs.LoadOrStore(volume, &volEpoch{})
+	return v.(*volEpoch)
+}
+
+// RaiseEpoch records that writers of volume must carry epoch >= e (from etcd
+// at start-up, or a fence). A lower e than the current one changes nothing.
+func (n *NodeServer) RaiseEpoch(volume, e uint64) {
+	v := n.volEpoch(volume)
+	if v.e.Load() >= e {
+		return
+	}
+	v.mu.Lock()
+	if v.e.Load() < e {
+		v.e.Store(e)
+	}
+	v.mu.Unlock()
+}
+
+// Serve handles one request; it implements netquic.Handler.
+func (n *NodeServer) Serve(r *netquic.ServerRequest) {
+	op := wire.Op(r.Code)
+	var h wire.Header
+	if err := wire.Decode(op, &r.Header, &h); err != nil {
+		n.fail(r, wire.StatusBadRequest, err)
+		return
+	}
+	if err := wire.CheckPayload(op, &h, len(r.Payload)); err != nil {
+		n.fail(r, wire.StatusRange, err)
+		return
+	}
+	switch op {
+	case wire.OpFence:
+		n.RaiseEpoch(h.Volume, h.Epoch)
+		if cur := n.Epoch(h.Volume); cur > h.Epoch {
+			n.stale.Add(1)
+			n.staleReply(r, cur)
+			return
+		}
+		_ = r.Reply(uint8(wire.StatusOK), nil, nil)
+		return
+	case wire.OpFlush:
+		o := n.get(r, op)
+		o.Op, o.Flags = OpFlush, 0
+		o.Chunk, o.Off, o.Length, o.Buf = ChunkID{}, 0, 0, nil
+		n.flushes.Add(1)
+		n.st.Submit(&o.ChunkOp)
+		return
+	}
+	if h.Snap != 0 {
+		n.fail(r, wire.StatusBadRequest, errors.New("snapshots are not served yet"))
+		return
+	}
+	if int64(h.Off)+int64(h.Len) > n.chunk {
+		n.fail(r, wire.StatusRange, nil)
+		return
+	}
+	o := n.get(r, op)
+	o.Chunk = ChunkID{Volume: h.Volume, Index: h.Index}
+	o.Off, o.Length = int64(h.Off), int64(h.Len)
+	o.Flags = 0
+	if h.Flags&wire.FlagFUA != 0 {
+		o.Flags |= FlagFUA
+	}
+	if h.Flags&wire.FlagNoUnmap != 0 {
+		o.Flags |= FlagNoUnmap
+	}
+	switch op {
+	case wire.OpRead:
+		buf, err := r.Buffer(int(h.Len))
+		if err != nil {
+			n.put(o)
+			n.fail(r, wire.StatusIO, err)
+			return
+		}
+		o.Op, o.Buf = OpRead, buf
+		n.reads.Add(1)
+		n.readBytes.Add(uint64(h.Len))
+		n.st.Submit(&o.ChunkOp)
+		return
+	case wire.OpWrite:
+		o.Op, o.Buf = OpWrite, r.Payload
+	case wire.OpDiscard:
+		o.Op, o.Buf = OpDiscard, nil
+	case wire.OpWriteZeroes:
+		o.Op, o.Buf = OpWriteZeroes, nil
+	}
+	v := n.volEpoch(h.Volume)
+	for {
+		v.mu.RLock()
+		cur := v.e.Load()
+		if h.Epoch < cur {
+			v.mu.RUnlock()
+			n.put(o)
+			n.stale.Add(1)
+			n.staleReply(r, cur)
+			return
+		}
+		if h.Epoch == cur {
+			if op == wire.OpWrite {
+				n.writes.Add(1)
+				n.writeBytes.Add(uint64(h.Len))
+			} else {
+				n.discards.Add(1)
+			}
+			// Submit only queues the op (or completes it at once on
+			// error), so the read lock is held briefly.
+			n.st.Submit(&o.ChunkOp)
+			v.mu.RUnlock()
+			return
+		}
+		v.mu.RUnlock()
+		n.RaiseEpoch(h.Volume, h.Epoch)
+	}
+}
+
+func (n *NodeServer) get(r *netquic.ServerRequest, op wire.Op) *nodeOp {
+	o := n.ops.Get().(*nodeOp)
+	o.r, o.wop = r, op
+	return o
+}
+
+func (n *NodeServer) put(o *nodeOp) {
+	o.r, o.Buf = nil, nil
+	n.ops.Put(o)
+}
+
+// fail answers r with status s; err (optional) is logged at debug level.
+func (n *NodeServer) fail(r *netquic.ServerRequest, s wire.Status, err error) {
+	n.errs.Add(1)
+	if err != nil {
+		n.log.Debug("node: bad request", "node", n.id, "peer", r.PeerName(), "op", wire.Op(r.Code).String(), "err", err)
+	}
+	_ = r.Reply(uint8(s), nil, nil)
+}
+
+func (n *NodeServer) staleReply(r *netquic.ServerRequest, cur uint64) {
+	n.errs.Add(1)
+	var hb [wire.HeaderSize]byte
+	h := wire.Header{Epoch: cur}
+	h.Encode(&hb)
+	_ = r.Reply(uint8(wire.StatusStaleEpoch), &hb, nil)
+}
+
+// CompleteChunk answers the request of o from the store's completion.
+func (o *nodeOp) CompleteChunk(_ *ChunkOp, err error) {
+	n, r := o.n, o.r
+	var payload []byte
+	s := wire.StatusOK
+	if err != nil {
+		s = statusOf(err)
+		n.errs.Add(1)
+		if s == wire.StatusNoSpace {
+			n.noSpace.Add(1)
+			n.log.Warn("node: out of space: write refused", "node", n.id, "chunk", o.Chunk)
+		} else if s != wire.StatusRange {
+			n.log.Warn("node: chunk I/O failed", "node", n.id, "op", o.wop.String(), "chunk", o.Chunk, "err", err)
+		}
+	} else if o.wop == wire.OpRead {
+		payload = o.Buf
+	}
+	n.put(o)
+	_ = r.Reply(uint8(s), nil, payload)
+}
+
+// statusOf maps a store error to a wire status.
+func statusOf(err error) wire.Status {
+	switch {
+	case err == nil:
+		return wire.StatusOK
+	case errors.Is(err, ErrRange):
+		return wire.StatusRange
+	case errors.Is(err, ErrNoSpace):
+		return wire.StatusNoSpace
+	case errors.Is(err, ErrChecksum):
+		return wire.StatusChecksum
+	case errors.Is(err, ErrFenced):
+		return wire.StatusStaleEpoch
+	}
+	return wire.StatusIO
+}
+
+// errOf maps a wire status to the engine error a Volume reports.
+func errOf(s wire.Status) error {
+	switch s {
+	case wire.StatusOK:
+		return nil
+	case wire.StatusRange:
+		return ErrRange
+	case wire.StatusNoSpace:
+		return ErrNoSpace
+	case wire.StatusChecksum:
+		return ErrChecksum
+	case wire.StatusStaleEpoch:
+		return ErrFenced
+	case wire.StatusBadRequest:
+		return errBadRequest
+	}
+	return errNodeIO
+}
+
+var (
+	errNodeIO     = errors.New("engine: I/O error on the storage node (see its log)")
+	errBadRequest = errors.New("engine: storage node refused a malformed request (client and node versions differ?)")
+)
