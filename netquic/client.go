@@ -15,6 +15,13 @@ package netquic
 //     caller after done, or by the reader after an abandoned slot's response.
 //   - A session dies once (first stream or connection error); every waiting
 //     slot then completes with ErrConnLost, and the next Call dials anew.
+//   - Asynchronous calls (Go) use the same slots with a Completer instead of
+//     a waiting caller: whoever moves the slot out of waiting (the reader
+//     with the response, failWaiting, or the watchdog at the deadline, which
+//     moves it to abandoned) completes it, exactly once. An async slot's
+//     deadline is cleared and the slot freed under the stream's amu, which
+//     the watchdog holds while it scans deadlines, so the deadline it reads
+//     always belongs to the slot's current occupant.
 
 import (
 	"context"
@@ -35,6 +42,11 @@ var ErrConnLost = errors.New("netquic: connection lost")
 
 // ErrClosed is returned by calls on a closed Client.
 var ErrClosed = errors.New("netquic: client closed")
+
+// ErrTimeout is wrapped by the error of an asynchronous call (Go) whose
+// deadline passed before its response arrived; it also wraps
+// context.DeadlineExceeded.
+var ErrTimeout = errors.New("netquic: call timed out")
 
 // ErrResponseTooLarge is returned when a response payload exceeds the
 // capacity of the buffer the caller provided.
@@ -100,6 +112,47 @@ func (c *Client) Call(ctx context.Context, req, resp *Message) error {
 		return err
 	}
 	return s.call(ctx, req, resp)
+}
+
+// Completer is told when an asynchronous call (Client.Go) ends.
+type Completer interface {
+	// CallDone receives the response message given to Go, filled in when
+	// err is nil. It is called on a netquic goroutine and must not block.
+	CallDone(resp *Message, err error)
+}
+
+// Go sends req like Call but does not wait for the response:
+// done.CallDone(resp, err) is called exactly once when the response has been
+// stored in resp, the call failed, or deadline (zero: none) passed, in which
+// case err wraps ErrTimeout and the late response is dropped, never written
+// to resp. req.Payload may be reused once Go returns; resp belongs to the
+// client until CallDone. Go blocks only to dial (bounded by deadline) or
+// while every slot of the least-loaded stream is taken. It does not allocate
+// in steady state. CallDone may run before Go returns.
+func (c *Client) Go(req, resp *Message, deadline time.Time, done Completer) {
+	if len(req.Payload) > c.opts.MaxPayload {
+		done.CallDone(resp, fmt.Errorf("netquic: call %s: payload %d over limit %d", c.addr, len(req.Payload), c.opts.MaxPayload))
+		return
+	}
+	s := c.sess.Load()
+	if s == nil || s.isDead() {
+		ctx, cancel := context.Background(), context.CancelFunc(func() {})
+		if !deadline.IsZero() {
+			ctx, cancel = context.WithDeadline(ctx, deadline)
+		}
+		var err error
+		s, err = c.session(ctx)
+		cancel()
+		if err != nil {
+			done.CallDone(resp, err)
+			return
+		}
+	}
+	var dl int64
+	if !deadline.IsZero() {
+		dl = deadline.UnixNano()
+	}
+	s.start(req, resp, dl, done)
 }
 
 // Close closes the connection; calls in flight fail with ErrConnLost.
@@ -251,15 +304,7 @@ func (s *clientSession) fail(cause error) {
 }
 
 func (s *clientSession) call(ctx context.Context, req, resp *Message) error {
-	// Least-loaded stream; ties go to the first.
-	cs := s.streams[0]
-	best := cs.inflight.Load()
-	for _, o := range s.streams[1:] {
-		if n := o.inflight.Load(); n < best {
-			cs, best = o, n
-		}
-	}
-	cs.inflight.Add(1)
+	cs := s.leastLoaded()
 	defer cs.inflight.Add(-1)
 
 	var idx uint32
@@ -275,6 +320,7 @@ func (s *clientSession) call(ctx context.Context, req, resp *Message) error {
 	id := uint64(sl.gen)<<32 | uint64(idx)
 	sl.resp = resp
 	sl.err = nil
+	sl.cb = nil
 	sl.id.Store(id)
 	sl.state.Store(slotWaiting)
 	if s.isDead() {
@@ -285,7 +331,11 @@ func (s *clientSession) call(ctx context.Context, req, resp *Message) error {
 		}
 	}
 
-	werr := cs.write(ctx, id, req)
+	var dl int64
+	if d, ok := ctx.Deadline(); ok {
+		dl = d.UnixNano()
+	}
+	werr := cs.write(dl, id, req)
 	if werr != nil {
 		// A frame may be half written; the stream is unusable.
 		s.fail(werr)
@@ -309,6 +359,112 @@ func (s *clientSession) call(ctx context.Context, req, resp *Message) error {
 	return err
 }
 
+// leastLoaded returns the stream with the fewest calls in flight (ties go to
+// the first) after counting one more on it.
+func (s *clientSession) leastLoaded() *clientStream {
+	cs := s.streams[0]
+	best := cs.inflight.Load()
+	for _, o := range s.streams[1:] {
+		if n := o.inflight.Load(); n < best {
+			cs, best = o, n
+		}
+	}
+	cs.inflight.Add(1)
+	return cs
+}
+
+// start begins an asynchronous call; dl is the deadline in Unix ns (0:
+// none).
+func (s *clientSession) start(req, resp *Message, dl int64, done Completer) {
+	cs := s.leastLoaded()
+	var idx uint32
+	select {
+	case idx = <-cs.free:
+	default:
+		var tc <-chan time.Time
+		if dl != 0 {
+			t := time.NewTimer(time.Until(time.Unix(0, dl)))
+			defer t.Stop()
+			tc = t.C
+		}
+		select {
+		case idx = <-cs.free:
+		case <-tc:
+			cs.inflight.Add(-1)
+			done.CallDone(resp, fmt.Errorf("netquic: call %s: waiting for a slot: %w (%w)", s.c.addr, ErrTimeout, context.DeadlineExceeded))
+			return
+		case <-s.dead:
+			cs.inflight.Add(-1)
+			done.CallDone(resp, s.err)
+			return
+		}
+	}
+	sl := &cs.slots[idx]
+	sl.gen++
+	id := uint64(sl.gen)<<32 | uint64(idx)
+	sl.resp = resp
+	sl.err = nil
+	sl.cb = done
+	sl.deadline.Store(dl)
+	sl.id.Store(id)
+	sl.state.Store(slotWaiting)
+	if s.isDead() {
+		if sl.state.CompareAndSwap(slotWaiting, slotDone) {
+			cs.finishAsync(idx, sl, s.err)
+			return
+		}
+	}
+	if err := cs.write(dl, id, req); err != nil {
+		// A frame may be half written; the stream is unusable. fail
+		// completes this call with the others.
+		s.fail(err)
+	}
+}
+
+// finishAsync completes the asynchronous call in slot idx, which the
+// caller moved out of waiting: it frees the slot, then calls the Completer.
+func (cs *clientStream) finishAsync(idx uint32, sl *slot, err error) {
+	cb, resp := sl.cb, sl.resp
+	sl.cb, sl.resp = nil, nil
+	cs.amu.Lock()
+	sl.deadline.Store(0)
+	sl.state.Store(slotIdle)
+	cs.free <- idx
+	cs.amu.Unlock()
+	cs.inflight.Add(-1)
+	cb.CallDone(resp, err)
+}
+
+// expire abandons the asynchronous calls of cs whose deadline is before now
+// and completes them with ErrTimeout.
+func (cs *clientStream) expire(now int64) {
+	cs.amu.Lock()
+	exp := cs.expired[:0]
+	for i := range cs.slots {
+		sl := &cs.slots[i]
+		if d := sl.deadline.Load(); d == 0 || d > now {
+			continue
+		}
+		if sl.state.CompareAndSwap(slotWaiting, slotAbandoned) {
+			// The reader drains the late response and frees the slot.
+			exp = append(exp, asyncDone{sl.cb, sl.resp})
+			sl.cb, sl.resp = nil, nil
+			sl.deadline.Store(0)
+		}
+	}
+	cs.expired = exp[:0]
+	cs.amu.Unlock()
+	for _, e := range exp {
+		cs.inflight.Add(-1)
+		e.cb.CallDone(e.resp, fmt.Errorf("netquic: call %s: %w (%w)", cs.s.c.addr, ErrTimeout, context.DeadlineExceeded))
+	}
+}
+
+type asyncDone struct {
+	cb   Completer
+	resp *Message
+}
+
 // clientStream is one long-lived stream of a session.
 type clientStream struct {
 	s        *clientSession
@@ -326,6 +482,9 @@ type clientStream struct {
 
 	rbuf    []byte // header scratch of the reader
 	discard []byte // sink for abandoned responses
+
+	amu     sync.Mutex  // see the invariants: async deadlines and frees
+	expired []asyncDone // watchdog scratch, under amu
 }
 
 type slot struct {
@@ -335,6 +494,11 @@ type slot struct {
 	resp  *Message // the caller's response, valid while waiting/receiving
 	err   error
 	done  chan struct{} // capacity 1; one send per transition to done
+	// cb is the Completer of an asynchronous call (nil for Call), set
+	// before the slot becomes waiting; deadline is its deadline in Unix ns
+	// (0: none or not async).
+	cb       Completer
+	deadline atomic.Int64
 }
 
 func newClientStream(s *clientSession, raw rawStream, depth int) *clientStream {
@@ -346,6 +510,7 @@ func newClientStream(s *clientSession, raw rawStream, depth int) *clientStream {
 		wbuf:    make([]byte, FrameHeaderSize+smallWrite),
 		rbuf:    make([]byte, FrameHeaderSize),
 		discard: make([]byte, 64<<10),
+		expired: make([]asyncDone, 0, depth),
 	}
 	for i := range cs.slots {
 		cs.slots[i].done = make(chan struct{}, 1)
@@ -355,15 +520,14 @@ func newClientStream(s *clientSession, raw rawStream, depth int) *clientStream {
 }
 
 // write sends one request frame, in a single Write when the payload is small.
-// A write blocked past ctx's deadline (a peer that stopped reading) is
+// A write blocked past deadline dl (Unix ns, 0: none) (a peer that stopped reading) is
 // ended by the session watchdog.
-func (cs *clientStream) write(ctx context.Context, id uint64, m *Message) error {
+func (cs *clientStream) write(dl int64, id uint64, m *Message) error {
 	h := frameHeader{kind: kindRequest, code: m.Code, id: id, length: uint32(len(m.Payload)), user: m.Header}
-	dl, hasDL := ctx.Deadline()
 	cs.wmu.Lock()
 	defer cs.wmu.Unlock()
-	if hasDL {
-		cs.wdl.Store(dl.UnixNano())
+	if dl != 0 {
+		cs.wdl.Store(dl)
 		defer cs.wdl.Store(0)
 	}
 	return writeFrame(cs.raw, cs.wbuf, &h, m.Payload)
@@ -390,6 +554,9 @@ func (s *clientSession) watchdog() {
 					return
 				}
 			}
+			for _, cs := range s.streams {
+				cs.expire(now.UnixNano())
+			}
 		}
 	}
 }
@@ -414,6 +581,10 @@ func (cs *clientStream) failWaiting(err error) {
 	for i := range cs.slots {
 		sl := &cs.slots[i]
 		if sl.state.CompareAndSwap(slotWaiting, slotDone) {
+			if sl.cb != nil {
+				cs.finishAsync(uint32(i), sl, err)
+				continue
+			}
 			sl.err = err
 			sl.done <- struct{}{}
 		}
@@ -441,27 +612,21 @@ func (cs *clientStream) readLoop() {
 			if int(h.length) > cap(m.Payload) {
 				err = fmt.Errorf("%w: %d > %d", ErrResponseTooLarge, h.length, cap(m.Payload))
 				if derr := cs.drain(int(h.length)); derr != nil {
-					sl.err = derr
-					sl.state.Store(slotDone)
-					sl.done <- struct{}{}
+					cs.complete(idx, sl, derr)
 					cs.s.fail(derr)
 					return
 				}
 			} else {
 				m.Payload = m.Payload[:h.length]
 				if rerr := readPayload(cs.raw, m.Payload); rerr != nil {
-					sl.err = fmt.Errorf("%w: %s: read response: %w", ErrConnLost, cs.s.c.addr, rerr)
-					sl.state.Store(slotDone)
-					sl.done <- struct{}{}
+					cs.complete(idx, sl, fmt.Errorf("%w: %s: read response: %w", ErrConnLost, cs.s.c.addr, rerr))
 					cs.s.fail(rerr)
 					return
 				}
 				m.Code = h.code
 				m.Header = h.user
 			}
-			sl.err = err
-			sl.state.Store(slotDone)
-			sl.done <- struct{}{}
+			cs.complete(idx, sl, err)
 			continue
 		}
 		if sl.state.CompareAndSwap(slotAbandoned, slotIdle) {
@@ -476,6 +641,18 @@ func (cs *clientStream) readLoop() {
 		cs.s.fail(fmt.Errorf("%w: response for id %#x in state %d", ErrMalformed, h.id, sl.state.Load()))
 		return
 	}
+}
+
+// complete ends the call in slot idx, which the reader holds in state
+// receiving.
+func (cs *clientStream) complete(idx uint32, sl *slot, err error) {
+	if sl.cb != nil {
+		cs.finishAsync(idx, sl, err)
+		return
+	}
+	sl.err = err
+	sl.state.Store(slotDone)
+	sl.done <- struct{}{}
 }
 
 // drain reads and drops n payload bytes.

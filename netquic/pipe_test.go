@@ -5,7 +5,12 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 )
+
+type countDone struct{ c chan error }
+
+func (d *countDone) CallDone(_ *Message, err error) { d.c <- err }
 
 // pipeStream is an in-memory rawStream, so the framing, slot and buffer
 // code can be measured without a network stack.
@@ -80,6 +85,22 @@ func TestZeroAlloc(t *testing.T) {
 		if n := testing.AllocsPerRun(200, call); n != 0 {
 			t.Errorf("%s: %.1f allocations per round trip, want 0", tc.name, n)
 		}
+	}
+	// The asynchronous API, with a deadline, allocates nothing either.
+	done := &countDone{}
+	req := Message{Code: 1, Payload: make([]byte, 4096)}
+	resp := Message{Payload: make([]byte, 4096)}
+	goCall := func() {
+		resp.Payload = resp.Payload[:cap(resp.Payload)]
+		s.start(&req, &resp, time.Now().Add(5*time.Second).UnixNano(), done)
+		<-done.c
+	}
+	done.c = make(chan error, 1)
+	for range 10 {
+		goCall()
+	}
+	if n := testing.AllocsPerRun(200, goCall); n != 0 {
+		t.Errorf("async echo4K: %.1f allocations per round trip, want 0", n)
 	}
 	if peer != "pipe" {
 		t.Errorf("PeerName = %q", peer)
