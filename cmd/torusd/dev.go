@@ -1,0 +1,179 @@
+package main
+
+// Layout of a dev cluster directory (all of it reused by a re-run):
+//
+//	DIR/etcd       embedded etcd data
+//	DIR/ca         cluster CA (ca.crt, ca.key)
+//	DIR/client     client TLS dir (node.crt, node.key, ca.crt; name "client")
+//	DIR/nodeI      data dir of node I (1..N): identity.json, store, tls/
+//
+// Nodes are called node1..nodeN and get host labels dev-host1..N, so that
+// with R <= N every chunk's replicas land on distinct nodes.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+)
+
+// cmdDev runs a development cluster until ctx is done.
+func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
+	fs := newFlagSet("torusd dev", stdout)
+	nodes := fs.Int("nodes", 3, "number of storage nodes")
+	dir := fs.String("data-dir", "", "directory of the whole dev cluster (etcd, CA, nodes)")
+	etcdListen := fs.String("etcd-listen", "127.0.0.1:2379", "etcd client address, host:port (port 0 picks one)")
+	size := fs.String("size", "1GiB", "capacity of each node's store")
+	repl := fs.Int("replication", 3, "default replication of a new cluster")
+	chunk := fs.String("chunk-size", "1MiB", "chunk size of a new cluster")
+	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics of all nodes on host:port (/metrics)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *dir == "" {
+		return fmt.Errorf("%w: --data-dir is required (example: torusd dev --nodes 3 --data-dir /tmp/torus-dev)", errUsage)
+	}
+	if *nodes < 1 || *nodes > 64 {
+		return fmt.Errorf("%w: --nodes %d: between 1 and 64", errUsage, *nodes)
+	}
+	if *repl < 1 || *repl > *nodes {
+		return fmt.Errorf("%w: --replication %d: between 1 and --nodes (%d)", errUsage, *repl, *nodes)
+	}
+	sz, err := parseSize(*size)
+	if err != nil {
+		return err
+	}
+	cs, err := parseSize(*chunk)
+	if err != nil || cs&(cs-1) != 0 {
+		return fmt.Errorf("%w: --chunk-size %s: a power of two of at least 4 KiB", errUsage, *chunk)
+	}
+	if _, _, err := net.SplitHostPort(*etcdListen); err != nil {
+		return fmt.Errorf("%w: --etcd-listen %q: %v (example: 127.0.0.1:2379)", errUsage, *etcdListen, err)
+	}
+	root, err := filepath.Abs(*dir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return fmt.Errorf("data dir %s: %w: pick a --data-dir you can write", root, err)
+	}
+
+	etcd, err := startDevEtcd(ctx, filepath.Join(root, "etcd"), *etcdListen)
+	if err != nil {
+		return err
+	}
+	defer etcd.Close()
+	ms, err := meta.Open(ctx, []string{etcd.Endpoint()}, "", meta.Options{Logger: log})
+	if err != nil {
+		return err
+	}
+	defer ms.Close()
+	caDir := filepath.Join(root, "ca")
+	cfg, err := devInit(ctx, ms, caDir, uint64(cs), *repl, log)
+	if err != nil {
+		return err
+	}
+	clientDir := filepath.Join(root, "client")
+	if _, err := os.Stat(filepath.Join(clientDir, netquic.NodeKeyFile)); errors.Is(err, os.ErrNotExist) {
+		if err := netquic.IssueCert(caDir, "client", []string{"127.0.0.1", "localhost"}, clientDir); err != nil {
+			return fmt.Errorf("issue the client certificate: %w", err)
+		}
+	}
+
+	var running []*node
+	defer func() {
+		for _, n := range running {
+			n.stop(context.WithoutCancel(ctx))
+		}
+	}()
+	for i := 1; i <= *nodes; i++ {
+		id := "node" + strconv.Itoa(i)
+		n, err := startNode(ctx, ms, cfg, nodeConfig{
+			DataDir:    filepath.Join(root, id),
+			Listen:     "127.0.0.1:0",
+			Size:       sz,
+			Host:       "dev-host" + strconv.Itoa(i),
+			ID:         id,
+			ClusterDir: caDir,
+			LeaseTTL:   5 * time.Second,
+		}, log)
+		if err != nil {
+			return fmt.Errorf("start %s: %w", id, err)
+		}
+		running = append(running, n)
+	}
+	mctx, stopMetrics := context.WithCancel(ctx)
+	defer stopMetrics()
+	if *metricsAddr != "" {
+		if _, err := serveMetrics(mctx, *metricsAddr, running, log); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(stdout, "etcd: %s\ntls: %s\n", etcd.Endpoint(), clientDir)
+	log.Info("dev cluster ready", "nodes", len(running), "cluster", cfg.ClusterID, "replication", cfg.Replication)
+
+	select {
+	case <-ctx.Done():
+		log.Info("signalled, shutting down")
+	case err := <-etcd.Err():
+		log.Error("embedded etcd failed", "err", err)
+	}
+	stopMetrics()
+	var errs []error
+	for _, n := range running {
+		errs = append(errs, n.stop(context.WithoutCancel(ctx)))
+	}
+	running = nil
+	return errors.Join(errs...)
+}
+
+// startDevEtcd starts the embedded etcd on listen, with a clear error when
+// the port is taken.
+func startDevEtcd(ctx context.Context, dir, listen string) (*meta.Embedded, error) {
+	l, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, fmt.Errorf("etcd address %s is taken (another etcd or torusd dev?): stop it, or pass --etcd-listen 127.0.0.1:0: %w",
+			listen, err)
+	}
+	addr := l.Addr().String() // resolves port 0
+	l.Close()
+	e, err := meta.StartEmbedded(ctx, dir, "http://"+addr, "")
+	if err != nil {
+		return nil, fmt.Errorf("start embedded etcd: %w", err)
+	}
+	return e, nil
+}
+
+// devInit initialises the cluster on first run (CA, then config) and
+// returns its config; later runs reuse both.
+func devInit(ctx context.Context, ms *meta.Store, caDir string, chunk uint64, repl int, log *slog.Logger) (meta.Config, error) {
+	cfg, err := ms.Config(ctx)
+	if err == nil {
+		if _, err := os.Stat(filepath.Join(caDir, netquic.CAKeyFile)); err != nil {
+			return cfg, fmt.Errorf("the dev cluster's CA is missing (%v): remove the whole --data-dir to start afresh", err)
+		}
+		return cfg, nil
+	}
+	if !errors.Is(err, meta.ErrNotInitialized) {
+		return cfg, err
+	}
+	if _, err := os.Stat(filepath.Join(caDir, netquic.CAKeyFile)); errors.Is(err, os.ErrNotExist) {
+		if err := netquic.NewCA(caDir); err != nil {
+			return cfg, err
+		}
+	}
+	if err := ms.Init(ctx, meta.Config{ChunkSize: chunk, Replication: repl}); err != nil {
+		return cfg, err
+	}
+	log.Info("initialised dev cluster", "chunk_size", chunk, "replication", repl, "ca", caDir)
+	return ms.Config(ctx)
+}

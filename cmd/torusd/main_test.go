@@ -1,0 +1,469 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+)
+
+// Tests run the real binary against a real embedded etcd shared by the
+// whole package; each test uses its own --prefix, so they are independent.
+var (
+	binPath  string
+	endpoint string
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(testMain(m))
+}
+
+func testMain(m *testing.M) int {
+	tmp, err := os.MkdirTemp("", "torusd-test")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(tmp)
+	binPath = filepath.Join(tmp, "torusd")
+	if out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build torusd: %v\n%s", err, out)
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	etcd, err := meta.StartEmbedded(ctx, filepath.Join(tmp, "etcd"), "", "")
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "start embedded etcd: %v\n", err)
+		return 1
+	}
+	defer etcd.Close()
+	endpoint = etcd.Endpoint()
+	return m.Run()
+}
+
+func prefix(t *testing.T) string { return "/" + t.Name() + "/" }
+
+// cluster is an initialised cluster under the test's prefix.
+type cluster struct {
+	ms    *meta.Store
+	cfg   meta.Config
+	caDir string
+}
+
+func newCluster(t *testing.T, pfx string) *cluster {
+	t.Helper()
+	ctx := context.Background()
+	ms, err := meta.Open(ctx, []string{endpoint}, pfx, meta.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ms.Close() })
+	if err := ms.Init(ctx, meta.Config{ChunkSize: 1 << 20, Replication: 1}); err != nil {
+		t.Fatal(err)
+	}
+	ca := filepath.Join(t.TempDir(), "ca")
+	if err := netquic.NewCA(ca); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := ms.Config(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &cluster{ms, cfg, ca}
+}
+
+// syncBuffer is a bytes.Buffer safe for the process writer and the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// proc is a running torusd.
+type proc struct {
+	cmd    *exec.Cmd
+	stdout *syncBuffer
+	stderr *syncBuffer
+	done   chan struct{}
+	err    error
+}
+
+func start(t *testing.T, args ...string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command(binPath, args...), stdout: new(syncBuffer), stderr: new(syncBuffer), done: make(chan struct{})}
+	p.cmd.Env = append(os.Environ(), "TORUS_ETCD=")
+	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.err = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.cmd.Process.Kill()
+		<-p.done
+		if t.Failed() {
+			t.Logf("torusd %q stderr:\n%s", args, p.stderr.String())
+		}
+	})
+	return p
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (p *proc) stop(t *testing.T) {
+	t.Helper()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("torusd did not exit after SIGTERM\n%s", p.stderr.String())
+	}
+	if p.err != nil {
+		t.Fatalf("torusd exited with %v after SIGTERM\n%s", p.err, p.stderr.String())
+	}
+}
+
+// exited waits for the process to exit by itself and returns its code.
+func (p *proc) exited(t *testing.T) int {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("torusd still running\n%s", p.stderr.String())
+	}
+	return p.cmd.ProcessState.ExitCode()
+}
+
+// waitLog waits until stderr matches re and returns the first submatch.
+func (p *proc) waitLog(t *testing.T, re string) string {
+	t.Helper()
+	rx := regexp.MustCompile(re)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if m := rx.FindStringSubmatch(p.stderr.String()); m != nil {
+			if len(m) > 1 {
+				return m[1]
+			}
+			return m[0]
+		}
+		select {
+		case <-p.done:
+			t.Fatalf("torusd exited (%v) before logging %q\n%s", p.err, re, p.stderr.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("torusd did not log %q\n%s", re, p.stderr.String())
+		}
+	}
+}
+
+func nodeArgs(pfx, dataDir, caDir string, extra ...string) []string {
+	return append([]string{"--etcd", endpoint, "--prefix", pfx, "--data-dir", dataDir, "--listen", "127.0.0.1:0",
+		"--size", "64MiB", "--cluster-dir", caDir, "--lease-ttl", "2s"}, extra...)
+}
+
+// chunkCall sends one request in the engine's chunk wire format (see
+// engine/internal/wire: volume, index, epoch, offset and length in 4 KiB
+// blocks) and returns the status and payload.
+func chunkCall(t *testing.T, c *netquic.Client, op uint8, vol, epoch uint64, payload []byte, n int) (uint8, []byte) {
+	t.Helper()
+	req := netquic.Message{Code: op, Payload: payload}
+	binary.LittleEndian.PutUint64(req.Header[0:], vol)
+	binary.LittleEndian.PutUint64(req.Header[8:], 0)
+	binary.LittleEndian.PutUint64(req.Header[16:], epoch)
+	binary.LittleEndian.PutUint16(req.Header[26:], uint16(n/4096))
+	resp := netquic.Message{Payload: make([]byte, 0, n)}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.Call(ctx, &req, &resp); err != nil {
+		t.Fatalf("chunk op %d: %v", op, err)
+	}
+	return resp.Code, resp.Payload
+}
+
+// Ops and statuses of the chunk wire format.
+const (
+	opRead, opWrite, bogusOp         uint8 = 1, 2, 99
+	statusOK, statusStale, statusBad uint8 = 0, 4, 6
+	blockSize                              = 4096
+	metricsRe                              = `msg="serving metrics" addr=(http://[0-9.:]+/metrics)`
+)
+
+func scrape(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain; version=0.0.4") {
+		t.Fatalf("GET %s: %s %q\n%s", url, resp.Status, resp.Header.Get("Content-Type"), b)
+	}
+	return string(b)
+}
+
+// sample returns the value of metric name for node in a scrape.
+func sample(t *testing.T, body, name, node string) string {
+	t.Helper()
+	sc := bufio.NewScanner(strings.NewReader(body))
+	want := fmt.Sprintf(`%s{node="%s"} `, name, node)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), want); ok {
+			if !strings.Contains(body, "# TYPE "+name+" ") || !strings.Contains(body, "# HELP "+name+" ") {
+				t.Fatalf("metric %s without HELP or TYPE:\n%s", name, body)
+			}
+			return v
+		}
+	}
+	t.Fatalf("no sample %s for node %s in:\n%s", name, node, body)
+	return ""
+}
+
+// TestNode starts a node on a cluster where a volume was attached twice
+// (epoch 2), then checks registration, the ring, the fence raised before
+// serving, real chunk I/O, the metrics, a clean stop and a restart that
+// keeps the node id, the ring version and the data.
+func TestNode(t *testing.T) {
+	pfx := prefix(t)
+	c := newCluster(t, pfx)
+	ctx := context.Background()
+	vol, err := c.ms.CreateVolume(ctx, "v", 1<<30, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		l, err := c.ms.Attach(ctx, "v", "test", 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.Release(ctx)
+	}
+
+	data := filepath.Join(t.TempDir(), "data")
+	p := start(t, nodeArgs(pfx, data, c.caDir, "--metrics", "127.0.0.1:0", "--zone", "z1", "--host", "h1")...)
+	metricsURL := p.waitLog(t, metricsRe)
+	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+
+	nodes, err := c.ms.Nodes(ctx)
+	if err != nil || len(nodes) != 1 || nodes[0].Addr != addr || nodes[0].Capacity != 64<<20 || nodes[0].Zone != "z1" {
+		t.Fatalf("Nodes = %+v, %v; want one node at %s with 64 MiB in z1", nodes, err, addr)
+	}
+	id := nodes[0].ID
+	r, _, err := c.ms.Ring(ctx)
+	if err != nil || r.Len() != 1 || r.Node(0).ID != id || r.Node(0).Capacity != 64<<20 || r.Node(0).Host != "h1" {
+		t.Fatalf("ring: %d nodes, %+v, %v", r.Len(), r.Node(0), err)
+	}
+	ringVersion := r.Version()
+
+	// Real chunk I/O with a client certificate of the cluster CA.
+	cdir := filepath.Join(t.TempDir(), "client")
+	if err := netquic.IssueCert(c.caDir, "client", []string{"127.0.0.1"}, cdir); err != nil {
+		t.Fatal(err)
+	}
+	tc, err := netquic.LoadTLS(cdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := netquic.NewClient(addr, tc.Client, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	block := bytes.Repeat([]byte("torus!"), blockSize/6+1)[:blockSize]
+	if st, _ := chunkCall(t, cli, opWrite, vol.ID, 1, block, blockSize); st != statusStale {
+		t.Fatalf("write with epoch 1 after two attaches: status %d, want stale epoch (%d): fence not raised at start-up",
+			st, statusStale)
+	}
+	if st, _ := chunkCall(t, cli, opWrite, vol.ID, 2, block, blockSize); st != statusOK {
+		t.Fatalf("write with epoch 2: status %d", st)
+	}
+	if st, got := chunkCall(t, cli, opRead, vol.ID, 2, nil, blockSize); st != statusOK || !bytes.Equal(got, block) {
+		t.Fatalf("read back: status %d, equal %v", st, bytes.Equal(got, block))
+	}
+	if st, _ := chunkCall(t, cli, bogusOp, vol.ID, 2, nil, 0); st != statusBad {
+		t.Fatalf("unknown op: status %d, want %d", st, statusBad)
+	}
+
+	body := scrape(t, metricsURL)
+	for name, want := range map[string]string{
+		"torus_up": "1", "torus_store_slots": "64", "torus_store_slots_used": "1",
+		"torus_store_capacity_bytes": "67108864", "torus_node_writes_total": "1", "torus_node_reads_total": "1",
+		"torus_node_write_bytes_total": "4096", "torus_node_stale_epoch_total": "1", "torus_node_errors_total": "2",
+		"torus_node_no_space_total": "0",
+	} {
+		if got := sample(t, body, name, id); got != want {
+			t.Errorf("%s = %s, want %s", name, got, want)
+		}
+	}
+	if t.Failed() {
+		t.Fatalf("metrics:\n%s", body)
+	}
+
+	// SIGTERM: the registration is revoked at once; the ring keeps the node.
+	p.stop(t)
+	if nodes, err := c.ms.Nodes(ctx); err != nil || len(nodes) != 0 {
+		t.Fatalf("Nodes after SIGTERM = %+v, %v; want none (lease revoked)", nodes, err)
+	}
+	if !strings.Contains(p.stderr.String(), `msg="node stopped"`) {
+		t.Fatalf("no clean stop logged:\n%s", p.stderr.String())
+	}
+
+	// Restart on the same data dir: same id, same ring version, same data.
+	p2 := start(t, nodeArgs(pfx, data, c.caDir, "--zone", "z1", "--host", "h1")...)
+	addr2 := p2.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+	nodes, err = c.ms.Nodes(ctx)
+	if err != nil || len(nodes) != 1 || nodes[0].ID != id {
+		t.Fatalf("Nodes after restart = %+v, %v; want node %s", nodes, err, id)
+	}
+	if r, _, err := c.ms.Ring(ctx); err != nil || r.Version() != ringVersion || r.Len() != 1 {
+		t.Fatalf("ring after restart: v%d (was v%d), %d nodes, %v", r.Version(), ringVersion, r.Len(), err)
+	}
+	cli2, err := netquic.NewClient(addr2, tc.Client, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli2.Close()
+	if st, got := chunkCall(t, cli2, opRead, vol.ID, 2, nil, blockSize); st != statusOK || !bytes.Equal(got, block) {
+		t.Fatalf("read after restart: status %d, equal %v", st, bytes.Equal(got, block))
+	}
+	p2.stop(t)
+}
+
+// TestRefusals checks the start-up errors a user can run into.
+func TestRefusals(t *testing.T) {
+	a := newCluster(t, prefix(t)+"a/")
+	b := newCluster(t, prefix(t)+"b/")
+	data := filepath.Join(t.TempDir(), "data")
+	p := start(t, nodeArgs(prefix(t)+"a/", data, a.caDir, "--id", "n1")...)
+	p.waitLog(t, `msg="node ready"`)
+	p.stop(t)
+
+	fails := func(code int, want string, args ...string) {
+		t.Helper()
+		p := start(t, args...)
+		if got := p.exited(t); got != code || !strings.Contains(p.stderr.String(), want) {
+			t.Fatalf("torusd %q: exit %d, stderr:\n%s\nwant exit %d with %q", args, got, p.stderr.String(), code, want)
+		}
+	}
+	// A data dir of cluster a on cluster b: both ids named.
+	fails(1, fmt.Sprintf("belongs to cluster %s, but etcd holds cluster %s", a.cfg.ClusterID, b.cfg.ClusterID),
+		nodeArgs(prefix(t)+"b/", data, b.caDir)...)
+	fails(1, "belongs to node n1, not --id n2", nodeArgs(prefix(t)+"a/", data, a.caDir, "--id", "n2")...)
+	// A smaller store than the existing one.
+	fails(1, "--size 32 MiB is smaller than the existing store", nodeArgs(prefix(t)+"a/", data, a.caDir, "--size", "32MiB")...)
+	fails(1, "run 'torusctl --etcd "+endpoint+" init --cluster-dir DIR' first",
+		nodeArgs(prefix(t)+"none/", t.TempDir(), a.caDir)...)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := "http://" + l.Addr().String()
+	l.Close()
+	fails(1, "is etcd running at "+dead+"? start one, or use 'torusd dev'",
+		"--etcd", dead, "--data-dir", t.TempDir(), "--listen", "127.0.0.1:0", "--size", "1GiB", "--cluster-dir", a.caDir)
+	fails(2, "--size", nodeArgs(prefix(t)+"a/", t.TempDir(), a.caDir, "--size", "lots")...)
+	fails(2, "--data-dir, --listen required", "--etcd", endpoint, "--size", "1GiB", "--cluster-dir", a.caDir)
+	fails(2, "exactly one of --cluster-dir", "--etcd", endpoint, "--data-dir", "d", "--listen", ":1", "--size", "1GiB")
+	fails(2, "pass --advertise", nodeArgs(prefix(t)+"a/", t.TempDir(), a.caDir, "--listen", "0.0.0.0:0")...)
+	ro := filepath.Join(t.TempDir(), "ro")
+	os.Mkdir(ro, 0o500)
+	if os.Geteuid() != 0 { // root writes anywhere: the next case covers it
+		fails(1, "is not writable", nodeArgs(prefix(t)+"a/", ro, a.caDir)...)
+	}
+	file := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(file, nil, 0o600)
+	fails(1, "pick a --data-dir you can write", nodeArgs(prefix(t)+"a/", filepath.Join(file, "d"), a.caDir)...)
+	// The port of a running node.
+	p = start(t, nodeArgs(prefix(t)+"a/", data, a.caDir)...)
+	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+	fails(1, "the port is in use", nodeArgs(prefix(t)+"a/", t.TempDir(), a.caDir, "--listen", addr)...)
+	p.stop(t)
+}
+
+// TestDev starts a three-node dev cluster, checks what it prints and
+// registers, and restarts it on the same directory.
+func TestDev(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	var firstIDs []string
+	for round := range 2 {
+		p := start(t, "dev", "--nodes", "3", "--data-dir", dir, "--etcd-listen", "127.0.0.1:0", "--size", "64MiB")
+		p.waitLog(t, `msg="dev cluster ready"`)
+		lines := strings.Split(strings.TrimSpace(p.stdout.String()), "\n")
+		if len(lines) != 2 || !strings.HasPrefix(lines[0], "etcd: http://127.0.0.1:") ||
+			lines[1] != "tls: "+filepath.Join(dir, "client") {
+			t.Fatalf("round %d: stdout %q", round, p.stdout.String())
+		}
+		ep := strings.TrimPrefix(lines[0], "etcd: ")
+		ms, err := meta.Open(ctx, []string{ep}, "", meta.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes, err := ms.Nodes(ctx)
+		if err != nil || len(nodes) != 3 {
+			t.Fatalf("round %d: Nodes = %+v, %v", round, nodes, err)
+		}
+		r, _, err := ms.Ring(ctx)
+		if err != nil || r.Len() != 3 || r.Hosts() != 3 || r.Version() != 3 {
+			t.Fatalf("round %d: ring of %d nodes on %d hosts, v%d, %v; want 3 on 3, v3", round, r.Len(), r.Hosts(), r.Version(), err)
+		}
+		cfg, err := ms.Config(ctx)
+		if err != nil || cfg.Replication != 3 {
+			t.Fatalf("round %d: config %+v, %v", round, cfg, err)
+		}
+		var ids []string
+		for _, n := range nodes {
+			ids = append(ids, n.ID+"@"+n.Addr)
+		}
+		if round == 0 {
+			firstIDs = ids
+		} else if fmt.Sprint(ids) != fmt.Sprint(firstIDs) {
+			t.Fatalf("nodes after restart %v, before %v", ids, firstIDs)
+		}
+		// The client TLS dir talks to a node.
+		tc, err := netquic.LoadTLS(filepath.Join(dir, "client"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cli, err := netquic.NewClient(nodes[0].Addr, tc.Client, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st, _ := chunkCall(t, cli, opRead, 1, 0, nil, blockSize); st != statusOK {
+			t.Fatalf("round %d: read of an absent chunk: status %d", round, st)
+		}
+		cli.Close()
+		ms.Close()
+		p.cmd.Process.Signal(syscall.SIGINT)
+		if code := p.exited(t); code != 0 {
+			t.Fatalf("round %d: exit %d after SIGINT\n%s", round, code, p.stderr.String())
+		}
+	}
+}

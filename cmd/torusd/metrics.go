@@ -1,0 +1,108 @@
+package main
+
+// The metrics endpoint writes the Prometheus text exposition format (0.0.4)
+// by hand: every metric has one HELP and one TYPE line followed by one
+// sample per node, labelled node="ID", so that torusd dev serves all its
+// nodes on one endpoint. Counters end in _total and only grow while the
+// process lives.
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// metric is one metric family and how to read it from a node.
+type metric struct {
+	name, typ, help string
+	value           func(n *node, ns nodeStats) uint64
+}
+
+// metrics lists every metric the endpoint serves, in output order.
+var metrics = []metric{
+	{"torus_up", "gauge", "1 while the node serves.",
+		func(*node, nodeStats) uint64 { return 1 }},
+	{"torus_store_slots", "gauge", "Chunk slots in the node's store.",
+		func(n *node, _ nodeStats) uint64 { return uint64(n.store.Stats().Slots) }},
+	{"torus_store_slots_used", "gauge", "Chunk slots holding data.",
+		func(n *node, _ nodeStats) uint64 { return uint64(n.store.Stats().UsedSlots) }},
+	{"torus_store_capacity_bytes", "gauge", "Bytes of chunk data the store can hold.",
+		func(n *node, _ nodeStats) uint64 { s := n.store.Stats(); return uint64(s.Slots * s.ChunkSize) }},
+	{"torus_store_used_bytes", "gauge", "Bytes of the store's slots in use.",
+		func(n *node, _ nodeStats) uint64 { s := n.store.Stats(); return uint64(s.UsedSlots * s.ChunkSize) }},
+	{"torus_node_reads_total", "counter", "Chunk reads served.",
+		func(_ *node, s nodeStats) uint64 { return s.Reads }},
+	{"torus_node_writes_total", "counter", "Chunk writes served.",
+		func(_ *node, s nodeStats) uint64 { return s.Writes }},
+	{"torus_node_read_bytes_total", "counter", "Bytes read by clients.",
+		func(_ *node, s nodeStats) uint64 { return s.ReadBytes }},
+	{"torus_node_write_bytes_total", "counter", "Bytes written by clients.",
+		func(_ *node, s nodeStats) uint64 { return s.WriteBytes }},
+	{"torus_node_flushes_total", "counter", "Flushes served.",
+		func(_ *node, s nodeStats) uint64 { return s.Flushes }},
+	{"torus_node_discards_total", "counter", "Discards served.",
+		func(_ *node, s nodeStats) uint64 { return s.Discards }},
+	{"torus_node_errors_total", "counter", "Requests answered with an error (any cause).",
+		func(_ *node, s nodeStats) uint64 { return s.Errors }},
+	{"torus_node_no_space_total", "counter", "Writes refused because the store is full.",
+		func(_ *node, s nodeStats) uint64 { return s.NoSpace }},
+	{"torus_node_stale_epoch_total", "counter", "Writes refused because they carried a superseded attach epoch.",
+		func(_ *node, s nodeStats) uint64 { return s.StaleEpoch }},
+}
+
+// writeMetrics writes every metric of nodes in the text exposition format.
+func writeMetrics(w *bufio.Writer, nodes []*node) {
+	stats := make([]nodeStats, len(nodes))
+	for i, n := range nodes {
+		stats[i] = n.cs.Stats()
+	}
+	for _, m := range metrics {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n", m.name, m.help, m.name, m.typ)
+		for i, n := range nodes {
+			fmt.Fprintf(w, "%s{node=\"%s\"} %s\n", m.name, escapeLabel(n.id.NodeID),
+				strconv.FormatUint(m.value(n, stats[i]), 10))
+		}
+	}
+}
+
+// escapeLabel escapes a label value: backslash, double quote and newline.
+func escapeLabel(s string) string {
+	return strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`).Replace(s)
+}
+
+// serveMetrics serves /metrics on addr until ctx is done. It returns once
+// listening, or the listen error.
+func serveMetrics(ctx context.Context, addr string, nodes []*node, log *slog.Logger) (net.Addr, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: listen on %s: %w: pick another --metrics", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		bw := bufio.NewWriter(w)
+		writeMetrics(bw, nodes)
+		bw.Flush()
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server failed", "err", err)
+		}
+	}()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	log.Info("serving metrics", "addr", "http://"+l.Addr().String()+"/metrics")
+	return l.Addr(), nil
+}

@@ -1,0 +1,257 @@
+package main
+
+// Invariants of a running node (the order of start and stop):
+//   - The node serves only after its store is open and every volume's fence
+//     is raised to the epoch etcd holds, so a writer fenced while the node
+//     was down cannot write through it.
+//   - It registers (lease) only once it serves, and joins the ring only once
+//     registered: a node in the registry answers on its address.
+//   - Stop runs in reverse: stop serving (close the server), close the store
+//     (waits for its ops, records a clean shutdown), then revoke the lease.
+//     The ring keeps the node: a stopped node is a dead replica until it
+//     comes back, not a reason to move its chunks.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/units"
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+)
+
+// nodeConfig is what a node is started with (the flags of torusd).
+type nodeConfig struct {
+	DataDir    string
+	Listen     string // host:port; port 0 picks one (or reuses the last one)
+	Advertise  string // host:port clients dial; default Listen
+	Size       int64
+	Zone, Host string
+	ID         string
+	ClusterDir string // CA dir: issue a node certificate into DataDir/tls
+	TLSDir     string // ready node TLS dir
+	LeaseTTL   time.Duration
+}
+
+// node is a running storage node.
+type node struct {
+	id    identity
+	addr  string // advertised address
+	store *engine.Store
+	srv   *netquic.Server
+	cs    chunkServer
+	reg   *meta.Registration
+	log   *slog.Logger
+}
+
+// startNode starts a storage node of the cluster behind ms: it returns once
+// the node serves, is registered and is in the ring.
+func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConfig, log *slog.Logger) (_ *node, err error) {
+	if nc.Size < int64(cfg.ChunkSize) {
+		return nil, fmt.Errorf("%w: --size %s is below the cluster's chunk size %s",
+			errUsage, units.FormatSize(nc.Size), units.FormatSize(int64(cfg.ChunkSize)))
+	}
+	listenHost, _, err := net.SplitHostPort(nc.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("%w: --listen %q: %v (example: --listen 10.0.0.5:7000)", errUsage, nc.Listen, err)
+	}
+	adv := nc.Advertise
+	if adv == "" {
+		adv = nc.Listen
+	}
+	advHost, _, err := net.SplitHostPort(adv)
+	if err != nil {
+		return nil, fmt.Errorf("%w: --advertise %q: %v (example: --advertise 10.0.0.5:7000)", errUsage, adv, err)
+	}
+	if ip := net.ParseIP(advHost); advHost == "" || ip != nil && ip.IsUnspecified() {
+		return nil, fmt.Errorf("%w: --listen %s binds every address: pass --advertise HOST:PORT, the address clients dial",
+			errUsage, nc.Listen)
+	}
+
+	id, err := prepareDataDir(nc.DataDir, nc.ID, cfg.ClusterID)
+	if err != nil {
+		return nil, err
+	}
+	log = log.With("node", id.NodeID)
+	tc, err := nodeTLS(nc, id.NodeID, []string{advHost, listenHost})
+	if err != nil {
+		return nil, err
+	}
+	st, err := openStore(nc.DataDir, nc.Size, int64(cfg.ChunkSize), cfg.ClusterID, log)
+	if err != nil {
+		return nil, err
+	}
+	n := &node{id: id, store: st, log: log}
+	defer func() {
+		if err != nil {
+			n.stop(context.WithoutCancel(ctx))
+		}
+	}()
+
+	n.cs = newChunkServer(st, id.NodeID, log)
+	if err := n.raiseEpochs(ctx, ms); err != nil {
+		return nil, err
+	}
+	listen := nc.Listen
+	if _, port, _ := net.SplitHostPort(listen); port == "0" && id.Addr != "" {
+		// Reuse the last port, so a restarted dev node keeps its address.
+		if _, last, err := net.SplitHostPort(id.Addr); err == nil {
+			if srv, err := netquic.Listen(net.JoinHostPort(listenHost, last), tc.Server, n.cs, nil); err == nil {
+				n.srv = srv
+			} else {
+				log.Warn("last port is taken, picking another", "port", last, "err", err)
+			}
+		}
+	}
+	if n.srv == nil {
+		if n.srv, err = netquic.Listen(listen, tc.Server, n.cs, nil); err != nil {
+			if errors.Is(err, syscall.EADDRINUSE) {
+				return nil, fmt.Errorf("listen on %s: the port is in use (another torusd?): pick another --listen: %w", listen, err)
+			}
+			return nil, fmt.Errorf("listen on %s: %w", listen, err)
+		}
+	}
+	_, port, _ := net.SplitHostPort(n.srv.Addr().String())
+	_, advPort, _ := net.SplitHostPort(adv)
+	if advPort == "0" {
+		advPort = port
+	}
+	n.addr = net.JoinHostPort(advHost, advPort)
+	if id.Addr != n.addr {
+		id.Addr = n.addr
+		if err := writeIdentity(nc.DataDir, id); err != nil {
+			return nil, err
+		}
+		n.id = id
+	}
+
+	stats := st.Stats()
+	mn := meta.Node{ID: id.NodeID, Addr: n.addr, Capacity: uint64(stats.Slots * stats.ChunkSize), Zone: nc.Zone, Host: nc.Host}
+	if n.reg, err = register(ctx, ms, mn, nc.LeaseTTL, log); err != nil {
+		return nil, err
+	}
+	r, err := ms.JoinRing(ctx, mn)
+	if err != nil {
+		return nil, fmt.Errorf("join the ring: %w", err)
+	}
+	// Volumes attached between the first read and the join fenced only the
+	// nodes then in the ring: read the epochs again.
+	if err := n.raiseEpochs(ctx, ms); err != nil {
+		return nil, err
+	}
+	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "capacity",
+		units.FormatSize(int64(mn.Capacity)), "zone", nc.Zone, "host", nc.Host, "ring_version", r.Version(),
+		"ring_nodes", r.Len())
+	return n, nil
+}
+
+// raiseEpochs raises every volume's fence to the epoch in etcd.
+func (n *node) raiseEpochs(ctx context.Context, ms *meta.Store) error {
+	eps, err := ms.Epochs(ctx)
+	if err != nil {
+		return fmt.Errorf("read volume epochs: %w", err)
+	}
+	for vol, e := range eps {
+		n.cs.RaiseEpoch(vol, e)
+	}
+	return nil
+}
+
+// nodeTLS loads the node's TLS configuration from --tls-dir, or from
+// DATA/tls, issuing its certificate there with the CA of --cluster-dir on
+// first start.
+func nodeTLS(nc nodeConfig, nodeID string, hosts []string) (*netquic.TLSConfigs, error) {
+	dir := nc.TLSDir
+	if dir == "" {
+		dir = filepath.Join(nc.DataDir, tlsSubdir)
+		if _, err := os.Stat(filepath.Join(dir, netquic.NodeKeyFile)); errors.Is(err, os.ErrNotExist) {
+			if _, err := os.Stat(filepath.Join(nc.ClusterDir, netquic.CAKeyFile)); err != nil {
+				return nil, fmt.Errorf("--cluster-dir %s: no CA key (%v): pass the directory given to 'torusctl init --cluster-dir', "+
+					"or --tls-dir with a node certificate", nc.ClusterDir, err)
+			}
+			var hs []string
+			for _, h := range hosts {
+				if h != "" && !contains(hs, h) {
+					hs = append(hs, h)
+				}
+			}
+			if err := netquic.IssueCert(nc.ClusterDir, nodeID, hs, dir); err != nil {
+				return nil, fmt.Errorf("issue the node certificate: %w", err)
+			}
+		}
+	}
+	tc, err := netquic.LoadTLS(dir)
+	if err != nil {
+		return nil, fmt.Errorf("load node TLS from %s: %w", dir, err)
+	}
+	return tc, nil
+}
+
+func contains(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// register registers n, retrying while a previous lease on its id lives
+// (a node restarted after kill -9: its old lease expires within the TTL).
+func register(ctx context.Context, ms *meta.Store, n meta.Node, ttl time.Duration, log *slog.Logger) (*meta.Registration, error) {
+	deadline := time.Now().Add(ttl + 2*time.Second)
+	d := 200 * time.Millisecond
+	for {
+		reg, err := ms.RegisterNode(ctx, n, ttl)
+		if err == nil {
+			return reg, nil
+		}
+		if !errors.Is(err, meta.ErrExists) || time.Now().After(deadline) {
+			return nil, fmt.Errorf("register node: %w", err)
+		}
+		log.Info("waiting for the previous lease of this node to expire", "err", err, "retry_in", d)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("register node: %w", ctx.Err())
+		case <-time.After(d):
+		}
+		d = min(2*d, 2*time.Second)
+	}
+}
+
+// stop shuts the node down (see the invariants at the top of the file).
+func (n *node) stop(ctx context.Context) error {
+	var errs []error
+	if n.srv != nil {
+		if err := n.srv.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close server: %w", err))
+		}
+	}
+	if n.store != nil {
+		if err := n.store.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close store: %w", err))
+		}
+	}
+	if n.reg != nil {
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := n.reg.Close(rctx); err != nil {
+			errs = append(errs, fmt.Errorf("unregister: %w", err))
+		}
+		cancel()
+	}
+	err := errors.Join(errs...)
+	if err != nil {
+		n.log.Error("node stopped with errors", "err", err)
+	} else {
+		n.log.Info("node stopped")
+	}
+	return err
+}
