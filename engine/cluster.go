@@ -1,0 +1,728 @@
+package engine
+
+// Cluster is a replicated Volume whose chunks live on storage nodes
+// (NodeServer), placed by the ring kept in etcd.
+//
+// Invariants:
+//   - A Request is split at chunk boundaries into parts taken from a fixed
+//     pool (a buffered channel of clusterParts, as many as one node client
+//     has call slots, so an asynchronous call never waits for a slot while
+//     the pool is respected). The first part is the request's parent and
+//     goes back to the pool last, after the request completed; the
+//     request's Completer runs after every part is back.
+//   - parent.remaining counts unfinished parts plus one for the submitter,
+//     which drops it after the last part is submitted; part.pending counts
+//     unfinished calls of a part plus one for the code issuing them. So
+//     nothing completes while Submit is still issuing it.
+//   - A write, discard or write-zeroes part completes after every owner
+//     (ring.Owners(ChunkKey(vol, index, 0), R)) answered; the first error of
+//     any owner is the part's error. Every such call carries the attach
+//     epoch; a node that knows a newer one answers stale-epoch (ErrFenced)
+//     without changing anything.
+//   - A peer is marked dirty when a write to it completes (before the
+//     request's Completer runs); a Flush clears the mark of each dirty peer
+//     before sending it a flush (and sets it again if the flush fails), so
+//     every write completed before a Flush was submitted is covered by a
+//     flush of every node that took it.
+//   - A read part asks one owner at a time (the local node first, then in
+//     ring order, peers recently failed last) and moves to the next on any
+//     error but ErrRange, including timeouts and checksum errors; it fails
+//     only when every owner failed.
+//   - The data path never takes c.mu: it reads the current clusterState (ring
+//     and peer per ring node) through an atomic pointer, replaced as a whole
+//     when the ring or the node registry changes.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+	"github.com/torus-storage/torus/ring"
+)
+
+// ClusterOptions configure OpenCluster.
+type ClusterOptions struct {
+	// TLS is the client side of mutual TLS (netquic.LoadTLS(dir).Client).
+	TLS *tls.Config
+	// Epoch is the attach epoch (meta.AttachLease.Epoch()); every write
+	// carries it and nodes refuse writes with an older one.
+	Epoch uint64
+	// LocalNode is the ID of a node on this host whose replica reads
+	// prefer (optional).
+	LocalNode string
+	// Timeout bounds each request to one replica (default 5 s).
+	Timeout time.Duration
+	// Transport is the netquic transport (default QUIC).
+	Transport string
+	// Logger receives warnings (default slog.Default()).
+	Logger *slog.Logger
+}
+
+// maxReplicas is the most copies of a chunk a Cluster writes.
+const maxReplicas = 8
+
+// Client call slots per node, and so parts per Cluster.
+const (
+	clusterStreams = 4
+	clusterDepth   = 64
+)
+
+// peerRetry is how long a node whose connection failed is tried last by
+// reads.
+const peerRetry = time.Second
+
+// Cluster is a replicated volume (engine.Volume) whose chunks live on
+// storage nodes.
+type Cluster struct {
+	ms    *meta.Store
+	vol   meta.Volume
+	opt   ClusterOptions
+	log   *slog.Logger
+	size  int64
+	chunk int64
+	repl  int
+	nopts netquic.Options
+
+	state atomic.Pointer[clusterState]
+	parts chan *clusterPart
+	all   []clusterPart
+
+	failovers atomic.Uint64
+
+	mu      sync.Mutex // guards peers, nodes, ring; never taken on the data path
+	peers   map[string]*peer
+	nodes   map[string]meta.Node
+	ring    *ring.Ring
+	refresh chan struct{}
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closed atomic.Bool
+}
+
+var _ Volume = (*Cluster)(nil)
+
+// clusterState is an immutable snapshot of placement.
+type clusterState struct {
+	r     *ring.Ring
+	peers []*peer // by ring node index; nil when the node has no known address
+	all   []*peer // every peer with a client, in or out of the ring (flush targets)
+}
+
+// peer is one storage node as seen by the client.
+type peer struct {
+	id, addr string
+	cli      *netquic.Client
+	dirty    atomic.Bool  // a write was sent since the last flush
+	downTill atomic.Int64 // Unix ns: reads try it last until then
+}
+
+// clusterPart is one chunk-sized piece of a request (or one node's flush).
+type clusterPart struct {
+	c         *Cluster
+	parent    *clusterPart
+	req       *Request
+	remaining atomic.Int32 // parent only
+	mu        sync.Mutex   // parent only: guards err
+	err       error        // parent: the request's first error
+
+	pending atomic.Int32 // calls in flight + 1 while issuing
+	perr    atomic.Pointer[error]
+	op      wire.Op
+	msg     netquic.Message
+	buf     []byte // read destination
+	n       int    // owners
+	next    int    // read: next owner to try
+	owners  [maxReplicas]*peer
+	idx     [maxReplicas]int
+	calls   [maxReplicas]clusterCall
+}
+
+// clusterCall is one asynchronous call of a part to one node.
+type clusterCall struct {
+	p    *clusterPart
+	peer *peer
+	resp netquic.Message
+}
+
+// OpenCluster opens volume vol (from meta) for I/O: reads the cluster
+// config (chunk size), the ring and the nodes from ms, keeps the ring current
+// with ms.WatchRing, fences older writers on every owner node, and returns a
+// Volume. Close stops everything (it does not release the attach lease: the
+// caller owns it).
+func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt ClusterOptions) (*Cluster, error) {
+	if opt.TLS == nil {
+		return nil, fmt.Errorf("open volume %s: no client TLS configuration (give the cluster's client TLS directory)", vol.Name)
+	}
+	if opt.Timeout <= 0 {
+		opt.Timeout = 5 * time.Second
+	}
+	if opt.Logger == nil {
+		opt.Logger = slog.Default()
+	}
+	cfg, err := ms.Config(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+	}
+	chunk := int64(cfg.ChunkSize)
+	if chunk < BlockSize || chunk > wire.MaxChunk || chunk%BlockSize != 0 {
+		return nil, fmt.Errorf("open volume %s: cluster chunk size %d is not a multiple of 4 KiB up to 2 MiB", vol.Name, chunk)
+	}
+	repl := vol.Replication
+	if repl <= 0 {
+		repl = cfg.Replication
+	}
+	if repl < 1 || repl > maxReplicas {
+		return nil, fmt.Errorf("open volume %s: replication %d not in [1, %d]", vol.Name, repl, maxReplicas)
+	}
+	size := int64(vol.Size)
+	if size <= 0 || size%BlockSize != 0 {
+		return nil, fmt.Errorf("open volume %s: size %d is not a positive multiple of 4 KiB", vol.Name, size)
+	}
+	c := &Cluster{
+		ms: ms, vol: vol, opt: opt, log: opt.Logger, size: size, chunk: chunk, repl: repl,
+		nopts: netquic.Options{Transport: opt.Transport, Streams: clusterStreams, Depth: clusterDepth, Logger: opt.Logger},
+		peers: make(map[string]*peer), nodes: make(map[string]meta.Node), refresh: make(chan struct{}, 1),
+	}
+	n := clusterStreams * clusterDepth
+	c.parts = make(chan *clusterPart, n)
+	c.all = make([]clusterPart, n)
+	for i := range c.all {
+		p := &c.all[i]
+		p.c = c
+		for j := range p.calls {
+			p.calls[j].p = p
+		}
+		c.parts <- p
+	}
+	r, _, err := ms.Ring(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+	}
+	if r.Len() == 0 {
+		return nil, fmt.Errorf("open volume %s: the ring is empty: start storage nodes (torusd) first", vol.Name)
+	}
+	nodes, err := ms.Nodes(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+	}
+	c.mu.Lock()
+	c.ring = r
+	for _, nd := range nodes {
+		c.nodes[nd.ID] = nd
+	}
+	err = c.rebuildLocked()
+	c.mu.Unlock()
+	if err != nil {
+		c.closeClients()
+		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+	}
+	if err := c.fence(ctx); err != nil {
+		c.closeClients()
+		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.wg.Go(c.watchRing)
+	c.wg.Go(c.refresher)
+	return c, nil
+}
+
+// fence tells every node of the ring that writers of the volume now need
+// c's epoch. A node that knows a newer epoch makes it fail with ErrFenced; an
+// unreachable node is logged (writes to it fail until it is back, and the
+// first write it takes raises its epoch).
+func (c *Cluster) fence(ctx context.Context) error {
+	st := c.state.Load()
+	var wg sync.WaitGroup
+	errs := make([]error, len(st.peers))
+	for i, p := range st.peers {
+		if p == nil {
+			c.log.Warn("cluster: node in the ring is not registered; not fenced", "volume", c.vol.Name, "node", st.r.Node(i).ID)
+			continue
+		}
+		wg.Go(func() {
+			h := wire.Header{Volume: c.vol.ID, Epoch: c.opt.Epoch}
+			req := netquic.Message{Code: uint8(wire.OpFence)}
+			h.Encode(&req.Header)
+			resp := netquic.Message{}
+			cctx, cancel := context.WithTimeout(ctx, c.opt.Timeout)
+			defer cancel()
+			if err := p.cli.Call(cctx, &req, &resp); err != nil {
+				c.log.Warn("cluster: cannot fence node; it refuses older writers once it sees a write", "volume", c.vol.Name, "node", p.id, "err", err)
+				return
+			}
+			if s := wire.Status(resp.Code); s != wire.StatusOK {
+				var rh wire.Header
+				_ = wire.Decode(wire.OpFence, &resp.Header, &rh)
+				errs[i] = fmt.Errorf("node %s: epoch %d refused (node knows %d): %w", p.id, c.opt.Epoch, rh.Epoch, errOf(s))
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// rebuildLocked makes a new clusterState from c.ring and c.nodes, making
+// clients for new nodes and nodes whose address changed. Called with c.mu
+// held.
+func (c *Cluster) rebuildLocked() error {
+	r := c.ring
+	st := &clusterState{r: r, peers: make([]*peer, r.Len())}
+	for i := range st.peers {
+		id := r.Node(i).ID
+		nd, ok := c.nodes[id]
+		if !ok {
+			continue
+		}
+		p := c.peers[id]
+		if p == nil || p.addr != nd.Addr {
+			cli, err := netquic.NewClient(nd.Addr, c.opt.TLS, &c.nopts)
+			if err != nil {
+				return fmt.Errorf("node %s: %w", id, err)
+			}
+			np := &peer{id: id, addr: nd.Addr, cli: cli}
+			if p != nil {
+				np.dirty.Store(true) // it may hold unflushed writes under its old address
+				old := p.cli
+				time.AfterFunc(2*c.opt.Timeout, func() { old.Close() })
+			}
+			p = np
+			c.peers[id] = p
+		}
+		st.peers[i] = p
+	}
+	for _, p := range c.peers {
+		st.all = append(st.all, p)
+	}
+	c.state.Store(st)
+	return nil
+}
+
+// watchRing keeps the ring current.
+func (c *Cluster) watchRing() {
+	for u := range c.ms.WatchRing(c.ctx) {
+		c.mu.Lock()
+		if u.Ring.Version() != c.ring.Version() || u.Ring.Len() != c.ring.Len() {
+			c.ring = u.Ring
+			if err := c.rebuildLocked(); err != nil {
+				c.log.Warn("cluster: ring update", "volume", c.vol.Name, "err", err)
+			}
+			c.log.Info("cluster: ring changed", "volume", c.vol.Name, "version", u.Ring.Version(), "nodes", u.Ring.Len())
+		}
+		c.mu.Unlock()
+		c.askRefresh() // new ring members may be new nodes
+	}
+}
+
+// askRefresh asks the refresher to re-read the node registry.
+func (c *Cluster) askRefresh() {
+	select {
+	case c.refresh <- struct{}{}:
+	default:
+	}
+}
+
+// refresher re-reads the node registry when asked, at most every 200 ms.
+func (c *Cluster) refresher() {
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-c.refresh:
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, 5*time.Second)
+		nodes, err := c.ms.Nodes(ctx)
+		cancel()
+		if err != nil {
+			if c.ctx.Err() == nil {
+				c.log.Warn("cluster: re-read nodes", "volume", c.vol.Name, "err", err)
+			}
+		} else {
+			c.mu.Lock()
+			changed := len(nodes) != len(c.nodes)
+			for _, nd := range nodes {
+				if o, ok := c.nodes[nd.ID]; !ok || o.Addr != nd.Addr {
+					changed = true
+				}
+			}
+			if changed {
+				c.nodes = make(map[string]meta.Node, len(nodes))
+				for _, nd := range nodes {
+					c.nodes[nd.ID] = nd
+				}
+				if err := c.rebuildLocked(); err != nil {
+					c.log.Warn("cluster: node update", "volume", c.vol.Name, "err", err)
+				}
+			}
+			c.mu.Unlock()
+		}
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// Size is the volume size in bytes.
+func (c *Cluster) Size() int64 { return c.size }
+
+// BlockSize is 4096.
+func (c *Cluster) BlockSize() int { return BlockSize }
+
+// Failovers counts reads that moved to another replica after an error.
+func (c *Cluster) Failovers() uint64 { return c.failovers.Load() }
+
+// Submit starts r; it blocks only while every part is in use.
+func (c *Cluster) Submit(r *Request) {
+	if c.closed.Load() {
+		r.Done.Complete(r, ErrClosed)
+		return
+	}
+	st := c.state.Load()
+	if r.Op == OpFlush {
+		parent := <-c.parts
+		parent.startReq(r, parent)
+		parent.remaining.Store(1)
+		for _, p := range st.all {
+			if !p.dirty.Swap(false) {
+				continue
+			}
+			fp := <-c.parts
+			fp.startReq(r, parent)
+			fp.op = wire.OpFlush
+			fp.msg = netquic.Message{Code: uint8(wire.OpFlush)}
+			fp.n, fp.owners[0] = 1, p
+			parent.remaining.Add(1)
+			fp.sendAll()
+		}
+		parent.done()
+		return
+	}
+	if r.Offset < 0 || r.Length <= 0 || r.Offset%BlockSize != 0 || r.Length%BlockSize != 0 ||
+		r.Offset > c.size || r.Length > c.size-r.Offset {
+		r.Done.Complete(r, ErrRange)
+		return
+	}
+	var op wire.Op
+	switch r.Op {
+	case OpRead:
+		op = wire.OpRead
+	case OpWrite:
+		op = wire.OpWrite
+	case OpDiscard:
+		op = wire.OpDiscard
+	case OpWriteZeroes:
+		op = wire.OpWriteZeroes
+	default:
+		r.Done.Complete(r, ErrRange)
+		return
+	}
+	if (op == wire.OpRead || op == wire.OpWrite) && int64(len(r.Buf)) != r.Length {
+		r.Done.Complete(r, ErrRange)
+		return
+	}
+	var flags uint8
+	if r.Flags&FlagFUA != 0 {
+		flags |= wire.FlagFUA
+	}
+	if r.Flags&FlagNoUnmap != 0 {
+		flags |= wire.FlagNoUnmap
+	}
+	parent := <-c.parts
+	parent.startReq(r, parent)
+	parent.remaining.Store(1)
+	off, end := r.Offset, r.Offset+r.Length
+	p := parent
+	for off < end {
+		if p == nil {
+			p = <-c.parts
+			p.startReq(r, parent)
+		}
+		idx := off / c.chunk
+		in := off - idx*c.chunk
+		n := min(c.chunk-in, end-off)
+		h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Off: uint32(in), Len: uint32(n), Flags: flags}
+		if op != wire.OpRead {
+			h.Epoch = c.opt.Epoch
+		}
+		p.op = op
+		p.msg.Code = uint8(op)
+		h.Encode(&p.msg.Header)
+		p.msg.Payload, p.buf = nil, nil
+		if op == wire.OpRead || op == wire.OpWrite {
+			b := off - r.Offset
+			if op == wire.OpWrite {
+				p.msg.Payload = r.Buf[b : b+n : b+n]
+			} else {
+				p.buf = r.Buf[b : b+n : b+n]
+			}
+		}
+		parent.remaining.Add(1)
+		off += n
+		c.place(st, p, idx)
+		p = nil
+	}
+	parent.done()
+}
+
+// place finds the owners of chunk idx and sends p to them (a write to all,
+// a read to the first that answers).
+func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
+	key := ring.ChunkKey(c.vol.ID, uint64(idx), 0)
+	ids := st.r.OwnerIndices(key, c.repl, p.idx[:0])
+	p.n = len(ids)
+	if p.op != wire.OpRead {
+		for i, k := range ids {
+			p.owners[i] = st.peers[k]
+		}
+		if p.n < c.repl {
+			p.finish(fmt.Errorf("engine: volume %s needs %d replicas but the ring has %d nodes: start more storage nodes or lower its replication",
+				c.vol.Name, c.repl, p.n))
+			return
+		}
+		p.sendAll()
+		return
+	}
+	// Reads: the local node first, then ring order; peers that failed
+	// recently go last.
+	k := 0
+	for _, i := range ids {
+		if pp := st.peers[i]; pp != nil && pp.id == c.opt.LocalNode {
+			p.owners[k] = pp
+			k++
+		}
+	}
+	now := time.Now().UnixNano()
+	for pass := 0; pass < 2; pass++ {
+		for _, i := range ids {
+			pp := st.peers[i]
+			if pp != nil && pp.id == c.opt.LocalNode {
+				continue
+			}
+			down := pp == nil || pp.downTill.Load() > now
+			if down == (pass == 1) {
+				p.owners[k] = pp
+				k++
+			}
+		}
+	}
+	p.next = 0
+	p.perr.Store(nil)
+	p.tryRead()
+}
+
+// sendAll sends p to each of its n owners and completes it when all
+// answered.
+func (p *clusterPart) sendAll() {
+	c := p.c
+	p.perr.Store(nil)
+	p.pending.Store(int32(p.n) + 1)
+	dl := time.Now().Add(c.opt.Timeout)
+	for i := 0; i < p.n; i++ {
+		cc := &p.calls[i]
+		cc.peer = p.owners[i]
+		if cc.peer == nil {
+			p.callErr(errUnknownNode)
+			c.askRefresh()
+			p.callDone()
+			continue
+		}
+		cc.resp.Payload = nil
+		cc.peer.cli.Go(&p.msg, &cc.resp, dl, cc)
+	}
+	p.callDone()
+}
+
+var errUnknownNode = errors.New("engine: a node of the ring is not registered (down?)")
+
+// tryRead sends the read to the next owner, or fails the part when none is
+// left.
+func (p *clusterPart) tryRead() {
+	c := p.c
+	for p.next < p.n {
+		cc := &p.calls[0]
+		cc.peer = p.owners[p.next]
+		p.next++
+		if cc.peer == nil {
+			p.callErr(errUnknownNode)
+			c.askRefresh()
+			continue
+		}
+		cc.resp.Payload = p.buf
+		cc.peer.cli.Go(&p.msg, &cc.resp, time.Now().Add(c.opt.Timeout), cc)
+		return
+	}
+	err := errNodeIO
+	if e := p.perr.Load(); e != nil {
+		err = *e
+	}
+	if p.n == 0 {
+		err = fmt.Errorf("engine: volume %s: the ring has no nodes", c.vol.Name)
+	}
+	p.finish(err)
+}
+
+// callErr records err as the part's error if it has none yet.
+func (p *clusterPart) callErr(err error) {
+	p.perr.CompareAndSwap(nil, &err)
+}
+
+// callDone drops one pending call of a write-like part.
+func (p *clusterPart) callDone() {
+	if p.pending.Add(-1) != 0 {
+		return
+	}
+	var err error
+	if e := p.perr.Load(); e != nil {
+		err = *e
+	}
+	if err != nil && p.op == wire.OpFlush {
+		p.owners[0].dirty.Store(true) // the next flush tries again
+	}
+	p.finish(err)
+}
+
+// CallDone is the result of one node call.
+func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
+	p, c := cc.p, cc.p.c
+	if err != nil {
+		cc.peer.downTill.Store(time.Now().Add(peerRetry).UnixNano())
+		c.askRefresh()
+		err = fmt.Errorf("engine: node %s: %w", cc.peer.id, err)
+	} else if s := wire.Status(resp.Code); s != wire.StatusOK {
+		err = errOf(s)
+		if s != wire.StatusRange && s != wire.StatusStaleEpoch && s != wire.StatusNoSpace {
+			err = fmt.Errorf("engine: node %s: %w", cc.peer.id, err)
+		}
+	} else if p.op == wire.OpRead && len(resp.Payload) != len(p.buf) {
+		err = fmt.Errorf("engine: node %s: read returned %d bytes, want %d: %w", cc.peer.id, len(resp.Payload), len(p.buf), errBadRequest)
+	}
+	if p.op != wire.OpRead {
+		if p.op != wire.OpFlush {
+			// Marked once the write is done (even if it failed: it may
+			// have landed), so a Flush submitted after it sees the mark.
+			cc.peer.dirty.Store(true)
+		}
+		if err != nil {
+			p.callErr(err)
+		}
+		p.callDone()
+		return
+	}
+	if err == nil {
+		p.finish(nil)
+		return
+	}
+	if errors.Is(err, ErrRange) {
+		p.finish(err)
+		return
+	}
+	p.callErr(err)
+	if p.next < p.n {
+		c.failovers.Add(1)
+		c.log.Debug("cluster: read failed over", "volume", c.vol.Name, "node", cc.peer.id, "err", err)
+	}
+	p.tryRead()
+}
+
+func (p *clusterPart) startReq(r *Request, parent *clusterPart) {
+	p.req, p.parent = r, parent
+	if p == parent {
+		p.err = nil
+	}
+}
+
+// finish records the part's result and drops its reference on the parent.
+func (p *clusterPart) finish(err error) {
+	parent := p.parent
+	if err != nil {
+		parent.mu.Lock()
+		if parent.err == nil {
+			parent.err = err
+		}
+		parent.mu.Unlock()
+	}
+	p.msg.Payload, p.buf = nil, nil
+	for i := range p.calls[:p.n] {
+		p.calls[i].peer = nil
+		p.calls[i].resp.Payload = nil
+	}
+	if p != parent {
+		p.req, p.parent = nil, nil
+		p.c.parts <- p
+	}
+	parent.done()
+}
+
+// done drops one reference of parent p and completes the request after the
+// last.
+func (p *clusterPart) done() {
+	if p.remaining.Add(-1) != 0 {
+		return
+	}
+	r, err := p.req, p.err
+	p.req, p.parent, p.err = nil, nil, nil
+	p.c.parts <- p
+	r.Done.Complete(r, err)
+}
+
+// Close waits for in-flight requests, flushes every node written since its
+// last flush, and closes the connections. It does not release the attach
+// lease.
+func (c *Cluster) Close() error {
+	if c.closed.Swap(true) {
+		return ErrClosed
+	}
+	for range c.all {
+		<-c.parts // every part back: nothing in flight
+	}
+	var errs []error
+	st := c.state.Load()
+	var wg sync.WaitGroup
+	var emu sync.Mutex
+	for _, p := range st.all {
+		if !p.dirty.Load() {
+			continue
+		}
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), c.opt.Timeout)
+			defer cancel()
+			resp := netquic.Message{}
+			err := p.cli.Call(ctx, &netquic.Message{Code: uint8(wire.OpFlush)}, &resp)
+			if err == nil {
+				err = errOf(wire.Status(resp.Code))
+			}
+			if err != nil {
+				emu.Lock()
+				errs = append(errs, fmt.Errorf("close volume %s: flush node %s: %w", c.vol.Name, p.id, err))
+				emu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	c.cancel()
+	c.wg.Wait()
+	c.closeClients()
+	for i := range c.all {
+		c.parts <- &c.all[i]
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Cluster) closeClients() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range c.peers {
+		p.cli.Close()
+	}
+}
