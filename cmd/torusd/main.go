@@ -1,13 +1,14 @@
 // Command torusd is a Torus storage node: it keeps chunks in a local store
 // and serves them to clients over QUIC.
 //
-//	torusd --etcd URL[,URL] --data-dir DIR --listen HOST:PORT --size SIZE
+//	torusd [--etcd URL[,URL]] --data-dir DIR --listen HOST:PORT --size SIZE
 //	       [--zone Z] [--host H] [--id ID] [--advertise HOST:PORT]
 //	       [--metrics HOST:PORT] [--cluster-dir CADIR | --tls-dir DIR] [--prefix P]
 //	torusd dev --nodes 3 --data-dir DIR [--etcd-listen 127.0.0.1:2379]
 //	       [--size 1GiB] [--replication 3] [--metrics HOST:PORT]
 //
-// A node keeps its store in DIR/store and its identity (node id, cluster id)
+// --etcd defaults to $TORUS_ETCD, else http://127.0.0.1:2379 (where torusd
+// dev serves by default). A node keeps its store in DIR/store and its identity (node id, cluster id)
 // in DIR/identity.json; it refuses a data dir of another cluster, and a
 // restart on the same data dir is the same node with the same data. At
 // start-up it raises every volume's write fence to the attach epoch in etcd,
@@ -48,7 +49,7 @@ import (
 const usage = `torusd: a Torus storage node
 
 Usage:
-  torusd --etcd URL[,URL] --data-dir DIR --listen HOST:PORT --size SIZE
+  torusd [--etcd URL[,URL]] --data-dir DIR --listen HOST:PORT --size SIZE
          [--zone Z] [--host H] [--id ID] [--advertise HOST:PORT]
          [--metrics HOST:PORT] [--cluster-dir CADIR | --tls-dir DIR] [--prefix P]
   torusd dev --nodes 3 --data-dir DIR [--etcd-listen 127.0.0.1:2379] [--size 1GiB]
@@ -166,7 +167,11 @@ func splitEndpoints(s string) []string {
 // cmdNode runs one storage node until ctx is done.
 func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
 	fs := newFlagSet("torusd", stdout)
-	etcd := fs.String("etcd", os.Getenv("TORUS_ETCD"), "etcd endpoints, comma separated (env TORUS_ETCD)")
+	defEtcd := "http://127.0.0.1:2379"
+	if e := os.Getenv("TORUS_ETCD"); e != "" {
+		defEtcd = e
+	}
+	etcd := fs.String("etcd", defEtcd, "etcd endpoints, comma separated (env TORUS_ETCD)")
 	prefix := fs.String("prefix", meta.DefaultPrefix, "etcd key prefix of the cluster")
 	var nc nodeConfig
 	fs.StringVar(&nc.DataDir, "data-dir", "", "directory of the node's store and identity")
