@@ -467,3 +467,25 @@ func TestDev(t *testing.T) {
 		}
 	}
 }
+
+// TestKillRestart kills a node with SIGKILL and restarts it at once: the
+// new process waits for the old lease to expire, then registers with the
+// same id, and its store recovers.
+func TestKillRestart(t *testing.T) {
+	pfx := prefix(t)
+	c := newCluster(t, pfx)
+	data := filepath.Join(t.TempDir(), "data")
+	p := start(t, nodeArgs(pfx, data, c.caDir, "--id", "k1")...)
+	p.waitLog(t, `msg="node ready"`)
+	p.cmd.Process.Kill()
+	<-p.done
+
+	p2 := start(t, nodeArgs(pfx, data, c.caDir, "--id", "k1")...)
+	p2.waitLog(t, `msg="waiting for the previous lease of this node to expire"`)
+	p2.waitLog(t, `msg="node ready"`)
+	nodes, err := c.ms.Nodes(context.Background())
+	if err != nil || len(nodes) != 1 || nodes[0].ID != "k1" {
+		t.Fatalf("Nodes after kill and restart = %+v, %v", nodes, err)
+	}
+	p2.stop(t)
+}
