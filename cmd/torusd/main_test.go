@@ -192,10 +192,15 @@ func nodeArgs(pfx, dataDir, caDir string, extra ...string) []string {
 // engine/internal/wire: volume, index, epoch, offset and length in 4 KiB
 // blocks) and returns the status and payload.
 func chunkCall(t *testing.T, c *netquic.Client, op uint8, vol, epoch uint64, payload []byte, n int) (uint8, []byte) {
+	return chunkCallAt(t, c, op, vol, 0, epoch, payload, n)
+}
+
+// chunkCallAt is chunkCall on chunk index idx.
+func chunkCallAt(t *testing.T, c *netquic.Client, op uint8, vol, idx, epoch uint64, payload []byte, n int) (uint8, []byte) {
 	t.Helper()
 	req := netquic.Message{Code: op, Payload: payload}
 	binary.LittleEndian.PutUint64(req.Header[0:], vol)
-	binary.LittleEndian.PutUint64(req.Header[8:], 0)
+	binary.LittleEndian.PutUint64(req.Header[8:], idx)
 	binary.LittleEndian.PutUint64(req.Header[16:], epoch)
 	binary.LittleEndian.PutUint16(req.Header[26:], uint16(n/4096))
 	resp := netquic.Message{Payload: make([]byte, 0, n)}
@@ -209,10 +214,10 @@ func chunkCall(t *testing.T, c *netquic.Client, op uint8, vol, epoch uint64, pay
 
 // Ops and statuses of the chunk wire format.
 const (
-	opRead, opWrite, bogusOp         uint8 = 1, 2, 99
-	statusOK, statusStale, statusBad uint8 = 0, 4, 6
-	blockSize                              = 4096
-	metricsRe                              = `msg="serving metrics" addr=(http://[0-9.:]+/metrics)`
+	opRead, opWrite, bogusOp                        uint8 = 1, 2, 99
+	statusOK, statusNoSpace, statusStale, statusBad uint8 = 0, 2, 4, 6
+	blockSize                                             = 4096
+	metricsRe                                             = `msg="serving metrics" addr=(http://[0-9.:]+/metrics)`
 )
 
 func scrape(t *testing.T, url string) string {
@@ -488,4 +493,41 @@ func TestKillRestart(t *testing.T) {
 		t.Fatalf("Nodes after kill and restart = %+v, %v", nodes, err)
 	}
 	p2.stop(t)
+}
+
+// TestNoSpace fills a two-chunk node: the third chunk's write is refused
+// with the no-space status, and the metric counts it.
+func TestNoSpace(t *testing.T) {
+	pfx := prefix(t)
+	c := newCluster(t, pfx)
+	p := start(t, nodeArgs(pfx, t.TempDir(), c.caDir, "--id", "s1", "--size", "2MiB", "--metrics", "127.0.0.1:0")...)
+	url := p.waitLog(t, metricsRe)
+	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+	cdir := filepath.Join(t.TempDir(), "client")
+	if err := netquic.IssueCert(c.caDir, "client", []string{"127.0.0.1"}, cdir); err != nil {
+		t.Fatal(err)
+	}
+	tc, err := netquic.LoadTLS(cdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := netquic.NewClient(addr, tc.Client, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	block := make([]byte, blockSize)
+	for idx, want := range []uint8{statusOK, statusOK, statusNoSpace} {
+		if st, _ := chunkCallAt(t, cli, opWrite, 7, uint64(idx), 0, block, blockSize); st != want {
+			t.Fatalf("write of chunk %d: status %d, want %d", idx, st, want)
+		}
+	}
+	body := scrape(t, url)
+	if got := sample(t, body, "torus_node_no_space_total", "s1"); got != "1" {
+		t.Fatalf("torus_node_no_space_total = %s, want 1\n%s", got, body)
+	}
+	if got := sample(t, body, "torus_store_slots_used", "s1"); got != "2" {
+		t.Fatalf("torus_store_slots_used = %s, want 2", got)
+	}
+	p.stop(t)
 }
