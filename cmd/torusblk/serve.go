@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime/pprof"
@@ -24,26 +25,40 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	fs.SetOutput(stderr)
 	var vf volumeFlags
 	vf.register(fs)
+	var cf clusterFlags
+	cf.register(fs)
 	listen := fs.String("listen", "", "where to serve NBD: unix:PATH or tcp:HOST:PORT")
 	name := fs.String("name", "torus", "NBD export name")
 	shards := fs.Int("shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
 	procs := fs.Int("gomaxprocs", procsAuto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
 	cpuProfile := fs.String("cpuprofile", "", "write a Go CPU profile of the whole run to this file (for performance work)")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT\n\n%s", fs.FlagUsages())
+		fmt.Fprintf(stderr, "Usage: torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT   (a local volume)\n       torusblk serve NAME --etcd URL --tls-dir DIR --listen unix:PATH|tcp:HOST:PORT   (a cluster volume)\n\n%s", fs.FlagUsages())
 	}
 	if help, err := parseFlags(fs, args); help || err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: unexpected argument %q (a cluster volume name needs the cluster milestone; use --store)", errUsage, fs.Arg(0))
+	if fs.NArg() > 1 {
+		return fmt.Errorf("%w: unexpected argument %q: serve takes one cluster volume NAME, or --store and --size for a local volume", errUsage, fs.Arg(1))
 	}
-	if vf.store == "" || vf.size == "" || *listen == "" {
-		return fmt.Errorf("%w: --store, --size and --listen are required (example: torusblk serve --store /var/lib/torus/vol0 --size 10GiB --listen unix:/run/torus/vol0.sock)", errUsage)
-	}
-	path, size, err := vf.parse()
-	if err != nil {
-		return err
+	cluster := fs.NArg() == 1
+	var path string
+	var size int64
+	if cluster {
+		if vf.store != "" || vf.size != "" {
+			return fmt.Errorf("%w: --store and --size are for a local volume; cluster volume %s lives in the cluster (its size is in etcd)", errUsage, fs.Arg(0))
+		}
+		if *listen == "" {
+			return fmt.Errorf("%w: --listen is required (example: torusblk serve %s --etcd http://10.0.0.1:2379 --tls-dir /etc/torus/client --listen unix:/run/torus/%s.sock)", errUsage, fs.Arg(0), fs.Arg(0))
+		}
+	} else {
+		if vf.store == "" || vf.size == "" || *listen == "" {
+			return fmt.Errorf("%w: --store, --size and --listen are required (example: torusblk serve --store /var/lib/torus/vol0 --size 10GiB --listen unix:/run/torus/vol0.sock), or give a cluster volume NAME", errUsage)
+		}
+		var err error
+		if path, size, err = vf.parse(); err != nil {
+			return err
+		}
 	}
 	if _, err := setProcs(*procs, *shards, log); err != nil {
 		return err
@@ -59,23 +74,47 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		}
 		defer pprof.StopCPUProfile()
 	}
-	// Listen before opening the store so a busy port costs nothing.
-	l, err := nbd.Listen(*listen)
-	if err != nil {
+	// A local volume: listen before opening the store so a busy port costs
+	// nothing. A cluster volume: attach first, so that no client connects to
+	// a server that then fails to take the attach lock.
+	var l net.Listener
+	listenNBD := func() (err error) {
+		l, err = nbd.Listen(*listen)
 		return err
 	}
-	defer l.Close()
+	if !cluster {
+		if err := listenNBD(); err != nil {
+			return err
+		}
+		defer l.Close()
+	}
 
-	vol, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: log, Shards: *shards})
-	if err != nil {
-		return err
+	var vol engine.Volume
+	desc, source := "torus local volume", path
+	if cluster {
+		cv, err := openCluster(ctx, fs.Arg(0), cf, log)
+		if err != nil {
+			return err
+		}
+		vol, desc, source, size = cv, "torus cluster volume "+fs.Arg(0), fs.Arg(0), cv.Size()
+		if err := listenNBD(); err != nil {
+			cv.Close()
+			return err
+		}
+		defer l.Close()
+	} else {
+		lv, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: log, Shards: *shards})
+		if err != nil {
+			return err
+		}
+		vol = lv
 	}
-	srv, err := nbd.NewServer([]nbd.Export{{Name: *name, Description: "torus local volume", Volume: vol}}, nbd.Options{Logger: log})
+	srv, err := nbd.NewServer([]nbd.Export{{Name: *name, Description: desc, Volume: vol}}, nbd.Options{Logger: log})
 	if err != nil {
 		vol.Close()
 		return err
 	}
-	log.Info("serving", "listen", *listen, "store", path, "size", units.FormatSize(size), "export", *name)
+	log.Info("serving", "listen", *listen, "volume", source, "size", units.FormatSize(size), "export", *name)
 	serr := srv.Serve(ctx, l)
 	cerr := vol.Close()
 	if serr != nil && ctx.Err() == nil {
@@ -84,7 +123,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	if cerr != nil {
 		return fmt.Errorf("closing the store: %w", cerr)
 	}
-	log.Info("stopped", "store", path)
+	log.Info("stopped", "volume", source)
 	return nil
 }
 

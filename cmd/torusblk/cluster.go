@@ -1,0 +1,134 @@
+package main
+
+// Cluster volume source: `torusblk serve NAME --etcd URL --tls-dir DIR` and
+// `torusblk attach NAME ...` take a volume of a Torus cluster instead of a
+// local store.
+//
+// Invariants:
+//   - A cluster volume is served only while this process holds the volume's
+//     attach lock (meta.Attach); every write carries the lock's epoch, so a
+//     process that lost the lock without noticing is fenced by the nodes.
+//   - clusterVolume.Close closes the replicated volume (which makes completed
+//     writes durable on every replica) before it releases the lock, so the
+//     next holder never sees a write of ours land after it attached.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+)
+
+// defaultEtcd is the endpoint used without --etcd and $TORUS_ETCD (the same
+// default as torusctl's).
+const defaultEtcd = "http://127.0.0.1:2379"
+
+// clusterFlags select a cluster volume.
+type clusterFlags struct {
+	etcd, prefix, tlsDir, localNode string
+	ttl                             time.Duration
+}
+
+func (c *clusterFlags) register(fs *pflag.FlagSet) {
+	def := os.Getenv("TORUS_ETCD")
+	if def == "" {
+		def = defaultEtcd
+	}
+	fs.StringVar(&c.etcd, "etcd", def, "cluster volume: etcd endpoints, comma separated (env TORUS_ETCD)")
+	fs.StringVar(&c.prefix, "prefix", meta.DefaultPrefix, "cluster volume: etcd key prefix of the cluster")
+	fs.StringVar(&c.tlsDir, "tls-dir", os.Getenv("TORUS_TLS_DIR"), "cluster volume: directory with node.crt, node.key and ca.crt of this client (env TORUS_TLS_DIR; `torusd dev` prints one)")
+	fs.StringVar(&c.localNode, "local-node", "", "cluster volume: id of a storage node on this host, whose replica reads prefer")
+	fs.DurationVar(&c.ttl, "lease-ttl", 10*time.Second, "cluster volume: attach lock lease; after a crash the volume can be attached elsewhere once it expires")
+}
+
+// clusterVolume is a replicated volume held under its attach lock.
+type clusterVolume struct {
+	*engine.Cluster
+	ms    *meta.Store
+	lease *meta.AttachLease
+	info  meta.Volume
+	stop  context.CancelFunc
+}
+
+// openCluster takes the attach lock of volume name and opens it for I/O.
+func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Logger) (*clusterVolume, error) {
+	if cf.tlsDir == "" {
+		return nil, fmt.Errorf("%w: --tls-dir is required for a cluster volume: a directory with this client's node.crt, node.key and ca.crt (`torusd dev` prints one; `torusctl cert issue` makes one)", errUsage)
+	}
+	tlsConf, err := netquic.LoadTLS(cf.tlsDir)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-dir %s: %w", cf.tlsDir, err)
+	}
+	var eps []string
+	for _, e := range strings.Split(cf.etcd, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			eps = append(eps, e)
+		}
+	}
+	ms, err := meta.Open(ctx, eps, cf.prefix, meta.Options{Logger: log})
+	if err != nil {
+		if errors.Is(err, meta.ErrUnreachable) {
+			return nil, fmt.Errorf("%w: is etcd running at %s? (--etcd or TORUS_ETCD)", err, cf.etcd)
+		}
+		return nil, err
+	}
+	host, _ := os.Hostname()
+	lease, err := ms.Attach(ctx, name, fmt.Sprintf("torusblk pid %d on %s", os.Getpid(), host), cf.ttl)
+	if err != nil {
+		ms.Close()
+		switch {
+		case errors.Is(err, meta.ErrAttached):
+			return nil, fmt.Errorf("%w; detach it there first (if that process died, its lock expires within %v)", err, cf.ttl)
+		case errors.Is(err, meta.ErrNotFound):
+			return nil, fmt.Errorf("%w (list volumes with `torusctl volume list`, create one with `torusctl volume create %s SIZE`)", err, name)
+		}
+		return nil, err
+	}
+	vol, err := engine.OpenCluster(ctx, ms, lease.Volume(), engine.ClusterOptions{
+		TLS:       tlsConf.Client,
+		Epoch:     lease.Epoch(),
+		LocalNode: cf.localNode,
+		Logger:    log,
+	})
+	if err != nil {
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		lease.Release(rctx)
+		cancel()
+		ms.Close()
+		return nil, fmt.Errorf("opening volume %s: %w", name, err)
+	}
+	wctx, stop := context.WithCancel(context.Background())
+	cv := &clusterVolume{Cluster: vol, ms: ms, lease: lease, info: lease.Volume(), stop: stop}
+	go func() {
+		select {
+		case <-lease.Lost():
+			log.Error("attach lock lost (etcd unreachable longer than the lease?): another process may attach this volume; the storage nodes refuse our writes once it does",
+				"volume", name, "epoch", lease.Epoch())
+		case <-wctx.Done():
+		}
+	}()
+	log.Info("attached cluster volume", "volume", name, "id", cv.info.ID, "replication", cv.info.Replication, "epoch", lease.Epoch())
+	return cv, nil
+}
+
+// Close closes the volume, then releases the attach lock and etcd.
+func (v *clusterVolume) Close() error {
+	err := v.Cluster.Close()
+	v.stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if rerr := v.lease.Release(ctx); rerr != nil {
+		err = errors.Join(err, fmt.Errorf("releasing the attach lock: %w", rerr))
+	}
+	v.ms.Close()
+	return err
+}
