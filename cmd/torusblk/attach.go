@@ -19,6 +19,7 @@ import (
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/units"
+	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/nbd"
 	"github.com/torus-storage/torus/ublk"
 )
@@ -30,9 +31,15 @@ const defaultRunDir = "/run/torus"
 // attachment is the state kept for one attached device.
 type attachment struct {
 	Device string `json:"device"`
-	Mode   string `json:"mode"`  // "ublk" or "nbd"
-	ID     int    `json:"id"`    // ublk device id or nbd index
-	Store  string `json:"store"` // store path (file or block device)
+	Mode   string `json:"mode"`            // "ublk" or "nbd"
+	ID     int    `json:"id"`              // ublk device id or nbd index
+	Store  string `json:"store,omitempty"` // store path (file or block device) of a local volume
+	// Cluster volume: its name and how to reach the cluster.
+	Volume string `json:"volume,omitempty"`
+	Etcd   string `json:"etcd,omitempty"`
+	Prefix string `json:"prefix,omitempty"`
+	TLSDir string `json:"tls_dir,omitempty"`
+	TTL    string `json:"lease_ttl,omitempty"`
 	Size   int64  `json:"size"`
 	PID    int    `json:"pid"`
 	Queues int    `json:"queues,omitempty"`
@@ -79,23 +86,34 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	fs.SetOutput(stderr)
 	var vf volumeFlags
 	vf.register(fs)
+	var cf clusterFlags
+	cf.register(fs)
 	mode := fs.String("mode", "auto", "ublk, nbd (kernel NBD client) or auto (ublk when /dev/ublk-control exists, else nbd)")
 	queues := fs.Int("queues", 0, "ublk queues (default: one per CPU)")
 	depth := fs.Int("depth", 128, "ublk queue depth")
 	conns := fs.Int("connections", 4, "kernel NBD connections")
 	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept for list, detach and recover")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: torusblk attach --store DIR --size SIZE [--mode ublk|nbd|auto]\n\nPrints the device path once it is ready and serves it until detached or signalled.\n\n%s", fs.FlagUsages())
+		fmt.Fprintf(stderr, "Usage: torusblk attach --store DIR --size SIZE [--mode ublk|nbd|auto]   (a local volume)\n       torusblk attach NAME --etcd URL --tls-dir DIR [--mode ublk|nbd|auto]   (a cluster volume)\n\nPrints the device path once it is ready and serves it until detached or signalled.\n\n%s", fs.FlagUsages())
 	}
 	if help, err := parseFlags(fs, args); help || err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: unexpected argument %q (a cluster volume name needs the cluster milestone; use --store)", errUsage, fs.Arg(0))
+	if fs.NArg() > 1 {
+		return fmt.Errorf("%w: unexpected argument %q: attach takes one cluster volume NAME, or --store and --size for a local volume", errUsage, fs.Arg(1))
 	}
-	path, size, err := vf.parse()
-	if err != nil {
-		return err
+	cluster := fs.NArg() == 1
+	var path string
+	var size int64
+	if cluster {
+		if vf.store != "" || vf.size != "" {
+			return fmt.Errorf("%w: --store and --size are for a local volume; cluster volume %s lives in the cluster (its size is in etcd)", errUsage, fs.Arg(0))
+		}
+	} else {
+		var err error
+		if path, size, err = vf.parse(); err != nil {
+			return err
+		}
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("attaching a block device needs root (run with sudo)")
@@ -124,11 +142,15 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 		}
 	}
 
-	vol, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: log})
+	a := &attachment{Mode: *mode, Store: path, Size: size, PID: os.Getpid()}
+	if cluster {
+		a.Volume, a.Etcd, a.Prefix, a.TLSDir, a.TTL = fs.Arg(0), cf.etcd, cf.prefix, cf.tlsDir, cf.ttl.String()
+	}
+	vol, err := a.open(ctx, cf.localNode, 0, log)
 	if err != nil {
 		return err
 	}
-	a := &attachment{Mode: *mode, Store: path, Size: size, PID: os.Getpid()}
+	a.Size = vol.Size()
 	var wait func() error
 	var closeDev func() error
 	switch *mode {
@@ -161,7 +183,7 @@ func serveDevice(ctx context.Context, a *attachment, runDir string, vol engine.V
 		return err
 	}
 	fmt.Fprintln(stdout, a.Device)
-	log.Info("attached", "device", a.Device, "mode", a.Mode, "store", a.Store, "size", units.FormatSize(a.Size))
+	log.Info("attached", "device", a.Device, "mode", a.Mode, "volume", a.source(), "size", units.FormatSize(a.Size))
 
 	done := make(chan error, 1)
 	go func() { done <- wait() }()
@@ -180,16 +202,59 @@ func serveDevice(ctx context.Context, a *attachment, runDir string, vol engine.V
 		return fmt.Errorf("%s: %w", a.Device, werr)
 	}
 	if cerr != nil {
-		return fmt.Errorf("closing the store: %w", cerr)
+		return fmt.Errorf("closing the volume: %w", cerr)
 	}
 	log.Info("detached", "device", a.Device)
 	return nil
+}
+
+// source names the volume: the store path of a local volume, or
+// "cluster:NAME".
+func (a *attachment) source() string {
+	if a.Volume != "" {
+		return "cluster:" + a.Volume
+	}
+	return a.Store
+}
+
+// open opens the attachment's volume. For a cluster volume, wait > 0 keeps
+// retrying while the attach lock is still held (by a server that died and
+// whose lease has not expired yet).
+func (a *attachment) open(ctx context.Context, localNode string, wait time.Duration, log *slog.Logger) (engine.Volume, error) {
+	if a.Volume == "" {
+		lv, err := engine.OpenLocal(a.Store, a.Size, engine.LocalOptions{Logger: log})
+		if err != nil {
+			return nil, err
+		}
+		return lv, nil
+	}
+	cf := clusterFlags{etcd: a.Etcd, prefix: a.Prefix, tlsDir: a.TLSDir, localNode: localNode, ttl: 10 * time.Second}
+	if d, err := time.ParseDuration(a.TTL); err == nil {
+		cf.ttl = d
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		cv, err := openCluster(ctx, a.Volume, cf, log)
+		if err == nil || !errors.Is(err, meta.ErrAttached) || time.Now().After(deadline) {
+			if err != nil {
+				return nil, err
+			}
+			return cv, nil
+		}
+		log.Info("waiting for the old attach lock to expire", "volume", a.Volume, "why", err.Error())
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
 }
 
 func cmdRecover(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
 	fs := pflag.NewFlagSet("recover", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
 	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept")
+	wait := fs.Duration("wait", 30*time.Second, "cluster volume: how long to wait for the dead server's attach lock to expire")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: torusblk recover /dev/ublkbN\n\nServes a ublk device again after the process that attached it died.\n\n%s", fs.FlagUsages())
 	}
@@ -209,7 +274,7 @@ func cmdRecover(ctx context.Context, args []string, stdout, stderr io.Writer, lo
 	if alive(a.PID) && a.PID != os.Getpid() {
 		return fmt.Errorf("%s is still served by process %d; recover is for a device whose server died", a.Device, a.PID)
 	}
-	vol, err := engine.OpenLocal(a.Store, a.Size, engine.LocalOptions{Logger: log})
+	vol, err := a.open(ctx, "", *wait, log)
 	if err != nil {
 		return err
 	}
@@ -296,7 +361,7 @@ func cmdList(ctx context.Context, args []string, stdout, stderr io.Writer, log *
 		return nil
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "DEVICE\tMODE\tSIZE\tSTORE\tPID\tSTATE")
+	fmt.Fprintln(tw, "DEVICE\tMODE\tSIZE\tVOLUME\tPID\tSTATE")
 	for _, a := range list {
 		state := "serving"
 		if !alive(a.PID) {
@@ -305,7 +370,7 @@ func cmdList(ctx context.Context, args []string, stdout, stderr io.Writer, log *
 				state = "server dead: torusblk detach " + a.Device
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.Store, strconv.Itoa(a.PID), state)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.source(), strconv.Itoa(a.PID), state)
 	}
 	return tw.Flush()
 }
