@@ -54,13 +54,14 @@ func benchmark(ctx context.Context, cfg config) error {
 	}
 
 	torusblk := cfg.torusblk
-	if contains(cfg.targets, "torus") && torusblk == "" {
+	needBlk := contains(cfg.targets, "torus") || contains(cfg.targets, "cluster")
+	if needBlk && torusblk == "" {
 		slog.Info("building torusblk")
 		if torusblk, err = buildTorusblk(ctx, work); err != nil {
 			return err
 		}
 	}
-	if contains(cfg.targets, "torus") {
+	if needBlk {
 		if _, err := os.Stat(torusblk); err != nil {
 			return fmt.Errorf("torusblk: %w", err)
 		}
@@ -107,6 +108,7 @@ func benchmark(ctx context.Context, cfg config) error {
 	printTable(os.Stdout, &rep)
 	fmt.Printf("\nloadavg at start %s, at end %s (nproc=%d; fio and the server share these CPUs)\n", m.LoadAvg, rep.LoadAvgEnd, m.CPUs)
 	printVerdict(os.Stdout, &rep)
+	printCluster(os.Stdout, &rep)
 	if cfg.jsonOut != "" {
 		b, err := json.MarshalIndent(&rep, "", "  ")
 		if err != nil {

@@ -11,7 +11,7 @@ import (
 )
 
 // allTargets are the targets in the order they run and are printed.
-var allTargets = []string{"torus", "nbdkit", "qemu-nbd", "raw"}
+var allTargets = []string{"torus", "nbdkit", "qemu-nbd", "raw", "cluster"}
 
 // nbdPeers are the NBD servers Torus is compared with.
 var nbdPeers = []string{"nbdkit", "qemu-nbd"}
@@ -47,15 +47,19 @@ func checkBinaries(targets []string) error {
 
 // server is a running target: how fio reaches it and how to stop it.
 type server struct {
-	io   ioTarget
-	proc *proc // nil for raw
-	cmd  []string
+	io    ioTarget
+	proc  *proc   // nil for raw
+	extra []*proc // more processes behind proc (the cluster's nodes), stopped after it
+	cmd   []string
 }
 
 // stop kills the server's process group, if any.
 func (s *server) stop() {
 	if s.proc != nil {
 		s.proc.stop()
+	}
+	for _, p := range s.extra {
+		p.stop()
 	}
 }
 
@@ -75,6 +79,8 @@ func startTarget(ctx context.Context, target, dir string, size int64, torusblk s
 		}
 		args := []string{"serve", "--store", store, "--size", strconv.FormatInt(size, 10), "--listen", "unix:" + sock}
 		return startServer(ctx, dir, sock, torusblk, args...)
+	case "cluster":
+		return startCluster(ctx, dir, sock, size, torusblk)
 	case "nbdkit":
 		if err := makeFile(file, size); err != nil {
 			return nil, err

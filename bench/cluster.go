@@ -1,0 +1,136 @@
+package main
+
+// The "cluster" target (issue #4 item 9): a replicated volume of a 3-node
+// dev cluster (`torusd dev`: embedded etcd and three storage nodes in one
+// process, talking QUIC over loopback), R=3, served over NBD by
+// `torusblk serve NAME` exactly as the single-node "torus" target is served
+// from its local store. Every write goes to all three nodes and completes
+// when all three have it; reads go to one node.
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Targets of the replicated volume against the single-node one (informational).
+const (
+	wantClusterReadQD1  = 0.75 // cluster QD1 randread IOPS / single-node
+	wantClusterWriteQD1 = 0.35 // cluster QD1 randwrite IOPS / single-node
+)
+
+// buildCmd builds ./cmd/NAME from the repository root into dir.
+func buildCmd(ctx context.Context, dir, name string) (string, error) {
+	root, err := repoRoot()
+	if err != nil {
+		return "", fmt.Errorf("build %s: %w", name, err)
+	}
+	out := filepath.Join(dir, name)
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/"+name)
+	cmd.Dir = root
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build %s (go build -o %s ./cmd/%s): %w\n%s", name, out, name, err, b)
+	}
+	return out, nil
+}
+
+// startCluster starts the dev cluster under dir, creates a volume of size
+// bytes with R=3 and serves it on sock with torusblk.
+func startCluster(ctx context.Context, dir, sock string, size int64, torusblk string) (*server, error) {
+	torusd, err := buildCmd(ctx, dir, "torusd")
+	if err != nil {
+		return nil, err
+	}
+	torusctl, err := buildCmd(ctx, dir, "torusctl")
+	if err != nil {
+		return nil, err
+	}
+	// Each node holds a copy of every chunk (R=3 on 3 nodes), plus room.
+	nodeMiB := size*5/4>>20 + 16
+	devArgs := []string{"dev", "--nodes", "3", "--data-dir", filepath.Join(dir, "dev"), "--etcd-listen", "127.0.0.1:0",
+		"--size", fmt.Sprintf("%dMiB", nodeMiB), "--replication", "3"}
+	// torusd dev prints "etcd: URL" and "tls: DIR" on stdout, which goes to
+	// the log with its stderr.
+	out := filepath.Join(dir, "torusd.log")
+	dev, err := startProc(ctx, out, torusd, devArgs...)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*server, error) { dev.stop(); return nil, err }
+	var etcd, tls string
+	deadline := time.Now().Add(readyTimeout)
+	for etcd == "" || tls == "" {
+		if f, err := os.Open(out); err == nil {
+			sc := bufio.NewScanner(f)
+			for sc.Scan() {
+				if v, ok := strings.CutPrefix(sc.Text(), "etcd: "); ok {
+					etcd = v
+				}
+				if v, ok := strings.CutPrefix(sc.Text(), "tls: "); ok {
+					tls = v
+				}
+			}
+			f.Close()
+		}
+		if dev.exited() {
+			return fail(fmt.Errorf("torusd dev exited: %v (%s)", dev.err, dev.tail()))
+		}
+		if time.Now().After(deadline) {
+			return fail(fmt.Errorf("torusd dev not ready after %v (%s)", readyTimeout, dev.tail()))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	ctl := exec.CommandContext(ctx, torusctl, "--etcd", etcd, "volume", "create", "bench", "--size", fmt.Sprint(size), "--replication", "3")
+	if b, err := ctl.CombinedOutput(); err != nil {
+		return fail(fmt.Errorf("torusctl volume create: %w: %s", err, b))
+	}
+	args := []string{"serve", "bench", "--etcd", etcd, "--tls-dir", tls, "--listen", "unix:" + sock}
+	srv, err := startServer(ctx, dir, sock, torusblk, args...)
+	if err != nil {
+		return fail(err)
+	}
+	srv.extra = append(srv.extra, dev)
+	srv.cmd = append(append([]string{"torusd"}, devArgs...), append([]string{"&&", "torusblk"}, args...)...)
+	return srv, nil
+}
+
+// printCluster prints the replicated volume against the single-node one and
+// the issue's targets.
+func printCluster(w *os.File, rep *report) {
+	cr, ok1 := rep.Results["cluster"]
+	tr, ok2 := rep.Results["torus"]
+	if !ok1 || !ok2 {
+		return
+	}
+	fmt.Fprintln(w, "\nreplicated volume (3 nodes, R=3, QUIC on loopback) vs single-node torus:")
+	for _, j := range rep.Jobs {
+		c, t := cr[j.Name], tr[j.Name]
+		if t.IOPS == 0 {
+			continue
+		}
+		line := fmt.Sprintf("  %-18s %s vs %s IOPS = %.0f%%", j.Name, fmtIOPS(c.IOPS), fmtIOPS(t.IOPS), 100*c.IOPS/t.IOPS)
+		if j.IODepth == 1 {
+			line += fmt.Sprintf("; p50 %s vs %s µs", fmtUs(c.P50us), fmtUs(t.P50us))
+			want := 0.0
+			switch {
+			case strings.HasPrefix(j.Name, "randread"):
+				want = wantClusterReadQD1
+			case strings.HasPrefix(j.Name, "randwrite"):
+				want = wantClusterWriteQD1
+			}
+			if want > 0 {
+				v := "MISS"
+				if c.IOPS >= want*t.IOPS {
+					v = "PASS"
+				}
+				line += fmt.Sprintf("  [%s: target >= %.0f%%]", v, 100*want)
+			}
+		}
+		fmt.Fprintln(w, line)
+	}
+}
