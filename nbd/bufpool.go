@@ -4,7 +4,8 @@ package nbd
 //
 // Invariants:
 //   - Only the connection's reader calls get; only its writer calls put (and
-//     the reader, for a buffer it took but never submitted).
+//     the reader, for a buffer it took but never submitted). A ring
+//     connection (ringconn.go) calls tryGet and put from its one thread.
 //   - Each class channel has capacity equal to the number of buffers the class
 //     can ever hold, so put never blocks.
 //   - A buffer returned by get is at least n bytes long, 4096-aligned, and not
@@ -107,6 +108,29 @@ func (p *bufPool) get(ci int, stop <-chan struct{}) ([]byte, int, error) {
 	case <-stop:
 		return nil, 0, errStopped
 	}
+}
+
+// tryGet is get without waiting: ok is false when class ci and every larger
+// class are empty and class ci may not grow.
+func (p *bufPool) tryGet(ci int) (b []byte, class int, ok bool, err error) {
+	for i := ci; i < len(p.classes); i++ {
+		select {
+		case b := <-p.classes[i].ch:
+			return b, i, true, nil
+		default:
+		}
+	}
+	c := &p.classes[ci]
+	if c.lazyLeft > 0 {
+		b, err := alignbuf.Alloc(c.size)
+		if err != nil {
+			return nil, 0, false, fmt.Errorf("nbd: large payload buffer: %w", err)
+		}
+		c.lazyLeft--
+		c.owned = append(c.owned, b)
+		return b, ci, true, nil
+	}
+	return nil, 0, false, nil
 }
 
 // put returns a buffer of class ci.

@@ -80,14 +80,12 @@ type deadliner interface {
 
 // conn serves the transmission phase for one client.
 type conn struct {
-	rw         io.ReadWriter
-	r          *bufio.Reader
-	w          *bufio.Writer
-	vol        engine.Volume
-	size       uint64
-	readOnly   bool
+	rw  io.ReadWriter
+	r   *bufio.Reader
+	w   *bufio.Writer
+	vol engine.Volume
+	limits
 	structured bool
-	maxPayload int
 
 	slots []slot
 	free  chan *slot
@@ -131,10 +129,8 @@ func newConn(rw io.ReadWriter, e *Export, structured bool, opt Options) (*conn, 
 		r:          bufio.NewReaderSize(rw, readBufSize),
 		w:          bufio.NewWriterSize(rw, writeBufSize),
 		vol:        e.Volume,
-		size:       uint64(e.Volume.Size()),
-		readOnly:   e.ReadOnly,
+		limits:     newLimits(e, opt),
 		structured: structured,
-		maxPayload: opt.MaxPayload,
 		slots:      make([]slot, n),
 		free:       make(chan *slot, n),
 		pool:       pool,
@@ -231,8 +227,19 @@ func (c *conn) readLoop() error {
 	}
 }
 
+// limits are what a connection checks every request against.
+type limits struct {
+	size       uint64
+	readOnly   bool
+	maxPayload int
+}
+
+func newLimits(e *Export, opt Options) limits {
+	return limits{size: uint64(e.Volume.Size()), readOnly: e.ReadOnly, maxPayload: opt.MaxPayload}
+}
+
 // check returns the NBD errno with which rq is rejected, or 0.
-func (c *conn) check(rq request) uint32 {
+func (c *limits) check(rq request) uint32 {
 	var op engine.Op
 	switch rq.typ {
 	case cmdRead:
@@ -560,27 +567,35 @@ func (c *conn) writeReply(s *slot) error {
 // replyParts encodes the reply header of s into s.hdr and returns it with
 // the reply's payload (nil if none).
 func (c *conn) replyParts(s *slot) (h, data []byte) {
-	withData := s.typ == cmdRead && s.errno == 0
+	return encodeReply(&s.hdr, c.structured, s.typ, s.errno, s.cookie, s.req.Offset, s.req.Buf)
+}
+
+// encodeReply encodes into hdr the reply to a request of type typ with the
+// given errno and cookie (simple or structured) and returns the header with
+// the reply's payload: buf for a successful read, else nil. off is the
+// read's offset (structured replies carry it).
+func encodeReply(hdr *[structuredHeaderSize + 8]byte, structured bool, typ uint16, errno uint32, cookie uint64, off int64, buf []byte) (h, data []byte) {
+	withData := typ == cmdRead && errno == 0
 	if withData {
-		data = s.req.Buf
+		data = buf
 	}
-	if !c.structured {
-		putSimpleReply(s.hdr[:], s.errno, s.cookie)
-		return s.hdr[:simpleReplySize], data
+	if !structured {
+		putSimpleReply(hdr[:], errno, cookie)
+		return hdr[:simpleReplySize], data
 	}
 	switch {
 	case withData:
-		putStructuredHeader(s.hdr[:], replyFlagDone, replyTypeOffsetData, s.cookie, uint32(8+len(s.req.Buf)))
-		putUint64(s.hdr[structuredHeaderSize:], uint64(s.req.Offset))
-		h = s.hdr[:structuredHeaderSize+8]
-	case s.errno != 0:
-		putStructuredHeader(s.hdr[:], replyFlagDone, replyTypeError, s.cookie, 6)
-		putUint32(s.hdr[structuredHeaderSize:], s.errno)
-		s.hdr[structuredHeaderSize+4], s.hdr[structuredHeaderSize+5] = 0, 0 // no message
-		h = s.hdr[:structuredHeaderSize+6]
+		putStructuredHeader(hdr[:], replyFlagDone, replyTypeOffsetData, cookie, uint32(8+len(buf)))
+		putUint64(hdr[structuredHeaderSize:], uint64(off))
+		h = hdr[:structuredHeaderSize+8]
+	case errno != 0:
+		putStructuredHeader(hdr[:], replyFlagDone, replyTypeError, cookie, 6)
+		putUint32(hdr[structuredHeaderSize:], errno)
+		hdr[structuredHeaderSize+4], hdr[structuredHeaderSize+5] = 0, 0 // no message
+		h = hdr[:structuredHeaderSize+6]
 	default:
-		putStructuredHeader(s.hdr[:], replyFlagDone, replyTypeNone, s.cookie, 0)
-		h = s.hdr[:structuredHeaderSize]
+		putStructuredHeader(hdr[:], replyFlagDone, replyTypeNone, cookie, 0)
+		h = hdr[:structuredHeaderSize]
 	}
 	return h, data
 }

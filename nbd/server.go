@@ -1,11 +1,15 @@
 // Package nbd serves engine.Volume exports over the Network Block Device
 // protocol (fixed newstyle handshake, simple and structured replies).
 //
-// Each connection runs two goroutines: a reader that parses requests and
-// submits them to the volume without waiting, and a writer that batches the
-// replies of completed requests. Requests live in preallocated per-connection
-// slots with payload buffers outside the Go heap, so the data path does not
-// allocate.
+// A connection to a volume that lends its store shards (engine.Local, see
+// engine.ShardDriver) is served by one OS thread with one io_uring that
+// receives requests, runs the shards' I/O and sends the replies (see
+// ringconn.go), as long as the volume has shards no other connection runs.
+// Any other connection runs two goroutines: a reader that parses requests
+// and submits them to the volume without waiting, and a writer that batches
+// the replies of completed requests. Requests live in preallocated
+// per-connection slots with payload buffers outside the Go heap, so the data
+// path does not allocate.
 //
 // Requests must be aligned to the volume's 4096-byte block size (advertised
 // with NBD_INFO_BLOCK_SIZE); anything else is answered with NBD_EINVAL.
@@ -59,7 +63,14 @@ type Options struct {
 	// goroutine. By default the goroutine that completes a request (a store
 	// thread) writes the reply itself with a non-blocking write when no other
 	// reply is being written, which saves a goroutine wake-up per reply.
+	// It applies to the goroutine path only (see NoRing).
 	NoDirectReplies bool
+	// NoRing serves every connection with a reader and a writer goroutine.
+	// By default, a connection to an export whose volume can lend its store
+	// shards (engine.Local) is served by one OS thread with one io_uring
+	// that runs those shards itself, as long as the volume has shards no
+	// other connection runs; the others use the goroutine path.
+	NoRing bool
 }
 
 const (
@@ -81,6 +92,9 @@ type Server struct {
 	exports []Export
 	opt     Options
 	log     *slog.Logger
+
+	mu     sync.Mutex
+	driven map[driveable][]bool // shards run by ring connections; guarded by mu
 }
 
 // NewServer checks the exports and options and returns a server.
@@ -123,7 +137,7 @@ func NewServer(exports []Export, opt Options) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{exports: append([]Export(nil), exports...), opt: opt, log: log}, nil
+	return &Server{exports: append([]Export(nil), exports...), opt: opt, log: log, driven: make(map[driveable][]bool)}, nil
 }
 
 // Serve accepts connections on l until ctx is done or l fails. On return the
@@ -189,16 +203,109 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		return
 	}
 	log.Debug("nbd: client attached", "export", hs.export.Name, "structured", hs.structured)
-	c, err := newConn(nc, hs.export, hs.structured, s.opt)
+	if err := s.transmit(ctx, nc, hs.export, hs.structured); err != nil {
+		log.Debug("nbd: connection ended", "err", err)
+	}
+}
+
+// transmit serves the transmission phase of e on nc: on a ring connection
+// when it can (see Options.NoRing), else on the reader and writer
+// goroutines. It returns when the client disconnects, breaks the protocol,
+// or ctx is done, after every in-flight request completed and its reply was
+// sent.
+func (s *Server) transmit(ctx context.Context, nc net.Conn, e *Export, structured bool) error {
+	if ok, err := s.transmitRing(ctx, nc, e, structured); ok {
+		return err
+	}
+	c, err := newConn(nc, e, structured, s.opt)
 	if err != nil {
-		log.Error("nbd: connection setup", "err", err)
-		return
+		return fmt.Errorf("nbd: connection setup: %w", err)
 	}
 	defer c.close()
 	hook := context.AfterFunc(ctx, func() { c.shutdown() })
 	defer hook()
-	if err := c.serve(); err != nil {
-		log.Debug("nbd: connection ended", "err", err)
+	return c.serve()
+}
+
+// transmitRing serves nc on a ring connection if the volume has shards to
+// lend and nc has a socket descriptor. ok is false when it did not read
+// from nc (the caller serves it another way).
+func (s *Server) transmitRing(ctx context.Context, nc net.Conn, e *Export, structured bool) (ok bool, err error) {
+	dv, isDv := e.Volume.(driveable)
+	if s.opt.NoRing || !isDv {
+		return false, nil
+	}
+	fd := socketFD(nc)
+	if fd < 0 {
+		return false, nil
+	}
+	ids := s.claimShards(dv)
+	if len(ids) == 0 {
+		return false, nil
+	}
+	defer s.releaseShards(dv, ids)
+	c, err := newRingConn(fd, e, dv, ids, structured, s.opt)
+	if err != nil {
+		s.log.Warn("nbd: ring connection setup failed; serving with goroutines", "err", err)
+		return false, nil
+	}
+	defer c.close()
+	setup := make(chan error, 1)
+	done := make(chan error, 1)
+	go func() { done <- c.run(setup) }()
+	if err := <-setup; err != nil {
+		<-done
+		s.log.Warn("nbd: ring connection setup failed; serving with goroutines", "err", err)
+		return false, nil
+	}
+	hook := context.AfterFunc(ctx, c.shutdown)
+	defer hook()
+	return true, <-done
+}
+
+// socketFD returns nc's descriptor, or -1. It stays valid until nc is
+// closed.
+func socketFD(nc net.Conn) int {
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return -1
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	fd := -1
+	if err := raw.Control(func(f uintptr) { fd = int(f) }); err != nil {
+		return -1
+	}
+	return fd
+}
+
+// claimShards takes every shard of dv that no ring connection runs.
+func (s *Server) claimShards(dv driveable) []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	taken := s.driven[dv]
+	if taken == nil {
+		taken = make([]bool, dv.Shards())
+		s.driven[dv] = taken
+	}
+	var ids []int
+	for i, t := range taken {
+		if !t {
+			taken[i] = true
+			ids = append(ids, i)
+		}
+	}
+	return ids
+}
+
+// releaseShards hands ids of dv back for the next connection.
+func (s *Server) releaseShards(dv driveable, ids []int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, id := range ids {
+		s.driven[dv][id] = false
 	}
 }
 
@@ -254,14 +361,7 @@ func (s *Server) ServeTransmission(ctx context.Context, nc net.Conn, export stri
 	if e == nil {
 		return fmt.Errorf("nbd: no export %q", export)
 	}
-	c, err := newConn(nc, e, false, s.opt)
-	if err != nil {
-		return fmt.Errorf("nbd: connection setup: %w", err)
-	}
-	defer c.close()
-	hook := context.AfterFunc(ctx, func() { c.shutdown() })
-	defer hook()
-	err = c.serve()
+	err := s.transmit(ctx, nc, e, false)
 	if err != nil && ctx.Err() == nil {
 		return err
 	}

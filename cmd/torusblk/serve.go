@@ -31,6 +31,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	name := fs.String("name", "torus", "NBD export name")
 	shards := fs.Int("shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
 	procs := fs.Int("gomaxprocs", procsAuto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
+	noRing := fs.Bool("no-ring-conns", false, "serve each NBD connection with reader and writer goroutines instead of one io_uring thread that runs the store shards (for comparison)")
 	cpuProfile := fs.String("cpuprofile", "", "write a Go CPU profile of the whole run to this file (for performance work)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT   (a local volume)\n       torusblk serve NAME --etcd URL --tls-dir DIR --listen unix:PATH|tcp:HOST:PORT   (a cluster volume)\n\n%s", fs.FlagUsages())
@@ -109,7 +110,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		}
 		vol = lv
 	}
-	srv, err := nbd.NewServer([]nbd.Export{{Name: *name, Description: desc, Volume: vol}}, nbd.Options{Logger: log})
+	srv, err := nbd.NewServer([]nbd.Export{{Name: *name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoRing: *noRing})
 	if err != nil {
 		vol.Close()
 		return err
