@@ -205,7 +205,7 @@ func (c *Client) dial(ctx context.Context) (*clientSession, error) {
 				return nil, err
 			}
 			c.udp = udp
-			c.tr = &quic.Transport{Conn: udp}
+			c.tr = &quic.Transport{Conn: faultPacketConn(udp, c.opts.Logger)}
 		}
 		ra, err := net.ResolveUDPAddr("udp", c.addr)
 		if err != nil {

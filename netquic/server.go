@@ -201,7 +201,7 @@ func Listen(addr string, tlsConf *tls.Config, h Handler, opts *Options) (*Server
 			return nil, fmt.Errorf("netquic: listen %s: %w", addr, err)
 		}
 		s.udp = udp
-		s.tr = &quic.Transport{Conn: udp, StatelessResetKey: resetKey(tlsConf)}
+		s.tr = &quic.Transport{Conn: faultPacketConn(udp, o.Logger), StatelessResetKey: resetKey(tlsConf)}
 		ln, err := s.tr.Listen(tlsConf, o.QUIC)
 		if err != nil {
 			udp.Close()
