@@ -7,7 +7,8 @@ package meta
 //   - JoinRing changes the ring only through CASRing, building the next ring
 //     with ring.Next (so its Version grows by one), and writes nothing when
 //     the ring already holds the node as given: a restarting node does not
-//     bump the ring version.
+//     bump the ring version. RemoveNode likewise, and only when the ring
+//     holds the node.
 
 import (
 	"context"
@@ -134,4 +135,44 @@ func (s *Store) JoinRing(ctx context.Context, n Node) (*ring.Ring, error) {
 		}
 	}
 	return nil, fmt.Errorf("meta: join ring: node %s: ring contended %d times: %w", n.ID, maxTries, ErrConflict)
+}
+
+// RemoveNode takes the node called id out of the ring and returns the
+// resulting ring (its Version one above the previous one). It fails with
+// ErrNotFound if the ring does not hold id. It retries on concurrent ring
+// changes (compare-and-swap) and fails with ErrConflict only after many.
+// Whether enough nodes remain for the volumes' replication is the caller's
+// business; the node's registration (if it still runs) is left alone.
+func (s *Store) RemoveNode(ctx context.Context, id string) (*ring.Ring, error) {
+	if err := validName("node id", id); err != nil {
+		return nil, err
+	}
+	for range maxTries {
+		cur, rev, err := s.Ring(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("meta: remove node %s: %w", id, err)
+		}
+		nodes := cur.Nodes()
+		keep := nodes[:0:0]
+		for _, m := range nodes {
+			if m.ID != id {
+				keep = append(keep, m)
+			}
+		}
+		if len(keep) == len(nodes) {
+			return nil, fmt.Errorf("meta: remove node %s: not in the ring (version %d): %w", id, cur.Version(), ErrNotFound)
+		}
+		next, err := cur.Next(keep)
+		if err != nil {
+			return nil, fmt.Errorf("meta: remove node %s: %w", id, err)
+		}
+		err = s.CASRing(ctx, rev, next)
+		if err == nil {
+			return next, nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return nil, fmt.Errorf("meta: remove node %s: %w", id, err)
+		}
+	}
+	return nil, fmt.Errorf("meta: remove node %s: ring contended %d times: %w", id, maxTries, ErrConflict)
 }

@@ -12,6 +12,11 @@
 //	PREFIX/v1/volumes/ID            JSON Volume; ID is 20 zero-padded digits
 //	PREFIX/v1/attach/ID             JSON attach record, attached to the holder's lease
 //	PREFIX/v1/epochs/ID             last attach epoch of the volume, decimal
+//	PREFIX/v1/missed/ID/NODE/CHUNK  a missed mark: node NODE lacks the latest
+//	                                data of chunk CHUNK (20 digits) of volume
+//	                                ID; value: RFC 3339 time of the mark
+//	PREFIX/v1/progress/ID           JSON Progress of the volume's rebuild,
+//	                                rebalance or scrub
 //
 // Invariants (kept by this file's txn helper and by every writer):
 //
@@ -28,6 +33,9 @@
 //     id is never reused, not even after a delete (epochs stay monotonic).
 //   - Keys attached to a lease (nodes, attach) vanish when the lease ends:
 //     presence means a live owner.
+//   - Missed marks and progress records exist only for existing volumes:
+//     they are written in transactions that check the volume record and
+//     deleted with it (see repair.go).
 package meta
 
 import (
@@ -91,7 +99,7 @@ type Store struct {
 	prefix string
 	schema string // schema value every write compares against
 
-	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs string
+	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress string
 }
 
 type unreachableError struct {
@@ -162,19 +170,21 @@ func Open(ctx context.Context, endpoints []string, prefix string, opt Options) (
 func newStore(cli *clientv3.Client, prefix string, log *slog.Logger) *Store {
 	v := prefix + "v" + strconv.Itoa(SchemaMajor) + "/"
 	return &Store{
-		cli:      cli,
-		log:      log.With("component", "meta"),
-		prefix:   prefix,
-		schema:   schemaValue(),
-		kSchema:  prefix + "schema",
-		kConfig:  v + "config",
-		kNodes:   v + "nodes/",
-		kRing:    v + "ring",
-		kNextID:  v + "volumes/next-id",
-		kByName:  v + "volumes/by-name/",
-		kVolumes: v + "volumes/",
-		kAttach:  v + "attach/",
-		kEpochs:  v + "epochs/",
+		cli:       cli,
+		log:       log.With("component", "meta"),
+		prefix:    prefix,
+		schema:    schemaValue(),
+		kSchema:   prefix + "schema",
+		kConfig:   v + "config",
+		kNodes:    v + "nodes/",
+		kRing:     v + "ring",
+		kNextID:   v + "volumes/next-id",
+		kByName:   v + "volumes/by-name/",
+		kVolumes:  v + "volumes/",
+		kAttach:   v + "attach/",
+		kEpochs:   v + "epochs/",
+		kMissed:   v + "missed/",
+		kProgress: v + "progress/",
 	}
 }
 

@@ -5,7 +5,8 @@ package meta
 //     created and deleted in one transaction.
 //   - Size only grows (ResizeVolume refuses to shrink).
 //   - A volume is deleted only while its attach key is absent, checked in
-//     the deleting transaction.
+//     the deleting transaction, which also deletes its epoch, missed marks
+//     and progress record.
 
 import (
 	"context"
@@ -175,6 +176,8 @@ func (s *Store) DeleteVolume(ctx context.Context, name string) error {
 				clientv3.OpDelete(s.kByName + name),
 				clientv3.OpDelete(s.volKey(v.ID)),
 				clientv3.OpDelete(s.epochKey(v.ID)),
+				clientv3.OpDelete(s.missedVolPrefix(v.ID), clientv3.WithPrefix()),
+				clientv3.OpDelete(s.progressKey(v.ID)),
 			},
 			[]clientv3.Op{clientv3.OpGet(ak)})
 		if err != nil {
