@@ -29,7 +29,7 @@ import (
 // cmdDev runs a development cluster until ctx is done.
 func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
 	fs := newFlagSet("torusd dev", stdout)
-	nodes := fs.Int("nodes", 3, "number of storage nodes")
+	nodes := fs.Int("nodes", 3, "number of storage nodes (0: only etcd, the CA and the cluster config)")
 	dir := fs.String("data-dir", "", "directory of the whole dev cluster (etcd, CA, nodes)")
 	etcdListen := fs.String("etcd-listen", "127.0.0.1:2379", "etcd client address, host:port (port 0 picks one)")
 	size := fs.String("size", "1GiB", "capacity of each node's store")
@@ -42,10 +42,12 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 	if *dir == "" {
 		return fmt.Errorf("%w: --data-dir is required (example: torusd dev --nodes 3 --data-dir /tmp/torus-dev)", errUsage)
 	}
-	if *nodes < 1 || *nodes > 64 {
-		return fmt.Errorf("%w: --nodes %d: between 1 and 64", errUsage, *nodes)
+	if *nodes < 0 || *nodes > 64 {
+		return fmt.Errorf("%w: --nodes %d: between 0 and 64", errUsage, *nodes)
 	}
-	if *repl < 1 || *repl > *nodes {
+	// With --nodes 0 the nodes run as separate processes (fault tests kill
+	// them and etcd independently), so any replication may be meant.
+	if *repl < 1 || *nodes > 0 && *repl > *nodes {
 		return fmt.Errorf("%w: --replication %d: between 1 and --nodes (%d)", errUsage, *repl, *nodes)
 	}
 	sz, err := parseSize(*size)

@@ -25,7 +25,14 @@
 //	tls: DIR/client
 //
 // and serves until signalled. Running it again on the same DIR restarts the
-// same cluster with its data.
+// same cluster with its data. --nodes 0 runs only etcd (with the CA and the
+// cluster config): nodes are then started as separate torusd processes with
+// --cluster-dir DIR/ca, so tests can kill etcd and nodes independently.
+//
+// Every node garbage-collects the chunks of deleted volumes: at start-up and
+// whenever the volumes in etcd change, it discards the whole chunks of
+// volumes that no longer exist, freeing their slots (metric
+// torus_gc_chunks_total).
 package main
 
 import (

@@ -55,6 +55,13 @@ var metrics = []metric{
 		func(_ *node, s nodeStats) uint64 { return s.NoSpace }},
 	{"torus_node_stale_epoch_total", "counter", "Writes refused because they carried a superseded attach epoch.",
 		func(_ *node, s nodeStats) uint64 { return s.StaleEpoch }},
+	{"torus_gc_chunks_total", "counter", "Chunks of deleted volumes freed by garbage collection.",
+		func(n *node, _ nodeStats) uint64 {
+			if n.gc == nil {
+				return 0
+			}
+			return n.gc.total.Load()
+		}},
 }
 
 // writeMetrics writes every metric of nodes in the text exposition format.

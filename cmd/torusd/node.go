@@ -6,6 +6,8 @@ package main
 //     was down cannot write through it.
 //   - It registers (lease) only once it serves, and joins the ring only once
 //     registered: a node in the registry answers on its address.
+//   - The garbage collector (gc.go) starts once the node is in the ring and
+//     stops first, before the store closes.
 //   - Stop runs in reverse: stop serving (close the server), close the store
 //     (waits for its ops, records a clean shutdown), then revoke the lease.
 //     The ring keeps the node: a stopped node is a dead replica until it
@@ -49,6 +51,7 @@ type node struct {
 	srv   *netquic.Server
 	cs    chunkServer
 	reg   *meta.Registration
+	gc    *collector
 	log   *slog.Logger
 }
 
@@ -147,6 +150,7 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 	if err := n.raiseEpochs(ctx, ms); err != nil {
 		return nil, err
 	}
+	n.gc = startCollector(ctx, st, ms, log)
 	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "capacity",
 		units.FormatSize(int64(mn.Capacity)), "zone", nc.Zone, "host", nc.Host, "ring_version", r.Version(),
 		"ring_nodes", r.Len())
@@ -230,6 +234,9 @@ func register(ctx context.Context, ms *meta.Store, n meta.Node, ttl time.Duratio
 // stop shuts the node down (see the invariants at the top of the file).
 func (n *node) stop(ctx context.Context) error {
 	var errs []error
+	if n.gc != nil {
+		n.gc.close()
+	}
 	if n.srv != nil {
 		if err := n.srv.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close server: %w", err))
