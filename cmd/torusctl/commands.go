@@ -26,6 +26,7 @@ func commands() []command {
 		{path: "init", build: buildInit},
 		{path: "status", build: plain(cmdStatus)},
 		{path: "node list", build: plain(cmdNodeList)},
+		{path: "node remove", args: "ID", nargs: 1, build: buildNodeRemove},
 		{path: "ring show", build: plain(cmdRingShow)},
 		{path: "ring set-replication", args: "N", nargs: 1, build: plain(cmdRingSetReplication)},
 		{path: "volume create", args: "NAME", nargs: 1, build: buildVolumeCreate},
@@ -156,6 +157,10 @@ type statusResult struct {
 	LiveNodes   int       `json:"live_nodes"`
 	Volumes     int       `json:"volumes"`
 	RingVersion uint64    `json:"ring_version"`
+	// Degraded lists volumes with missed marks; Jobs the rebuild,
+	// rebalance and scrub progress of volumes.
+	Degraded []degradedResult `json:"degraded"`
+	Jobs     []jobResult      `json:"jobs"`
 }
 
 func cmdStatus(ctx context.Context, e *env, _ []string) error {
@@ -176,7 +181,16 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 		if err != nil {
 			return err
 		}
-		res := statusResult{cfg.ClusterID, cfg.Created, cfg.ChunkSize, cfg.Replication, len(nodes), len(vols), r.Version()}
+		names := make(map[uint64]string, len(vols))
+		for _, v := range vols {
+			names[v.ID] = v.Name
+		}
+		deg, jobs, err := healthOf(ctx, s, names)
+		if err != nil {
+			return err
+		}
+		res := statusResult{cfg.ClusterID, cfg.Created, cfg.ChunkSize, cfg.Replication, len(nodes), len(vols), r.Version(),
+			deg, jobs}
 		if e.g.output == "json" {
 			return e.printJSON(res)
 		}
@@ -188,7 +202,11 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 		fmt.Fprintf(tw, "live nodes:\t%d\n", res.LiveNodes)
 		fmt.Fprintf(tw, "volumes:\t%d\n", res.Volumes)
 		fmt.Fprintf(tw, "ring version:\t%d\n", res.RingVersion)
-		return tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		printHealth(e.stdout, deg, jobs, isTerminal(e.stdout), time.Now())
+		return nil
 	})
 }
 

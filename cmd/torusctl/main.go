@@ -3,6 +3,7 @@
 //	torusctl init --cluster-dir DIR [--chunk-size 1MiB] [--replication 3]
 //	torusctl status
 //	torusctl node list
+//	torusctl node remove ID [--force]
 //	torusctl ring show
 //	torusctl ring set-replication N
 //	torusctl volume create NAME --size SIZE [--replication N]
@@ -40,6 +41,7 @@ Usage:
   torusctl [global flags] init --cluster-dir DIR [--chunk-size 1MiB] [--replication 3]
   torusctl [global flags] status
   torusctl [global flags] node list
+  torusctl [global flags] node remove ID [--force]
   torusctl [global flags] ring show
   torusctl [global flags] ring set-replication N
   torusctl [global flags] volume create NAME --size SIZE [--replication N]
@@ -239,6 +241,8 @@ func example(c *command) string {
 		return "vol0 --size 20GiB"
 	case "ring set-replication":
 		return "3"
+	case "node remove":
+		return "node4"
 	default:
 		return "vol0"
 	}
