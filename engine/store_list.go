@@ -32,9 +32,10 @@ import (
 // freed may be listed. Callers that act on the list (garbage collection)
 // must tolerate both.
 //
-// Cost: each shard stops serving I/O while it copies its map, about 20 ns
-// per chunk it holds; Chunks allocates the list. It is meant for
-// maintenance, not the data path.
+// Cost: each shard stops serving I/O while it copies its map (one map
+// iteration); the whole call, sort included, took about 0.8 ms for 4096
+// chunks on two shards (BenchmarkStoreChunks). It allocates the list and is
+// meant for maintenance, not the data path.
 func (s *Store) Chunks() ([]ChunkID, error) {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()

@@ -168,3 +168,26 @@ func TestStoreChunksConcurrent(t *testing.T) {
 		t.Fatalf("Chunks racing Close: %v", err)
 	}
 }
+
+// BenchmarkStoreChunks lists a store holding 4096 chunks (the time each
+// shard stops serving I/O is about this divided by the shard count).
+func BenchmarkStoreChunks(b *testing.B) {
+	st, err := CreateStore(filepath.Join(b.TempDir(), "s"), StoreOptions{ChunkSize: 64 << 10, Slots: 4096, Shards: 2})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	buf := abuf(b, BlockSize)
+	for i := range uint64(4096) {
+		if err := chunkDo(st, OpWrite, ChunkID{Volume: 1 + i%7, Index: i}, 0, BlockSize, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		ids, err := st.Chunks()
+		if err != nil || len(ids) != 4096 {
+			b.Fatalf("Chunks: %d, %v", len(ids), err)
+		}
+	}
+}
