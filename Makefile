@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
+.PHONY: all build test test-faults test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
 
 all: build
 
@@ -17,8 +17,14 @@ build:
 test: lint
 	scripts/deps.sh test
 	$(GO) test -count=1 -timeout 20m $(PKGS)
+	$(MAKE) test-faults
 	$(MAKE) fuzz-smoke
 	$(MAKE) test-vm
+
+# The fault-injection suite (issue #5 item 7): binaries built with the faults
+# tag (netquic's fault hook), fio verify before, during and after each fault.
+test-faults:
+	$(GO) test -tags faults -count=1 -timeout 20m -run '^TestFault' ./cmd/torusblk/ ./netquic/
 
 # Real-kernel tests in qemu (TCG): ublk on trixie 6.12 and the newest
 # trixie-backports 7.x, the kernel NBD client on bookworm 6.1 (no ublk), and
