@@ -64,6 +64,9 @@ type ClusterOptions struct {
 	Transport string
 	// Logger receives warnings (default slog.Default()).
 	Logger *slog.Logger
+	// RebuildRate bounds the bytes per second the rebuild of missed chunks
+	// copies (default DefaultRebuildRate).
+	RebuildRate int64
 }
 
 // maxReplicas is the most copies of a chunk a Cluster writes.
@@ -97,6 +100,12 @@ type Cluster struct {
 
 	failovers atomic.Uint64
 
+	// Degraded writes and rebuild (cluster_repair.go).
+	marks                                 markSet
+	markq                                 chan *markJob
+	repairKick                            chan struct{}
+	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
+
 	mu      sync.Mutex // guards peers, nodes, ring; never taken on the data path
 	peers   map[string]*peer
 	nodes   map[string]meta.Node
@@ -124,6 +133,15 @@ type peer struct {
 	cli      *netquic.Client
 	dirty    atomic.Bool  // a write was sent since the last flush
 	downTill atomic.Int64 // Unix ns: reads try it last until then
+	flushing atomic.Int32 // flushes in flight: a later Flush must send its own
+
+	// Degraded mode (cluster_repair.go).
+	down      atomic.Bool     // failed: writes skip it (marked) until the prober reaches it
+	seq       atomic.Uint64   // writes it completed (OK), a sequence
+	lastSeq   []atomic.Uint64 // by chunk: seq of the last write of it the node took
+	flushed   atomic.Uint64   // every write with seq <= flushed is covered by a flush
+	inc       atomic.Uint64   // node incarnation of its last OK reply
+	restarted atomic.Bool     // incarnation changed since the last flush
 }
 
 // clusterPart is one chunk-sized piece of a request (or one node's flush).
@@ -145,11 +163,22 @@ type clusterPart struct {
 	owners  [maxReplicas]*peer
 	idx     [maxReplicas]int
 	calls   [maxReplicas]clusterCall
+
+	chunk    int64                 // chunk index (not for flush)
+	tracked  bool                  // marks.trackStart was true
+	missed   [maxReplicas]bool     // write: owner i failed (needs a mark)
+	nmiss    atomic.Int32          // owners missed
+	ownerIDs [maxReplicas]string   // ring node ids of the owners
+	flushErr atomic.Pointer[error] // flush: the node's flush failed
+	fseq     uint64                // flush: the node's write seq when it was sent
+	active   atomic.Int64          // write-like: chunk index while in flight, else -1
+	markWait atomic.Int32          // mark jobs still to be recorded
 }
 
 // clusterCall is one asynchronous call of a part to one node.
 type clusterCall struct {
 	p    *clusterPart
+	i    int // owner index in p
 	peer *peer
 	resp netquic.Message
 }
@@ -192,6 +221,10 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 		ms: ms, vol: vol, opt: opt, log: opt.Logger, size: size, chunk: chunk, repl: repl,
 		nopts: netquic.Options{Transport: opt.Transport, Streams: clusterStreams, Depth: clusterDepth, Logger: opt.Logger},
 		peers: make(map[string]*peer), nodes: make(map[string]meta.Node), refresh: make(chan struct{}, 1),
+		marks: newMarkSet(), markq: make(chan *markJob, 4096), repairKick: make(chan struct{}, 1),
+	}
+	if c.opt.RebuildRate <= 0 {
+		c.opt.RebuildRate = DefaultRebuildRate
 	}
 	n := clusterStreams * clusterDepth
 	c.parts = make(chan *clusterPart, n)
@@ -199,8 +232,10 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	for i := range c.all {
 		p := &c.all[i]
 		p.c = c
+		p.active.Store(-1)
 		for j := range p.calls {
 			p.calls[j].p = p
+			p.calls[j].i = j
 		}
 		c.parts <- p
 	}
@@ -230,9 +265,16 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 		c.closeClients()
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
 	}
+	if err := c.loadMarks(ctx); err != nil {
+		c.closeClients()
+		return nil, fmt.Errorf("open volume %s: missed chunks: %w", vol.Name, err)
+	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wg.Go(c.watchRing)
 	c.wg.Go(c.refresher)
+	c.wg.Go(c.marker)
+	c.wg.Go(c.prober)
+	c.wg.Go(c.repairLoop)
 	return c, nil
 }
 
@@ -289,7 +331,7 @@ func (c *Cluster) rebuildLocked() error {
 			if err != nil {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
-			np := &peer{id: id, addr: nd.Addr, cli: cli}
+			np := &peer{id: id, addr: nd.Addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
 			if p != nil {
 				np.dirty.Store(true) // it may hold unflushed writes under its old address
 				old := p.cli
@@ -394,7 +436,9 @@ func (c *Cluster) Submit(r *Request) {
 		parent.startReq(r, parent)
 		parent.remaining.Store(1)
 		for _, p := range st.all {
-			if !p.dirty.Swap(false) {
+			// A flush already in flight to p may have been sent before a
+			// write this Flush must cover completed: send another.
+			if !p.dirty.Swap(false) && p.flushing.Load() == 0 && !p.restarted.Load() {
 				continue
 			}
 			fp := <-c.parts
@@ -402,7 +446,15 @@ func (c *Cluster) Submit(r *Request) {
 			fp.op = wire.OpFlush
 			fp.msg = netquic.Message{Code: uint8(wire.OpFlush)}
 			fp.n, fp.owners[0] = 1, p
+			fp.flushErr.Store(nil)
 			parent.remaining.Add(1)
+			if p.isDown() {
+				// Its unflushed writes may be lost: mark them instead.
+				c.flushFailed(fp, p, errNodeDown)
+				continue
+			}
+			p.flushing.Add(1)
+			fp.fseq = p.seq.Load()
 			fp.sendAll()
 		}
 		parent.done()
@@ -469,6 +521,11 @@ func (c *Cluster) Submit(r *Request) {
 		}
 		parent.remaining.Add(1)
 		off += n
+		p.chunk = idx
+		if op != wire.OpRead {
+			p.active.Store(idx)
+			p.tracked = c.marks.trackStart(idx)
+		}
 		c.place(st, p, idx)
 		p = nil
 	}
@@ -484,6 +541,7 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 	if p.op != wire.OpRead {
 		for i, k := range ids {
 			p.owners[i] = st.peers[k]
+			p.ownerIDs[i] = st.r.Node(k).ID
 		}
 		if p.n < c.repl {
 			p.finish(fmt.Errorf("engine: volume %s needs %d replicas but the ring has %d nodes: start more storage nodes or lower its replication",
@@ -495,9 +553,11 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 	}
 	// Reads: the local node first, then ring order; peers that failed
 	// recently go last.
+	// Owners with a missed mark may be stale: never read from them.
 	k := 0
+	degraded := c.marks.any.Load()
 	for _, i := range ids {
-		if pp := st.peers[i]; pp != nil && pp.id == c.opt.LocalNode {
+		if pp := st.peers[i]; pp != nil && pp.id == c.opt.LocalNode && !(degraded && c.marks.has(pp.id, idx)) {
 			p.owners[k] = pp
 			k++
 		}
@@ -509,6 +569,9 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 			if pp != nil && pp.id == c.opt.LocalNode {
 				continue
 			}
+			if degraded && c.marks.has(st.r.Node(i).ID, idx) {
+				continue
+			}
 			down := pp == nil || pp.downTill.Load() > now
 			if down == (pass == 1) {
 				p.owners[k] = pp
@@ -516,6 +579,7 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 			}
 		}
 	}
+	p.n = k
 	p.next = 0
 	p.perr.Store(nil)
 	p.tryRead()
@@ -526,24 +590,35 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 func (p *clusterPart) sendAll() {
 	c := p.c
 	p.perr.Store(nil)
+	p.nmiss.Store(0)
 	p.pending.Store(int32(p.n) + 1)
-	dl := time.Now().Add(c.opt.Timeout)
 	for i := 0; i < p.n; i++ {
 		cc := &p.calls[i]
 		cc.peer = p.owners[i]
-		if cc.peer == nil {
-			p.callErr(errUnknownNode)
-			c.askRefresh()
+		p.missed[i] = false
+		if cc.peer == nil || (p.op != wire.OpFlush && cc.peer.isDown()) {
+			// A ring node with no address, or one known down: the write
+			// goes on without it and it gets a mark.
+			p.missed[i] = true
+			p.nmiss.Add(1)
+			if cc.peer == nil {
+				c.askRefresh()
+			}
 			p.callDone()
 			continue
 		}
 		cc.resp.Payload = nil
-		cc.peer.cli.Go(&p.msg, &cc.resp, dl, cc)
+		// Each call its own deadline: Go may block dialing a dead node.
+		cc.peer.cli.Go(&p.msg, &cc.resp, time.Now().Add(c.opt.Timeout), cc)
 	}
 	p.callDone()
 }
 
-var errUnknownNode = errors.New("engine: a node of the ring is not registered (down?)")
+var (
+	errUnknownNode = errors.New("engine: a node of the ring is not registered (down?)")
+	errNodeDown    = errors.New("engine: node is down")
+	errAllReplicas = errors.New("engine: every replica of the chunk failed")
+)
 
 // tryRead sends the read to the next owner, or fails the part when none is
 // left.
@@ -586,8 +661,29 @@ func (p *clusterPart) callDone() {
 	if e := p.perr.Load(); e != nil {
 		err = *e
 	}
-	if err != nil && p.op == wire.OpFlush {
-		p.owners[0].dirty.Store(true) // the next flush tries again
+	if p.op == wire.OpFlush {
+		pp := p.owners[0]
+		pp.flushing.Add(-1)
+		fe := p.flushErr.Load()
+		if fe == nil && pp.restarted.Swap(false) {
+			e := error(errors.New("node restarted since its last flush"))
+			fe = &e
+		}
+		if fe != nil {
+			p.c.flushFailed(p, pp, *fe)
+			return
+		}
+		pp.flushedUpTo(p.fseq)
+		p.finish(nil)
+		return
+	}
+	if err == nil {
+		if m := int(p.nmiss.Load()); m >= p.n {
+			err = fmt.Errorf("%w (volume %s chunk %d): %d owners down", errAllReplicas, p.c.vol.Name, p.chunk, m)
+		} else if m > 0 {
+			p.degradedFinish()
+			return
+		}
 	}
 	p.finish(err)
 }
@@ -608,12 +704,27 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		err = fmt.Errorf("engine: node %s: read returned %d bytes, want %d: %w", cc.peer.id, len(resp.Payload), len(p.buf), errBadRequest)
 	}
 	if p.op != wire.OpRead {
-		if p.op != wire.OpFlush {
-			// Marked once the write is done (even if it failed: it may
-			// have landed), so a Flush submitted after it sees the mark.
-			cc.peer.dirty.Store(true)
+		if p.op == wire.OpFlush {
+			if err != nil {
+				p.flushErr.Store(&err)
+			} else {
+				cc.peer.sawIncarnation(wire.Incarnation(&resp.Header))
+			}
+			p.callDone()
+			return
 		}
-		if err != nil {
+		// Marked once the write is done (even if it failed: it may have
+		// landed), so a Flush submitted after it sees the mark.
+		cc.peer.dirty.Store(true)
+		switch {
+		case err == nil:
+			cc.peer.sawIncarnation(wire.Incarnation(&resp.Header))
+			cc.peer.took(p.chunk)
+		case nodeFailure(err):
+			c.setDown(cc.peer, err)
+			p.missed[cc.i] = true
+			p.nmiss.Add(1)
+		default:
 			p.callErr(err)
 		}
 		p.callDone()
@@ -652,6 +763,11 @@ func (p *clusterPart) finish(err error) {
 		}
 		parent.mu.Unlock()
 	}
+	if p.tracked {
+		p.c.marks.trackEnd(p.chunk)
+		p.tracked = false
+	}
+	p.active.Store(-1)
 	p.msg.Payload, p.buf = nil, nil
 	for i := range p.calls[:p.n] {
 		p.calls[i].peer = nil
@@ -691,16 +807,36 @@ func (c *Cluster) Close() error {
 	var wg sync.WaitGroup
 	var emu sync.Mutex
 	for _, p := range st.all {
-		if !p.dirty.Load() {
+		if !p.dirty.Load() && !p.restarted.Load() {
 			continue
 		}
 		wg.Go(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), c.opt.Timeout)
-			defer cancel()
-			resp := netquic.Message{}
-			err := p.cli.Call(ctx, &netquic.Message{Code: uint8(wire.OpFlush)}, &resp)
-			if err == nil {
-				err = errOf(wire.Status(resp.Code))
+			var err error
+			if p.isDown() {
+				err = errNodeDown
+			} else {
+				ctx, cancel := context.WithTimeout(context.Background(), c.opt.Timeout)
+				defer cancel()
+				resp := netquic.Message{}
+				err = p.cli.Call(ctx, &netquic.Message{Code: uint8(wire.OpFlush)}, &resp)
+				if err == nil {
+					err = errOf(wire.Status(resp.Code))
+				}
+				if err == nil && (p.sawIncarnation(wire.Incarnation(&resp.Header)) || p.restarted.Load()) {
+					err = errors.New("node restarted since its last flush")
+				}
+				if err == nil {
+					p.flushedUpTo(p.seq.Load()) // nothing is in flight at Close
+				}
+			}
+			if err != nil && nodeFailure(err) {
+				// The node may have lost writes it took: mark them, as a
+				// flush during I/O does.
+				if merr := c.recordMarks(p.id, p.unflushedChunks()); merr == nil {
+					err = nil
+				} else {
+					err = errors.Join(err, merr)
+				}
 			}
 			if err != nil {
 				emu.Lock()

@@ -23,6 +23,7 @@ package engine
 import (
 	"errors"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 
@@ -60,6 +61,10 @@ type NodeServer struct {
 
 	ops    sync.Pool // *nodeOp
 	epochs sync.Map  // volume id → *volEpoch
+	// boot is the header of every OK reply: Epoch holds this process's
+	// incarnation, random per NewNodeServer, so a client sees that a node
+	// restarted (and may have lost writes it had not flushed).
+	boot [wire.HeaderSize]byte
 
 	reads, writes, readBytes, writeBytes, flushes, discards atomic.Uint64
 	errs, noSpace, stale                                    atomic.Uint64
@@ -84,6 +89,8 @@ type nodeOp struct {
 // netquic.Listen(addr, tls, n, opts).
 func NewNodeServer(st *Store, opt NodeServerOptions) *NodeServer {
 	n := &NodeServer{st: st, id: opt.NodeID, log: opt.Logger, chunk: st.ChunkSize()}
+	boot := wire.Header{Epoch: rand.Uint64() | 1}
+	boot.Encode(&n.boot)
 	if n.log == nil {
 		n.log = slog.Default()
 	}
@@ -277,7 +284,11 @@ func (o *nodeOp) CompleteChunk(_ *ChunkOp, err error) {
 		payload = o.Buf
 	}
 	n.put(o)
-	_ = r.Reply(uint8(s), nil, payload)
+	hdr := &n.boot
+	if s != wire.StatusOK {
+		hdr = nil
+	}
+	_ = r.Reply(uint8(s), hdr, payload)
 }
 
 // statusOf maps a store error to a wire status.

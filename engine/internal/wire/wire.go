@@ -8,7 +8,10 @@
 //	[0:8]    volume id
 //	[8:16]   chunk index (offset in the volume / chunk size)
 //	[16:24]  attach epoch (writes, discards, write-zeroes, fence); in a
-//	         stale-epoch response, the node's current epoch of the volume
+//	         stale-epoch response, the node's current epoch of the volume;
+//	         in an OK response to a read, write, flush, discard or
+//	         write-zeroes, the node's incarnation (random, odd, new at every
+//	         start of the node), so a client notices a restart
 //	[24:26]  offset inside the chunk, in 4 KiB blocks
 //	[26:28]  length, in 4 KiB blocks (at most 512: chunks are at most 2 MiB)
 //	[28]     flags: bit 0 FUA, bit 1 NoUnmap; other bits zero
@@ -190,3 +193,7 @@ func CheckPayload(op Op, h *Header, n int) error {
 	}
 	return nil
 }
+
+// Incarnation returns the node incarnation carried by an OK response header
+// (0 if the node sent none).
+func Incarnation(b *[HeaderSize]byte) uint64 { return binary.LittleEndian.Uint64(b[16:24]) }

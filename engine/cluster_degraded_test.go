@@ -1,0 +1,125 @@
+package engine
+
+import (
+	"context"
+	"testing"
+	"time"
+)
+
+// TestClusterDegraded: a node goes down under writes; the writes succeed
+// (R=3, two live), every chunk the node missed is marked in etcd, reads never
+// return the down node's stale bytes, and when the node is back the rebuild
+// copies exactly what it missed, clears the marks, and all three copies are
+// identical again.
+func TestClusterDegraded(t *testing.T) {
+	tc := startCluster(t, 3, 128)
+	const size = 8 << 20
+	vol := tc.volume("degraded", size, 3)
+	c := tc.mustOpen(vol, 1)
+	defer c.Close()
+	model := make([]byte, size)
+	fill(model, 3)
+	buf := abuf(t, size)
+	copy(buf, model)
+	if err := do(c, OpWrite, 0, 0, size, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := do(c, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	down := tc.nodes[1]
+	down.srv.Close()
+	// Overwrite the first half while the node is down.
+	fill(model[:size/2], 4)
+	copy(buf, model)
+	if err := do(c, OpWrite, 0, 0, size/2, buf[:size/2]); err != nil {
+		t.Fatalf("write with one of three replicas down: %v", err)
+	}
+	if err := do(c, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatalf("flush with one of three replicas down: %v", err)
+	}
+	missed, err := tc.ms.Missed(context.Background(), vol.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(missed[down.id]) < int(size/2/testChunk) {
+		t.Fatalf("marks for %s: %v, want every chunk of the first half", down.id, missed)
+	}
+	if st := c.Stats(); st.Missed == 0 || st.NodeFailures == 0 {
+		t.Fatalf("stats %+v: want marks and a node failure", st)
+	}
+	verify(t, c, model)
+
+	// The node's own copy is stale now; after it is back, the rebuild fixes it.
+	tc.serve(down, down.addr)
+	deadline := time.Now().Add(30 * time.Second)
+	for c.Stats().Missed > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("rebuild did not finish: %+v", c.Stats())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	missed, err = tc.ms.Missed(context.Background(), vol.ID)
+	if err != nil || len(missed) != 0 {
+		t.Fatalf("marks in etcd after rebuild: %v %v", missed, err)
+	}
+	st := c.Stats()
+	if st.Rebuilt == 0 || st.Rebuilt > uint64(size/2/testChunk)+2 {
+		t.Fatalf("rebuilt %d chunks; want about the %d the node missed (no full copy)", st.Rebuilt, size/2/testChunk)
+	}
+	t.Logf("stats after rebuild: %+v", st)
+	if err := do(c, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	checkReplicas(t, tc, vol, 3, model)
+	verify(t, c, model)
+}
+
+// TestClusterDegradedReopen: marks survive the client: a volume reopened
+// (a new attach) while a node is still stale never reads from it and
+// rebuilds it.
+func TestClusterDegradedReopen(t *testing.T) {
+	tc := startCluster(t, 3, 128)
+	const size = 4 << 20
+	vol := tc.volume("reopen", size, 3)
+	c := tc.mustOpen(vol, 1)
+	model := make([]byte, size)
+	fill(model, 5)
+	buf := abuf(t, size)
+	copy(buf, model)
+	if err := do(c, OpWrite, 0, 0, size, buf); err != nil {
+		t.Fatal(err)
+	}
+	down := tc.nodes[2]
+	down.srv.Close()
+	fill(model, 6)
+	copy(buf, model)
+	if err := do(c, OpWrite, 0, 0, size, buf); err != nil {
+		t.Fatalf("degraded write: %v", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("close with a node down: %v", err)
+	}
+	// Bring the stale node back before the new attach, and make it the
+	// preferred reader: it must still not be read until rebuilt.
+	tc.serve(down, down.addr)
+	c2, err := OpenCluster(context.Background(), tc.ms, vol, ClusterOptions{TLS: tc.client.Client, Epoch: 2,
+		Timeout: time.Second, Logger: quietLog, LocalNode: down.id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	verify(t, c2, model)
+	deadline := time.Now().Add(30 * time.Second)
+	for c2.Stats().Missed > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("rebuild did not finish: %+v", c2.Stats())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := do(c2, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	checkReplicas(t, tc, vol, 3, model)
+}

@@ -1,0 +1,648 @@
+package engine
+
+// Degraded writes and rebuild of a Cluster volume.
+//
+// A replica node that fails (its connection breaks, a call times out, it
+// answers with an I/O error, it restarted and may have lost unflushed
+// writes) does not fail the volume: the write completes on the remaining
+// replicas, but only after a "missed mark" (volume, node, chunk) is recorded
+// in etcd (meta.MarkMissed). A rebuild loop copies each marked chunk from a
+// good replica to the node once it answers again and then clears the mark.
+//
+// Invariants:
+//   - A write-like part whose calls to some owners failed with a node failure
+//     completes without error only if at least one owner took it AND every
+//     failed owner has a mark for the chunk, recorded in etcd before the part
+//     completes (c.marks holds exactly the marks known to be in etcd). If
+//     etcd cannot be written the part fails: nothing is acknowledged that the
+//     metadata does not back.
+//   - A read never goes to an owner with a mark for the chunk: that replica
+//     may be stale.
+//   - A Flush covers, on every node, the writes completed before it; if a
+//     node's flush fails, or the node answers with another incarnation than
+//     before (it restarted and may have lost unflushed writes), every chunk whose
+//     last write the node took after its last successful flush
+//     (peer.lastSeq > peer.flushed) is marked before the Flush completes. A
+//     flush covers the writes completed before it was sent (seq <= the
+//     peer's seq at send time).
+//   - A mark is cleared only after a copy during which no write to the chunk
+//     was in flight or completed (chunkTrack.gen and .inflight, kept for
+//     marked chunks only; clusterPart.active for writes that started before
+//     the mark existed), so a write racing the copy is never overwritten by
+//     older bytes on the rebuilt node without a later copy.
+//   - The healthy data path touches none of this beyond an atomic load
+//     (marks.any), a per-peer atomic (down) and, on write completion, an
+//     atomic add and store (peer.seq, peer.lastSeq).
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+	"github.com/torus-storage/torus/ring"
+)
+
+// DefaultRebuildRate is the default rebuild bandwidth of one volume.
+const DefaultRebuildRate = 64 << 20
+
+// markSet is the missed marks of a volume known to be in etcd, and the
+// write tracking of marked chunks.
+type markSet struct {
+	any      atomic.Bool // len(m) > 0
+	mu       sync.Mutex
+	m        map[markKey]struct{}
+	perChunk map[int64]int // marks per chunk
+	track    map[int64]*chunkTrack
+}
+
+func newMarkSet() markSet {
+	return markSet{m: make(map[markKey]struct{}), perChunk: make(map[int64]int), track: make(map[int64]*chunkTrack)}
+}
+
+type markKey struct {
+	node  string
+	chunk int64
+}
+
+// chunkTrack counts writes to a marked chunk: gen changes when one starts
+// or ends, inflight is the number running.
+type chunkTrack struct {
+	gen      uint64
+	inflight int
+}
+
+func (s *markSet) has(node string, chunk int64) bool {
+	if !s.any.Load() {
+		return false
+	}
+	s.mu.Lock()
+	_, ok := s.m[markKey{node, chunk}]
+	s.mu.Unlock()
+	return ok
+}
+
+// add records marks known to be in etcd.
+func (s *markSet) add(node string, chunks ...int64) {
+	s.mu.Lock()
+	for _, ch := range chunks {
+		k := markKey{node, ch}
+		if _, ok := s.m[k]; !ok {
+			s.m[k] = struct{}{}
+			s.perChunk[ch]++
+		}
+	}
+	s.any.Store(len(s.m) > 0)
+	s.mu.Unlock()
+}
+
+func (s *markSet) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.m)
+}
+
+// trackStart notes a write to chunk starting; it reports whether the chunk
+// is tracked (has a mark), in which case trackEnd must follow.
+func (s *markSet) trackStart(chunk int64) bool {
+	if !s.any.Load() {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.perChunk[chunk] == 0 {
+		return false
+	}
+	t := s.track[chunk]
+	if t == nil {
+		t = new(chunkTrack)
+		s.track[chunk] = t
+	}
+	t.gen++
+	t.inflight++
+	return true
+}
+
+func (s *markSet) trackEnd(chunk int64) {
+	s.mu.Lock()
+	if t := s.track[chunk]; t != nil {
+		t.gen++
+		t.inflight--
+	}
+	s.mu.Unlock()
+}
+
+// snapshot returns the generation of chunk and whether writes are in flight.
+func (s *markSet) snapshot(chunk int64) (uint64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := s.track[chunk]
+	if t == nil {
+		t = new(chunkTrack)
+		s.track[chunk] = t
+	}
+	return t.gen, t.inflight > 0
+}
+
+// clear drops a mark (already deleted in etcd) and the chunk's tracking when
+// no mark of the chunk is left.
+func (s *markSet) clear(node string, chunk int64) {
+	s.mu.Lock()
+	k := markKey{node, chunk}
+	if _, ok := s.m[k]; ok {
+		delete(s.m, k)
+		if s.perChunk[chunk]--; s.perChunk[chunk] <= 0 {
+			delete(s.perChunk, chunk)
+		}
+	}
+	if s.perChunk[chunk] == 0 {
+		if t := s.track[chunk]; t != nil && t.inflight == 0 {
+			delete(s.track, chunk)
+		}
+	}
+	s.any.Store(len(s.m) > 0)
+	s.mu.Unlock()
+}
+
+// byNode returns the marks grouped by node, chunks sorted.
+func (s *markSet) byNode() map[string][]int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string][]int64)
+	for k := range s.m {
+		out[k.node] = append(out[k.node], k.chunk)
+	}
+	for _, v := range out {
+		sort.Slice(v, func(i, j int) bool { return v[i] < v[j] })
+	}
+	return out
+}
+
+// markJob asks the marker to record marks, then to finish part p (if any)
+// with the result.
+type markJob struct {
+	node   string
+	chunks []int64
+	p      *clusterPart
+}
+
+// nodeFailure reports whether a call error means the replica failed (the
+// write may continue on the others, the node gets a mark) rather than the
+// request being wrong for every replica.
+func nodeFailure(err error) bool {
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, ErrRange), errors.Is(err, ErrFenced), errors.Is(err, ErrNoSpace),
+		errors.Is(err, errBadRequest), errors.Is(err, ErrReadOnly):
+		return false
+	}
+	return true
+}
+
+// took notes that peer p completed a write of chunk.
+func (p *peer) took(chunk int64) {
+	p.lastSeq[chunk].Store(p.seq.Add(1))
+}
+
+// flushedUpTo records that a flush covering every write with seq <= q
+// succeeded on p.
+func (p *peer) flushedUpTo(q uint64) {
+	for {
+		old := p.flushed.Load()
+		if q <= old || p.flushed.CompareAndSwap(old, q) {
+			return
+		}
+	}
+}
+
+// unflushedChunks lists the chunks p took a write of that no successful
+// flush covers yet: what p may lose if it lost power.
+func (p *peer) unflushedChunks() []int64 {
+	f := p.flushed.Load()
+	var out []int64
+	for i := range p.lastSeq {
+		if p.lastSeq[i].Load() > f {
+			out = append(out, int64(i))
+		}
+	}
+	return out
+}
+
+// sawIncarnation records the incarnation of an OK reply of p and reports
+// whether it differs from the one seen before (the node restarted).
+func (p *peer) sawIncarnation(inc uint64) bool {
+	if inc == 0 {
+		return false
+	}
+	old := p.inc.Swap(inc)
+	if old != 0 && old != inc {
+		p.restarted.Store(true)
+		return true
+	}
+	return false
+}
+
+// isDown reports whether writes skip p for now.
+func (p *peer) isDown() bool { return p.down.Load() }
+
+// setDown marks p as failed: writes skip it (with a mark) until the prober
+// reaches it again.
+func (c *Cluster) setDown(p *peer, err error) {
+	if !p.down.Swap(true) {
+		c.log.Warn("cluster: node failed; writes continue on the other replicas and its chunks are marked for rebuild",
+			"volume", c.vol.Name, "node", p.id, "err", err)
+		c.degradedEvents.Add(1)
+	}
+}
+
+// marker records marks in etcd for the data path, in order.
+func (c *Cluster) marker() {
+	for {
+		var j *markJob
+		select {
+		case <-c.ctx.Done():
+			// Fail what is left so no request hangs.
+			for {
+				select {
+				case j = <-c.markq:
+					if j.p != nil {
+						j.p.finish(fmt.Errorf("engine: volume %s closing: %w", c.vol.Name, ErrClosed))
+					}
+				default:
+					return
+				}
+			}
+		case j = <-c.markq:
+		}
+		err := c.recordMarks(j.node, j.chunks)
+		if j.p != nil {
+			j.p.markDone(err)
+		}
+	}
+}
+
+// recordMarks writes marks to etcd (unless known) and adds them to c.marks.
+func (c *Cluster) recordMarks(node string, chunks []int64) error {
+	var need []uint64
+	for _, ch := range chunks {
+		if !c.marks.has(node, ch) {
+			need = append(need, uint64(ch))
+		}
+	}
+	if len(need) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+	err := c.ms.MarkMissed(ctx, c.vol.ID, node, need...)
+	cancel()
+	if err != nil {
+		c.log.Error("cluster: cannot record a degraded write in etcd; the write fails", "volume", c.vol.Name, "node", node, "err", err)
+		return fmt.Errorf("engine: volume %s: node %s failed and the missed chunks cannot be recorded (etcd): %w", c.vol.Name, node, err)
+	}
+	c.marks.add(node, chunks...)
+	c.kickRepair()
+	return nil
+}
+
+// markDone ends one mark job of a part that waited for its marks; the
+// last one finishes the part, with the first error if any.
+func (p *clusterPart) markDone(err error) {
+	if err != nil {
+		p.callErr(err)
+	}
+	if p.markWait.Add(-1) > 0 {
+		return
+	}
+	var e error
+	if pe := p.perr.Load(); pe != nil {
+		e = *pe
+	}
+	p.finish(e)
+}
+
+// degradedFinish is the end of a write-like part some of whose owners
+// failed: it queues marks for them (the part finishes when recorded), or
+// finishes at once when all marks are known.
+func (p *clusterPart) degradedFinish() {
+	c := p.c
+	var jobs []*markJob
+	for i := 0; i < p.n; i++ {
+		if !p.missed[i] {
+			continue
+		}
+		node := p.ownerID(i)
+		if c.marks.has(node, p.chunk) {
+			continue
+		}
+		jobs = append(jobs, &markJob{node: node, chunks: []int64{p.chunk}, p: p})
+	}
+	if len(jobs) == 0 {
+		p.finish(nil)
+		return
+	}
+	p.markWait.Store(int32(len(jobs)))
+	for _, j := range jobs {
+		c.markq <- j
+	}
+}
+
+// ownerID names owner i of p (a nil peer is a ring node with no address).
+func (p *clusterPart) ownerID(i int) string {
+	if p.owners[i] != nil {
+		return p.owners[i].id
+	}
+	return p.ownerIDs[i]
+}
+
+// flushFailed handles a failed (or restarted-node) flush of peer pp by part
+// p: marks every chunk pp took a write of that no flush covered, then
+// finishes p.
+func (c *Cluster) flushFailed(p *clusterPart, pp *peer, cause error) {
+	chunks := pp.unflushedChunks()
+	c.log.Warn("cluster: flush of a node failed or the node restarted; marking what it took for rebuild",
+		"volume", c.vol.Name, "node", pp.id, "chunks", len(chunks), "cause", cause)
+	c.setDown(pp, cause)
+	p.markWait.Store(1)
+	p.perr.Store(nil)
+	c.markq <- &markJob{node: pp.id, chunks: chunks, p: p}
+}
+
+func chunkKey(vol uint64, ch int64) uint64 { return ring.ChunkKey(vol, uint64(ch), 0) }
+
+// kickRepair wakes the rebuild loop.
+func (c *Cluster) kickRepair() {
+	select {
+	case c.repairKick <- struct{}{}:
+	default:
+	}
+}
+
+// ClusterStats are counters of a Cluster.
+type ClusterStats struct {
+	// Missed is the number of (node, chunk) marks: chunk copies to rebuild.
+	Missed int
+	// Rebuilt counts chunk copies made by the rebuild loop.
+	Rebuilt uint64
+	// RebuiltBytes counts the bytes those copies moved.
+	RebuiltBytes uint64
+	// Failovers counts reads that moved to another replica after an error.
+	Failovers uint64
+	// NodeFailures counts nodes that went down while the volume was open.
+	NodeFailures uint64
+}
+
+// Stats returns the volume's counters.
+func (c *Cluster) Stats() ClusterStats {
+	return ClusterStats{
+		Missed: c.marks.count(), Rebuilt: c.rebuilt.Load(), RebuiltBytes: c.rebuiltBytes.Load(),
+		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(),
+	}
+}
+
+// loadMarks reads the volume's marks from etcd (at open).
+func (c *Cluster) loadMarks(ctx context.Context) error {
+	m, err := c.ms.Missed(ctx, c.vol.ID)
+	if err != nil {
+		return err
+	}
+	n := 0
+	for node, chunks := range m {
+		cs := make([]int64, len(chunks))
+		for i, ch := range chunks {
+			cs[i] = int64(ch)
+		}
+		c.marks.add(node, cs...)
+		n += len(cs)
+	}
+	if n > 0 {
+		c.log.Warn("cluster: volume is degraded; rebuilding", "volume", c.vol.Name, "missed", n)
+	}
+	return nil
+}
+
+// prober brings down peers back: every second it sends each a flush with a
+// short deadline; an answer clears down (a restarted node is noticed by its
+// incarnation on the next write or flush).
+func (c *Cluster) prober() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+		}
+		st := c.state.Load()
+		for _, p := range st.all {
+			if !p.isDown() {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(c.ctx, min(c.opt.Timeout, 2*time.Second))
+			resp := netquic.Message{}
+			err := p.cli.Call(ctx, &netquic.Message{Code: uint8(wire.OpFlush)}, &resp)
+			cancel()
+			if err == nil && wire.Status(resp.Code) == wire.StatusOK {
+				p.sawIncarnation(wire.Incarnation(&resp.Header))
+				p.down.Store(false)
+				c.log.Info("cluster: node answers again; rebuilding what it missed", "volume", c.vol.Name, "node", p.id)
+				c.kickRepair()
+			}
+		}
+	}
+}
+
+// repairLoop copies marked chunks to their nodes once they answer.
+func (c *Cluster) repairLoop() {
+	buf, err := alignbuf.Alloc(int(c.chunk))
+	if err != nil {
+		c.log.Error("cluster: rebuild disabled: no buffer", "err", err)
+		return
+	}
+	defer alignbuf.Free(buf)
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-c.repairKick:
+		case <-t.C:
+		}
+		if !c.marks.any.Load() {
+			continue
+		}
+		c.repairPass(buf)
+	}
+}
+
+// repairPass tries every mark once.
+func (c *Cluster) repairPass(buf []byte) {
+	byNode := c.marks.byNode()
+	total := 0
+	for _, chs := range byNode {
+		total += len(chs)
+	}
+	done := 0
+	start := time.Now()
+	var moved int64
+	for node, chunks := range byNode {
+		st := c.state.Load()
+		var target *peer
+		for _, p := range st.all {
+			if p.id == node {
+				target = p
+			}
+		}
+		if target == nil || target.isDown() {
+			continue
+		}
+		for _, ch := range chunks {
+			if c.ctx.Err() != nil {
+				return
+			}
+			n, err := c.copyChunk(buf, target, ch)
+			if err != nil {
+				c.log.Warn("cluster: rebuild of a chunk failed; will retry", "volume", c.vol.Name, "node", node, "chunk", ch, "err", err)
+				break
+			}
+			if n < 0 {
+				continue // a write raced the copy: next pass
+			}
+			done++
+			moved += n
+			c.rebuilt.Add(1)
+			c.rebuiltBytes.Add(uint64(n))
+			// Rate limit: keep under RebuildRate bytes/s.
+			if want := time.Duration(float64(moved) / float64(c.opt.RebuildRate) * float64(time.Second)); want > time.Since(start) {
+				select {
+				case <-c.ctx.Done():
+					return
+				case <-time.After(want - time.Since(start)):
+				}
+			}
+			if done%16 == 0 {
+				c.saveProgress(done, total)
+			}
+		}
+	}
+	if done > 0 {
+		c.saveProgress(done, total)
+		c.log.Info("cluster: rebuild pass", "volume", c.vol.Name, "copied", done, "of", total, "left", c.marks.count())
+	}
+}
+
+func (c *Cluster) saveProgress(done, total int) {
+	left := c.marks.count()
+	ctx, cancel := context.WithTimeout(c.ctx, 2*time.Second)
+	defer cancel()
+	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebuild, Done: uint64(done), Total: uint64(done + left), Repaired: c.rebuilt.Load()})
+	_ = total
+}
+
+// chunkBusy reports whether a write to chunk ch is in flight. It catches
+// writes that started before the chunk had a mark (those are not tracked).
+func (c *Cluster) chunkBusy(ch int64) bool {
+	for i := range c.all {
+		if c.all[i].active.Load() == ch {
+			return true
+		}
+	}
+	return false
+}
+
+// copyChunk copies chunk ch from a good replica to target and clears the
+// mark. It returns the bytes copied, or -1 when a write raced the copy (the
+// mark stays).
+func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (int64, error) {
+	gen, busy := c.marks.snapshot(ch)
+	if busy || c.chunkBusy(ch) {
+		return -1, nil
+	}
+	st := c.state.Load()
+	var ids [maxReplicas]int
+	owners := st.r.OwnerIndices(chunkKey(c.vol.ID, ch), c.repl, ids[:0])
+	length := c.chunk
+	if end := (ch + 1) * c.chunk; end > c.size {
+		length = c.size - ch*c.chunk
+	}
+	data := buf[:length]
+	var srcErr error
+	got := false
+	for _, i := range owners {
+		src := st.peers[i]
+		if src == nil || src == target || src.isDown() || c.marks.has(src.id, ch) {
+			continue
+		}
+		h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length)}
+		req := netquic.Message{Code: uint8(wire.OpRead)}
+		h.Encode(&req.Header)
+		resp := netquic.Message{Payload: data}
+		ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+		err := src.cli.Call(ctx, &req, &resp)
+		cancel()
+		if err == nil {
+			err = errOf(wire.Status(resp.Code))
+		}
+		if err == nil && len(resp.Payload) != len(data) {
+			err = errBadRequest
+		}
+		if err != nil {
+			srcErr = fmt.Errorf("read from %s: %w", src.id, err)
+			continue
+		}
+		got = true
+		break
+	}
+	if !got {
+		if srcErr == nil {
+			srcErr = errors.New("no good replica reachable")
+		}
+		return 0, srcErr
+	}
+	zero := true
+	for _, b := range data {
+		if b != 0 {
+			zero = false
+			break
+		}
+	}
+	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: c.opt.Epoch, Flags: wire.FlagFUA}
+	req := netquic.Message{Code: uint8(wire.OpWrite), Payload: data}
+	if zero {
+		// Keep the copy thin: write-zeroes may free the slot.
+		req = netquic.Message{Code: uint8(wire.OpWriteZeroes)}
+	}
+	h.Encode(&req.Header)
+	resp := netquic.Message{}
+	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+	err := target.cli.Call(ctx, &req, &resp)
+	cancel()
+	if err == nil {
+		err = errOf(wire.Status(resp.Code))
+	}
+	if err != nil {
+		return 0, fmt.Errorf("write to %s: %w", target.id, err)
+	}
+	if target.sawIncarnation(wire.Incarnation(&resp.Header)) {
+		target.restarted.Store(false) // the copy is FUA: durable whatever happened before
+	}
+	if g, busy := c.marks.snapshot(ch); g != gen || busy || c.chunkBusy(ch) {
+		return -1, nil
+	}
+	ctx, cancel = context.WithTimeout(c.ctx, c.opt.Timeout)
+	err = c.ms.ClearMissed(ctx, c.vol.ID, target.id, uint64(ch))
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("clear mark in etcd: %w", err)
+	}
+	c.marks.clear(target.id, ch)
+	return length, nil
+}
