@@ -126,7 +126,8 @@ type Completer interface {
 // stored in resp, the call failed, or deadline (zero: none) passed, in which
 // case err wraps ErrTimeout and the late response is dropped, never written
 // to resp. req.Payload may be reused once Go returns; resp belongs to the
-// client until CallDone. Go blocks only to dial (bounded by deadline) or
+// client until CallDone. Go never waits for a dial (without a live
+// connection it dials on a goroutine, with a copy of req); it blocks only
 // while every slot of the least-loaded stream is taken. It does not allocate
 // in steady state. CallDone may run before Go returns.
 func (c *Client) Go(req, resp *Message, deadline time.Time, done Completer) {
@@ -134,25 +135,34 @@ func (c *Client) Go(req, resp *Message, deadline time.Time, done Completer) {
 		done.CallDone(resp, fmt.Errorf("netquic: call %s: payload %d over limit %d", c.addr, len(req.Payload), c.opts.MaxPayload))
 		return
 	}
-	s := c.sess.Load()
-	if s == nil || s.isDead() {
+	var dl int64
+	if !deadline.IsZero() {
+		dl = deadline.UnixNano()
+	}
+	if s := c.sess.Load(); s != nil && !s.isDead() {
+		s.start(req, resp, dl, done)
+		return
+	}
+	// No live connection: dial on a goroutine so the caller (an I/O
+	// submitter) never waits for a handshake or a dead peer. req is
+	// copied: its payload may be reused once Go returns.
+	r := *req
+	if len(req.Payload) > 0 {
+		r.Payload = append([]byte(nil), req.Payload...)
+	}
+	go func() {
 		ctx, cancel := context.Background(), context.CancelFunc(func() {})
 		if !deadline.IsZero() {
 			ctx, cancel = context.WithDeadline(ctx, deadline)
 		}
-		var err error
-		s, err = c.session(ctx)
+		s, err := c.session(ctx)
 		cancel()
 		if err != nil {
 			done.CallDone(resp, err)
 			return
 		}
-	}
-	var dl int64
-	if !deadline.IsZero() {
-		dl = deadline.UnixNano()
-	}
-	s.start(req, resp, dl, done)
+		s.start(&r, resp, dl, done)
+	}()
 }
 
 // Close closes the connection; calls in flight fail with ErrConnLost.
