@@ -17,6 +17,8 @@
 //	                                ID; value: RFC 3339 time of the mark
 //	PREFIX/v1/progress/ID           JSON Progress of the volume's rebuild,
 //	                                rebalance or scrub
+//	PREFIX/v1/moves/ID              the rings a rebalancing volume's chunks may
+//	                                still live under (see moves.go)
 //
 // Invariants (kept by this file's txn helper and by every writer):
 //
@@ -99,7 +101,7 @@ type Store struct {
 	prefix string
 	schema string // schema value every write compares against
 
-	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress string
+	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress, kMoves string
 }
 
 type unreachableError struct {
@@ -185,6 +187,7 @@ func newStore(cli *clientv3.Client, prefix string, log *slog.Logger) *Store {
 		kEpochs:   v + "epochs/",
 		kMissed:   v + "missed/",
 		kProgress: v + "progress/",
+		kMoves:    v + "moves/",
 	}
 }
 

@@ -178,6 +178,7 @@ func (s *Store) DeleteVolume(ctx context.Context, name string) error {
 				clientv3.OpDelete(s.epochKey(v.ID)),
 				clientv3.OpDelete(s.missedVolPrefix(v.ID), clientv3.WithPrefix()),
 				clientv3.OpDelete(s.progressKey(v.ID)),
+				clientv3.OpDelete(s.movesKey(v.ID)),
 			},
 			[]clientv3.Op{clientv3.OpGet(ak)})
 		if err != nil {
