@@ -102,14 +102,17 @@ type Cluster struct {
 
 	// Degraded writes and rebuild (cluster_repair.go).
 	marks                                 markSet
+	moveTotal                             atomic.Int64  // chunk copies of the current rebalance
+	moves                                 atomic.Uint64 // rebalances finished
 	markq                                 chan *markJob
 	repairKick                            chan struct{}
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 
-	mu      sync.Mutex // guards peers, nodes, ring; never taken on the data path
+	mu      sync.Mutex // guards peers, nodes, ring, prev; never taken on the data path
 	peers   map[string]*peer
 	nodes   map[string]meta.Node
 	ring    *ring.Ring
+	prev    []*ring.Ring // rings of a rebalance in progress (cluster_rebalance.go)
 	refresh chan struct{}
 
 	ctx    context.Context
@@ -125,6 +128,11 @@ type clusterState struct {
 	r     *ring.Ring
 	peers []*peer // by ring node index; nil when the node has no known address
 	all   []*peer // every peer with a client, in or out of the ring (flush targets)
+	// prev are the earlier rings while a rebalance moves chunks to r's
+	// owners (oldest first), prevPeers their peers by node index: writes go
+	// to their owners too and reads and copies may come from them.
+	prev      []*ring.Ring
+	prevPeers [][]*peer
 }
 
 // peer is one storage node as seen by the client.
@@ -159,6 +167,7 @@ type clusterPart struct {
 	msg     netquic.Message
 	buf     []byte // read destination
 	n       int    // owners
+	n1      int    // write: owners under the current ring; the rest are owners under previous rings (rebalance)
 	next    int    // read: next owner to try
 	owners  [maxReplicas]*peer
 	idx     [maxReplicas]int
@@ -250,8 +259,13 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
 	}
+	prev, err := ms.Moves(ctx, vol.ID)
+	if err != nil {
+		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+	}
 	c.mu.Lock()
 	c.ring = r
+	c.prev = prev
 	for _, nd := range nodes {
 		c.nodes[nd.ID] = nd
 	}
@@ -342,6 +356,29 @@ func (c *Cluster) rebuildLocked() error {
 		}
 		st.peers[i] = p
 	}
+	for _, pr := range c.prev {
+		pp := make([]*peer, pr.Len())
+		for i := range pp {
+			id := pr.Node(i).ID
+			if p := c.peers[id]; p != nil {
+				pp[i] = p
+				continue
+			}
+			nd, ok := c.nodes[id]
+			if !ok {
+				continue
+			}
+			cli, err := netquic.NewClient(nd.Addr, c.opt.TLS, &c.nopts)
+			if err != nil {
+				return fmt.Errorf("node %s: %w", id, err)
+			}
+			p := &peer{id: id, addr: nd.Addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
+			c.peers[id] = p
+			pp[i] = p
+		}
+		st.prev = append(st.prev, pr)
+		st.prevPeers = append(st.prevPeers, pp)
+	}
 	for _, p := range c.peers {
 		st.all = append(st.all, p)
 	}
@@ -354,6 +391,12 @@ func (c *Cluster) watchRing() {
 	for u := range c.ms.WatchRing(c.ctx) {
 		c.mu.Lock()
 		if u.Ring.Version() != c.ring.Version() || u.Ring.Len() != c.ring.Len() {
+			if err := c.startMoveLocked(u.Ring); err != nil {
+				c.log.Error("cluster: ring changed but the move cannot be recorded in etcd; staying on the old ring for now",
+					"volume", c.vol.Name, "version", u.Ring.Version(), "err", err)
+				c.mu.Unlock()
+				continue
+			}
 			c.ring = u.Ring
 			if err := c.rebuildLocked(); err != nil {
 				c.log.Warn("cluster: ring update", "volume", c.vol.Name, "err", err)
@@ -445,7 +488,7 @@ func (c *Cluster) Submit(r *Request) {
 			fp.startReq(r, parent)
 			fp.op = wire.OpFlush
 			fp.msg = netquic.Message{Code: uint8(wire.OpFlush)}
-			fp.n, fp.owners[0] = 1, p
+			fp.n, fp.n1, fp.owners[0] = 1, 1, p
 			fp.flushErr.Store(nil)
 			parent.remaining.Add(1)
 			if p.isDown() {
@@ -543,7 +586,11 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 			p.owners[i] = st.peers[k]
 			p.ownerIDs[i] = st.r.Node(k).ID
 		}
-		if p.n < c.repl {
+		p.n1 = p.n
+		if len(st.prev) > 0 {
+			c.addPrevOwners(st, p, key)
+		}
+		if p.n1 < c.repl {
 			p.finish(fmt.Errorf("engine: volume %s needs %d replicas but the ring has %d nodes: start more storage nodes or lower its replication",
 				c.vol.Name, c.repl, p.n))
 			return
@@ -579,6 +626,9 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 			}
 		}
 	}
+	if len(st.prev) > 0 {
+		k = c.addPrevReaders(st, p, key, idx, k)
+	}
 	p.n = k
 	p.next = 0
 	p.perr.Store(nil)
@@ -598,9 +648,12 @@ func (p *clusterPart) sendAll() {
 		p.missed[i] = false
 		if cc.peer == nil || (p.op != wire.OpFlush && cc.peer.isDown()) {
 			// A ring node with no address, or one known down: the write
-			// goes on without it and it gets a mark.
-			p.missed[i] = true
-			p.nmiss.Add(1)
+			// goes on without it and it gets a mark (an owner under a
+			// previous ring only is leaving: nothing to mark).
+			if i < p.n1 || p.op == wire.OpFlush {
+				p.missed[i] = true
+				p.nmiss.Add(1)
+			}
 			if cc.peer == nil {
 				c.askRefresh()
 			}
@@ -678,7 +731,7 @@ func (p *clusterPart) callDone() {
 		return
 	}
 	if err == nil {
-		if m := int(p.nmiss.Load()); m >= p.n {
+		if m := int(p.nmiss.Load()); m >= p.n1 {
 			err = fmt.Errorf("%w (volume %s chunk %d): %d owners down", errAllReplicas, p.c.vol.Name, p.chunk, m)
 		} else if m > 0 {
 			p.degradedFinish()
@@ -720,6 +773,8 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		case err == nil:
 			cc.peer.sawIncarnation(wire.Incarnation(&resp.Header))
 			cc.peer.took(p.chunk)
+		case cc.i >= p.n1:
+			// An owner under a previous ring only: best effort.
 		case nodeFailure(err):
 			c.setDown(cc.peer, err)
 			p.missed[cc.i] = true

@@ -397,6 +397,12 @@ type ClusterStats struct {
 	Failovers uint64
 	// NodeFailures counts nodes that went down while the volume was open.
 	NodeFailures uint64
+	// Moving is true while a rebalance moves chunks to new owners;
+	// MoveCopies is the chunk copies of the last one started; Rebalances
+	// counts finished ones.
+	Moving     bool
+	MoveCopies int64
+	Rebalances uint64
 }
 
 // Stats returns the volume's counters.
@@ -404,6 +410,7 @@ func (c *Cluster) Stats() ClusterStats {
 	return ClusterStats{
 		Missed: c.marks.count(), Rebuilt: c.rebuilt.Load(), RebuiltBytes: c.rebuiltBytes.Load(),
 		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(),
+		Moving: len(c.state.Load().prev) > 0, MoveCopies: c.moveTotal.Load(), Rebalances: c.moves.Load(),
 	}
 }
 
@@ -477,9 +484,11 @@ func (c *Cluster) repairLoop() {
 		case <-t.C:
 		}
 		if !c.marks.any.Load() {
+			c.finishMove()
 			continue
 		}
 		c.repairPass(buf)
+		c.finishMove()
 	}
 }
 
@@ -543,7 +552,11 @@ func (c *Cluster) saveProgress(done, total int) {
 	left := c.marks.count()
 	ctx, cancel := context.WithTimeout(c.ctx, 2*time.Second)
 	defer cancel()
-	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebuild, Done: uint64(done), Total: uint64(done + left), Repaired: c.rebuilt.Load()})
+	kind := meta.ProgressRebuild
+	if len(c.state.Load().prev) > 0 {
+		kind = meta.ProgressRebalance
+	}
+	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: kind, Done: uint64(done), Total: uint64(done + left), Repaired: c.rebuilt.Load()})
 	_ = total
 }
 
@@ -567,8 +580,6 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (int64, error) {
 		return -1, nil
 	}
 	st := c.state.Load()
-	var ids [maxReplicas]int
-	owners := st.r.OwnerIndices(chunkKey(c.vol.ID, ch), c.repl, ids[:0])
 	length := c.chunk
 	if end := (ch + 1) * c.chunk; end > c.size {
 		length = c.size - ch*c.chunk
@@ -576,9 +587,8 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (int64, error) {
 	data := buf[:length]
 	var srcErr error
 	got := false
-	for _, i := range owners {
-		src := st.peers[i]
-		if src == nil || src == target || src.isDown() || c.marks.has(src.id, ch) {
+	for _, src := range c.sources(st, ch) {
+		if src == target || src.isDown() {
 			continue
 		}
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length)}

@@ -1,0 +1,251 @@
+package engine
+
+// Rebalance of a Cluster volume when the ring changes (a node added,
+// removed or re-weighted).
+//
+// When the ring changes from r0 to r1, every owner of a chunk under r1 that
+// was not an owner under r0 lacks the chunk: it gets a missed mark, exactly
+// like a replica that missed writes, and the rebuild loop (cluster_repair.go)
+// copies the chunk to it. Until every mark is cleared the move is in
+// progress:
+//
+// Invariants:
+//   - The previous rings are recorded in etcd (meta.SetMoves) and the marks
+//     of the new owners are recorded (meta.MarkMissed) before the client
+//     switches to r1, so a client attaching after a crash knows where the
+//     uncopied chunks are, and no read ever goes to a new owner before its
+//     copy is done.
+//   - While moving, writes go to the owners under r1 and, best effort, to
+//     the owners under the previous rings (so those stay good copy
+//     sources); only the r1 owners count for the write's success and marks.
+//     Reads and copies may come from any owner under r1 or a previous ring
+//     that has no mark for the chunk.
+//   - When no mark is left, the move ends: chunks are discarded from nodes
+//     that own them only under a previous ring, the moves record is cleared
+//     and writes go to the r1 owners only.
+//   - Marks of nodes that are in no ring any more are dropped (that node is
+//     gone; the chunk's new owners are marked instead).
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+	"github.com/torus-storage/torus/ring"
+)
+
+// startMoveLocked records a move from c.ring to next: the previous rings in
+// etcd, then missed marks for every new owner of every chunk. Called with
+// c.mu held, before c.ring becomes next.
+func (c *Cluster) startMoveLocked(next *ring.Ring) error {
+	old := c.ring
+	if old == nil || old.Len() == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, 60*time.Second)
+	defer cancel()
+	prev := append(append([]*ring.Ring(nil), c.prev...), old)
+	if err := c.ms.SetMoves(ctx, c.vol.ID, prev); err != nil {
+		return err
+	}
+	nchunks := (c.size + c.chunk - 1) / c.chunk
+	need := make(map[string][]int64)
+	var a, b []string
+	for idx := int64(0); idx < nchunks; idx++ {
+		key := chunkKey(c.vol.ID, idx)
+		a = old.Owners(key, c.repl, a[:0])
+		b = next.Owners(key, c.repl, b[:0])
+	owner:
+		for _, n := range b {
+			for _, o := range a {
+				if o == n {
+					continue owner
+				}
+			}
+			need[n] = append(need[n], idx)
+		}
+	}
+	total := 0
+	for node, chunks := range need {
+		u := make([]uint64, len(chunks))
+		for i, ch := range chunks {
+			u[i] = uint64(ch)
+		}
+		if err := c.ms.MarkMissed(ctx, c.vol.ID, node, u...); err != nil {
+			return err
+		}
+		c.marks.add(node, chunks...)
+		total += len(chunks)
+	}
+	// Marks of nodes in no ring any more can never be repaired: drop them.
+	inRing := func(id string) bool {
+		for _, r := range append(prev, next) {
+			for i := 0; i < r.Len(); i++ {
+				if r.Node(i).ID == id {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	for node, chunks := range c.marks.byNode() {
+		if inRing(node) {
+			continue
+		}
+		for _, ch := range chunks {
+			if err := c.ms.ClearMissed(ctx, c.vol.ID, node, uint64(ch)); err != nil {
+				return err
+			}
+			c.marks.clear(node, ch)
+		}
+	}
+	c.prev = prev
+	predicted := next.Moved(old, c.repl, nil)
+	c.moveTotal.Store(int64(total))
+	c.log.Info("cluster: rebalance started", "volume", c.vol.Name, "from", old.Version(), "to", next.Version(),
+		"chunk_copies", total, "of", nchunks*int64(c.repl), "moved_fraction", fmt.Sprintf("%.3f", float64(total)/float64(nchunks*int64(c.repl))),
+		"ring_predicts", fmt.Sprintf("%.3f", predicted))
+	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Total: uint64(total), RingVersion: next.Version()})
+	c.kickRepair()
+	return nil
+}
+
+// addPrevOwners appends to write part p the owners of key under previous
+// rings that are not owners already.
+func (c *Cluster) addPrevOwners(st *clusterState, p *clusterPart, key uint64) {
+	var ids [maxReplicas]int
+	for ri, pr := range st.prev {
+	next:
+		for _, k := range pr.OwnerIndices(key, c.repl, ids[:0]) {
+			id := pr.Node(k).ID
+			for i := 0; i < p.n; i++ {
+				if p.ownerIDs[i] == id {
+					continue next
+				}
+			}
+			if p.n == maxReplicas {
+				return
+			}
+			p.owners[p.n] = st.prevPeers[ri][k]
+			p.ownerIDs[p.n] = id
+			p.n++
+		}
+	}
+}
+
+// addPrevReaders appends to read part p (k owners so far) the owners of key
+// under previous rings without a mark for chunk idx; it returns the count.
+func (c *Cluster) addPrevReaders(st *clusterState, p *clusterPart, key uint64, idx int64, k int) int {
+	var ids [maxReplicas]int
+	for ri, pr := range st.prev {
+	next:
+		for _, i := range pr.OwnerIndices(key, c.repl, ids[:0]) {
+			pp := st.prevPeers[ri][i]
+			if pp == nil || c.marks.has(pp.id, idx) {
+				continue
+			}
+			for j := 0; j < k; j++ {
+				if p.owners[j] == pp {
+					continue next
+				}
+			}
+			if k == maxReplicas {
+				return k
+			}
+			p.owners[k] = pp
+			k++
+		}
+	}
+	return k
+}
+
+// sources lists the peers that may hold a good copy of chunk ch: owners
+// under the current and previous rings without a mark for it.
+func (c *Cluster) sources(st *clusterState, ch int64) []*peer {
+	var ids [maxReplicas]int
+	key := chunkKey(c.vol.ID, ch)
+	var out []*peer
+	add := func(p *peer) {
+		if p == nil || c.marks.has(p.id, ch) {
+			return
+		}
+		for _, q := range out {
+			if q == p {
+				return
+			}
+		}
+		out = append(out, p)
+	}
+	for _, i := range st.r.OwnerIndices(key, c.repl, ids[:0]) {
+		add(st.peers[i])
+	}
+	for ri, pr := range st.prev {
+		for _, i := range pr.OwnerIndices(key, c.repl, ids[:0]) {
+			add(st.prevPeers[ri][i])
+		}
+	}
+	return out
+}
+
+// finishMove ends a move once no mark is left: discards the chunks nodes
+// hold only under previous rings, clears the moves record and drops the
+// previous rings.
+func (c *Cluster) finishMove() {
+	st := c.state.Load()
+	if len(st.prev) == 0 || c.marks.any.Load() {
+		return
+	}
+	nchunks := (c.size + c.chunk - 1) / c.chunk
+	var ids [maxReplicas]int
+	discarded := 0
+	for idx := int64(0); idx < nchunks; idx++ {
+		key := chunkKey(c.vol.ID, idx)
+		cur := st.r.Owners(key, c.repl, nil)
+		for ri, pr := range st.prev {
+		next:
+			for _, i := range pr.OwnerIndices(key, c.repl, ids[:0]) {
+				p := st.prevPeers[ri][i]
+				if p == nil || p.isDown() {
+					continue
+				}
+				for _, id := range cur {
+					if id == p.id {
+						continue next
+					}
+				}
+				length := c.chunk
+				if end := (idx + 1) * c.chunk; end > c.size {
+					length = c.size - idx*c.chunk
+				}
+				h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Len: uint32(length), Epoch: c.opt.Epoch}
+				req := netquic.Message{Code: uint8(wire.OpDiscard)}
+				h.Encode(&req.Header)
+				resp := netquic.Message{}
+				ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+				if err := p.cli.Call(ctx, &req, &resp); err == nil && wire.Status(resp.Code) == wire.StatusOK {
+					discarded++
+				}
+				cancel()
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
+	defer cancel()
+	if err := c.ms.SetMoves(ctx, c.vol.ID, nil); err != nil {
+		c.log.Warn("cluster: rebalance done but the moves record stays (retrying)", "volume", c.vol.Name, "err", err)
+		return
+	}
+	c.mu.Lock()
+	c.prev = nil
+	if err := c.rebuildLocked(); err != nil {
+		c.log.Warn("cluster: rebalance end", "volume", c.vol.Name, "err", err)
+	}
+	c.mu.Unlock()
+	total := uint64(c.moveTotal.Load())
+	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Done: total, Total: total, RingVersion: st.r.Version()})
+	c.moves.Add(1)
+	c.log.Info("cluster: rebalance finished", "volume", c.vol.Name, "ring", st.r.Version(), "chunk_copies", total, "old_copies_discarded", discarded)
+}
