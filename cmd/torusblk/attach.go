@@ -88,6 +88,8 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	vf.register(fs)
 	var cf clusterFlags
 	cf.register(fs)
+	var ef extraFlags
+	ef.register(fs)
 	mode := fs.String("mode", "auto", "ublk, nbd (kernel NBD client) or auto (ublk when /dev/ublk-control exists, else nbd)")
 	queues := fs.Int("queues", 0, "ublk queues (default: one per CPU)")
 	depth := fs.Int("depth", 128, "ublk queue depth")
@@ -103,6 +105,9 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 		return fmt.Errorf("%w: unexpected argument %q: attach takes one cluster volume NAME, or --store and --size for a local volume", errUsage, fs.Arg(1))
 	}
 	cluster := fs.NArg() == 1
+	if err := ef.check(!cluster); err != nil {
+		return err
+	}
 	var path string
 	var size int64
 	if cluster {
@@ -149,6 +154,14 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	vol, err := a.open(ctx, cf.localNode, 0, log)
 	if err != nil {
 		return err
+	}
+	if cv, ok := vol.(*clusterVolume); ok {
+		xv, err := withExtras(cv, ef, log)
+		if err != nil {
+			cv.Close()
+			return err
+		}
+		vol = xv
 	}
 	a.Size = vol.Size()
 	var wait func() error

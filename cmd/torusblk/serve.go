@@ -27,6 +27,8 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	vf.register(fs)
 	var cf clusterFlags
 	cf.register(fs)
+	var ef extraFlags
+	ef.register(fs)
 	listen := fs.String("listen", "", "where to serve NBD: unix:PATH or tcp:HOST:PORT")
 	name := fs.String("name", "torus", "NBD export name")
 	shards := fs.Int("shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
@@ -43,6 +45,9 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		return fmt.Errorf("%w: unexpected argument %q: serve takes one cluster volume NAME, or --store and --size for a local volume", errUsage, fs.Arg(1))
 	}
 	cluster := fs.NArg() == 1
+	if err := ef.check(!cluster); err != nil {
+		return err
+	}
 	var path string
 	var size int64
 	if cluster {
@@ -97,9 +102,14 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		if err != nil {
 			return err
 		}
-		vol, desc, source, size = cv, "torus cluster volume "+fs.Arg(0), fs.Arg(0), cv.Size()
-		if err := listenNBD(); err != nil {
+		xv, err := withExtras(cv, ef, log)
+		if err != nil {
 			cv.Close()
+			return err
+		}
+		vol, desc, source, size = xv, "torus cluster volume "+fs.Arg(0), fs.Arg(0), cv.Size()
+		if err := listenNBD(); err != nil {
+			xv.Close()
 			return err
 		}
 		defer l.Close()

@@ -1,0 +1,177 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/torus-storage/torus/engine"
+)
+
+// TestClusterScrubMetrics: one node's copies of a volume get a flipped byte
+// on disk (node stopped); `torusblk serve --scrub-interval 1s --metrics`
+// then scrubs, the rebuild repairs the bad copies, and /metrics shows the
+// checksum errors, the repairs and no missed chunk left; the data reads
+// back intact.
+func TestClusterScrubMetrics(t *testing.T) {
+	c := startCluster(t, 3)
+	c.ctl("volume", "create", "scrubbed", "--size", "8MiB", "--replication", "3")
+	s, sock := c.serve("scrubbed")
+	cl, err := dialNBD(sock, "torus")
+	if err != nil {
+		t.Fatalf("%v\n%s", err, s.log)
+	}
+	data := make([]byte, 8<<20)
+	for i := range data {
+		data[i] = byte(i*7 + i>>12)
+	}
+	for off := 0; off < len(data); off += 256 << 10 {
+		if err := <-cl.Write(uint64(off), data[off:off+256<<10]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-cl.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	cl.Close()
+	s.stop(t)
+
+	// Flip a byte in every chunk of the volume on node1's disk.
+	bad := c.nodes[0]
+	bad.p.stop(t)
+	storePath := filepath.Join(bad.dataDir, "store")
+	st, err := engine.OpenStore(storePath, engine.StoreOptions{Shards: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := c.ms.Volume(context.Background(), "scrubbed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var offs []int64
+	for i := range 8 {
+		if off, ok := st.SlotDataOffset(engine.ChunkID{Volume: v.ID, Index: uint64(i)}); ok {
+			offs = append(offs, off+5000)
+		}
+	}
+	st.Close()
+	if len(offs) != 8 {
+		t.Fatalf("%s holds %d of the 8 chunks (R=3 on 3 nodes: want all)", bad.id, len(offs))
+	}
+	f, err := os.OpenFile(storePath, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range offs {
+		b := make([]byte, 1)
+		if _, err := f.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= 0x5a
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.startNode(bad)
+	c.waitNodes(3)
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	maddr := l.Addr().String()
+	l.Close()
+	s, sock = c.serve("scrubbed", "--metrics", maddr, "--scrub-interval", "1s", "--local-node", bad.id)
+	url := "http://" + maddr + "/metrics"
+	deadline := time.Now().Add(60 * time.Second)
+	var body string
+	for {
+		body = scrapeMetrics(t, url)
+		if metricValue(t, body, "torus_volume_scrub_runs_total") >= 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no scrub finished within 60s:\n%s\n%s", body, s.log)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("metrics after the first scrub:\n%s", body)
+	for name, want := range map[string]uint64{
+		"torus_volume_scrub_checksum_errors_total": 8,
+		"torus_volume_scrub_repaired_total":        8,
+		"torus_volume_scrub_mismatches_total":      0,
+		"torus_volume_missed_chunks":               0,
+		"torus_volume_rebuilt_chunks_total":        8,
+		"torus_volume_size_bytes":                  8 << 20,
+	} {
+		if got := metricValue(t, body, name); got != want {
+			t.Errorf("%s = %d, want %d", name, got, want)
+		}
+	}
+	if runs, chunks := metricValue(t, body, "torus_volume_scrub_runs_total"), metricValue(t, body, "torus_volume_scrub_chunks_total"); chunks != 8*runs {
+		t.Errorf("%d scrubs compared %d chunks, want 8 each", runs, chunks)
+	}
+	// Reads prefer the repaired node (--local-node): the data is intact.
+	cl, err = dialNBD(sock, "torus")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	got := make([]byte, len(data))
+	for off := 0; off < len(data); off += 256 << 10 {
+		if err := <-cl.Read(uint64(off), got[off:off+256<<10]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("data read back after the scrub differs from what was written")
+	}
+	if f := metricValue(t, scrapeMetrics(t, url), "torus_volume_read_failovers_total"); f != 0 {
+		t.Errorf("reads failed over %d times after the repair: the bad node's copies are still bad", f)
+	}
+	cl.Close()
+	s.stop(t)
+}
+
+func scrapeMetrics(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s %v", url, resp.Status, err)
+	}
+	return string(b)
+}
+
+// metricValue returns the sample of name for volume "scrubbed", checking
+// that its HELP and TYPE lines are there.
+func metricValue(t *testing.T, body, name string) uint64 {
+	t.Helper()
+	for _, re := range []string{`(?m)^# HELP ` + name + ` .+$`, `(?m)^# TYPE ` + name + ` (counter|gauge)$`} {
+		if !regexp.MustCompile(re).MatchString(body) {
+			t.Fatalf("metrics lack %q:\n%s", re, body)
+		}
+	}
+	m := regexp.MustCompile(fmt.Sprintf(`(?m)^%s\{volume="scrubbed"\} (\d+)$`, regexp.QuoteMeta(name))).FindStringSubmatch(body)
+	if m == nil {
+		t.Fatalf("no sample of %s for volume scrubbed:\n%s", name, body)
+	}
+	n, _ := strconv.ParseUint(m[1], 10, 64)
+	return n
+}
