@@ -759,7 +759,8 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 	if p.op != wire.OpRead {
 		if p.op == wire.OpFlush {
 			if err != nil {
-				p.flushErr.Store(&err)
+				e := err // not &err: that would move err to the heap on every call
+				p.flushErr.Store(&e)
 			} else {
 				cc.peer.sawIncarnation(wire.Incarnation(&resp.Header))
 			}
