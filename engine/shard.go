@@ -34,7 +34,6 @@ package engine
 
 import (
 	"fmt"
-	"hash/crc32"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -42,6 +41,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/internal/crc32c"
 	"github.com/torus-storage/torus/iouring"
 )
 
@@ -651,7 +651,7 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		fast := !m.hdrFail && m.allSet(b0, nb) &&
 			(!fua || m.hdrEpoch == 0 || s.synced.Load() > m.hdrEpoch)
 		for i := 0; i < nb; i++ {
-			m.crcs[b0+i] = crc32.Checksum(op.Buf[i*BlockSize:(i+1)*BlockSize], s.tab)
+			m.crcs[b0+i] = crc32c.Checksum(op.Buf[i*BlockSize : (i+1)*BlockSize])
 			m.set(b0 + i)
 		}
 		m.version++
@@ -845,7 +845,7 @@ func (sh *shard) verify(op *ChunkOp) error {
 			clear(blk)
 			continue
 		}
-		if c := crc32.Checksum(blk, s.tab); c != m.crcs[b0+i] {
+		if c := crc32c.Checksum(blk); c != m.crcs[b0+i] {
 			return fmt.Errorf("store %s: chunk %v offset %d (slot %d): crc32c %08x, expected %08x: %w",
 				s.path, op.Chunk, op.Off+int64(i)*BlockSize, op.slot, c, m.crcs[b0+i], ErrChecksum)
 		}

@@ -45,6 +45,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/internal/crc32c"
 )
 
 // ChunkID names a chunk. Snap leaves room for snapshots and clones (see
@@ -482,7 +483,7 @@ func (s *Store) recover(buf []byte) error {
 			if !m.bit(b) {
 				continue
 			}
-			if c := crc32.Checksum(buf[b*BlockSize:(b+1)*BlockSize], s.tab); c != m.crcs[b] {
+			if c := crc32c.Checksum(buf[b*BlockSize : (b+1)*BlockSize]); c != m.crcs[b] {
 				m.crcs[b] = c
 				changed = true
 				fixed++
