@@ -4,6 +4,7 @@
 //	torusd [--etcd URL[,URL]] --data-dir DIR --listen HOST:PORT --size SIZE
 //	       [--zone Z] [--host H] [--id ID] [--advertise HOST:PORT]
 //	       [--metrics HOST:PORT] [--cluster-dir CADIR | --tls-dir DIR] [--prefix P]
+//	       [--dead-timeout DURATION]
 //	torusd dev --nodes 3 --data-dir DIR [--etcd-listen 127.0.0.1:2379]
 //	       [--size 1GiB] [--replication 3] [--metrics HOST:PORT]
 //
@@ -33,6 +34,11 @@
 // whenever the volumes in etcd change, it discards the whole chunks of
 // volumes that no longer exist, freeing their slots (metric
 // torus_gc_chunks_total).
+//
+// Every node also watches the registry: a node of the ring that stays
+// unregistered longer than --dead-timeout (default 10m, 0 = never) is removed
+// from the ring, so its chunks are re-replicated to the remaining nodes by
+// the attached clients (metric torus_dead_nodes_removed_total).
 package main
 
 import (
@@ -59,6 +65,7 @@ Usage:
   torusd [--etcd URL[,URL]] --data-dir DIR --listen HOST:PORT --size SIZE
          [--zone Z] [--host H] [--id ID] [--advertise HOST:PORT]
          [--metrics HOST:PORT] [--cluster-dir CADIR | --tls-dir DIR] [--prefix P]
+         [--dead-timeout DURATION]
   torusd dev --nodes 3 --data-dir DIR [--etcd-listen 127.0.0.1:2379] [--size 1GiB]
          [--replication 3] [--metrics HOST:PORT]
 
@@ -193,6 +200,7 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	fs.StringVar(&nc.ClusterDir, "cluster-dir", "", "cluster CA directory (from torusctl init): issue the node certificate from it")
 	fs.StringVar(&nc.TLSDir, "tls-dir", "", "directory with node.crt, node.key and ca.crt")
 	fs.DurationVar(&nc.LeaseTTL, "lease-ttl", defaultLeaseTTL, "how long the registration outlives a crashed node")
+	fs.DurationVar(&nc.DeadTimeout, "dead-timeout", defaultDeadTimeout, "remove a node of the ring that stays unregistered this long, so its chunks are re-replicated; 0 = never")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -212,6 +220,9 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	var err error
 	if nc.Size, err = parseSize(*size); err != nil {
 		return err
+	}
+	if nc.DeadTimeout < 0 {
+		return fmt.Errorf("%w: --dead-timeout %v: want a duration >= 0 (0 = never remove dead nodes)", errUsage, nc.DeadTimeout)
 	}
 	if nc.LeaseTTL < time.Second {
 		return fmt.Errorf("%w: --lease-ttl %v: at least 1s", errUsage, nc.LeaseTTL)

@@ -55,6 +55,8 @@ var metrics = []metric{
 		func(_ *node, s nodeStats) uint64 { return s.NoSpace }},
 	{"torus_node_stale_epoch_total", "counter", "Writes refused because they carried a superseded attach epoch.",
 		func(_ *node, s nodeStats) uint64 { return s.StaleEpoch }},
+	{"torus_dead_nodes_removed_total", "counter", "Nodes this node removed from the ring after --dead-timeout unregistered.",
+		func(n *node, _ nodeStats) uint64 { return n.dead.total() }},
 	{"torus_gc_chunks_total", "counter", "Chunks of deleted volumes freed by garbage collection.",
 		func(n *node, _ nodeStats) uint64 {
 			if n.gc == nil {

@@ -6,8 +6,9 @@ package main
 //     was down cannot write through it.
 //   - It registers (lease) only once it serves, and joins the ring only once
 //     registered: a node in the registry answers on its address.
-//   - The garbage collector (gc.go) starts once the node is in the ring and
-//     stops first, before the store closes.
+//   - The garbage collector (gc.go) and the dead-node watcher (dead.go)
+//     start once the node is in the ring and stop first, before the store
+//     closes.
 //   - Stop runs in reverse: stop serving (close the server), close the store
 //     (waits for its ops, records a clean shutdown), then revoke the lease.
 //     The ring keeps the node: a stopped node is a dead replica until it
@@ -41,6 +42,9 @@ type nodeConfig struct {
 	ClusterDir string // CA dir: issue a node certificate into DataDir/tls
 	TLSDir     string // ready node TLS dir
 	LeaseTTL   time.Duration
+	// DeadTimeout: ring nodes unregistered longer are removed from the ring
+	// (dead.go); 0 never removes them.
+	DeadTimeout time.Duration
 }
 
 // node is a running storage node.
@@ -52,6 +56,7 @@ type node struct {
 	cs    chunkServer
 	reg   *meta.Registration
 	gc    *collector
+	dead  *deadWatch // nil without --dead-timeout
 	log   *slog.Logger
 }
 
@@ -151,6 +156,7 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 		return nil, err
 	}
 	n.gc = startCollector(ctx, st, ms, log)
+	n.dead = startDeadWatch(ctx, ms, id.NodeID, nc.DeadTimeout, log)
 	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "capacity",
 		units.FormatSize(int64(mn.Capacity)), "zone", nc.Zone, "host", nc.Host, "ring_version", r.Version(),
 		"ring_nodes", r.Len())
@@ -237,6 +243,7 @@ func (n *node) stop(ctx context.Context) error {
 	if n.gc != nil {
 		n.gc.close()
 	}
+	n.dead.close()
 	if n.srv != nil {
 		if err := n.srv.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close server: %w", err))

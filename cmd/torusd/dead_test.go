@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestDeadNodeRemoved: three nodes with --dead-timeout 2s; one is killed
+// with -9. Once its lease has expired and the timeout passed, one of the
+// survivors removes it from the ring (logged, counted in
+// torus_dead_nodes_removed_total). Then, with replication 2, the next dead
+// node is kept: removing it would leave fewer nodes than the replication.
+func TestDeadNodeRemoved(t *testing.T) {
+	pfx := prefix(t)
+	c := newCluster(t, pfx)
+	ctx := context.Background()
+	var procs []*proc
+	var urls []string
+	for _, id := range []string{"d1", "d2", "d3"} {
+		p := start(t, nodeArgs(pfx, filepath.Join(t.TempDir(), id), c.caDir, "--id", id, "--dead-timeout", "2s",
+			"--metrics", "127.0.0.1:0")...)
+		urls = append(urls, p.waitLog(t, metricsRe))
+		p.waitLog(t, `msg="node ready"`)
+		procs = append(procs, p)
+	}
+	ringHas := func(id string) bool {
+		r, _, err := c.ms.Ring(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range r.Nodes() {
+			if n.ID == id {
+				return true
+			}
+		}
+		return false
+	}
+	if !ringHas("d3") {
+		t.Fatal("d3 is not in the ring after it started")
+	}
+	procs[2].cmd.Process.Kill()
+	<-procs[2].done
+
+	deadline := time.Now().Add(60 * time.Second)
+	for ringHas("d3") {
+		if time.Now().After(deadline) {
+			t.Fatalf("d3 still in the ring 60s after kill -9 with --dead-timeout 2s\n%s\n%s", procs[0].stderr, procs[1].stderr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	var removed int
+	for i, p := range procs[:2] {
+		if strings.Contains(p.stderr.String(), "DEAD NODE REMOVED FROM THE RING") {
+			removed++
+		}
+		if v := sample(t, scrape(t, urls[i]), "torus_dead_nodes_removed_total", []string{"d1", "d2"}[i]); v != "0" && v != "1" {
+			t.Fatalf("torus_dead_nodes_removed_total on d%d = %s, want 0 or 1", i+1, v)
+		}
+	}
+	total := 0
+	for i := range 2 {
+		if sample(t, scrape(t, urls[i]), "torus_dead_nodes_removed_total", []string{"d1", "d2"}[i]) == "1" {
+			total++
+		}
+	}
+	if removed != 1 || total != 1 {
+		t.Fatalf("%d survivors logged the removal and %d counted it, want exactly 1 (the other saw it done)", removed, total)
+	}
+	if !ringHas("d1") || !ringHas("d2") {
+		t.Fatal("a live node was removed from the ring")
+	}
+
+	// With replication 2 on a ring of two, a dead node stays.
+	if err := c.ms.SetReplication(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	procs[1].cmd.Process.Kill()
+	<-procs[1].done
+	procs[0].waitLog(t, `removing it would leave fewer nodes than the replication.*dead_node=d2`)
+	if !ringHas("d2") {
+		t.Fatal("d2 was removed although the ring would then hold fewer nodes than the replication")
+	}
+	procs[0].stop(t)
+}
