@@ -99,6 +99,7 @@ type Cluster struct {
 	all   []clusterPart
 
 	failovers atomic.Uint64
+	epoch     atomic.Uint64 // the attach epoch every write carries (SetEpoch)
 
 	// Degraded writes and rebuild (cluster_repair.go).
 	marks                                 markSet
@@ -263,6 +264,7 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
 	}
+	c.epoch.Store(opt.Epoch)
 	c.mu.Lock()
 	c.ring = r
 	c.prev = prev
@@ -306,7 +308,7 @@ func (c *Cluster) fence(ctx context.Context) error {
 			continue
 		}
 		wg.Go(func() {
-			h := wire.Header{Volume: c.vol.ID, Epoch: c.opt.Epoch}
+			h := wire.Header{Volume: c.vol.ID, Epoch: c.epoch.Load()}
 			req := netquic.Message{Code: uint8(wire.OpFence)}
 			h.Encode(&req.Header)
 			resp := netquic.Message{}
@@ -319,7 +321,7 @@ func (c *Cluster) fence(ctx context.Context) error {
 			if s := wire.Status(resp.Code); s != wire.StatusOK {
 				var rh wire.Header
 				_ = wire.Decode(wire.OpFence, &resp.Header, &rh)
-				errs[i] = fmt.Errorf("node %s: epoch %d refused (node knows %d): %w", p.id, c.opt.Epoch, rh.Epoch, errOf(s))
+				errs[i] = fmt.Errorf("node %s: epoch %d refused (node knows %d): %w", p.id, c.epoch.Load(), rh.Epoch, errOf(s))
 			}
 		})
 	}
@@ -548,7 +550,7 @@ func (c *Cluster) Submit(r *Request) {
 		n := min(c.chunk-in, end-off)
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Off: uint32(in), Len: uint32(n), Flags: flags}
 		if op != wire.OpRead {
-			h.Epoch = c.opt.Epoch
+			h.Epoch = c.epoch.Load()
 		}
 		p.op = op
 		p.msg.Code = uint8(op)

@@ -220,7 +220,7 @@ func (c *Cluster) finishMove() {
 				if end := (idx + 1) * c.chunk; end > c.size {
 					length = c.size - idx*c.chunk
 				}
-				h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Len: uint32(length), Epoch: c.opt.Epoch}
+				h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Len: uint32(length), Epoch: c.epoch.Load()}
 				req := netquic.Message{Code: uint8(wire.OpDiscard)}
 				h.Encode(&req.Header)
 				resp := netquic.Message{}

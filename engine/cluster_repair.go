@@ -304,8 +304,8 @@ func (c *Cluster) recordMarks(node string, chunks []int64) error {
 	err := c.ms.MarkMissed(ctx, c.vol.ID, node, need...)
 	cancel()
 	if err != nil {
-		c.log.Error("cluster: cannot record a degraded write in etcd; the write fails", "volume", c.vol.Name, "node", node, "err", err)
-		return fmt.Errorf("engine: volume %s: node %s failed and the missed chunks cannot be recorded (etcd): %w", c.vol.Name, node, err)
+		c.log.Error("cluster: cannot record missed chunks in etcd; the write (or flush) that needs them fails", "volume", c.vol.Name, "node", node, "err", err)
+		return fmt.Errorf("engine: volume %s: node %s lacks chunks and the marks cannot be recorded (etcd): %w", c.vol.Name, node, err)
 	}
 	c.marks.add(node, chunks...)
 	c.kickRepair()
@@ -624,7 +624,7 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (int64, error) {
 			break
 		}
 	}
-	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: c.opt.Epoch, Flags: wire.FlagFUA}
+	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: c.epoch.Load(), Flags: wire.FlagFUA}
 	req := netquic.Message{Code: uint8(wire.OpWrite), Payload: data}
 	if zero {
 		// Keep the copy thin: write-zeroes may free the slot.
@@ -655,4 +655,13 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (int64, error) {
 	}
 	c.marks.clear(target.id, ch)
 	return length, nil
+}
+
+// SetEpoch makes writes carry epoch e from now on and fences every ring node
+// with it: for a holder that took the attach lock again after losing it
+// (an etcd outage longer than the lease). It fails if a node knows a newer
+// epoch: another holder attached meanwhile, and this one must stop.
+func (c *Cluster) SetEpoch(ctx context.Context, e uint64) error {
+	c.epoch.Store(e)
+	return c.fence(ctx)
 }

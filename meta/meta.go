@@ -47,6 +47,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -142,6 +144,13 @@ func Open(ctx context.Context, endpoints []string, prefix string, opt Options) (
 		Endpoints:   endpoints,
 		DialTimeout: opt.DialTimeout,
 		Logger:      zap.NewNop(),
+		// gRPC's default reconnect backoff grows to 120 s: after an etcd
+		// outage, leases (node registrations, attach locks) would come
+		// back minutes late. Retry every few seconds at most.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: 200 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 3 * time.Second},
+			MinConnectTimeout: 2 * time.Second,
+		})},
 	})
 	if err != nil {
 		return nil, &unreachableError{eps, err}

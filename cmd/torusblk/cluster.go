@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -54,7 +55,9 @@ func (c *clusterFlags) register(fs *pflag.FlagSet) {
 type clusterVolume struct {
 	*engine.Cluster
 	ms    *meta.Store
+	mu    sync.Mutex // guards lease (replaced after an etcd outage)
 	lease *meta.AttachLease
+	wg    sync.WaitGroup
 	info  meta.Volume
 	stop  context.CancelFunc
 }
@@ -82,7 +85,8 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 		return nil, err
 	}
 	host, _ := os.Hostname()
-	lease, err := ms.Attach(ctx, name, fmt.Sprintf("torusblk pid %d on %s", os.Getpid(), host), cf.ttl)
+	holder := fmt.Sprintf("torusblk pid %d on %s", os.Getpid(), host)
+	lease, err := ms.Attach(ctx, name, holder, cf.ttl)
 	if err != nil {
 		ms.Close()
 		switch {
@@ -108,25 +112,76 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 	}
 	wctx, stop := context.WithCancel(context.Background())
 	cv := &clusterVolume{Cluster: vol, ms: ms, lease: lease, info: lease.Volume(), stop: stop}
-	go func() {
-		select {
-		case <-lease.Lost():
-			log.Error("attach lock lost (etcd unreachable longer than the lease?): another process may attach this volume; the storage nodes refuse our writes once it does",
-				"volume", name, "epoch", lease.Epoch())
-		case <-wctx.Done():
-		}
-	}()
+	cv.wg.Add(1)
+	go cv.keepLock(wctx, name, holder, cf.ttl, log)
 	log.Info("attached cluster volume", "volume", name, "id", cv.info.ID, "replication", cv.info.Replication, "epoch", lease.Epoch())
 	return cv, nil
+}
+
+// keepLock takes the attach lock again when its lease is lost (etcd was
+// unreachable for longer than the lease): I/O goes on meanwhile (the nodes
+// keep accepting the old epoch until someone else attaches), and once etcd
+// answers the volume is attached again with a new epoch and the nodes are
+// fenced with it. If another process attached it meanwhile, this one is
+// fenced: every write fails from then on.
+func (v *clusterVolume) keepLock(ctx context.Context, name, holder string, ttl time.Duration, log *slog.Logger) {
+	defer v.wg.Done()
+	for {
+		v.mu.Lock()
+		lost := v.lease.Lost()
+		epoch := v.lease.Epoch()
+		v.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-lost:
+		}
+		log.Error("attach lock lost (etcd unreachable longer than the lease); I/O goes on, taking the lock again when etcd answers",
+			"volume", name, "epoch", epoch)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
+			actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			nl, err := v.ms.Attach(actx, name, holder, ttl)
+			cancel()
+			if errors.Is(err, meta.ErrAttached) {
+				log.Error("another process attached this volume while etcd was unreachable; this one is fenced and its writes fail: detach it",
+					"volume", name, "err", err)
+				return
+			}
+			if err != nil {
+				continue
+			}
+			fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			ferr := v.Cluster.SetEpoch(fctx, nl.Epoch())
+			cancel()
+			v.mu.Lock()
+			v.lease = nl
+			v.mu.Unlock()
+			if ferr != nil {
+				log.Error("attach lock taken again but fencing failed", "volume", name, "epoch", nl.Epoch(), "err", ferr)
+			} else {
+				log.Info("attach lock taken again", "volume", name, "epoch", nl.Epoch())
+			}
+			break
+		}
+	}
 }
 
 // Close closes the volume, then releases the attach lock and etcd.
 func (v *clusterVolume) Close() error {
 	err := v.Cluster.Close()
 	v.stop()
+	v.wg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if rerr := v.lease.Release(ctx); rerr != nil {
+	v.mu.Lock()
+	lease := v.lease
+	v.mu.Unlock()
+	if rerr := lease.Release(ctx); rerr != nil {
 		err = errors.Join(err, fmt.Errorf("releasing the attach lock: %w", rerr))
 	}
 	v.ms.Close()
