@@ -155,6 +155,11 @@ func (s *markSet) snapshot(chunk int64) (uint64, bool) {
 // no mark of the chunk is left.
 func (s *markSet) clear(node string, chunk int64) {
 	s.mu.Lock()
+	s.clearLocked(node, chunk)
+	s.mu.Unlock()
+}
+
+func (s *markSet) clearLocked(node string, chunk int64) {
 	k := markKey{node, chunk}
 	if _, ok := s.m[k]; ok {
 		delete(s.m, k)
@@ -168,7 +173,6 @@ func (s *markSet) clear(node string, chunk int64) {
 		}
 	}
 	s.any.Store(len(s.m) > 0)
-	s.mu.Unlock()
 }
 
 // byNode returns the marks grouped by node, chunks sorted.
@@ -513,22 +517,35 @@ func (c *Cluster) repairPass(buf []byte) {
 		if target == nil || target.isDown() {
 			continue
 		}
+		var pending []copied
+		flush := func() bool {
+			n, err := c.clearCopied(target, pending)
+			pending = pending[:0]
+			done += n
+			if err != nil {
+				c.log.Warn("cluster: rebuilt chunks but cannot clear their marks in etcd; will copy again", "volume", c.vol.Name, "node", node, "err", err)
+				return false
+			}
+			return true
+		}
 		for _, ch := range chunks {
 			if c.ctx.Err() != nil {
 				return
 			}
-			n, err := c.copyChunk(buf, target, ch)
+			cp, err := c.copyChunk(buf, target, ch)
 			if err != nil {
 				c.log.Warn("cluster: rebuild of a chunk failed; will retry", "volume", c.vol.Name, "node", node, "chunk", ch, "err", err)
 				break
 			}
-			if n < 0 {
+			if cp.n < 0 {
 				continue // a write raced the copy: next pass
 			}
-			done++
-			moved += n
+			moved += cp.n
 			c.rebuilt.Add(1)
-			c.rebuiltBytes.Add(uint64(n))
+			c.rebuiltBytes.Add(uint64(cp.n))
+			if pending = append(pending, cp); len(pending) >= 32 && !flush() {
+				break
+			}
 			// Rate limit: keep under RebuildRate bytes/s.
 			if want := time.Duration(float64(moved) / float64(c.opt.RebuildRate) * float64(time.Second)); want > time.Since(start) {
 				select {
@@ -537,9 +554,12 @@ func (c *Cluster) repairPass(buf []byte) {
 				case <-time.After(want - time.Since(start)):
 				}
 			}
-			if done%16 == 0 {
+			if c.rebuilt.Load()%64 == 0 {
 				c.saveProgress(done, total)
 			}
+		}
+		if len(pending) > 0 {
+			flush()
 		}
 	}
 	if done > 0 {
@@ -571,13 +591,20 @@ func (c *Cluster) chunkBusy(ch int64) bool {
 	return false
 }
 
-// copyChunk copies chunk ch from a good replica to target and clears the
-// mark. It returns the bytes copied, or -1 when a write raced the copy (the
-// mark stays).
-func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (int64, error) {
+// copied is a chunk copied to a node whose mark is still to be cleared:
+// n bytes, at write generation gen.
+type copied struct {
+	ch  int64
+	gen uint64
+	n   int64
+}
+
+// copyChunk copies chunk ch from a good replica to target. n is -1 when a
+// write raced the copy (the mark stays, the next pass copies again).
+func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) {
 	gen, busy := c.marks.snapshot(ch)
 	if busy || c.chunkBusy(ch) {
-		return -1, nil
+		return copied{n: -1}, nil
 	}
 	st := c.state.Load()
 	length := c.chunk
@@ -615,7 +642,7 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (int64, error) {
 		if srcErr == nil {
 			srcErr = errors.New("no good replica reachable")
 		}
-		return 0, srcErr
+		return copied{}, srcErr
 	}
 	zero := true
 	for _, b := range data {
@@ -639,22 +666,46 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (int64, error) {
 		err = errOf(wire.Status(resp.Code))
 	}
 	if err != nil {
-		return 0, fmt.Errorf("write to %s: %w", target.id, err)
+		return copied{}, fmt.Errorf("write to %s: %w", target.id, err)
 	}
 	if target.sawIncarnation(wire.Incarnation(&resp.Header)) {
 		target.restarted.Store(false) // the copy is FUA: durable whatever happened before
 	}
-	if g, busy := c.marks.snapshot(ch); g != gen || busy || c.chunkBusy(ch) {
-		return -1, nil
+	return copied{ch: ch, gen: gen, n: length}, nil
+}
+
+// clearCopied clears the marks of target for the chunks copied to it, in one
+// etcd transaction per 100, keeping only those no write touched since their
+// copy started. It holds the mark set's lock throughout, so no write can
+// start on one of these chunks between the check and the clear (a write
+// starting after the clear is untracked and, should target miss it, marks
+// the chunk again). It returns the marks cleared.
+func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
+	s := &c.marks
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ok []uint64
+	for _, cp := range cps {
+		if t := s.track[cp.ch]; t != nil && (t.gen != cp.gen || t.inflight > 0) {
+			continue
+		}
+		if c.chunkBusy(cp.ch) {
+			continue
+		}
+		ok = append(ok, uint64(cp.ch))
 	}
-	ctx, cancel = context.WithTimeout(c.ctx, c.opt.Timeout)
-	err = c.ms.ClearMissed(ctx, c.vol.ID, target.id, uint64(ch))
-	cancel()
-	if err != nil {
-		return 0, fmt.Errorf("clear mark in etcd: %w", err)
+	if len(ok) == 0 {
+		return 0, nil
 	}
-	c.marks.clear(target.id, ch)
-	return length, nil
+	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+	defer cancel()
+	if err := c.ms.ClearMissed(ctx, c.vol.ID, target.id, ok...); err != nil {
+		return 0, err
+	}
+	for _, ch := range ok {
+		s.clearLocked(target.id, int64(ch))
+	}
+	return len(ok), nil
 }
 
 // SetEpoch makes writes carry epoch e from now on and fences every ring node

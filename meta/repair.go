@@ -140,12 +140,20 @@ func parseMarkTail(tail string) (string, uint64, error) {
 // ClearMissed removes the mark of chunk of volume vol on node, once node
 // holds a good copy of it. Clearing an absent mark is not an error. See the
 // invariants at the top of this file for what the caller must order.
-func (s *Store) ClearMissed(ctx context.Context, vol uint64, node string, chunk uint64) error {
+func (s *Store) ClearMissed(ctx context.Context, vol uint64, node string, chunks ...uint64) error {
 	if err := validName("node id", node); err != nil {
 		return err
 	}
-	if _, err := s.txn(ctx, nil, []clientv3.Op{clientv3.OpDelete(s.missedKey(vol, node, chunk))}, nil); err != nil {
-		return fmt.Errorf("meta: clear missed chunk %d of volume %d on node %s: %w", chunk, vol, node, err)
+	for len(chunks) > 0 {
+		n := min(len(chunks), markBatch)
+		ops := make([]clientv3.Op, n)
+		for i, ch := range chunks[:n] {
+			ops[i] = clientv3.OpDelete(s.missedKey(vol, node, ch))
+		}
+		if _, err := s.txn(ctx, nil, ops, nil); err != nil {
+			return fmt.Errorf("meta: clear %d missed chunks of volume %d on node %s: %w", n, vol, node, err)
+		}
+		chunks = chunks[n:]
 	}
 	return nil
 }
