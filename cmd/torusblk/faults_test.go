@@ -27,10 +27,9 @@ package main
 //
 // This file is built only with -tags faults: it sets GOFLAGS so that the
 // torusd, torusctl and torusblk binaries the tests build carry the netquic
-// fault hook (netquic/faults.go) too. Cases that need degraded-mode writes
+// fault hook (netquic/faults.go) too. The cases with degraded-mode writes
 // (kill -9 of a node mid-write, a partitioned node, two nodes lost in turn)
-// are kept out of this file until engine.Cluster completes writes without
-// an unreachable replica.
+// are in faults_degraded_test.go.
 
 import (
 	"bytes"
