@@ -58,6 +58,7 @@ fuzz-smoke:
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
+	$(GO) vet -tags faults ./netquic/ ./cmd/torusblk/
 
 # Benchmarks are not tests: tables and ratios against peers measured in the same run.
 bench:

@@ -147,6 +147,11 @@ func (v *clusterVolume) keepLock(ctx context.Context, name, holder string, ttl t
 			actx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			nl, err := v.ms.Attach(actx, name, holder, ttl)
 			cancel()
+			if errors.Is(err, meta.ErrAttached) && strings.Contains(err.Error(), fmt.Sprintf("%q", holder)) {
+				// Our own old lock: etcd restored its lease after a restart
+				// and it has not expired yet. Wait for it.
+				continue
+			}
 			if errors.Is(err, meta.ErrAttached) {
 				log.Error("another process attached this volume while etcd was unreachable; this one is fenced and its writes fail: detach it",
 					"volume", name, "err", err)
