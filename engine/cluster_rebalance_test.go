@@ -4,53 +4,19 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/meta"
-	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"
 )
 
 // addNode starts one more node and joins it to the ring.
 func (tc *testCluster) addNode(slots int64) *testNode {
-	t := tc.t
-	t.Helper()
-	ctx := context.Background()
-	dir := t.TempDir()
-	nd := &testNode{id: fmt.Sprintf("node%d", len(tc.nodes)+1), path: filepath.Join(dir, "store")}
-	ndir := filepath.Join(dir, "tls")
-	if err := netquic.IssueCert(tc.ca, nd.id, []string{"127.0.0.1"}, ndir); err != nil {
-		t.Fatal(err)
+	tc.t.Helper()
+	nd := tc.startNode(fmt.Sprintf("node%d", len(tc.nodes)+1), slots)
+	if _, err := tc.ms.JoinRing(context.Background(), nd.meta); err != nil {
+		tc.t.Fatal(err)
 	}
-	var err error
-	if nd.tls, err = netquic.LoadTLS(ndir); err != nil {
-		t.Fatal(err)
-	}
-	if nd.st, err = CreateStore(nd.path, StoreOptions{ChunkSize: testChunk, Slots: slots, ClusterID: []byte("test"),
-		Shards: 1, Logger: quietLog}); err != nil {
-		t.Fatal(err)
-	}
-	tc.serve(nd, "127.0.0.1:0")
-	t.Cleanup(func() {
-		nd.srv.Close()
-		nd.st.Close()
-	})
-	mn := meta.Node{ID: nd.id, Addr: nd.addr, Capacity: 1 << 30, Host: nd.id}
-	reg, err := tc.ms.RegisterNode(ctx, mn, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		reg.Close(c)
-	})
-	if _, err := tc.ms.JoinRing(ctx, mn); err != nil {
-		t.Fatal(err)
-	}
-	tc.nodes = append(tc.nodes, nd)
 	return nd
 }
 

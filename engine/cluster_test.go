@@ -32,6 +32,7 @@ type testNode struct {
 	srv  *netquic.Server
 	addr string
 	tls  *netquic.TLSConfigs
+	meta meta.Node
 }
 
 // testCluster is an embedded etcd, an initialised cluster and nodes.
@@ -82,35 +83,8 @@ func startClusterTransport(t testing.TB, n int, slots int64, transport string) *
 	}
 	var rn []ring.Node
 	for i := range n {
-		nd := &testNode{id: fmt.Sprintf("node%d", i+1), path: filepath.Join(dir, fmt.Sprintf("node%d.store", i+1))}
-		ndir := filepath.Join(dir, nd.id)
-		if err := netquic.IssueCert(tc.ca, nd.id, []string{"127.0.0.1"}, ndir); err != nil {
-			t.Fatal(err)
-		}
-		if nd.tls, err = netquic.LoadTLS(ndir); err != nil {
-			t.Fatal(err)
-		}
-		if nd.st, err = CreateStore(nd.path, StoreOptions{ChunkSize: testChunk, Slots: slots, ClusterID: []byte("test"),
-			Shards: 1, Logger: quietLog}); err != nil {
-			t.Fatal(err)
-		}
-		tc.serve(nd, "127.0.0.1:0")
-		t.Cleanup(func() {
-			nd.srv.Close()
-			nd.st.Close()
-		})
-		mn := meta.Node{ID: nd.id, Addr: nd.addr, Capacity: 1 << 30, Host: nd.id}
-		reg, err := ms.RegisterNode(ctx, mn, 10*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			reg.Close(c)
-		})
-		rn = append(rn, mn.RingNode())
-		tc.nodes = append(tc.nodes, nd)
+		nd := tc.startNode(fmt.Sprintf("node%d", i+1), slots)
+		rn = append(rn, nd.meta.RingNode())
 	}
 	r, err := ring.New(rn, ring.Options{})
 	if err != nil {
@@ -120,6 +94,44 @@ func startClusterTransport(t testing.TB, n int, slots int64, transport string) *
 		t.Fatal(err)
 	}
 	return tc
+}
+
+// startNode makes node id (certificate, store of slots chunks), serves it on
+// 127.0.0.1 and registers it in etcd; it does not touch the ring.
+func (tc *testCluster) startNode(id string, slots int64) *testNode {
+	t := tc.t
+	t.Helper()
+	dir := t.TempDir()
+	nd := &testNode{id: id, path: filepath.Join(dir, "store")}
+	ndir := filepath.Join(dir, "tls")
+	if err := netquic.IssueCert(tc.ca, nd.id, []string{"127.0.0.1"}, ndir); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	if nd.tls, err = netquic.LoadTLS(ndir); err != nil {
+		t.Fatal(err)
+	}
+	if nd.st, err = CreateStore(nd.path, StoreOptions{ChunkSize: testChunk, Slots: slots, ClusterID: []byte("test"),
+		Shards: 1, Logger: quietLog}); err != nil {
+		t.Fatal(err)
+	}
+	tc.serve(nd, "127.0.0.1:0")
+	t.Cleanup(func() {
+		nd.srv.Close()
+		nd.st.Close()
+	})
+	nd.meta = meta.Node{ID: nd.id, Addr: nd.addr, Capacity: 1 << 30, Host: nd.id}
+	reg, err := tc.ms.RegisterNode(context.Background(), nd.meta, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		reg.Close(c)
+	})
+	tc.nodes = append(tc.nodes, nd)
+	return nd
 }
 
 // serve starts nd's NodeServer on addr.
