@@ -47,7 +47,7 @@ func (c *clusterFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&c.etcd, "etcd", def, "cluster volume: etcd endpoints, comma separated (env TORUS_ETCD)")
 	fs.StringVar(&c.prefix, "prefix", meta.DefaultPrefix, "cluster volume: etcd key prefix of the cluster")
 	fs.StringVar(&c.tlsDir, "tls-dir", os.Getenv("TORUS_TLS_DIR"), "cluster volume: directory with node.crt, node.key and ca.crt of this client (env TORUS_TLS_DIR; `torusd dev` prints one)")
-	fs.StringVar(&c.localNode, "local-node", "", "cluster volume: id of a storage node on this host, whose replica reads prefer")
+	fs.StringVar(&c.localNode, "local-node", "", "cluster volume: id of a storage node on this host, whose replica reads prefer (default: the node registered with this host name, if any)")
 	fs.DurationVar(&c.ttl, "lease-ttl", 10*time.Second, "cluster volume: attach lock lease; after a crash the volume can be attached elsewhere once it expires")
 }
 
@@ -96,6 +96,19 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 			return nil, fmt.Errorf("%w (list volumes with `torusctl volume list`, create one with `torusctl volume create %s SIZE`)", err, name)
 		}
 		return nil, err
+	}
+	if cf.localNode == "" {
+		// Reads prefer a replica on this host: a node registered with
+		// this host name (torusd --host defaults to it).
+		if nodes, err := ms.Nodes(ctx); err == nil {
+			for _, n := range nodes {
+				if n.Host == host {
+					cf.localNode = n.ID
+					log.Info("reads prefer the node on this host", "node", n.ID)
+					break
+				}
+			}
+		}
 	}
 	vol, err := engine.OpenCluster(ctx, ms, lease.Volume(), engine.ClusterOptions{
 		TLS:       tlsConf.Client,
