@@ -38,6 +38,7 @@ type testNode struct {
 // testCluster is an embedded etcd, an initialised cluster and nodes.
 type testCluster struct {
 	t      testing.TB
+	etcd   *meta.Embedded
 	ms     *meta.Store
 	ca     string
 	client *netquic.TLSConfigs
@@ -70,7 +71,7 @@ func startClusterTransport(t testing.TB, n int, slots int64, transport string) *
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	tc := &testCluster{t: t, ms: ms, ca: filepath.Join(dir, "ca"), transport: transport}
+	tc := &testCluster{t: t, etcd: e, ms: ms, ca: filepath.Join(dir, "ca"), transport: transport}
 	if err := netquic.NewCA(tc.ca); err != nil {
 		t.Fatal(err)
 	}

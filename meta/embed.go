@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"sync"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -16,6 +17,7 @@ import (
 type Embedded struct {
 	e        *embed.Etcd
 	endpoint string
+	once     sync.Once
 }
 
 // StartEmbedded starts a single-member etcd with its data in dir and waits
@@ -94,5 +96,5 @@ func (m *Embedded) Err() <-chan error { return m.e.Err() }
 
 // Close stops the server and waits until it has stopped.
 func (m *Embedded) Close() {
-	m.e.Close()
+	m.once.Do(m.e.Close)
 }

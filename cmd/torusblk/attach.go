@@ -40,10 +40,12 @@ type attachment struct {
 	Prefix string `json:"prefix,omitempty"`
 	TLSDir string `json:"tls_dir,omitempty"`
 	TTL    string `json:"lease_ttl,omitempty"`
-	Size   int64  `json:"size"`
-	PID    int    `json:"pid"`
-	Queues int    `json:"queues,omitempty"`
-	Depth  int    `json:"depth,omitempty"`
+	// ReplicaTimeout is --replica-timeout of a cluster volume.
+	ReplicaTimeout string `json:"replica_timeout,omitempty"`
+	Size           int64  `json:"size"`
+	PID            int    `json:"pid"`
+	Queues         int    `json:"queues,omitempty"`
+	Depth          int    `json:"depth,omitempty"`
 }
 
 func stateFile(runDir, device string) string {
@@ -150,6 +152,7 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	a := &attachment{Mode: *mode, Store: path, Size: size, PID: os.Getpid()}
 	if cluster {
 		a.Volume, a.Etcd, a.Prefix, a.TLSDir, a.TTL = fs.Arg(0), cf.etcd, cf.prefix, cf.tlsDir, cf.ttl.String()
+		a.ReplicaTimeout = cf.timeout.String()
 	}
 	vol, err := a.open(ctx, cf.localNode, 0, log)
 	if err != nil {
@@ -241,9 +244,12 @@ func (a *attachment) open(ctx context.Context, localNode string, wait time.Durat
 		}
 		return lv, nil
 	}
-	cf := clusterFlags{etcd: a.Etcd, prefix: a.Prefix, tlsDir: a.TLSDir, localNode: localNode, ttl: 10 * time.Second}
+	cf := clusterFlags{etcd: a.Etcd, prefix: a.Prefix, tlsDir: a.TLSDir, localNode: localNode, ttl: 10 * time.Second, timeout: 5 * time.Second}
 	if d, err := time.ParseDuration(a.TTL); err == nil {
 		cf.ttl = d
+	}
+	if d, err := time.ParseDuration(a.ReplicaTimeout); err == nil {
+		cf.timeout = d
 	}
 	deadline := time.Now().Add(wait)
 	for {

@@ -36,7 +36,7 @@ const defaultEtcd = "http://127.0.0.1:2379"
 // clusterFlags select a cluster volume.
 type clusterFlags struct {
 	etcd, prefix, tlsDir, localNode string
-	ttl                             time.Duration
+	ttl, timeout                    time.Duration
 }
 
 func (c *clusterFlags) register(fs *pflag.FlagSet) {
@@ -48,6 +48,7 @@ func (c *clusterFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&c.prefix, "prefix", meta.DefaultPrefix, "cluster volume: etcd key prefix of the cluster")
 	fs.StringVar(&c.tlsDir, "tls-dir", os.Getenv("TORUS_TLS_DIR"), "cluster volume: directory with node.crt, node.key and ca.crt of this client (env TORUS_TLS_DIR; `torusd dev` prints one)")
 	fs.StringVar(&c.localNode, "local-node", "", "cluster volume: id of a storage node on this host, whose replica reads prefer (default: the node registered with this host name, if any)")
+	fs.DurationVar(&c.timeout, "replica-timeout", 5*time.Second, "cluster volume: how long a replica may take to answer before it is taken out of the write path (its chunks are marked for rebuild) and reads move on")
 	fs.DurationVar(&c.ttl, "lease-ttl", 10*time.Second, "cluster volume: attach lock lease; after a crash the volume can be attached elsewhere once it expires")
 }
 
@@ -114,6 +115,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 		TLS:       tlsConf.Client,
 		Epoch:     lease.Epoch(),
 		LocalNode: cf.localNode,
+		Timeout:   cf.timeout,
 		Logger:    log,
 	})
 	if err != nil {
