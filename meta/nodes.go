@@ -29,6 +29,13 @@ type Node struct {
 	Addr string `json:"addr"`
 	// Capacity is the bytes the node offers.
 	Capacity uint64 `json:"capacity"`
+	// Used is the bytes its chunks take, NoSpace the writes it refused for
+	// lack of space since it started, and Full whether it is out of space
+	// now (no free slot, or a write refused in the last 10 s), as last
+	// reported (Registration.Update).
+	Used    uint64 `json:"used,omitempty"`
+	NoSpace uint64 `json:"no_space,omitempty"`
+	Full    bool   `json:"full,omitempty"`
 	// Zone and Host are the failure domains (see ring.Node).
 	Zone string `json:"zone"`
 	Host string `json:"host"`
@@ -56,7 +63,7 @@ func validName(kind, s string) error {
 type Registration struct {
 	s    *Store
 	key  string
-	val  string
+	val  string // guarded by mu
 	ttl  int64
 	stop context.CancelFunc
 	done chan struct{}
@@ -102,9 +109,12 @@ func (r *Registration) register(ctx context.Context, prev clientv3.LeaseID) (cli
 	if err != nil {
 		return 0, fmt.Errorf("meta: register %s: grant lease: %w", r.key, err)
 	}
+	r.mu.Lock()
+	val := r.val
+	r.mu.Unlock()
 	resp, err := r.s.txn(ctx,
 		[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(r.key), "=", 0)},
-		[]clientv3.Op{clientv3.OpPut(r.key, r.val, clientv3.WithLease(g.ID))},
+		[]clientv3.Op{clientv3.OpPut(r.key, val, clientv3.WithLease(g.ID))},
 		[]clientv3.Op{clientv3.OpGet(r.key)})
 	if err == nil && resp.Succeeded {
 		return g.ID, nil
@@ -164,6 +174,36 @@ func (r *Registration) Lease() clientv3.LeaseID {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.lease
+}
+
+// Update rewrites the registered record (same key, same lease) with n, for
+// the usage a node reports while it runs. n.ID must be the registered one.
+// If the lease was lost meanwhile, the next re-registration uses n.
+func (r *Registration) Update(ctx context.Context, n Node) error {
+	if r.key != r.s.kNodes+n.ID {
+		return fmt.Errorf("meta: update node %s: registered as %s: %w", n.ID, r.key, ErrInvalid)
+	}
+	r.mu.Lock()
+	var old Node
+	json.Unmarshal([]byte(r.val), &old)
+	if n.Started.IsZero() {
+		n.Started = old.Started
+	}
+	b, err := json.Marshal(n)
+	if err != nil {
+		r.mu.Unlock()
+		return fmt.Errorf("meta: update node %s: %w", n.ID, err)
+	}
+	r.val = string(b)
+	lease := r.lease
+	r.mu.Unlock()
+	_, err = r.s.txn(ctx,
+		[]clientv3.Cmp{clientv3.Compare(clientv3.LeaseValue(r.key), "=", lease)},
+		[]clientv3.Op{clientv3.OpPut(r.key, string(b), clientv3.WithLease(lease))}, nil)
+	if err != nil {
+		return fmt.Errorf("meta: update node %s: %w", n.ID, err)
+	}
+	return nil
 }
 
 // Close stops keeping the registration alive and revokes its lease, which

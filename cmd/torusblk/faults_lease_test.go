@@ -29,10 +29,10 @@ func TestFaultEtcdOutageLease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The restarted server takes the place of the stopped one, so the
-	// cleanup startCluster registered closes it (a second Close of the
-	// stopped one would panic).
-	*c.etcd = *e
+	// The restarted server takes the place of the stopped one (whose
+	// cleanup's second Close does nothing).
+	c.etcd = e
+	t.Cleanup(e.Close)
 	c.waitNodes(3)
 	time.Sleep(6 * time.Second) // three lease TTLs with etcd back
 	if p, _ := c.tryServe("vol"); p != nil {

@@ -375,6 +375,14 @@ func TestFaultDiskFull(t *testing.T) {
 		}
 	}
 	fioVerifyOnly(t, dsock, "0", "3M")
+	// status and node list show it.
+	waitStatus(t, c, func(out string) bool {
+		return strings.Contains(out, "OUT OF SPACE:") && strings.Contains(out, small.id)
+	},
+		"torusctl status to name the full node")
+	if out := c.ctl("node", "list"); !strings.Contains(out, "out of space") {
+		t.Fatalf("node list does not show the full node:\n%s", out)
+	}
 
 	// After: deleting filler frees the small node's slots without a
 	// restart (torusd's collector discards chunks of deleted volumes):
@@ -397,6 +405,8 @@ func TestFaultDiskFull(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	waitStatus(t, c, func(out string) bool { return !strings.Contains(out, "OUT OF SPACE") },
+		"torusctl status to stop reporting the node full after space was freed")
 	fioWriteVerify(t, dsock, "33M", "3M")
 	dcl.Close()
 	ds.stop(t)
@@ -407,6 +417,22 @@ func TestFaultDiskFull(t *testing.T) {
 	fioVerifyOnly(t, dsock, "0", "3M")
 	fioVerifyOnly(t, dsock, "33M", "3M")
 	ds.stop(t)
+}
+
+// waitStatus polls torusctl status for up to 30 s until ok accepts it.
+func waitStatus(t *testing.T, c *testCluster, ok func(string) bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out := c.ctl("status")
+		if ok(out) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 30 s for %s:\n%s", what, out)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 // freeEtcdURL returns an http URL on a port of 127.0.0.1 that was free a
@@ -467,10 +493,10 @@ func TestFaultEtcdOutage(t *testing.T) {
 	if err != nil {
 		t.Fatalf("restarting etcd: %v", err)
 	}
-	// The restarted server takes the place of the stopped one, so the
-	// cleanup startCluster registered closes it (a second Close of the
-	// stopped one would panic).
-	*c.etcd = *e
+	// The restarted server takes the place of the stopped one (whose
+	// cleanup's second Close does nothing).
+	c.etcd = e
+	t.Cleanup(e.Close)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		out, err := exec.Command(torusctlBin, "--etcd", endpoint, "status").CombinedOutput()

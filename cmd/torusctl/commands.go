@@ -157,6 +157,8 @@ type statusResult struct {
 	LiveNodes   int       `json:"live_nodes"`
 	Volumes     int       `json:"volumes"`
 	RingVersion uint64    `json:"ring_version"`
+	// Full lists the nodes that refused writes for lack of space.
+	Full []fullNode `json:"full"`
 	// Degraded lists volumes with missed marks; Jobs the rebuild,
 	// rebalance and scrub progress of volumes.
 	Degraded []degradedResult `json:"degraded"`
@@ -189,8 +191,14 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 		if err != nil {
 			return err
 		}
+		full := []fullNode{}
+		for _, n := range nodes {
+			if n.Full {
+				full = append(full, fullNode{n.ID, n.Used, n.Capacity, n.NoSpace})
+			}
+		}
 		res := statusResult{cfg.ClusterID, cfg.Created, cfg.ChunkSize, cfg.Replication, len(nodes), len(vols), r.Version(),
-			deg, jobs}
+			full, deg, jobs}
 		if e.g.output == "json" {
 			return e.printJSON(res)
 		}
@@ -202,6 +210,10 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 		fmt.Fprintf(tw, "live nodes:\t%d\n", res.LiveNodes)
 		fmt.Fprintf(tw, "volumes:\t%d\n", res.Volumes)
 		fmt.Fprintf(tw, "ring version:\t%d\n", res.RingVersion)
+		for _, f := range full {
+			fmt.Fprintf(tw, "OUT OF SPACE:\tnode %s refused %d writes (%s of %s used): free space (discard, delete volumes) or add nodes\n",
+				f.ID, f.NoSpace, units.FormatSize(int64(f.Used)), units.FormatSize(int64(f.Capacity)))
+		}
 		if err := tw.Flush(); err != nil {
 			return err
 		}
@@ -220,9 +232,10 @@ func cmdNodeList(ctx context.Context, e *env, _ []string) error {
 			return e.printJSON(nodes)
 		}
 		tw := e.table()
-		fmt.Fprintln(tw, "ID\tADDRESS\tZONE\tHOST\tCAPACITY")
+		fmt.Fprintln(tw, "ID\tADDRESS\tZONE\tHOST\tCAPACITY\tUSED\tSTATE")
 		for _, n := range nodes {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.ID, n.Addr, n.Zone, n.Host, units.FormatSize(int64(n.Capacity)))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.ID, n.Addr, n.Zone, n.Host, units.FormatSize(int64(n.Capacity)),
+				units.FormatSize(int64(n.Used)), nodeState(n))
 		}
 		return tw.Flush()
 	})
@@ -458,4 +471,20 @@ func cmdVolumeDelete(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(e.stdout, "deleted volume %s\n", args[0])
 		return nil
 	})
+}
+
+// fullNode is a node that refused writes for lack of space (status).
+type fullNode struct {
+	ID       string `json:"id"`
+	Used     uint64 `json:"used"`
+	Capacity uint64 `json:"capacity"`
+	NoSpace  uint64 `json:"no_space_writes"`
+}
+
+// nodeState is the STATE column of node list.
+func nodeState(n meta.Node) string {
+	if n.Full {
+		return fmt.Sprintf("out of space (%d writes refused)", n.NoSpace)
+	}
+	return "ok"
 }

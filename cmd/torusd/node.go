@@ -58,6 +58,9 @@ type node struct {
 	gc    *collector
 	dead  *deadWatch // nil without --dead-timeout
 	log   *slog.Logger
+
+	stopReport context.CancelFunc
+	reported   chan struct{}
 }
 
 // startNode starts a storage node of the cluster behind ms: it returns once
@@ -155,6 +158,9 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 	if err := n.raiseEpochs(ctx, ms); err != nil {
 		return nil, err
 	}
+	rctx, cancel := context.WithCancel(context.Background())
+	n.stopReport, n.reported = cancel, make(chan struct{})
+	go n.reportUsage(rctx, mn)
 	n.gc = startCollector(ctx, st, ms, log)
 	n.dead = startDeadWatch(ctx, ms, id.NodeID, nc.DeadTimeout, log)
 	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "capacity",
@@ -240,6 +246,10 @@ func register(ctx context.Context, ms *meta.Store, n meta.Node, ttl time.Duratio
 // stop shuts the node down (see the invariants at the top of the file).
 func (n *node) stop(ctx context.Context) error {
 	var errs []error
+	if n.stopReport != nil {
+		n.stopReport()
+		<-n.reported
+	}
 	if n.gc != nil {
 		n.gc.close()
 	}
@@ -268,4 +278,46 @@ func (n *node) stop(ctx context.Context) error {
 		n.log.Info("node stopped")
 	}
 	return err
+}
+
+// usageEvery is how often a node publishes its usage in its registration.
+const usageEvery = 5 * time.Second
+
+// reportUsage keeps the registration's Used, NoSpace and Full current
+// (checked every usageEvery, written when they change), so torusctl shows a
+// full node, and shows it recovered once space is freed.
+func (n *node) reportUsage(ctx context.Context, mn meta.Node) {
+	defer close(n.reported)
+	t := time.NewTicker(usageEvery)
+	defer t.Stop()
+	var lastRefusal time.Time
+	published := false
+	for {
+		st := n.store.Stats()
+		ns := n.cs.Stats().NoSpace
+		if ns > mn.NoSpace {
+			lastRefusal = time.Now()
+		}
+		next := mn
+		next.Used, next.NoSpace = uint64(st.UsedSlots*st.ChunkSize), ns
+		next.Full = st.UsedSlots >= st.Slots || time.Since(lastRefusal) < 2*usageEvery
+		if !published || next != mn {
+			uctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err := n.reg.Update(uctx, next)
+			cancel()
+			if err == nil {
+				if next.Full != mn.Full {
+					n.log.Warn("node space state", "full", next.Full, "used", units.FormatSize(int64(next.Used)), "no_space_writes", ns)
+				}
+				mn, published = next, true
+			} else if ctx.Err() == nil {
+				n.log.Debug("usage not published", "err", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
