@@ -131,6 +131,24 @@ func KernelAvailable() error {
 // The caller keeps ownership of vol and closes it after Close or Wait
 // returned.
 func AttachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*KernelDevice, error) {
+	d, err := attachKernel(ctx, vol, opt)
+	if errors.Is(err, errCutEarly) && opt.Index < 0 {
+		// Seen about once in ten back-to-back attaches on 6.1 over ioctl:
+		// the kernel ends the new connection at once. Another device,
+		// once, is enough.
+		if opt.Logger != nil {
+			opt.Logger.Warn("nbd: the kernel cut the new device before it was usable; attaching again", "err", err)
+		}
+		d, err = attachKernel(ctx, vol, opt)
+	}
+	return d, err
+}
+
+// errCutEarly is wrapped when the kernel ends a new connection before the
+// device shows its size.
+var errCutEarly = errors.New("disconnected before it became usable")
+
+func attachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*KernelDevice, error) {
 	if err := KernelAvailable(); err != nil {
 		return nil, err
 	}
@@ -213,10 +231,25 @@ func AttachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*K
 	blocks := vol.Size() / blockSize
 	var ioctlDone chan struct{}
 	if g != nil {
-		d.index, err = g.connect(connectParams{
+		p := connectParams{
 			index: opt.Index, size: uint64(vol.Size()), blockSize: blockSize,
 			serverFlags: uint64(flags), timeout: opt.Timeout, fds: kfds,
-		})
+		}
+		connected := false
+		if free := freeIoctlDevices(); opt.Index < 0 && len(free) > 0 {
+			// Any device: take the least used free one ourselves (the
+			// kernel would take the lowest, which may be one whose last
+			// connection is still being torn down; see freeIoctlDevices).
+			p.index = free[0]
+			if d.index, err = g.connect(p); err == nil {
+				connected = true
+			} else {
+				p.index = opt.Index
+			}
+		}
+		if !connected {
+			d.index, err = g.connect(p)
+		}
 		if err != nil {
 			return fail(attachError(opt.Index, err))
 		}
@@ -380,7 +413,12 @@ func configureIoctl(index, kfd int, blocks int64, flags uint16, timeout time.Dur
 }
 
 // freeIoctlDevices lists the indexes of /sys/block/nbdN devices that look
-// unconfigured (no pid file, size 0), in numeric order.
+// unconfigured (no pid file, size 0), least used first (completed reads and
+// writes in /sys/block/nbdN/stat), then in numeric order. Least used first,
+// because the kernel (6.1) can still be tearing down the last connection of
+// a device after its size dropped to 0: a new connection on it may then lose
+// its capacity or be cut right away (seen as ENOSPC writes, or an attach
+// that ends at once, in back-to-back attach tests).
 func freeIoctlDevices() []int {
 	names, _ := filepath.Glob("/sys/block/nbd*")
 	var out []int
@@ -397,8 +435,32 @@ func freeIoctlDevices() []int {
 		}
 		out = append(out, i)
 	}
-	sort.Ints(out)
+	use := make(map[int]uint64, len(out))
+	for _, i := range out {
+		use[i] = deviceIOs(i)
+	}
+	sort.Slice(out, func(a, b int) bool {
+		if use[out[a]] != use[out[b]] {
+			return use[out[a]] < use[out[b]]
+		}
+		return out[a] < out[b]
+	})
 	return out
+}
+
+// deviceIOs returns the reads and writes /dev/nbdN completed since boot.
+func deviceIOs(index int) uint64 {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/stat", index))
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 5 {
+		return 0
+	}
+	r, _ := strconv.ParseUint(f[0], 10, 64)
+	w, _ := strconv.ParseUint(f[4], 10, 64)
+	return r + w
 }
 
 // sysfsSize returns the size in bytes the kernel shows for /dev/nbdN.
@@ -414,23 +476,33 @@ func sysfsSize(index int) (int64, error) {
 	return sectors * 512, nil
 }
 
-// waitSize polls until /dev/nbdN exists and shows size bytes.
+// waitSize polls until /dev/nbdN exists and shows size bytes on checks at
+// least stableFor apart: on 6.1 the device's capacity can still be reset to
+// 0 just after it first shows (a write then fails with ENOSPC), so one
+// matching look is not enough. (It must not open the device: a close by the
+// last opener can end a connection that is being set up.)
 func waitSize(ctx context.Context, index int, size int64, done <-chan struct{}) error {
+	const stableFor = 30 * time.Millisecond
 	path := fmt.Sprintf("/dev/nbd%d", index)
 	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
+	var since time.Time
 	for {
 		sz, _ := sysfsSize(index)
-		if sz == size {
-			if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeDevice != 0 {
+		if fi, err := os.Stat(path); sz == size && err == nil && fi.Mode()&os.ModeDevice != 0 {
+			if since.IsZero() {
+				since = time.Now()
+			} else if time.Since(since) >= stableFor {
 				return nil
 			}
+		} else {
+			since = time.Time{}
 		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%s did not show its size %d (shows %d): %w", path, size, sz, ctx.Err())
 		case <-done:
-			return fmt.Errorf("%s was disconnected before it became usable", path)
+			return fmt.Errorf("%s was %w", path, errCutEarly)
 		case <-t.C:
 		}
 	}

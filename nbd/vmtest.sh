@@ -25,7 +25,7 @@ for k in "${kernels[@]}"; do
 	echo "--- nbd/vmtest.sh: $k" >&2
 	if ! scripts/vm/run.sh --kernel "$k" --disk 2G --timeout 1200 -- \
 		env TORUS_NBD_PERF_SECONDS="${TORUS_NBD_PERF_SECONDS:-8}" TORUS_NBD_PERF_CONNS="${TORUS_NBD_PERF_CONNS:-4}" \
-		.vmbin/nbd.test -test.run "$run" -test.v -test.count 1 -test.timeout 18m; then
+		.vmbin/nbd.test -test.run "$run" -test.v -test.count 1 -test.timeout ${TEST_TIMEOUT:-18m}; then
 		failed+=("$k")
 	fi
 done
