@@ -37,7 +37,7 @@ func waitMoved(t *testing.T, c *Cluster, done uint64) ClusterStats {
 	}
 }
 
-// TestClusterRebalance: a node joins, then another leaves, under a volume
+// TestClusterRebalance: a node joins, another leaves, a third changes weight, under a volume
 // with R=2 being written; chunks move to their new owners while reads and
 // writes go on, the bytes verify afterwards, each chunk ends on exactly its
 // R owners (old copies discarded), and the number of chunk copies moved
@@ -111,6 +111,26 @@ func TestClusterRebalance(t *testing.T) {
 	if moves, err := tc.ms.Moves(context.Background(), vol.ID); err != nil || moves != nil {
 		t.Fatalf("moves record after the rebalance: %v %v", moves, err)
 	}
+
+	// A weight change: node2 doubles its capacity.
+	old = cur
+	heavy := tc.nodes[1].meta
+	heavy.Capacity *= 2
+	if _, err := tc.ms.JoinRing(context.Background(), heavy); err != nil {
+		t.Fatal(err)
+	}
+	st = waitMoved(t, c, st.Rebalances)
+	cur, _, _ = tc.ms.Ring(context.Background())
+	want = cur.Moved(old, 2, sampleChunkKeys(vol.ID, size/testChunk)) * float64(size/testChunk*2)
+	t.Logf("node2's weight doubled: %d chunk copies moved, ring predicts %.1f", st.MoveCopies, want)
+	if math.Abs(float64(st.MoveCopies)-want) > 0.5 || st.MoveCopies == 0 {
+		t.Fatalf("moved %d chunk copies, the ring predicts %.1f", st.MoveCopies, want)
+	}
+	if err := do(c, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	verify(t, c, model)
+	checkReplicas(t, tc, vol, 2, model)
 }
 
 // sampleChunkKeys returns the ring keys of chunks 0..n-1 of volume vol.
