@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -471,4 +472,28 @@ func readChunk(st *engine.Store, id engine.ChunkID, buf []byte) error {
 	op := &engine.ChunkOp{Op: engine.OpRead, Chunk: id, Off: 0, Length: int64(len(buf)), Buf: buf, Done: done}
 	st.Submit(op)
 	return <-done
+}
+
+// flipBytes XORs the byte at each of offs in the file at path with mask and
+// syncs the file: a corruption the store's checksums must catch.
+func flipBytes(t *testing.T, path string, offs []int64, mask byte) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 1)
+	for _, off := range offs {
+		if _, err := f.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= mask
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
 }

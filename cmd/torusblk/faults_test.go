@@ -229,24 +229,7 @@ func TestFaultCorruptChunk(t *testing.T) {
 	if len(ids) < 8 {
 		t.Fatalf("%s holds %d chunks of the volume, want at least the 8 fio wrote", bad.id, len(ids))
 	}
-	f, err := os.OpenFile(storePath, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, off := range offs {
-		b := make([]byte, 1)
-		if _, err := f.ReadAt(b, off); err != nil {
-			t.Fatal(err)
-		}
-		b[0] ^= 0xff
-		if _, err := f.WriteAt(b, off); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	flipBytes(t, storePath, offs, 0xff)
 	// The store itself sees the damage: every corrupted chunk fails to read.
 	st, err = engine.OpenStore(storePath, engine.StoreOptions{Shards: 1})
 	if err != nil {

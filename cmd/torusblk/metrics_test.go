@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -67,23 +66,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 	if len(offs) != 8 {
 		t.Fatalf("%s holds %d of the 8 chunks (R=3 on 3 nodes: want all)", bad.id, len(offs))
 	}
-	f, err := os.OpenFile(storePath, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, off := range offs {
-		b := make([]byte, 1)
-		if _, err := f.ReadAt(b, off); err != nil {
-			t.Fatal(err)
-		}
-		b[0] ^= 0x5a
-		if _, err := f.WriteAt(b, off); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := f.Close(); err != nil {
-		t.Fatal(err)
-	}
+	flipBytes(t, storePath, offs, 0x5a)
 	c.startNode(bad)
 	c.waitNodes(3)
 
