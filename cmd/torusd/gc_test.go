@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/meta"
-	"github.com/torus-storage/torus/netquic"
 )
 
 // TestGCDeletedVolume fills a four-chunk node, two of them of volume a, then
@@ -31,19 +30,7 @@ func TestGCDeletedVolume(t *testing.T) {
 	p := start(t, nodeArgs(pfx, t.TempDir(), c.caDir, "--id", "g1", "--size", "4MiB", "--metrics", "127.0.0.1:0")...)
 	url := p.waitLog(t, metricsRe)
 	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
-	cdir := filepath.Join(t.TempDir(), "client")
-	if err := netquic.IssueCert(c.caDir, "client", []string{"127.0.0.1"}, cdir); err != nil {
-		t.Fatal(err)
-	}
-	tc, err := netquic.LoadTLS(cdir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli, err := netquic.NewClient(addr, tc.Client, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	cli := chunkClient(t, c.caDir, addr)
 	block := make([]byte, blockSize)
 	block[0] = 0x5a
 	unallocated := b.ID + 100 // no such volume yet: not garbage

@@ -288,19 +288,7 @@ func TestNode(t *testing.T) {
 	ringVersion := r.Version()
 
 	// Real chunk I/O with a client certificate of the cluster CA.
-	cdir := filepath.Join(t.TempDir(), "client")
-	if err := netquic.IssueCert(c.caDir, "client", []string{"127.0.0.1"}, cdir); err != nil {
-		t.Fatal(err)
-	}
-	tc, err := netquic.LoadTLS(cdir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli, err := netquic.NewClient(addr, tc.Client, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	cli := chunkClient(t, c.caDir, addr)
 	block := bytes.Repeat([]byte("torus!"), blockSize/6+1)[:blockSize]
 	if st, _ := chunkCall(t, cli, opWrite, vol.ID, 1, block, blockSize); st != statusStale {
 		t.Fatalf("write with epoch 1 after two attaches: status %d, want stale epoch (%d): fence not raised at start-up",
@@ -350,11 +338,7 @@ func TestNode(t *testing.T) {
 	if r, _, err := c.ms.Ring(ctx); err != nil || r.Version() != ringVersion || r.Len() != 1 {
 		t.Fatalf("ring after restart: v%d (was v%d), %d nodes, %v", r.Version(), ringVersion, r.Len(), err)
 	}
-	cli2, err := netquic.NewClient(addr2, tc.Client, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli2.Close()
+	cli2 := chunkClient(t, c.caDir, addr2)
 	if st, got := chunkCall(t, cli2, opRead, vol.ID, 2, nil, blockSize); st != statusOK || !bytes.Equal(got, block) {
 		t.Fatalf("read after restart: status %d, equal %v", st, bytes.Equal(got, block))
 	}
@@ -503,19 +487,7 @@ func TestNoSpace(t *testing.T) {
 	p := start(t, nodeArgs(pfx, t.TempDir(), c.caDir, "--id", "s1", "--size", "2MiB", "--metrics", "127.0.0.1:0")...)
 	url := p.waitLog(t, metricsRe)
 	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
-	cdir := filepath.Join(t.TempDir(), "client")
-	if err := netquic.IssueCert(c.caDir, "client", []string{"127.0.0.1"}, cdir); err != nil {
-		t.Fatal(err)
-	}
-	tc, err := netquic.LoadTLS(cdir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cli, err := netquic.NewClient(addr, tc.Client, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	cli := chunkClient(t, c.caDir, addr)
 	block := make([]byte, blockSize)
 	for idx, want := range []uint8{statusOK, statusOK, statusNoSpace} {
 		if st, _ := chunkCallAt(t, cli, opWrite, 7, uint64(idx), 0, block, blockSize); st != want {
@@ -530,4 +502,24 @@ func TestNoSpace(t *testing.T) {
 		t.Fatalf("torus_store_slots_used = %s, want 2", got)
 	}
 	p.stop(t)
+}
+
+// chunkClient dials the node at addr with a client certificate of the CA
+// in caDir; the client is closed when the test ends.
+func chunkClient(t *testing.T, caDir, addr string) *netquic.Client {
+	t.Helper()
+	cdir := filepath.Join(t.TempDir(), "client")
+	if err := netquic.IssueCert(caDir, "client", []string{"127.0.0.1"}, cdir); err != nil {
+		t.Fatal(err)
+	}
+	tc, err := netquic.LoadTLS(cdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := netquic.NewClient(addr, tc.Client, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
 }
