@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/clitest"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )
@@ -31,31 +32,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(testMain(m))
-}
-
-func testMain(m *testing.M) int {
-	tmp, err := os.MkdirTemp("", "torusd-test")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	defer os.RemoveAll(tmp)
-	binPath = filepath.Join(tmp, "torusd")
-	if out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build torusd: %v\n%s", err, out)
-		return 1
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	etcd, err := meta.StartEmbedded(ctx, filepath.Join(tmp, "etcd"), "", "")
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "start embedded etcd: %v\n", err)
-		return 1
-	}
-	defer etcd.Close()
-	endpoint = etcd.Endpoint()
-	return m.Run()
+	os.Exit(clitest.Main(m, "torusd", &binPath, &endpoint))
 }
 
 func prefix(t *testing.T) string { return "/" + t.Name() + "/" }
