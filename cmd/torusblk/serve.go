@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/nbd"
 )
@@ -32,7 +33,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	listen := fs.String("listen", "", "where to serve NBD: unix:PATH or tcp:HOST:PORT")
 	name := fs.String("name", "torus", "NBD export name")
 	shards := fs.Int("shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
-	procs := fs.Int("gomaxprocs", procsAuto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
+	maxProcs := fs.Int("gomaxprocs", procs.Auto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
 	noRing := fs.Bool("no-ring-conns", false, "serve each NBD connection with reader and writer goroutines instead of one io_uring thread that runs the store shards (for comparison)")
 	cpuProfile := fs.String("cpuprofile", "", "write a Go CPU profile of the whole run to this file (for performance work)")
 	fs.Usage = func() {
@@ -66,7 +67,10 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 			return err
 		}
 	}
-	if _, err := setProcs(*procs, *shards, log); err != nil {
+	if *shards < 0 {
+		return fmt.Errorf("%w: --shards %d: must not be negative", errUsage, *shards)
+	}
+	if _, err := procs.Set(*maxProcs, *shards, log); err != nil {
 		return err
 	}
 	if *cpuProfile != "" {

@@ -19,9 +19,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"time"
 
+	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )
@@ -36,6 +38,7 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 	repl := fs.Int("replication", 3, "default replication of a new cluster")
 	chunk := fs.String("chunk-size", "1MiB", "chunk size of a new cluster")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics of all nodes on host:port (/metrics)")
+	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -60,6 +63,10 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 	}
 	if _, _, err := net.SplitHostPort(*etcdListen); err != nil {
 		return fmt.Errorf("%w: --etcd-listen %q: %v (example: 127.0.0.1:2379)", errUsage, *etcdListen, err)
+	}
+	// Every node's store runs one shard per CPU.
+	if _, err := procs.Set(*maxProcs, max(*nodes, 1)*runtime.NumCPU(), log); err != nil {
+		return err
 	}
 	root, err := filepath.Abs(*dir)
 	if err != nil {

@@ -55,6 +55,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/meta"
 )
@@ -178,6 +179,9 @@ func splitEndpoints(s string) []string {
 	return eps
 }
 
+// gomaxprocsUsage documents --gomaxprocs of torusd and torusd dev.
+const gomaxprocsUsage = "GOMAXPROCS: 0 = CPUs + one per store shard (so goroutines never wait for shards blocked in io_uring), -1 = Go's default"
+
 // cmdNode runs one storage node until ctx is done.
 func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
 	fs := newFlagSet("torusd", stdout)
@@ -201,6 +205,7 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	fs.StringVar(&nc.TLSDir, "tls-dir", "", "directory with node.crt, node.key and ca.crt")
 	fs.DurationVar(&nc.LeaseTTL, "lease-ttl", defaultLeaseTTL, "how long the registration outlives a crashed node")
 	fs.DurationVar(&nc.DeadTimeout, "dead-timeout", defaultDeadTimeout, "remove a node of the ring that stays unregistered this long, so its chunks are re-replicated; 0 = never")
+	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -228,6 +233,9 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 		return fmt.Errorf("%w: --lease-ttl %v: at least 1s", errUsage, nc.LeaseTTL)
 	}
 
+	if _, err := procs.Set(*maxProcs, 0, log); err != nil {
+		return err
+	}
 	ms, cfg, err := openMeta(ctx, splitEndpoints(*etcd), *prefix, log)
 	if err != nil {
 		return err
