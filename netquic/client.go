@@ -81,8 +81,20 @@ type Client struct {
 
 // NewClient returns a client of the server at addr (host:port). tlsConf is
 // the node's client configuration (LoadTLS); when its ServerName is empty the
-// host of addr is verified. Nothing is dialed until the first Call.
+// host of addr is verified. With TransportUnix, addr is the socket path and
+// tlsConf is not used. Nothing is dialed until the first Call.
 func NewClient(addr string, tlsConf *tls.Config, opts *Options) (*Client, error) {
+	o := opts.withDefaults()
+	switch o.Transport {
+	case TransportUnix:
+		if addr == "" {
+			return nil, fmt.Errorf("netquic: unix client: empty socket path")
+		}
+		return &Client{addr: addr, opts: o}, nil
+	case TransportQUIC, TransportTCP:
+	default:
+		return nil, fmt.Errorf("netquic: client %s: unknown transport %q", addr, o.Transport)
+	}
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("netquic: client %s: %w", addr, err)
@@ -90,10 +102,6 @@ func NewClient(addr string, tlsConf *tls.Config, opts *Options) (*Client, error)
 	tc := tlsConf.Clone()
 	if tc.ServerName == "" {
 		tc.ServerName = host
-	}
-	o := opts.withDefaults()
-	if o.Transport != TransportQUIC && o.Transport != TransportTCP {
-		return nil, fmt.Errorf("netquic: client %s: unknown transport %q", addr, o.Transport)
 	}
 	return &Client{addr: addr, tls: tc, opts: o}, nil
 }
@@ -253,6 +261,25 @@ func (c *Client) dial(ctx context.Context) (*clientSession, error) {
 			setNoDelay(tc.NetConn())
 			conns = append(conns, tc)
 			raws = append(raws, tcpStream{tc})
+		}
+		s.closeConn = closeAll
+	case TransportUnix:
+		var d net.Dialer
+		var conns []*net.UnixConn
+		closeAll := func() {
+			for _, uc := range conns {
+				uc.Close()
+			}
+		}
+		for range c.opts.Streams {
+			nc, err := d.DialContext(ctx, "unix", c.addr)
+			if err != nil {
+				closeAll()
+				return nil, err
+			}
+			uc := nc.(*net.UnixConn)
+			conns = append(conns, uc)
+			raws = append(raws, unixStream{uc})
 		}
 		s.closeConn = closeAll
 	}

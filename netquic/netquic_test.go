@@ -12,7 +12,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -58,14 +60,26 @@ var echo = HandlerFunc(func(r *ServerRequest) {
 	_ = r.Reply(r.Code+1, &r.Header, r.Payload)
 })
 
-var transports = []string{TransportQUIC, TransportTCP}
+// transports are every transport; tlsTransports those with certificates.
+var (
+	transports    = []string{TransportQUIC, TransportTCP, TransportUnix}
+	tlsTransports = []string{TransportQUIC, TransportTCP}
+)
+
+// testAddr is where a test server of transport tr listens.
+func testAddr(t testing.TB, tr string) string {
+	if tr == TransportUnix {
+		return filepath.Join(t.TempDir(), "node.sock")
+	}
+	return "127.0.0.1:0"
+}
 
 // quiet logs warnings only, keeping benchmark output readable.
 var quiet = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 
 func startPair(t testing.TB, p *pki, transport string, h Handler) (*Server, *Client) {
 	t.Helper()
-	srv, err := Listen("127.0.0.1:0", p.srvTLS.Server, h, &Options{Transport: transport, Logger: quiet})
+	srv, err := Listen(testAddr(t, transport), p.srvTLS.Server, h, &Options{Transport: transport, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,7 +125,7 @@ func TestMTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, tr := range transports {
+	for _, tr := range tlsTransports {
 		t.Run(tr, func(t *testing.T) {
 			srv, cli := startPair(t, p, tr, echo)
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -333,7 +347,7 @@ func TestServerRestart(t *testing.T) {
 	p := newPKI(t)
 	for _, tr := range transports {
 		t.Run(tr, func(t *testing.T) {
-			srv, err := Listen("127.0.0.1:0", p.srvTLS.Server, blackhole, &Options{Transport: tr})
+			srv, err := Listen(testAddr(t, tr), p.srvTLS.Server, blackhole, &Options{Transport: tr})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -574,5 +588,62 @@ func TestReplyTimeout(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("a reply to a client that does not read is still blocked after 5 s")
 		}
+	}
+}
+
+// TestUnixSocketFile checks the unix transport's socket file: 0600, a stale
+// one replaced, a live one or a non-socket file refused, removed by Close,
+// and requests seen as from UnixPeerName.
+func TestUnixSocketFile(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "node.sock")
+	opts := &Options{Transport: TransportUnix, Logger: quiet}
+
+	// A stale socket file (its listener gone without removing it).
+	stale, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale.SetUnlinkOnClose(false)
+	stale.Close()
+	srv, err := Listen(path, nil, echo, opts)
+	if err != nil {
+		t.Fatalf("a stale socket file must be replaced: %v", err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket file: %v, mode %v; want 0600", err, fi.Mode())
+	}
+	if _, err := Listen(path, nil, echo, opts); !errors.Is(err, syscall.EADDRINUSE) {
+		t.Fatalf("second server on a live socket: err %v, want EADDRINUSE", err)
+	}
+	cli, err := NewClient(path, nil, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	resp := Message{Payload: make([]byte, 16)}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := cli.Call(ctx, &Message{Code: 7}, &resp); err != nil || string(resp.Payload) != UnixPeerName {
+		t.Fatalf("peer name over unix: %q, %v; want %q", resp.Payload, err, UnixPeerName)
+	}
+	srv.Close()
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket file left after Close: %v", err)
+	}
+
+	plain := filepath.Join(dir, "plain")
+	if err := os.WriteFile(plain, []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Listen(plain, nil, echo, opts); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("listen on a regular file: err %v, want 'not a socket'", err)
+	}
+	if b, _ := os.ReadFile(plain); string(b) != "data" {
+		t.Fatal("a regular file in the way was changed")
+	}
+	if _, err := NewClient("", nil, opts); err == nil {
+		t.Fatal("empty socket path accepted")
 	}
 }

@@ -186,7 +186,8 @@ func (s *Server) watchdog() {
 
 // Listen starts a server on addr (host:port; port 0 picks one) with the
 // node's server TLS configuration (LoadTLS) and serves every request with h
-// until Close.
+// until Close. With TransportUnix, addr is a socket path (a stale socket
+// file there is replaced; Close removes it) and tlsConf is not used.
 func Listen(addr string, tlsConf *tls.Config, h Handler, opts *Options) (*Server, error) {
 	o := opts.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -218,6 +219,14 @@ func Listen(addr string, tlsConf *tls.Config, h Handler, opts *Options) (*Server
 		}
 		s.tcpLn = ln
 		s.wg.Go(s.acceptTCP)
+	case TransportUnix:
+		ln, err := listenUnix(addr)
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("netquic: listen unix:%s: %w", addr, err)
+		}
+		s.tcpLn = ln
+		s.wg.Go(s.acceptUnix)
 	default:
 		cancel()
 		return nil, fmt.Errorf("netquic: listen %s: unknown transport %q", addr, o.Transport)
@@ -243,7 +252,7 @@ func (s *Server) Close() error {
 		s.tr.Close()
 		s.udp.Close()
 	} else if s.tcpLn != nil {
-		s.tcpLn.Close()
+		s.tcpLn.Close() // a UnixListener also removes its socket file
 	}
 	s.mu.Lock()
 	for st := range s.streams {
@@ -273,6 +282,16 @@ func (s *Server) acceptQUIC() {
 				s.serveStream(quicStream{st}, conn.RemoteAddr(), peerName(conn.ConnectionState().TLS))
 			}
 		})
+	}
+}
+
+func (s *Server) acceptUnix() {
+	for {
+		c, err := s.tcpLn.Accept()
+		if err != nil {
+			return
+		}
+		s.serveStream(unixStream{c.(*net.UnixConn)}, c.RemoteAddr(), UnixPeerName)
 	}
 }
 

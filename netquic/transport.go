@@ -16,6 +16,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
+	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -26,12 +28,22 @@ import (
 const (
 	TransportQUIC = "quic"
 	TransportTCP  = "tcp"
+	// TransportUnix carries the same frames over a unix domain socket,
+	// without TLS, for a client on the node's own machine. The address is
+	// the socket's path; who may connect is decided by the socket file's
+	// permissions (Listen makes it 0600), not by certificates.
+	TransportUnix = "unix"
 )
+
+// UnixPeerName is what ServerRequest.PeerName returns on the unix
+// transport.
+const UnixPeerName = "local"
 
 // Options tune a Client or a Server. The zero value is usable.
 type Options struct {
-	// Transport is TransportQUIC (default) or TransportTCP (TLS 1.3 over
-	// TCP, one TCP connection per stream).
+	// Transport is TransportQUIC (default), TransportTCP (TLS 1.3 over
+	// TCP, one TCP connection per stream) or TransportUnix (plain frames
+	// over one unix socket connection per stream).
 	Transport string
 	// Streams is the number of long-lived streams a client opens per
 	// connection (default 4). Requests go to the least loaded one.
@@ -127,6 +139,38 @@ type tcpStream struct{ *tls.Conn }
 // first try to send close_notify, which blocks up to 5 s behind a peer that
 // does not read.
 func (s tcpStream) abort() { s.Conn.NetConn().Close() }
+
+// unixStream is one connection of the unix transport.
+type unixStream struct{ *net.UnixConn }
+
+func (s unixStream) abort() { s.UnixConn.Close() }
+
+// listenUnix listens on the unix socket path, replacing a stale socket file
+// (one nobody accepts on) and refusing to touch anything else, and makes
+// the socket file 0600.
+func listenUnix(path string) (*net.UnixListener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: %w (another server listens on it)", path, syscall.EADDRINUSE)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket: %w", err)
+		}
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
 
 // listenUDP opens a UDP socket on addr with socket buffers of size bytes if
 // the kernel allows it (SO_RCVBUFFORCE/SO_SNDBUFFORCE when root and capped),
