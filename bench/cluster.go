@@ -107,7 +107,7 @@ func printCluster(w *os.File, rep *report) {
 	if !ok1 || !ok2 {
 		return
 	}
-	fmt.Fprintln(w, "\nreplicated volume (3 nodes, R=3, QUIC on loopback) vs single-node torus:")
+	fmt.Fprintln(w, "\nreplicated volume (3 nodes, R=3, QUIC on loopback; the local node over its unix socket) vs single-node torus:")
 	for _, j := range rep.Jobs {
 		c, t := cr[j.Name], tr[j.Name]
 		if t.IOPS == 0 {

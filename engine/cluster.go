@@ -56,8 +56,12 @@ type ClusterOptions struct {
 	// carries it and nodes refuse writes with an older one.
 	Epoch uint64
 	// LocalNode is the ID of a node on this host whose replica reads
-	// prefer (optional).
+	// prefer (optional). When it registered a unix socket (meta.Node.Socket)
+	// that answers as that node, every request to it goes over the socket
+	// (netquic.TransportUnix) instead of QUIC: the same frames without the
+	// UDP, TLS and QUIC stack.
 	LocalNode string
+
 	// Timeout bounds each request to one replica (default 5 s).
 	Timeout time.Duration
 	// Transport is the netquic transport (default QUIC).
@@ -109,9 +113,10 @@ type Cluster struct {
 	repairKick                            chan struct{}
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 
-	mu      sync.Mutex // guards peers, nodes, ring, prev; never taken on the data path
+	mu      sync.Mutex // guards peers, nodes, ring, prev, unixOK; never taken on the data path
 	peers   map[string]*peer
 	nodes   map[string]meta.Node
+	unixOK  map[string]bool // unix socket path → answered the hello (probed once)
 	ring    *ring.Ring
 	prev    []*ring.Ring // rings of a rebalance in progress (cluster_rebalance.go)
 	refresh chan struct{}
@@ -231,7 +236,8 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 		ms: ms, vol: vol, opt: opt, log: opt.Logger, size: size, chunk: chunk, repl: repl,
 		nopts: netquic.Options{Transport: opt.Transport, Streams: clusterStreams, Depth: clusterDepth, Logger: opt.Logger},
 		peers: make(map[string]*peer), nodes: make(map[string]meta.Node), refresh: make(chan struct{}, 1),
-		marks: newMarkSet(), markq: make(chan *markJob, 4096), repairKick: make(chan struct{}, 1),
+		unixOK: make(map[string]bool),
+		marks:  newMarkSet(), markq: make(chan *markJob, 4096), repairKick: make(chan struct{}, 1),
 	}
 	if c.opt.RebuildRate <= 0 {
 		c.opt.RebuildRate = DefaultRebuildRate
@@ -329,6 +335,64 @@ func (c *Cluster) fence(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// peerAddr is where requests to node nd go: its unix socket when nd is the
+// local node (LocalNode), registered one, and a hello on it is answered with
+// nd's ID; else its QUIC address. Each socket path is probed once; one
+// that fails stays on QUIC (warned once), so a socket this process may not
+// use (another user's torusd, another machine's path) never turns into a
+// failing replica. Called with c.mu held.
+func (c *Cluster) peerAddr(nd meta.Node) (addr, transport string) {
+	if nd.Socket == "" || nd.ID != c.opt.LocalNode {
+		return nd.Addr, c.nopts.Transport
+	}
+	ok, seen := c.unixOK[nd.Socket]
+	if !seen {
+		err := c.hello(nd)
+		ok = err == nil
+		c.unixOK[nd.Socket] = ok
+		if ok {
+			c.log.Info("cluster: requests to the local node go over its unix socket", "node", nd.ID, "socket", nd.Socket)
+		} else {
+			c.log.Warn("cluster: the local node's unix socket is not usable, using QUIC", "node", nd.ID, "socket", nd.Socket, "err", err)
+		}
+	}
+	if !ok {
+		return nd.Addr, c.nopts.Transport
+	}
+	return nd.Socket, netquic.TransportUnix
+}
+
+// hello checks that node nd answers on its unix socket as itself.
+func (c *Cluster) hello(nd meta.Node) error {
+	cli, err := c.newClient(nd.Socket, netquic.TransportUnix)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	// Not c.ctx: OpenCluster probes before it exists.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var hb [netquic.UserHeaderSize]byte
+	resp := netquic.Message{Payload: make([]byte, 256)}
+	if err := cli.Call(ctx, &netquic.Message{Code: uint8(wire.OpHello), Header: hb}, &resp); err != nil {
+		return err
+	}
+	if st := wire.Status(resp.Code); st != wire.StatusOK {
+		return fmt.Errorf("hello: %v", st)
+	}
+	if got := string(resp.Payload); got != nd.ID {
+		return fmt.Errorf("hello: the socket is node %q's, not %q", got, nd.ID)
+	}
+	return nil
+}
+
+// newClient is a netquic client of addr over transport.
+func (c *Cluster) newClient(addr, transport string) (*netquic.Client, error) {
+	o := c.nopts
+	o.Transport = transport
+	return netquic.NewClient(addr, c.opt.TLS, &o)
+}
+
 // rebuildLocked makes a new clusterState from c.ring and c.nodes, making
 // clients for new nodes and nodes whose address changed. Called with c.mu
 // held.
@@ -342,12 +406,12 @@ func (c *Cluster) rebuildLocked() error {
 			continue
 		}
 		p := c.peers[id]
-		if p == nil || p.addr != nd.Addr {
-			cli, err := netquic.NewClient(nd.Addr, c.opt.TLS, &c.nopts)
+		if addr, tr := c.peerAddr(nd); p == nil || p.addr != addr {
+			cli, err := c.newClient(addr, tr)
 			if err != nil {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
-			np := &peer{id: id, addr: nd.Addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
+			np := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
 			if p != nil {
 				np.dirty.Store(true) // it may hold unflushed writes under its old address
 				old := p.cli
@@ -370,11 +434,12 @@ func (c *Cluster) rebuildLocked() error {
 			if !ok {
 				continue
 			}
-			cli, err := netquic.NewClient(nd.Addr, c.opt.TLS, &c.nopts)
+			addr, tr := c.peerAddr(nd)
+			cli, err := c.newClient(addr, tr)
 			if err != nil {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
-			p := &peer{id: id, addr: nd.Addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
+			p := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
 			c.peers[id] = p
 			pp[i] = p
 		}

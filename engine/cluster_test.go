@@ -33,6 +33,7 @@ type testNode struct {
 	addr string
 	tls  *netquic.TLSConfigs
 	meta meta.Node
+	reg  *meta.Registration
 }
 
 // testCluster is an embedded etcd, an initialised cluster and nodes.
@@ -126,6 +127,7 @@ func (tc *testCluster) startNode(id string, slots int64) *testNode {
 	if err != nil {
 		t.Fatal(err)
 	}
+	nd.reg = reg
 	t.Cleanup(func() {
 		c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()

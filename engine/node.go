@@ -154,6 +154,9 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 		return
 	}
 	switch op {
+	case wire.OpHello:
+		_ = r.Reply(uint8(wire.StatusOK), &n.boot, []byte(n.id))
+		return
 	case wire.OpFence:
 		n.RaiseEpoch(h.Volume, h.Epoch)
 		if cur := n.Epoch(h.Volume); cur > h.Epoch {

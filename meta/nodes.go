@@ -27,6 +27,9 @@ type Node struct {
 	ID string `json:"id"`
 	// Addr is the node's QUIC address, host:port.
 	Addr string `json:"addr"`
+	// Socket is the path of the node's unix socket (optional): clients on
+	// the node's own host (Host) may send it the same requests there.
+	Socket string `json:"socket,omitempty"`
 	// Capacity is the bytes the node offers.
 	Capacity uint64 `json:"capacity"`
 	// Used is the bytes its chunks take, NoSpace the writes it refused for

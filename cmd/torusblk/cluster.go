@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -99,16 +100,8 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 		return nil, err
 	}
 	if cf.localNode == "" {
-		// Reads prefer a replica on this host: a node registered with
-		// this host name (torusd --host defaults to it).
 		if nodes, err := ms.Nodes(ctx); err == nil {
-			for _, n := range nodes {
-				if n.Host == host {
-					cf.localNode = n.ID
-					log.Info("reads prefer the node on this host", "node", n.ID)
-					break
-				}
-			}
+			cf.localNode = localNode(nodes, host, log)
 		}
 	}
 	vol, err := engine.OpenCluster(ctx, ms, lease.Volume(), engine.ClusterOptions{
@@ -206,4 +199,27 @@ func (v *clusterVolume) Close() error {
 	}
 	v.ms.Close()
 	return err
+}
+
+// localNode picks the node on this host whose replica reads prefer: the
+// first node registered with this host name (torusd --host defaults to it),
+// else the first whose unix socket is on this machine (a dev cluster's
+// nodes carry made-up host labels). The engine checks, before it uses the
+// socket, that the node behind it is that node. "" when there is none.
+func localNode(nodes []meta.Node, host string, log *slog.Logger) string {
+	nodes = slices.Clone(nodes)
+	slices.SortFunc(nodes, func(a, b meta.Node) int { return strings.Compare(a.ID, b.ID) })
+	for _, n := range nodes {
+		if n.Host == host {
+			log.Info("reads prefer the node on this host", "node", n.ID)
+			return n.ID
+		}
+	}
+	for _, n := range nodes {
+		if fi, err := os.Stat(n.Socket); n.Socket != "" && err == nil && fi.Mode().Type() == os.ModeSocket {
+			log.Info("reads prefer the node whose socket is on this host", "node", n.ID, "socket", n.Socket)
+			return n.ID
+		}
+	}
+	return ""
 }

@@ -205,6 +205,7 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	fs.StringVar(&nc.TLSDir, "tls-dir", "", "directory with node.crt, node.key and ca.crt")
 	fs.DurationVar(&nc.LeaseTTL, "lease-ttl", defaultLeaseTTL, "how long the registration outlives a crashed node")
 	fs.DurationVar(&nc.DeadTimeout, "dead-timeout", defaultDeadTimeout, "remove a node of the ring that stays unregistered this long, so its chunks are re-replicated; 0 = never")
+	fs.StringVar(&nc.Socket, "socket", "", "unix socket for clients on this host, instead of QUIC (default DATA_DIR/node.sock; none: no socket)")
 	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
 	if err := parse(fs, args); err != nil {
 		return err

@@ -258,6 +258,13 @@ func TestNode(t *testing.T) {
 		t.Fatalf("Nodes = %+v, %v; want one node at %s with 64 MiB in z1", nodes, err, addr)
 	}
 	id := nodes[0].ID
+	// The unix socket for clients on this host: registered, 0600.
+	if want := filepath.Join(data, "node.sock"); nodes[0].Socket != want {
+		t.Fatalf("registered socket %q, want %q", nodes[0].Socket, want)
+	}
+	if fi, err := os.Stat(nodes[0].Socket); err != nil || fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("node socket: %v, %v; want a 0600 socket", fi, err)
+	}
 	r, _, err := c.ms.Ring(ctx)
 	if err != nil || r.Len() != 1 || r.Node(0).ID != id || r.Node(0).Capacity != 64<<20 || r.Node(0).Host != "h1" {
 		t.Fatalf("ring: %d nodes, %+v, %v", r.Len(), r.Node(0), err)
@@ -298,6 +305,9 @@ func TestNode(t *testing.T) {
 
 	// SIGTERM: the registration is revoked at once; the ring keeps the node.
 	p.stop(t)
+	if _, err := os.Lstat(nodes[0].Socket); !os.IsNotExist(err) {
+		t.Fatalf("node socket left after SIGTERM: %v", err)
+	}
 	if nodes, err := c.ms.Nodes(ctx); err != nil || len(nodes) != 0 {
 		t.Fatalf("Nodes after SIGTERM = %+v, %v; want none (lease revoked)", nodes, err)
 	}

@@ -45,7 +45,17 @@ type nodeConfig struct {
 	// DeadTimeout: ring nodes unregistered longer are removed from the ring
 	// (dead.go); 0 never removes them.
 	DeadTimeout time.Duration
+	// Socket is the unix socket clients on this host use instead of QUIC:
+	// "" means DataDir/node.sock, "none" none.
+	Socket string
 }
+
+// socketName is the node's unix socket in its data dir.
+const socketName = "node.sock"
+
+// maxSocketPath is the longest path a unix socket address holds
+// (sun_path is 108 bytes with the terminating NUL).
+const maxSocketPath = 107
 
 // node is a running storage node.
 type node struct {
@@ -53,6 +63,7 @@ type node struct {
 	addr  string // advertised address
 	store *engine.Store
 	srv   *netquic.Server
+	local *netquic.Server // unix socket for clients on this host; nil without
 	cs    chunkServer
 	reg   *meta.Registration
 	gc    *collector
@@ -144,8 +155,12 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 		n.id = id
 	}
 
+	sock, err := n.listenLocal(nc)
+	if err != nil {
+		return nil, err
+	}
 	stats := st.Stats()
-	mn := meta.Node{ID: id.NodeID, Addr: n.addr, Capacity: uint64(stats.Slots * stats.ChunkSize), Zone: nc.Zone, Host: nc.Host}
+	mn := meta.Node{ID: id.NodeID, Addr: n.addr, Socket: sock, Capacity: uint64(stats.Slots * stats.ChunkSize), Zone: nc.Zone, Host: nc.Host}
 	if n.reg, err = register(ctx, ms, mn, nc.LeaseTTL, log); err != nil {
 		return nil, err
 	}
@@ -163,10 +178,41 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 	go n.reportUsage(rctx, mn)
 	n.gc = startCollector(ctx, st, ms, log)
 	n.dead = startDeadWatch(ctx, ms, id.NodeID, nc.DeadTimeout, log)
-	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "capacity",
+	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "socket", sock, "capacity",
 		units.FormatSize(int64(mn.Capacity)), "zone", nc.Zone, "host", nc.Host, "ring_version", r.Version(),
 		"ring_nodes", r.Len())
 	return n, nil
+}
+
+// listenLocal serves the node's requests on its unix socket too (the same
+// handler, so the same epochs, fences and incarnation) and returns the
+// socket's path, or "" when there is none.
+func (n *node) listenLocal(nc nodeConfig) (string, error) {
+	path := nc.Socket
+	switch path {
+	case "none":
+		return "", nil
+	case "":
+		path = filepath.Join(nc.DataDir, socketName)
+	}
+	path, err := filepath.Abs(path)
+	if err != nil {
+		return "", err
+	}
+	if len(path) > maxSocketPath {
+		if nc.Socket == "" {
+			n.log.Warn("no unix socket: the data dir's path is too long for one; clients on this host use QUIC (give a shorter --socket)",
+				"path", path, "max", maxSocketPath)
+			return "", nil
+		}
+		return "", fmt.Errorf("%w: --socket %s: longer than %d bytes, the most a unix socket address holds", errUsage, path, maxSocketPath)
+	}
+	srv, err := netquic.Listen(path, nil, n.cs, &netquic.Options{Transport: netquic.TransportUnix, Logger: n.log})
+	if err != nil {
+		return "", fmt.Errorf("unix socket: %w (pick another --socket, or --socket none)", err)
+	}
+	n.local = srv
+	return path, nil
 }
 
 // raiseEpochs raises every volume's fence to the epoch in etcd.
@@ -257,6 +303,11 @@ func (n *node) stop(ctx context.Context) error {
 	if n.srv != nil {
 		if err := n.srv.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close server: %w", err))
+		}
+	}
+	if n.local != nil {
+		if err := n.local.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close unix socket: %w", err))
 		}
 	}
 	if n.store != nil {

@@ -55,6 +55,10 @@ const (
 	// OpFence raises the node's epoch of Header.Volume to Header.Epoch; it
 	// fails with StatusStaleEpoch if the node already knows a higher one.
 	OpFence Op = 6
+	// OpHello asks the node who it is: the OK reply's payload is its node
+	// ID. A client checks it before trusting an address it did not get
+	// from the node's certificate (the node's unix socket).
+	OpHello Op = 7
 )
 
 // String names the op.
@@ -72,12 +76,14 @@ func (o Op) String() string {
 		return "write-zeroes"
 	case OpFence:
 		return "fence"
+	case OpHello:
+		return "hello"
 	}
 	return fmt.Sprintf("op(%d)", uint8(o))
 }
 
 // Valid reports whether o is a known op.
-func (o Op) Valid() bool { return o >= OpRead && o <= OpFence }
+func (o Op) Valid() bool { return o >= OpRead && o <= OpHello }
 
 // Status is a response's status (the netquic frame's code).
 type Status uint8

@@ -26,7 +26,7 @@ func TestDecodeRejects(t *testing.T) {
 		h    Header
 	}{
 		{"unknown op", 0, Header{Len: BlockSize}},
-		{"unknown op 7", 7, Header{Len: BlockSize}},
+		{"unknown op 8", 8, Header{Len: BlockSize}},
 		{"zero length read", OpRead, Header{}},
 		{"past the largest chunk", OpWrite, Header{Off: MaxChunk - BlockSize, Len: 2 * BlockSize}},
 		{"unknown flag", OpRead, Header{Len: BlockSize, Flags: 4}},
@@ -38,10 +38,10 @@ func TestDecodeRejects(t *testing.T) {
 			t.Errorf("%s: err %v, want ErrMalformed", tc.name, err)
 		}
 	}
-	// Flush and fence carry no range.
+	// Flush, fence and hello carry no range.
 	var b [HeaderSize]byte
 	var g Header
-	for _, op := range []Op{OpFlush, OpFence} {
+	for _, op := range []Op{OpFlush, OpFence, OpHello} {
 		if err := Decode(op, &b, &g); err != nil {
 			t.Errorf("%v with empty header: %v", op, err)
 		}
@@ -57,6 +57,7 @@ func FuzzDecode(f *testing.F) {
 	seed.Encode(&b)
 	f.Add(uint8(OpWrite), b[:])
 	f.Add(uint8(OpFence), make([]byte, HeaderSize))
+	f.Add(uint8(OpHello), make([]byte, HeaderSize))
 	f.Add(uint8(0xff), []byte{1, 2, 3})
 	f.Fuzz(func(t *testing.T, op uint8, data []byte) {
 		var b [HeaderSize]byte
