@@ -23,6 +23,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"unsafe"
 
 	"github.com/torus-storage/torus/iouring"
 )
@@ -36,8 +37,42 @@ type ShardDriver struct {
 	shards  []*shard
 	mine    [alShards]bool
 	fixed   bool
+	bufs    []fixedRange // the ring's registered buffers; index i is bufs[i]
 	pending int
 	cqes    [64]iouring.CQE
+}
+
+// fixedRange is the address range of one registered buffer.
+type fixedRange struct{ lo, hi uintptr }
+
+// RegisterBuffers registers bufs as the ring's fixed buffers (bufs[i] gets
+// index i). From then on a read or write of a driven shard whose Buf lies
+// inside one of them uses READ_FIXED or WRITE_FIXED, which saves pinning and
+// unpinning its pages on every I/O. Call it once, on the driver's thread,
+// before the first Submit; bufs must stay mapped until the ring is closed.
+func (d *ShardDriver) RegisterBuffers(bufs [][]byte) error {
+	if len(d.bufs) > 0 {
+		return errors.New("engine: RegisterBuffers: already registered")
+	}
+	if err := d.ring.RegisterBuffers(bufs); err != nil {
+		return fmt.Errorf("engine: RegisterBuffers: %w", err)
+	}
+	for _, b := range bufs {
+		p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+		d.bufs = append(d.bufs, fixedRange{p, p + uintptr(len(b))})
+	}
+	return nil
+}
+
+// fixedIndex returns the index of the registered buffer that holds b.
+func (d *ShardDriver) fixedIndex(b []byte) (uint16, bool) {
+	p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	for i, r := range d.bufs {
+		if p >= r.lo && p+uintptr(len(b)) <= r.hi {
+			return uint16(i), true
+		}
+	}
+	return 0, false
 }
 
 // Shards returns the number of store shards; DriveShards takes ids in

@@ -61,9 +61,10 @@ func driveLoop(t *testing.T, r *iouring.Ring, d *ShardDriver, spin bool, cond fu
 }
 
 // TestShardDriver drives shard 0 of 2 on a test thread: requests on both
-// shards and across chunk boundaries, while another goroutine submits
-// through Local.Submit, must all complete on the driver's thread with the
-// right data; after Release the shards serve again, and Close is clean.
+// shards and across chunk boundaries, from registered (fixed) and plain
+// buffers, while another goroutine submits through Local.Submit, must all
+// complete on the driver's thread with the right data; after Release the
+// shards serve again, and Close is clean.
 func TestShardDriver(t *testing.T) {
 	const size = 32 << 20
 	path := filepath.Join(t.TempDir(), "v.store")
@@ -113,6 +114,23 @@ func TestShardDriver(t *testing.T) {
 			}
 			if _, err := l.DriveShards(r, 0); err == nil {
 				return fmt.Errorf("second DriveShards of shard 0 succeeded")
+			}
+			// The writes come from a registered buffer and half of the
+			// reads go into one (READ_FIXED/WRITE_FIXED), the other half
+			// and the foreign writer's I/O not: all must carry the right
+			// bytes.
+			half := n / 2 * ioLen
+			if err := d.RegisterBuffers([][]byte{buf, rbuf[:half]}); err != nil {
+				return err
+			}
+			if err := d.RegisterBuffers([][]byte{buf}); err == nil {
+				return fmt.Errorf("second RegisterBuffers succeeded")
+			}
+			if i, ok := d.fixedIndex(rbuf[ioLen : 2*ioLen]); !ok || i != 1 {
+				return fmt.Errorf("fixedIndex inside buffer 1: %d, %v", i, ok)
+			}
+			if _, ok := d.fixedIndex(rbuf[half-4096 : half+4096]); ok {
+				return fmt.Errorf("a slice that straddles a registered buffer's end counts as fixed")
 			}
 			c := &tidCompleter{tids: map[int]int{}}
 			reqs := make([]Request, n+1)

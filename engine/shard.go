@@ -637,7 +637,11 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 	switch op.Op {
 	case OpRead:
 		e := sh.sqe()
-		e.PrepRead(sh.fd, op.Buf, base+uint64(op.Off))
+		if i, ok := sh.fixedBuf(op.Buf); ok {
+			e.PrepReadFixed(sh.fd, op.Buf, base+uint64(op.Off), i)
+		} else {
+			e.PrepRead(sh.fd, op.Buf, base+uint64(op.Off))
+		}
 		e.UserData = udOp | sh.ud | uint64(op.idx)
 		e.Flags |= sh.fixed
 		op.pending = 1
@@ -656,7 +660,11 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		}
 		m.version++
 		e := sh.sqe()
-		e.PrepWrite(sh.fd, op.Buf, base+uint64(op.Off))
+		if i, ok := sh.fixedBuf(op.Buf); ok {
+			e.PrepWriteFixed(sh.fd, op.Buf, base+uint64(op.Off), i)
+		} else {
+			e.PrepWrite(sh.fd, op.Buf, base+uint64(op.Off))
+		}
 		if fua {
 			e.OpFlags = unix.RWF_DSYNC
 		}
@@ -700,6 +708,15 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		}
 		sh.joinHeader(op, m, fua)
 	}
+}
+
+// fixedBuf returns the index of the driver's registered buffer holding b,
+// if the shard runs on a driver's ring that registered one.
+func (sh *shard) fixedBuf(b []byte) (uint16, bool) {
+	if sh.driver == nil || len(sh.driver.bufs) == 0 {
+		return 0, false
+	}
+	return sh.driver.fixedIndex(b)
 }
 
 // joinHeader makes op wait for a header write that includes the current

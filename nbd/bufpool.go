@@ -71,6 +71,22 @@ func newBufPool(inFlight, maxPayload int) (*bufPool, error) {
 	return p, nil
 }
 
+// fixedMax is the largest class whose arena is registered with a ring
+// connection's io_uring (fixedArenas): registering pins the whole arena.
+const fixedMax = 64 << 10
+
+// fixedArenas returns the preallocated arenas of the classes up to
+// fixedMax, for io_uring buffer registration.
+func (p *bufPool) fixedArenas() [][]byte {
+	var a [][]byte
+	for _, c := range p.classes {
+		if c.arena != nil && c.size <= fixedMax {
+			a = append(a, c.arena)
+		}
+	}
+	return a
+}
+
 // classFor returns the index of the smallest class holding n bytes, or -1.
 func (p *bufPool) classFor(n int) int {
 	for i := range p.classes {
