@@ -123,11 +123,10 @@ type ringConn struct {
 	drv  *engine.ShardDriver
 	cqes [256]iouring.CQE
 
-	slots     []rslot
-	free      []*rslot
-	pool      *bufPool
-	fixedBufs bool // the pool's small arenas are the ring's fixed buffers
-	inflight  int  // requests at the volume
+	slots    []rslot
+	free     []*rslot
+	pool     *bufPool
+	inflight int // requests at the volume
 
 	// Receiving.
 	rbuf         []byte
@@ -289,7 +288,7 @@ func (c *ringConn) setup() error {
 	// Reads and writes into the small buffers skip pinning their pages.
 	// Without (RLIMIT_MEMLOCK too low for a non-root user) they still work.
 	if a := c.pool.fixedArenas(); len(a) > 0 {
-		c.fixedBufs = c.drv.RegisterBuffers(a) == nil
+		_ = c.drv.RegisterBuffers(a)
 	}
 	return nil
 }

@@ -28,7 +28,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -37,6 +36,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/unixsock"
 )
 
 // Export is one named volume offered by a Server.
@@ -336,20 +336,13 @@ func Listen(addr string) (net.Listener, error) {
 	}
 	switch kind {
 	case "unix":
-		if fi, err := os.Lstat(rest); err == nil {
-			if fi.Mode()&os.ModeSocket == 0 {
-				return nil, fmt.Errorf("nbd: %s exists and is not a socket: pick another --listen", rest)
-			}
-			if c, err := net.DialTimeout("unix", rest, time.Second); err == nil {
-				c.Close()
-				return nil, fmt.Errorf("nbd: %s is in use by another process: pick another --listen", addr)
-			}
-			if err := os.Remove(rest); err != nil && !errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("nbd: removing stale socket %s: %w", rest, err)
-			}
-		}
-		l, err := net.Listen("unix", rest)
-		if err != nil {
+		l, err := unixsock.Listen(rest)
+		switch {
+		case errors.Is(err, unixsock.ErrNotSocket):
+			return nil, fmt.Errorf("nbd: %s exists and is not a socket: pick another --listen", rest)
+		case errors.Is(err, syscall.EADDRINUSE):
+			return nil, fmt.Errorf("nbd: %s is in use by another process: pick another --listen", addr)
+		case err != nil:
 			return nil, fmt.Errorf("nbd: listen on %s: %w", addr, err)
 		}
 		return l, nil

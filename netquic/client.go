@@ -243,45 +243,22 @@ func (c *Client) dial(ctx context.Context) (*clientSession, error) {
 			raws = append(raws, quicStream{st})
 		}
 		s.connDone = conn.Context()
-	case TransportTCP:
-		d := tls.Dialer{Config: c.tls}
-		var conns []*tls.Conn
-		closeAll := func() {
-			for _, tc := range conns {
-				tcpStream{tc}.abort()
+	case TransportTCP, TransportUnix:
+		// One connection per stream.
+		abortAll := func() {
+			for _, r := range raws {
+				r.abort()
 			}
 		}
 		for range c.opts.Streams {
-			nc, err := d.DialContext(ctx, "tcp", c.addr)
+			raw, err := c.dialStream(ctx)
 			if err != nil {
-				closeAll()
+				abortAll()
 				return nil, err
 			}
-			tc := nc.(*tls.Conn)
-			setNoDelay(tc.NetConn())
-			conns = append(conns, tc)
-			raws = append(raws, tcpStream{tc})
+			raws = append(raws, raw)
 		}
-		s.closeConn = closeAll
-	case TransportUnix:
-		var d net.Dialer
-		var conns []*net.UnixConn
-		closeAll := func() {
-			for _, uc := range conns {
-				uc.Close()
-			}
-		}
-		for range c.opts.Streams {
-			nc, err := d.DialContext(ctx, "unix", c.addr)
-			if err != nil {
-				closeAll()
-				return nil, err
-			}
-			uc := nc.(*net.UnixConn)
-			conns = append(conns, uc)
-			raws = append(raws, unixStream{uc})
-		}
-		s.closeConn = closeAll
+		s.closeConn = abortAll
 	}
 	s.streams = make([]*clientStream, len(raws))
 	for i, r := range raws {
@@ -299,6 +276,26 @@ func (c *Client) dial(ctx context.Context) (*clientSession, error) {
 		}()
 	}
 	return s, nil
+}
+
+// dialStream opens one connection of the TCP (TLS) or unix transport.
+func (c *Client) dialStream(ctx context.Context) (rawStream, error) {
+	if c.opts.Transport == TransportUnix {
+		var d net.Dialer
+		nc, err := d.DialContext(ctx, "unix", c.addr)
+		if err != nil {
+			return nil, err
+		}
+		return unixStream{nc.(*net.UnixConn)}, nil
+	}
+	d := tls.Dialer{Config: c.tls}
+	nc, err := d.DialContext(ctx, "tcp", c.addr)
+	if err != nil {
+		return nil, err
+	}
+	tc := nc.(*tls.Conn)
+	setNoDelay(tc.NetConn())
+	return tcpStream{tc}, nil
 }
 
 // clientSession is one connection and its streams.

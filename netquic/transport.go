@@ -17,10 +17,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
+
+	"github.com/torus-storage/torus/internal/unixsock"
 	"golang.org/x/sys/unix"
 )
 
@@ -145,23 +146,11 @@ type unixStream struct{ *net.UnixConn }
 
 func (s unixStream) abort() { s.UnixConn.Close() }
 
-// listenUnix listens on the unix socket path, replacing a stale socket file
-// (one nobody accepts on) and refusing to touch anything else, and makes
+// listenUnix listens on the unix socket path (unixsock.Listen: a stale
+// socket file is replaced, a live one or a non-socket refused) and makes
 // the socket file 0600.
 func listenUnix(path string) (*net.UnixListener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s: %w (another server listens on it)", path, syscall.EADDRINUSE)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("remove stale socket: %w", err)
-		}
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	ln, err := unixsock.Listen(path)
 	if err != nil {
 		return nil, err
 	}
