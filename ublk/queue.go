@@ -37,7 +37,9 @@ package ublk
 //     after the loop, before the ring is closed.
 //   - Tag buffers are alignbuf memory (outside the Go heap): the kernel copies
 //     WRITE data into them before the FETCH CQE and READ data out of them at
-//     COMMIT, so they must not move.
+//     COMMIT, so they must not move. A queue that drives store shards
+//     registers them as its ring's fixed buffer (pinned until the ring
+//     closes, which release does before freeing them).
 
 import (
 	"errors"
@@ -243,6 +245,15 @@ func (q *queue) setup() error {
 			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 		}
 		q.drv = drv
+		// The tag buffers become the ring's fixed buffer: the store's reads
+		// and writes into them (READ_FIXED/WRITE_FIXED) skip pinning and
+		// unpinning their pages on every I/O. That pins depth*maxIO bytes
+		// for the device's life; where the kernel refuses (RLIMIT_MEMLOCK)
+		// plain buffers work the same, a little slower.
+		if err := drv.RegisterBuffers([][]byte{q.bufs[:q.depth*q.maxIO]}); err != nil {
+			q.log.Warn("ublk: tag buffers not registered with io_uring; using plain buffers",
+				"queue", q.id, "bytes", q.depth*q.maxIO, "err", err)
+		}
 	}
 	// Blocking, so that the ring's READ waits (a non-blocking fd would
 	// make it fail with EAGAIN); writes never block at our counts.
