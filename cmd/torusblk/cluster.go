@@ -26,6 +26,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )
@@ -120,8 +121,14 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 	}
 	wctx, stop := context.WithCancel(context.Background())
 	cv := &clusterVolume{Cluster: vol, ms: ms, lease: lease, info: lease.Volume(), stop: stop}
-	cv.wg.Add(1)
+	cv.wg.Add(2)
 	go cv.keepLock(wctx, name, holder, cf.ttl, log)
+	// Requests to the nodes leave every P idle while they wait; the
+	// keeper spares the runtime a sysmon wake-up on each (internal/procs).
+	go func() {
+		defer cv.wg.Done()
+		new(procs.Keeper).Keep(wctx)
+	}()
 	log.Info("attached cluster volume", "volume", name, "id", cv.info.ID, "replication", cv.info.Replication, "epoch", lease.Epoch())
 	return cv, nil
 }

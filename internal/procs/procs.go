@@ -1,5 +1,7 @@
-// Package procs sets GOMAXPROCS for processes whose store shards block in
-// io_uring_enter.
+// Package procs tunes the Go scheduler for the I/O servers: Set chooses
+// GOMAXPROCS for processes whose store shards block in io_uring_enter, and
+// Keeper (keep.go) keeps the runtime's sysmon from sleeping and waking on
+// every request of a lightly loaded client.
 //
 // Every store shard is a goroutine locked to its OS thread that spends most
 // of its life blocked in io_uring_enter. A goroutine blocked in a system call
