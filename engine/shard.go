@@ -159,19 +159,11 @@ func newShard(s *Store, id int) (*shard, error) {
 
 // newRing makes a ring with the best flags the kernel accepts.
 func newRing() (*iouring.Ring, error) {
-	var err error
-	for _, fl := range []uint32{
-		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer | iouring.SetupDeferTaskrun,
-		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer,
-		iouring.SetupCoopTaskrun,
-		0,
-	} {
-		var r *iouring.Ring
-		if r, err = iouring.New(ringEntries, fl); err == nil {
-			return r, nil
-		}
+	r, err := iouring.NewThreadRing(ringEntries)
+	if err != nil {
+		return nil, fmt.Errorf("io_uring setup: %w", err)
 	}
-	return nil, fmt.Errorf("io_uring setup: %w", err)
+	return r, nil
 }
 
 // push queues op for the shard's owner thread.

@@ -111,6 +111,27 @@ type Ring struct {
 	sqMap, cqMap, sqeMap []byte
 }
 
+// NewThreadRing sets up a ring for one goroutine locked to its OS thread
+// (the store shards, the NBD and node unix connections, ublk queues): it
+// asks for COOP_TASKRUN | SINGLE_ISSUER | DEFER_TASKRUN and, on a kernel
+// that refuses, for fewer of them, down to no flags; the error is the last
+// refusal's.
+func NewThreadRing(entries uint32) (*Ring, error) {
+	var err error
+	for _, flags := range []uint32{
+		SetupCoopTaskrun | SetupSingleIssuer | SetupDeferTaskrun,
+		SetupCoopTaskrun | SetupSingleIssuer,
+		SetupCoopTaskrun,
+		0,
+	} {
+		var r *Ring
+		if r, err = New(entries, flags); err == nil {
+			return r, nil
+		}
+	}
+	return nil, err
+}
+
 // New sets up a ring with at least entries SQ entries (rounded up to a power
 // of two by the kernel) and the given Setup* flags. With SetupCQSize the CQ
 // gets 4 × entries slots; otherwise the kernel's default of 2 × entries.

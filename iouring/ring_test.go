@@ -688,3 +688,19 @@ func TestOverflowCounterReported(t *testing.T) {
 		t.Fatalf("second Submit reported again: %v", err)
 	}
 }
+
+func TestNewThreadRing(t *testing.T) {
+	onLockedThread(t, func() {
+		r, err := NewThreadRing(64)
+		if err != nil {
+			t.Fatalf("NewThreadRing: %v", err)
+		}
+		defer r.Close()
+		// The host kernel (6.18) takes every flag: nothing may be dropped.
+		want := uint32(SetupCoopTaskrun | SetupSingleIssuer | SetupDeferTaskrun)
+		if r.Flags()&want != want {
+			t.Fatalf("flags %#x, want %#x set", r.Flags(), want)
+		}
+		nopRoundTrip(t, r, 42)
+	})
+}

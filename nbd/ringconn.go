@@ -267,17 +267,7 @@ func (c *ringConn) run(setup chan<- error) error {
 // setup creates the ring and takes the shards.
 func (c *ringConn) setup() error {
 	var err error
-	for _, flags := range []uint32{
-		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer | iouring.SetupDeferTaskrun,
-		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer,
-		iouring.SetupCoopTaskrun,
-		0,
-	} {
-		c.ring, err = iouring.New(ringEntries, flags)
-		if err == nil {
-			break
-		}
-	}
+	c.ring, err = iouring.NewThreadRing(ringEntries)
 	if err != nil {
 		return fmt.Errorf("nbd: connection ring: %w", err)
 	}

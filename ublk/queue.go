@@ -214,17 +214,7 @@ func (q *queue) setup() error {
 		entries += 512 // the shards' I/O (they submit when the SQ is full)
 	}
 	var err error
-	for _, flags := range []uint32{
-		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer | iouring.SetupDeferTaskrun,
-		iouring.SetupCoopTaskrun | iouring.SetupSingleIssuer,
-		iouring.SetupCoopTaskrun,
-		0,
-	} {
-		q.ring, err = iouring.New(entries, flags)
-		if err == nil {
-			break
-		}
-	}
+	q.ring, err = iouring.NewThreadRing(entries)
 	if err != nil {
 		return fmt.Errorf("ublk: queue %d ring: %w", q.id, err)
 	}
