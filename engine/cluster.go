@@ -116,7 +116,8 @@ type Cluster struct {
 	mu      sync.Mutex // guards peers, nodes, ring, prev, unixOK; never taken on the data path
 	peers   map[string]*peer
 	nodes   map[string]meta.Node
-	unixOK  map[string]bool // unix socket path → answered the hello (probed once)
+	unixOK  map[string]bool            // unix socket path → answered the hello (probed once)
+	unixCli map[string]*netquic.Client // hello's client, until a peer takes it
 	ring    *ring.Ring
 	prev    []*ring.Ring // rings of a rebalance in progress (cluster_rebalance.go)
 	refresh chan struct{}
@@ -236,8 +237,9 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 		ms: ms, vol: vol, opt: opt, log: opt.Logger, size: size, chunk: chunk, repl: repl,
 		nopts: netquic.Options{Transport: opt.Transport, Streams: clusterStreams, Depth: clusterDepth, Logger: opt.Logger},
 		peers: make(map[string]*peer), nodes: make(map[string]meta.Node), refresh: make(chan struct{}, 1),
-		unixOK: make(map[string]bool),
-		marks:  newMarkSet(), markq: make(chan *markJob, 4096), repairKick: make(chan struct{}, 1),
+		unixOK:  make(map[string]bool),
+		unixCli: make(map[string]*netquic.Client),
+		marks:   newMarkSet(), markq: make(chan *markJob, 4096), repairKick: make(chan struct{}, 1),
 	}
 	if c.opt.RebuildRate <= 0 {
 		c.opt.RebuildRate = DefaultRebuildRate
@@ -347,9 +349,15 @@ func (c *Cluster) peerAddr(nd meta.Node) (addr, transport string) {
 	}
 	ok, seen := c.unixOK[nd.Socket]
 	if !seen {
-		err := c.hello(nd)
+		cli, err := c.hello(nd)
 		ok = err == nil
 		c.unixOK[nd.Socket] = ok
+		if ok {
+			// Kept for the peer: its connections are the node's first
+			// from this client, and the first one a node gets may run on
+			// the node's store ring (netquic.RingHandler).
+			c.unixCli[nd.Socket] = cli
+		}
 		if ok {
 			c.log.Info("cluster: requests to the local node go over its unix socket", "node", nd.ID, "socket", nd.Socket)
 		} else {
@@ -362,28 +370,41 @@ func (c *Cluster) peerAddr(nd meta.Node) (addr, transport string) {
 	return nd.Socket, netquic.TransportUnix
 }
 
-// hello checks that node nd answers on its unix socket as itself.
-func (c *Cluster) hello(nd meta.Node) error {
+// hello checks that node nd answers on its unix socket as itself and
+// returns the client it asked with.
+func (c *Cluster) hello(nd meta.Node) (*netquic.Client, error) {
 	cli, err := c.newClient(nd.Socket, netquic.TransportUnix)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer cli.Close()
+	fail := func(err error) (*netquic.Client, error) { cli.Close(); return nil, err }
 	// Not c.ctx: OpenCluster probes before it exists.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	var hb [netquic.UserHeaderSize]byte
 	resp := netquic.Message{Payload: make([]byte, 256)}
 	if err := cli.Call(ctx, &netquic.Message{Code: uint8(wire.OpHello), Header: hb}, &resp); err != nil {
-		return err
+		return fail(err)
 	}
 	if st := wire.Status(resp.Code); st != wire.StatusOK {
-		return fmt.Errorf("hello: %v", st)
+		return fail(fmt.Errorf("hello: %v", st))
 	}
 	if got := string(resp.Payload); got != nd.ID {
-		return fmt.Errorf("hello: the socket is node %q's, not %q", got, nd.ID)
+		return fail(fmt.Errorf("hello: the socket is node %q's, not %q", got, nd.ID))
 	}
-	return nil
+	return cli, nil
+}
+
+// client returns the client of a peer at addr: the one hello kept for that
+// socket if there is one, else a new one. Called with c.mu held.
+func (c *Cluster) client(addr, transport string) (*netquic.Client, error) {
+	if transport == netquic.TransportUnix {
+		if cli := c.unixCli[addr]; cli != nil {
+			delete(c.unixCli, addr)
+			return cli, nil
+		}
+	}
+	return c.newClient(addr, transport)
 }
 
 // newClient is a netquic client of addr over transport.
@@ -407,7 +428,7 @@ func (c *Cluster) rebuildLocked() error {
 		}
 		p := c.peers[id]
 		if addr, tr := c.peerAddr(nd); p == nil || p.addr != addr {
-			cli, err := c.newClient(addr, tr)
+			cli, err := c.client(addr, tr)
 			if err != nil {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
@@ -435,7 +456,7 @@ func (c *Cluster) rebuildLocked() error {
 				continue
 			}
 			addr, tr := c.peerAddr(nd)
-			cli, err := c.newClient(addr, tr)
+			cli, err := c.client(addr, tr)
 			if err != nil {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
@@ -983,5 +1004,9 @@ func (c *Cluster) closeClients() {
 	defer c.mu.Unlock()
 	for _, p := range c.peers {
 		p.cli.Close()
+	}
+	for path, cli := range c.unixCli {
+		cli.Close()
+		delete(c.unixCli, path)
 	}
 }

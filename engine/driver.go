@@ -93,7 +93,23 @@ func (l *Local) Shards() int { return l.st.nshards }
 // registered files; otherwise it uses the plain descriptor. Close of the
 // volume waits until every driver has released its shards.
 func (l *Local) DriveShards(r *iouring.Ring, ids ...int) (*ShardDriver, error) {
-	st := l.st
+	return driveShards(l.st, l, r, ids)
+}
+
+// Shards returns the number of the store's shards; DriveShards takes ids in
+// [0, Shards()).
+func (s *Store) Shards() int { return s.nshards }
+
+// DriveShards is Local.DriveShards for a frontend that submits chunk ops
+// itself (the node server's unix connection): requests go in with
+// SubmitChunk, not Submit, and an op of a driven shard completes (its
+// ChunkCompleter is called) on the driver's thread. Close of the store
+// waits until the driver has released its shards.
+func (s *Store) DriveShards(r *iouring.Ring, ids ...int) (*ShardDriver, error) {
+	return driveShards(s, nil, r, ids)
+}
+
+func driveShards(st *Store, l *Local, r *iouring.Ring, ids []int) (*ShardDriver, error) {
 	if len(ids) == 0 {
 		return nil, errors.New("engine: DriveShards: no shard")
 	}
@@ -146,8 +162,28 @@ func (d *ShardDriver) Handle(c *iouring.CQE) {
 }
 
 // Submit starts r like Local.Submit but never blocks; r completes on this
-// thread (possibly inside Submit).
-func (d *ShardDriver) Submit(r *Request) { d.l.submit(r, d) }
+// thread (possibly inside Submit). Only a driver made by Local.DriveShards
+// takes requests; one made by Store.DriveShards fails them.
+func (d *ShardDriver) Submit(r *Request) {
+	if d.l == nil {
+		r.Done.Complete(r, errors.New("engine: Submit on a store's shard driver; use SubmitChunk"))
+		return
+	}
+	d.l.submit(r, d)
+}
+
+// SubmitChunk starts op like Store.Submit but never blocks: an op of a
+// driven shard is issued on this thread and completes here (inside
+// SubmitChunk, Handle or Poll); an op of another shard goes through that
+// shard's queue and completes on its thread.
+func (d *ShardDriver) SubmitChunk(op *ChunkOp) {
+	if err := d.st.check(op); err != nil {
+		op.sh = nil
+		op.Done.CompleteChunk(op, err)
+		return
+	}
+	d.submitOp(op)
+}
 
 // submitOp starts one chunk op: right here for a driven shard, else through
 // the owning shard's queue.

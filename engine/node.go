@@ -28,6 +28,7 @@ import (
 	"sync/atomic"
 
 	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/iouring"
 	"github.com/torus-storage/torus/netquic"
 )
 
@@ -171,7 +172,7 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 		o.Op, o.Flags = OpFlush, 0
 		o.Chunk, o.Off, o.Length, o.Buf = ChunkID{}, 0, 0, nil
 		n.flushes.Add(1)
-		n.st.Submit(&o.ChunkOp)
+		n.submit(r, &o.ChunkOp)
 		return
 	}
 	if h.Snap != 0 {
@@ -203,7 +204,7 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 		o.Op, o.Buf = OpRead, buf
 		n.reads.Add(1)
 		n.readBytes.Add(uint64(h.Len))
-		n.st.Submit(&o.ChunkOp)
+		n.submit(r, &o.ChunkOp)
 		return
 	case wire.OpWrite:
 		o.Op, o.Buf = OpWrite, r.Payload
@@ -232,13 +233,42 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 			}
 			// Submit only queues the op (or completes it at once on
 			// error), so the read lock is held briefly.
-			n.st.Submit(&o.ChunkOp)
+			n.submit(r, &o.ChunkOp)
 			v.mu.RUnlock()
 			return
 		}
 		v.mu.RUnlock()
 		n.RaiseEpoch(h.Volume, h.Epoch)
 	}
+}
+
+// submit starts op: on the ring thread of a unix connection that drives
+// the store's shards (AttachRing), straight on those shards; otherwise
+// through the shards' queues.
+func (n *NodeServer) submit(r *netquic.ServerRequest, op *ChunkOp) {
+	if d, ok := r.Driver().(*ShardDriver); ok {
+		d.SubmitChunk(op)
+		return
+	}
+	n.st.Submit(op)
+}
+
+// AttachRing implements netquic.RingHandler: the unix connection whose
+// thread owns r runs every shard of the node's store on r, so a request
+// from a client on this host is read, issued, completed and answered on
+// that one thread. Only one connection drives the shards at a time; the
+// others (and every QUIC stream) reach them through their queues.
+func (n *NodeServer) AttachRing(r *iouring.Ring) (netquic.RingDriver, error) {
+	ids := make([]int, n.st.Shards())
+	for i := range ids {
+		ids[i] = i
+	}
+	d, err := n.st.DriveShards(r, ids...)
+	if err != nil {
+		n.log.Debug("node: unix connection not driving the store", "node", n.id, "err", err)
+		return nil, nil
+	}
+	return d, nil
 }
 
 func (n *NodeServer) get(r *netquic.ServerRequest, op wire.Op) *nodeOp {

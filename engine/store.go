@@ -568,28 +568,34 @@ func (s *Store) shardOf(id ChunkID) *shard { return s.shards[s.shardOfIndex(id)]
 // goroutine and possibly before Submit returns. Submit does not allocate.
 func (s *Store) Submit(op *ChunkOp) {
 	op.sh = nil
-	if s.closed.Load() {
-		op.Done.CompleteChunk(op, ErrClosed)
+	if err := s.check(op); err != nil {
+		op.Done.CompleteChunk(op, err)
 		return
 	}
-	if op.Op != OpFlush {
-		if op.Off < 0 || op.Length <= 0 || op.Off%BlockSize != 0 || op.Length%BlockSize != 0 ||
-			op.Off+op.Length > s.chunk {
-			op.Done.CompleteChunk(op, ErrRange)
-			return
-		}
-		if (op.Op == OpRead || op.Op == OpWrite) && int64(len(op.Buf)) != op.Length {
-			op.Done.CompleteChunk(op, ErrRange)
-			return
-		}
-		switch op.Op {
-		case OpRead, OpWrite, OpDiscard, OpWriteZeroes:
-		default:
-			op.Done.CompleteChunk(op, ErrRange)
-			return
-		}
-	}
 	s.shardOf(op.Chunk).push(op)
+}
+
+// check returns the error op completes with without being issued: a closed
+// store, or a range, length or op the store does not take.
+func (s *Store) check(op *ChunkOp) error {
+	if s.closed.Load() {
+		return ErrClosed
+	}
+	if op.Op == OpFlush {
+		return nil
+	}
+	if op.Off < 0 || op.Length <= 0 || op.Off%BlockSize != 0 || op.Length%BlockSize != 0 ||
+		op.Off+op.Length > s.chunk {
+		return ErrRange
+	}
+	if (op.Op == OpRead || op.Op == OpWrite) && int64(len(op.Buf)) != op.Length {
+		return ErrRange
+	}
+	switch op.Op {
+	case OpRead, OpWrite, OpDiscard, OpWriteZeroes:
+		return nil
+	}
+	return ErrRange
 }
 
 // Close waits for submitted ops, writes dirty slot headers, makes completed

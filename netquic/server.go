@@ -291,6 +291,9 @@ func (s *Server) acceptUnix() {
 		if err != nil {
 			return
 		}
+		if rh, ok := s.h.(RingHandler); ok && s.tryRing(rh, c.(*net.UnixConn)) {
+			continue
+		}
 		s.serveStream(unixStream{c.(*net.UnixConn)}, c.RemoteAddr(), UnixPeerName)
 	}
 }
@@ -307,9 +310,9 @@ func (s *Server) acceptTCP() {
 	}
 }
 
-// serveStream starts the reader goroutine of one stream.
-func (s *Server) serveStream(raw rawStream, peer net.Addr, name string) {
-	st := &serverStream{
+// newStream makes the server side of one stream.
+func (s *Server) newStream(raw rawStream, peer net.Addr, name string) *serverStream {
+	return &serverStream{
 		srv:      s,
 		raw:      raw,
 		peer:     peer,
@@ -318,6 +321,11 @@ func (s *Server) serveStream(raw rawStream, peer net.Addr, name string) {
 		rbuf:     make([]byte, FrameHeaderSize),
 		room:     make(chan struct{}, 1),
 	}
+}
+
+// serveStream starts the reader goroutine of one stream.
+func (s *Server) serveStream(raw rawStream, peer net.Addr, name string) {
+	st := s.newStream(raw, peer, name)
 	s.mu.Lock()
 	if s.ctx.Err() != nil {
 		s.mu.Unlock()
@@ -334,7 +342,8 @@ type serverStream struct {
 	srv      *Server
 	raw      rawStream
 	peer     net.Addr
-	peerName string // certificate common name, set before the first Serve
+	peerName string     // certificate common name, set before the first Serve
+	drv      RingDriver // the handler's driver on a ring connection, else nil
 
 	wmu  sync.Mutex
 	wbuf []byte

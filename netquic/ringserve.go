@@ -1,0 +1,388 @@
+package netquic
+
+// A unix connection served on one io_uring thread.
+//
+// When the Server's Handler is a RingHandler, each accepted unix connection
+// is first offered to it: a goroutine locked to its OS thread creates an
+// io_uring and calls AttachRing. If the handler takes the ring (the node
+// server drives its store's shards on it, which only one connection at a
+// time can do), that thread serves the connection: it receives frames with
+// RECV into rbuf, parses every whole frame and calls Serve inline, and the
+// handler issues the request's I/O on the same ring through the driver, whose
+// completions the loop hands back. A request from the node's own host is then
+// read, issued, completed and answered on one thread, with no netpoller wake,
+// no goroutine hand-off and no eventfd. Otherwise the connection is served
+// by the ordinary reader goroutine.
+//
+// Invariants:
+//   - rbuf, rhead, rtail, recvArmed and readDone are touched only by the ring
+//     thread. At most one RECV is in flight, into rbuf[rtail:]; rbuf is
+//     compacted (bytes moved to the front) only while none is.
+//   - A frame is taken out of rbuf only whole (header and payload) and only
+//     while fewer than Options.Depth requests are with the handler (whole
+//     frames left when the stream ends are still served); its
+//     payload is copied into the request's own buffer, so rbuf can be reused
+//     at once. Otherwise it waits in rbuf, and no RECV is armed while rbuf is
+//     full: that is the back-pressure.
+//   - Replies go through ServerRequest.Reply like on any stream (stream
+//     write lock, frame written whole), with write(2) on the socket; a full
+//     socket blocks the replying thread in poll(2), at most ReplyTimeout
+//     (the watchdog shuts the socket down).
+//   - The loop ends only when reading is done, no request is with the
+//     handler and no RECV is in flight; the driver is released and the ring
+//     closed before the stream is finished and the descriptor closed (see
+//     ringSock), so no CQE can name a closed descriptor.
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+	"sync"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/iouring"
+)
+
+// RingHandler is a Handler that can run its work on the io_uring thread of
+// a unix connection.
+type RingHandler interface {
+	Handler
+	// AttachRing is called on the connection's locked thread, which owns
+	// r, before its first request. It returns the work the handler runs on
+	// r, or nil to decline (the connection then gets the goroutine
+	// reader). Serve is then called on that thread, with
+	// ServerRequest.Driver returning the driver. Replies should come from
+	// that thread too (inline or from the driver's work): a reply from
+	// another goroutine does not wake it, so while Options.Depth requests
+	// wait for such replies the connection reads nothing further until
+	// something else does.
+	AttachRing(r *iouring.Ring) (RingDriver, error)
+}
+
+// RingDriver is the handler's work on a connection's ring (an
+// engine.ShardDriver): the loop calls Poll every turn, Sleep before it
+// blocks in io_uring_enter and Woke after, passes the CQEs Owns accepts to
+// Handle, and calls Release when the connection is done, before it closes
+// the ring.
+type RingDriver interface {
+	Owns(userData uint64) bool
+	Handle(c *iouring.CQE)
+	Poll()
+	Sleep() bool
+	Woke()
+	Release() error
+}
+
+// Driver returns the RingDriver of the connection thread r arrived on, or
+// nil when r did not arrive on a ring connection. It is meant for Serve,
+// which that thread calls.
+func (r *ServerRequest) Driver() RingDriver { return r.st.drv }
+
+const (
+	ringConnEntries = 1024
+	udRingRecv      = 1 // our user_data; the driver's have a non-zero top byte
+)
+
+// ringSock is the socket of a ring connection: a duplicate descriptor out
+// of the netpoller. Writes (replies) hold mu shared; the ring thread
+// closes the descriptor under mu exclusively, after shutdown has woken any
+// write blocked in poll, so a late reply never writes to a reused number.
+type ringSock struct {
+	mu sync.RWMutex
+	fd int // -1 once closed
+}
+
+func (s *ringSock) Read([]byte) (int, error) {
+	return 0, errors.New("netquic: a ring connection is read by its ring")
+}
+
+func (s *ringSock) Write(p []byte) (int, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.fd < 0 {
+		return 0, net.ErrClosed
+	}
+	done := 0
+	for done < len(p) {
+		n, err := unix.Write(s.fd, p[done:])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			pfd := []unix.PollFd{{Fd: int32(s.fd), Events: unix.POLLOUT}}
+			if _, perr := unix.Poll(pfd, int(pollSleep/time.Millisecond)); perr != nil && perr != unix.EINTR {
+				return done, &net.OpError{Op: "write", Net: "unix", Err: perr}
+			}
+			continue
+		case err != nil:
+			return done, &net.OpError{Op: "write", Net: "unix", Err: err}
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// abort and Close shut the socket down: the RECV in flight ends, blocked
+// writes fail. The descriptor stays open until release.
+func (s *ringSock) abort() { _ = s.Close() }
+
+func (s *ringSock) Close() error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.fd >= 0 {
+		_ = unix.Shutdown(s.fd, unix.SHUT_RDWR)
+	}
+	return nil
+}
+
+func (s *ringSock) release() {
+	_ = s.Close()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fd >= 0 {
+		unix.Close(s.fd)
+		s.fd = -1
+	}
+}
+
+// ringServe is the state of one ring connection.
+type ringServe struct {
+	st        *serverStream
+	sock      *ringSock
+	ring      *iouring.Ring
+	rbuf      []byte
+	rhead     int
+	rtail     int
+	recvArmed bool
+	readDone  bool // no more RECVs: end of stream, an error or broken
+	broken    bool // a malformed frame: nothing more is parsed
+	cqes      [64]iouring.CQE
+}
+
+// tryRing serves c on a ring thread if the handler takes one; it reports
+// false, leaving c untouched, if not.
+func (s *Server) tryRing(rh RingHandler, c *net.UnixConn) bool {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	fd := -1
+	var derr error
+	if err := raw.Control(func(f uintptr) { fd, derr = unix.Dup(int(f)) }); err != nil || derr != nil {
+		return false
+	}
+	unix.CloseOnExec(fd)
+	sock := &ringSock{fd: fd}
+	st := s.newStream(sock, c.RemoteAddr(), UnixPeerName)
+	s.mu.Lock()
+	if s.ctx.Err() != nil {
+		s.mu.Unlock()
+		unix.Close(fd)
+		return false
+	}
+	s.streams[st] = struct{}{}
+	s.mu.Unlock()
+	ready := make(chan bool, 1)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		runtime.LockOSThread() // never unlocked: the thread owned a ring
+		rs := &ringServe{st: st, sock: sock}
+		if !rs.setup(rh) {
+			ready <- false
+			return
+		}
+		ready <- true
+		if err := rs.loop(); err != nil {
+			st.fail(err)
+		}
+		rs.teardown()
+	}()
+	if !<-ready {
+		s.mu.Lock()
+		delete(s.streams, st)
+		s.mu.Unlock()
+		unix.Close(fd)
+		return false
+	}
+	c.Close() // the duplicate keeps the socket; it leaves the netpoller
+	return true
+}
+
+// setup creates the ring and asks the handler for its driver.
+func (rs *ringServe) setup(rh RingHandler) bool {
+	var err error
+	rs.ring, err = iouring.NewThreadRing(ringConnEntries)
+	if err != nil {
+		return false
+	}
+	drv, err := rh.AttachRing(rs.ring)
+	if err != nil || drv == nil {
+		if err != nil {
+			rs.st.srv.opts.Logger.Warn("netquic: unix connection not served on a ring", "err", err)
+		}
+		rs.ring.Close()
+		return false
+	}
+	size := 2 * (FrameHeaderSize + rs.st.srv.opts.MaxPayload)
+	rs.rbuf, err = alignbuf.Alloc((size + alignbuf.PageSize - 1) &^ (alignbuf.PageSize - 1))
+	if err != nil {
+		_ = drv.Release()
+		rs.ring.Close()
+		return false
+	}
+	rs.st.drv = drv
+	return true
+}
+
+// teardown releases the driver, closes the ring, finishes the stream and
+// closes the descriptor, in that order.
+func (rs *ringServe) teardown() {
+	if err := rs.st.drv.Release(); err != nil {
+		rs.st.srv.opts.Logger.Error("netquic: releasing the ring's driver", "err", err)
+	}
+	rs.ring.Close()
+	rs.st.finish()
+	rs.sock.release()
+	_ = alignbuf.Free(rs.rbuf)
+}
+
+// loop serves the connection until it ends (see the invariants).
+func (rs *ringServe) loop() error {
+	drv := rs.st.drv
+	var lastErr error
+	for {
+		drv.Poll()
+		if err := rs.parse(); err != nil {
+			rs.broken, rs.readDone = true, true
+			lastErr = err
+			rs.sock.abort() // ends the RECV in flight
+		}
+		rs.armRecv()
+		if rs.readDone && !rs.recvArmed && rs.inflight() == 0 {
+			return lastErr
+		}
+		wait := uint32(1)
+		if !drv.Sleep() {
+			wait = 0
+		}
+		_, err := rs.ring.SubmitAndWait(wait)
+		drv.Woke()
+		if err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
+			return fmt.Errorf("netquic: connection ring: %w", err)
+		}
+		for {
+			n := rs.ring.PeekCQEs(rs.cqes[:])
+			for i := 0; i < n; i++ {
+				c := &rs.cqes[i]
+				if drv.Owns(c.UserData) {
+					drv.Handle(c)
+					continue
+				}
+				if c.UserData == udRingRecv {
+					rs.recvDone(c.Res)
+				}
+			}
+			if n < len(rs.cqes) {
+				break
+			}
+		}
+	}
+}
+
+func (rs *ringServe) inflight() int {
+	rs.st.mu.Lock()
+	defer rs.st.mu.Unlock()
+	return rs.st.inflight
+}
+
+// armRecv keeps one RECV in flight while there is room in rbuf.
+func (rs *ringServe) armRecv() {
+	if rs.readDone || rs.recvArmed {
+		return
+	}
+	if rs.rhead == rs.rtail {
+		rs.rhead, rs.rtail = 0, 0
+	} else if rs.rhead > 0 && len(rs.rbuf)-rs.rtail < FrameHeaderSize+rs.st.srv.opts.MaxPayload {
+		n := copy(rs.rbuf, rs.rbuf[rs.rhead:rs.rtail])
+		rs.rhead, rs.rtail = 0, n
+	}
+	b := rs.rbuf[rs.rtail:]
+	if len(b) == 0 {
+		return // full of frames waiting for room at the handler
+	}
+	e := rs.ring.SQE()
+	if e == nil {
+		if _, err := rs.ring.Submit(); err != nil {
+			return
+		}
+		if e = rs.ring.SQE(); e == nil {
+			return
+		}
+	}
+	e.Opcode = iouring.OpRecv
+	e.Fd = int32(rs.sock.fd)
+	e.Addr = uint64(uintptr(unsafe.Pointer(&b[0])))
+	e.Len = uint32(len(b))
+	e.UserData = udRingRecv
+	rs.recvArmed = true
+}
+
+// recvDone handles the RECV's completion.
+func (rs *ringServe) recvDone(res int32) {
+	rs.recvArmed = false
+	switch {
+	case res == -int32(unix.EINTR) || res == -int32(unix.EAGAIN):
+		return // armed again
+	case res <= 0:
+		rs.readDone = true // EOF, shutdown or an error: the peer is gone
+		return
+	}
+	if !rs.readDone {
+		rs.rtail += int(res)
+	}
+}
+
+// parse serves every whole frame in rbuf while the handler has room.
+func (rs *ringServe) parse() error {
+	st := rs.st
+	max := uint32(st.srv.opts.MaxPayload)
+	var h frameHeader
+	for !rs.broken && rs.rtail-rs.rhead >= FrameHeaderSize {
+		if err := parseHeader(rs.rbuf[rs.rhead:rs.rtail], kindRequest, max, &h); err != nil {
+			return err
+		}
+		end := rs.rhead + FrameHeaderSize + int(h.length)
+		if end > rs.rtail {
+			return nil // the rest of the payload is still coming
+		}
+		st.mu.Lock()
+		room := st.inflight < st.srv.opts.Depth
+		st.mu.Unlock()
+		if !room {
+			return nil
+		}
+		r := st.get(int(h.length))
+		if err := r.grow(int(h.length)); err != nil {
+			st.release(r)
+			return err
+		}
+		r.Payload = r.buf[:h.length]
+		copy(r.Payload, rs.rbuf[rs.rhead+FrameHeaderSize:end])
+		rs.rhead = end
+		r.id = h.id
+		r.Code = h.code
+		r.Header = h.user
+		st.srv.h.Serve(r)
+	}
+	return nil
+}
+
+// pollSleep is how long a reply waits for a full socket before it looks
+// again (the watchdog's shutdown ends the wait at the next look).
+const pollSleep = 100 * time.Millisecond

@@ -1,0 +1,193 @@
+package netquic
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/torus-storage/torus/iouring"
+)
+
+// ringEcho is a RingHandler: the first connection to ask gets a fakeDriver
+// (one at a time, like the node's store shards). Serve echoes like echo,
+// reporting in Code whether the request came with a driver (Code+1 without,
+// Code+101 with); code 9 is answered later, from the driver's Poll on the
+// ring thread.
+type ringEcho struct {
+	mu       sync.Mutex
+	held     bool
+	attached atomic.Int32
+	released atomic.Int32
+}
+
+func (h *ringEcho) AttachRing(r *iouring.Ring) (RingDriver, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.held {
+		return nil, nil
+	}
+	h.held = true
+	h.attached.Add(1)
+	return &fakeDriver{h: h}, nil
+}
+
+func (h *ringEcho) Serve(r *ServerRequest) {
+	d, _ := r.Driver().(*fakeDriver)
+	code := r.Code + 1
+	if d != nil {
+		code = r.Code + 101
+		if r.Code == 9 {
+			d.later = append(d.later, r) // answered by Poll
+			return
+		}
+	}
+	_ = r.Reply(code, &r.Header, r.Payload)
+}
+
+// fakeDriver owns no CQEs; Poll answers the deferred requests.
+type fakeDriver struct {
+	h     *ringEcho
+	later []*ServerRequest
+}
+
+func (d *fakeDriver) Owns(ud uint64) bool { return ud>>56 != 0 }
+func (d *fakeDriver) Handle(*iouring.CQE) {}
+func (d *fakeDriver) Sleep() bool         { return len(d.later) == 0 }
+func (d *fakeDriver) Woke()               {}
+func (d *fakeDriver) Poll() {
+	for _, r := range d.later {
+		_ = r.Reply(r.Code+101, &r.Header, r.Payload)
+	}
+	d.later = d.later[:0]
+}
+func (d *fakeDriver) Release() error {
+	d.h.mu.Lock()
+	d.h.held = false
+	d.h.mu.Unlock()
+	d.h.released.Add(1)
+	return nil
+}
+
+func call(t *testing.T, cli *Client, code uint8, payload []byte) *Message {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp := Message{Payload: make([]byte, len(payload)+16)}
+	var hb [UserHeaderSize]byte
+	hb[0] = code
+	if err := cli.Call(ctx, &Message{Code: code, Header: hb, Payload: payload}, &resp); err != nil {
+		t.Fatalf("call %d (%d bytes): %v", code, len(payload), err)
+	}
+	if !bytes.Equal(resp.Payload, payload) || resp.Header[0] != code {
+		t.Fatalf("call %d: echo of %d bytes came back as %d bytes, header %d", code, len(payload), len(resp.Payload), resp.Header[0])
+	}
+	return &resp
+}
+
+func TestRingConnection(t *testing.T) {
+	h := &ringEcho{}
+	path := filepath.Join(t.TempDir(), "node.sock")
+	srv, err := Listen(path, nil, h, &Options{Transport: TransportUnix, Depth: 4, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	one := &Options{Transport: TransportUnix, Streams: 1, Logger: quiet}
+	cli1, err := NewClient(path, nil, one)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Sizes around the frame and buffer edges, up to MaxPayload.
+	for _, n := range []int{0, 1, 4096, 65 << 10, DefaultMaxPayload} {
+		p := bytes.Repeat([]byte{byte(n)}, n)
+		if got := call(t, cli1, 3, p).Code; got != 104 {
+			t.Fatalf("%d bytes on the first connection: code %d, want 104 (served on its ring)", n, got)
+		}
+	}
+	if got := call(t, cli1, 9, []byte("later")).Code; got != 110 {
+		t.Fatalf("deferred reply: code %d, want 110", got)
+	}
+
+	// Pipelined calls, more than Depth, several frames per RECV.
+	var wg sync.WaitGroup
+	var bad atomic.Int32
+	for i := range 64 {
+		wg.Go(func() {
+			p := bytes.Repeat([]byte{byte(i)}, 100+i*97)
+			code := uint8(3)
+			if i%3 == 0 {
+				code = 9
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			resp := Message{Payload: make([]byte, len(p))}
+			if err := cli1.Call(ctx, &Message{Code: code, Payload: p}, &resp); err != nil ||
+				!bytes.Equal(resp.Payload, p) || resp.Code != code+101 {
+				bad.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if bad.Load() != 0 {
+		t.Fatalf("%d of 64 pipelined calls failed or came back wrong", bad.Load())
+	}
+
+	// A second connection while the first holds the driver: goroutine path.
+	cli2, err := NewClient(path, nil, one)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := call(t, cli2, 3, []byte("x")).Code; got != 4 {
+		t.Fatalf("second connection: code %d, want 4 (no driver)", got)
+	}
+	cli2.Close()
+
+	// Garbage on a raw connection: closed, nothing else disturbed.
+	cli1.Close()
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for end := time.Now().Add(5 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(end) {
+				t.Fatal(what)
+			}
+		}
+	}
+	waitFor("driver not released after its client closed", func() bool { return h.released.Load() == 1 })
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor("raw connection did not take the ring", func() bool { return h.attached.Load() == 2 })
+	c.Write(bytes.Repeat([]byte{0xee}, 64))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("malformed frame answered with %d bytes, want the connection closed", n)
+	}
+	c.Close()
+	waitFor("driver not released after a malformed frame", func() bool { return h.released.Load() == 2 })
+
+	// A ring connection open at Close: Close returns and releases it.
+	cli3, err := NewClient(path, nil, one)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli3.Close()
+	if got := call(t, cli3, 3, []byte("y")).Code; got != 104 {
+		t.Fatalf("after the first connection ended: code %d, want 104 (ring again)", got)
+	}
+	done := make(chan struct{})
+	go func() { srv.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close hung with a ring connection open")
+	}
+	if h.released.Load() != 3 || h.attached.Load() != 3 {
+		t.Fatalf("attached %d, released %d; want 3 and 3", h.attached.Load(), h.released.Load())
+	}
+}
