@@ -25,9 +25,11 @@ package netquic
 //     at once. Otherwise it waits in rbuf, and no RECV is armed while rbuf is
 //     full: that is the back-pressure.
 //   - Replies go through ServerRequest.Reply like on any stream (stream
-//     write lock, frame written whole), with write(2) on the socket; a full
-//     socket blocks the replying thread in poll(2), at most ReplyTimeout
-//     (the watchdog shuts the socket down).
+//     write lock, frame written whole) and never block the ring thread:
+//     what a full socket does not take waits in ringSock.pend for a flusher
+//     goroutine, and meanwhile the thread takes no new frames from this
+//     connection (its other work, the driver's, goes on). A peer that reads
+//     nothing for ReplyTimeout is shut down.
 //   - The loop ends only when reading is done, no request is with the
 //     handler and no RECV is in flight; the driver is released and the ring
 //     closed before the stream is finished and the descriptor closed (see
@@ -85,16 +87,33 @@ func (r *ServerRequest) Driver() RingDriver { return r.st.drv }
 
 const (
 	ringConnEntries = 1024
-	udRingRecv      = 1 // our user_data; the driver's have a non-zero top byte
+	// Our user_data values; the driver's have a non-zero top byte.
+	udRingRecv = 1
+	udRingWake = 2
 )
 
 // ringSock is the socket of a ring connection: a duplicate descriptor out
-// of the netpoller. Writes (replies) hold mu shared; the ring thread
-// closes the descriptor under mu exclusively, after shutdown has woken any
-// write blocked in poll, so a late reply never writes to a reused number.
+// of the netpoller. Writes (replies) never block: what the socket does not
+// take goes to pend, in order, and a flusher goroutine writes it as the
+// socket drains; while pend is not empty the ring thread takes no new
+// frames (backlogged), so pend holds at most the replies of the requests
+// already in flight. A flusher that makes no progress for ReplyTimeout
+// shuts the socket down. Writes and the flusher hold mu shared; the ring
+// thread closes the descriptor under mu exclusively, after shutdown, so no
+// write ever acts on a reused number. The flusher wakes the ring thread
+// through efd when pend has drained.
 type ringSock struct {
 	mu sync.RWMutex
 	fd int // -1 once closed
+
+	timeout time.Duration
+	log     func(msg string, args ...any)
+	efd     int // the ring thread's wake-up eventfd
+
+	pmu      sync.Mutex // guards pend, flushing, err
+	pend     []byte
+	flushing bool
+	err      error // a failed flush: later writes fail
 }
 
 func (s *ringSock) Read([]byte) (int, error) {
@@ -107,6 +126,15 @@ func (s *ringSock) Write(p []byte) (int, error) {
 	if s.fd < 0 {
 		return 0, net.ErrClosed
 	}
+	s.pmu.Lock()
+	defer s.pmu.Unlock()
+	if s.err != nil {
+		return 0, s.err
+	}
+	if len(s.pend) > 0 {
+		s.pend = append(s.pend, p...)
+		return len(p), nil
+	}
 	done := 0
 	for done < len(p) {
 		n, err := unix.Write(s.fd, p[done:])
@@ -114,17 +142,66 @@ func (s *ringSock) Write(p []byte) (int, error) {
 		case err == unix.EINTR:
 			continue
 		case err == unix.EAGAIN:
-			pfd := []unix.PollFd{{Fd: int32(s.fd), Events: unix.POLLOUT}}
-			if _, perr := unix.Poll(pfd, int(pollSleep/time.Millisecond)); perr != nil && perr != unix.EINTR {
-				return done, &net.OpError{Op: "write", Net: "unix", Err: perr}
+			s.pend = append(s.pend, p[done:]...)
+			if !s.flushing {
+				s.flushing = true
+				go s.flush()
 			}
-			continue
+			return len(p), nil
 		case err != nil:
 			return done, &net.OpError{Op: "write", Net: "unix", Err: err}
 		}
 		done += n
 	}
 	return done, nil
+}
+
+// backlogged reports whether replies wait for the socket.
+func (s *ringSock) backlogged() bool {
+	s.pmu.Lock()
+	defer s.pmu.Unlock()
+	return len(s.pend) > 0
+}
+
+// flush writes pend as the socket takes it (see ringSock).
+func (s *ringSock) flush() {
+	last := time.Now()
+	for {
+		s.mu.RLock()
+		if s.fd < 0 {
+			s.mu.RUnlock()
+			return
+		}
+		s.pmu.Lock()
+		n, err := unix.Write(s.fd, s.pend)
+		if n > 0 {
+			s.pend = s.pend[:copy(s.pend, s.pend[n:])]
+			last = time.Now()
+		}
+		if err != nil && err != unix.EAGAIN && err != unix.EINTR {
+			s.err = &net.OpError{Op: "write", Net: "unix", Err: err}
+		}
+		done := len(s.pend) == 0 || s.err != nil
+		if !done && time.Since(last) > s.timeout {
+			s.err = fmt.Errorf("netquic: reply blocked for %v: the peer does not read", s.timeout)
+			s.log("netquic: reply blocked, aborting stream", "timeout", s.timeout)
+			_ = unix.Shutdown(s.fd, unix.SHUT_RDWR)
+			done = true
+		}
+		if done {
+			s.pend, s.flushing = nil, false
+			s.pmu.Unlock()
+			var one [8]byte
+			one[0] = 1
+			_, _ = unix.Write(s.efd, one[:]) // the ring may take frames again
+			s.mu.RUnlock()
+			return
+		}
+		s.pmu.Unlock()
+		pfd := []unix.PollFd{{Fd: int32(s.fd), Events: unix.POLLOUT}}
+		_, _ = unix.Poll(pfd, int(pollSleep/time.Millisecond))
+		s.mu.RUnlock()
+	}
 }
 
 // abort and Close shut the socket down: the RECV in flight ends, blocked
@@ -155,7 +232,9 @@ type ringServe struct {
 	st        *serverStream
 	sock      *ringSock
 	ring      *iouring.Ring
+	buf       []byte // rbuf and, in its last page, the eventfd's read buffer
 	rbuf      []byte
+	wakeBuf   []byte
 	rhead     int
 	rtail     int
 	recvArmed bool
@@ -177,7 +256,7 @@ func (s *Server) tryRing(rh RingHandler, c *net.UnixConn) bool {
 		return false
 	}
 	unix.CloseOnExec(fd)
-	sock := &ringSock{fd: fd}
+	sock := &ringSock{fd: fd, efd: -1, timeout: s.opts.ReplyTimeout, log: s.opts.Logger.Warn}
 	st := s.newStream(sock, c.RemoteAddr(), UnixPeerName)
 	s.mu.Lock()
 	if s.ctx.Err() != nil {
@@ -229,15 +308,46 @@ func (rs *ringServe) setup(rh RingHandler) bool {
 		rs.ring.Close()
 		return false
 	}
-	size := 2 * (FrameHeaderSize + rs.st.srv.opts.MaxPayload)
-	rs.rbuf, err = alignbuf.Alloc((size + alignbuf.PageSize - 1) &^ (alignbuf.PageSize - 1))
+	size := (2*(FrameHeaderSize+rs.st.srv.opts.MaxPayload) + alignbuf.PageSize - 1) &^ (alignbuf.PageSize - 1)
+	if rs.buf, err = alignbuf.Alloc(size + alignbuf.PageSize); err == nil {
+		rs.sock.efd, err = unix.Eventfd(0, unix.EFD_CLOEXEC)
+		if err != nil {
+			_ = alignbuf.Free(rs.buf)
+		}
+	}
 	if err != nil {
+		rs.st.srv.opts.Logger.Warn("netquic: unix connection not served on a ring", "err", err)
 		_ = drv.Release()
 		rs.ring.Close()
 		return false
 	}
+	rs.rbuf = rs.buf[:size:size]
+	rs.wakeBuf = rs.buf[size : size+8 : size+8]
 	rs.st.drv = drv
+	rs.armWake()
 	return true
+}
+
+// armWake keeps a READ of the eventfd in flight: the flusher writes it
+// when the replies it held have gone out.
+func (rs *ringServe) armWake() {
+	e := rs.sqe()
+	if e == nil {
+		return
+	}
+	e.PrepRead(int32(rs.sock.efd), rs.wakeBuf, ^uint64(0))
+	e.UserData = udRingWake
+}
+
+// sqe returns a free SQE, submitting a full SQ to make room.
+func (rs *ringServe) sqe() *iouring.SQE {
+	if e := rs.ring.SQE(); e != nil {
+		return e
+	}
+	if _, err := rs.ring.Submit(); err != nil {
+		return nil
+	}
+	return rs.ring.SQE()
 }
 
 // teardown releases the driver, closes the ring, finishes the stream and
@@ -248,8 +358,9 @@ func (rs *ringServe) teardown() {
 	}
 	rs.ring.Close()
 	rs.st.finish()
-	rs.sock.release()
-	_ = alignbuf.Free(rs.rbuf)
+	rs.sock.release() // waits for a flusher, the eventfd's last writer
+	unix.Close(rs.sock.efd)
+	_ = alignbuf.Free(rs.buf)
 }
 
 // loop serves the connection until it ends (see the invariants).
@@ -284,8 +395,13 @@ func (rs *ringServe) loop() error {
 					drv.Handle(c)
 					continue
 				}
-				if c.UserData == udRingRecv {
+				switch c.UserData {
+				case udRingRecv:
 					rs.recvDone(c.Res)
+				case udRingWake:
+					if c.Res >= 0 || c.Res == -int32(unix.EINTR) || c.Res == -int32(unix.EAGAIN) {
+						rs.armWake()
+					}
 				}
 			}
 			if n < len(rs.cqes) {
@@ -316,14 +432,9 @@ func (rs *ringServe) armRecv() {
 	if len(b) == 0 {
 		return // full of frames waiting for room at the handler
 	}
-	e := rs.ring.SQE()
+	e := rs.sqe()
 	if e == nil {
-		if _, err := rs.ring.Submit(); err != nil {
-			return
-		}
-		if e = rs.ring.SQE(); e == nil {
-			return
-		}
+		return
 	}
 	e.Opcode = iouring.OpRecv
 	e.Fd = int32(rs.sock.fd)
@@ -353,7 +464,7 @@ func (rs *ringServe) parse() error {
 	st := rs.st
 	max := uint32(st.srv.opts.MaxPayload)
 	var h frameHeader
-	for !rs.broken && rs.rtail-rs.rhead >= FrameHeaderSize {
+	for !rs.broken && rs.rtail-rs.rhead >= FrameHeaderSize && !rs.sock.backlogged() {
 		if err := parseHeader(rs.rbuf[rs.rhead:rs.rtail], kindRequest, max, &h); err != nil {
 			return err
 		}
@@ -383,6 +494,6 @@ func (rs *ringServe) parse() error {
 	return nil
 }
 
-// pollSleep is how long a reply waits for a full socket before it looks
+// pollSleep is how long the flusher waits for a full socket before it looks
 // again (the watchdog's shutdown ends the wait at the next look).
 const pollSleep = 100 * time.Millisecond

@@ -21,6 +21,7 @@ import (
 type ringEcho struct {
 	mu       sync.Mutex
 	held     bool
+	drv      *fakeDriver // the last one handed out
 	attached atomic.Int32
 	released atomic.Int32
 }
@@ -33,7 +34,8 @@ func (h *ringEcho) AttachRing(r *iouring.Ring) (RingDriver, error) {
 	}
 	h.held = true
 	h.attached.Add(1)
-	return &fakeDriver{h: h}, nil
+	h.drv = &fakeDriver{h: h}
+	return h.drv, nil
 }
 
 func (h *ringEcho) Serve(r *ServerRequest) {
@@ -49,17 +51,22 @@ func (h *ringEcho) Serve(r *ServerRequest) {
 	_ = r.Reply(code, &r.Header, r.Payload)
 }
 
-// fakeDriver owns no CQEs; Poll answers the deferred requests.
+// fakeDriver owns no CQEs; Poll answers the deferred requests and counts
+// the loop's turns. While busy, Sleep refuses, so the loop keeps turning
+// (as it would with other work to do).
 type fakeDriver struct {
 	h     *ringEcho
 	later []*ServerRequest
+	busy  atomic.Bool
+	polls atomic.Int64
 }
 
 func (d *fakeDriver) Owns(ud uint64) bool { return ud>>56 != 0 }
 func (d *fakeDriver) Handle(*iouring.CQE) {}
-func (d *fakeDriver) Sleep() bool         { return len(d.later) == 0 }
+func (d *fakeDriver) Sleep() bool         { return len(d.later) == 0 && !d.busy.Load() }
 func (d *fakeDriver) Woke()               {}
 func (d *fakeDriver) Poll() {
+	d.polls.Add(1)
 	for _, r := range d.later {
 		_ = r.Reply(r.Code+101, &r.Header, r.Payload)
 	}
@@ -189,5 +196,55 @@ func TestRingConnection(t *testing.T) {
 	}
 	if h.released.Load() != 3 || h.attached.Load() != 3 {
 		t.Fatalf("attached %d, released %d; want 3 and 3", h.attached.Load(), h.released.Load())
+	}
+}
+
+// A peer that sends requests and reads no reply must not stall the ring
+// thread (its other work goes on), and is dropped after ReplyTimeout.
+func TestRingConnectionSlowReader(t *testing.T) {
+	h := &ringEcho{}
+	path := filepath.Join(t.TempDir(), "node.sock")
+	srv, err := Listen(path, nil, h, &Options{Transport: TransportUnix, ReplyTimeout: 2 * time.Second, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for h.attached.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the connection did not take the ring")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	h.mu.Lock()
+	d := h.drv
+	h.mu.Unlock()
+	d.busy.Store(true)
+	go func() { // 64 MiB of echo requests; the replies fill the socket
+		p := make([]byte, FrameHeaderSize+(1<<20))
+		for i := range 64 {
+			putHeader(p, &frameHeader{kind: kindRequest, code: 3, id: uint64(i), length: 1 << 20})
+			if _, err := c.Write(p); err != nil {
+				return
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	p1 := d.polls.Load()
+	time.Sleep(300 * time.Millisecond)
+	if p2 := d.polls.Load(); p2 <= p1 {
+		t.Fatalf("ring thread stuck behind a reply the peer does not read (%d loop turns in 300 ms)", p2-p1)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for h.released.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("a peer that reads nothing was not dropped after ReplyTimeout")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
