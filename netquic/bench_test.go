@@ -1,6 +1,8 @@
 package netquic
 
 import (
+	"github.com/torus-storage/torus/iouring"
+
 	"context"
 	"fmt"
 	"os"
@@ -25,9 +27,32 @@ var benchHandler = HandlerFunc(func(r *ServerRequest) {
 	}
 })
 
+// ringBench serves benchHandler on a unix connection's ring (the node's
+// path for its own host), with a driver that has no work of its own.
+type ringBench struct{ Handler }
+
+func (ringBench) AttachRing(*iouring.Ring) (RingDriver, error) { return idleDriver{}, nil }
+
+type idleDriver struct{}
+
+func (idleDriver) Owns(ud uint64) bool { return ud>>56 != 0 }
+func (idleDriver) Handle(*iouring.CQE) {}
+func (idleDriver) Poll()               {}
+func (idleDriver) Sleep() bool         { return true }
+func (idleDriver) Woke()               {}
+func (idleDriver) Release() error      { return nil }
+
+// benchTransports are the transports, plus "unix-ring": the unix transport
+// with a RingHandler, so the connection is served on its own io_uring.
+var benchTransports = append(append([]string(nil), transports...), "unix-ring")
+
 func benchPair(tb testing.TB, tr string) *Client {
 	p := newPKI(tb)
-	_, cli := startPair(tb, p, tr, benchHandler)
+	var h Handler = benchHandler
+	if tr == "unix-ring" {
+		tr, h = TransportUnix, ringBench{benchHandler}
+	}
+	_, cli := startPair(tb, p, tr, h)
 	if err := callOnce(cli, 10*time.Second); err != nil {
 		tb.Fatal(err)
 	}
@@ -105,7 +130,7 @@ func parallel(tb testing.TB, cli *Client, workers int, op uint8, reqLen int, d t
 // BenchmarkRTT4K is one caller (QD1) reading 4 KiB: a request with no
 // payload answered by 4 KiB. Reports p50/p99 latency and allocs/op.
 func BenchmarkRTT4K(b *testing.B) {
-	for _, tr := range transports {
+	for _, tr := range benchTransports {
 		b.Run(tr, func(b *testing.B) {
 			cli := benchPair(b, tr)
 			lat := make([]time.Duration, 0, b.N)
@@ -122,7 +147,7 @@ func BenchmarkRTT4K(b *testing.B) {
 
 // BenchmarkEcho4K is QD1 with 4 KiB each way (a 4 KiB write with data echoed).
 func BenchmarkEcho4K(b *testing.B) {
-	for _, tr := range transports {
+	for _, tr := range benchTransports {
 		b.Run(tr, func(b *testing.B) {
 			cli := benchPair(b, tr)
 			lat := make([]time.Duration, 0, b.N)
@@ -140,7 +165,7 @@ func BenchmarkEcho4K(b *testing.B) {
 
 // BenchmarkQD32Read4K is 32 concurrent callers reading 4 KiB.
 func BenchmarkQD32Read4K(b *testing.B) {
-	for _, tr := range transports {
+	for _, tr := range benchTransports {
 		b.Run(tr, func(b *testing.B) {
 			cli := benchPair(b, tr)
 			b.ReportAllocs()
