@@ -132,12 +132,18 @@ func KernelAvailable() error {
 // returned.
 func AttachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*KernelDevice, error) {
 	d, err := attachKernel(ctx, vol, opt)
-	if errors.Is(err, errCutEarly) && opt.Index < 0 {
-		// Seen about once in ten back-to-back attaches on 6.1 over ioctl:
-		// the kernel ends the new connection at once. Another device,
-		// once, is enough.
+	// Seen about once in ten back-to-back attaches on 6.1 over ioctl: the
+	// kernel ends the new connection at once. The retry usually gets the
+	// same (least used) device back, so it waits a little longer each time
+	// for the kernel to finish with it; twice in a row has been seen.
+	for try := 1; try <= 3 && errors.Is(err, errCutEarly) && opt.Index < 0; try++ {
 		if opt.Logger != nil {
-			opt.Logger.Warn("nbd: the kernel cut the new device before it was usable; attaching again", "err", err)
+			opt.Logger.Warn("nbd: the kernel cut the new device before it was usable; attaching again", "err", err, "try", try)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("nbd: attach: %w (after: %w)", ctx.Err(), err)
+		case <-time.After(time.Duration(try*try) * 50 * time.Millisecond):
 		}
 		d, err = attachKernel(ctx, vol, opt)
 	}
@@ -479,10 +485,11 @@ func sysfsSize(index int) (int64, error) {
 // waitSize polls until /dev/nbdN exists and shows size bytes on checks at
 // least stableFor apart: on 6.1 the device's capacity can still be reset to
 // 0 just after it first shows (a write then fails with ENOSPC), so one
-// matching look is not enough. (It must not open the device: a close by the
+// matching look is not enough (30 ms was not either: under qemu TCG the
+// reset came later, about one attach in fifteen). (It must not open the device: a close by the
 // last opener can end a connection that is being set up.)
 func waitSize(ctx context.Context, index int, size int64, done <-chan struct{}) error {
-	const stableFor = 30 * time.Millisecond
+	const stableFor = 200 * time.Millisecond
 	path := fmt.Sprintf("/dev/nbd%d", index)
 	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
