@@ -81,6 +81,12 @@ func (s *SQE) PrepRead(fd int32, buf []byte, off uint64) {
 	s.prepRW(OpRead, fd, bufAddr(buf), uint32(len(buf)), off)
 }
 
+// PrepRecv prepares a recv(2) of up to len(buf) bytes from socket fd
+// (flags 0); buf must not be empty.
+func (s *SQE) PrepRecv(fd int32, buf []byte) {
+	s.prepRW(OpRecv, fd, bufAddr(buf), uint32(len(buf)), 0)
+}
+
 // PrepWrite prepares a pwrite of buf at off. Set s.OpFlags = unix.RWF_DSYNC
 // afterwards for a FUA write.
 func (s *SQE) PrepWrite(fd int32, buf []byte, off uint64) {

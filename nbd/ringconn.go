@@ -401,10 +401,7 @@ func (c *ringConn) armRecv() {
 		}
 	}
 	e := c.sqe()
-	e.Opcode = iouring.OpRecv
-	e.Fd = int32(c.fd)
-	e.Addr = uint64(uintptr(unsafe.Pointer(&b[0])))
-	e.Len = uint32(len(b))
+	e.PrepRecv(int32(c.fd), b)
 	e.UserData = udRecv
 	c.recvArmed = true
 }

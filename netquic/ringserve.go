@@ -42,7 +42,6 @@ import (
 	"runtime"
 	"sync"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -436,10 +435,7 @@ func (rs *ringServe) armRecv() {
 	if e == nil {
 		return
 	}
-	e.Opcode = iouring.OpRecv
-	e.Fd = int32(rs.sock.fd)
-	e.Addr = uint64(uintptr(unsafe.Pointer(&b[0])))
-	e.Len = uint32(len(b))
+	e.PrepRecv(int32(rs.sock.fd), b)
 	e.UserData = udRingRecv
 	rs.recvArmed = true
 }
