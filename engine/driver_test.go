@@ -147,37 +147,6 @@ func TestShardDriver(t *testing.T) {
 				d.Submit(&reqs[i])
 			}
 			driveLoop(t, r, d, false, func() bool { return c.n == 2*n+1 })
-			// The driven path allocates nothing per I/O.
-			cq := make([]iouring.CQE, 64)
-			cnt := &countCompleter{}
-			rq := &Request{Op: OpRead, Offset: off(0), Length: ioLen, Buf: rbuf[:ioLen], Done: cnt}
-			allocs := testing.AllocsPerRun(100, func() {
-				want := cnt.n + 1
-				d.Submit(rq)
-				for cnt.n < want {
-					d.Poll()
-					if cnt.n == want {
-						break
-					}
-					wait := uint32(0)
-					if d.Sleep() {
-						wait = 1
-					}
-					_, err := r.SubmitAndWait(wait)
-					d.Woke()
-					if err != nil {
-						t.Error(err)
-						return
-					}
-					k := r.PeekCQEs(cq)
-					for i := 0; i < k; i++ {
-						d.Handle(&cq[i])
-					}
-				}
-			})
-			if allocs != 0 {
-				return fmt.Errorf("driven read: %v allocs per I/O, want 0", allocs)
-			}
 			// Keep driving until the foreign writer is done: its ops on
 			// shard 0 need this thread (spinning: done is no ring event).
 			driveLoop(t, r, d, true, func() bool {
@@ -188,6 +157,45 @@ func TestShardDriver(t *testing.T) {
 					return false
 				}
 			})
+			// The driven path allocates nothing per I/O.
+			cq := make([]iouring.CQE, 64)
+			cnt := &countCompleter{}
+			rq := &Request{Op: OpRead, Offset: off(0), Length: ioLen, Buf: rbuf[:ioLen], Done: cnt}
+			// AllocsPerRun counts the whole process's mallocs, so it runs
+			// after the foreign writer is done, and a goroutine left behind
+			// by an earlier test could still add some: the least of three
+			// tries is the figure (an allocation on this path shows in
+			// every try).
+			allocs := 1e9
+			for try := 0; try < 3 && allocs != 0; try++ {
+				allocs = min(allocs, testing.AllocsPerRun(100, func() {
+					want := cnt.n + 1
+					d.Submit(rq)
+					for cnt.n < want {
+						d.Poll()
+						if cnt.n == want {
+							break
+						}
+						wait := uint32(0)
+						if d.Sleep() {
+							wait = 1
+						}
+						_, err := r.SubmitAndWait(wait)
+						d.Woke()
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						k := r.PeekCQEs(cq)
+						for i := 0; i < k; i++ {
+							d.Handle(&cq[i])
+						}
+					}
+				}))
+			}
+			if allocs != 0 {
+				return fmt.Errorf("driven read: %v allocs per I/O, want 0", allocs)
+			}
 			if err := d.Release(); err != nil {
 				return err
 			}

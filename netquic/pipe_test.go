@@ -82,7 +82,7 @@ func TestZeroAlloc(t *testing.T) {
 		for range 10 {
 			call()
 		}
-		if n := testing.AllocsPerRun(200, call); n != 0 {
+		if n := leastAllocs(200, call); n != 0 {
 			t.Errorf("%s: %.1f allocations per round trip, want 0", tc.name, n)
 		}
 	}
@@ -99,10 +99,22 @@ func TestZeroAlloc(t *testing.T) {
 	for range 10 {
 		goCall()
 	}
-	if n := testing.AllocsPerRun(200, goCall); n != 0 {
+	if n := leastAllocs(200, goCall); n != 0 {
 		t.Errorf("async echo4K: %.1f allocations per round trip, want 0", n)
 	}
 	if peer != "pipe" {
 		t.Errorf("PeerName = %q", peer)
 	}
+}
+
+// leastAllocs is testing.AllocsPerRun, the least of three tries:
+// AllocsPerRun counts every malloc of the process, and a goroutine an
+// earlier test left winding down (a QUIC connection closing) can add some
+// to one try; an allocation on the measured path shows in all three.
+func leastAllocs(runs int, f func()) float64 {
+	n := testing.AllocsPerRun(runs, f)
+	for try := 1; try < 3 && n != 0; try++ {
+		n = min(n, testing.AllocsPerRun(runs, f))
+	}
+	return n
 }
