@@ -97,10 +97,7 @@ func TestShardDriver(t *testing.T) {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
 		errc <- func() error {
-			r, err := iouring.New(1024, iouring.SetupCoopTaskrun|iouring.SetupSingleIssuer|iouring.SetupDeferTaskrun)
-			if err != nil {
-				r, err = iouring.New(1024, 0)
-			}
+			r, err := iouring.NewThreadRing(1024)
 			if err != nil {
 				return err
 			}
