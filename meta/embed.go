@@ -2,10 +2,13 @@ package meta
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -25,25 +28,43 @@ type Embedded struct {
 // an empty one means a free port on 127.0.0.1. The server ticks every 50 ms
 // (election 500 ms), so leases as short as 1 s are honoured.
 func StartEmbedded(ctx context.Context, dir, clientURL, peerURL string) (*Embedded, error) {
-	var err error
-	cu, pu := clientURL, peerURL
-	if cu == "" {
-		if cu, err = freeURL(); err != nil {
-			return nil, err
+	// A port picked here is free only until etcd binds it: another process
+	// may take it first. Then pick again (a port given by the caller is
+	// never changed).
+	for try := 1; ; try++ {
+		m, picked, err := startEmbedded(ctx, dir, clientURL, peerURL)
+		if err == nil || !picked || try == 3 || !errors.Is(err, syscall.EADDRINUSE) {
+			return m, err
 		}
 	}
-	if pu == "" {
-		if pu, err = freeURL(); err != nil {
-			return nil, err
+}
+
+// startEmbedded is one attempt of StartEmbedded; picked reports whether it
+// chose a port itself.
+func startEmbedded(ctx context.Context, dir, clientURL, peerURL string) (m *Embedded, picked bool, err error) {
+	cu, pu := clientURL, peerURL
+	if cu == "" || pu == "" {
+		picked = true
+		// Both are chosen while both listeners are open, so they differ
+		// from each other and from a given one.
+		urls, err := freeURLs(2, cu+" "+pu)
+		if err != nil {
+			return nil, picked, err
+		}
+		if cu == "" {
+			cu = urls[0]
+		}
+		if pu == "" {
+			pu = urls[1]
 		}
 	}
 	lc, err := url.Parse(cu)
 	if err != nil {
-		return nil, fmt.Errorf("meta: embedded etcd: client url %q: %w", cu, err)
+		return nil, picked, fmt.Errorf("meta: embedded etcd: client url %q: %w", cu, err)
 	}
 	lp, err := url.Parse(pu)
 	if err != nil {
-		return nil, fmt.Errorf("meta: embedded etcd: peer url %q: %w", pu, err)
+		return nil, picked, fmt.Errorf("meta: embedded etcd: peer url %q: %w", pu, err)
 	}
 	cfg := embed.NewConfig()
 	cfg.Dir = dir
@@ -60,32 +81,44 @@ func StartEmbedded(ctx context.Context, dir, clientURL, peerURL string) (*Embedd
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("meta: start embedded etcd in %s (client %s, peer %s): %w", dir, cu, pu, err)
+		return nil, picked, fmt.Errorf("meta: start embedded etcd in %s (client %s, peer %s): %w", dir, cu, pu, err)
 	}
 	select {
 	case <-e.Server.ReadyNotify():
 	case err := <-e.Err():
 		e.Close()
-		return nil, fmt.Errorf("meta: embedded etcd in %s failed: %w", dir, err)
+		return nil, picked, fmt.Errorf("meta: embedded etcd in %s failed: %w", dir, err)
 	case <-ctx.Done():
 		e.Close()
-		return nil, fmt.Errorf("meta: waiting for embedded etcd in %s: %w", dir, ctx.Err())
+		return nil, picked, fmt.Errorf("meta: waiting for embedded etcd in %s: %w", dir, ctx.Err())
 	case <-time.After(30 * time.Second):
 		e.Close()
-		return nil, fmt.Errorf("meta: embedded etcd in %s not ready after 30s", dir)
+		return nil, picked, fmt.Errorf("meta: embedded etcd in %s not ready after 30s", dir)
 	}
-	return &Embedded{e: e, endpoint: lc.String()}, nil
+	return &Embedded{e: e, endpoint: lc.String()}, picked, nil
 }
 
-// freeURL returns an http URL on a port of 127.0.0.1 that was free a moment
-// ago.
-func freeURL() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("meta: find a free port: %w", err)
+// freeURLs returns n http URLs on distinct ports of 127.0.0.1 that were
+// free a moment ago, none of them a port named in avoid.
+func freeURLs(n int, avoid string) ([]string, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	var urls []string
+	for len(urls) < n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("meta: find a free port: %w", err)
+		}
+		ls = append(ls, l) // held, so the next pick differs
+		if u := "http://" + l.Addr().String(); !strings.Contains(avoid, u) {
+			urls = append(urls, u)
+		}
 	}
-	defer l.Close()
-	return "http://" + l.Addr().String(), nil
+	return urls, nil
 }
 
 // Endpoint returns the client URL, for Open.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -513,10 +514,11 @@ func TestConcurrentAttach(t *testing.T) {
 }
 
 func TestUnreachable(t *testing.T) {
-	u, err := freeURL() // nothing listens there
+	us, err := freeURLs(1, "") // nothing listens there
 	if err != nil {
 		t.Fatal(err)
 	}
+	u := us[0]
 	start := time.Now()
 	_, err = Open(context.Background(), []string{u}, "", Options{DialTimeout: 500 * time.Millisecond})
 	took := time.Since(start)
@@ -717,4 +719,26 @@ func BenchmarkOps(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestEmbeddedPortTaken: a port the caller gives is never swapped for
+// another, and its bind error says "address in use" (errors.Is), which is
+// what StartEmbedded retries on when it picked the ports itself.
+func TestEmbeddedPortTaken(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	_, err = StartEmbedded(context.Background(), t.TempDir(), "", "http://"+l.Addr().String())
+	if !errors.Is(err, syscall.EADDRINUSE) {
+		t.Fatalf("StartEmbedded on a taken peer port: %v, want EADDRINUSE", err)
+	}
+	us, err := freeURLs(3, "http://"+l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if us[0] == us[1] || us[1] == us[2] || us[0] == us[2] {
+		t.Fatalf("freeURLs gave a port twice: %v", us)
+	}
 }
