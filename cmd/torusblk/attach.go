@@ -93,10 +93,11 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	var ef extraFlags
 	ef.register(fs)
 	mode := fs.String("mode", "auto", "ublk, nbd (kernel NBD client) or auto (ublk when /dev/ublk-control exists, else nbd)")
-	queues := fs.Int("queues", 0, "ublk queues (default: one per CPU)")
+	queues := fs.Int("queues", 0, "ublk queues (default: 1 for a local store, whose one queue thread runs every store shard; one per CPU for a cluster volume)")
 	depth := fs.Int("depth", 128, "ublk queue depth")
 	conns := fs.Int("connections", 4, "kernel NBD connections")
 	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept for list, detach and recover")
+	ioSched := fs.String("io-scheduler", "none", "the device's block-layer I/O scheduler: none (Torus orders its own I/O, as for loop and NVMe devices), a name listed in /sys/block/DEV/queue/scheduler, or kernel to keep the kernel's choice")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: torusblk attach --store DIR --size SIZE [--mode ublk|nbd|auto]   (a local volume)\n       torusblk attach NAME --etcd URL --tls-dir DIR [--mode ublk|nbd|auto]   (a cluster volume)\n\nPrints the device path once it is ready and serves it until detached or signalled.\n\n%s", fs.FlagUsages())
 	}
@@ -121,6 +122,9 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 		if path, size, err = vf.parse(); err != nil {
 			return err
 		}
+	}
+	if !validSchedName(*ioSched) {
+		return fmt.Errorf("%w: --io-scheduler %q: want none, kernel or a scheduler name such as mq-deadline", errUsage, *ioSched)
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("attaching a block device needs root (run with sudo)")
@@ -187,7 +191,55 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 		a.Device, a.ID = dev.Path(), dev.Index()
 		wait, closeDev = dev.Wait, dev.Close
 	}
+	if err := setIOScheduler(a.Device, *ioSched); err != nil {
+		if fs.Changed("io-scheduler") {
+			closeDev()
+			vol.Close()
+			return err
+		}
+		log.Warn("keeping the kernel's I/O scheduler", "device", a.Device, "err", err)
+	}
 	return serveDevice(ctx, a, *runDir, vol, wait, closeDev, stdout, log)
+}
+
+// validSchedName reports whether name can be an I/O scheduler's name (or
+// "kernel"): lower-case letters, digits, '-' and '_'.
+func validSchedName(name string) bool {
+	if name == "" || len(name) > 32 {
+		return false
+	}
+	for _, c := range name {
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' {
+			return false
+		}
+	}
+	return true
+}
+
+// setIOScheduler selects the block layer's I/O scheduler of dev (/dev/NAME)
+// through /sys/block/NAME/queue/scheduler and checks that it took; name
+// "kernel" keeps the kernel's choice. The kernel gives a device with one
+// hardware queue mq-deadline, which on a ublk device moves every request
+// through a kblockd worker before the server sees it; the store behind the
+// device orders and merges nothing the elevator would help with
+// (bench/README.md has the figures).
+func setIOScheduler(dev, name string) error {
+	if name == "kernel" {
+		return nil
+	}
+	p := filepath.Join("/sys/block", filepath.Base(dev), "queue", "scheduler")
+	if err := os.WriteFile(p, []byte(name), 0o644); err != nil {
+		avail, _ := os.ReadFile(p)
+		return fmt.Errorf("--io-scheduler %s on %s: %w (available: %s; or kernel to keep the kernel's choice)", name, dev, err, strings.TrimSpace(string(avail)))
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return fmt.Errorf("--io-scheduler %s on %s: %w", name, dev, err)
+	}
+	if !strings.Contains(string(b), "["+name+"]") {
+		return fmt.Errorf("--io-scheduler %s on %s did not take: %s", name, dev, strings.TrimSpace(string(b)))
+	}
+	return nil
 }
 
 // serveDevice records the attachment, prints the device and serves until the

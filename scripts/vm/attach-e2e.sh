@@ -28,9 +28,9 @@ if [ "${1:-}" = --guest ]; then
 	}
 	store=/mnt/disk/store
 	mkdir -p /mnt/vol
-	attach() { # [STORE SIZE] starts torusblk attach in the background, sets dev and apid
+	attach() { # [STORE SIZE [ARG...]] starts torusblk attach in the background, sets dev and apid
 		: >/tmp/dev
-		"$bin" attach --store "${1:-$store}" --size "${2:-1GiB}" --mode auto >/tmp/dev 2>>/tmp/attach.log &
+		"$bin" attach --store "${1:-$store}" --size "${2:-1GiB}" --mode auto "${@:3}" >/tmp/dev 2>>/tmp/attach.log &
 		apid=$!
 		for _ in $(seq 600); do
 			dev=$(head -n1 /tmp/dev)
@@ -52,6 +52,8 @@ if [ "${1:-}" = --guest ]; then
 	esac
 	grep -q "mode auto: using" /tmp/attach.log && ok "attach says which mode and why" || bad "attach did not say why it chose its mode"
 	"$bin" list | grep -q "^$dev .*serving" && ok "list shows $dev serving" || bad "list does not show $dev: $("$bin" list)"
+	sched=$(cat "/sys/block/${dev#/dev/}/queue/scheduler")
+	case "$sched" in *"[none]"*) ok "I/O scheduler none by default ($sched)" ;; *) bad "I/O scheduler is not none: $sched" ;; esac
 
 	# Filesystem round trip.
 	if mkfs.ext4 -q -F "$dev" && mount "$dev" /mnt/vol; then
@@ -113,6 +115,17 @@ if [ "${1:-}" = --guest ]; then
 	# And the wrong inputs get clear errors.
 	out=$("$bin" attach --store "$store" --size 2GiB --mode "$want" 2>&1) && bad "attach with another size succeeded" ||
 		{ echo "$out" | grep -q "made for a 1 GiB volume" && ok "attach with another size: clear error" || bad "attach with another size: $out"; }
+	ndev() { # ublk devices plus connected NBD devices
+		local n=0 f
+		n=$(ls /dev | grep -c '^ublkb' || true)
+		for f in /sys/block/nbd*/size; do [ -e "$f" ] && [ "$(cat "$f")" != 0 ] && n=$((n + 1)); done
+		echo "$n"
+	}
+	before=$(ndev)
+	out=$("$bin" attach --store "$store" --size 1GiB --mode "$want" --io-scheduler bogus 2>&1) && bad "attach --io-scheduler bogus succeeded" ||
+		{ echo "$out" | grep -q "io-scheduler bogus on /dev/.*available: .*none" && ok "attach --io-scheduler bogus: clear error" || bad "attach --io-scheduler bogus: $out"; }
+	[ "$(ndev)" = "$before" ] && [ -z "$("$bin" list | tail -n +2)" ] && ok "failed attach left no device behind" ||
+		bad "failed attach left a device: $(ndev) devices, list: $("$bin" list)"
 	out=$("$bin" recover /dev/ublkb9 2>&1) && bad "recover of an unknown device succeeded" ||
 		{ echo "$out" | grep -q "was not attached by torusblk" && ok "recover of an unknown device: clear error" || bad "recover unknown: $out"; }
 	if [ "$want" = nbd ]; then
@@ -126,7 +139,9 @@ if [ "${1:-}" = --guest ]; then
 	raw=$(losetup --direct-io=on --find --show /mnt/disk/raw.img)
 	rawjob=(--name=raw --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 --size=96M
 		--verify=crc32c --verify_fatal=1 --verify_state_save=0 --randseed=42)
-	if attach "$raw" 256MiB; then
+	if attach "$raw" 256MiB --io-scheduler mq-deadline; then
+		sched=$(cat "/sys/block/${dev#/dev/}/queue/scheduler")
+		case "$sched" in *"[mq-deadline]"*) ok "--io-scheduler mq-deadline taken ($sched)" ;; *) bad "--io-scheduler mq-deadline: $sched" ;; esac
 		fio "${rawjob[@]}" --filename="$dev" --do_verify=1 --output=/tmp/fior.out >/dev/null 2>&1 &&
 			ok "store on block device $raw: fio verify on $dev" || bad "fio on a block-device store: $(tail -5 /tmp/fior.out)"
 		"$bin" detach "$dev" && wait $apid || bad "detach of the block-device store"
