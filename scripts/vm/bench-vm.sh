@@ -54,6 +54,7 @@ if [ "${1:-}" = --guest ]; then
 	truncate -s "${size}M" /mnt/disk/loop.img
 	devs[loop]=$(losetup --direct-io=on --find --show /mnt/disk/loop.img)
 	for t in $targets; do prefill "${devs[$t]}"; done
+	for t in $targets; do echo "$t=$(sed 's/.*\[\(.*\)\].*/\1/' "/sys/block/${devs[$t]#/dev/}/queue/scheduler")"; done >"$out/sched.txt"
 	for r in $(seq "$rounds"); do
 		for j in $jobs; do
 			rw=${j%%-*} qd=${j##*qd}
@@ -108,6 +109,8 @@ def load(t, j):  # the round with the median IOPS
     return runs[(len(runs) - 1) // 2]
 r = {(t, j): load(t, j) for t in targets for j in jobs}
 print(f"kernel: {kernel} (qemu TCG, 2 vCPUs); fio io_uring direct=1, 4 KiB; median of {rounds} round(s)")
+with open(os.path.join(res, "sched.txt")) as f:
+    print("I/O scheduler: " + ", ".join(f.read().split()))
 print(f"{'job':>18}" + "".join(f"{t:>26}" for t in targets))
 print(f"{'':>18}" + "".join(f"{'IOPS':>10}{'p50µs':>8}{'p99µs':>8}" for _ in targets))
 for j in jobs:
