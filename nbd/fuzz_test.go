@@ -6,8 +6,11 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"os"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func optBytes(opt uint32, data []byte) []byte {
@@ -94,4 +97,98 @@ func FuzzRequest(f *testing.F) {
 			t.Fatalf("after serve: %d free slots, %d queued replies", len(c.free), len(c.queue))
 		}
 	})
+}
+
+// FuzzRingRequest runs the ring connection (ringconn.go, the path a local
+// store's connections take) over arbitrary bytes on a real socket, io_uring
+// and store. The first byte selects structured replies and a read-only
+// export. The connection must finish once the input ends (no hang), give
+// back every slot, and, with structured replies, send a stream that parses
+// as whole replies (no desynchronised or torn reply).
+func FuzzRingRequest(f *testing.F) {
+	req := func(typ, flags uint16, off uint64, n uint32, payload []byte) []byte {
+		return append(appendRequest(nil, typ, flags, 1, off, n), payload...)
+	}
+	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	f.Add(cat([]byte{1}, req(cmdWrite, cmdFlagFUA, 4096, 4096, make([]byte, 4096)), req(cmdRead, 0, 4096, 4096, nil), req(cmdDisc, 0, 0, 0, nil)))
+	f.Add(cat([]byte{1}, req(cmdFlush, 0, 0, 0, nil), req(cmdTrim, 0, 0, 8192, nil), req(cmdWriteZeroes, cmdFlagNoHole, 0, 4096, nil)))
+	f.Add(cat([]byte{0}, req(cmdWrite, 0, 100, 10, make([]byte, 10)), req(cmdRead, 0, 1<<40, 4096, nil), req(9, 0, 0, 0, nil)))
+	f.Add(cat([]byte{3}, req(cmdWrite, 0, 0, 4096, make([]byte, 100))))
+	f.Add(cat([]byte{1}, req(cmdRead, 0, 0, 1<<20, nil), req(cmdWrite, 0, 0, 70<<10, make([]byte, 70<<10)), []byte("garbage")))
+	v := openLocal(f, 2<<20, 1)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if len(data) == 0 {
+			return
+		}
+		structured := data[0]&1 != 0
+		e := &Export{Name: "x", Volume: v, ReadOnly: data[0]&2 != 0}
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		const depth = 4
+		c, err := newRingConn(fds[0], e, v, []int{0}, structured, Options{MaxInFlight: depth, MaxPayload: 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.close()
+		setup, done := make(chan error, 1), make(chan error, 1)
+		go func() { done <- c.run(setup) }()
+		if err := <-setup; err != nil {
+			<-done
+			t.Fatal(err)
+		}
+		peer := os.NewFile(uintptr(fds[1]), "peer")
+		defer peer.Close()
+		go func() {
+			peer.Write(data[1:]) // fails once the server closes; that is fine
+			unix.Shutdown(fds[1], unix.SHUT_WR)
+		}()
+		replies := make(chan []byte, 1)
+		go func() {
+			b, _ := io.ReadAll(peer)
+			replies <- b
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			c.shutdown()
+			t.Fatal("ring connection did not finish after its input ended")
+		}
+		unix.Close(fds[0]) // run has returned: ends the reader's stream
+		out := <-replies
+		if c.inflight != 0 || len(c.free) != depth {
+			t.Fatalf("after run: %d requests in flight, %d of %d slots free", c.inflight, len(c.free), depth)
+		}
+		if structured {
+			checkStructuredStream(t, out)
+		}
+	})
+}
+
+// checkStructuredStream fails t unless b is a sequence of whole replies of
+// a connection with structured replies on: simple replies (no data: reads
+// are answered with structured chunks) and structured chunks.
+func checkStructuredStream(t *testing.T, b []byte) {
+	t.Helper()
+	for off := 0; off < len(b); {
+		rest := b[off:]
+		if len(rest) < 4 {
+			t.Fatalf("reply stream: %d stray bytes at %d", len(rest), off)
+		}
+		switch binary.BigEndian.Uint32(rest) {
+		case simpleMagic:
+			off += 16
+		case structuredMagic:
+			if len(rest) < structuredHeaderSize {
+				t.Fatalf("reply stream: torn chunk header at %d", off)
+			}
+			off += structuredHeaderSize + int(binary.BigEndian.Uint32(rest[16:]))
+		default:
+			t.Fatalf("reply stream: bad magic %#x at %d of %d", binary.BigEndian.Uint32(rest), off, len(b))
+		}
+		if off > len(b) {
+			t.Fatalf("reply stream: torn reply, ends at %d past %d", off, len(b))
+		}
+	}
 }

@@ -3,6 +3,7 @@ package netquic
 import (
 	"bytes"
 	"context"
+	"io"
 	"net"
 	"path/filepath"
 	"sync"
@@ -247,4 +248,69 @@ func TestRingConnectionSlowReader(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// FuzzRingFrames sends arbitrary bytes to a unix connection served on a
+// ring thread (ringserve.go, the path of a node's own-host client). Once
+// the input ends the server must close the connection (no hang), release
+// the ring's driver, and have written only whole, well-formed response
+// frames.
+func FuzzRingFrames(f *testing.F) {
+	frame := func(code uint8, id uint64, payload []byte) []byte {
+		b := make([]byte, FrameHeaderSize, FrameHeaderSize+len(payload))
+		putHeader(b, &frameHeader{kind: kindRequest, code: code, id: id, length: uint32(len(payload))})
+		return append(b, payload...)
+	}
+	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	f.Add(cat(frame(3, 1, []byte("hello")), frame(9, 2, nil), frame(3, 3, make([]byte, 5000))))
+	f.Add(cat(frame(9, 1, []byte("later")), frame(9, 1, []byte("same id")), []byte{frameMagic, kindRequest}))
+	f.Add(cat(frame(3, 1, nil), frame(3, 2, make([]byte, 17<<10))))
+	f.Add(cat(frame(3, 1, nil), []byte("not a frame at all, and then some more bytes")))
+	const maxPayload = 16 << 10
+	h := &ringEcho{}
+	path := filepath.Join(f.TempDir(), "node.sock")
+	srv, err := Listen(path, nil, h, &Options{Transport: TransportUnix, Depth: 4, MaxPayload: maxPayload, Logger: quiet})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { srv.Close() })
+	f.Fuzz(func(t *testing.T, data []byte) {
+		before := h.attached.Load()
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		go func() {
+			c.Write(data) // fails once the server closes; that is fine
+			c.(*net.UnixConn).CloseWrite()
+		}()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		out, err := io.ReadAll(c)
+		if err != nil {
+			t.Fatalf("reading the responses: %v (the server did not close the connection after the input ended)", err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for h.attached.Load() != h.released.Load() {
+			if time.Now().After(deadline) {
+				t.Fatalf("ring driver not released: attached %d, released %d", h.attached.Load(), h.released.Load())
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		if n := h.attached.Load() - before; n != 1 {
+			t.Fatalf("%d ring attachments for one connection, want 1 (not served on the ring)", n)
+		}
+		r := bytes.NewReader(out)
+		hb := make([]byte, FrameHeaderSize)
+		payload := make([]byte, maxPayload)
+		for r.Len() > 0 {
+			var fh frameHeader
+			if err := readHeader(r, hb, kindResponse, maxPayload, &fh); err != nil {
+				t.Fatalf("response stream at byte %d of %d: %v", len(out)-r.Len(), len(out), err)
+			}
+			if err := readPayload(r, payload[:fh.length]); err != nil {
+				t.Fatalf("response stream: torn payload: %v", err)
+			}
+		}
+	})
 }
