@@ -63,14 +63,19 @@ func FuzzHandshake(f *testing.F) {
 	})
 }
 
+// seedReq is one request (cookie 1) and its payload, for fuzz seeds.
+func seedReq(typ, flags uint16, off uint64, n uint32, payload []byte) []byte {
+	return append(appendRequest(nil, typ, flags, 1, off, n), payload...)
+}
+
+// seedCat joins seed parts.
+func seedCat(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+
 // FuzzRequest runs the transmission-phase parser and dispatcher over
 // arbitrary bytes against an in-memory volume. The first byte selects
 // structured replies and a read-only export.
 func FuzzRequest(f *testing.F) {
-	req := func(typ, flags uint16, off uint64, n uint32, payload []byte) []byte {
-		return append(appendRequest(nil, typ, flags, 1, off, n), payload...)
-	}
-	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	req, cat := seedReq, seedCat
 	f.Add(cat([]byte{0}, req(cmdWrite, cmdFlagFUA, 4096, 4096, make([]byte, 4096)), req(cmdRead, 0, 4096, 4096, nil), req(cmdDisc, 0, 0, 0, nil)))
 	f.Add(cat([]byte{1}, req(cmdFlush, 0, 0, 0, nil), req(cmdTrim, 0, 0, 8192, nil), req(cmdWriteZeroes, cmdFlagNoHole, 0, 4096, nil)))
 	f.Add(cat([]byte{2}, req(cmdWrite, 0, 100, 10, make([]byte, 10)), req(cmdRead, 0, 1<<40, 4096, nil), req(9, 0, 0, 0, nil)))
@@ -106,10 +111,7 @@ func FuzzRequest(f *testing.F) {
 // back every slot, and, with structured replies, send a stream that parses
 // as whole replies (no desynchronised or torn reply).
 func FuzzRingRequest(f *testing.F) {
-	req := func(typ, flags uint16, off uint64, n uint32, payload []byte) []byte {
-		return append(appendRequest(nil, typ, flags, 1, off, n), payload...)
-	}
-	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
+	req, cat := seedReq, seedCat
 	f.Add(cat([]byte{1}, req(cmdWrite, cmdFlagFUA, 4096, 4096, make([]byte, 4096)), req(cmdRead, 0, 4096, 4096, nil), req(cmdDisc, 0, 0, 0, nil)))
 	f.Add(cat([]byte{1}, req(cmdFlush, 0, 0, 0, nil), req(cmdTrim, 0, 0, 8192, nil), req(cmdWriteZeroes, cmdFlagNoHole, 0, 4096, nil)))
 	f.Add(cat([]byte{0}, req(cmdWrite, 0, 100, 10, make([]byte, 10)), req(cmdRead, 0, 1<<40, 4096, nil), req(9, 0, 0, 0, nil)))
@@ -127,19 +129,25 @@ func FuzzRingRequest(f *testing.F) {
 			t.Fatal(err)
 		}
 		const depth = 4
+		peer := os.NewFile(uintptr(fds[1]), "peer")
+		defer peer.Close()
+		defer unix.Close(fds[0]) // after run has returned (or never ran)
 		c, err := newRingConn(fds[0], e, v, []int{0}, structured, Options{MaxInFlight: depth, MaxPayload: 1 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.close()
+		running := false // the ring thread may still use c's buffers
+		defer func() {
+			if !running {
+				c.close()
+			}
+		}()
 		setup, done := make(chan error, 1), make(chan error, 1)
 		go func() { done <- c.run(setup) }()
 		if err := <-setup; err != nil {
 			<-done
 			t.Fatal(err)
 		}
-		peer := os.NewFile(uintptr(fds[1]), "peer")
-		defer peer.Close()
 		go func() {
 			peer.Write(data[1:]) // fails once the server closes; that is fine
 			unix.Shutdown(fds[1], unix.SHUT_WR)
@@ -153,9 +161,14 @@ func FuzzRingRequest(f *testing.F) {
 		case <-done:
 		case <-time.After(10 * time.Second):
 			c.shutdown()
+			select {
+			case <-done:
+			case <-time.After(2 * drainTimeout):
+				running = true // leak the buffers rather than unmap them under the thread
+			}
 			t.Fatal("ring connection did not finish after its input ended")
 		}
-		unix.Close(fds[0]) // run has returned: ends the reader's stream
+		unix.Shutdown(fds[0], unix.SHUT_RDWR) // run has returned: ends the reader's stream
 		out := <-replies
 		if c.inflight != 0 || len(c.free) != depth {
 			t.Fatalf("after run: %d requests in flight, %d of %d slots free", c.inflight, len(c.free), depth)
