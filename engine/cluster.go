@@ -15,8 +15,10 @@ package engine
 //     unfinished calls of a part plus one for the code issuing them. So
 //     nothing completes while Submit is still issuing it.
 //   - A write, discard or write-zeroes part completes after every owner
-//     (ring.Owners(ChunkKey(vol, index, 0), R)) answered; the first error of
-//     any owner is the part's error. Every such call carries the attach
+//     (ring.Owners(ChunkKey(vol, index, 0), R), plus the owners under the
+//     rings of a move in progress) answered; the first error of any owner
+//     that is not a node failure is the part's error, and it succeeds only
+//     if an owner without a missed mark for the chunk took it. Every such call carries the attach
 //     epoch; a node that knows a newer one answers stale-epoch (ErrFenced)
 //     without changing anything.
 //   - A peer is marked dirty when a write to it completes (before the
@@ -272,9 +274,22 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
 	}
+	// The volume's data lives under the ring its placement was recorded
+	// at (and the rings of a move in progress); ring changes since then
+	// are recorded below before any I/O (cluster_rebalance.go).
+	base, err := c.placedRing(ctx, r)
+	if err != nil {
+		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+	}
 	c.epoch.Store(opt.Epoch)
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	fail := func(err error) (*Cluster, error) {
+		c.cancel()
+		c.closeClients()
+		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+	}
 	c.mu.Lock()
-	c.ring = r
+	c.ring = base
 	c.prev = prev
 	for _, nd := range nodes {
 		c.nodes[nd.ID] = nd
@@ -282,18 +297,20 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	err = c.rebuildLocked()
 	c.mu.Unlock()
 	if err != nil {
-		c.closeClients()
-		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
-	}
-	if err := c.fence(ctx); err != nil {
-		c.closeClients()
-		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+		return fail(err)
 	}
 	if err := c.loadMarks(ctx); err != nil {
-		c.closeClients()
-		return nil, fmt.Errorf("open volume %s: missed chunks: %w", vol.Name, err)
+		return fail(fmt.Errorf("missed chunks: %w", err))
 	}
-	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.mu.Lock()
+	err = c.advanceLocked(ctx, r)
+	c.mu.Unlock()
+	if err != nil {
+		return fail(fmt.Errorf("recording the placement changes of the ring: %w", err))
+	}
+	if err := c.fence(ctx); err != nil {
+		return fail(err)
+	}
 	c.wg.Go(c.watchRing)
 	c.wg.Go(c.refresher)
 	c.wg.Go(c.marker)
@@ -302,19 +319,20 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	return c, nil
 }
 
-// fence tells every node of the ring that writers of the volume now need
-// c's epoch. A node that knows a newer epoch makes it fail with ErrFenced; an
-// unreachable node is logged (writes to it fail until it is back, and the
-// first write it takes raises its epoch).
+// fence tells every node of the current and previous rings that writers of
+// the volume now need c's epoch. A node that knows a newer epoch makes it
+// fail with ErrFenced; an unreachable node is logged (writes to it fail
+// until it is back, and the first write it takes raises its epoch).
 func (c *Cluster) fence(ctx context.Context) error {
 	st := c.state.Load()
 	var wg sync.WaitGroup
-	errs := make([]error, len(st.peers))
+	errs := make([]error, len(st.all))
 	for i, p := range st.peers {
 		if p == nil {
 			c.log.Warn("cluster: node in the ring is not registered; not fenced", "volume", c.vol.Name, "node", st.r.Node(i).ID)
-			continue
 		}
+	}
+	for i, p := range st.all {
 		wg.Go(func() {
 			h := wire.Header{Volume: c.vol.ID, Epoch: c.epoch.Load()}
 			req := netquic.Message{Code: uint8(wire.OpFence)}
@@ -474,22 +492,42 @@ func (c *Cluster) rebuildLocked() error {
 	return nil
 }
 
-// watchRing keeps the ring current.
+// watchRing keeps the ring current: each new ring's placement change is
+// recorded (advanceLocked) before writes use it; one that cannot be recorded
+// is retried every two seconds until it is.
 func (c *Cluster) watchRing() {
-	for u := range c.ms.WatchRing(c.ctx) {
+	ch := c.ms.WatchRing(c.ctx)
+	var want *ring.Ring // newest ring not recorded yet
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	for {
+		select {
+		case u, ok := <-ch:
+			if !ok {
+				return
+			}
+			want = u.Ring
+		case <-retry.C:
+		}
+		if want == nil {
+			continue
+		}
 		c.mu.Lock()
-		if u.Ring.Version() != c.ring.Version() || u.Ring.Len() != c.ring.Len() {
-			if err := c.startMoveLocked(u.Ring); err != nil {
+		if want.Version() > c.ring.Version() {
+			ctx, cancel := context.WithTimeout(c.ctx, 60*time.Second)
+			err := c.advanceLocked(ctx, want)
+			cancel()
+			if err != nil {
 				c.log.Error("cluster: ring changed but the move cannot be recorded in etcd; staying on the old ring for now",
-					"volume", c.vol.Name, "version", u.Ring.Version(), "err", err)
-				c.mu.Unlock()
-				continue
+					"volume", c.vol.Name, "version", want.Version(), "err", err)
+				retry.Reset(2 * time.Second)
+			} else {
+				c.log.Info("cluster: ring changed", "volume", c.vol.Name, "version", want.Version(), "nodes", want.Len())
+				want = nil
 			}
-			c.ring = u.Ring
-			if err := c.rebuildLocked(); err != nil {
-				c.log.Warn("cluster: ring update", "volume", c.vol.Name, "err", err)
-			}
-			c.log.Info("cluster: ring changed", "volume", c.vol.Name, "version", u.Ring.Version(), "nodes", u.Ring.Len())
+		} else {
+			want = nil
 		}
 		c.mu.Unlock()
 		c.askRefresh() // new ring members may be new nodes
@@ -737,11 +775,9 @@ func (p *clusterPart) sendAll() {
 		if cc.peer == nil || (p.op != wire.OpFlush && cc.peer.isDown()) {
 			// A ring node with no address, or one known down: the write
 			// goes on without it and it gets a mark (an owner under a
-			// previous ring only is leaving: nothing to mark).
-			if i < p.n1 || p.op == wire.OpFlush {
-				p.missed[i] = true
-				p.nmiss.Add(1)
-			}
+			// previous ring too: a copy that missed a write is no source).
+			p.missed[i] = true
+			p.nmiss.Add(1)
 			if cc.peer == nil {
 				c.askRefresh()
 			}
@@ -819,14 +855,30 @@ func (p *clusterPart) callDone() {
 		return
 	}
 	if err == nil {
-		if m := int(p.nmiss.Load()); m >= p.n1 {
+		m := int(p.nmiss.Load())
+		switch {
+		case m >= p.n:
 			err = fmt.Errorf("%w (volume %s chunk %d): %d owners down", errAllReplicas, p.c.vol.Name, p.chunk, m)
-		} else if m > 0 {
+		case p.c.marks.any.Load() && !p.completeCopyTook():
+			err = fmt.Errorf("%w (volume %s chunk %d): every owner that took the write lacks earlier data of the chunk",
+				errAllReplicas, p.c.vol.Name, p.chunk)
+		case m > 0:
 			p.degradedFinish()
 			return
 		}
 	}
 	p.finish(err)
+}
+
+// completeCopyTook reports whether an owner without a mark for the chunk
+// (a complete copy) took the write: only then may it be acknowledged.
+func (p *clusterPart) completeCopyTook() bool {
+	for i := 0; i < p.n; i++ {
+		if !p.missed[i] && !p.c.marks.has(p.ownerID(i), p.chunk) {
+			return true
+		}
+	}
+	return false
 }
 
 // CallDone is the result of one node call.
@@ -862,10 +914,13 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		case err == nil:
 			cc.peer.sawIncarnation(wire.Incarnation(&resp.Header))
 			cc.peer.took(p.chunk)
-		case cc.i >= p.n1:
-			// An owner under a previous ring only: best effort.
 		case nodeFailure(err):
 			c.setDown(cc.peer, err)
+			p.missed[cc.i] = true
+			p.nmiss.Add(1)
+		case cc.i >= p.n1 && !errors.Is(err, ErrFenced):
+			// An owner under a previous ring only that refused the write
+			// (no space, say): it is no copy source for the chunk now.
 			p.missed[cc.i] = true
 			p.nmiss.Add(1)
 		default:

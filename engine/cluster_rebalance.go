@@ -9,20 +9,31 @@ package engine
 // copies the chunk to it. Until every mark is cleared the move is in
 // progress:
 //
+// Every ring change is on record in etcd the moment it is made (meta's ring
+// history, written with the ring), so the client needs no luck to see it:
+// at open it takes the ring the volume's placement was last recorded at
+// (meta.Placed) and records every later ring, one version at a time, before
+// it serves I/O; while open it does the same for each ring it is told of.
+//
 // Invariants:
-//   - The previous rings are recorded in etcd (meta.SetMoves) and the marks
-//     of the new owners are recorded (meta.MarkMissed) before the client
-//     switches to r1, so a client attaching after a crash knows where the
-//     uncopied chunks are, and no read ever goes to a new owner before its
-//     copy is done.
-//   - While moving, writes go to the owners under r1 and, best effort, to
-//     the owners under the previous rings (so those stay good copy
-//     sources); only the r1 owners count for the write's success and marks.
-//     Reads and copies may come from any owner under r1 or a previous ring
-//     that has no mark for the chunk.
-//   - When no mark is left, the move ends: chunks are discarded from nodes
-//     that own them only under a previous ring, the moves record is cleared
-//     and writes go to the r1 owners only.
+//   - The previous rings are recorded in etcd (meta.SetMoves), then the
+//     marks of the new owners (meta.MarkMissed), then the new placement
+//     version (meta.SetPlaced), before the client switches to r1, so a
+//     client attaching after a crash knows where the uncopied chunks are,
+//     and no read ever goes to a new owner before its copy is done.
+//   - While moving, writes go to the owners under r1 and to the owners
+//     under the previous rings (so those stay good copy sources). An owner
+//     under a previous ring that misses a write gets a mark like any other:
+//     it is no copy source for that chunk any more. A write succeeds only
+//     if some owner without a mark for the chunk took it, so an
+//     acknowledged write is always on a complete copy of its chunk. Reads
+//     and copies come from any owner under r1 or a previous ring that has
+//     no mark for the chunk.
+//   - When no owner under r1 has a mark left, the move ends: chunks are
+//     discarded from nodes that own them only under a previous ring, their
+//     marks are dropped, the moves record is cleared and writes go to the
+//     r1 owners only. The end is decided under c.mu, so it never races the
+//     start of the next move.
 //   - Marks of nodes that are in no ring any more are dropped (that node is
 //     gone; the chunk's new owners are marked instead).
 
@@ -37,17 +48,72 @@ import (
 	"github.com/torus-storage/torus/ring"
 )
 
+// placedRing returns the ring the volume's placement is recorded at: from
+// the ring history at meta.Placed, an empty ring when the volume was made
+// before any ring, or cur for a volume that has no placement record.
+func (c *Cluster) placedRing(ctx context.Context, cur *ring.Ring) (*ring.Ring, error) {
+	ver, ok, err := c.ms.Placed(ctx, c.vol.ID)
+	if err != nil {
+		return nil, err
+	}
+	if !ok || ver == cur.Version() {
+		return cur, nil
+	}
+	r, ok, err := c.ms.RingAt(ctx, ver)
+	switch {
+	case err != nil:
+		return nil, err
+	case ok:
+		return r, nil
+	case ver == 0:
+		return ring.New(nil, ring.Options{}) // created before the first ring
+	}
+	return nil, fmt.Errorf("the volume's placement is recorded at ring version %d, which the ring history no longer holds", ver)
+}
+
+// advanceLocked records, one version at a time, every ring from c.ring's
+// version up to target's (the ring history in etcd; target itself if the
+// history lacks it) and switches to each: the move in etcd, then the
+// placement version. Called with c.mu held.
+func (c *Cluster) advanceLocked(ctx context.Context, target *ring.Ring) error {
+	rings, err := c.ms.RingHistory(ctx, c.ring.Version(), target.Version())
+	if err != nil {
+		return err
+	}
+	if len(rings) == 0 || rings[len(rings)-1].Version() != target.Version() {
+		rings = append(rings, target)
+	}
+	for _, next := range rings {
+		if next.Version() <= c.ring.Version() {
+			continue
+		}
+		if err := c.startMoveLocked(ctx, next); err != nil {
+			return err
+		}
+		if err := c.ms.SetPlaced(ctx, c.vol.ID, next.Version()); err != nil {
+			return err
+		}
+		c.ring = next
+		if err := c.rebuildLocked(); err != nil {
+			c.log.Warn("cluster: ring update", "volume", c.vol.Name, "err", err)
+		}
+	}
+	return nil
+}
+
 // startMoveLocked records a move from c.ring to next: the previous rings in
 // etcd, then missed marks for every new owner of every chunk. Called with
-// c.mu held, before c.ring becomes next.
-func (c *Cluster) startMoveLocked(next *ring.Ring) error {
+// c.mu held, before c.ring becomes next. Recording the same move twice (a
+// client that died between the steps) changes nothing.
+func (c *Cluster) startMoveLocked(ctx context.Context, next *ring.Ring) error {
 	old := c.ring
 	if old == nil || old.Len() == 0 {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, 60*time.Second)
-	defer cancel()
-	prev := append(append([]*ring.Ring(nil), c.prev...), old)
+	prev := append([]*ring.Ring(nil), c.prev...)
+	if len(prev) == 0 || prev[len(prev)-1].Version() != old.Version() {
+		prev = append(prev, old)
+	}
 	if err := c.ms.SetMoves(ctx, c.vol.ID, prev); err != nil {
 		return err
 	}
@@ -111,6 +177,34 @@ func (c *Cluster) startMoveLocked(next *ring.Ring) error {
 	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Total: uint64(total), RingVersion: next.Version()})
 	c.kickRepair()
 	return nil
+}
+
+// owns reports whether node id owns chunk ch under the current ring.
+func (c *Cluster) owns(st *clusterState, id string, ch int64) bool {
+	var ids [maxReplicas]int
+	for _, i := range st.r.OwnerIndices(chunkKey(c.vol.ID, ch), c.repl, ids[:0]) {
+		if st.r.Node(i).ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// moveDone reports whether no owner under the current ring of st has a
+// mark left (marks of owners under previous rings only do not count: those
+// copies are leaving).
+func (c *Cluster) moveDone(st *clusterState) bool {
+	if !c.marks.any.Load() {
+		return true
+	}
+	for node, chunks := range c.marks.byNode() {
+		for _, ch := range chunks {
+			if c.owns(st, node, ch) {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // addPrevOwners appends to write part p the owners of key under previous
@@ -190,12 +284,12 @@ func (c *Cluster) sources(st *clusterState, ch int64) []*peer {
 	return out
 }
 
-// finishMove ends a move once no mark is left: discards the chunks nodes
-// hold only under previous rings, clears the moves record and drops the
-// previous rings.
+// finishMove ends a move once no owner under the current ring has a mark
+// left: discards the chunks nodes hold only under previous rings, drops
+// their marks, clears the moves record and drops the previous rings.
 func (c *Cluster) finishMove() {
 	st := c.state.Load()
-	if len(st.prev) == 0 || c.marks.any.Load() {
+	if len(st.prev) == 0 || !c.moveDone(st) {
 		return
 	}
 	nchunks := (c.size + c.chunk - 1) / c.chunk
@@ -234,18 +328,45 @@ func (c *Cluster) finishMove() {
 	}
 	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
 	defer cancel()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cs := c.state.Load(); cs.r != st.r || len(cs.prev) != len(st.prev) || !c.moveDone(cs) {
+		return // a new move started meanwhile: it ends later
+	}
+	// Marks of owners under previous rings only: those copies are gone.
+	for node, chunks := range c.marks.byNode() {
+		var drop []uint64
+		for _, ch := range chunks {
+			if !c.owns(st, node, ch) {
+				drop = append(drop, uint64(ch))
+			}
+		}
+		if len(drop) == 0 {
+			continue
+		}
+		if err := c.ms.ClearMissed(ctx, c.vol.ID, node, drop...); err != nil {
+			c.log.Warn("cluster: rebalance done but the marks of leaving copies stay (retrying)", "volume", c.vol.Name, "err", err)
+			return
+		}
+		for _, ch := range drop {
+			c.marks.clear(node, int64(ch))
+		}
+	}
 	if err := c.ms.SetMoves(ctx, c.vol.ID, nil); err != nil {
 		c.log.Warn("cluster: rebalance done but the moves record stays (retrying)", "volume", c.vol.Name, "err", err)
 		return
 	}
-	c.mu.Lock()
 	c.prev = nil
 	if err := c.rebuildLocked(); err != nil {
 		c.log.Warn("cluster: rebalance end", "volume", c.vol.Name, "err", err)
 	}
-	c.mu.Unlock()
 	total := uint64(c.moveTotal.Load())
 	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Done: total, Total: total, RingVersion: st.r.Version()})
+	if n, err := c.ms.PruneRings(ctx); err != nil {
+		c.log.Warn("cluster: pruning the ring history", "err", err)
+	} else if n > 0 {
+		c.log.Debug("cluster: ring history pruned", "rings", n)
+	}
 	c.moves.Add(1)
 	c.log.Info("cluster: rebalance finished", "volume", c.vol.Name, "ring", st.r.Version(), "chunk_copies", total, "old_copies_discarded", discarded)
 }

@@ -532,6 +532,9 @@ func (c *Cluster) repairPass(buf []byte) {
 			if c.ctx.Err() != nil {
 				return
 			}
+			if !c.owns(st, node, ch) {
+				continue // a copy under a previous ring only: leaving (finishMove)
+			}
 			cp, err := c.copyChunk(buf, target, ch)
 			if err != nil {
 				c.log.Warn("cluster: rebuild of a chunk failed; will retry", "volume", c.vol.Name, "node", node, "chunk", ch, "err", err)

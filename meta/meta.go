@@ -19,6 +19,10 @@
 //	                                rebalance or scrub
 //	PREFIX/v1/moves/ID              the rings a rebalancing volume's chunks may
 //	                                still live under (see moves.go)
+//	PREFIX/v1/rings/VERSION         every ring written, by version (20 digits):
+//	                                the history placement changes are read from
+//	PREFIX/v1/placed/ID             the ring version up to which the volume's
+//	                                placement changes are recorded (moves.go)
 //
 // Invariants (kept by this file's txn helper and by every writer):
 //
@@ -27,7 +31,9 @@
 //     never initialised, or whose schema changed under us, refuses writes
 //     with ErrNotInitialized or ErrSchemaVersion.
 //   - Open refuses a prefix holding another major schema version.
-//   - The ring key changes only by compare-and-swap on its mod revision.
+//   - The ring key changes only by compare-and-swap on its mod revision, in
+//     the transaction that also writes the ring to rings/VERSION, so every
+//     placement change is on record the moment it takes effect (moves.go).
 //   - A volume's attach key and its epoch bump are written in the same
 //     transaction, so every holder of the attach lock has a distinct epoch,
 //     and epochs of successive holders strictly increase.
@@ -103,7 +109,7 @@ type Store struct {
 	prefix string
 	schema string // schema value every write compares against
 
-	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress, kMoves string
+	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress, kMoves, kRings, kPlaced string
 }
 
 type unreachableError struct {
@@ -197,6 +203,8 @@ func newStore(cli *clientv3.Client, prefix string, log *slog.Logger) *Store {
 		kMissed:   v + "missed/",
 		kProgress: v + "progress/",
 		kMoves:    v + "moves/",
+		kRings:    v + "rings/",
+		kPlaced:   v + "placed/",
 	}
 }
 

@@ -2,7 +2,10 @@ package meta
 
 // Invariants of the ring key and its watchers:
 //   - The ring key holds ring.Ring's canonical binary encoding and changes
-//     only through CASRing (compare on mod revision).
+//     only through CASRing (compare on mod revision), whose transaction also
+//     writes the same encoding to rings/VERSION: the ring history that
+//     clients read placement changes from (moves.go). A ring change is thus
+//     on record for every volume, attached or not, the moment it exists.
 //   - A WatchRing channel delivers updates in strictly increasing revision
 //     order and never delivers a revision twice; after a compaction or a
 //     watch error it re-reads the key, so the latest ring is always
@@ -56,7 +59,7 @@ func (s *Store) CASRing(ctx context.Context, old int64, next *ring.Ring) error {
 	}
 	resp, err := s.txn(ctx,
 		[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.kRing), "=", old)},
-		[]clientv3.Op{clientv3.OpPut(s.kRing, string(b))}, nil)
+		[]clientv3.Op{clientv3.OpPut(s.kRing, string(b)), clientv3.OpPut(s.ringsKey(next.Version()), string(b))}, nil)
 	if err != nil {
 		return fmt.Errorf("meta: write ring version %d: %w", next.Version(), err)
 	}

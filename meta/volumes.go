@@ -5,8 +5,10 @@ package meta
 //     created and deleted in one transaction.
 //   - Size only grows (ResizeVolume refuses to shrink).
 //   - A volume is deleted only while its attach key is absent, checked in
-//     the deleting transaction, which also deletes its epoch, missed marks
-//     and progress record.
+//     the deleting transaction, which also deletes its epoch, missed marks,
+//     progress, moves and placement records.
+//   - A volume is created with placed/ID = the version of the ring current
+//     in the creating transaction (see moves.go).
 
 import (
 	"context"
@@ -80,15 +82,23 @@ func (s *Store) CreateVolume(ctx context.Context, name string, size uint64, repl
 		}
 		v := Volume{ID: id, Name: name, Size: size, Replication: replication, State: VolumeReady, Created: time.Now().UTC()}
 		js, _ := json.Marshal(v)
+		// The new volume has no data: its placement is recorded up to the
+		// current ring (checked unchanged in the same transaction).
+		r, ringRev, err := s.Ring(ctx)
+		if err != nil {
+			return Volume{}, fmt.Errorf("meta: create volume %s: %w", name, err)
+		}
 		tr, err := s.txn(ctx,
 			[]clientv3.Cmp{
 				clientv3.Compare(clientv3.CreateRevision(nameKey), "=", 0),
 				clientv3.Compare(clientv3.ModRevision(s.kNextID), "=", rev),
+				clientv3.Compare(clientv3.ModRevision(s.kRing), "=", ringRev),
 			},
 			[]clientv3.Op{
 				clientv3.OpPut(nameKey, strconv.FormatUint(id, 10)),
 				clientv3.OpPut(s.volKey(id), string(js)),
 				clientv3.OpPut(s.kNextID, strconv.FormatUint(id+1, 10)),
+				clientv3.OpPut(s.placedKey(id), strconv.FormatUint(r.Version(), 10)),
 			},
 			[]clientv3.Op{clientv3.OpGet(nameKey, clientv3.WithCountOnly())})
 		if err != nil {
@@ -179,6 +189,7 @@ func (s *Store) DeleteVolume(ctx context.Context, name string) error {
 				clientv3.OpDelete(s.missedVolPrefix(v.ID), clientv3.WithPrefix()),
 				clientv3.OpDelete(s.progressKey(v.ID)),
 				clientv3.OpDelete(s.movesKey(v.ID)),
+				clientv3.OpDelete(s.placedKey(v.ID)),
 			},
 			[]clientv3.Op{clientv3.OpGet(ak)})
 		if err != nil {
