@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -68,25 +69,79 @@ func (s *Store) SetReplication(ctx context.Context, r int) error {
 // Epochs returns the last attach epoch of every volume that was ever
 // attached, by volume id. A storage node raises its fences to these at
 // start-up, before it serves, so a writer fenced while the node was down
-// stays fenced.
+// stays fenced, and again on every change (WatchEpochs).
 func (s *Store) Epochs(ctx context.Context) (map[uint64]uint64, error) {
+	eps, _, err := s.epochs(ctx)
+	return eps, err
+}
+
+// WatchEpochs delivers the attach epochs of every volume (as Epochs) now
+// and again after every change, until ctx is done, when the channel is
+// closed. A slow reader gets only the latest map. It never gives up: after
+// a compaction, a watch error or an unreachable etcd it re-reads and
+// watches again. A storage node raises its fences from it, so a node that
+// missed a new holder's fence (partitioned from the client, not from etcd)
+// refuses the previous holder's writes all the same.
+func (s *Store) WatchEpochs(ctx context.Context) <-chan map[uint64]uint64 {
+	out := make(chan map[uint64]uint64, 1)
+	go func() {
+		defer close(out)
+		d := 50 * time.Millisecond
+		for ctx.Err() == nil {
+			eps, rev, err := s.epochs(ctx)
+			if err != nil {
+				if ctx.Err() == nil {
+					s.log.Warn("epoch watch: read failed, retrying", "err", err)
+				}
+				backoff(ctx, &d, 2*time.Second)
+				continue
+			}
+			select { // replace a map the reader has not taken yet
+			case <-out:
+			default:
+			}
+			out <- eps
+			wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+			wch := s.cli.Watch(wctx, s.kEpochs, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+			changed := false
+			for wr := range wch {
+				if wr.CompactRevision != 0 || wr.Err() != nil {
+					break
+				}
+				if len(wr.Events) > 0 {
+					changed = true
+					break
+				}
+			}
+			cancel()
+			if !changed && ctx.Err() == nil {
+				backoff(ctx, &d, 2*time.Second)
+			} else {
+				d = 50 * time.Millisecond
+			}
+		}
+	}()
+	return out
+}
+
+func (s *Store) epochs(ctx context.Context) (map[uint64]uint64, int64, error) {
 	resp, err := s.cli.Get(ctx, s.kEpochs, clientv3.WithPrefix())
 	if err != nil {
-		return nil, fmt.Errorf("meta: read epochs: %w", err)
+		return nil, 0, fmt.Errorf("meta: read epochs: %w", err)
 	}
 	out := make(map[uint64]uint64, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
 		id, err := strconv.ParseUint(strings.TrimPrefix(string(kv.Key), s.kEpochs), 10, 64)
 		if err != nil {
-			return nil, fmt.Errorf("meta: read epochs: corrupt key %q: %w", kv.Key, err)
+			return nil, 0, fmt.Errorf("meta: read epochs: corrupt key %q: %w", kv.Key, err)
 		}
 		e, err := strconv.ParseUint(string(kv.Value), 10, 64)
 		if err != nil {
-			return nil, fmt.Errorf("meta: read epochs: corrupt epoch %q of volume %d: %w", kv.Value, id, err)
+			return nil, 0, fmt.Errorf("meta: read epochs: corrupt epoch %q of volume %d: %w", kv.Value, id, err)
 		}
 		out[id] = e
 	}
-	return out, nil
+	return out, resp.Header.Revision, nil
 }
 
 // JoinRing makes n a member of the ring: it adds n, or updates its zone,

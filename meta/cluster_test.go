@@ -97,6 +97,44 @@ func TestEpochs(t *testing.T) {
 	}
 }
 
+// TestWatchEpochs: the watch delivers the epochs at once and again after
+// every attach.
+func TestWatchEpochs(t *testing.T) {
+	s := initStore(t, startEtcd(t))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	v, err := s.CreateVolume(ctx, "w", 1<<30, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := s.WatchEpochs(ctx)
+	if m := <-ch; len(m) != 0 {
+		t.Fatalf("first delivery %v, want no epochs", m)
+	}
+	for want := uint64(1); want <= 3; want++ {
+		l, err := s.Attach(ctx, "w", "t", 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			m, ok := <-ch
+			if !ok {
+				t.Fatalf("watch closed before epoch %d: %v", want, ctx.Err())
+			}
+			if m[v.ID] == want {
+				break
+			}
+			if m[v.ID] > want {
+				t.Fatalf("epoch %d delivered, want %d first", m[v.ID], want)
+			}
+		}
+		l.Release(ctx)
+	}
+	cancel()
+	for range ch {
+	}
+}
+
 func TestJoinRing(t *testing.T) {
 	ep := startEtcd(t)
 	ctx := context.Background()

@@ -72,6 +72,7 @@ type node struct {
 
 	stopReport context.CancelFunc
 	reported   chan struct{}
+	epochsDone chan struct{} // watchEpochs ended (stopped with stopReport)
 }
 
 // startNode starts a storage node of the cluster behind ms: it returns once
@@ -176,6 +177,8 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 	rctx, cancel := context.WithCancel(context.Background())
 	n.stopReport, n.reported = cancel, make(chan struct{})
 	go n.reportUsage(rctx, mn)
+	n.epochsDone = make(chan struct{})
+	go n.watchEpochs(rctx, ms)
 	n.gc = startCollector(ctx, st, ms, log)
 	n.dead = startDeadWatch(ctx, ms, id.NodeID, nc.DeadTimeout, log)
 	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "socket", sock, "capacity",
@@ -225,6 +228,18 @@ func (n *node) raiseEpochs(ctx context.Context, ms *meta.Store) error {
 		n.cs.RaiseEpoch(vol, e)
 	}
 	return nil
+}
+
+// watchEpochs raises every volume's fence whenever a holder takes a new
+// epoch in etcd, so the node refuses the previous holder even if it never
+// got the new holder's fence (the client could not reach it).
+func (n *node) watchEpochs(ctx context.Context, ms *meta.Store) {
+	defer close(n.epochsDone)
+	for eps := range ms.WatchEpochs(ctx) {
+		for vol, e := range eps {
+			n.cs.RaiseEpoch(vol, e)
+		}
+	}
 }
 
 // nodeTLS loads the node's TLS configuration from --tls-dir, or from
@@ -295,6 +310,7 @@ func (n *node) stop(ctx context.Context) error {
 	if n.stopReport != nil {
 		n.stopReport()
 		<-n.reported
+		<-n.epochsDone
 	}
 	if n.gc != nil {
 		n.gc.close()
