@@ -514,7 +514,11 @@ func (c *Cluster) repairPass(buf []byte) {
 				target = p
 			}
 		}
-		if target == nil || target.isDown() {
+		if target == nil {
+			c.askRefresh() // registered since the last read of the nodes?
+			continue
+		}
+		if target.isDown() {
 			continue
 		}
 		var pending []copied

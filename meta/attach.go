@@ -8,7 +8,12 @@ package meta
 //     not have noticed yet, so Lost is a hint to stop, the epoch is the
 //     guarantee.
 //   - An AttachLease's goroutine closes lost exactly once, when the
-//     keepalive ends for any reason other than Release.
+//     keepalive ends for any reason other than Release, or when the lock
+//     key is deleted or put under another lease (a client took a storage
+//     node's maintenance lock over).
+//   - Only a maintenance lock (Maintenance in the record) is ever taken
+//     over, by a client's Attach, in a transaction that checks the key's
+//     mod revision and bumps the epoch like any attach.
 
 import (
 	"context"
@@ -20,6 +25,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -30,6 +36,9 @@ type attachRecord struct {
 	Host   string    `json:"host"`
 	Epoch  uint64    `json:"epoch"`
 	Since  time.Time `json:"since"`
+	// Maintenance marks a storage node repairing a volume no client holds
+	// (AttachMaintenance): a client's Attach takes the lock over.
+	Maintenance bool `json:"maintenance,omitempty"`
 }
 
 func attachedError(name string, val []byte) error {
@@ -56,12 +65,27 @@ type AttachLease struct {
 
 // Attach takes the attach lock of the volume called name for holder, under
 // a lease of ttl, and bumps the volume's epoch in the same transaction. It
-// fails with ErrAttached (naming the holder) while someone else holds it.
+// fails with ErrAttached (naming the holder) while another client holds it;
+// a storage node's maintenance lock (AttachMaintenance) is taken over: its
+// lease sees the lock lost, and the new epoch fences its writes.
 func (s *Store) Attach(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
+	return s.attach(ctx, name, holder, ttl, false)
+}
+
+// AttachMaintenance takes the attach lock of the volume called name for a
+// storage node that repairs, moves or scrubs it while no client holds it.
+// It fails with ErrAttached while anyone holds the lock. A client's Attach
+// takes the lock over at any time: the lease's Lost channel is closed then.
+func (s *Store) AttachMaintenance(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
+	return s.attach(ctx, name, holder, ttl, true)
+}
+
+func (s *Store) attach(ctx context.Context, name, holder string, ttl time.Duration, maint bool) (*AttachLease, error) {
 	if holder == "" {
 		return nil, fmt.Errorf("meta: attach %s: empty holder: %w", name, ErrInvalid)
 	}
 	host, _ := os.Hostname()
+	takeOver := int64(0) // mod revision of a maintenance lock to take over
 	for range maxTries {
 		v, rev, err := s.volume(ctx, name)
 		if err != nil {
@@ -77,15 +101,19 @@ func (s *Store) Attach(ctx context.Context, name, holder string, ttl time.Durati
 			return nil, fmt.Errorf("meta: attach %s: %w", name, err)
 		}
 		epoch++
-		rec, _ := json.Marshal(attachRecord{Holder: holder, Host: host, Epoch: epoch, Since: time.Now().UTC()})
+		rec, _ := json.Marshal(attachRecord{Holder: holder, Host: host, Epoch: epoch, Since: time.Now().UTC(), Maintenance: maint})
 		g, err := s.cli.Grant(ctx, ttlSeconds(ttl))
 		if err != nil {
 			return nil, fmt.Errorf("meta: attach %s: grant lease: %w", name, err)
 		}
+		free := clientv3.Compare(clientv3.CreateRevision(ak), "=", 0)
+		if takeOver != 0 {
+			free = clientv3.Compare(clientv3.ModRevision(ak), "=", takeOver)
+		}
 		tr, err := s.txn(ctx,
 			[]clientv3.Cmp{
 				clientv3.Compare(clientv3.ModRevision(s.volKey(v.ID)), "=", rev),
-				clientv3.Compare(clientv3.CreateRevision(ak), "=", 0),
+				free,
 				clientv3.Compare(clientv3.ModRevision(ek), "=", erev),
 			},
 			[]clientv3.Op{
@@ -94,13 +122,20 @@ func (s *Store) Attach(ctx context.Context, name, holder string, ttl time.Durati
 			},
 			[]clientv3.Op{clientv3.OpGet(ak)})
 		if err == nil && tr.Succeeded {
-			return s.newAttachLease(v, epoch, g.ID), nil
+			return s.newAttachLease(v, epoch, g.ID, ak, tr.Header.Revision), nil
 		}
 		s.cli.Revoke(context.WithoutCancel(ctx), g.ID)
 		if err != nil {
 			return nil, fmt.Errorf("meta: attach %s: %w", name, err)
 		}
+		takeOver = 0
 		if kvs := tr.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 {
+			var held attachRecord
+			if !maint && json.Unmarshal(kvs[0].Value, &held) == nil && held.Maintenance {
+				takeOver = kvs[0].ModRevision
+				s.log.Info("attach: taking the lock over from maintenance", "volume", name, "from", held.Holder, "epoch", held.Epoch)
+				continue
+			}
 			return nil, fmt.Errorf("meta: attach: %w", attachedError(name, kvs[0].Value))
 		}
 		// The volume or its epoch changed under us: retry.
@@ -119,17 +154,27 @@ func parseEpoch(resp *clientv3.GetResponse) (epoch uint64, rev int64, err error)
 	return epoch, resp.Kvs[0].ModRevision, nil
 }
 
-func (s *Store) newAttachLease(v Volume, epoch uint64, lease clientv3.LeaseID) *AttachLease {
+func (s *Store) newAttachLease(v Volume, epoch uint64, lease clientv3.LeaseID, key string, rev int64) *AttachLease {
 	ctx, stop := context.WithCancel(s.cli.Ctx())
 	a := &AttachLease{s: s, volume: v, epoch: epoch, lease: lease, lost: make(chan struct{}), stop: stop, done: make(chan struct{})}
-	go a.run(ctx)
+	go a.run(ctx, key, rev)
 	return a
 }
 
-func (a *AttachLease) run(ctx context.Context) {
+func (a *AttachLease) run(ctx context.Context, key string, rev int64) {
 	defer close(a.done)
-	ch, err := a.s.cli.KeepAlive(clientv3.WithRequireLeader(ctx), a.lease)
+	kctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	ch, err := a.s.cli.KeepAlive(kctx, a.lease)
 	if err == nil {
+		// The keepalive ends with the lease; a watch of the lock ends it
+		// too once another holder owns the key (a take-over).
+		go func() {
+			if a.s.keyTaken(kctx, key, rev, a.lease) {
+				a.s.log.Warn("attach lock taken over", "volume", a.volume.Name, "epoch", a.epoch)
+				cancel()
+			}
+		}()
 		for range ch { // drain
 		}
 	}
@@ -140,6 +185,40 @@ func (a *AttachLease) run(ctx context.Context) {
 		a.s.log.Warn("attach lease lost", "volume", a.volume.Name, "epoch", a.epoch, "err", err)
 	}
 	close(a.lost)
+}
+
+// keyTaken watches the lock key from revision rev on and reports true once
+// it is deleted or held under another lease than lease; false when ctx
+// ends. A watch that fails is started again after re-reading the key.
+func (s *Store) keyTaken(ctx context.Context, key string, rev int64, lease clientv3.LeaseID) bool {
+	d := 50 * time.Millisecond
+	for ctx.Err() == nil {
+		wch := s.cli.Watch(ctx, key, clientv3.WithRev(rev+1))
+		for wr := range wch {
+			if wr.CompactRevision != 0 || wr.Err() != nil {
+				break
+			}
+			for _, ev := range wr.Events {
+				if ev.Type == mvccpb.DELETE || clientv3.LeaseID(ev.Kv.Lease) != lease {
+					return true
+				}
+			}
+			rev = wr.Header.Revision
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		resp, err := s.cli.Get(ctx, key)
+		if err != nil {
+			backoff(ctx, &d, 2*time.Second)
+			continue
+		}
+		if len(resp.Kvs) == 0 || clientv3.LeaseID(resp.Kvs[0].Lease) != lease {
+			return true
+		}
+		rev = resp.Header.Revision
+	}
+	return false
 }
 
 // Volume returns the attached volume as it was when attached.

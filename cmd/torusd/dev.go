@@ -114,6 +114,8 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 			ID:         id,
 			ClusterDir: caDir,
 			LeaseTTL:   5 * time.Second,
+			// Maintenance of volumes no client holds.
+			Maintenance: defaultMaintenance,
 		}, log)
 		if err != nil {
 			return fmt.Errorf("start %s: %w", id, err)

@@ -206,6 +206,8 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	fs.DurationVar(&nc.LeaseTTL, "lease-ttl", defaultLeaseTTL, "how long the registration outlives a crashed node")
 	fs.DurationVar(&nc.DeadTimeout, "dead-timeout", defaultDeadTimeout, "remove a node of the ring that stays unregistered this long, so its chunks are re-replicated; 0 = never")
 	fs.StringVar(&nc.Socket, "socket", "", "unix socket for clients on this host, instead of QUIC (default DATA_DIR/node.sock; none: no socket)")
+	fs.DurationVar(&nc.Maintenance, "maintenance-interval", defaultMaintenance, "how often to look for volumes no client holds that need a rebuild or a move, and repair them; 0 = never")
+	rebuildRate := fs.String("rebuild-rate", "", "bytes per second one maintenance job copies, e.g. 64MiB (default 64MiB)")
 	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -232,6 +234,14 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	}
 	if nc.LeaseTTL < time.Second {
 		return fmt.Errorf("%w: --lease-ttl %v: at least 1s", errUsage, nc.LeaseTTL)
+	}
+	if nc.Maintenance < 0 {
+		return fmt.Errorf("%w: --maintenance-interval %v: want a duration >= 0 (0 = never)", errUsage, nc.Maintenance)
+	}
+	if *rebuildRate != "" {
+		if nc.RebuildRate, err = units.ParseSize(*rebuildRate); err != nil || nc.RebuildRate <= 0 {
+			return fmt.Errorf("%w: --rebuild-rate %q: want a positive size per second (example: --rebuild-rate 64MiB)", errUsage, *rebuildRate)
+		}
 	}
 
 	if _, err := procs.Set(*maxProcs, 0, log); err != nil {

@@ -6,9 +6,9 @@ package main
 //     was down cannot write through it.
 //   - It registers (lease) only once it serves, and joins the ring only once
 //     registered: a node in the registry answers on its address.
-//   - The garbage collector (gc.go) and the dead-node watcher (dead.go)
-//     start once the node is in the ring and stop first, before the store
-//     closes.
+//   - The garbage collector (gc.go), the dead-node watcher (dead.go) and
+//     the maintainer (maint.go) start once the node is in the ring and stop
+//     first, before the store closes.
 //   - Stop runs in reverse: stop serving (close the server), close the store
 //     (waits for its ops, records a clean shutdown), then revoke the lease.
 //     The ring keeps the node: a stopped node is a dead replica until it
@@ -48,7 +48,16 @@ type nodeConfig struct {
 	// Socket is the unix socket clients on this host use instead of QUIC:
 	// "" means DataDir/node.sock, "none" none.
 	Socket string
+	// Maintenance is how often the node looks for volumes no client holds
+	// that need a rebuild or a move (maint.go); 0 never.
+	Maintenance time.Duration
+	// RebuildRate bounds the bytes per second one maintenance job copies
+	// (0: engine.DefaultRebuildRate).
+	RebuildRate int64
 }
+
+// defaultMaintenance is how often a node looks for volumes to maintain.
+const defaultMaintenance = 5 * time.Second
 
 // socketName is the node's unix socket in its data dir.
 const socketName = "node.sock"
@@ -67,7 +76,8 @@ type node struct {
 	cs    chunkServer
 	reg   *meta.Registration
 	gc    *collector
-	dead  *deadWatch // nil without --dead-timeout
+	dead  *deadWatch  // nil without --dead-timeout
+	maint *maintainer // nil without --maintenance-interval
 	log   *slog.Logger
 
 	stopReport context.CancelFunc
@@ -181,6 +191,7 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 	go n.watchEpochs(rctx, ms)
 	n.gc = startCollector(ctx, st, ms, log)
 	n.dead = startDeadWatch(ctx, ms, id.NodeID, nc.DeadTimeout, log)
+	n.maint = startMaintainer(ctx, ms, id.NodeID, tc.Client, nc.Maintenance, nc.LeaseTTL, nc.RebuildRate, log)
 	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "socket", sock, "capacity",
 		units.FormatSize(int64(mn.Capacity)), "zone", nc.Zone, "host", nc.Host, "ring_version", r.Version(),
 		"ring_nodes", r.Len())
@@ -312,6 +323,7 @@ func (n *node) stop(ctx context.Context) error {
 		<-n.reported
 		<-n.epochsDone
 	}
+	n.maint.close()
 	if n.gc != nil {
 		n.gc.close()
 	}
