@@ -215,3 +215,21 @@ func (m *maintainer) run(ctx context.Context, w meta.VolumeWork) {
 		}
 	}
 }
+
+// stat reads one of m's counters with f (0 without maintenance).
+func (m *maintainer) stat(f func(*maintainer) uint64) uint64 {
+	if m == nil {
+		return 0
+	}
+	return f(m)
+}
+
+// runningJobs is the number of jobs running (0 without maintenance).
+func (m *maintainer) runningJobs() uint64 {
+	if m == nil {
+		return 0
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return uint64(len(m.running))
+}

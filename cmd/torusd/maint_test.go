@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"testing"
 	"time"
 
@@ -51,12 +52,14 @@ func TestMaintenance(t *testing.T) {
 	ctx := context.Background()
 	dirs := map[string]string{}
 	procs := map[string]*proc{}
+	urls := map[string]string{}
 	startNode := func(id string) {
 		if dirs[id] == "" {
 			dirs[id] = filepath.Join(t.TempDir(), id)
 		}
 		p := start(t, nodeArgs(pfx, dirs[id], c.caDir, "--id", id, "--maintenance-interval", "300ms",
-			"--rebuild-rate", "4MiB", "--size", "256MiB")...)
+			"--rebuild-rate", "4MiB", "--size", "256MiB", "--metrics", "127.0.0.1:0")...)
+		urls[id] = p.waitLog(t, metricsRe)
 		p.waitLog(t, `msg="node ready"`)
 		procs[id] = p
 	}
@@ -186,5 +189,20 @@ func TestMaintenance(t *testing.T) {
 	}
 	if !yielded {
 		t.Fatal("no node logged that it yielded the volume to the client")
+	}
+	sum := func(name string) int {
+		n := 0
+		for id, u := range urls {
+			if _, running := procs[id]; running {
+				v, _ := strconv.Atoi(sample(t, scrape(t, u), name, id))
+				n += v
+			}
+		}
+		return n
+	}
+	// m3 restarted: its counters start again, the others' cover both jobs.
+	if jobs, fin, yl := sum("torus_maintenance_jobs_total"), sum("torus_maintenance_finished_total"),
+		sum("torus_maintenance_yielded_total"); jobs < 2 || fin < 1 || yl < 1 {
+		t.Fatalf("maintenance metrics: jobs %d, finished %d, yielded %d; want at least 2, 1, 1", jobs, fin, yl)
 	}
 }

@@ -57,6 +57,20 @@ var metrics = []metric{
 		func(_ *node, s nodeStats) uint64 { return s.StaleEpoch }},
 	{"torus_dead_nodes_removed_total", "counter", "Nodes this node removed from the ring after --dead-timeout unregistered.",
 		func(n *node, _ nodeStats) uint64 { return n.dead.total() }},
+	{"torus_maintenance_jobs_total", "counter", "Maintenance jobs this node started on volumes no client held.",
+		func(n *node, _ nodeStats) uint64 {
+			return n.maint.stat(func(m *maintainer) uint64 { return m.jobs.Load() })
+		}},
+	{"torus_maintenance_finished_total", "counter", "Maintenance jobs that left their volume with no mark and no move.",
+		func(n *node, _ nodeStats) uint64 {
+			return n.maint.stat(func(m *maintainer) uint64 { return m.finished.Load() })
+		}},
+	{"torus_maintenance_yielded_total", "counter", "Maintenance jobs that gave their volume up to an attaching client.",
+		func(n *node, _ nodeStats) uint64 {
+			return n.maint.stat(func(m *maintainer) uint64 { return m.preempted.Load() })
+		}},
+	{"torus_maintenance_running", "gauge", "Maintenance jobs running on this node.",
+		func(n *node, _ nodeStats) uint64 { return n.maint.runningJobs() }},
 	{"torus_gc_chunks_total", "counter", "Chunks of deleted volumes freed by garbage collection.",
 		func(n *node, _ nodeStats) uint64 {
 			if n.gc == nil {
