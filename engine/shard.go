@@ -28,6 +28,9 @@ package engine
 //     after a channel receive or go statement, so every hand-over is a
 //     happens-before edge. driver is written only during a hand-over and read
 //     only by the owner.
+//   - A linked chain (the fdatasync before an evicting log write) is taken
+//     with sqes, all entries before any is prepared, so no submission can
+//     fall between them and cut the link.
 //   - Every SQE's user_data carries the shard id in bits 40..47 (udShard), so
 //     shards and a frontend can share one ring (a frontend's own user_data
 //     keeps bits 56..63 zero).
@@ -91,6 +94,7 @@ type shard struct {
 	hdrArena []byte
 	hdrBufs  [][]byte
 	cqes     [128]iouring.CQE
+	chain    [2]*iouring.SQE // a linked pair being prepared (sqes)
 	efdBuf   []byte
 	inflight int
 	cleaning int // header writes without waiting ops in flight
@@ -323,6 +327,17 @@ func (sh *shard) sqe() *iouring.SQE {
 	}
 }
 
+// sqes fills dst with consecutive free SQEs, submitting first if fewer
+// are free, so that a linked chain prepared in them reaches the kernel in one
+// submission (see iouring.Ring.SQEs). len(dst) must not exceed the SQ size.
+func (sh *shard) sqes(dst []*iouring.SQE) {
+	for !sh.ring.SQEs(dst) {
+		if _, err := sh.ring.Submit(); err != nil {
+			sh.s.log.Error("store: io_uring submit failed", "shard", sh.id, "err", err)
+		}
+	}
+}
+
 func (sh *shard) armWake() {
 	e := sh.sqe()
 	e.PrepPollAdd(int32(sh.efd), unix.POLLIN)
@@ -533,16 +548,23 @@ func (sh *shard) writeAL() {
 	for k := lo; k <= hi; k++ {
 		encodeAL(sh.alBuf[k*BlockSize:(k+1)*BlockSize], sh.alSeq, sh.alHot[k*alMax:(k+1)*alMax], s.tab)
 	}
+	var e *iouring.SQE
 	if evicted {
+		// The fdatasync and the log write are one linked chain: both
+		// entries are taken before either can be submitted.
+		sh.sqes(sh.chain[:])
 		sh.alFsEpoch = s.syncNext.Add(1)
-		e := sh.sqe()
-		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
-		e.Flags |= iouring.SQEIOLink
-		e.UserData = udALFs | sh.ud
-		e.Flags |= sh.fixed
+		f := sh.chain[0]
+		f.PrepFsync(sh.fd, iouring.FsyncDatasync)
+		f.Flags |= iouring.SQEIOLink
+		f.UserData = udALFs | sh.ud
+		f.Flags |= sh.fixed
+		e = sh.chain[1]
+		sh.chain = [2]*iouring.SQE{}
+	} else {
+		e = sh.sqe()
 	}
 	sh.alLen = (hi - lo + 1) * BlockSize
-	e := sh.sqe()
 	e.PrepWrite(sh.fd, sh.alBuf[lo*BlockSize:(hi+1)*BlockSize], uint64(alOff+((sh.id%alShards)*alPerShard+lo)*BlockSize))
 	e.OpFlags = unix.RWF_DSYNC
 	e.UserData = udAL | sh.ud
