@@ -28,6 +28,12 @@ package engine
 //     after a channel receive or go statement, so every hand-over is a
 //     happens-before edge. driver is written only during a hand-over and read
 //     only by the owner.
+//   - A slot freed by a discard goes back to the free stack, and leaves the
+//     in-memory log, only after its punch, its free header and then an
+//     fdatasync have completed (freeStep, syncFree): until the free is
+//     durable the slot stays listed on disk and stays its chunk's, so a power
+//     loss can neither show one chunk's data in another nor leave two slots
+//     naming one chunk. The discard completes after that fdatasync.
 //   - A linked chain (the fdatasync before an evicting log write) is taken
 //     with sqes, all entries before any is prepared, so no submission can
 //     fall between them and cut the link.
@@ -58,6 +64,7 @@ const (
 	udWake = 3 << 56
 	udAL   = 4 << 56
 	udALFs = 5 << 56
+	udFree = 6 << 56
 	udMask = 0xff << 56
 
 	udShardShift = 40
@@ -112,6 +119,12 @@ type shard struct {
 	alFlying   []int32
 	alCurOps   *ChunkOp // waiting for the log write in flight (via hnext)
 	alNextOps  *ChunkOp // waiting for the next log write (via hnext)
+
+	// Frees waiting for an fdatasync (syncFree), chained via hnext.
+	frCur      *ChunkOp // covered by the fdatasync in flight
+	frNext     *ChunkOp // waiting for the next one
+	frEpoch    uint64   // syncNext taken by the one in flight
+	frInflight bool
 }
 
 func newShard(s *Store, id int) (*shard, error) {
@@ -384,11 +397,9 @@ func (sh *shard) start(op *ChunkOp) {
 func (sh *shard) dispatch(op *ChunkOp) {
 	s := sh.s
 	if op.Op == OpFlush {
-		op.epoch = s.syncNext.Add(1)
 		e := sh.sqe()
-		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
+		op.epoch = sh.prepSync(e)
 		e.UserData = udOp | sh.ud | uint64(op.idx)
-		e.Flags |= sh.fixed
 		op.pending = 1
 		return
 	}
@@ -553,12 +564,10 @@ func (sh *shard) writeAL() {
 		// The fdatasync and the log write are one linked chain: both
 		// entries are taken before either can be submitted.
 		sh.sqes(sh.chain[:])
-		sh.alFsEpoch = s.syncNext.Add(1)
 		f := sh.chain[0]
-		f.PrepFsync(sh.fd, iouring.FsyncDatasync)
+		sh.alFsEpoch = sh.prepSync(f)
 		f.Flags |= iouring.SQEIOLink
 		f.UserData = udALFs | sh.ud
-		f.Flags |= sh.fixed
 		e = sh.chain[1]
 		sh.chain = [2]*iouring.SQE{}
 	} else {
@@ -570,6 +579,19 @@ func (sh *shard) writeAL() {
 	e.UserData = udAL | sh.ud
 	e.Flags |= sh.fixed
 	sh.alInflight = true
+}
+
+// prepSync prepares e as an fdatasync of the store and returns the epoch it
+// took from syncNext (see store.go): every write completed before now is
+// durable once Store.synced reaches it.
+func (sh *shard) prepSync(e *iouring.SQE) uint64 {
+	ep := sh.s.syncNext.Add(1)
+	if h := sh.s.syncHook; h != nil {
+		h(ep)
+	}
+	e.PrepFsync(sh.fd, iouring.FsyncDatasync)
+	e.Flags |= sh.fixed
+	return ep
 }
 
 // clean writes the dirty header of an idle slot.
@@ -699,28 +721,98 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		m.version++
 		keep := op.Op == OpWriteZeroes && op.Flags&FlagNoUnmap != 0
 		op.pending = 1
+		if !keep && m.empty() && m.active == op && op.next == nil {
+			// Nothing left in the chunk: free the slot. The whole chunk is
+			// punched first; freeStep goes on from there. Hold the whole
+			// chunk so that later ops wait for the free and are then
+			// dispatched without this slot.
+			op.freeing = true
+			op.lockOff, op.lockLen = 0, s.chunk
+			sh.punch(op, base, s.chunk)
+			return
+		}
 		if !keep {
-			off, length := op.Off, op.Length
-			if m.empty() && m.active == op && op.next == nil {
-				// Nothing left in the chunk: free the slot.
-				op.freeing = true
-				m.used = false
-				off, length = 0, s.chunk
-				// Hold the whole chunk so that later ops wait for the
-				// free and are then dispatched without this slot.
-				op.lockOff, op.lockLen = 0, s.chunk
-			}
-			e := sh.sqe()
-			e.Opcode = iouring.OpFallocate
-			e.Fd = sh.fd
-			e.Off = base + uint64(off)
-			e.Addr = uint64(length)
-			e.Len = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
-			e.UserData = udOp | sh.ud | uint64(op.idx)
-			e.Flags |= sh.fixed
+			sh.punch(op, base+uint64(op.Off), op.Length)
 			op.pending = 2
 		}
 		sh.joinHeader(op, m, fua)
+	}
+}
+
+// punch deallocates [off, off+length) of the store for op.
+func (sh *shard) punch(op *ChunkOp, off uint64, length int64) {
+	e := sh.sqe()
+	e.Opcode = iouring.OpFallocate
+	e.Fd = sh.fd
+	e.Off = off
+	e.Addr = uint64(length)
+	e.Len = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+	e.UserData = udOp | sh.ud | uint64(op.idx)
+	e.Flags |= sh.fixed
+}
+
+// freeStep goes on with a free once the punch of the whole chunk completed
+// with res: the header is written as free (or, if the punch failed, as used
+// with no written block: the slot stays the chunk's), and partDone then
+// makes the free durable with syncFree before the op completes.
+func (sh *shard) freeStep(op *ChunkOp, res int32) {
+	m := &sh.s.slots[op.slot]
+	if res < 0 {
+		op.freeing = false
+		op.err = sh.ioErr("punch freed chunk", 0, res)
+	} else {
+		m.used = false
+	}
+	// op.pending stays 1: the header write is the next part.
+	sh.joinHeader(op, m, op.Flags&FlagFUA != 0 && !op.freeing)
+}
+
+// syncFree makes op's free durable: its punch and free header have
+// completed, and an fdatasync submitted from now on covers them. Only then
+// may the slot leave the activity log and be reused, so that after a power
+// loss neither the slot's old chunk nor its next owner can find the other's
+// data, and no two slots name one chunk. One fdatasync per shard is in
+// flight; frees that complete meanwhile wait for the next.
+func (sh *shard) syncFree(op *ChunkOp) {
+	op.hnext = nil
+	if sh.frInflight {
+		op.hnext = sh.frNext
+		sh.frNext = op
+		return
+	}
+	sh.frCur = op
+	sh.issueFreeSync()
+}
+
+func (sh *shard) issueFreeSync() {
+	e := sh.sqe()
+	sh.frEpoch = sh.prepSync(e)
+	e.UserData = udFree | sh.ud
+	sh.frInflight = true
+}
+
+// freeSynced handles the completion of the fdatasync of frees.
+func (sh *shard) freeSynced(res int32) {
+	var err error
+	if res < 0 {
+		err = sh.ioErr("fdatasync after freeing slots", 0, res)
+	} else {
+		sh.s.markSynced(sh.frEpoch)
+	}
+	ops := sh.frCur
+	sh.frCur, sh.frInflight = nil, false
+	if sh.frNext != nil {
+		sh.frCur, sh.frNext = sh.frNext, nil
+		sh.issueFreeSync()
+	}
+	for op := ops; op != nil; {
+		next := op.hnext
+		op.hnext = nil
+		if err != nil && op.err == nil {
+			op.err = err
+		}
+		sh.finish(op)
+		op = next
 	}
 }
 
@@ -772,6 +864,8 @@ func (sh *shard) complete(ud uint64, res int32) {
 		sh.armWake()
 	case udAL:
 		sh.alDone(res)
+	case udFree:
+		sh.freeSynced(res)
 	case udALFs:
 		if res < 0 {
 			sh.s.log.Error("store: fdatasync before activity-log write failed", "shard", sh.id, "err", unix.Errno(-res))
@@ -838,6 +932,10 @@ func (sh *shard) complete(ud uint64, res int32) {
 				sh.s.markSynced(op.epoch)
 			}
 		default:
+			if op.freeing {
+				sh.freeStep(op, res)
+				return
+			}
 			if res < 0 {
 				err = sh.ioErr(op.Op.String(), int64(op.Off), res)
 			}
@@ -890,6 +988,10 @@ func (sh *shard) partDone(op *ChunkOp, err error) {
 	}
 	op.pending--
 	if op.pending == 0 {
+		if op.freeing && op.err == nil {
+			sh.syncFree(op)
+			return
+		}
 		sh.finish(op)
 	}
 }
@@ -947,14 +1049,18 @@ func (sh *shard) unlock(op *ChunkOp) {
 	op.next = nil
 	if op.freeing {
 		if op.err != nil {
-			// The free did not reach the disk: keep the slot (its blocks
-			// read as zeros) rather than risk two slots for one chunk.
+			// The free is not known durable: keep the slot (its blocks
+			// read as zeros) rather than risk two slots for one chunk, and
+			// rewrite its header, which may say free, at the next write.
 			m.used = true
+			m.hdrFail, m.dirty = true, true
 		} else {
 			delete(sh.chunks, m.id)
 			if m.alPos1 > 0 {
 				// Leaving the in-memory log only; the on-disk block may
-				// list the slot until the next log write, which is harmless.
+				// list the slot until the next log write, which is
+				// harmless, and the log write that drops it needs no
+				// fdatasync: the free already is durable.
 				sh.alHot[m.alPos1-1] = -1
 			}
 			m.alState, m.alPos1 = alCold, 0
