@@ -34,6 +34,10 @@ package engine
 //     durable the slot stays listed on disk and stays its chunk's, so a power
 //     loss can neither show one chunk's data in another nor leave two slots
 //     naming one chunk. The discard completes after that fdatasync.
+//   - A discard or write-zeroes never fails because the store refuses to
+//     punch (EOPNOTSUPP, EINVAL): the cleared bits make its blocks zeros.
+//     A free needs the chunk's data cleared, by a punch or else a zeroed
+//     range; if neither is possible the slot stays its chunk's.
 //   - A linked chain (the fdatasync before an evicting log write) is taken
 //     with sqes, all entries before any is prepared, so no submission can
 //     fall between them and cut the link.
@@ -385,7 +389,7 @@ func (sh *shard) start(op *ChunkOp) {
 	sh.ops[op.idx] = op
 	sh.inflight++
 	op.err = nil
-	op.freeing = false
+	op.freeing, op.zeroing = false, false
 	op.pending = 0
 	op.slot = -1
 	op.next, op.hnext = nil, nil
@@ -728,38 +732,72 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 			// dispatched without this slot.
 			op.freeing = true
 			op.lockOff, op.lockLen = 0, s.chunk
-			sh.punch(op, base, s.chunk)
+			if s.noPunch.Load() {
+				op.zeroing = true
+				sh.fallocate(op, base, s.chunk, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE)
+			} else {
+				sh.fallocate(op, base, s.chunk, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE)
+			}
 			return
 		}
-		if !keep {
-			sh.punch(op, base+uint64(op.Off), op.Length)
+		// The cleared bits alone make the blocks read as zeros; the punch
+		// only gives the space back, so it is skipped where it is refused.
+		if !keep && !s.noPunch.Load() {
+			sh.fallocate(op, base+uint64(op.Off), op.Length, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE)
 			op.pending = 2
 		}
 		sh.joinHeader(op, m, fua)
 	}
 }
 
-// punch deallocates [off, off+length) of the store for op.
-func (sh *shard) punch(op *ChunkOp, off uint64, length int64) {
+// fallocate issues fallocate(mode) of [off, off+length) of the store for op.
+func (sh *shard) fallocate(op *ChunkOp, off uint64, length int64, mode uint32) {
 	e := sh.sqe()
 	e.Opcode = iouring.OpFallocate
 	e.Fd = sh.fd
 	e.Off = off
 	e.Addr = uint64(length)
-	e.Len = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+	e.Len = mode
 	e.UserData = udOp | sh.ud | uint64(op.idx)
 	e.Flags |= sh.fixed
 }
 
-// freeStep goes on with a free once the punch of the whole chunk completed
-// with res: the header is written as free (or, if the punch failed, as used
-// with no written block: the slot stays the chunk's), and partDone then
-// makes the free durable with syncFree before the op completes.
+// unsupported reports whether res is how a file or device refuses a
+// fallocate mode it does not implement (a block device without discard or
+// write-zeroes support, a filesystem without hole punching).
+func unsupported(res int32) bool {
+	return res == -int32(unix.EOPNOTSUPP) || res == -int32(unix.EINVAL)
+}
+
+// punchRefused records that the store refuses PUNCH_HOLE: from now on
+// discards only clear written bits, and frees zero the chunk instead.
+func (sh *shard) punchRefused(res int32) {
+	if sh.s.noPunch.CompareAndSwap(false, true) {
+		sh.s.log.Warn("store: the file or device refuses to punch holes (discard); discards now only clear written bits, and a freed slot is zeroed instead",
+			"path", sh.s.path, "err", unix.Errno(-res))
+	}
+}
+
+// freeStep goes on with a free once the punch (or, where punching is
+// refused, the zeroing) of the whole chunk completed with res: the header is
+// written as free, or, if the data could not be cleared, as used with no
+// written block (the slot stays the chunk's, its blocks read as zeros, and
+// it is not reclaimed), and partDone then makes the free durable with
+// syncFree before the op completes. A free never relies on a punch that
+// did not happen: the next owner must not find this chunk's data.
 func (sh *shard) freeStep(op *ChunkOp, res int32) {
 	m := &sh.s.slots[op.slot]
+	if res < 0 && !op.zeroing && unsupported(res) {
+		sh.punchRefused(res)
+		op.zeroing = true
+		sh.fallocate(op, uint64(sh.s.dataOff(op.slot)), sh.s.chunk, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE)
+		return
+	}
 	if res < 0 {
 		op.freeing = false
-		op.err = sh.ioErr("punch freed chunk", 0, res)
+		if !op.zeroing || !unsupported(res) {
+			op.err = sh.ioErr("clear data of freed chunk", op.Off, res)
+		}
 	} else {
 		m.used = false
 	}
@@ -936,7 +974,9 @@ func (sh *shard) complete(ud uint64, res int32) {
 				sh.freeStep(op, res)
 				return
 			}
-			if res < 0 {
+			if res < 0 && unsupported(res) {
+				sh.punchRefused(res)
+			} else if res < 0 {
 				err = sh.ioErr(op.Op.String(), int64(op.Off), res)
 			}
 		}

@@ -83,6 +83,7 @@ type ChunkOp struct {
 	idx     int32
 	pending int8
 	freeing bool
+	zeroing bool   // freeing: the fallocate in flight is ZERO_RANGE, not a punch
 	alw     bool   // counted in its slot's alWriters
 	epoch   uint64 // OpFlush: Store.syncNext taken at submission
 	lockOff int64
@@ -153,6 +154,7 @@ type Store struct {
 	syncNext, synced atomic.Uint64
 	dirtyLeft        atomic.Int64 // dirty headers shards failed to write at close
 	skipClean        atomic.Bool  // tests: stop shards as a crash would, headers dirty
+	noPunch          atomic.Bool  // the file or device refused PUNCH_HOLE once
 	// syncHook (tests) is called on a shard's thread with the epoch of each
 	// fdatasync just before it is prepared: what the store holds then is
 	// what that fdatasync makes durable.
