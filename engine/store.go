@@ -376,7 +376,8 @@ func OpenStore(path string, opt StoreOptions) (*Store, error) {
 // load reads the superblock and all slot headers, recovers after an unclean
 // shutdown and marks the store open (not clean) on disk.
 func (s *Store) load() error {
-	buf, err := alignbuf.Alloc(1 << 20)
+	// Recovery reads whole chunks into buf.
+	buf, err := alignbuf.Alloc(MaxChunkSize)
 	if err != nil {
 		return err
 	}

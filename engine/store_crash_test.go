@@ -232,3 +232,26 @@ func TestStoreFreedSlotReuseCrash(t *testing.T) {
 		run(t, l, w, path, s0, s1)
 	})
 }
+
+// Recovery reads whole chunks: it must work with the largest chunk size.
+func TestStoreRecoveryMaxChunk(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "v.store")
+	const size = 2 * MaxChunkSize
+	opt := LocalOptions{Shards: 1, ChunkSize: MaxChunkSize}
+	l := openTest(t, path, size, opt)
+	b := abuf(t, MaxChunkSize)
+	stampBlocks(b, MaxChunkSize, 1)
+	if err := do(l, OpWrite, 0, MaxChunkSize, MaxChunkSize, b); err != nil {
+		t.Fatal(err)
+	}
+	l.Store().simulateCrash()
+	l = openTest(t, path, size, opt)
+	defer l.Close()
+	if got := l.Store().Stats().RecoveryChecked; got != 1 {
+		t.Fatalf("recovery checked %d slots, want 1", got)
+	}
+	r := abuf(t, MaxChunkSize)
+	if err := do(l, OpRead, 0, MaxChunkSize, MaxChunkSize, r); err != nil || !bytes.Equal(r, b) {
+		t.Fatalf("read after recovery: %v (equal %v)", err, bytes.Equal(r, b))
+	}
+}
