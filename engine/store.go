@@ -33,6 +33,7 @@ package engine
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -481,8 +482,19 @@ func (s *Store) recover(buf []byte) error {
 		m := &s.slots[i]
 		if !m.used {
 			// A free slot still listed may have been freed by a discard
-			// whose punch was not durable yet: zero it, so that the chunk
-			// that takes it next cannot inherit its data.
+			// whose punch was not durable yet, or taken by a write whose
+			// header did not land: zero it, so that the chunk that takes
+			// it next cannot inherit its data. With a torn log every slot
+			// is listed; then only slots that were ever used are looked at.
+			if full && m.version == 0 {
+				continue
+			}
+			if _, err := s.f.ReadAt(buf[:s.chunk], s.dataOff(int32(i))); err != nil {
+				return fmt.Errorf("recovery: read free slot %d: %w", i, err)
+			}
+			if allZero(buf[:s.chunk]) {
+				continue
+			}
 			if err := s.zeroSlot(int32(i), buf); err != nil {
 				return fmt.Errorf("recovery: %w", err)
 			}
@@ -525,6 +537,22 @@ func (s *Store) recover(buf []byte) error {
 	s.log.Warn("store: recovered after unclean shutdown", "path", s.path, "slots_checked", checked,
 		"blocks_rechecksummed", fixed, "slots_fixed", slots, "free_slots_zeroed", zeroed)
 	return nil
+}
+
+// allZero reports whether b holds only zero bytes.
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.LittleEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // zeroSlot makes the data region of slot read as zeros: a punched hole,
