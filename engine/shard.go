@@ -28,6 +28,19 @@ package engine
 //     after a channel receive or go statement, so every hand-over is a
 //     happens-before edge. driver is written only during a hand-over and read
 //     only by the owner.
+//   - A slot freed by a discard goes back to the free stack, and leaves the
+//     in-memory log, only after its punch, its free header and then an
+//     fdatasync have completed (freeStep, syncFree): until the free is
+//     durable the slot stays listed on disk and stays its chunk's, so a power
+//     loss can neither show one chunk's data in another nor leave two slots
+//     naming one chunk. The discard completes after that fdatasync.
+//   - A discard or write-zeroes never fails because the store refuses to
+//     punch (EOPNOTSUPP, EINVAL): the cleared bits make its blocks zeros.
+//     A free needs the chunk's data cleared, by a punch or else a zeroed
+//     range; if neither is possible the slot stays its chunk's.
+//   - A linked chain (the fdatasync before an evicting log write) is taken
+//     with sqes, all entries before any is prepared, so no submission can
+//     fall between them and cut the link.
 //   - Every SQE's user_data carries the shard id in bits 40..47 (udShard), so
 //     shards and a frontend can share one ring (a frontend's own user_data
 //     keeps bits 56..63 zero).
@@ -55,6 +68,7 @@ const (
 	udWake = 3 << 56
 	udAL   = 4 << 56
 	udALFs = 5 << 56
+	udFree = 6 << 56
 	udMask = 0xff << 56
 
 	udShardShift = 40
@@ -91,6 +105,7 @@ type shard struct {
 	hdrArena []byte
 	hdrBufs  [][]byte
 	cqes     [128]iouring.CQE
+	chain    [2]*iouring.SQE // a linked pair being prepared (sqes)
 	efdBuf   []byte
 	inflight int
 	cleaning int // header writes without waiting ops in flight
@@ -108,6 +123,12 @@ type shard struct {
 	alFlying   []int32
 	alCurOps   *ChunkOp // waiting for the log write in flight (via hnext)
 	alNextOps  *ChunkOp // waiting for the next log write (via hnext)
+
+	// Frees waiting for an fdatasync (syncFree), chained via hnext.
+	frCur      *ChunkOp // covered by the fdatasync in flight
+	frNext     *ChunkOp // waiting for the next one
+	frEpoch    uint64   // syncNext taken by the one in flight
+	frInflight bool
 }
 
 func newShard(s *Store, id int) (*shard, error) {
@@ -323,6 +344,17 @@ func (sh *shard) sqe() *iouring.SQE {
 	}
 }
 
+// sqes fills dst with consecutive free SQEs, submitting first if fewer
+// are free, so that a linked chain prepared in them reaches the kernel in one
+// submission (see iouring.Ring.SQEs). len(dst) must not exceed the SQ size.
+func (sh *shard) sqes(dst []*iouring.SQE) {
+	for !sh.ring.SQEs(dst) {
+		if _, err := sh.ring.Submit(); err != nil {
+			sh.s.log.Error("store: io_uring submit failed", "shard", sh.id, "err", err)
+		}
+	}
+}
+
 func (sh *shard) armWake() {
 	e := sh.sqe()
 	e.PrepPollAdd(int32(sh.efd), unix.POLLIN)
@@ -357,7 +389,7 @@ func (sh *shard) start(op *ChunkOp) {
 	sh.ops[op.idx] = op
 	sh.inflight++
 	op.err = nil
-	op.freeing = false
+	op.freeing, op.zeroing = false, false
 	op.pending = 0
 	op.slot = -1
 	op.next, op.hnext = nil, nil
@@ -369,11 +401,9 @@ func (sh *shard) start(op *ChunkOp) {
 func (sh *shard) dispatch(op *ChunkOp) {
 	s := sh.s
 	if op.Op == OpFlush {
-		op.epoch = s.syncNext.Add(1)
 		e := sh.sqe()
-		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
+		op.epoch = sh.prepSync(e)
 		e.UserData = udOp | sh.ud | uint64(op.idx)
-		e.Flags |= sh.fixed
 		op.pending = 1
 		return
 	}
@@ -533,21 +563,39 @@ func (sh *shard) writeAL() {
 	for k := lo; k <= hi; k++ {
 		encodeAL(sh.alBuf[k*BlockSize:(k+1)*BlockSize], sh.alSeq, sh.alHot[k*alMax:(k+1)*alMax], s.tab)
 	}
+	var e *iouring.SQE
 	if evicted {
-		sh.alFsEpoch = s.syncNext.Add(1)
-		e := sh.sqe()
-		e.PrepFsync(sh.fd, iouring.FsyncDatasync)
-		e.Flags |= iouring.SQEIOLink
-		e.UserData = udALFs | sh.ud
-		e.Flags |= sh.fixed
+		// The fdatasync and the log write are one linked chain: both
+		// entries are taken before either can be submitted.
+		sh.sqes(sh.chain[:])
+		f := sh.chain[0]
+		sh.alFsEpoch = sh.prepSync(f)
+		f.Flags |= iouring.SQEIOLink
+		f.UserData = udALFs | sh.ud
+		e = sh.chain[1]
+		sh.chain = [2]*iouring.SQE{}
+	} else {
+		e = sh.sqe()
 	}
 	sh.alLen = (hi - lo + 1) * BlockSize
-	e := sh.sqe()
 	e.PrepWrite(sh.fd, sh.alBuf[lo*BlockSize:(hi+1)*BlockSize], uint64(alOff+((sh.id%alShards)*alPerShard+lo)*BlockSize))
 	e.OpFlags = unix.RWF_DSYNC
 	e.UserData = udAL | sh.ud
 	e.Flags |= sh.fixed
 	sh.alInflight = true
+}
+
+// prepSync prepares e as an fdatasync of the store and returns the epoch it
+// took from syncNext (see store.go): every write completed before now is
+// durable once Store.synced reaches it.
+func (sh *shard) prepSync(e *iouring.SQE) uint64 {
+	ep := sh.s.syncNext.Add(1)
+	if h := sh.s.syncHook; h != nil {
+		h(ep)
+	}
+	e.PrepFsync(sh.fd, iouring.FsyncDatasync)
+	e.Flags |= sh.fixed
+	return ep
 }
 
 // clean writes the dirty header of an idle slot.
@@ -677,28 +725,132 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		m.version++
 		keep := op.Op == OpWriteZeroes && op.Flags&FlagNoUnmap != 0
 		op.pending = 1
-		if !keep {
-			off, length := op.Off, op.Length
-			if m.empty() && m.active == op && op.next == nil {
-				// Nothing left in the chunk: free the slot.
-				op.freeing = true
-				m.used = false
-				off, length = 0, s.chunk
-				// Hold the whole chunk so that later ops wait for the
-				// free and are then dispatched without this slot.
-				op.lockOff, op.lockLen = 0, s.chunk
+		if !keep && m.empty() && m.active == op && op.next == nil {
+			// Nothing left in the chunk: free the slot. The whole chunk is
+			// punched first; freeStep goes on from there. Hold the whole
+			// chunk so that later ops wait for the free and are then
+			// dispatched without this slot.
+			op.freeing = true
+			op.lockOff, op.lockLen = 0, s.chunk
+			if s.noPunch.Load() {
+				op.zeroing = true
+				sh.fallocate(op, base, s.chunk, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE)
+			} else {
+				sh.fallocate(op, base, s.chunk, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE)
 			}
-			e := sh.sqe()
-			e.Opcode = iouring.OpFallocate
-			e.Fd = sh.fd
-			e.Off = base + uint64(off)
-			e.Addr = uint64(length)
-			e.Len = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
-			e.UserData = udOp | sh.ud | uint64(op.idx)
-			e.Flags |= sh.fixed
+			return
+		}
+		// The cleared bits alone make the blocks read as zeros; the punch
+		// only gives the space back, so it is skipped where it is refused.
+		if !keep && !s.noPunch.Load() {
+			sh.fallocate(op, base+uint64(op.Off), op.Length, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE)
 			op.pending = 2
 		}
 		sh.joinHeader(op, m, fua)
+	}
+}
+
+// fallocate issues fallocate(mode) of [off, off+length) of the store for op.
+func (sh *shard) fallocate(op *ChunkOp, off uint64, length int64, mode uint32) {
+	e := sh.sqe()
+	e.Opcode = iouring.OpFallocate
+	e.Fd = sh.fd
+	e.Off = off
+	e.Addr = uint64(length)
+	e.Len = mode
+	e.UserData = udOp | sh.ud | uint64(op.idx)
+	e.Flags |= sh.fixed
+}
+
+// unsupported reports whether res is how a file or device refuses a
+// fallocate mode it does not implement (a block device without discard or
+// write-zeroes support, a filesystem without hole punching).
+func unsupported(res int32) bool {
+	return res == -int32(unix.EOPNOTSUPP) || res == -int32(unix.EINVAL)
+}
+
+// punchRefused records that the store refuses PUNCH_HOLE: from now on
+// discards only clear written bits, and frees zero the chunk instead.
+func (sh *shard) punchRefused(res int32) {
+	if sh.s.noPunch.CompareAndSwap(false, true) {
+		sh.s.log.Warn("store: the file or device refuses to punch holes (discard); discards now only clear written bits, and a freed slot is zeroed instead",
+			"path", sh.s.path, "err", unix.Errno(-res))
+	}
+}
+
+// freeStep goes on with a free once the punch (or, where punching is
+// refused, the zeroing) of the whole chunk completed with res: the header is
+// written as free, or, if the data could not be cleared, as used with no
+// written block (the slot stays the chunk's, its blocks read as zeros, and
+// it is not reclaimed), and partDone then makes the free durable with
+// syncFree before the op completes. A free never relies on a punch that
+// did not happen: the next owner must not find this chunk's data.
+func (sh *shard) freeStep(op *ChunkOp, res int32) {
+	m := &sh.s.slots[op.slot]
+	if res < 0 && !op.zeroing && unsupported(res) {
+		sh.punchRefused(res)
+		op.zeroing = true
+		sh.fallocate(op, uint64(sh.s.dataOff(op.slot)), sh.s.chunk, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE)
+		return
+	}
+	if res < 0 {
+		op.freeing = false
+		if !op.zeroing || !unsupported(res) {
+			op.err = sh.ioErr("clear data of freed chunk", op.Off, res)
+		}
+	} else {
+		m.used = false
+	}
+	// op.pending stays 1: the header write is the next part.
+	sh.joinHeader(op, m, op.Flags&FlagFUA != 0 && !op.freeing)
+}
+
+// syncFree makes op's free durable: its punch and free header have
+// completed, and an fdatasync submitted from now on covers them. Only then
+// may the slot leave the activity log and be reused, so that after a power
+// loss neither the slot's old chunk nor its next owner can find the other's
+// data, and no two slots name one chunk. One fdatasync per shard is in
+// flight; frees that complete meanwhile wait for the next.
+func (sh *shard) syncFree(op *ChunkOp) {
+	op.hnext = nil
+	if sh.frInflight {
+		op.hnext = sh.frNext
+		sh.frNext = op
+		return
+	}
+	sh.frCur = op
+	sh.issueFreeSync()
+}
+
+func (sh *shard) issueFreeSync() {
+	e := sh.sqe()
+	sh.frEpoch = sh.prepSync(e)
+	e.UserData = udFree | sh.ud
+	sh.frInflight = true
+}
+
+// freeSynced handles the completion of the fdatasync of frees.
+func (sh *shard) freeSynced(res int32) {
+	var err error
+	if res < 0 {
+		err = sh.ioErr("fdatasync after freeing slots", 0, res)
+	} else {
+		sh.s.markSynced(sh.frEpoch)
+	}
+	ops := sh.frCur
+	sh.frCur, sh.frInflight = nil, false
+	if sh.frNext != nil {
+		sh.frCur, sh.frNext = sh.frNext, nil
+		sh.issueFreeSync()
+	}
+	for op := ops; op != nil; {
+		next := op.hnext
+		op.hnext = nil
+		if err != nil && op.err == nil {
+			op.err = err
+		}
+		sh.finish(op)
+		op = next
 	}
 }
 
@@ -750,6 +902,8 @@ func (sh *shard) complete(ud uint64, res int32) {
 		sh.armWake()
 	case udAL:
 		sh.alDone(res)
+	case udFree:
+		sh.freeSynced(res)
 	case udALFs:
 		if res < 0 {
 			sh.s.log.Error("store: fdatasync before activity-log write failed", "shard", sh.id, "err", unix.Errno(-res))
@@ -816,7 +970,13 @@ func (sh *shard) complete(ud uint64, res int32) {
 				sh.s.markSynced(op.epoch)
 			}
 		default:
-			if res < 0 {
+			if op.freeing {
+				sh.freeStep(op, res)
+				return
+			}
+			if res < 0 && unsupported(res) {
+				sh.punchRefused(res)
+			} else if res < 0 {
 				err = sh.ioErr(op.Op.String(), int64(op.Off), res)
 			}
 		}
@@ -868,6 +1028,10 @@ func (sh *shard) partDone(op *ChunkOp, err error) {
 	}
 	op.pending--
 	if op.pending == 0 {
+		if op.freeing && op.err == nil {
+			sh.syncFree(op)
+			return
+		}
 		sh.finish(op)
 	}
 }
@@ -925,14 +1089,18 @@ func (sh *shard) unlock(op *ChunkOp) {
 	op.next = nil
 	if op.freeing {
 		if op.err != nil {
-			// The free did not reach the disk: keep the slot (its blocks
-			// read as zeros) rather than risk two slots for one chunk.
+			// The free is not known durable: keep the slot (its blocks
+			// read as zeros) rather than risk two slots for one chunk, and
+			// rewrite its header, which may say free, at the next write.
 			m.used = true
+			m.hdrFail, m.dirty = true, true
 		} else {
 			delete(sh.chunks, m.id)
 			if m.alPos1 > 0 {
 				// Leaving the in-memory log only; the on-disk block may
-				// list the slot until the next log write, which is harmless.
+				// list the slot until the next log write, which is
+				// harmless, and the log write that drops it needs no
+				// fdatasync: the free already is durable.
 				sh.alHot[m.alPos1-1] = -1
 			}
 			m.alState, m.alPos1 = alCold, 0

@@ -9,8 +9,9 @@ package engine
 //     written only on that shard's goroutine, which is locked to its OS thread
 //     and is the only user of the shard's io_uring.
 //   - A slot changes owner only through Store.free (a mutex-protected stack):
-//     the freeing shard pushes it after its last touch, the allocating shard
-//     pops it before its first touch.
+//     the freeing shard pushes it after its last touch, once its free is
+//     durable (see shard.go), the allocating shard pops it before its first
+//     touch.
 //   - Ops overlapping in a slot are ordered: an op that writes (write,
 //     discard, write-zeroes) never runs concurrently with another op on an
 //     overlapping block range, and ops on a slot start in submission order
@@ -32,6 +33,7 @@ package engine
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -82,6 +84,7 @@ type ChunkOp struct {
 	idx     int32
 	pending int8
 	freeing bool
+	zeroing bool   // freeing: the fallocate in flight is ZERO_RANGE, not a punch
 	alw     bool   // counted in its slot's alWriters
 	epoch   uint64 // OpFlush: Store.syncNext taken at submission
 	lockOff int64
@@ -152,6 +155,11 @@ type Store struct {
 	syncNext, synced atomic.Uint64
 	dirtyLeft        atomic.Int64 // dirty headers shards failed to write at close
 	skipClean        atomic.Bool  // tests: stop shards as a crash would, headers dirty
+	noPunch          atomic.Bool  // the file or device refused PUNCH_HOLE once
+	// syncHook (tests) is called on a shard's thread with the epoch of each
+	// fdatasync just before it is prepared: what the store holds then is
+	// what that fdatasync makes durable.
+	syncHook func(epoch uint64)
 
 	shards               []*shard
 	recChecked, recFixed int64
@@ -369,7 +377,8 @@ func OpenStore(path string, opt StoreOptions) (*Store, error) {
 // load reads the superblock and all slot headers, recovers after an unclean
 // shutdown and marks the store open (not clean) on disk.
 func (s *Store) load() error {
-	buf, err := alignbuf.Alloc(1 << 20)
+	// Recovery reads whole chunks into buf.
+	buf, err := alignbuf.Alloc(MaxChunkSize)
 	if err != nil {
 		return err
 	}
@@ -465,13 +474,31 @@ func (s *Store) recover(buf []byte) error {
 			list = append(list, uint32(i))
 		}
 	}
-	fixed, slots, checked := 0, 0, 0
+	fixed, slots, checked, zeroed := 0, 0, 0, 0
 	for _, i := range list {
 		if int(i) >= len(s.slots) {
 			return fmt.Errorf("recovery: activity log names slot %d of %d: %w", i, len(s.slots), ErrCorrupt)
 		}
 		m := &s.slots[i]
 		if !m.used {
+			// A free slot still listed may have been freed by a discard
+			// whose punch was not durable yet, or taken by a write whose
+			// header did not land: zero it, so that the chunk that takes
+			// it next cannot inherit its data. With a torn log every slot
+			// is listed; then only slots that were ever used are looked at.
+			if full && m.version == 0 {
+				continue
+			}
+			if _, err := s.f.ReadAt(buf[:s.chunk], s.dataOff(int32(i))); err != nil {
+				return fmt.Errorf("recovery: read free slot %d: %w", i, err)
+			}
+			if allZero(buf[:s.chunk]) {
+				continue
+			}
+			if err := s.zeroSlot(int32(i), buf); err != nil {
+				return fmt.Errorf("recovery: %w", err)
+			}
+			zeroed++
 			continue
 		}
 		checked++
@@ -508,7 +535,46 @@ func (s *Store) recover(buf []byte) error {
 	}
 	s.recChecked, s.recFixed = int64(checked), int64(fixed)
 	s.log.Warn("store: recovered after unclean shutdown", "path", s.path, "slots_checked", checked,
-		"blocks_rechecksummed", fixed, "slots_fixed", slots)
+		"blocks_rechecksummed", fixed, "slots_fixed", slots, "free_slots_zeroed", zeroed)
+	return nil
+}
+
+// allZero reports whether b holds only zero bytes.
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.LittleEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// zeroSlot makes the data region of slot read as zeros: a punched hole,
+// else a zeroed range, else written zeros (buf is scratch memory). It runs
+// only at open, before the shards start.
+func (s *Store) zeroSlot(slot int32, buf []byte) error {
+	off := s.dataOff(slot)
+	err := unix.Fallocate(int(s.fd), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, s.chunk)
+	if err == nil {
+		return nil
+	}
+	if err = unix.Fallocate(int(s.fd), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, s.chunk); err == nil {
+		return nil
+	}
+	clear(buf)
+	for done := int64(0); done < s.chunk; {
+		n := min(int64(len(buf)), s.chunk-done)
+		if _, err := s.f.WriteAt(buf[:n], off+done); err != nil {
+			return fmt.Errorf("zero free slot %d: %w", slot, err)
+		}
+		done += n
+	}
 	return nil
 }
 

@@ -14,7 +14,12 @@ package engine
 //     (Castagnoli) of the bytes before it; an all-zero header is a free slot
 //     that was never written.
 //   - A used header names exactly one ChunkID; no two used headers name the
-//     same ChunkID (a slot is freed on disk before its chunk can get another).
+//     same ChunkID, also after a power loss (a slot's free is durable before
+//     its chunk can get another slot).
+//   - A slot freed by a discard is reused, and leaves the activity log, only
+//     once its punch and free header are durable; recovery zeroes the data
+//     of a free slot the log lists. So a chunk never inherits another
+//     chunk's data through a reused slot.
 //   - A block whose bit is clear in the header's written bitmap reads as zeros
 //     whatever the data region holds; a block whose bit is set reads as the
 //     data region.

@@ -8,11 +8,13 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/iouring"
 )
 
 // simulateCrash stops the store as kill -9 would: no final sync, no clean
@@ -303,6 +305,103 @@ func TestStoreMixedStress(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := checkBlocks(all, 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// storeDo runs one chunk op on s and waits for it.
+func storeDo(s *Store, op *ChunkOp) error {
+	w := make(chunkWaiter, 1)
+	op.Done = w
+	s.Submit(op)
+	return <-w
+}
+
+// The fdatasync that makes an evicted slot durable and the activity-log
+// write that drops it are one IOSQE_IO_LINK chain. With the SQ one entry
+// short of full when the log write is prepared, the chain must still reach
+// the kernel whole: both entries are handed out before anything is
+// submitted, so neither is consumed while the other is still missing (a
+// linked SQE submitted as the last of its batch would run unlinked).
+func TestStoreEvictionChainAtSQEdge(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.store")
+	st, err := CreateStore(path, StoreOptions{ChunkSize: MinChunkSize, Slots: alShardMax + 1, Shards: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Fill the shard's log with clean, idle slots.
+	parallel(t, alShardMax, func(i int, b []byte) error {
+		stampBlocks(b, int64(i)*MinChunkSize, 0)
+		return storeDo(st, &ChunkOp{Op: OpWrite, Chunk: ChunkID{Index: uint64(i)}, Length: BlockSize, Buf: b})
+	})
+	b := abuf(t, BlockSize)
+	stampBlocks(b, alShardMax*MinChunkSize, 0)
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		errc <- func() error {
+			r, err := iouring.New(8, 0)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			d, err := st.DriveShards(r, 0)
+			if err != nil {
+				return err
+			}
+			// The shard's wake poll is pending; leave one free entry.
+			nops := 0
+			for r.SQSpace() > 1 {
+				r.SQE().PrepNop()
+				nops++
+			}
+			done := make(chunkWaiter, 1)
+			d.SubmitChunk(&ChunkOp{Op: OpWrite, Chunk: ChunkID{Index: alShardMax}, Length: BlockSize, Buf: b, Done: done})
+			// The new slot must evict one: fdatasync + log write. Nothing
+			// else may be prepared before the log write completes.
+			if p := r.Pending(); p != 2 {
+				return fmt.Errorf("after preparing the evicting log write, %d SQEs are unconsumed, want 2 (the linked fdatasync and the log write, not yet submitted)", p)
+			}
+			cqes := make([]iouring.CQE, 16)
+			for len(done) == 0 {
+				if _, err := r.SubmitAndWait(1); err != nil {
+					return err
+				}
+				n := r.PeekCQEs(cqes)
+				for i := 0; i < n; i++ {
+					if d.Owns(cqes[i].UserData) {
+						d.Handle(&cqes[i])
+					} else {
+						nops--
+					}
+				}
+			}
+			if err := <-done; err != nil {
+				return err
+			}
+			for nops > 0 {
+				n, err := r.WaitCQEs(cqes, 1)
+				if err != nil {
+					return err
+				}
+				for i := 0; i < n; i++ {
+					if !d.Owns(cqes[i].UserData) {
+						nops--
+					}
+				}
+			}
+			return d.Release()
+		}()
+	}()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	r := abuf(t, BlockSize)
+	if err := storeDo(st, &ChunkOp{Op: OpRead, Chunk: ChunkID{Index: alShardMax}, Length: BlockSize, Buf: r}); err != nil || !bytes.Equal(r, b) {
+		t.Fatalf("read back: %v (equal %v)", err, bytes.Equal(r, b))
+	}
+	if err := st.Close(); err != nil {
 		t.Fatal(err)
 	}
 }

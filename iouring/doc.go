@@ -13,6 +13,14 @@
 //
 // Nothing on that path allocates.
 //
+// # Linked chains
+//
+// Entries joined with SQEIOLink must reach the kernel in one submission: the
+// kernel ends a chain at the end of each batch and runs a linked entry that
+// ends one as if it were unlinked. Take a chain's entries together with
+// SQEs, which hands out all of them or none (submit first if it refuses),
+// never one at a time with a Submit in between when the SQ fills.
+//
 // # Threading
 //
 // A Ring is not safe for concurrent use: one goroutine at a time owns it.

@@ -9,6 +9,9 @@ package iouring
 //   - The SQ index array is the identity (array[i] = i), written once in New.
 //   - SQE zeroes the whole slot (64 or 128 bytes) before handing it out, and
 //     hands out slot i only when the kernel has consumed its previous use.
+//   - Handing out entries (SQE, SQEs) never publishes or submits; SQEs hands
+//     out all of its entries or none, so a linked chain taken with it is
+//     published in one flush.
 //   - khead(CQ) is advanced only by PeekCQEs, with a release store after the
 //     CQEs were copied out; ktail(CQ) is read with an acquire load.
 //   - overflowSeen is the CQ overflow counter value last reported.
@@ -302,6 +305,24 @@ func (r *Ring) SQE() *SQE {
 	}
 	r.sqeTail++
 	return (*SQE)(p)
+}
+
+// SQEs hands out len(dst) consecutive submission entries, each zeroed as by
+// SQE, all or none: it returns false, and hands out nothing, when fewer than
+// len(dst) are free (submit, then try again). Entries are published to the
+// kernel only by Submit, SubmitAndWait and WaitCQEs, and always all of those
+// handed out so far, so entries taken together reach the kernel in one
+// batch, in order: a chain linked with SQEIOLink among them is never cut by
+// the end of a submission (the kernel runs a linked entry that ends a batch
+// as if unlinked). It does not allocate.
+func (r *Ring) SQEs(dst []*SQE) bool {
+	if uint32(len(dst)) > r.SQSpace() {
+		return false
+	}
+	for i := range dst {
+		dst[i] = r.SQE()
+	}
+	return true
 }
 
 // SQSpace returns the number of free SQ slots.

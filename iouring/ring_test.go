@@ -704,3 +704,97 @@ func TestNewThreadRing(t *testing.T) {
 		nopRoundTrip(t, r, 42)
 	})
 }
+
+// takeChain reserves a chain of len(dst) entries the way a caller with a
+// possibly full SQ must: submit first when fewer are free.
+func takeChain(t *testing.T, r *Ring, dst []*SQE) {
+	t.Helper()
+	for !r.SQEs(dst) {
+		if _, err := r.Submit(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// SQEs hands out all of its entries or none, and a chain taken with it at
+// the edge of a full SQ reaches the kernel whole: when its head fails, the
+// linked entry is cancelled. The control shows why it matters: the same
+// chain with a submission between its two entries (what taking one entry at
+// a time and submitting when the SQ is full does) runs the second entry
+// unlinked.
+func TestSQEsLinkedChainAtSQEdge(t *testing.T) {
+	r := testRing(t, 8, 0)
+	var cqes [16]CQE
+	fill := func() {
+		for r.SQSpace() > 1 {
+			e := r.SQE()
+			e.PrepNop()
+			e.UserData = 100
+		}
+	}
+	results := func() (head, tail int32) {
+		t.Helper()
+		head, tail = 1, 1
+		for head == 1 || tail == 1 {
+			n, err := r.WaitCQEs(cqes[:], 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range cqes[:n] {
+				switch c.UserData {
+				case 1:
+					head = c.Res
+				case 2:
+					tail = c.Res
+				}
+			}
+		}
+		return head, tail
+	}
+	prep := func(head, tail *SQE) {
+		// A read from fd -1 fails with EBADF; its linked NOP must not run.
+		head.PrepRead(-1, make([]byte, 8), 0)
+		head.Flags |= SQEIOLink
+		head.UserData = 1
+		tail.PrepNop()
+		tail.UserData = 2
+	}
+
+	fill()
+	var two [2]*SQE
+	if r.SQEs(two[:]) {
+		t.Fatal("SQEs(2) succeeded with one free entry")
+	}
+	if r.SQSpace() != 1 || two[0] != nil || two[1] != nil {
+		t.Fatalf("a refused SQEs handed out entries: SQSpace %d", r.SQSpace())
+	}
+	takeChain(t, r, two[:])
+	if r.Pending() != 2 {
+		t.Fatalf("Pending %d after taking a chain of 2 at the edge, want 2", r.Pending())
+	}
+	prep(two[0], two[1])
+	head, tail := results()
+	if head != -int32(unix.EBADF) || tail != -int32(unix.ECANCELED) {
+		t.Fatalf("chain taken with SQEs: head %d, linked %d; want -EBADF and -ECANCELED", head, tail)
+	}
+
+	// Control: one entry at a time, submitting when the SQ is full.
+	fill()
+	first := r.SQE()
+	first.PrepRead(-1, make([]byte, 8), 0)
+	first.Flags |= SQEIOLink
+	first.UserData = 1
+	if r.SQE() != nil {
+		t.Fatal("SQ not full")
+	}
+	if _, err := r.Submit(); err != nil {
+		t.Fatal(err)
+	}
+	second := r.SQE()
+	second.PrepNop()
+	second.UserData = 2
+	head, tail = results()
+	if head != -int32(unix.EBADF) || tail != 0 {
+		t.Fatalf("control, chain cut by a submission: head %d, second %d; want -EBADF and 0 (ran unlinked)", head, tail)
+	}
+}
