@@ -73,6 +73,9 @@ type ClusterOptions struct {
 	// RebuildRate bounds the bytes per second the rebuild of missed chunks
 	// copies (default DefaultRebuildRate).
 	RebuildRate int64
+	// Holder names who runs the volume's background jobs in their progress
+	// records (the attach lock's holder).
+	Holder string
 }
 
 // maxReplicas is the most copies of a chunk a Cluster writes.

@@ -174,7 +174,8 @@ func (c *Cluster) startMoveLocked(ctx context.Context, next *ring.Ring) error {
 	c.log.Info("cluster: rebalance started", "volume", c.vol.Name, "from", old.Version(), "to", next.Version(),
 		"chunk_copies", total, "of", nchunks*int64(c.repl), "moved_fraction", fmt.Sprintf("%.3f", float64(total)/float64(nchunks*int64(c.repl))),
 		"ring_predicts", fmt.Sprintf("%.3f", predicted))
-	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Total: uint64(total), RingVersion: next.Version()})
+	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Total: uint64(total), RingVersion: next.Version(),
+		Started: time.Now().UTC(), Holder: c.opt.Holder})
 	c.kickRepair()
 	return nil
 }
@@ -361,7 +362,8 @@ func (c *Cluster) finishMove() {
 		c.log.Warn("cluster: rebalance end", "volume", c.vol.Name, "err", err)
 	}
 	total := uint64(c.moveTotal.Load())
-	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Done: total, Total: total, RingVersion: st.r.Version()})
+	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Done: total, Total: total, RingVersion: st.r.Version(),
+		Holder: c.opt.Holder})
 	if n, err := c.ms.PruneRings(ctx); err != nil {
 		c.log.Warn("cluster: pruning the ring history", "err", err)
 	} else if n > 0 {

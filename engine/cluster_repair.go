@@ -562,7 +562,7 @@ func (c *Cluster) repairPass(buf []byte) {
 				}
 			}
 			if c.rebuilt.Load()%64 == 0 {
-				c.saveProgress(done, total)
+				c.saveProgress(done, total, start)
 			}
 		}
 		if len(pending) > 0 {
@@ -570,12 +570,12 @@ func (c *Cluster) repairPass(buf []byte) {
 		}
 	}
 	if done > 0 {
-		c.saveProgress(done, total)
+		c.saveProgress(done, total, start)
 		c.log.Info("cluster: rebuild pass", "volume", c.vol.Name, "copied", done, "of", total, "left", c.marks.count())
 	}
 }
 
-func (c *Cluster) saveProgress(done, total int) {
+func (c *Cluster) saveProgress(done, total int, start time.Time) {
 	left := c.marks.count()
 	ctx, cancel := context.WithTimeout(c.ctx, 2*time.Second)
 	defer cancel()
@@ -583,7 +583,8 @@ func (c *Cluster) saveProgress(done, total int) {
 	if len(c.state.Load().prev) > 0 {
 		kind = meta.ProgressRebalance
 	}
-	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: kind, Done: uint64(done), Total: uint64(done + left), Repaired: c.rebuilt.Load()})
+	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: kind, Done: uint64(done), Total: uint64(done + left), Repaired: c.rebuilt.Load(),
+		Started: start.UTC(), Holder: c.opt.Holder})
 	_ = total
 }
 

@@ -146,11 +146,11 @@ func (c *Cluster) Scrub(ctx context.Context) (ScrubResult, error) {
 			}
 		}
 		if (ch+1)%scrubProgressEvery == 0 {
-			c.scrubProgress(ctx, uint64(ch+1), uint64(nchunks), &res)
+			c.scrubProgress(ctx, uint64(ch+1), uint64(nchunks), &res, start)
 		}
 	}
 	c.waitRepaired(ctx, marked, &res)
-	c.scrubProgress(ctx, uint64(nchunks), uint64(nchunks), &res)
+	c.scrubProgress(ctx, uint64(nchunks), uint64(nchunks), &res, start)
 	c.log.Info("cluster: scrub done", "volume", c.vol.Name, "chunks", res.Chunks, "skipped", res.Skipped,
 		"checksum_errors", res.Checksum, "mismatches", res.Mismatches, "unreadable", res.Unreadable,
 		"lost", res.Lost, "marked", res.Marked, "repaired", res.Repaired, "took", time.Since(start).Round(time.Millisecond))
@@ -333,11 +333,11 @@ func (c *Cluster) waitRepaired(ctx context.Context, marked []markKey, res *Scrub
 
 // scrubProgress records the scrub's progress in etcd; a failure is only
 // logged (progress is informative).
-func (c *Cluster) scrubProgress(ctx context.Context, done, total uint64, res *ScrubResult) {
+func (c *Cluster) scrubProgress(ctx context.Context, done, total uint64, res *ScrubResult, start time.Time) {
 	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	err := c.ms.SetProgress(pctx, c.vol.ID, meta.Progress{Kind: meta.ProgressScrub, Done: done, Total: total,
-		Repaired: res.Repaired, Mismatches: res.Bad()})
+		Repaired: res.Repaired, Mismatches: res.Bad(), Started: start.UTC(), Holder: c.opt.Holder})
 	if err != nil && ctx.Err() == nil {
 		c.log.Warn("cluster: scrub: cannot record progress in etcd", "volume", c.vol.Name, "err", err)
 	}

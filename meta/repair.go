@@ -52,6 +52,11 @@ type Progress struct {
 	// Updated is when the record was last written; SetProgress fills it in
 	// if zero.
 	Updated time.Time `json:"updated"`
+	// Started is when the job began counting Done (zero if unknown): the
+	// rate is Done over Updated - Started.
+	Started time.Time `json:"started,omitzero"`
+	// Holder names who runs the job (the volume's attach lock holder).
+	Holder string `json:"holder,omitempty"`
 	// Repaired counts chunks copied over a bad or stale replica; Mismatches
 	// counts replicas found to differ (scrub).
 	Repaired   uint64 `json:"repaired"`
@@ -60,6 +65,24 @@ type Progress struct {
 
 // Finished reports whether the job has covered every chunk.
 func (p Progress) Finished() bool { return p.Done >= p.Total }
+
+// Rate returns the chunks per second the job went at (0 if unknown).
+func (p Progress) Rate() float64 {
+	d := p.Updated.Sub(p.Started)
+	if p.Started.IsZero() || d <= 0 {
+		return 0
+	}
+	return float64(p.Done) / d.Seconds()
+}
+
+// ETA returns how long the rest takes at Rate (0 if finished or unknown).
+func (p Progress) ETA() time.Duration {
+	r := p.Rate()
+	if r <= 0 || p.Finished() {
+		return 0
+	}
+	return time.Duration(float64(p.Total-p.Done) / r * float64(time.Second))
+}
 
 func (s *Store) missedVolPrefix(vol uint64) string { return fmt.Sprintf("%s%020d/", s.kMissed, vol) }
 func (s *Store) missedNodePrefix(vol uint64, node string) string {

@@ -106,6 +106,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 		}
 	}
 	vol, err := engine.OpenCluster(ctx, ms, lease.Volume(), engine.ClusterOptions{
+		Holder:    holder,
 		TLS:       tlsConf.Client,
 		Epoch:     lease.Epoch(),
 		LocalNode: cf.localNode,

@@ -320,6 +320,10 @@ func cmdRingSetReplication(ctx context.Context, e *env, args []string) error {
 type volumeResult struct {
 	meta.Volume
 	Epoch uint64 `json:"epoch"`
+	// FewestCopies is the fewest live good copies any chunk of the volume
+	// has (volume info); OneCopy counts chunks down to one or none.
+	FewestCopies int    `json:"fewest_copies"`
+	OneCopy      uint64 `json:"chunks_on_one_copy"`
 }
 
 func (e *env) printVolume(v volumeResult) error {
@@ -334,6 +338,13 @@ func (e *env) printVolume(v volumeResult) error {
 	fmt.Fprintf(tw, "state:\t%s\n", v.State)
 	fmt.Fprintf(tw, "created:\t%s\n", v.Created.Format(time.RFC3339))
 	fmt.Fprintf(tw, "epoch:\t%d\n", v.Epoch)
+	if v.FewestCopies > 0 || v.OneCopy > 0 {
+		line := fmt.Sprintf("%d of %d", v.FewestCopies, v.Replication)
+		if v.OneCopy > 0 {
+			line += fmt.Sprintf(" (AT RISK: %s on one copy or none; the cluster is repairing it)", plural(int(v.OneCopy), "chunk", "chunks"))
+		}
+		fmt.Fprintf(tw, "fewest copies:\t%s\n", line)
+	}
 	return tw.Flush()
 }
 
@@ -427,7 +438,11 @@ func cmdVolumeInfo(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return notFound(err)
 		}
-		return e.printVolume(volumeResult{v, ep})
+		fewest, one, err := copiesOf(ctx, s, v)
+		if err != nil {
+			return err
+		}
+		return e.printVolume(volumeResult{v, ep, fewest, one})
 	})
 }
 

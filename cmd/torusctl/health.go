@@ -174,6 +174,12 @@ func printHealth(w io.Writer, deg []degradedResult, jobs []jobResult, bars bool,
 		if j.Kind == meta.ProgressScrub || j.Repaired > 0 || j.Mismatches > 0 {
 			extra = fmt.Sprintf(", %d mismatches, %d repaired", j.Mismatches, j.Repaired)
 		}
+		if r := j.Rate(); r > 0 && !j.Finished() {
+			extra += fmt.Sprintf(", %.1f chunks/s, ETA %s", r, j.ETA().Round(time.Second))
+		}
+		if j.Holder != "" {
+			extra += ", by " + j.Holder
+		}
 		fmt.Fprintf(w, "  %s (id %d): %s %s, %s, ring v%d%s, updated %s ago\n", j.Volume, j.ID, j.Kind, state, line,
 			j.RingVersion, extra, now.Sub(j.Updated).Round(time.Second))
 	}
@@ -207,4 +213,75 @@ func isTerminal(w io.Writer) bool {
 	}
 	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
 	return err == nil
+}
+
+// copiesOf returns the fewest live good copies any chunk of volume v has,
+// and how many chunks have at most one: a copy is good on a registered
+// node that owns the chunk under the ring the volume's data lives under
+// (or a ring of a move in progress) and has no missed mark for it.
+func copiesOf(ctx context.Context, s *meta.Store, v meta.Volume) (int, uint64, error) {
+	cfg, err := s.Config(ctx)
+	if err != nil {
+		return 0, 0, err
+	}
+	cur, _, err := s.Ring(ctx)
+	if err != nil {
+		return 0, 0, err
+	}
+	rings, err := s.Moves(ctx, v.ID)
+	if err != nil {
+		return 0, 0, err
+	}
+	placed := cur
+	if ver, ok, err := s.Placed(ctx, v.ID); err != nil {
+		return 0, 0, err
+	} else if ok && ver != cur.Version() {
+		if r, ok, err := s.RingAt(ctx, ver); err != nil {
+			return 0, 0, err
+		} else if ok {
+			placed = r
+		}
+	}
+	rings = append(rings, placed)
+	missed, err := s.Missed(ctx, v.ID)
+	if err != nil {
+		return 0, 0, err
+	}
+	marked := make(map[string]map[uint64]bool, len(missed))
+	for n, chunks := range missed {
+		marked[n] = make(map[uint64]bool, len(chunks))
+		for _, ch := range chunks {
+			marked[n][ch] = true
+		}
+	}
+	nodes, err := s.Nodes(ctx)
+	if err != nil {
+		return 0, 0, err
+	}
+	live := make(map[string]bool, len(nodes))
+	for _, n := range nodes {
+		live[n.ID] = true
+	}
+	nchunks := (v.Size + cfg.ChunkSize - 1) / cfg.ChunkSize
+	fewest, one := -1, uint64(0)
+	var owners []string
+	for ch := range nchunks {
+		key := ring.ChunkKey(v.ID, ch, 0)
+		seen := map[string]bool{}
+		for _, r := range rings {
+			owners = r.Owners(key, v.Replication, owners[:0])
+			for _, o := range owners {
+				if live[o] && !marked[o][ch] {
+					seen[o] = true
+				}
+			}
+		}
+		if fewest < 0 || len(seen) < fewest {
+			fewest = len(seen)
+		}
+		if len(seen) <= 1 {
+			one++
+		}
+	}
+	return max(fewest, 0), one, nil
 }
