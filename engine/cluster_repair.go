@@ -713,12 +713,3 @@ func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
 	}
 	return len(ok), nil
 }
-
-// SetEpoch makes writes carry epoch e from now on and fences every ring node
-// with it: for a holder that took the attach lock again after losing it
-// (an etcd outage longer than the lease). It fails if a node knows a newer
-// epoch: another holder attached meanwhile, and this one must stop.
-func (c *Cluster) SetEpoch(ctx context.Context, e uint64) error {
-	c.epoch.Store(e)
-	return c.fence(ctx)
-}
