@@ -27,6 +27,10 @@ func TestFaultEtcdOutageLease(t *testing.T) {
 	c.ctl("volume", "create", "vol", "--size", "32MiB", "--replication", "3")
 	s, sock := c.serve("vol", "--lease-ttl", "2s")
 	fioWriteVerify(t, sock, "0", "4M")
+	epoch, err := c.ms.Epoch(context.Background(), "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
 	endpoint := c.etcd.Endpoint()
 	c.etcd.Close()
 	fioWriteVerify(t, sock, "4M", "4M")
@@ -45,7 +49,14 @@ func TestFaultEtcdOutageLease(t *testing.T) {
 	if p, _ := c.tryServe("vol"); p != nil {
 		t.Fatalf("a second serve attached vol while the first still serves it\n%s", s.log)
 	}
+	if !strings.Contains(s.log.String(), "attach lock taken back") {
+		t.Fatalf("the holder did not log taking its lock back\n%s", s.log)
+	}
+	if e, err := c.ms.Epoch(context.Background(), "vol"); err != nil || e != epoch {
+		t.Fatalf("epoch after the lock was taken back: %d, %v; want the same %d", e, err, epoch)
+	}
 	fioVerifyOnly(t, sock, "0", "8M")
+	fioWriteVerify(t, sock, "8M", "4M")
 	s.stop(t)
 }
 
