@@ -33,6 +33,14 @@ package engine
 //   - The data path never takes c.mu: it reads the current clusterState (ring
 //     and peer per ring node) through an atomic pointer, replaced as a whole
 //     when the ring or the node registry changes.
+//   - Once c learns that another holder attached the volume after it (Fence
+//     by the caller, a node's stale-epoch answer, or an etcd write refused
+//     by the attach lease's guard, meta.ErrNotHolder), c is fenced for good:
+//     Submit fails every request, reads and flushes included, with
+//     ErrFenced, and the background work (rebuild, rebalance, scrub) writes
+//     nothing more to the nodes or to etcd. Its marks, moves and the data
+//     its user cached may predate the other holder's writes. On the data
+//     path this costs one atomic load.
 
 import (
 	"context"
@@ -108,7 +116,9 @@ type Cluster struct {
 	all   []clusterPart
 
 	failovers atomic.Uint64
-	epoch     atomic.Uint64 // the attach epoch every write carries (SetEpoch)
+	epoch     atomic.Uint64 // the attach epoch every write carries
+	fenced    atomic.Bool   // Fence ran: every request fails with ErrFenced
+	fenceWhy  atomic.Pointer[error]
 
 	// Degraded writes and rebuild (cluster_repair.go).
 	marks                                 markSet
@@ -209,6 +219,11 @@ type clusterCall struct {
 // with ms.WatchRing, fences older writers on every owner node, and returns a
 // Volume. Close stops everything (it does not release the attach lease: the
 // caller owns it).
+//
+// ms should be guarded by the attach lease (ms.Guarded(lease)), so that the
+// volume's metadata writes (missed marks, moves, progress) fail once the
+// lock is no longer held with opt.Epoch; a refusal because another holder
+// attached fences the volume (see Fence).
 func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt ClusterOptions) (*Cluster, error) {
 	if opt.TLS == nil {
 		return nil, fmt.Errorf("open volume %s: no client TLS configuration (give the cluster's client TLS directory)", vol.Name)
@@ -517,9 +532,13 @@ func (c *Cluster) watchRing() {
 			continue
 		}
 		c.mu.Lock()
+		if c.fenced.Load() {
+			c.mu.Unlock()
+			continue // no move: it would write marks and moves
+		}
 		if want.Version() > c.ring.Version() {
 			ctx, cancel := context.WithTimeout(c.ctx, 60*time.Second)
-			err := c.advanceLocked(ctx, want)
+			err := c.fenceIf(c.advanceLocked(ctx, want))
 			cancel()
 			if err != nil {
 				c.log.Error("cluster: ring changed but the move cannot be recorded in etcd; staying on the old ring for now",
@@ -596,10 +615,50 @@ func (c *Cluster) BlockSize() int { return BlockSize }
 // Failovers counts reads that moved to another replica after an error.
 func (c *Cluster) Failovers() uint64 { return c.failovers.Load() }
 
+// Fence stops c for good, because another holder attached the volume after
+// c's attach (cause says how that was learnt): from now on every request,
+// reads and flushes included, fails with ErrFenced (EIO at the block
+// device), and the rebuild, rebalance and scrub write nothing more. The
+// first cause is logged and kept (Fenced); later calls do nothing. c also
+// fences itself when a node answers a write with stale-epoch or a guarded
+// etcd write fails with meta.ErrNotHolder.
+func (c *Cluster) Fence(cause error) {
+	if cause == nil {
+		cause = ErrFenced
+	}
+	if !c.fenceWhy.CompareAndSwap(nil, &cause) {
+		return
+	}
+	c.fenced.Store(true)
+	c.log.Error("cluster: volume fenced for good: another holder attached it after this client did; every I/O fails from now on: detach it",
+		"volume", c.vol.Name, "epoch", c.epoch.Load(), "cause", cause)
+}
+
+// Fenced returns why c is fenced, or nil while it is not.
+func (c *Cluster) Fenced() error {
+	if e := c.fenceWhy.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// fenceIf fences c when err says that another holder attached after c (a
+// node's ErrFenced, etcd's meta.ErrNotHolder), and returns err.
+func (c *Cluster) fenceIf(err error) error {
+	if err != nil && !c.fenced.Load() && (errors.Is(err, ErrFenced) || errors.Is(err, meta.ErrNotHolder)) {
+		c.Fence(err)
+	}
+	return err
+}
+
 // Submit starts r; it blocks only while every part is in use.
 func (c *Cluster) Submit(r *Request) {
 	if c.closed.Load() {
 		r.Done.Complete(r, ErrClosed)
+		return
+	}
+	if c.fenced.Load() {
+		r.Done.Complete(r, ErrFenced)
 		return
 	}
 	st := c.state.Load()
@@ -893,6 +952,11 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		err = fmt.Errorf("engine: node %s: %w", cc.peer.id, err)
 	} else if s := wire.Status(resp.Code); s != wire.StatusOK {
 		err = errOf(s)
+		if s == wire.StatusStaleEpoch && !c.fenced.Load() {
+			var rh wire.Header
+			_ = wire.Decode(wire.OpFence, &resp.Header, &rh)
+			c.Fence(fmt.Errorf("engine: node %s refused epoch %d, it knows epoch %d: %w", cc.peer.id, c.epoch.Load(), rh.Epoch, ErrFenced))
+		}
 		if s != wire.StatusRange && s != wire.StatusStaleEpoch && s != wire.StatusNoSpace {
 			err = fmt.Errorf("engine: node %s: %w", cc.peer.id, err)
 		}

@@ -304,8 +304,11 @@ func (c *Cluster) recordMarks(node string, chunks []int64) error {
 	if len(need) == 0 {
 		return nil
 	}
+	if c.fenced.Load() {
+		return fmt.Errorf("engine: volume %s: node %s lacks chunks and the marks are not recorded: %w", c.vol.Name, node, ErrFenced)
+	}
 	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
-	err := c.ms.MarkMissed(ctx, c.vol.ID, node, need...)
+	err := c.fenceIf(c.ms.MarkMissed(ctx, c.vol.ID, node, need...))
 	cancel()
 	if err != nil {
 		c.log.Error("cluster: cannot record missed chunks in etcd; the write (or flush) that needs them fails", "volume", c.vol.Name, "node", node, "err", err)
@@ -487,6 +490,9 @@ func (c *Cluster) repairLoop() {
 		case <-c.repairKick:
 		case <-t.C:
 		}
+		if c.fenced.Load() {
+			continue // copies and the end of a move would write
+		}
 		if !c.marks.any.Load() {
 			c.finishMove()
 			continue
@@ -583,8 +589,8 @@ func (c *Cluster) saveProgress(done, total int, start time.Time) {
 	if len(c.state.Load().prev) > 0 {
 		kind = meta.ProgressRebalance
 	}
-	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: kind, Done: uint64(done), Total: uint64(done + left), Repaired: c.rebuilt.Load(),
-		Started: start.UTC(), Holder: c.opt.Holder})
+	_ = c.fenceIf(c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: kind, Done: uint64(done), Total: uint64(done + left), Repaired: c.rebuilt.Load(),
+		Started: start.UTC(), Holder: c.opt.Holder}))
 	_ = total
 }
 
@@ -674,7 +680,7 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 		err = errOf(wire.Status(resp.Code))
 	}
 	if err != nil {
-		return copied{}, fmt.Errorf("write to %s: %w", target.id, err)
+		return copied{}, c.fenceIf(fmt.Errorf("write to %s: %w", target.id, err))
 	}
 	if target.sawIncarnation(wire.Incarnation(&resp.Header)) {
 		target.restarted.Store(false) // the copy is FUA: durable whatever happened before
@@ -708,19 +714,10 @@ func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
 	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
 	defer cancel()
 	if err := c.ms.ClearMissed(ctx, c.vol.ID, target.id, ok...); err != nil {
-		return 0, err
+		return 0, c.fenceIf(err)
 	}
 	for _, ch := range ok {
 		s.clearLocked(target.id, int64(ch))
 	}
 	return len(ok), nil
-}
-
-// SetEpoch makes writes carry epoch e from now on and fences every ring node
-// with it: for a holder that took the attach lock again after losing it
-// (an etcd outage longer than the lease). It fails if a node knows a newer
-// epoch: another holder attached meanwhile, and this one must stop.
-func (c *Cluster) SetEpoch(ctx context.Context, e uint64) error {
-	c.epoch.Store(e)
-	return c.fence(ctx)
 }

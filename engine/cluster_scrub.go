@@ -105,6 +105,9 @@ func (c *Cluster) Scrub(ctx context.Context) (ScrubResult, error) {
 	if c.closed.Load() {
 		return res, ErrClosed
 	}
+	if err := c.Fenced(); err != nil {
+		return res, fmt.Errorf("scrub volume %s: %w: %w", c.vol.Name, ErrFenced, err)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(c.ctx, cancel) // Close ends a scrub too

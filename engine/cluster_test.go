@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -310,8 +311,9 @@ func verify(t *testing.T, v Volume, model []byte) {
 }
 
 // TestClusterFencing: once a writer with a higher epoch opened the volume,
-// the older writer's writes fail with ErrFenced and change nothing, and a
-// writer opening with a lower epoch is refused.
+// the older writer's writes fail with ErrFenced and change nothing, after
+// which all its requests fail, and a writer opening with a lower epoch is
+// refused.
 func TestClusterFencing(t *testing.T) {
 	tc := startCluster(t, 3, 64)
 	vol := tc.volume("fenced", 1<<20, 3)
@@ -341,9 +343,16 @@ func TestClusterFencing(t *testing.T) {
 	if !bytes.Equal(got, a) {
 		t.Fatal("the fenced writer changed the data")
 	}
-	// Reads need no epoch: the fenced writer still reads.
-	if err := do(old, OpRead, 0, testChunk-BlockSize, 2*BlockSize, got); err != nil {
-		t.Fatalf("read by the fenced writer: %v", err)
+	// The stale-epoch answer fenced the old writer for good: its reads fail
+	// too (what it cached may predate the new writer's data).
+	if err := do(old, OpRead, 0, testChunk-BlockSize, 2*BlockSize, got); !errors.Is(err, ErrFenced) {
+		t.Fatalf("read by the fenced writer: err %v, want ErrFenced", err)
+	}
+	if err := do(old, OpFlush, 0, 0, 0, nil); !errors.Is(err, ErrFenced) {
+		t.Fatalf("flush by the fenced writer: err %v, want ErrFenced", err)
+	}
+	if err := old.Fenced(); err == nil || !strings.Contains(err.Error(), "knows epoch 6") {
+		t.Fatalf("Fenced() = %v, want the node's newer epoch 6", err)
 	}
 	if _, err := tc.open(vol, 4); !errors.Is(err, ErrFenced) {
 		t.Fatalf("open with an older epoch: err %v, want ErrFenced", err)

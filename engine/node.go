@@ -33,7 +33,8 @@ import (
 )
 
 // ErrFenced is reported for a write refused by a storage node because a
-// newer writer attached the volume (its attach epoch is higher).
+// newer writer attached the volume (its attach epoch is higher), and for
+// every request to a Cluster that learnt so (Cluster.Fence).
 var ErrFenced = errors.New("engine: writer fenced: the volume was attached again by a newer holder; stop writing and re-attach")
 
 // NodeServerOptions configure NewNodeServer.

@@ -1,12 +1,23 @@
 package meta
 
 // Invariants of the attach lock:
-//   - attach/ID exists iff some holder's lease is alive; it is created only
-//     in the transaction that also writes epochs/ID = previous epoch + 1, so
-//     the epoch of the current holder is greater than every earlier one.
+//   - attach/ID exists iff some holder's lease is alive. Attach creates it
+//     only in the transaction that also writes epochs/ID = previous epoch + 1,
+//     so the epoch of a new holder is greater than every earlier one.
+//   - Reattach re-creates attach/ID for a holder whose lease was lost, with
+//     that holder's epoch unchanged, only in a transaction that checks that
+//     epochs/ID still holds that epoch and attach/ID is free. Epochs only
+//     grow, so this proves no one attached in between: no storage node can
+//     know a newer epoch, and the holder's view of the volume (missed marks,
+//     moves, the data of its cache) is still the only one. A holder for
+//     which that check fails never holds the volume again (ErrNotHolder).
 //   - Storage nodes fence writes by epoch: a holder whose lease was lost may
 //     not have noticed yet, so Lost is a hint to stop, the epoch is the
 //     guarantee.
+//   - A Store made by Guarded(l) writes only in transactions that also check
+//     epochs/ID == l's epoch and that attach/ID is held under the current
+//     lease of l's holder (l's, or the one of its latest Reattach), so a
+//     holder that lost the lock changes no metadata.
 //   - An AttachLease's goroutine closes lost exactly once, when the
 //     keepalive ends for any reason other than Release, or when the lock
 //     key is deleted or put under another lease (a client took a storage
@@ -23,6 +34,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -53,8 +65,10 @@ func attachedError(name string, val []byte) error {
 type AttachLease struct {
 	s      *Store
 	volume Volume
+	holder string
 	epoch  uint64
 	lease  clientv3.LeaseID
+	g      *guard // shared with the leases Reattach makes from this one
 	lost   chan struct{}
 	stop   context.CancelFunc
 	done   chan struct{}
@@ -122,7 +136,9 @@ func (s *Store) attach(ctx context.Context, name, holder string, ttl time.Durati
 			},
 			[]clientv3.Op{clientv3.OpGet(ak)})
 		if err == nil && tr.Succeeded {
-			return s.newAttachLease(v, epoch, g.ID, ak, tr.Header.Revision), nil
+			gd := &guard{vol: v.ID, name: v.Name, epoch: epoch}
+			gd.lease.Store(int64(g.ID))
+			return s.newAttachLease(v, holder, epoch, g.ID, gd, ak, tr.Header.Revision), nil
 		}
 		s.cli.Revoke(context.WithoutCancel(ctx), g.ID)
 		if err != nil {
@@ -154,9 +170,10 @@ func parseEpoch(resp *clientv3.GetResponse) (epoch uint64, rev int64, err error)
 	return epoch, resp.Kvs[0].ModRevision, nil
 }
 
-func (s *Store) newAttachLease(v Volume, epoch uint64, lease clientv3.LeaseID, key string, rev int64) *AttachLease {
+func (s *Store) newAttachLease(v Volume, holder string, epoch uint64, lease clientv3.LeaseID, g *guard, key string, rev int64) *AttachLease {
 	ctx, stop := context.WithCancel(s.cli.Ctx())
-	a := &AttachLease{s: s, volume: v, epoch: epoch, lease: lease, lost: make(chan struct{}), stop: stop, done: make(chan struct{})}
+	a := &AttachLease{s: s, volume: v, holder: holder, epoch: epoch, lease: lease, g: g,
+		lost: make(chan struct{}), stop: stop, done: make(chan struct{})}
 	go a.run(ctx, key, rev)
 	return a
 }
@@ -221,6 +238,90 @@ func (s *Store) keyTaken(ctx context.Context, key string, rev int64, lease clien
 	return false
 }
 
+// Reattach takes the attach lock back for a's holder after a was lost (etcd
+// was unreachable for longer than the TTL), under a new lease of ttl and
+// with a's epoch unchanged. It succeeds only if nobody attached the volume
+// since a was taken: epochs/ID still holds a's epoch and attach/ID is free
+// (an attach/ID still held by a's own lease, which etcd may restore after a
+// restart, is revoked first). The CAS on the epoch is what makes keeping it
+// safe: epochs only grow, so no storage node knows a newer one and nothing
+// needs fencing again.
+//
+// When someone else attached in between, or the volume was deleted, it
+// fails with an error wrapping ErrNotHolder that names the epoch now
+// recorded (and the holder, if one is attached): a's holder must then stop
+// all I/O for good, since its metadata and cached data may predate the
+// other holder's writes. Other errors (etcd unreachable) may be retried.
+//
+// A store made by Guarded(a) follows the new lease. a itself stays lost.
+func (a *AttachLease) Reattach(ctx context.Context, ttl time.Duration) (*AttachLease, error) {
+	s, v := a.s, a.volume
+	name := v.Name
+	ak, ek := s.attachKey(v.ID), s.epochKey(v.ID)
+	host, _ := os.Hostname()
+	for range maxTries {
+		rec, _ := json.Marshal(attachRecord{Holder: a.holder, Host: host, Epoch: a.epoch, Since: time.Now().UTC()})
+		g, err := s.cli.Grant(ctx, ttlSeconds(ttl))
+		if err != nil {
+			return nil, fmt.Errorf("meta: reattach %s: grant lease: %w", name, err)
+		}
+		tr, err := s.txn(ctx,
+			[]clientv3.Cmp{
+				clientv3.Compare(clientv3.CreateRevision(s.volKey(v.ID)), ">", 0),
+				clientv3.Compare(clientv3.Value(ek), "=", strconv.FormatUint(a.epoch, 10)),
+				clientv3.Compare(clientv3.CreateRevision(ak), "=", 0),
+			},
+			[]clientv3.Op{clientv3.OpPut(ak, string(rec), clientv3.WithLease(g.ID))},
+			[]clientv3.Op{clientv3.OpGet(ak), clientv3.OpGet(ek), clientv3.OpGet(s.volKey(v.ID))})
+		if err == nil && tr.Succeeded {
+			a.stop() // its keepalive has ended already
+			a.g.lease.Store(int64(g.ID))
+			return s.newAttachLease(v, a.holder, a.epoch, g.ID, a.g, ak, tr.Header.Revision), nil
+		}
+		s.cli.Revoke(context.WithoutCancel(ctx), g.ID)
+		if err != nil {
+			return nil, fmt.Errorf("meta: reattach %s: %w", name, err)
+		}
+		akv := tr.Responses[0].GetResponseRange().Kvs
+		if len(tr.Responses[2].GetResponseRange().Kvs) == 0 {
+			return nil, fmt.Errorf("meta: reattach %s: the volume was deleted since epoch %d: %w: %w", name, a.epoch, ErrNotHolder, ErrNotFound)
+		}
+		now, _, perr := parseEpoch(&clientv3.GetResponse{Kvs: tr.Responses[1].GetResponseRange().Kvs})
+		if perr != nil {
+			return nil, fmt.Errorf("meta: reattach %s: %w", name, perr)
+		}
+		if now != a.epoch {
+			return nil, fmt.Errorf("meta: reattach %s: %w", name, notHolderError(name, a.epoch, now, akv))
+		}
+		if len(akv) == 1 && clientv3.LeaseID(akv[0].Lease) == a.lease {
+			// Our own old lock, restored by etcd and not expired yet.
+			if _, err := s.cli.Revoke(ctx, a.lease); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+				return nil, fmt.Errorf("meta: reattach %s: revoke the lost lease: %w", name, err)
+			}
+			continue
+		}
+		if len(akv) == 1 {
+			// Held under another lease with our epoch: not ours either.
+			return nil, fmt.Errorf("meta: reattach %s: %w", name, notHolderError(name, a.epoch, now, akv))
+		}
+		// The lock was freed or taken between the reads: retry.
+	}
+	return nil, fmt.Errorf("meta: reattach %s: contended %d times: %w", name, maxTries, ErrConflict)
+}
+
+// notHolderError says that the holder of epoch mine lost volume name to
+// another attach: epochs/ID is now now, and attach/ID is kv (if any).
+func notHolderError(name string, mine, now uint64, kv []*mvccpb.KeyValue) error {
+	who := "that holder has detached since"
+	if len(kv) == 1 {
+		var a attachRecord
+		json.Unmarshal(kv[0].Value, &a)
+		who = fmt.Sprintf("attached by %q on host %s since %s", a.Holder, a.Host, a.Since.Format(time.RFC3339))
+	}
+	return fmt.Errorf("volume %s was attached by another holder after epoch %d: its epoch is now %d (%s): %w",
+		name, mine, now, who, ErrNotHolder)
+}
+
 // Volume returns the attached volume as it was when attached.
 func (a *AttachLease) Volume() Volume { return a.volume }
 
@@ -269,4 +370,62 @@ func (s *Store) Epoch(ctx context.Context, name string) (uint64, error) {
 		return 0, fmt.Errorf("meta: epoch of %s: %w", name, err)
 	}
 	return e, nil
+}
+
+// guard is the attach lock a guarded Store's writes depend on: volume vol
+// held at epoch under lease (the holder's current lease; Reattach moves it).
+type guard struct {
+	vol   uint64
+	name  string
+	epoch uint64
+	lease atomic.Int64 // clientv3.LeaseID
+}
+
+// Guarded returns a view of s whose every write (MarkMissed, ClearMissed,
+// SetMoves, SetProgress, ...) succeeds only while the holder of l still
+// holds the attach lock of l's volume with l's epoch: epochs/ID equals
+// l.Epoch() and attach/ID is held under l's lease, or under the lease of
+// the latest Reattach made from l. Otherwise the write changes nothing and
+// fails with an error wrapping ErrNotHolder (another holder attached since:
+// stop for good) or ErrLeaseLost (the lease ended and nobody attached yet:
+// Reattach may take it back). Reads are not affected. The view shares s's
+// etcd client: close s, not the view.
+func (s *Store) Guarded(l *AttachLease) *Store {
+	v := *s
+	v.guard = l.g
+	return &v
+}
+
+// guardCmps are the comparisons of s's guard (nil without one).
+func (s *Store) guardCmps() []clientv3.Cmp {
+	g := s.guard
+	if g == nil {
+		return nil
+	}
+	return []clientv3.Cmp{
+		clientv3.Compare(clientv3.Value(s.epochKey(g.vol)), "=", strconv.FormatUint(g.epoch, 10)),
+		clientv3.Compare(clientv3.LeaseValue(s.attachKey(g.vol)), "=", clientv3.LeaseID(g.lease.Load())),
+	}
+}
+
+// guardErr tells from the epoch and attach keys read in a failed guarded
+// transaction (ekv, akv) whether the guard failed, and how.
+func (s *Store) guardErr(ekv, akv []*mvccpb.KeyValue) error {
+	g := s.guard
+	name := g.name
+	now, _, err := parseEpoch(&clientv3.GetResponse{Kvs: ekv})
+	if err != nil {
+		return fmt.Errorf("meta: volume %s: %w", name, err)
+	}
+	if len(ekv) == 0 || now != g.epoch {
+		return fmt.Errorf("meta: write refused: %w", notHolderError(name, g.epoch, now, akv))
+	}
+	if len(akv) == 0 {
+		return fmt.Errorf("meta: write refused: the attach lease of volume %s (epoch %d) ended and the lock is not taken back yet: %w",
+			name, g.epoch, ErrLeaseLost)
+	}
+	if clientv3.LeaseID(akv[0].Lease) != clientv3.LeaseID(g.lease.Load()) {
+		return fmt.Errorf("meta: write refused: %w", notHolderError(name, g.epoch, now, akv))
+	}
+	return nil
 }

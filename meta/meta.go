@@ -36,7 +36,11 @@
 //     placement change is on record the moment it takes effect (moves.go).
 //   - A volume's attach key and its epoch bump are written in the same
 //     transaction, so every holder of the attach lock has a distinct epoch,
-//     and epochs of successive holders strictly increase.
+//     and epochs of successive holders strictly increase. The one exception
+//     keeps that true: a holder whose lease ended re-creates the key with its
+//     own epoch only if the epoch is still the volume's (see attach.go).
+//   - A Store made by Guarded writes only while its holder holds the lock
+//     with its epoch (the comparisons are in the same transaction).
 //   - Volume ids come from the next-id counter, changed only by CAS, so an
 //     id is never reused, not even after a delete (epochs stay monotonic).
 //   - Keys attached to a lease (nodes, attach) vanish when the lease ends:
@@ -89,6 +93,13 @@ var (
 	ErrAttached           = errors.New("volume is attached")
 	ErrShrink             = errors.New("size below the current size")
 	ErrInvalid            = errors.New("invalid argument")
+	// ErrNotHolder: another holder attached the volume after the caller's
+	// attach (its epoch is no longer the volume's). The caller must stop
+	// all I/O to it for good.
+	ErrNotHolder = errors.New("no longer the holder of the volume")
+	// ErrLeaseLost: the caller's attach lease ended and nobody attached
+	// since; AttachLease.Reattach may take the lock back.
+	ErrLeaseLost = errors.New("attach lease lost")
 )
 
 // Options tune Open.
@@ -108,6 +119,7 @@ type Store struct {
 	log    *slog.Logger
 	prefix string
 	schema string // schema value every write compares against
+	guard  *guard // set by Guarded: an attach lock every write compares against
 
 	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress, kMoves, kRings, kPlaced string
 }
@@ -227,13 +239,18 @@ func (s *Store) Close() error { return s.cli.Close() }
 // Prefix returns the key prefix of the store.
 func (s *Store) Prefix() string { return s.prefix }
 
-// txn runs If(schema == s.schema, cmps...).Then(thens...).Else(elses...).
-// When the comparison fails it reports a missing or changed schema as an
-// error; otherwise it returns the response for the caller to interpret (the
-// Else responses are resp.Responses[:len(elses)]).
+// txn runs If(schema == s.schema, guard..., cmps...).Then(thens...).Else(elses...).
+// When the comparison fails it reports a missing or changed schema, or a
+// failed guard (a Store made by Guarded), as an error; otherwise it returns
+// the response for the caller to interpret (the Else responses are
+// resp.Responses[:len(elses)]).
 func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, thens, elses []clientv3.Op) (*clientv3.TxnResponse, error) {
-	all := append([]clientv3.Cmp{clientv3.Compare(clientv3.Value(s.kSchema), "=", s.schema)}, cmps...)
+	all := append([]clientv3.Cmp{clientv3.Compare(clientv3.Value(s.kSchema), "=", s.schema)}, s.guardCmps()...)
+	all = append(all, cmps...)
 	el := append(elses[:len(elses):len(elses)], clientv3.OpGet(s.kSchema))
+	if s.guard != nil {
+		el = append(el, clientv3.OpGet(s.epochKey(s.guard.vol)), clientv3.OpGet(s.attachKey(s.guard.vol)))
+	}
 	resp, err := s.cli.Txn(ctx).If(all...).Then(thens...).Else(el...).Commit()
 	if err != nil {
 		return nil, err
@@ -251,6 +268,12 @@ func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, thens, elses []cli
 		}
 		return nil, fmt.Errorf("meta: schema under %s changed from %q to %q while open: reopen: %w",
 			s.prefix, s.schema, v, ErrSchemaVersion)
+	}
+	if s.guard != nil {
+		n := len(elses)
+		if err := s.guardErr(resp.Responses[n+1].GetResponseRange().Kvs, resp.Responses[n+2].GetResponseRange().Kvs); err != nil {
+			return nil, err
+		}
 	}
 	return resp, nil
 }

@@ -8,6 +8,16 @@ package main
 //   - A cluster volume is served only while this process holds the volume's
 //     attach lock (meta.Attach); every write carries the lock's epoch, so a
 //     process that lost the lock without noticing is fenced by the nodes.
+//   - The volume's metadata writes (missed marks, moves, progress) go
+//     through a store guarded by the lock (meta.Store.Guarded): etcd refuses
+//     them once this process no longer holds the lock with its epoch.
+//   - After the lease is lost (etcd unreachable past the TTL) the lock is
+//     taken back only with the same epoch and only if nobody attached in
+//     between (meta.AttachLease.Reattach, a compare-and-swap on the epoch).
+//     If someone did, even if they have detached since, this process is
+//     fenced for good (engine.Cluster.Fence): every I/O fails with EIO until
+//     it is detached, because its marks, moves and the kernel's page cache
+//     may predate the other holder's writes.
 //   - clusterVolume.Close closes the replicated volume (which makes completed
 //     writes durable on every replica) before it releases the lock, so the
 //     next holder never sees a write of ours land after it attached.
@@ -105,7 +115,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 			cf.localNode = localNode(nodes, host, log)
 		}
 	}
-	vol, err := engine.OpenCluster(ctx, ms, lease.Volume(), engine.ClusterOptions{
+	vol, err := engine.OpenCluster(ctx, ms.Guarded(lease), lease.Volume(), engine.ClusterOptions{
 		Holder:    holder,
 		TLS:       tlsConf.Client,
 		Epoch:     lease.Epoch(),
@@ -123,7 +133,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 	wctx, stop := context.WithCancel(context.Background())
 	cv := &clusterVolume{Cluster: vol, ms: ms, lease: lease, info: lease.Volume(), stop: stop}
 	cv.wg.Add(2)
-	go cv.keepLock(wctx, name, holder, cf.ttl, log)
+	go cv.keepLock(wctx, name, cf.ttl, log)
 	// Requests to the nodes leave every P idle while they wait; the
 	// keeper spares the runtime a sysmon wake-up on each (internal/procs).
 	go func() {
@@ -134,59 +144,53 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 	return cv, nil
 }
 
-// keepLock takes the attach lock again when its lease is lost (etcd was
-// unreachable for longer than the lease): I/O goes on meanwhile (the nodes
-// keep accepting the old epoch until someone else attaches), and once etcd
-// answers the volume is attached again with a new epoch and the nodes are
-// fenced with it. If another process attached it meanwhile, this one is
-// fenced: every write fails from then on.
-func (v *clusterVolume) keepLock(ctx context.Context, name, holder string, ttl time.Duration, log *slog.Logger) {
+// keepLock takes the attach lock back when its lease is lost (etcd was
+// unreachable for longer than the lease). I/O goes on meanwhile: the nodes
+// keep accepting our epoch until someone else attaches and fences them.
+// Once etcd answers, the lock is taken back with the same epoch if nobody
+// attached in between (meta.AttachLease.Reattach); if someone did, the
+// volume is fenced for good and every I/O fails until it is detached.
+func (v *clusterVolume) keepLock(ctx context.Context, name string, ttl time.Duration, log *slog.Logger) {
 	defer v.wg.Done()
 	for {
 		v.mu.Lock()
-		lost := v.lease.Lost()
-		epoch := v.lease.Epoch()
+		lease := v.lease
 		v.mu.Unlock()
 		select {
 		case <-ctx.Done():
 			return
-		case <-lost:
+		case <-lease.Lost():
 		}
-		log.Error("attach lock lost (etcd unreachable longer than the lease); I/O goes on, taking the lock again when etcd answers",
-			"volume", name, "epoch", epoch)
+		log.Error("attach lock lost (etcd unreachable longer than the lease); I/O goes on, taking the lock back when etcd answers unless another process attached meanwhile",
+			"volume", name, "epoch", lease.Epoch())
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-time.After(time.Second):
 			}
-			actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			nl, err := v.ms.Attach(actx, name, holder, ttl)
-			cancel()
-			if errors.Is(err, meta.ErrAttached) && strings.Contains(err.Error(), fmt.Sprintf("%q", holder)) {
-				// Our own old lock: etcd restored its lease after a restart
-				// and it has not expired yet. Wait for it.
-				continue
-			}
-			if errors.Is(err, meta.ErrAttached) {
-				log.Error("another process attached this volume while etcd was unreachable; this one is fenced and its writes fail: detach it",
+			if err := v.Cluster.Fenced(); err != nil {
+				log.Error("volume fenced for good while its attach lock was lost; not taking the lock back: detach it",
 					"volume", name, "err", err)
 				return
 			}
+			actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			nl, err := lease.Reattach(actx, ttl)
+			cancel()
+			if errors.Is(err, meta.ErrNotHolder) {
+				v.Cluster.Fence(err)
+				log.Error("another process attached this volume while etcd was unreachable: this one is fenced for good and every I/O fails (EIO); detach it",
+					"volume", name, "epoch", lease.Epoch(), "err", err)
+				return
+			}
 			if err != nil {
+				log.Debug("taking the attach lock back", "volume", name, "err", err)
 				continue
 			}
-			fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			ferr := v.Cluster.SetEpoch(fctx, nl.Epoch())
-			cancel()
 			v.mu.Lock()
 			v.lease = nl
 			v.mu.Unlock()
-			if ferr != nil {
-				log.Error("attach lock taken again but fencing failed", "volume", name, "epoch", nl.Epoch(), "err", ferr)
-			} else {
-				log.Info("attach lock taken again", "volume", name, "epoch", nl.Epoch())
-			}
+			log.Info("attach lock taken back: nobody attached meanwhile", "volume", name, "epoch", nl.Epoch())
 			break
 		}
 	}

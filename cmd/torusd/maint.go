@@ -173,7 +173,7 @@ func (m *maintainer) run(ctx context.Context, w meta.VolumeWork) {
 	start := time.Now()
 	m.log.Info("maintenance: started", "volume", name, "missed", w.Missed, "moving", w.Moving, "ring_behind", w.Behind, "epoch", lease.Epoch())
 	octx, cancel := context.WithTimeout(ctx, 60*time.Second)
-	c, err := engine.OpenCluster(octx, m.ms, lease.Volume(), engine.ClusterOptions{
+	c, err := engine.OpenCluster(octx, m.ms.Guarded(lease), lease.Volume(), engine.ClusterOptions{
 		TLS: m.tls, Epoch: lease.Epoch(), LocalNode: m.self, Logger: m.log, RebuildRate: m.rate, Holder: holder,
 	})
 	cancel()
