@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/ring"
 )
 
 // openMeta opens the test's prefix directly, to set up what torusctl reads.
@@ -158,5 +159,44 @@ func TestProgressBar(t *testing.T) {
 	want := "  v (id 1): rebalance running, [###############...............] 5/10 chunks (50.0%), ring v3, updated 2s ago\n"
 	if !strings.Contains(b.String(), want) {
 		t.Fatalf("printHealth with bars:\n%s\nwant line %q", b.String(), want)
+	}
+}
+
+// TestVolumeInfoCopies: volume info counts the live good copies of each
+// chunk and flags chunks down to one; the job line names rate, ETA and
+// holder.
+func TestVolumeInfoCopies(t *testing.T) {
+	initCluster(t, 2)
+	ctx := context.Background()
+	s := openMeta(t)
+	registerNodes(t, "c", 3)
+	for i := range 3 {
+		if _, err := s.JoinRing(ctx, meta.Node{ID: fmt.Sprintf("c%d", i), Capacity: 1 << 40, Host: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v, err := s.CreateVolume(ctx, "cp", 64<<20, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := must(t, "volume", "info", "cp"); !strings.Contains(out, "fewest copies:  2 of 2\n") {
+		t.Fatalf("volume info of a healthy volume:\n%s", out)
+	}
+	r, _, _ := s.Ring(ctx)
+	owners := r.Owners(ring.ChunkKey(v.ID, 5, 0), 2, nil)
+	if err := s.MarkMissed(ctx, v.ID, owners[0], 5); err != nil {
+		t.Fatal(err)
+	}
+	out := must(t, "volume", "info", "cp")
+	if !strings.Contains(out, "fewest copies:  1 of 2 (AT RISK: 1 chunk on one copy or none") {
+		t.Fatalf("volume info with a chunk on one copy:\n%s", out)
+	}
+	now := time.Now().UTC()
+	if err := s.SetProgress(ctx, v.ID, meta.Progress{Kind: meta.ProgressRebuild, Done: 10, Total: 30,
+		Started: now.Add(-5 * time.Second), Updated: now, Holder: "maintenance by node c1"}); err != nil {
+		t.Fatal(err)
+	}
+	if out := must(t, "status"); !strings.Contains(out, "2.0 chunks/s, ETA 10s, by maintenance by node c1") {
+		t.Fatalf("status job line:\n%s", out)
 	}
 }
