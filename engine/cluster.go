@@ -123,6 +123,7 @@ type Cluster struct {
 	// Degraded writes and rebuild (cluster_repair.go).
 	marks                                 markSet
 	moveTotal                             atomic.Int64  // chunk copies of the current rebalance
+	movePending                           atomic.Bool   // a moves record is in etcd (from its start to its end)
 	moves                                 atomic.Uint64 // rebalances finished
 	markq                                 chan *markJob
 	repairKick                            chan struct{}
@@ -195,15 +196,16 @@ type clusterPart struct {
 	idx     [maxReplicas]int
 	calls   [maxReplicas]clusterCall
 
-	chunk    int64                 // chunk index (not for flush)
-	tracked  bool                  // marks.trackStart was true
-	missed   [maxReplicas]bool     // write: owner i failed (needs a mark)
-	nmiss    atomic.Int32          // owners missed
-	ownerIDs [maxReplicas]string   // ring node ids of the owners
-	flushErr atomic.Pointer[error] // flush: the node's flush failed
-	fseq     uint64                // flush: the node's write seq when it was sent
-	active   atomic.Int64          // write-like: chunk index while in flight, else -1
-	markWait atomic.Int32          // mark jobs still to be recorded
+	chunk    int64                        // chunk index (not for flush)
+	tracked  bool                         // marks.trackStart was true
+	missed   [maxReplicas]bool            // write: owner i failed (needs a mark)
+	nmiss    atomic.Int32                 // owners missed
+	ownerIDs [maxReplicas]string          // ring node ids of the owners
+	flushErr atomic.Pointer[error]        // flush: the node's flush failed
+	fseq     uint64                       // flush: the node's write seq when it was sent
+	active   atomic.Int64                 // write-like: chunk index while in flight, else -1
+	placed   atomic.Pointer[clusterState] // the placement a read or write part was sent under, while in flight
+	markWait atomic.Int32                 // mark jobs still to be recorded
 }
 
 // clusterCall is one asynchronous call of a part to one node.
@@ -309,6 +311,7 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	c.mu.Lock()
 	c.ring = base
 	c.prev = prev
+	c.movePending.Store(len(prev) > 0)
 	for _, nd := range nodes {
 		c.nodes[nd.ID] = nd
 	}
@@ -661,8 +664,8 @@ func (c *Cluster) Submit(r *Request) {
 		r.Done.Complete(r, ErrFenced)
 		return
 	}
-	st := c.state.Load()
 	if r.Op == OpFlush {
+		st := c.state.Load()
 		parent := <-c.parts
 		parent.startReq(r, parent)
 		parent.remaining.Store(1)
@@ -757,7 +760,11 @@ func (c *Cluster) Submit(r *Request) {
 			p.active.Store(idx)
 			p.tracked = c.marks.trackStart(idx)
 		}
-		c.place(st, p, idx)
+		// The placement is read only now, after the part is marked active
+		// (and tracked): a move that switched the ring while this request
+		// waited for a part has copied nothing this part could miss, and
+		// one that switches later sees the part in flight.
+		c.place(c.state.Load(), p, idx)
 		p = nil
 	}
 	parent.done()
@@ -766,6 +773,7 @@ func (c *Cluster) Submit(r *Request) {
 // place finds the owners of chunk idx and sends p to them (a write to all,
 // a read to the first that answers).
 func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
+	p.placed.Store(st)
 	key := ring.ChunkKey(c.vol.ID, uint64(idx), 0)
 	ids := st.r.OwnerIndices(key, c.repl, p.idx[:0])
 	p.n = len(ids)
@@ -1034,6 +1042,7 @@ func (p *clusterPart) finish(err error) {
 		p.tracked = false
 	}
 	p.active.Store(-1)
+	p.placed.Store(nil)
 	p.msg.Payload, p.buf = nil, nil
 	for i := range p.calls[:p.n] {
 		p.calls[i].peer = nil

@@ -117,6 +117,7 @@ func (c *Cluster) startMoveLocked(ctx context.Context, next *ring.Ring) error {
 	if err := c.ms.SetMoves(ctx, c.vol.ID, prev); err != nil {
 		return err
 	}
+	c.movePending.Store(true)
 	nchunks := (c.size + c.chunk - 1) / c.chunk
 	need := make(map[string][]int64)
 	var a, b []string
@@ -286,12 +287,40 @@ func (c *Cluster) sources(st *clusterState, ch int64) []*peer {
 }
 
 // finishMove ends a move once no owner under the current ring has a mark
-// left: discards the chunks nodes hold only under previous rings, drops
-// their marks, clears the moves record and drops the previous rings.
+// left: the previous rings are dropped from the placement (under c.mu, so
+// it never races the start of the next move), then, once no request placed
+// under them is in flight, the chunks nodes hold only under previous rings
+// are discarded, their marks dropped and the moves record cleared. A crash
+// before the record is cleared leaves it in etcd: the next holder ends the
+// same move again.
 func (c *Cluster) finishMove() {
 	st := c.state.Load()
-	if len(st.prev) == 0 || !c.moveDone(st) {
+	// resume: an earlier end stopped after dropping the previous rings (an
+	// etcd error); finish it from the marks and the record.
+	resume := len(st.prev) == 0 && c.movePending.Load() && c.moveDone(st)
+	if !resume && (len(st.prev) == 0 || !c.moveDone(st)) {
 		return
+	}
+	if !resume {
+		c.mu.Lock()
+		if cs := c.state.Load(); cs != st || !c.moveDone(cs) {
+			c.mu.Unlock()
+			return // the placement changed meanwhile: look again later
+		}
+		c.prev = nil
+		if err := c.rebuildLocked(); err != nil {
+			c.log.Warn("cluster: rebalance end", "volume", c.vol.Name, "err", err)
+		}
+		c.mu.Unlock()
+	}
+	// Reads and writes sent under the old placement may still reach the
+	// old owners: let them finish before those copies go.
+	for c.placedUnder(st) {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-time.After(time.Millisecond):
+		}
 	}
 	nchunks := (c.size + c.chunk - 1) / c.chunk
 	var ids [maxReplicas]int
@@ -331,39 +360,37 @@ func (c *Cluster) finishMove() {
 	defer cancel()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if cs := c.state.Load(); cs.r != st.r || len(cs.prev) != len(st.prev) || !c.moveDone(cs) {
-		return // a new move started meanwhile: it ends later
-	}
 	// Marks of owners under previous rings only: those copies are gone.
+	cs := c.state.Load()
 	for node, chunks := range c.marks.byNode() {
 		var drop []uint64
 		for _, ch := range chunks {
-			if !c.owns(st, node, ch) {
+			if !c.owns(cs, node, ch) {
 				drop = append(drop, uint64(ch))
 			}
 		}
 		if len(drop) == 0 {
 			continue
 		}
-		if err := c.ms.ClearMissed(ctx, c.vol.ID, node, drop...); err != nil {
-			c.log.Warn("cluster: rebalance done but the marks of leaving copies stay (retrying)", "volume", c.vol.Name, "err", err)
+		if err := c.fenceIf(c.ms.ClearMissed(ctx, c.vol.ID, node, drop...)); err != nil {
+			c.log.Warn("cluster: rebalance done but the marks of leaving copies stay", "volume", c.vol.Name, "err", err)
 			return
 		}
 		for _, ch := range drop {
 			c.marks.clear(node, int64(ch))
 		}
 	}
-	if err := c.ms.SetMoves(ctx, c.vol.ID, nil); err != nil {
-		c.log.Warn("cluster: rebalance done but the moves record stays (retrying)", "volume", c.vol.Name, "err", err)
-		return
-	}
-	c.prev = nil
-	if err := c.rebuildLocked(); err != nil {
-		c.log.Warn("cluster: rebalance end", "volume", c.vol.Name, "err", err)
+	if len(c.prev) == 0 {
+		// No move started meanwhile: the record can go.
+		if err := c.fenceIf(c.ms.SetMoves(ctx, c.vol.ID, nil)); err != nil {
+			c.log.Warn("cluster: rebalance done but the moves record stays", "volume", c.vol.Name, "err", err)
+			return
+		}
+		c.movePending.Store(false)
 	}
 	total := uint64(c.moveTotal.Load())
-	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Done: total, Total: total, RingVersion: st.r.Version(),
-		Holder: c.opt.Holder})
+	_ = c.fenceIf(c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Done: total, Total: total, RingVersion: st.r.Version(),
+		Holder: c.opt.Holder}))
 	if n, err := c.ms.PruneRings(ctx); err != nil {
 		c.log.Warn("cluster: pruning the ring history", "err", err)
 	} else if n > 0 {
@@ -371,4 +398,15 @@ func (c *Cluster) finishMove() {
 	}
 	c.moves.Add(1)
 	c.log.Info("cluster: rebalance finished", "volume", c.vol.Name, "ring", st.r.Version(), "chunk_copies", total, "old_copies_discarded", discarded)
+}
+
+// placedUnder reports whether a read or write part sent under placement st
+// is still in flight.
+func (c *Cluster) placedUnder(st *clusterState) bool {
+	for i := range c.all {
+		if c.all[i].placed.Load() == st {
+			return true
+		}
+	}
+	return false
 }

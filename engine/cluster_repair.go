@@ -417,7 +417,7 @@ func (c *Cluster) Stats() ClusterStats {
 	return ClusterStats{
 		Missed: c.marks.count(), Rebuilt: c.rebuilt.Load(), RebuiltBytes: c.rebuiltBytes.Load(),
 		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(),
-		Moving: len(c.state.Load().prev) > 0, MoveCopies: c.moveTotal.Load(), Rebalances: c.moves.Load(),
+		Moving: c.movePending.Load(), MoveCopies: c.moveTotal.Load(), Rebalances: c.moves.Load(),
 	}
 }
 

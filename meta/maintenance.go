@@ -44,6 +44,7 @@ func (s *Store) Work(ctx context.Context) (map[uint64]VolumeWork, error) {
 		clientv3.OpGet(s.kPlaced, clientv3.WithPrefix()),
 		clientv3.OpGet(s.kAttach, clientv3.WithPrefix()),
 		clientv3.OpGet(s.kRing),
+		clientv3.OpGet(s.ringsKey(0), clientv3.WithCountOnly()),
 	).Commit()
 	if err != nil {
 		return nil, fmt.Errorf("meta: read maintenance work: %w", err)
@@ -85,9 +86,15 @@ func (s *Store) Work(ctx context.Context) (map[uint64]VolumeWork, error) {
 		}
 		ringVer = r.Version()
 	}
+	// A volume placed at version 0 with no ring 0 kept was created before
+	// any ring: it has no data under an older ring, nothing to move.
+	noRing0 := resp.Responses[6].GetResponseRange().Count == 0
 	for _, kv := range resp.Responses[3].GetResponseRange().Kvs {
 		id, ok := idOf(string(kv.Key), s.kPlaced)
 		ver, err := strconv.ParseUint(string(kv.Value), 10, 64)
+		if ver == 0 && noRing0 {
+			continue
+		}
 		if w, found := out[id]; ok && found && err == nil && ver < ringVer {
 			w.Behind = true
 			out[id] = w

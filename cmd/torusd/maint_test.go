@@ -78,7 +78,7 @@ func TestMaintenance(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cl, err := engine.OpenCluster(ctx, c.ms, l.Volume(), engine.ClusterOptions{TLS: ctls, Epoch: l.Epoch(), Timeout: time.Second})
+		cl, err := engine.OpenCluster(ctx, c.ms, l.Volume(), engine.ClusterOptions{TLS: ctls, Epoch: l.Epoch()})
 		if err != nil {
 			t.Fatal(err)
 		}
