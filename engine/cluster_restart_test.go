@@ -175,9 +175,14 @@ func testRestartLosesUnflushed(t *testing.T, first string) {
 	}
 	// Exactly the lost chunks (and the one missed while down) were marked
 	// and copied: nothing else.
-	if st := c.Stats(); st.Rebuilt != wantRebuilt {
+	st := c.Stats()
+	if st.Rebuilt != wantRebuilt {
 		t.Fatalf("rebuilt %d chunks, want %d (the chunks whose writes no flush covered)", st.Rebuilt, wantRebuilt)
 	}
+	if st.NodeRestarts == 0 {
+		t.Fatal("the client counted no node restart")
+	}
+	t.Logf("%s first: %+v", first, st)
 	if err := do(c, OpFlush, 0, 0, 0, nil); err != nil {
 		t.Fatal(err)
 	}
