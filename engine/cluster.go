@@ -78,6 +78,14 @@ type ClusterOptions struct {
 // maxReplicas is the most copies of a chunk a Cluster writes.
 const maxReplicas = 8
 
+// Every chunk size meta.CheckChunkSize allows is addressed by the chunk
+// protocol and fits whole in one transport frame (a whole-chunk write or
+// read reply: rebuild copies); these constants do not compile otherwise.
+const (
+	_ uint = wire.MaxChunk - MaxChunkSize
+	_ uint = netquic.DefaultMaxPayload - MaxChunkSize
+)
+
 // Client call slots per node, and so parts per Cluster.
 const (
 	clusterStreams = 4
@@ -223,10 +231,10 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
 	}
-	chunk := int64(cfg.ChunkSize)
-	if chunk < BlockSize || chunk > wire.MaxChunk || chunk%BlockSize != 0 {
-		return nil, fmt.Errorf("open volume %s: cluster chunk size %d is not a multiple of 4 KiB up to 2 MiB", vol.Name, chunk)
+	if err := meta.CheckChunkSize(cfg.ChunkSize); err != nil {
+		return nil, fmt.Errorf("open volume %s: cluster config: %w", vol.Name, err)
 	}
+	chunk := int64(cfg.ChunkSize)
 	repl := vol.Replication
 	if repl <= 0 {
 		repl = cfg.Replication
