@@ -19,7 +19,12 @@ func TestClusterLargestChunk(t *testing.T) {
 	tc := startClusterChunk(t, 3, 8, netquic.TransportQUIC, chunk)
 	const size = 4 * chunk
 	vol := tc.volume("largest", size, 3)
-	c := tc.mustOpen(vol, 1)
+	// The default per-call timeout, not the tests' 1 s: a call here moves
+	// 2 MiB, and twelve of them run at once.
+	c, err := OpenCluster(context.Background(), tc.ms, vol, ClusterOptions{TLS: tc.client.Client, Epoch: 1, Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer c.Close()
 	model := make([]byte, size)
 	fill(model, 21)
