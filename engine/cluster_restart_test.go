@@ -70,12 +70,12 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // TestClusterRestartLosesUnflushed: a replica loses power after taking
 // writes no flush covered and comes back (a new incarnation) without them.
 // Whatever reply first shows the client the new incarnation (a read, the
-// prober's, a rebuild copy's write), the client must mark exactly the
+// prober's, a rebuild copy's write, a flush), the client must mark exactly the
 // chunks whose last write on that node no flush covered, must not return
 // the node's stale copy of them meanwhile (the node is the preferred
 // reader), and the rebuild must make all three copies equal again.
 func TestClusterRestartLosesUnflushed(t *testing.T) {
-	for _, first := range []string{"read", "prober", "rebuild"} {
+	for _, first := range []string{"read", "prober", "rebuild", "flush"} {
 		t.Run(first, func(t *testing.T) { testRestartLosesUnflushed(t, first) })
 	}
 }
@@ -157,6 +157,17 @@ func testRestartLosesUnflushed(t *testing.T, first string) {
 		}
 		waitFor(t, "the rebuild to copy to the victim", func() bool { return c.Stats().Rebuilt > 0 })
 		wantRebuilt++
+	case "flush":
+		tc.powerLoss(victim, snap)
+		// A Flush is the first thing sent to the new process; it must
+		// not complete before the lost chunks' marks are in etcd (the
+		// rebuild clears a mark only after copying its chunk).
+		if err := do(c, OpFlush, 0, 0, 0, nil); err != nil {
+			t.Fatalf("flush after the restart: %v", err)
+		}
+		if st := c.Stats(); st.Missed+int(st.Rebuilt) < len(lost) {
+			t.Fatalf("flush completed with %+v: want the %d lost chunks marked (or already rebuilt)", st, len(lost))
+		}
 	}
 
 	// The victim is the preferred reader: no read may return its stale
