@@ -270,18 +270,18 @@ func (p *peer) atRisk() []int64 {
 }
 
 // sawIncarnation records the incarnation inc of an OK reply of p (any
-// reply: read, write, flush, probe, rebuild copy) and reports whether p
-// restarted. A new incarnation means the node's process restarted and may
-// have lost every write no flush covered: those chunks (p.unflushedChunks)
-// become suspect on p, so reads avoid them, before the new incarnation is
-// stored, so no reply that carries it is trusted before they are; and a
-// job is queued to mark them in etcd (the prober retries if the queue is
-// full or etcd refuses). Nothing clears them but their marks being
-// recorded: no later reply, flush or rebuild copy makes them good.
-// The common case (the incarnation known) is one atomic load.
-func (c *Cluster) sawIncarnation(p *peer, inc uint64) bool {
+// reply: read, write, flush, probe, rebuild copy, scrub read). A new
+// incarnation means the node's process restarted and may have lost every
+// write no flush covered: those chunks (p.unflushedChunks) become suspect
+// on p, so reads avoid them, before the new incarnation is stored, so no
+// reply that carries it is trusted before they are; and a job is queued
+// to mark them in etcd (the prober retries if the queue is full or etcd
+// refuses). Nothing clears them but their marks being recorded: no later
+// reply, flush or rebuild copy makes them good. The common case (the
+// incarnation known) is one atomic load.
+func (c *Cluster) sawIncarnation(p *peer, inc uint64) {
 	if inc == 0 || p.inc.Load() == inc {
-		return false
+		return
 	}
 	p.incMu.Lock()
 	old := p.inc.Load()
@@ -289,7 +289,7 @@ func (c *Cluster) sawIncarnation(p *peer, inc uint64) bool {
 		// Another reply got here first, or the first reply ever.
 		p.inc.Store(inc)
 		p.incMu.Unlock()
-		return false
+		return
 	}
 	chunks := p.unflushedChunks()
 	if len(chunks) > 0 && p.suspect == nil {
@@ -310,7 +310,6 @@ func (c *Cluster) sawIncarnation(p *peer, inc uint64) bool {
 		default: // the prober records them
 		}
 	}
-	return true
 }
 
 // inherit gives np, a new peer of old's node at another address, what the
