@@ -27,8 +27,10 @@ package engine
 //     every write completed before a Flush was submitted is covered by a
 //     flush of every node that took it.
 //   - A read part asks one owner at a time (the local node first, then in
-//     ring order, peers recently failed last) and moves to the next on any
-//     error but ErrRange, including timeouts and checksum errors; it fails
+//     ring order, peers recently failed last; never one that may be stale,
+//     see cluster_repair.go) and moves to the next on any error but
+//     ErrRange, including timeouts, checksum errors and a reply from an
+//     owner that turned out to be possibly stale (it restarted); it fails
 //     only when every owner failed.
 //   - The data path never takes c.mu: it reads the current clusterState (ring
 //     and peer per ring node) through an atomic pointer, replaced as a whole
@@ -89,6 +91,14 @@ type ClusterOptions struct {
 // maxReplicas is the most copies of a chunk a Cluster writes.
 const maxReplicas = 8
 
+// Every chunk size meta.CheckChunkSize allows is addressed by the chunk
+// protocol and fits whole in one transport frame (a whole-chunk write or
+// read reply: rebuild copies); these constants do not compile otherwise.
+const (
+	_ uint = wire.MaxChunk - MaxChunkSize
+	_ uint = netquic.DefaultMaxPayload - MaxChunkSize
+)
+
 // Client call slots per node, and so parts per Cluster.
 const (
 	clusterStreams = 4
@@ -128,6 +138,7 @@ type Cluster struct {
 	markq                                 chan *markJob
 	repairKick                            chan struct{}
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
+	restarts                              atomic.Uint64 // node restarts seen (a new incarnation)
 
 	mu      sync.Mutex // guards peers, nodes, ring, prev, unixOK; never taken on the data path
 	peers   map[string]*peer
@@ -167,12 +178,14 @@ type peer struct {
 	flushing atomic.Int32 // flushes in flight: a later Flush must send its own
 
 	// Degraded mode (cluster_repair.go).
-	down      atomic.Bool     // failed: writes skip it (marked) until the prober reaches it
-	seq       atomic.Uint64   // writes it completed (OK), a sequence
-	lastSeq   []atomic.Uint64 // by chunk: seq of the last write of it the node took
-	flushed   atomic.Uint64   // every write with seq <= flushed is covered by a flush
-	inc       atomic.Uint64   // node incarnation of its last OK reply
-	restarted atomic.Bool     // incarnation changed since the last flush
+	down     atomic.Bool     // failed: writes skip it (marked) until the prober reaches it
+	seq      atomic.Uint64   // writes it completed (OK), a sequence
+	lastSeq  []atomic.Uint64 // by chunk: seq of the last write of it the node took
+	flushed  atomic.Uint64   // every write with seq <= flushed is covered by a flush
+	inc      atomic.Uint64   // node incarnation of its last OK reply
+	incMu    sync.Mutex      // serialises incarnation changes; guards suspect
+	suspect  map[int64]bool  // chunks a restart may have cost it whose marks are not yet in etcd
+	suspectN atomic.Int32    // len(suspect)
 }
 
 // clusterPart is one chunk-sized piece of a request (or one node's flush).
@@ -240,10 +253,10 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
 	}
-	chunk := int64(cfg.ChunkSize)
-	if chunk < BlockSize || chunk > wire.MaxChunk || chunk%BlockSize != 0 {
-		return nil, fmt.Errorf("open volume %s: cluster chunk size %d is not a multiple of 4 KiB up to 2 MiB", vol.Name, chunk)
+	if err := meta.CheckChunkSize(cfg.ChunkSize); err != nil {
+		return nil, fmt.Errorf("open volume %s: cluster config: %w", vol.Name, err)
 	}
+	chunk := int64(cfg.ChunkSize)
 	repl := vol.Replication
 	if repl <= 0 {
 		repl = cfg.Replication
@@ -474,6 +487,7 @@ func (c *Cluster) rebuildLocked() error {
 			np := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
 			if p != nil {
 				np.dirty.Store(true) // it may hold unflushed writes under its old address
+				np.inherit(p)        // a restart on the new address is noticed as any other
 				old := p.cli
 				time.AfterFunc(2*c.opt.Timeout, func() { old.Close() })
 			}
@@ -672,7 +686,7 @@ func (c *Cluster) Submit(r *Request) {
 		for _, p := range st.all {
 			// A flush already in flight to p may have been sent before a
 			// write this Flush must cover completed: send another.
-			if !p.dirty.Swap(false) && p.flushing.Load() == 0 && !p.restarted.Load() {
+			if !p.dirty.Swap(false) && p.flushing.Load() == 0 && p.suspectN.Load() == 0 {
 				continue
 			}
 			fp := <-c.parts
@@ -796,11 +810,13 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 	}
 	// Reads: the local node first, then ring order; peers that failed
 	// recently go last.
-	// Owners with a missed mark may be stale: never read from them.
+	// Owners with a missed mark, or that restarted and may have lost the
+	// chunk (suspect until its mark is in etcd), may be stale: never read
+	// from them.
 	k := 0
 	degraded := c.marks.any.Load()
 	for _, i := range ids {
-		if pp := st.peers[i]; pp != nil && pp.id == c.opt.LocalNode && !(degraded && c.marks.has(pp.id, idx)) {
+		if pp := st.peers[i]; pp != nil && pp.id == c.opt.LocalNode && !(degraded && c.marks.has(pp.id, idx)) && !pp.isSuspect(idx) {
 			p.owners[k] = pp
 			k++
 		}
@@ -812,7 +828,7 @@ func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
 			if pp != nil && pp.id == c.opt.LocalNode {
 				continue
 			}
-			if degraded && c.marks.has(st.r.Node(i).ID, idx) {
+			if degraded && c.marks.has(st.r.Node(i).ID, idx) || pp != nil && pp.isSuspect(idx) {
 				continue
 			}
 			down := pp == nil || pp.downTill.Load() > now
@@ -865,6 +881,7 @@ var (
 	errUnknownNode = errors.New("engine: a node of the ring is not registered (down?)")
 	errNodeDown    = errors.New("engine: node is down")
 	errAllReplicas = errors.New("engine: every replica of the chunk failed")
+	errMaybeStale  = errors.New("engine: replica may lack the latest data of the chunk (it restarted, or missed a write)")
 )
 
 // tryRead sends the read to the next owner, or fails the part when none is
@@ -911,16 +928,18 @@ func (p *clusterPart) callDone() {
 	if p.op == wire.OpFlush {
 		pp := p.owners[0]
 		pp.flushing.Add(-1)
-		fe := p.flushErr.Load()
-		if fe == nil && pp.restarted.Swap(false) {
-			e := error(errors.New("node restarted since its last flush"))
-			fe = &e
-		}
-		if fe != nil {
+		if fe := p.flushErr.Load(); fe != nil {
 			p.c.flushFailed(p, pp, *fe)
 			return
 		}
+		// Writes the node took before a restart are not covered (their
+		// chunks are suspect, marked before this completes); every other
+		// write with seq <= fseq reached the process that flushed.
 		pp.flushedUpTo(p.fseq)
+		if pp.suspectN.Load() > 0 {
+			p.c.awaitRestartMarks(p, pp)
+			return
+		}
 		p.finish(nil)
 		return
 	}
@@ -929,7 +948,7 @@ func (p *clusterPart) callDone() {
 		switch {
 		case m >= p.n:
 			err = fmt.Errorf("%w (volume %s chunk %d): %d owners down", errAllReplicas, p.c.vol.Name, p.chunk, m)
-		case p.c.marks.any.Load() && !p.completeCopyTook():
+		case (p.c.marks.any.Load() || p.c.anySuspect()) && !p.completeCopyTook():
 			err = fmt.Errorf("%w (volume %s chunk %d): every owner that took the write lacks earlier data of the chunk",
 				errAllReplicas, p.c.vol.Name, p.chunk)
 		case m > 0:
@@ -944,7 +963,7 @@ func (p *clusterPart) callDone() {
 // (a complete copy) took the write: only then may it be acknowledged.
 func (p *clusterPart) completeCopyTook() bool {
 	for i := 0; i < p.n; i++ {
-		if !p.missed[i] && !p.c.marks.has(p.ownerID(i), p.chunk) {
+		if !p.missed[i] && !p.c.marks.has(p.ownerID(i), p.chunk) && (p.owners[i] == nil || !p.owners[i].isSuspect(p.chunk)) {
 			return true
 		}
 	}
@@ -977,7 +996,7 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 				e := err // not &err: that would move err to the heap on every call
 				p.flushErr.Store(&e)
 			} else {
-				cc.peer.sawIncarnation(wire.Incarnation(&resp.Header))
+				c.sawIncarnation(cc.peer, wire.Incarnation(&resp.Header))
 			}
 			p.callDone()
 			return
@@ -987,8 +1006,11 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		cc.peer.dirty.Store(true)
 		switch {
 		case err == nil:
-			cc.peer.sawIncarnation(wire.Incarnation(&resp.Header))
+			// took first: if this reply is a restarted process's, or an
+			// older one's processed late, the chunk is among those a
+			// restart marks.
 			cc.peer.took(p.chunk)
+			c.sawIncarnation(cc.peer, wire.Incarnation(&resp.Header))
 		case nodeFailure(err):
 			c.setDown(cc.peer, err)
 			p.missed[cc.i] = true
@@ -1003,6 +1025,14 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		}
 		p.callDone()
 		return
+	}
+	if err == nil {
+		// A replica that restarted may have lost this chunk: its reply
+		// must not be returned (nor any other sent before a mark).
+		c.sawIncarnation(cc.peer, wire.Incarnation(&resp.Header))
+		if cc.peer.isSuspect(p.chunk) || c.marks.has(cc.peer.id, p.chunk) {
+			err = fmt.Errorf("engine: node %s: %w", cc.peer.id, errMaybeStale)
+		}
 	}
 	if err == nil {
 		p.finish(nil)
@@ -1082,7 +1112,7 @@ func (c *Cluster) Close() error {
 	var wg sync.WaitGroup
 	var emu sync.Mutex
 	for _, p := range st.all {
-		if !p.dirty.Load() && !p.restarted.Load() {
+		if !p.dirty.Load() && p.suspectN.Load() == 0 {
 			continue
 		}
 		wg.Go(func() {
@@ -1097,17 +1127,20 @@ func (c *Cluster) Close() error {
 				if err == nil {
 					err = errOf(wire.Status(resp.Code))
 				}
-				if err == nil && (p.sawIncarnation(wire.Incarnation(&resp.Header)) || p.restarted.Load()) {
-					err = errors.New("node restarted since its last flush")
-				}
 				if err == nil {
+					c.sawIncarnation(p, wire.Incarnation(&resp.Header))
 					p.flushedUpTo(p.seq.Load()) // nothing is in flight at Close
+					// What a restart may have cost the node is marked
+					// before Close reports the volume flushed.
+					err = c.settleRestart(p)
 				}
 			}
 			if err != nil && nodeFailure(err) {
 				// The node may have lost writes it took: mark them, as a
 				// flush during I/O does.
-				if merr := c.recordMarks(p.id, p.unflushedChunks()); merr == nil {
+				chunks := p.atRisk()
+				if merr := c.recordMarks(p.id, chunks); merr == nil {
+					p.unsuspect(chunks)
 					err = nil
 				} else {
 					err = errors.Join(err, merr)

@@ -240,7 +240,7 @@ func (c *Cluster) addPrevReaders(st *clusterState, p *clusterPart, key uint64, i
 	next:
 		for _, i := range pr.OwnerIndices(key, c.repl, ids[:0]) {
 			pp := st.prevPeers[ri][i]
-			if pp == nil || c.marks.has(pp.id, idx) {
+			if pp == nil || c.marks.has(pp.id, idx) || pp.isSuspect(idx) {
 				continue
 			}
 			for j := 0; j < k; j++ {
@@ -265,7 +265,7 @@ func (c *Cluster) sources(st *clusterState, ch int64) []*peer {
 	key := chunkKey(c.vol.ID, ch)
 	var out []*peer
 	add := func(p *peer) {
-		if p == nil || c.marks.has(p.id, ch) {
+		if p == nil || c.marks.has(p.id, ch) || p.isSuspect(ch) {
 			return
 		}
 		for _, q := range out {

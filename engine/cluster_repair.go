@@ -16,28 +16,43 @@ package engine
 //     completes (c.marks holds exactly the marks known to be in etcd). If
 //     etcd cannot be written the part fails: nothing is acknowledged that the
 //     metadata does not back.
-//   - A read never goes to an owner with a mark for the chunk: that replica
-//     may be stale.
+//   - A read never goes to an owner with a mark for the chunk, nor to one
+//     for which the chunk is suspect (below): that replica may be stale. A
+//     read reply from such an owner (the mark or the restart came while the
+//     read was in flight) is not returned: the read moves to another owner.
+//   - Restarts: every OK reply carries the node's incarnation, and every
+//     reply the client gets (read, write, flush, probe, rebuild copy, scrub)
+//     goes through sawIncarnation. The first one with a new incarnation
+//     makes every chunk whose last write the node took after its last
+//     successful flush (peer.lastSeq > peer.flushed) suspect on it, before
+//     the new incarnation is stored, so no reply carrying it is trusted
+//     for those chunks; and queues their marks. A chunk stops being suspect
+//     only once its mark is in etcd (then the mark keeps reads away): no
+//     later reply, flush or rebuild copy ends a restart for the others. A
+//     write's completion is counted (peer.took) before its reply's
+//     incarnation is looked at, so a write taken by a process that
+//     restarted is always among the chunks its restart makes suspect.
 //   - A Flush covers, on every node, the writes completed before it; if a
-//     node's flush fails, or the node answers with another incarnation than
-//     before (it restarted and may have lost unflushed writes), every chunk whose
-//     last write the node took after its last successful flush
-//     (peer.lastSeq > peer.flushed) is marked before the Flush completes. A
+//     node's flush fails, every chunk whose last write the node took after
+//     its last successful flush, and every suspect one, is marked before
+//     the Flush completes; if it succeeds while chunks of the node are
+//     suspect, their marks are recorded before the Flush completes. A
 //     flush covers the writes completed before it was sent (seq <= the
-//     peer's seq at send time).
+//     peer's seq at send time) except those a restart made suspect.
 //   - A mark is cleared only after a copy during which no write to the chunk
 //     was in flight or completed (chunkTrack.gen and .inflight, kept for
 //     marked chunks only; clusterPart.active for writes that started before
 //     the mark existed), so a write racing the copy is never overwritten by
 //     older bytes on the rebuilt node without a later copy.
-//   - The healthy data path touches none of this beyond an atomic load
-//     (marks.any), a per-peer atomic (down) and, on write completion, an
-//     atomic add and store (peer.seq, peer.lastSeq).
+//   - The healthy data path touches none of this beyond atomic loads
+//     (marks.any, and per peer down, inc and suspectN) and, on write
+//     completion, an atomic add and store (peer.seq, peer.lastSeq).
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -190,12 +205,17 @@ func (s *markSet) byNode() map[string][]int64 {
 }
 
 // markJob asks the marker to record marks, then to finish part p (if any)
-// with the result.
+// with the result. With peer set, the chunks are what a restart of peer may
+// have cost it: once their marks are recorded they are no longer suspect.
 type markJob struct {
 	node   string
 	chunks []int64
 	p      *clusterPart
+	peer   *peer
 }
+
+// errMarks is wrapped by the error of marks etcd did not take.
+var errMarks = errors.New("the chunks it lacks cannot be recorded as missed (etcd)")
 
 // nodeFailure reports whether a call error means the replica failed (the
 // write may continue on the others, the node gets a mark) rather than the
@@ -205,7 +225,7 @@ func nodeFailure(err error) bool {
 	case err == nil:
 		return false
 	case errors.Is(err, ErrRange), errors.Is(err, ErrFenced), errors.Is(err, ErrNoSpace),
-		errors.Is(err, errBadRequest), errors.Is(err, ErrReadOnly):
+		errors.Is(err, errBadRequest), errors.Is(err, ErrReadOnly), errors.Is(err, errMarks):
 		return false
 	}
 	return true
@@ -240,18 +260,141 @@ func (p *peer) unflushedChunks() []int64 {
 	return out
 }
 
-// sawIncarnation records the incarnation of an OK reply of p and reports
-// whether it differs from the one seen before (the node restarted).
-func (p *peer) sawIncarnation(inc uint64) bool {
-	if inc == 0 {
+// atRisk lists, sorted and without duplicates, what p may lack if it lost
+// power now: the chunks no successful flush covers and those a restart
+// already made suspect.
+func (p *peer) atRisk() []int64 {
+	out := append(p.unflushedChunks(), p.suspects()...)
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// sawIncarnation records the incarnation inc of an OK reply of p (any
+// reply: read, write, flush, probe, rebuild copy, scrub read). A new
+// incarnation means the node's process restarted and may have lost every
+// write no flush covered: those chunks (p.unflushedChunks) become suspect
+// on p, so reads avoid them, before the new incarnation is stored, so no
+// reply that carries it is trusted before they are; and a job is queued
+// to mark them in etcd (the prober retries if the queue is full or etcd
+// refuses). Nothing clears them but their marks being recorded: no later
+// reply, flush or rebuild copy makes them good. The common case (the
+// incarnation known) is one atomic load.
+func (c *Cluster) sawIncarnation(p *peer, inc uint64) {
+	if inc == 0 || p.inc.Load() == inc {
+		return
+	}
+	p.incMu.Lock()
+	old := p.inc.Load()
+	if old == inc || old == 0 {
+		// Another reply got here first, or the first reply ever.
+		p.inc.Store(inc)
+		p.incMu.Unlock()
+		return
+	}
+	chunks := p.unflushedChunks()
+	if len(chunks) > 0 && p.suspect == nil {
+		p.suspect = make(map[int64]bool, len(chunks))
+	}
+	for _, ch := range chunks {
+		p.suspect[ch] = true
+	}
+	p.suspectN.Store(int32(len(p.suspect)))
+	p.inc.Store(inc)
+	p.incMu.Unlock()
+	c.log.Warn("cluster: node restarted; marking the chunks whose writes no flush covered for rebuild",
+		"volume", c.vol.Name, "node", p.id, "chunks", len(chunks))
+	c.restarts.Add(1)
+	if len(chunks) > 0 {
+		select {
+		case c.markq <- &markJob{node: p.id, chunks: chunks, peer: p}:
+		default: // the prober records them
+		}
+	}
+}
+
+// inherit gives np, a new peer of old's node at another address, what the
+// client knows of the node: its incarnation, write and flush sequences and
+// suspect chunks, so that the first reply of a restarted process on the
+// new address makes what it may have lost suspect as on the old one.
+func (np *peer) inherit(old *peer) {
+	np.inc.Store(old.inc.Load())
+	np.seq.Store(old.seq.Load())
+	np.flushed.Store(old.flushed.Load())
+	for i := range old.lastSeq {
+		np.lastSeq[i].Store(old.lastSeq[i].Load())
+	}
+	if s := old.suspects(); len(s) > 0 {
+		np.suspect = make(map[int64]bool, len(s))
+		for _, ch := range s {
+			np.suspect[ch] = true
+		}
+		np.suspectN.Store(int32(len(s)))
+	}
+}
+
+// isSuspect reports whether chunk ch may have been lost by a restart of p
+// and its mark is not yet known to be in etcd.
+func (p *peer) isSuspect(ch int64) bool {
+	if p.suspectN.Load() == 0 {
 		return false
 	}
-	old := p.inc.Swap(inc)
-	if old != 0 && old != inc {
-		p.restarted.Store(true)
-		return true
+	p.incMu.Lock()
+	ok := p.suspect[ch]
+	p.incMu.Unlock()
+	return ok
+}
+
+// suspects lists p's suspect chunks.
+func (p *peer) suspects() []int64 {
+	if p.suspectN.Load() == 0 {
+		return nil
 	}
-	return false
+	p.incMu.Lock()
+	out := make([]int64, 0, len(p.suspect))
+	for ch := range p.suspect {
+		out = append(out, ch)
+	}
+	p.incMu.Unlock()
+	slices.Sort(out)
+	return out
+}
+
+// unsuspect drops chunks from p's suspects once their marks are in etcd.
+func (p *peer) unsuspect(chunks []int64) {
+	if p.suspectN.Load() == 0 {
+		return
+	}
+	p.incMu.Lock()
+	for _, ch := range chunks {
+		delete(p.suspect, ch)
+	}
+	p.suspectN.Store(int32(len(p.suspect)))
+	p.incMu.Unlock()
+}
+
+// settleRestart records the marks of p's suspect chunks in etcd, after
+// which reads skip them as marked.
+func (c *Cluster) settleRestart(p *peer) error {
+	chunks := p.suspects()
+	if len(chunks) == 0 {
+		return nil
+	}
+	if err := c.recordMarks(p.id, chunks); err != nil {
+		return err
+	}
+	p.unsuspect(chunks)
+	return nil
+}
+
+// awaitRestartMarks finishes flush part p of peer pp, which succeeded,
+// once the marks of what a restart of pp may have cost it are recorded
+// (the marker records jobs in order; this one repeats any a full queue
+// dropped). A Flush does not complete while a chunk it should cover may
+// be lost without etcd knowing.
+func (c *Cluster) awaitRestartMarks(p *clusterPart, pp *peer) {
+	p.markWait.Store(1)
+	p.perr.Store(nil)
+	c.markq <- &markJob{node: pp.id, chunks: pp.suspects(), p: p, peer: pp}
 }
 
 // isDown reports whether writes skip p for now.
@@ -287,6 +430,9 @@ func (c *Cluster) marker() {
 		case j = <-c.markq:
 		}
 		err := c.recordMarks(j.node, j.chunks)
+		if err == nil && j.peer != nil {
+			j.peer.unsuspect(j.chunks)
+		}
 		if j.p != nil {
 			j.p.markDone(err)
 		}
@@ -312,7 +458,7 @@ func (c *Cluster) recordMarks(node string, chunks []int64) error {
 	cancel()
 	if err != nil {
 		c.log.Error("cluster: cannot record missed chunks in etcd; the write (or flush) that needs them fails", "volume", c.vol.Name, "node", node, "err", err)
-		return fmt.Errorf("engine: volume %s: node %s lacks chunks and the marks cannot be recorded (etcd): %w", c.vol.Name, node, err)
+		return fmt.Errorf("engine: volume %s: node %s: %w: %w", c.vol.Name, node, errMarks, err)
 	}
 	c.marks.add(node, chunks...)
 	c.kickRepair()
@@ -373,13 +519,13 @@ func (p *clusterPart) ownerID(i int) string {
 // p: marks every chunk pp took a write of that no flush covered, then
 // finishes p.
 func (c *Cluster) flushFailed(p *clusterPart, pp *peer, cause error) {
-	chunks := pp.unflushedChunks()
+	chunks := pp.atRisk()
 	c.log.Warn("cluster: flush of a node failed or the node restarted; marking what it took for rebuild",
 		"volume", c.vol.Name, "node", pp.id, "chunks", len(chunks), "cause", cause)
 	c.setDown(pp, cause)
 	p.markWait.Store(1)
 	p.perr.Store(nil)
-	c.markq <- &markJob{node: pp.id, chunks: chunks, p: p}
+	c.markq <- &markJob{node: pp.id, chunks: chunks, p: p, peer: pp}
 }
 
 func chunkKey(vol uint64, ch int64) uint64 { return ring.ChunkKey(vol, uint64(ch), 0) }
@@ -404,6 +550,9 @@ type ClusterStats struct {
 	Failovers uint64
 	// NodeFailures counts nodes that went down while the volume was open.
 	NodeFailures uint64
+	// NodeRestarts counts node restarts noticed (a reply with a new
+	// incarnation); each marks what the node may have lost.
+	NodeRestarts uint64
 	// Moving is true while a rebalance moves chunks to new owners;
 	// MoveCopies is the chunk copies of the last one started; Rebalances
 	// counts finished ones.
@@ -416,7 +565,7 @@ type ClusterStats struct {
 func (c *Cluster) Stats() ClusterStats {
 	return ClusterStats{
 		Missed: c.marks.count(), Rebuilt: c.rebuilt.Load(), RebuiltBytes: c.rebuiltBytes.Load(),
-		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(),
+		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(), NodeRestarts: c.restarts.Load(),
 		Moving: c.movePending.Load(), MoveCopies: c.moveTotal.Load(), Rebalances: c.moves.Load(),
 	}
 }
@@ -443,8 +592,9 @@ func (c *Cluster) loadMarks(ctx context.Context) error {
 }
 
 // prober brings down peers back: every second it sends each a flush with a
-// short deadline; an answer clears down (a restarted node is noticed by its
-// incarnation on the next write or flush).
+// short deadline; an answer clears down (and shows a restart by its
+// incarnation). It also records the marks of restarts whose mark job could
+// not be queued or failed.
 func (c *Cluster) prober() {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
@@ -456,6 +606,10 @@ func (c *Cluster) prober() {
 		}
 		st := c.state.Load()
 		for _, p := range st.all {
+			if err := c.settleRestart(p); err != nil {
+				c.log.Warn("cluster: marks of a restarted node not recorded yet; its chunks stay unread until they are",
+					"volume", c.vol.Name, "node", p.id, "err", err)
+			}
 			if !p.isDown() {
 				continue
 			}
@@ -464,7 +618,7 @@ func (c *Cluster) prober() {
 			err := p.cli.Call(ctx, &netquic.Message{Code: uint8(wire.OpFlush)}, &resp)
 			cancel()
 			if err == nil && wire.Status(resp.Code) == wire.StatusOK {
-				p.sawIncarnation(wire.Incarnation(&resp.Header))
+				c.sawIncarnation(p, wire.Incarnation(&resp.Header))
 				p.down.Store(false)
 				c.log.Info("cluster: node answers again; rebuilding what it missed", "volume", c.vol.Name, "node", p.id)
 				c.kickRepair()
@@ -629,7 +783,7 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 	var srcErr error
 	got := false
 	for _, src := range c.sources(st, ch) {
-		if src == target || src.isDown() {
+		if src == target || src.isDown() || src.isSuspect(ch) {
 			continue
 		}
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length)}
@@ -644,6 +798,13 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 		}
 		if err == nil && len(resp.Payload) != len(data) {
 			err = errBadRequest
+		}
+		if err == nil {
+			// A source that restarted may have lost this chunk too.
+			c.sawIncarnation(src, wire.Incarnation(&resp.Header))
+			if src.isSuspect(ch) || c.marks.has(src.id, ch) {
+				err = errMaybeStale
+			}
 		}
 		if err != nil {
 			srcErr = fmt.Errorf("read from %s: %w", src.id, err)
@@ -682,9 +843,9 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 	if err != nil {
 		return copied{}, c.fenceIf(fmt.Errorf("write to %s: %w", target.id, err))
 	}
-	if target.sawIncarnation(wire.Incarnation(&resp.Header)) {
-		target.restarted.Store(false) // the copy is FUA: durable whatever happened before
-	}
+	// The copy is FUA, durable on the node, but a restart it reveals may
+	// have cost the node other chunks: those are marked as by any reply.
+	c.sawIncarnation(target, wire.Incarnation(&resp.Header))
 	return copied{ch: ch, gen: gen, n: length}, nil
 }
 
@@ -720,4 +881,15 @@ func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
 		s.clearLocked(target.id, int64(ch))
 	}
 	return len(ok), nil
+}
+
+// anySuspect reports whether some peer has suspect chunks (one atomic load
+// per peer; only degraded writes ask).
+func (c *Cluster) anySuspect() bool {
+	for _, p := range c.state.Load().all {
+		if p.suspectN.Load() > 0 {
+			return true
+		}
+	}
+	return false
 }

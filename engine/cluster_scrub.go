@@ -189,7 +189,7 @@ func (c *Cluster) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, res *
 		n, unreadable := 0, uint64(0)
 		for _, k := range owners {
 			p := st.peers[k]
-			if p == nil || p.isDown() || c.marks.has(p.id, ch) {
+			if p == nil || p.isDown() || c.marks.has(p.id, ch) || p.isSuspect(ch) {
 				if p == nil || p.isDown() {
 					unreadable++
 				}
@@ -205,7 +205,7 @@ func (c *Cluster) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, res *
 		raced := false
 		for i := range copies[:n] {
 			cp := &copies[i]
-			if cp.p.lastSeq[ch].Load() != cp.seq || c.marks.has(cp.id, ch) {
+			if cp.p.lastSeq[ch].Load() != cp.seq || c.marks.has(cp.id, ch) || cp.p.isSuspect(ch) {
 				raced = true
 			}
 		}
@@ -243,6 +243,11 @@ func (c *Cluster) scrubRead(ctx context.Context, ch int64, copies []scrubCopy) {
 			}
 			if err == nil && len(resp.Payload) != len(cp.buf) {
 				err = errBadRequest
+			}
+			if err == nil {
+				// A restart it reveals makes the chunk suspect (and the
+				// copy is then not judged).
+				c.sawIncarnation(cp.p, wire.Incarnation(&resp.Header))
 			}
 			cp.err = err
 		})

@@ -47,6 +47,7 @@ type testCluster struct {
 	nodes  []*testNode
 
 	transport string
+	chunk     int64 // the cluster's chunk size
 }
 
 func startCluster(t testing.TB, n int, slots int64) *testCluster {
@@ -56,6 +57,13 @@ func startCluster(t testing.TB, n int, slots int64) *testCluster {
 
 // startClusterTransport starts n nodes serving over transport.
 func startClusterTransport(t testing.TB, n int, slots int64, transport string) *testCluster {
+	t.Helper()
+	return startClusterChunk(t, n, slots, transport, testChunk)
+}
+
+// startClusterChunk starts n nodes serving over transport, in a cluster
+// whose chunk size is chunk.
+func startClusterChunk(t testing.TB, n int, slots int64, transport string, chunk int64) *testCluster {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -69,11 +77,11 @@ func startClusterTransport(t testing.TB, n int, slots int64, transport string) *
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ms.Close() })
-	if err := ms.Init(ctx, meta.Config{ClusterID: "test", ChunkSize: testChunk, Replication: 3}); err != nil {
+	if err := ms.Init(ctx, meta.Config{ClusterID: "test", ChunkSize: uint64(chunk), Replication: 3}); err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	tc := &testCluster{t: t, etcd: e, ms: ms, ca: filepath.Join(dir, "ca"), transport: transport}
+	tc := &testCluster{t: t, etcd: e, ms: ms, ca: filepath.Join(dir, "ca"), transport: transport, chunk: chunk}
 	if err := netquic.NewCA(tc.ca); err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +122,7 @@ func (tc *testCluster) startNode(id string, slots int64) *testNode {
 	if nd.tls, err = netquic.LoadTLS(ndir); err != nil {
 		t.Fatal(err)
 	}
-	if nd.st, err = CreateStore(nd.path, StoreOptions{ChunkSize: testChunk, Slots: slots, ClusterID: []byte("test"),
+	if nd.st, err = CreateStore(nd.path, StoreOptions{ChunkSize: tc.chunk, Slots: slots, ClusterID: []byte("test"),
 		Shards: 1, Logger: quietLog}); err != nil {
 		t.Fatal(err)
 	}

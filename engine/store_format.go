@@ -46,6 +46,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+
+	"github.com/torus-storage/torus/meta"
 )
 
 // BlockSize is the store block size: the unit of checksums, alignment and
@@ -61,11 +63,12 @@ const (
 
 	// DefaultChunkSize is the chunk (slot) size used when none is given.
 	DefaultChunkSize = 1 << 20
-	// MaxChunkSize is the largest chunk size the fixed 4 KiB header can
-	// describe (a CRC per block plus the written bitmap).
-	MaxChunkSize = 2 << 20
-	// MinChunkSize is the smallest chunk size.
-	MinChunkSize = 64 << 10
+	// MaxChunkSize is the largest chunk size (meta.MaxChunkSize, the one
+	// definition): what the fixed 4 KiB slot header can describe (a CRC per
+	// block plus the written bitmap).
+	MaxChunkSize = meta.MaxChunkSize
+	// MinChunkSize is the smallest chunk size (meta.MinChunkSize).
+	MinChunkSize = meta.MinChunkSize
 
 	maxBlocksPerChunk = MaxChunkSize / BlockSize
 
@@ -207,10 +210,10 @@ func decodeSuperblock(b []byte, tab *crc32.Table) (*superblock, error) {
 }
 
 func checkChunkSize(cs int64) error {
-	if cs < MinChunkSize || cs > MaxChunkSize || cs&(cs-1) != 0 {
-		return fmt.Errorf("chunk size %d is not a power of two in [%d, %d]", cs, MinChunkSize, MaxChunkSize)
+	if cs <= 0 {
+		return fmt.Errorf("chunk size %d: %w", cs, meta.ErrInvalid)
 	}
-	return nil
+	return meta.CheckChunkSize(uint64(cs))
 }
 
 // slotMeta is the in-memory copy of a slot header. The shard owning the

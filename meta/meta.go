@@ -283,7 +283,8 @@ func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, thens, elses []cli
 type Config struct {
 	// ClusterID names the cluster; Init fills in a random one if empty.
 	ClusterID string `json:"cluster_id"`
-	// ChunkSize is the placement unit in bytes, a power of two.
+	// ChunkSize is the placement unit in bytes: a power of two from
+	// MinChunkSize to MaxChunkSize (CheckChunkSize).
 	ChunkSize uint64 `json:"chunk_size"`
 	// Replication is the default number of copies of a chunk.
 	Replication int `json:"replication"`
@@ -291,11 +292,40 @@ type Config struct {
 	Created time.Time `json:"created"`
 }
 
+// The chunk sizes a cluster can have. This is the one definition every
+// part checks against: meta.Init and torusctl init refuse others, nodes
+// create stores with it (engine.MinChunkSize and engine.MaxChunkSize are
+// these), and the engine checks at compile time that the chunk protocol
+// addresses and the transport carries a whole chunk of MaxChunkSize in one
+// frame (a rebuild copies whole chunks).
+const (
+	// MinChunkSize is the smallest chunk size (64 KiB): below it a node
+	// store's 4 KiB slot header per chunk costs more than 6% of its space.
+	MinChunkSize = 64 << 10
+	// MaxChunkSize is the largest chunk size (2 MiB): what a node store's
+	// fixed 4 KiB slot header describes (a CRC32C and a written bit per
+	// 4 KiB block) and the chunk protocol's block counts address.
+	MaxChunkSize = 2 << 20
+)
+
+// CheckChunkSize reports whether n bytes is a valid chunk size: a power of
+// two from MinChunkSize to MaxChunkSize (so a multiple of 4 KiB). Its
+// error wraps ErrInvalid and names the allowed sizes.
+func CheckChunkSize(n uint64) error {
+	if n < MinChunkSize || n > MaxChunkSize || n&(n-1) != 0 {
+		return fmt.Errorf("chunk size %d bytes is not allowed: give a power of two from 64 KiB to 2 MiB "+
+			"(64KiB, 128KiB, 256KiB, 512KiB, 1MiB or 2MiB): %w", n, ErrInvalid)
+	}
+	return nil
+}
+
 // Init writes the schema version and cfg. It fails with
-// ErrAlreadyInitialized if the prefix already holds a cluster.
+// ErrAlreadyInitialized if the prefix already holds a cluster, and with
+// ErrInvalid if cfg.ChunkSize is not one CheckChunkSize allows or
+// cfg.Replication is below 1.
 func (s *Store) Init(ctx context.Context, cfg Config) error {
-	if cfg.ChunkSize == 0 || cfg.ChunkSize&(cfg.ChunkSize-1) != 0 {
-		return fmt.Errorf("meta: init: chunk size %d is not a power of two: %w", cfg.ChunkSize, ErrInvalid)
+	if err := CheckChunkSize(cfg.ChunkSize); err != nil {
+		return fmt.Errorf("meta: init: %w", err)
 	}
 	if cfg.Replication < 1 {
 		return fmt.Errorf("meta: init: replication %d below 1: %w", cfg.Replication, ErrInvalid)

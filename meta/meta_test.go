@@ -75,8 +75,21 @@ func TestInitConfig(t *testing.T) {
 	if _, err := s.CreateVolume(ctx, "v", 1<<30, 1); !errors.Is(err, ErrNotInitialized) {
 		t.Fatalf("CreateVolume before Init: %v, want ErrNotInitialized", err)
 	}
-	if err := s.Init(ctx, Config{ChunkSize: 3, Replication: 1}); !errors.Is(err, ErrInvalid) {
-		t.Fatalf("Init with chunk size 3: %v, want ErrInvalid", err)
+	// Chunk sizes nodes cannot serve are refused, with the allowed range
+	// named, and leave etcd untouched.
+	for _, cs := range []uint64{0, 3, 4096, 32 << 10, 96 << 10, 3 << 20, 4 << 20, 1 << 40} {
+		err := s.Init(ctx, Config{ChunkSize: cs, Replication: 1})
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "from 64 KiB to 2 MiB") {
+			t.Fatalf("Init with chunk size %d: %v, want ErrInvalid naming the allowed range", cs, err)
+		}
+	}
+	if _, err := s.Config(ctx); !errors.Is(err, ErrNotInitialized) {
+		t.Fatalf("Config after refused Inits: %v, want ErrNotInitialized", err)
+	}
+	for cs := uint64(MinChunkSize); cs <= MaxChunkSize; cs *= 2 {
+		if err := CheckChunkSize(cs); err != nil {
+			t.Fatalf("chunk size %d refused: %v", cs, err)
+		}
 	}
 	want := Config{ClusterID: "c1", ChunkSize: 1 << 20, Replication: 2, Created: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
 	if err := s.Init(ctx, want); err != nil {

@@ -40,8 +40,11 @@ const (
 )
 
 // DefaultMaxPayload is the largest payload accepted unless configured
-// otherwise: 1 MiB of data plus room for a caller's trailer.
-const DefaultMaxPayload = 1<<20 + 4096
+// otherwise: 2 MiB of data (a whole chunk of the largest size a cluster
+// allows, as a rebuild copies it) plus room for a caller's trailer.
+// Request buffers are not sized by it (see largeBuf); a connection served
+// on a ring keeps a receive buffer of twice it.
+const DefaultMaxPayload = 2<<20 + 4096
 
 // Message is one request or response as the caller sees it.
 type Message struct {

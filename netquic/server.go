@@ -75,11 +75,14 @@ func (r *ServerRequest) Buffer(n int) ([]byte, error) {
 	return r.buf[:n], nil
 }
 
-// Request buffers come in two classes: small (smallBuf) and large
-// (MaxPayload rounded to a page). A stream keeps at most maxLargeFree idle
-// large buffers.
+// Request buffers come in two classes: small (smallBuf) and large (at
+// least largeBuf, or MaxPayload if smaller; a larger payload gets a buffer
+// of its own size, kept for the request's reuse). So a MaxPayload above
+// largeBuf costs memory only for the payloads that need it. A stream keeps
+// at most maxLargeFree idle large buffers.
 const (
 	smallBuf     = 64 << 10
+	largeBuf     = 1<<20 + 4096
 	maxLargeFree = 8
 )
 
@@ -89,7 +92,7 @@ func (r *ServerRequest) grow(n int) error {
 	}
 	size := smallBuf
 	if n > smallBuf {
-		size = max(n, r.st.srv.opts.MaxPayload)
+		size = max(n, min(largeBuf, r.st.srv.opts.MaxPayload))
 	}
 	b, err := alignbuf.Alloc(size)
 	if err != nil {

@@ -96,7 +96,7 @@ type initResult struct {
 
 func buildInit(fs *pflag.FlagSet) runFunc {
 	dir := fs.String("cluster-dir", "", "directory for the cluster CA (ca.crt, ca.key); created if absent")
-	chunk := fs.String("chunk-size", "1MiB", "placement chunk size, a power of two")
+	chunk := fs.String("chunk-size", "1MiB", "placement chunk size, a power of two from 64KiB to 2MiB")
 	repl := fs.Int("replication", 3, "default number of copies of each chunk")
 	return func(ctx context.Context, e *env, _ []string) error {
 		if *dir == "" {
@@ -106,8 +106,9 @@ func buildInit(fs *pflag.FlagSet) runFunc {
 		if err != nil {
 			return fmt.Errorf("%w: --chunk-size: %v", errUsage, err)
 		}
-		if cs < 4096 || cs&(cs-1) != 0 {
-			return fmt.Errorf("%w: --chunk-size %s: must be a power of two of at least 4 KiB", errUsage, *chunk)
+		if cs <= 0 || meta.CheckChunkSize(uint64(cs)) != nil {
+			return fmt.Errorf("%w: --chunk-size %s: must be a power of two from 64KiB to 2MiB "+
+				"(64KiB, 128KiB, 256KiB, 512KiB, 1MiB or 2MiB)", errUsage, *chunk)
 		}
 		if *repl < 1 {
 			return fmt.Errorf("%w: --replication %d: must be at least 1", errUsage, *repl)

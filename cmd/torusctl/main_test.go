@@ -111,12 +111,12 @@ func registerNodes(t *testing.T, idPrefix string, n int) {
 
 func TestInit(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "ca")
-	out := must(t, "--output", "json", "init", "--cluster-dir", dir, "--chunk-size", "4MiB", "--replication", "2")
+	out := must(t, "--output", "json", "init", "--cluster-dir", dir, "--chunk-size", "2MiB", "--replication", "2")
 	var res initResult
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		t.Fatalf("init --output json: %v\n%s", err, out)
 	}
-	if len(res.ClusterID) != 32 || res.ChunkSize != 4<<20 || res.Replication != 2 {
+	if len(res.ClusterID) != 32 || res.ChunkSize != 2<<20 || res.Replication != 2 {
 		t.Fatalf("init result %+v", res)
 	}
 	st, err := os.Stat(filepath.Join(dir, "ca.key"))
@@ -148,12 +148,27 @@ func TestInit(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &st2); err != nil {
 		t.Fatalf("status --output json: %v\n%s", err, out)
 	}
-	if st2.ClusterID != res.ClusterID || st2.ChunkSize != 4<<20 || st2.Replication != 2 || st2.Volumes != 0 {
+	if st2.ClusterID != res.ClusterID || st2.ChunkSize != 2<<20 || st2.Replication != 2 || st2.Volumes != 0 {
 		t.Fatalf("status %+v after init %+v", st2, res)
 	}
-	if out := must(t, "status"); !strings.Contains(out, res.ClusterID) || !strings.Contains(out, "4 MiB") {
+	if out := must(t, "status"); !strings.Contains(out, res.ClusterID) || !strings.Contains(out, "2 MiB") {
 		t.Fatalf("status table:\n%s", out)
 	}
+}
+
+// TestInitChunkSize: init refuses chunk sizes storage nodes cannot serve
+// with a usage error naming the allowed ones, before it creates a CA or
+// writes to etcd.
+func TestInitChunkSize(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	for _, cs := range []string{"4KiB", "32KiB", "96KiB", "3MiB", "4MiB", "1GiB"} {
+		fails(t, 2, "must be a power of two from 64KiB to 2MiB", "init", "--cluster-dir", dir, "--chunk-size", cs)
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			t.Fatalf("init with --chunk-size %s created %s: %v", cs, dir, err)
+		}
+	}
+	fails(t, 1, "not initialised", "status")
+	must(t, "init", "--cluster-dir", dir, "--chunk-size", "64KiB")
 }
 
 func TestInitRefusesExistingCA(t *testing.T) {

@@ -36,7 +36,7 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 	etcdListen := fs.String("etcd-listen", "127.0.0.1:2379", "etcd client address, host:port (port 0 picks one)")
 	size := fs.String("size", "1GiB", "capacity of each node's store")
 	repl := fs.Int("replication", 3, "default replication of a new cluster")
-	chunk := fs.String("chunk-size", "1MiB", "chunk size of a new cluster")
+	chunk := fs.String("chunk-size", "1MiB", "chunk size of a new cluster, a power of two from 64KiB to 2MiB")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics of all nodes on host:port (/metrics)")
 	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
 	if err := parse(fs, args); err != nil {
@@ -58,8 +58,8 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 		return err
 	}
 	cs, err := parseSize(*chunk)
-	if err != nil || cs&(cs-1) != 0 {
-		return fmt.Errorf("%w: --chunk-size %s: a power of two of at least 4 KiB", errUsage, *chunk)
+	if err != nil || cs <= 0 || meta.CheckChunkSize(uint64(cs)) != nil {
+		return fmt.Errorf("%w: --chunk-size %s: a power of two from 64KiB to 2MiB", errUsage, *chunk)
 	}
 	if _, _, err := net.SplitHostPort(*etcdListen); err != nil {
 		return fmt.Errorf("%w: --etcd-listen %q: %v (example: 127.0.0.1:2379)", errUsage, *etcdListen, err)

@@ -368,6 +368,8 @@ func TestRefusals(t *testing.T) {
 	fails(2, "--data-dir, --listen required", "--etcd", endpoint, "--size", "1GiB", "--cluster-dir", a.caDir)
 	fails(2, "exactly one of --cluster-dir", "--etcd", endpoint, "--data-dir", "d", "--listen", ":1", "--size", "1GiB")
 	fails(2, "pass --advertise", nodeArgs(prefix(t)+"a/", t.TempDir(), a.caDir, "--listen", "0.0.0.0:0")...)
+	// A chunk size no node store takes, refused before anything starts.
+	fails(2, "--chunk-size 4MiB: a power of two from 64KiB to 2MiB", "dev", "--data-dir", t.TempDir(), "--chunk-size", "4MiB")
 	ro := filepath.Join(t.TempDir(), "ro")
 	os.Mkdir(ro, 0o500)
 	if os.Geteuid() != 0 { // root writes anywhere: the next case covers it
