@@ -948,7 +948,7 @@ func (p *clusterPart) callDone() {
 		switch {
 		case m >= p.n:
 			err = fmt.Errorf("%w (volume %s chunk %d): %d owners down", errAllReplicas, p.c.vol.Name, p.chunk, m)
-		case (p.c.marks.any.Load() || p.c.anySuspect()) && !p.completeCopyTook():
+		case (p.c.marks.any.Load() || p.ownerSuspect()) && !p.completeCopyTook():
 			err = fmt.Errorf("%w (volume %s chunk %d): every owner that took the write lacks earlier data of the chunk",
 				errAllReplicas, p.c.vol.Name, p.chunk)
 		case m > 0:
@@ -964,6 +964,17 @@ func (p *clusterPart) callDone() {
 func (p *clusterPart) completeCopyTook() bool {
 	for i := 0; i < p.n; i++ {
 		if !p.missed[i] && !p.c.marks.has(p.ownerID(i), p.chunk) && (p.owners[i] == nil || !p.owners[i].isSuspect(p.chunk)) {
+			return true
+		}
+	}
+	return false
+}
+
+// ownerSuspect reports whether an owner of p has suspect chunks (a restart
+// whose marks are not in etcd yet): one atomic load per owner.
+func (p *clusterPart) ownerSuspect() bool {
+	for i := 0; i < p.n; i++ {
+		if o := p.owners[i]; o != nil && o.suspectN.Load() > 0 {
 			return true
 		}
 	}

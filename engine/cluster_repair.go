@@ -882,14 +882,3 @@ func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
 	}
 	return len(ok), nil
 }
-
-// anySuspect reports whether some peer has suspect chunks (one atomic load
-// per peer; only degraded writes ask).
-func (c *Cluster) anySuspect() bool {
-	for _, p := range c.state.Load().all {
-		if p.suspectN.Load() > 0 {
-			return true
-		}
-	}
-	return false
-}
