@@ -173,9 +173,10 @@ type clusterState struct {
 type peer struct {
 	id, addr string
 	cli      *netquic.Client
-	dirty    atomic.Bool  // a write was sent since the last flush
-	downTill atomic.Int64 // Unix ns: reads try it last until then
-	flushing atomic.Int32 // flushes in flight: a later Flush must send its own
+	dirty    atomic.Bool   // a write was sent since the last flush
+	gen      atomic.Uint32 // fence generation: raised (and fenced) each time the node comes back (wireEpoch)
+	downTill atomic.Int64  // Unix ns: reads try it last until then
+	flushing atomic.Int32  // flushes in flight: a later Flush must send its own
 
 	// Degraded mode (cluster_repair.go).
 	down     atomic.Bool     // failed: writes skip it (marked) until the prober reaches it
@@ -226,6 +227,7 @@ type clusterCall struct {
 	p    *clusterPart
 	i    int // owner index in p
 	peer *peer
+	msg  netquic.Message // the part's request with the epoch of this peer (wireEpoch)
 	resp netquic.Message
 }
 
@@ -314,6 +316,9 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
 	}
+	if opt.Epoch >= 1<<32 {
+		return nil, fmt.Errorf("open volume %s: attach epoch %d is beyond 2^32", vol.Name, opt.Epoch)
+	}
 	c.epoch.Store(opt.Epoch)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	fail := func(err error) (*Cluster, error) {
@@ -368,7 +373,7 @@ func (c *Cluster) fence(ctx context.Context) error {
 	}
 	for i, p := range st.all {
 		wg.Go(func() {
-			h := wire.Header{Volume: c.vol.ID, Epoch: c.epoch.Load()}
+			h := wire.Header{Volume: c.vol.ID, Epoch: c.wireEpoch(p)}
 			req := netquic.Message{Code: uint8(wire.OpFence)}
 			h.Encode(&req.Header)
 			resp := netquic.Message{}
@@ -381,12 +386,22 @@ func (c *Cluster) fence(ctx context.Context) error {
 			if s := wire.Status(resp.Code); s != wire.StatusOK {
 				var rh wire.Header
 				_ = wire.Decode(wire.OpFence, &resp.Header, &rh)
-				errs[i] = fmt.Errorf("node %s: epoch %d refused (node knows %d): %w", p.id, c.epoch.Load(), rh.Epoch, errOf(s))
+				errs[i] = fmt.Errorf("node %s: epoch %d refused (node knows %d): %w", p.id, c.epoch.Load(), wire.AttachEpoch(rh.Epoch), errOf(s))
 			}
 		})
 	}
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// wireEpoch is the epoch requests to p carry: the attach epoch above p's
+// fence generation. The generation grows, and p is fenced with it, each
+// time p comes back after a failure and before anything is copied to it, so
+// a request sent to p before that (a write that timed out, held by the
+// network) is refused if it arrives after: it cannot land on top of a
+// rebuilt copy.
+func (c *Cluster) wireEpoch(p *peer) uint64 {
+	return wire.FenceEpoch(c.epoch.Load(), p.gen.Load())
 }
 
 // peerAddr is where requests to node nd go: its unix socket when nd is the
@@ -751,10 +766,8 @@ func (c *Cluster) Submit(r *Request) {
 		idx := off / c.chunk
 		in := off - idx*c.chunk
 		n := min(c.chunk-in, end-off)
+		// The epoch is set per node when the part is sent (wireEpoch).
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Off: uint32(in), Len: uint32(n), Flags: flags}
-		if op != wire.OpRead {
-			h.Epoch = c.epoch.Load()
-		}
 		p.op = op
 		p.msg.Code = uint8(op)
 		h.Encode(&p.msg.Header)
@@ -777,8 +790,20 @@ func (c *Cluster) Submit(r *Request) {
 		// The placement is read only now, after the part is marked active
 		// (and tracked): a move that switched the ring while this request
 		// waited for a part has copied nothing this part could miss, and
-		// one that switches later sees the part in flight.
-		c.place(c.state.Load(), p, idx)
+		// one that switches later sees the part in flight. The part
+		// publishes the placement it uses before it checks that it is
+		// still current, so finishMove (which switches, then scans) either
+		// sees it or it sees the switch.
+		st := c.state.Load()
+		for {
+			p.placed.Store(st)
+			cur := c.state.Load()
+			if cur == st {
+				break
+			}
+			st = cur
+		}
+		c.place(st, p, idx)
 		p = nil
 	}
 	parent.done()
@@ -787,7 +812,6 @@ func (c *Cluster) Submit(r *Request) {
 // place finds the owners of chunk idx and sends p to them (a write to all,
 // a read to the first that answers).
 func (c *Cluster) place(st *clusterState, p *clusterPart, idx int64) {
-	p.placed.Store(st)
 	key := ring.ChunkKey(c.vol.ID, uint64(idx), 0)
 	ids := st.r.OwnerIndices(key, c.repl, p.idx[:0])
 	p.n = len(ids)
@@ -871,8 +895,12 @@ func (p *clusterPart) sendAll() {
 			continue
 		}
 		cc.resp.Payload = nil
+		cc.msg = p.msg
+		if p.op != wire.OpFlush {
+			wire.SetEpoch(&cc.msg.Header, c.wireEpoch(cc.peer))
+		}
 		// Each call its own deadline: Go may block dialing a dead node.
-		cc.peer.cli.Go(&p.msg, &cc.resp, time.Now().Add(c.opt.Timeout), cc)
+		cc.peer.cli.Go(&cc.msg, &cc.resp, time.Now().Add(c.opt.Timeout), cc)
 	}
 	p.callDone()
 }
@@ -898,7 +926,9 @@ func (p *clusterPart) tryRead() {
 			continue
 		}
 		cc.resp.Payload = p.buf
-		cc.peer.cli.Go(&p.msg, &cc.resp, time.Now().Add(c.opt.Timeout), cc)
+		cc.msg = p.msg
+		wire.SetEpoch(&cc.msg.Header, c.wireEpoch(cc.peer))
+		cc.peer.cli.Go(&cc.msg, &cc.resp, time.Now().Add(c.opt.Timeout), cc)
 		return
 	}
 	err := errNodeIO
@@ -990,10 +1020,18 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		err = fmt.Errorf("engine: node %s: %w", cc.peer.id, err)
 	} else if s := wire.Status(resp.Code); s != wire.StatusOK {
 		err = errOf(s)
-		if s == wire.StatusStaleEpoch && !c.fenced.Load() {
+		if s == wire.StatusStaleEpoch {
 			var rh wire.Header
 			_ = wire.Decode(wire.OpFence, &resp.Header, &rh)
-			c.Fence(fmt.Errorf("engine: node %s refused epoch %d, it knows epoch %d: %w", cc.peer.id, c.epoch.Load(), rh.Epoch, ErrFenced))
+			if wire.AttachEpoch(rh.Epoch) <= c.epoch.Load() {
+				// Our own attach, a newer fence generation of this node:
+				// the request was sent before the node came back and was
+				// fenced again (a late one). A node failure for this call.
+				err = fmt.Errorf("engine: node %s: request older than its last fence: %w", cc.peer.id, errNodeDown)
+			} else if !c.fenced.Load() {
+				c.Fence(fmt.Errorf("engine: node %s refused epoch %d, it knows epoch %d: %w",
+					cc.peer.id, c.epoch.Load(), wire.AttachEpoch(rh.Epoch), ErrFenced))
+			}
 		}
 		if s != wire.StatusRange && s != wire.StatusStaleEpoch && s != wire.StatusNoSpace {
 			err = fmt.Errorf("engine: node %s: %w", cc.peer.id, err)

@@ -287,16 +287,23 @@ func (c *Cluster) sources(st *clusterState, ch int64) []*peer {
 }
 
 // finishMove ends a move once no owner under the current ring has a mark
-// left: the previous rings are dropped from the placement (under c.mu, so
-// it never races the start of the next move), then, once no request placed
-// under them is in flight, the chunks nodes hold only under previous rings
-// are discarded, their marks dropped and the moves record cleared. A crash
-// before the record is cleared leaves it in etcd: the next holder ends the
-// same move again.
+// left, in an order that is safe to stop at any step:
+//  1. the previous rings are dropped from the placement in memory (under
+//     c.mu, so it never races the start of the next move);
+//  2. it waits until no read or write sent under the old placement is in
+//     flight;
+//  3. the moves record in etcd is set to what the placement still needs
+//     (nil, or the rings of a move started meanwhile): from then on no
+//     holder reads from or copies the old copies;
+//  4. the chunks nodes hold only under the dropped rings are discarded (a
+//     stop before this leaves garbage, never a missing copy);
+//  5. the marks of nodes that own a chunk under no ring of the placement
+//     any more are dropped.
 func (c *Cluster) finishMove() {
 	st := c.state.Load()
-	// resume: an earlier end stopped after dropping the previous rings (an
-	// etcd error); finish it from the marks and the record.
+	// resume: an earlier end stopped after step 1 (an etcd error); steps
+	// 3 and 5 are left, and nothing was placed under the dropped rings
+	// since.
 	resume := len(st.prev) == 0 && c.movePending.Load() && c.moveDone(st)
 	if !resume && (len(st.prev) == 0 || !c.moveDone(st)) {
 		return
@@ -312,20 +319,62 @@ func (c *Cluster) finishMove() {
 			c.log.Warn("cluster: rebalance end", "volume", c.vol.Name, "err", err)
 		}
 		c.mu.Unlock()
-	}
-	// Reads and writes sent under the old placement may still reach the
-	// old owners: let them finish before those copies go.
-	for c.placedUnder(st) {
-		select {
-		case <-c.ctx.Done():
-			return
-		case <-time.After(time.Millisecond):
+		// Reads and writes sent under the old placement may still reach
+		// the old owners: let them finish before those copies go.
+		for c.placedUnder(st) {
+			select {
+			case <-c.ctx.Done():
+				return
+			case <-time.After(time.Millisecond):
+			}
 		}
 	}
+	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
+	defer cancel()
+	c.mu.Lock()
+	prev := c.prev // rings of a move started meanwhile, if any
+	err := c.fenceIf(c.ms.SetMoves(ctx, c.vol.ID, prev))
+	if err == nil && len(prev) == 0 {
+		c.movePending.Store(false)
+	}
+	c.mu.Unlock()
+	if err != nil {
+		c.log.Warn("cluster: rebalance done but the moves record stays (retrying)", "volume", c.vol.Name, "err", err)
+		return
+	}
+	discarded := 0
+	if !resume {
+		discarded = c.discardOld(st)
+	}
+	if err := c.dropLeavingMarks(ctx); err != nil {
+		c.log.Warn("cluster: rebalance done but the marks of leaving copies stay (retrying)", "volume", c.vol.Name, "err", err)
+	}
+	if resume {
+		return
+	}
+	total := uint64(c.moveTotal.Load())
+	_ = c.fenceIf(c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Done: total, Total: total, RingVersion: st.r.Version(),
+		Holder: c.opt.Holder}))
+	if n, err := c.ms.PruneRings(ctx); err != nil {
+		c.log.Warn("cluster: pruning the ring history", "err", err)
+	} else if n > 0 {
+		c.log.Debug("cluster: ring history pruned", "rings", n)
+	}
+	c.moves.Add(1)
+	c.log.Info("cluster: rebalance finished", "volume", c.vol.Name, "ring", st.r.Version(), "chunk_copies", total, "old_copies_discarded", discarded)
+}
+
+// discardOld discards the chunks nodes hold only under the previous rings
+// of st (a placement no request uses any more, and no moves record names)
+// and returns how many copies went.
+func (c *Cluster) discardOld(st *clusterState) int {
 	nchunks := (c.size + c.chunk - 1) / c.chunk
 	var ids [maxReplicas]int
 	discarded := 0
 	for idx := int64(0); idx < nchunks; idx++ {
+		if c.ctx.Err() != nil || c.fenced.Load() {
+			return discarded
+		}
 		key := chunkKey(c.vol.ID, idx)
 		cur := st.r.Owners(key, c.repl, nil)
 		for ri, pr := range st.prev {
@@ -340,11 +389,16 @@ func (c *Cluster) finishMove() {
 						continue next
 					}
 				}
+				// An owner under the placement now (a move started
+				// meanwhile) keeps its copy.
+				if c.ownsAnywhere(c.state.Load(), p.id, idx) {
+					continue
+				}
 				length := c.chunk
 				if end := (idx + 1) * c.chunk; end > c.size {
 					length = c.size - idx*c.chunk
 				}
-				h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Len: uint32(length), Epoch: c.epoch.Load()}
+				h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Len: uint32(length), Epoch: c.wireEpoch(p)}
 				req := netquic.Message{Code: uint8(wire.OpDiscard)}
 				h.Encode(&req.Header)
 				resp := netquic.Message{}
@@ -356,16 +410,21 @@ func (c *Cluster) finishMove() {
 			}
 		}
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
-	defer cancel()
+	return discarded
+}
+
+// dropLeavingMarks drops the marks of nodes that own their chunk under no
+// ring of the current placement (the current ring and the rings of a move
+// in progress): those copies are leaving or gone, and no read or copy uses
+// them. Called without c.mu; takes it.
+func (c *Cluster) dropLeavingMarks(ctx context.Context) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	// Marks of owners under previous rings only: those copies are gone.
 	cs := c.state.Load()
 	for node, chunks := range c.marks.byNode() {
 		var drop []uint64
 		for _, ch := range chunks {
-			if !c.owns(cs, node, ch) {
+			if !c.ownsAnywhere(cs, node, ch) {
 				drop = append(drop, uint64(ch))
 			}
 		}
@@ -373,31 +432,31 @@ func (c *Cluster) finishMove() {
 			continue
 		}
 		if err := c.fenceIf(c.ms.ClearMissed(ctx, c.vol.ID, node, drop...)); err != nil {
-			c.log.Warn("cluster: rebalance done but the marks of leaving copies stay", "volume", c.vol.Name, "err", err)
-			return
+			return err
 		}
 		for _, ch := range drop {
 			c.marks.clear(node, int64(ch))
 		}
 	}
-	if len(c.prev) == 0 {
-		// No move started meanwhile: the record can go.
-		if err := c.fenceIf(c.ms.SetMoves(ctx, c.vol.ID, nil)); err != nil {
-			c.log.Warn("cluster: rebalance done but the moves record stays", "volume", c.vol.Name, "err", err)
-			return
+	return nil
+}
+
+// ownsAnywhere reports whether node id owns chunk ch under the current ring
+// of st or a ring of its move in progress.
+func (c *Cluster) ownsAnywhere(st *clusterState, id string, ch int64) bool {
+	if c.owns(st, id, ch) {
+		return true
+	}
+	var ids [maxReplicas]int
+	key := chunkKey(c.vol.ID, ch)
+	for _, pr := range st.prev {
+		for _, i := range pr.OwnerIndices(key, c.repl, ids[:0]) {
+			if pr.Node(i).ID == id {
+				return true
+			}
 		}
-		c.movePending.Store(false)
 	}
-	total := uint64(c.moveTotal.Load())
-	_ = c.fenceIf(c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Done: total, Total: total, RingVersion: st.r.Version(),
-		Holder: c.opt.Holder}))
-	if n, err := c.ms.PruneRings(ctx); err != nil {
-		c.log.Warn("cluster: pruning the ring history", "err", err)
-	} else if n > 0 {
-		c.log.Debug("cluster: ring history pruned", "rings", n)
-	}
-	c.moves.Add(1)
-	c.log.Info("cluster: rebalance finished", "volume", c.vol.Name, "ring", st.r.Version(), "chunk_copies", total, "old_copies_discarded", discarded)
+	return false
 }
 
 // placedUnder reports whether a read or write part sent under placement st

@@ -619,6 +619,14 @@ func (c *Cluster) prober() {
 			cancel()
 			if err == nil && wire.Status(resp.Code) == wire.StatusOK {
 				c.sawIncarnation(p, wire.Incarnation(&resp.Header))
+				// A request sent before it failed may still be on its
+				// way: fence it with a new generation before anything is
+				// sent to it again.
+				if ferr := c.refence(p); ferr != nil {
+					c.log.Warn("cluster: node answers again but cannot be fenced; it stays out of the write path",
+						"volume", c.vol.Name, "node", p.id, "err", ferr)
+					continue
+				}
 				p.down.Store(false)
 				c.log.Info("cluster: node answers again; rebuilding what it missed", "volume", c.vol.Name, "node", p.id)
 				c.kickRepair()
@@ -786,7 +794,7 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 		if src == target || src.isDown() || src.isSuspect(ch) {
 			continue
 		}
-		h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length)}
+		h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: c.wireEpoch(src)}
 		req := netquic.Message{Code: uint8(wire.OpRead)}
 		h.Encode(&req.Header)
 		resp := netquic.Message{Payload: data}
@@ -826,7 +834,7 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 			break
 		}
 	}
-	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: c.epoch.Load(), Flags: wire.FlagFUA}
+	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: c.wireEpoch(target), Flags: wire.FlagFUA}
 	req := netquic.Message{Code: uint8(wire.OpWrite), Payload: data}
 	if zero {
 		// Keep the copy thin: write-zeroes may free the slot.
@@ -841,6 +849,11 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 		err = errOf(wire.Status(resp.Code))
 	}
 	if err != nil {
+		if nodeFailure(err) {
+			// The copy may still land later: keep the node out of the
+			// write path until the prober fences it with a new generation.
+			c.setDown(target, err)
+		}
 		return copied{}, c.fenceIf(fmt.Errorf("write to %s: %w", target.id, err))
 	}
 	// The copy is FUA, durable on the node, but a restart it reveals may
@@ -881,4 +894,30 @@ func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
 		s.clearLocked(target.id, int64(ch))
 	}
 	return len(ok), nil
+}
+
+// refence raises p's fence generation and fences p with it, so that every
+// request sent to p before (a write that timed out and may still arrive) is
+// refused from now on. A node that knows a newer attach fences the volume.
+func (c *Cluster) refence(p *peer) error {
+	p.gen.Add(1)
+	h := wire.Header{Volume: c.vol.ID, Epoch: c.wireEpoch(p)}
+	req := netquic.Message{Code: uint8(wire.OpFence)}
+	h.Encode(&req.Header)
+	resp := netquic.Message{}
+	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+	defer cancel()
+	if err := p.cli.Call(ctx, &req, &resp); err != nil {
+		return err
+	}
+	if s := wire.Status(resp.Code); s != wire.StatusOK {
+		var rh wire.Header
+		_ = wire.Decode(wire.OpFence, &resp.Header, &rh)
+		err := fmt.Errorf("node %s: fence epoch refused (node knows attach epoch %d): %w", p.id, wire.AttachEpoch(rh.Epoch), errOf(s))
+		if s == wire.StatusStaleEpoch && wire.AttachEpoch(rh.Epoch) > c.epoch.Load() {
+			c.Fence(err)
+		}
+		return err
+	}
+	return nil
 }

@@ -231,7 +231,7 @@ func (c *Cluster) scrubRead(ctx context.Context, ch int64, copies []scrubCopy) {
 	for i := range copies {
 		cp := &copies[i]
 		wg.Go(func() {
-			h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(len(cp.buf))}
+			h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(len(cp.buf)), Epoch: c.wireEpoch(cp.p)}
 			req := netquic.Message{Code: uint8(wire.OpRead)}
 			h.Encode(&req.Header)
 			resp := netquic.Message{Payload: cp.buf}

@@ -18,7 +18,11 @@ package engine
 //     write with an older epoch was either submitted to the store before it
 //     (and the store keeps overlapping ops in submission order) or is
 //     refused with StatusStaleEpoch without touching the store.
-//   - Reads and flushes carry no epoch check.
+//   - Epochs are fence epochs (wire.FenceEpoch): the attach epoch above the
+//     client's fence generation for this node. Reads are refused below the
+//     volume's epoch too (no lock: a read changes nothing, and a read that
+//     passed just before a fence returns data from before it). Flushes
+//     carry no epoch check.
 
 import (
 	"errors"
@@ -113,8 +117,12 @@ func (n *NodeServer) Stats() NodeStats {
 	}
 }
 
-// Epoch returns the highest epoch known for volume (0 if none).
-func (n *NodeServer) Epoch(volume uint64) uint64 {
+// Epoch returns the highest attach epoch known for volume (0 if none).
+func (n *NodeServer) Epoch(volume uint64) uint64 { return wire.AttachEpoch(n.fenceEpoch(volume)) }
+
+// fenceEpoch returns the highest fence epoch (wire.FenceEpoch) known for
+// volume.
+func (n *NodeServer) fenceEpoch(volume uint64) uint64 {
 	if v, ok := n.epochs.Load(volume); ok {
 		return v.(*volEpoch).e.Load()
 	}
@@ -129,9 +137,14 @@ func (n *NodeServer) volEpoch(volume uint64) *volEpoch {
 	return v.(*volEpoch)
 }
 
-// RaiseEpoch records that writers of volume must carry epoch >= e (from etcd
-// at start-up, or a fence). A lower e than the current one changes nothing.
-func (n *NodeServer) RaiseEpoch(volume, e uint64) {
+// RaiseEpoch records that requests for volume must come from attach epoch
+// e or later (from etcd: at start-up, and whenever a holder attaches). A
+// lower e than the current one changes nothing.
+func (n *NodeServer) RaiseEpoch(volume, e uint64) { n.raise(volume, wire.FenceEpoch(e, 0)) }
+
+// raise records that requests for volume must carry fence epoch e or
+// higher (a fence, or a request with a higher one).
+func (n *NodeServer) raise(volume, e uint64) {
 	v := n.volEpoch(volume)
 	if v.e.Load() >= e {
 		return
@@ -160,8 +173,8 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 		_ = r.Reply(uint8(wire.StatusOK), &n.boot, []byte(n.id))
 		return
 	case wire.OpFence:
-		n.RaiseEpoch(h.Volume, h.Epoch)
-		if cur := n.Epoch(h.Volume); cur > h.Epoch {
+		n.raise(h.Volume, h.Epoch)
+		if cur := n.fenceEpoch(h.Volume); cur > h.Epoch {
 			n.stale.Add(1)
 			n.staleReply(r, cur)
 			return
@@ -203,6 +216,22 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 			return
 		}
 		o.Op, o.Buf = OpRead, buf
+		// A read from a holder that was superseded is refused too: its
+		// data may predate the new holder's writes.
+		v := n.volEpoch(h.Volume)
+		for {
+			cur := v.e.Load()
+			if h.Epoch < cur {
+				n.put(o)
+				n.stale.Add(1)
+				n.staleReply(r, cur)
+				return
+			}
+			if h.Epoch == cur {
+				break
+			}
+			n.raise(h.Volume, h.Epoch)
+		}
 		n.reads.Add(1)
 		n.readBytes.Add(uint64(h.Len))
 		n.submit(r, &o.ChunkOp)
@@ -239,7 +268,7 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 			return
 		}
 		v.mu.RUnlock()
-		n.RaiseEpoch(h.Volume, h.Epoch)
+		n.raise(h.Volume, h.Epoch)
 	}
 }
 

@@ -84,9 +84,13 @@ func TestNodeServer(t *testing.T) {
 		t.Fatalf("write: %v", s)
 	}
 	rd := wr
-	rd.Epoch = 0 // reads need none
 	if s, _ := nc.call(wire.OpRead, rd, nil, resp[:2*BlockSize]); s != wire.StatusOK || !bytes.Equal(resp[:2*BlockSize], data) {
 		t.Fatalf("read back: %v", s)
+	}
+	// Reads of a superseded holder are refused too.
+	rd.Epoch = 2
+	if s, h := nc.call(wire.OpRead, rd, nil, resp[:2*BlockSize]); s != wire.StatusStaleEpoch || h.Epoch != 3 {
+		t.Fatalf("read with epoch 2 after 3: %v (node epoch %d)", s, h.Epoch)
 	}
 
 	// Validation: nothing reaches the store.
@@ -130,12 +134,16 @@ func TestNodeServer(t *testing.T) {
 			t.Fatalf("%v with epoch 4 after fence 5: %v", op, s)
 		}
 	}
-	ns.RaiseEpoch(7, 10)
-	stale.Epoch = 9
+	ns.RaiseEpoch(7, 10) // an attach epoch: fence epoch 10<<32
+	stale.Epoch = 9 << 32
 	if s, _ := nc.call(wire.OpWrite, stale, old, nil); s != wire.StatusStaleEpoch {
-		t.Fatalf("write with epoch 9 after RaiseEpoch 10: %v", s)
+		t.Fatalf("write with attach epoch 9 after RaiseEpoch 10: %v", s)
+	}
+	if got := ns.Epoch(7); got != 10 {
+		t.Fatalf("Epoch after RaiseEpoch 10: %d", got)
 	}
 	fill(data, 3)
+	rd.Epoch = wire.FenceEpoch(10, 0)
 	if s, _ := nc.call(wire.OpRead, rd, nil, resp[:2*BlockSize]); s != wire.StatusOK || !bytes.Equal(resp[:2*BlockSize], data) {
 		t.Fatalf("stale writes changed the data (status %v)", s)
 	}
@@ -143,12 +151,12 @@ func TestNodeServer(t *testing.T) {
 	if s, _ := nc.call(wire.OpWrite, wire.Header{Volume: 8, Index: 1, Epoch: 1, Len: BlockSize}, old, nil); s != wire.StatusOK {
 		t.Fatalf("write to another volume: %v", s)
 	}
-	if got := ns.Stats().StaleEpoch; got != 5 {
-		t.Errorf("StaleEpoch = %d, want 5", got)
+	if got := ns.Stats().StaleEpoch; got != 6 {
+		t.Errorf("StaleEpoch = %d, want 6", got)
 	}
 
 	// Two slots are used (7/0 and 8/1): a third chunk has no space.
-	full := wire.Header{Volume: 7, Index: 5, Epoch: 10, Len: BlockSize}
+	full := wire.Header{Volume: 7, Index: 5, Epoch: wire.FenceEpoch(10, 0), Len: BlockSize}
 	if s, _ := nc.call(wire.OpWrite, full, old, nil); s != wire.StatusNoSpace {
 		t.Fatalf("write to a full store: %v", s)
 	}
@@ -159,7 +167,7 @@ func TestNodeServer(t *testing.T) {
 		t.Fatalf("flush: %v", s)
 	}
 	st := ns.Stats()
-	if st.NoSpace != 1 || st.Flushes != 1 || st.Writes != 3 || st.Reads != 2 || st.Errors != 13 {
+	if st.NoSpace != 1 || st.Flushes != 1 || st.Writes != 3 || st.Reads != 2 || st.Errors != 14 {
 		t.Errorf("stats %+v", st)
 	}
 }

@@ -115,7 +115,8 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 			ClusterDir: caDir,
 			LeaseTTL:   5 * time.Second,
 			// Maintenance of volumes no client holds.
-			Maintenance: defaultMaintenance,
+			Maintenance:      defaultMaintenance,
+			MaintenanceDelay: defaultMaintenanceDelay,
 		}, log)
 		if err != nil {
 			return fmt.Errorf("start %s: %w", id, err)

@@ -207,6 +207,7 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	fs.DurationVar(&nc.DeadTimeout, "dead-timeout", defaultDeadTimeout, "remove a node of the ring that stays unregistered this long, so its chunks are re-replicated; 0 = never")
 	fs.StringVar(&nc.Socket, "socket", "", "unix socket for clients on this host, instead of QUIC (default DATA_DIR/node.sock; none: no socket)")
 	fs.DurationVar(&nc.Maintenance, "maintenance-interval", defaultMaintenance, "how often to look for volumes no client holds that need a rebuild or a move, and repair them; 0 = never")
+	fs.DurationVar(&nc.MaintenanceDelay, "maintenance-delay", defaultMaintenanceDelay, "how long a volume must have no holder before a node maintains it (a client whose lease lapsed takes it back first)")
 	rebuildRate := fs.String("rebuild-rate", "", "bytes per second one maintenance job copies, e.g. 64MiB (default 64MiB)")
 	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
 	if err := parse(fs, args); err != nil {
@@ -234,6 +235,9 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	}
 	if nc.LeaseTTL < time.Second {
 		return fmt.Errorf("%w: --lease-ttl %v: at least 1s", errUsage, nc.LeaseTTL)
+	}
+	if nc.MaintenanceDelay < 0 {
+		return fmt.Errorf("%w: --maintenance-delay %v: want a duration >= 0", errUsage, nc.MaintenanceDelay)
 	}
 	if nc.Maintenance < 0 {
 		return fmt.Errorf("%w: --maintenance-interval %v: want a duration >= 0 (0 = never)", errUsage, nc.Maintenance)

@@ -278,10 +278,11 @@ func TestNode(t *testing.T) {
 		t.Fatalf("write with epoch 1 after two attaches: status %d, want stale epoch (%d): fence not raised at start-up",
 			st, statusStale)
 	}
-	if st, _ := chunkCall(t, cli, opWrite, vol.ID, 2, block, blockSize); st != statusOK {
+	// Requests carry fence epochs: the attach epoch in the high 32 bits.
+	if st, _ := chunkCall(t, cli, opWrite, vol.ID, 2<<32, block, blockSize); st != statusOK {
 		t.Fatalf("write with epoch 2: status %d", st)
 	}
-	if st, got := chunkCall(t, cli, opRead, vol.ID, 2, nil, blockSize); st != statusOK || !bytes.Equal(got, block) {
+	if st, got := chunkCall(t, cli, opRead, vol.ID, 2<<32, nil, blockSize); st != statusOK || !bytes.Equal(got, block) {
 		t.Fatalf("read back: status %d, equal %v", st, bytes.Equal(got, block))
 	}
 	if st, _ := chunkCall(t, cli, bogusOp, vol.ID, 2, nil, 0); st != statusBad {
@@ -326,7 +327,7 @@ func TestNode(t *testing.T) {
 		t.Fatalf("ring after restart: v%d (was v%d), %d nodes, %v", r.Version(), ringVersion, r.Len(), err)
 	}
 	cli2 := chunkClient(t, c.caDir, addr2)
-	if st, got := chunkCall(t, cli2, opRead, vol.ID, 2, nil, blockSize); st != statusOK || !bytes.Equal(got, block) {
+	if st, got := chunkCall(t, cli2, opRead, vol.ID, 2<<32, nil, blockSize); st != statusOK || !bytes.Equal(got, block) {
 		t.Fatalf("read after restart: status %d, equal %v", st, bytes.Equal(got, block))
 	}
 	p2.stop(t)

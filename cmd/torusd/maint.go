@@ -16,6 +16,9 @@ package main
 //     maintenance epoch): it records pending ring changes, loads the marks
 //     and runs the rebuild and move loops, and ends when no mark and no move
 //     is left.
+//   - A volume is taken only after it was seen free (work, no holder) for
+//     the maintenance delay: a client whose lease lapsed while etcd was out
+//     of its reach takes its lock back first, with its own epoch.
 //   - A client attaching takes the maintenance lock over (meta.Attach): the
 //     job sees its lease lost and stops; the client's epoch fences the
 //     job's writes on the nodes, and its marks and moves in etcd are where
@@ -44,11 +47,13 @@ type maintainer struct {
 	tls      *tls.Config
 	log      *slog.Logger
 	interval time.Duration
+	delay    time.Duration
 	ttl      time.Duration
 	rate     int64
 
 	mu      sync.Mutex
 	running map[uint64]bool
+	free    map[uint64]time.Time // volumes with work and no holder: since when seen so
 
 	jobs, finished, preempted atomic.Uint64 // started, ended with nothing left, taken over by a client
 
@@ -58,13 +63,13 @@ type maintainer struct {
 
 // startMaintainer checks every interval which volumes need work and starts
 // a job for each that this node ranks first for. nil when interval is 0.
-func startMaintainer(ctx context.Context, ms *meta.Store, self string, clientTLS *tls.Config, interval, ttl time.Duration, rate int64, log *slog.Logger) *maintainer {
+func startMaintainer(ctx context.Context, ms *meta.Store, self string, clientTLS *tls.Config, interval, delay, ttl time.Duration, rate int64, log *slog.Logger) *maintainer {
 	if interval <= 0 {
 		return nil
 	}
 	ctx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	m := &maintainer{ms: ms, self: self, tls: clientTLS, log: log.With("component", "maintenance"), interval: interval,
-		ttl: ttl, rate: rate, running: make(map[uint64]bool), stop: stop}
+		delay: delay, ttl: ttl, rate: rate, running: make(map[uint64]bool), free: make(map[uint64]time.Time), stop: stop}
 	m.wg.Go(func() {
 		t := time.NewTicker(interval)
 		defer t.Stop()
@@ -104,13 +109,32 @@ func (m *maintainer) pass(ctx context.Context) {
 		}
 		return
 	}
+	now := time.Now()
+	m.mu.Lock()
+	for id := range m.free {
+		if w, ok := work[id]; !ok || !w.Needed() || w.Holder != "" {
+			delete(m.free, id)
+		}
+	}
+	m.mu.Unlock()
 	for id, w := range work {
 		if !w.Needed() || w.Holder != "" || rank(id, nodes) != m.self {
 			continue
 		}
 		m.mu.Lock()
-		busy := m.running[id]
-		m.running[id] = true
+		since, seen := m.free[id]
+		if !seen {
+			m.free[id] = now
+			since = now
+		}
+		// A client whose lease lapsed (etcd briefly out of its reach)
+		// takes its lock back with the same epoch unless someone else
+		// attached: give it the delay before a job would fence it.
+		busy := m.running[id] || now.Sub(since) < m.delay
+		if !busy {
+			m.running[id] = true
+			delete(m.free, id)
+		}
 		m.mu.Unlock()
 		if busy {
 			continue

@@ -57,7 +57,7 @@ func TestMaintenance(t *testing.T) {
 		if dirs[id] == "" {
 			dirs[id] = filepath.Join(t.TempDir(), id)
 		}
-		p := start(t, nodeArgs(pfx, dirs[id], c.caDir, "--id", id, "--maintenance-interval", "300ms",
+		p := start(t, nodeArgs(pfx, dirs[id], c.caDir, "--id", id, "--maintenance-interval", "300ms", "--maintenance-delay", "600ms",
 			"--rebuild-rate", "4MiB", "--size", "256MiB", "--metrics", "127.0.0.1:0")...)
 		urls[id] = p.waitLog(t, metricsRe)
 		p.waitLog(t, `msg="node ready"`)

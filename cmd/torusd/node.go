@@ -51,13 +51,20 @@ type nodeConfig struct {
 	// Maintenance is how often the node looks for volumes no client holds
 	// that need a rebuild or a move (maint.go); 0 never.
 	Maintenance time.Duration
+	// MaintenanceDelay is how long such a volume must stay free before the
+	// node takes it.
+	MaintenanceDelay time.Duration
 	// RebuildRate bounds the bytes per second one maintenance job copies
 	// (0: engine.DefaultRebuildRate).
 	RebuildRate int64
 }
 
-// defaultMaintenance is how often a node looks for volumes to maintain.
-const defaultMaintenance = 5 * time.Second
+// defaultMaintenance is how often a node looks for volumes to maintain;
+// defaultMaintenanceDelay how long a volume must be free first.
+const (
+	defaultMaintenance      = 5 * time.Second
+	defaultMaintenanceDelay = 30 * time.Second
+)
 
 // socketName is the node's unix socket in its data dir.
 const socketName = "node.sock"
@@ -191,7 +198,7 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 	go n.watchEpochs(rctx, ms)
 	n.gc = startCollector(ctx, st, ms, log)
 	n.dead = startDeadWatch(ctx, ms, id.NodeID, nc.DeadTimeout, log)
-	n.maint = startMaintainer(ctx, ms, id.NodeID, tc.Client, nc.Maintenance, nc.LeaseTTL, nc.RebuildRate, log)
+	n.maint = startMaintainer(ctx, ms, id.NodeID, tc.Client, nc.Maintenance, nc.MaintenanceDelay, nc.LeaseTTL, nc.RebuildRate, log)
 	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "socket", sock, "capacity",
 		units.FormatSize(int64(mn.Capacity)), "zone", nc.Zone, "host", nc.Host, "ring_version", r.Version(),
 		"ring_nodes", r.Len())

@@ -7,8 +7,10 @@
 //
 //	[0:8]    volume id
 //	[8:16]   chunk index (offset in the volume / chunk size)
-//	[16:24]  attach epoch (writes, discards, write-zeroes, fence); in a
-//	         stale-epoch response, the node's current epoch of the volume;
+//	[16:24]  fence epoch (reads, writes, discards, write-zeroes, fence): the
+//	         attach epoch in the high 32 bits, the client's fence generation
+//	         for this node in the low 32 (FenceEpoch); in a stale-epoch
+//	         response, the node's current fence epoch of the volume;
 //	         in an OK response to a read, write, flush, discard or
 //	         write-zeroes, the node's incarnation (random, odd, new at every
 //	         start of the node), so a client notices a restart
@@ -199,6 +201,17 @@ func CheckPayload(op Op, h *Header, n int) error {
 	}
 	return nil
 }
+
+// FenceEpoch is the fence epoch requests carry: attach epoch attach (below
+// 1<<32) above generation gen. Fence epochs of a later attach are above
+// every fence epoch of an earlier one.
+func FenceEpoch(attach uint64, gen uint32) uint64 { return attach<<32 | uint64(gen) }
+
+// AttachEpoch is the attach epoch part of fence epoch e.
+func AttachEpoch(e uint64) uint64 { return e >> 32 }
+
+// SetEpoch overwrites the epoch field of an encoded header.
+func SetEpoch(b *[HeaderSize]byte, e uint64) { binary.LittleEndian.PutUint64(b[16:24], e) }
 
 // Incarnation returns the node incarnation carried by an OK response header
 // (0 if the node sent none).
