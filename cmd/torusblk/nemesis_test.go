@@ -86,7 +86,7 @@ const (
 	nemChunks     = 8
 	nemBlocks     = 128 // nemBlocks/nemChunks blocks in each chunk
 	nemOpDeadline = 60 * time.Second
-	nemLeaseTTL   = "2s"
+	nemLeaseTTL   = "10s" // longer than an etcd restart (its close alone takes about 5 s)
 	nemVolume     = "nem"
 )
 
@@ -187,6 +187,7 @@ type nemesis struct {
 
 	nodes   []*nemNode
 	nextIdx int
+	procs   []*proc // every process started, for the logs kept on failure
 
 	mu       sync.Mutex
 	sock     string
@@ -277,6 +278,9 @@ func (n *nemesis) startNode(nd *nemNode) {
 	go func() { p.done <- p.cmd.Wait() }()
 	n.t.Cleanup(p.kill)
 	nd.p, nd.running, nd.inRing = p, true, true
+	n.mu.Lock()
+	n.procs = append(n.procs, p)
+	n.mu.Unlock()
 }
 
 // waitNode waits until nd is registered and in the ring.
@@ -327,6 +331,7 @@ func (n *nemesis) startServe(extra ...string) bool {
 				n.gen++
 				n.sock, n.serve = sock, p
 				n.serves = append(n.serves, p)
+				n.procs = append(n.procs, p)
 				n.mu.Unlock()
 				return true
 			}
@@ -512,6 +517,26 @@ func (n *nemesis) waitRepaired(limit time.Duration, marks bool) (string, bool) {
 	}
 }
 
+// leaseLost returns how often the current serve process logged that it lost
+// its attach lock, and that it took it again.
+func (n *nemesis) leaseLost() [2]int {
+	n.mu.Lock()
+	p := n.serve
+	n.mu.Unlock()
+	l := p.log.String()
+	return [2]int{strings.Count(l, "attach lock lost"), strings.Count(l, "attach lock taken again")}
+}
+
+func (n *nemesis) leaseRetaken() int { return n.leaseLost()[1] }
+
+// stopRemoved stops a node that is no longer in the ring.
+func (n *nemesis) stopRemoved(nd *nemNode) {
+	if err := stopProc(nd.p); err != nil {
+		n.logf("%s after its removal: %v", nd.id, err)
+	}
+	nd.running = false
+}
+
 // fault injects one fault chosen by the seeded generator, holds it and heals
 // it.
 func (n *nemesis) fault() {
@@ -568,29 +593,48 @@ func (n *nemesis) fault() {
 			return
 		}
 		nd.inRing = false
-		state, ok := n.waitRepaired(30*time.Second, false)
-		if err := stopProc(nd.p); err != nil {
-			n.logf("%s after its removal: %v", nd.id, err)
+		// As an operator would: stop the node once its chunks moved. The
+		// client copies a chunk only while no write to it runs, so under
+		// the writers' load that may take longer; then the node keeps
+		// serving until the writers stop (see TestNemesis).
+		if state, ok := n.waitRepaired(30*time.Second, false); !ok {
+			n.logf("%s: moves not done 30 s after its removal (%s); it runs until the end", nd.id, state)
+			n.healed[kind]++
+			return
 		}
-		nd.running = false
+		n.stopRemoved(nd)
 		n.healed[kind]++
-		n.logf("healed: %s stopped (moves done: %v; %s)", nd.id, ok, state)
+		n.logf("healed: %s stopped after its chunks moved", nd.id)
 	case "etcd-restart", "lose-lease":
-		d := hold(0, 1) // within the 2 s attach lease
+		d := hold(0, 1) // with etcd's close and start, within the attach lease
 		if kind == "lose-lease" {
-			d = hold(5, 9)
+			d = hold(10, 14) // past the lease
 		}
 		n.injected[kind]++
 		endpoint := n.c.etcd.Endpoint()
 		n.logf("stop etcd for %v (%s)", d, kind)
 		n.ms.Close()
 		n.ms = nil
-		n.c.etcd.Close()
-		time.Sleep(d)
+		lost := n.leaseLost()
 		t0 := time.Now()
+		n.c.etcd.Close()
+		closing := time.Since(t0)
+		time.Sleep(d)
+		t1 := time.Now()
 		n.restartEtcd(endpoint)
+		starting := time.Since(t1)
+		// Whether the client lost its attach lock, and took it again.
+		retaken := false
+		for wait := time.Now().Add(20 * time.Second); time.Now().Before(wait); time.Sleep(200 * time.Millisecond) {
+			if retaken = n.leaseRetaken() > lost[1]; retaken || kind == "etcd-restart" {
+				break
+			}
+		}
+		now := n.leaseLost()
 		n.healed[kind]++
-		n.logf("healed: etcd back (its start took %v)", time.Since(t0).Round(time.Millisecond))
+		n.logf("healed: etcd back after %v (close %v, start %v); attach lock lost: %v, taken again: %v",
+			time.Since(t0).Round(time.Millisecond), closing.Round(time.Millisecond), starting.Round(time.Millisecond),
+			now[0] > lost[0], retaken)
 	case "kill-client":
 		n.mu.Lock()
 		old := n.serve
@@ -682,6 +726,12 @@ func TestNemesis(t *testing.T) {
 	} else {
 		n.logf("repaired: %s", state)
 	}
+	for _, nd := range n.nodes {
+		if !nd.inRing && nd.running {
+			n.stopRemoved(nd)
+			n.logf("%s (removed) stopped", nd.id)
+		}
+	}
 	// Final reads: through the serving process, then through a new one per
 	// ring node that prefers that node's replicas.
 	final := &n.hist[nemWriters]
@@ -740,6 +790,32 @@ func (n *nemesis) finalReads(hist *[]*nemOp, what string) {
 		n.fail("final reads (%s): %d of %d blocks failed", what, bad, nemBlocks)
 	}
 	n.logf("final reads (%s, serve process %d): %d blocks", what, gen, nemBlocks)
+}
+
+// keepLogs writes every process's log and the history to a directory that
+// outlives the test, for whoever debugs a failure.
+func (n *nemesis) keepLogs(hist []*nemOp) string {
+	dir, err := os.MkdirTemp("", fmt.Sprintf("torus-nemesis-%d-", n.seed))
+	if err != nil {
+		return err.Error()
+	}
+	n.mu.Lock()
+	procs := slices.Clone(n.procs)
+	n.mu.Unlock()
+	seen := map[string]int{}
+	for _, p := range procs {
+		name := strings.ReplaceAll(p.name, " ", "-")
+		seen[name]++
+		os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s.%d.log", name, seen[name])), []byte(p.log.String()), 0o644)
+	}
+	var h strings.Builder
+	sorted := slices.Clone(hist)
+	sort.SliceStable(sorted, func(i, j int) bool { return sorted[i].inv < sorted[j].inv })
+	for _, op := range sorted {
+		fmt.Fprintf(&h, "block %3d %v %s\n", op.block, op, op.err)
+	}
+	os.WriteFile(filepath.Join(dir, "history.txt"), []byte(h.String()), 0o644)
+	return dir
 }
 
 // nemAnomaly is a read the checker refuses.
@@ -960,6 +1036,26 @@ func (n *nemesis) report() {
 	fmt.Fprintf(&b, "failures: %d\n", len(n.failures))
 	for _, f := range n.failures {
 		fmt.Fprintf(&b, "  %s\n", strings.SplitN(f, "\n", 2)[0])
+	}
+	// When first and last failed: the time line of the faults' effect.
+	first, last := map[string]time.Duration{}, map[string]time.Duration{}
+	for _, op := range hist {
+		if op.res == resOK {
+			continue
+		}
+		k := op.kind.String() + " " + op.res.String()
+		if _, ok := first[k]; !ok || op.inv < first[k] {
+			first[k] = op.inv
+		}
+		last[k] = max(last[k], op.inv)
+	}
+	for _, k := range keys {
+		if _, ok := first[k]; ok {
+			fmt.Fprintf(&b, "  %s: first invoked at %.2fs, last at %.2fs\n", k, first[k].Seconds(), last[k].Seconds())
+		}
+	}
+	if len(anomalies) > 0 || len(n.failures) > 0 || n.t.Failed() {
+		fmt.Fprintf(&b, "logs and history kept in %s\n", n.keepLogs(hist))
 	}
 	n.t.Log("\n" + b.String())
 	for _, f := range n.failures {
