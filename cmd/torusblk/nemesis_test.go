@@ -543,7 +543,10 @@ func (n *nemesis) fault() {
 	hold := func(lo, hi int) time.Duration {
 		return time.Duration(lo*1000+n.rng.IntN((hi-lo)*1000+1)) * time.Millisecond
 	}
-	kinds := []string{"kill-node", "partition-node", "membership", "etcd-restart", "kill-client", "lose-lease"}
+	// The etcd faults last 7-30 s each (etcd takes 6 s to close, the lock
+	// comes back a lease after etcd): they are drawn half as often.
+	kinds := []string{"kill-node", "kill-node", "partition-node", "partition-node", "membership", "membership",
+		"kill-client", "kill-client", "etcd-restart", "lose-lease"}
 	kind := kinds[n.rng.IntN(len(kinds))]
 	live := n.ringNodes()
 	if kind == "membership" {
