@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-faults test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
+.PHONY: all build test test-faults test-nemesis test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
 
 all: build
 
@@ -18,6 +18,7 @@ test: lint
 	scripts/deps.sh test
 	$(GO) test -count=1 -timeout 20m $(PKGS)
 	$(MAKE) test-faults
+	$(MAKE) test-nemesis
 	$(MAKE) fuzz-smoke
 	$(MAKE) test-vm
 
@@ -25,6 +26,18 @@ test: lint
 # tag (netquic's fault hook), fio verify before, during and after each fault.
 test-faults:
 	$(GO) test -tags faults -count=1 -timeout 20m -run '^TestFault' ./cmd/torusblk/ ./netquic/
+
+# The randomized fault test: writers with exact knowledge of every ack, a
+# seeded nemesis (node kill and partition, node add and remove, etcd
+# restarts, a lost attach lock, kill -9 of the client), and a checker of the
+# whole history. NEMESIS_DURATION and NEMESIS_SEED (0: a new seed, printed)
+# make long or repeated runs.
+NEMESIS_DURATION ?= 3m
+NEMESIS_SEED     ?= 0
+NEMESIS_TIMEOUT  ?= 30m
+test-nemesis:
+	$(GO) test -tags faults -count=1 -timeout $(NEMESIS_TIMEOUT) -v -run '^TestNemesis' ./cmd/torusblk/ \
+		-args -nemesis.duration=$(NEMESIS_DURATION) -nemesis.seed=$(NEMESIS_SEED)
 
 # Real-kernel tests in qemu (TCG): ublk on trixie 6.12 and the newest
 # trixie-backports 7.x, the kernel NBD client on bookworm 6.1 (no ublk), and
