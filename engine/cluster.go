@@ -936,7 +936,8 @@ func (p *clusterPart) tryRead() {
 		err = *e
 	}
 	if p.n == 0 {
-		err = fmt.Errorf("engine: volume %s: the ring has no nodes", c.vol.Name)
+		err = fmt.Errorf("engine: volume %s chunk %d: no owner holds a copy that can be read now (each is marked for rebuild, restarted or unknown): %w",
+			c.vol.Name, p.chunk, errNodeIO)
 	}
 	p.finish(err)
 }
@@ -1187,9 +1188,7 @@ func (c *Cluster) Close() error {
 			if err != nil && nodeFailure(err) {
 				// The node may have lost writes it took: mark them, as a
 				// flush during I/O does.
-				chunks := p.atRisk()
-				if merr := c.recordMarks(p.id, chunks); merr == nil {
-					p.unsuspect(chunks)
+				if merr := c.recordAtRisk(p); merr == nil {
 					err = nil
 				} else {
 					err = errors.Join(err, merr)

@@ -65,6 +65,10 @@ import (
 	"github.com/torus-storage/torus/ring"
 )
 
+// errNoSource is returned by copyChunk when no replica holding a good copy
+// of the chunk answered.
+var errNoSource = errors.New("no good replica reachable")
+
 // DefaultRebuildRate is the default rebuild bandwidth of one volume.
 const DefaultRebuildRate = 64 << 20
 
@@ -73,13 +77,13 @@ const DefaultRebuildRate = 64 << 20
 type markSet struct {
 	any      atomic.Bool // len(m) > 0
 	mu       sync.Mutex
-	m        map[markKey]struct{}
-	perChunk map[int64]int // marks per chunk
+	m        map[markKey]uint64 // 0: missed; else unflushed at that node incarnation (see addUnflushed)
+	perChunk map[int64]int      // marks per chunk
 	track    map[int64]*chunkTrack
 }
 
 func newMarkSet() markSet {
-	return markSet{m: make(map[markKey]struct{}), perChunk: make(map[int64]int), track: make(map[int64]*chunkTrack)}
+	return markSet{m: make(map[markKey]uint64), perChunk: make(map[int64]int), track: make(map[int64]*chunkTrack)}
 }
 
 type markKey struct {
@@ -104,17 +108,77 @@ func (s *markSet) has(node string, chunk int64) bool {
 	return ok
 }
 
-// add records marks known to be in etcd.
+// hasMissed reports whether node has a missed mark for chunk (not only an
+// unflushed one).
+func (s *markSet) hasMissed(node string, chunk int64) bool {
+	if !s.any.Load() {
+		return false
+	}
+	s.mu.Lock()
+	inc, ok := s.m[markKey{node, chunk}]
+	s.mu.Unlock()
+	return ok && inc == 0
+}
+
+// add records missed marks known to be in etcd (an unflushed mark of the
+// same chunk becomes a missed one).
 func (s *markSet) add(node string, chunks ...int64) {
 	s.mu.Lock()
 	for _, ch := range chunks {
 		k := markKey{node, ch}
 		if _, ok := s.m[k]; !ok {
-			s.m[k] = struct{}{}
+			s.perChunk[ch]++
+		}
+		s.m[k] = 0
+	}
+	s.any.Store(len(s.m) > 0)
+	s.mu.Unlock()
+}
+
+// addUnflushed records unflushed marks known to be in etcd: node, at
+// incarnation inc, took writes of chunks that no flush covered and could
+// not be reached to flush them. A chunk with a mark already keeps it.
+func (s *markSet) addUnflushed(node string, inc uint64, chunks ...int64) {
+	s.mu.Lock()
+	for _, ch := range chunks {
+		k := markKey{node, ch}
+		if _, ok := s.m[k]; !ok {
+			s.m[k] = inc
 			s.perChunk[ch]++
 		}
 	}
 	s.any.Store(len(s.m) > 0)
+	s.mu.Unlock()
+}
+
+// unflushed returns node's unflushed marks: incarnation → chunks.
+func (s *markSet) unflushed(node string) map[uint64][]int64 {
+	if !s.any.Load() {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out map[uint64][]int64
+	for k, inc := range s.m {
+		if k.node == node && inc != 0 {
+			if out == nil {
+				out = make(map[uint64][]int64)
+			}
+			out[inc] = append(out[inc], k.chunk)
+		}
+	}
+	return out
+}
+
+// clearUnflushed drops node's unflushed marks at incarnation inc of chunks
+// (already deleted in etcd); a mark that became a missed one stays.
+func (s *markSet) clearUnflushed(node string, inc uint64, chunks []int64) {
+	s.mu.Lock()
+	for _, ch := range chunks {
+		if s.m[markKey{node, ch}] == inc {
+			s.clearLocked(node, ch)
+		}
+	}
 	s.mu.Unlock()
 }
 
@@ -212,6 +276,7 @@ type markJob struct {
 	chunks []int64
 	p      *clusterPart
 	peer   *peer
+	atRisk bool // mark what peer may lack after a failed flush (recordAtRisk) instead of chunks
 }
 
 // errMarks is wrapped by the error of marks etcd did not take.
@@ -429,8 +494,10 @@ func (c *Cluster) marker() {
 			}
 		case j = <-c.markq:
 		}
-		err := c.recordMarks(j.node, j.chunks)
-		if err == nil && j.peer != nil {
+		var err error
+		if j.atRisk {
+			err = c.recordAtRisk(j.peer)
+		} else if err = c.recordMarks(j.node, j.chunks); err == nil && j.peer != nil {
 			j.peer.unsuspect(j.chunks)
 		}
 		if j.p != nil {
@@ -443,7 +510,7 @@ func (c *Cluster) marker() {
 func (c *Cluster) recordMarks(node string, chunks []int64) error {
 	var need []uint64
 	for _, ch := range chunks {
-		if !c.marks.has(node, ch) {
+		if !c.marks.hasMissed(node, ch) {
 			need = append(need, uint64(ch))
 		}
 	}
@@ -492,7 +559,7 @@ func (p *clusterPart) degradedFinish() {
 			continue
 		}
 		node := p.ownerID(i)
-		if c.marks.has(node, p.chunk) {
+		if c.marks.hasMissed(node, p.chunk) {
 			continue
 		}
 		jobs = append(jobs, &markJob{node: node, chunks: []int64{p.chunk}, p: p})
@@ -525,7 +592,73 @@ func (c *Cluster) flushFailed(p *clusterPart, pp *peer, cause error) {
 	c.setDown(pp, cause)
 	p.markWait.Store(1)
 	p.perr.Store(nil)
-	c.markq <- &markJob{node: pp.id, chunks: chunks, p: p, peer: pp}
+	c.markq <- &markJob{node: pp.id, p: p, peer: pp, atRisk: true}
+}
+
+// recordAtRisk marks what p may lack after a flush of it failed: its suspect
+// chunks (a restart was seen) as missed, and the chunks it took that no
+// flush covered as unflushed at its incarnation, which are dropped if it
+// answers again at that incarnation (it did not restart, so it holds every
+// write it took).
+func (c *Cluster) recordAtRisk(p *peer) error {
+	sus := p.suspects()
+	if err := c.recordMarks(p.id, sus); err != nil {
+		return err
+	}
+	p.unsuspect(sus)
+	unf := p.unflushedChunks()
+	inc := p.inc.Load()
+	if inc == 0 {
+		return c.recordMarks(p.id, unf)
+	}
+	var need []uint64
+	for _, ch := range unf {
+		if !c.marks.has(p.id, ch) {
+			need = append(need, uint64(ch))
+		}
+	}
+	if len(need) == 0 {
+		return nil
+	}
+	if c.fenced.Load() {
+		return fmt.Errorf("engine: volume %s: node %s may lack chunks and the marks are not recorded: %w", c.vol.Name, p.id, ErrFenced)
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+	err := c.fenceIf(c.ms.MarkUnflushed(ctx, c.vol.ID, p.id, inc, need...))
+	cancel()
+	if err != nil {
+		c.log.Error("cluster: cannot record unflushed chunks in etcd; the flush that needs them fails", "volume", c.vol.Name, "node", p.id, "err", err)
+		return fmt.Errorf("engine: volume %s: node %s: %w: %w", c.vol.Name, p.id, errMarks, err)
+	}
+	c.marks.addUnflushed(p.id, inc, unf...)
+	c.kickRepair()
+	return nil
+}
+
+// settleUnflushed drops p's unflushed marks recorded at the incarnation p
+// answers with now: it did not restart since, so it lost nothing.
+func (c *Cluster) settleUnflushed(p *peer) {
+	inc := p.inc.Load()
+	if inc == 0 || p.isDown() {
+		return
+	}
+	chunks := c.marks.unflushed(p.id)[inc]
+	if len(chunks) == 0 {
+		return
+	}
+	u := make([]uint64, len(chunks))
+	for i, ch := range chunks {
+		u[i] = uint64(ch)
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+	err := c.fenceIf(c.ms.ClearUnflushed(ctx, c.vol.ID, p.id, inc, u...))
+	cancel()
+	if err != nil {
+		c.log.Warn("cluster: cannot drop the unflushed marks of a node that answers again (retrying)", "volume", c.vol.Name, "node", p.id, "err", err)
+		return
+	}
+	c.marks.clearUnflushed(p.id, inc, chunks)
+	c.log.Info("cluster: node answers at the same incarnation; the writes its failed flush covered are on it", "volume", c.vol.Name, "node", p.id, "chunks", len(chunks))
 }
 
 func chunkKey(vol uint64, ch int64) uint64 { return ring.ChunkKey(vol, uint64(ch), 0) }
@@ -576,14 +709,22 @@ func (c *Cluster) loadMarks(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	unf, err := c.ms.UnflushedMarks(ctx, c.vol.ID)
+	if err != nil {
+		return err
+	}
 	n := 0
 	for node, chunks := range m {
-		cs := make([]int64, len(chunks))
-		for i, ch := range chunks {
-			cs[i] = int64(ch)
+		var cs []int64
+		for _, ch := range chunks {
+			if inc, ok := unf[node][ch]; ok {
+				c.marks.addUnflushed(node, inc, int64(ch))
+			} else {
+				cs = append(cs, int64(ch))
+			}
 		}
 		c.marks.add(node, cs...)
-		n += len(cs)
+		n += len(chunks)
 	}
 	if n > 0 {
 		c.log.Warn("cluster: volume is degraded; rebuilding", "volume", c.vol.Name, "missed", n)
@@ -611,6 +752,7 @@ func (c *Cluster) prober() {
 					"volume", c.vol.Name, "node", p.id, "err", err)
 			}
 			if !p.isDown() {
+				c.settleUnflushed(p)
 				continue
 			}
 			ctx, cancel := context.WithTimeout(c.ctx, min(c.opt.Timeout, 2*time.Second))
@@ -710,7 +852,10 @@ func (c *Cluster) repairPass(buf []byte) {
 			cp, err := c.copyChunk(buf, target, ch)
 			if err != nil {
 				c.log.Warn("cluster: rebuild of a chunk failed; will retry", "volume", c.vol.Name, "node", node, "chunk", ch, "err", err)
-				break
+				if errors.Is(err, errNoSource) {
+					continue // this chunk has no good copy reachable now; the others may
+				}
+				break // the target failed
 			}
 			if cp.n < 0 {
 				continue // a write raced the copy: next pass
@@ -718,7 +863,9 @@ func (c *Cluster) repairPass(buf []byte) {
 			moved += cp.n
 			c.rebuilt.Add(1)
 			c.rebuiltBytes.Add(uint64(cp.n))
-			if pending = append(pending, cp); len(pending) >= 32 && !flush() {
+			// Clear at once: a write to the chunk after the copy (under
+			// steady writes, soon) makes the clear wait for another copy.
+			if pending = append(pending, cp); !flush() {
 				break
 			}
 			// Rate limit: keep under RebuildRate bytes/s.
@@ -823,9 +970,9 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 	}
 	if !got {
 		if srcErr == nil {
-			srcErr = errors.New("no good replica reachable")
+			return copied{}, errNoSource
 		}
-		return copied{}, srcErr
+		return copied{}, fmt.Errorf("%w: %w", errNoSource, srcErr)
 	}
 	zero := true
 	for _, b := range data {

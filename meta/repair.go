@@ -15,6 +15,13 @@ package meta
 //   - A volume is degraded while it has at least one mark.
 //   - VOL and CHUNK are 20 zero-padded digits, so etcd's key order is numeric
 //     order and a prefix range lists one volume or one node of a volume.
+//   - A mark's value says why: an RFC 3339 time for a node that missed
+//     writes (MarkMissed), or "unflushed INC" for a node that took writes no
+//     flush covered and could not be flushed, seen last at incarnation INC
+//     (MarkUnflushed). An unflushed mark never replaces a missed one; a
+//     missed mark replaces an unflushed one; ClearUnflushed deletes a mark
+//     only while it still is unflushed at INC (the node came back without
+//     a restart, so it lost nothing).
 
 import (
 	"context"
@@ -125,6 +132,97 @@ func (s *Store) MarkMissed(ctx context.Context, vol uint64, node string, chunks 
 		chunks = chunks[n:]
 	}
 	return nil
+}
+
+// unflushedValue is the value of an unflushed mark at incarnation inc.
+func unflushedValue(inc uint64) string { return "unflushed " + strconv.FormatUint(inc, 10) }
+
+// nestedBatch bounds the nested transactions of one MarkUnflushed or
+// ClearUnflushed transaction (each counts against etcd's operation limit).
+const nestedBatch = 50
+
+// MarkUnflushed records that node, last seen at incarnation inc, took writes
+// of chunks of volume vol that no flush covered and could not be flushed:
+// it may lack them if it lost power. A chunk that has a mark keeps it. It
+// fails with ErrNotFound if the volume does not exist.
+func (s *Store) MarkUnflushed(ctx context.Context, vol uint64, node string, inc uint64, chunks ...uint64) error {
+	if err := validName("node id", node); err != nil {
+		return err
+	}
+	val := unflushedValue(inc)
+	for len(chunks) > 0 {
+		n := min(len(chunks), nestedBatch)
+		ops := make([]clientv3.Op, n)
+		for i, c := range chunks[:n] {
+			k := s.missedKey(vol, node, c)
+			ops[i] = clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0)},
+				[]clientv3.Op{clientv3.OpPut(k, val)}, nil)
+		}
+		tr, err := s.txn(ctx,
+			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.volKey(vol)), ">", 0)}, ops, nil)
+		if err != nil {
+			return fmt.Errorf("meta: mark %d chunks of volume %d unflushed on node %s: %w", len(chunks), vol, node, err)
+		}
+		if !tr.Succeeded {
+			return fmt.Errorf("meta: mark chunks of volume %d unflushed on node %s: volume %d: %w", vol, node, vol, ErrNotFound)
+		}
+		chunks = chunks[n:]
+	}
+	return nil
+}
+
+// ClearUnflushed deletes the marks of chunks of volume vol on node that are
+// still unflushed at incarnation inc: the node answered again at inc (it did
+// not restart), so it holds every write it took. Other marks stay.
+func (s *Store) ClearUnflushed(ctx context.Context, vol uint64, node string, inc uint64, chunks ...uint64) error {
+	if err := validName("node id", node); err != nil {
+		return err
+	}
+	val := unflushedValue(inc)
+	for len(chunks) > 0 {
+		n := min(len(chunks), nestedBatch)
+		ops := make([]clientv3.Op, n)
+		for i, c := range chunks[:n] {
+			k := s.missedKey(vol, node, c)
+			ops[i] = clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.Value(k), "=", val)},
+				[]clientv3.Op{clientv3.OpDelete(k)}, nil)
+		}
+		if _, err := s.txn(ctx, nil, ops, nil); err != nil {
+			return fmt.Errorf("meta: clear %d unflushed chunks of volume %d on node %s: %w", n, vol, node, err)
+		}
+		chunks = chunks[n:]
+	}
+	return nil
+}
+
+// UnflushedMarks returns the unflushed marks of volume vol: node →
+// chunk → incarnation (see MarkUnflushed). Missed marks are not in it.
+func (s *Store) UnflushedMarks(ctx context.Context, vol uint64) (map[string]map[uint64]uint64, error) {
+	pfx := s.missedVolPrefix(vol)
+	resp, err := s.cli.Get(ctx, pfx, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("meta: read unflushed chunks of volume %d: %w", vol, err)
+	}
+	out := make(map[string]map[uint64]uint64)
+	for _, kv := range resp.Kvs {
+		v, ok := strings.CutPrefix(string(kv.Value), "unflushed ")
+		if !ok {
+			continue
+		}
+		inc, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("meta: unflushed mark %q: %w", kv.Key, ErrInvalid)
+		}
+		node, chunk, err := parseMarkTail(strings.TrimPrefix(string(kv.Key), pfx))
+		if err != nil {
+			return nil, fmt.Errorf("meta: read unflushed chunks of volume %d: key %q: %w", vol, kv.Key, err)
+		}
+		if out[node] == nil {
+			out[node] = make(map[uint64]uint64)
+		}
+		out[node][chunk] = inc
+	}
+	return out, nil
 }
 
 // Missed returns the marks of volume vol: for every node with marks, the
