@@ -524,7 +524,7 @@ func (n *nemesis) leaseLost() [2]int {
 	p := n.serve
 	n.mu.Unlock()
 	l := p.log.String()
-	return [2]int{strings.Count(l, "attach lock lost"), strings.Count(l, "attach lock taken again")}
+	return [2]int{strings.Count(l, "attach lock lost"), strings.Count(l, "attach lock taken back")}
 }
 
 func (n *nemesis) leaseRetaken() int { return n.leaseLost()[1] }
@@ -1012,7 +1012,7 @@ func (n *nemesis) report() {
 	}
 	lost := 0
 	for _, p := range n.serves {
-		lost += strings.Count(p.log.String(), "attach lock taken again")
+		lost += strings.Count(p.log.String(), "attach lock taken back")
 	}
 	fmt.Fprintf(&b, "attach lock lost and taken again: %d times\n", lost)
 	fmt.Fprintf(&b, "anomalies: %d\n", len(anomalies))
