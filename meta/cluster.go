@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -86,40 +85,18 @@ func (s *Store) WatchEpochs(ctx context.Context) <-chan map[uint64]uint64 {
 	out := make(chan map[uint64]uint64, 1)
 	go func() {
 		defer close(out)
-		d := 50 * time.Millisecond
-		for ctx.Err() == nil {
+		s.watchRead(ctx, "epoch watch", s.kEpochs, func(ctx context.Context) (int64, error) {
 			eps, rev, err := s.epochs(ctx)
 			if err != nil {
-				if ctx.Err() == nil {
-					s.log.Warn("epoch watch: read failed, retrying", "err", err)
-				}
-				backoff(ctx, &d, 2*time.Second)
-				continue
+				return 0, err
 			}
 			select { // replace a map the reader has not taken yet
 			case <-out:
 			default:
 			}
 			out <- eps
-			wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-			wch := s.cli.Watch(wctx, s.kEpochs, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
-			changed := false
-			for wr := range wch {
-				if wr.CompactRevision != 0 || wr.Err() != nil {
-					break
-				}
-				if len(wr.Events) > 0 {
-					changed = true
-					break
-				}
-			}
-			cancel()
-			if !changed && ctx.Err() == nil {
-				backoff(ctx, &d, 2*time.Second)
-			} else {
-				d = 50 * time.Millisecond
-			}
-		}
+			return rev, nil
+		})
 	}()
 	return out
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"strings"
 	"sync"
@@ -12,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/tcpproxy"
 	"github.com/torus-storage/torus/ring"
 )
 
@@ -544,70 +544,6 @@ func TestUnreachable(t *testing.T) {
 	t.Logf("%v after %v", err, took.Round(time.Millisecond))
 }
 
-// proxy forwards TCP connections to an etcd; cut drops every connection
-// and refuses new ones until heal: an etcd outage as the client sees it,
-// while the test still reaches etcd directly.
-type proxy struct {
-	l      net.Listener
-	target string
-	mu     sync.Mutex
-	down   bool
-	conns  []net.Conn
-}
-
-func startProxy(t *testing.T, target string) *proxy {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &proxy{l: l, target: strings.TrimPrefix(target, "http://")}
-	t.Cleanup(func() { l.Close(); p.cut() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			p.mu.Lock()
-			down := p.down
-			p.mu.Unlock()
-			if down {
-				c.Close()
-				continue
-			}
-			u, err := net.Dial("tcp", p.target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			p.mu.Lock()
-			p.conns = append(p.conns, c, u)
-			p.mu.Unlock()
-			go func() { io.Copy(u, c); u.Close() }()
-			go func() { io.Copy(c, u); c.Close() }()
-		}
-	}()
-	return p
-}
-
-func (p *proxy) url() string { return "http://" + p.l.Addr().String() }
-
-func (p *proxy) cut() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.down = true
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.conns = nil
-}
-
-func (p *proxy) heal() {
-	p.mu.Lock()
-	p.down = false
-	p.mu.Unlock()
-}
-
 // TestOutage cuts a store off etcd while the ring changes and the history
 // is compacted: the watcher resumes behind the compaction, must re-read and
 // deliver the latest ring; the node registration survives.
@@ -616,8 +552,8 @@ func TestOutage(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	direct := initStore(t, ep)
-	px := startProxy(t, ep)
-	s := open(t, px.url(), "")
+	px := tcpproxy.Start(t, ep)
+	s := open(t, px.URL(), "")
 	r, err := s.RegisterNode(ctx, Node{ID: "n1", Addr: "a:1", Capacity: 1}, 3*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -632,7 +568,7 @@ func TestOutage(t *testing.T) {
 	}
 
 	t0 := time.Now()
-	px.cut()
+	px.Cut()
 	for i := range 5 {
 		cur, rev, _ = direct.Ring(ctx)
 		if err := direct.CASRing(ctx, rev, mkRing(t, cur, "a", fmt.Sprint("n", i))); err != nil {
@@ -644,7 +580,7 @@ func TestOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(300 * time.Millisecond)
-	px.heal()
+	px.Heal()
 
 	// Versions 2-5 were compacted away while the watcher was cut off.
 	select {

@@ -146,27 +146,13 @@ const nestedBatch = 50
 // it may lack them if it lost power. A chunk that has a mark keeps it. It
 // fails with ErrNotFound if the volume does not exist.
 func (s *Store) MarkUnflushed(ctx context.Context, vol uint64, node string, inc uint64, chunks ...uint64) error {
-	if err := validName("node id", node); err != nil {
-		return err
-	}
 	val := unflushedValue(inc)
-	for len(chunks) > 0 {
-		n := min(len(chunks), nestedBatch)
-		ops := make([]clientv3.Op, n)
-		for i, c := range chunks[:n] {
-			k := s.missedKey(vol, node, c)
-			ops[i] = clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0)},
-				[]clientv3.Op{clientv3.OpPut(k, val)}, nil)
-		}
-		tr, err := s.txn(ctx,
-			[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.volKey(vol)), ">", 0)}, ops, nil)
-		if err != nil {
-			return fmt.Errorf("meta: mark %d chunks of volume %d unflushed on node %s: %w", len(chunks), vol, node, err)
-		}
-		if !tr.Succeeded {
-			return fmt.Errorf("meta: mark chunks of volume %d unflushed on node %s: volume %d: %w", vol, node, vol, ErrNotFound)
-		}
-		chunks = chunks[n:]
+	err := s.perMark(ctx, vol, node, chunks, true, func(k string) clientv3.Op {
+		return clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0)},
+			[]clientv3.Op{clientv3.OpPut(k, val)}, nil)
+	})
+	if err != nil {
+		return fmt.Errorf("meta: mark %d chunks of volume %d unflushed on node %s: %w", len(chunks), vol, node, err)
 	}
 	return nil
 }
@@ -175,20 +161,40 @@ func (s *Store) MarkUnflushed(ctx context.Context, vol uint64, node string, inc 
 // still unflushed at incarnation inc: the node answered again at inc (it did
 // not restart), so it holds every write it took. Other marks stay.
 func (s *Store) ClearUnflushed(ctx context.Context, vol uint64, node string, inc uint64, chunks ...uint64) error {
+	val := unflushedValue(inc)
+	err := s.perMark(ctx, vol, node, chunks, false, func(k string) clientv3.Op {
+		return clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.Value(k), "=", val)},
+			[]clientv3.Op{clientv3.OpDelete(k)}, nil)
+	})
+	if err != nil {
+		return fmt.Errorf("meta: clear %d unflushed chunks of volume %d on node %s: %w", len(chunks), vol, node, err)
+	}
+	return nil
+}
+
+// perMark runs op(key) for the mark key of every chunk on node, in
+// transactions of nestedBatch; with volExists each also checks that the
+// volume exists (ErrNotFound if not).
+func (s *Store) perMark(ctx context.Context, vol uint64, node string, chunks []uint64, volExists bool, op func(key string) clientv3.Op) error {
 	if err := validName("node id", node); err != nil {
 		return err
 	}
-	val := unflushedValue(inc)
+	var cmps []clientv3.Cmp
+	if volExists {
+		cmps = []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.volKey(vol)), ">", 0)}
+	}
 	for len(chunks) > 0 {
 		n := min(len(chunks), nestedBatch)
 		ops := make([]clientv3.Op, n)
 		for i, c := range chunks[:n] {
-			k := s.missedKey(vol, node, c)
-			ops[i] = clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.Value(k), "=", val)},
-				[]clientv3.Op{clientv3.OpDelete(k)}, nil)
+			ops[i] = op(s.missedKey(vol, node, c))
 		}
-		if _, err := s.txn(ctx, nil, ops, nil); err != nil {
-			return fmt.Errorf("meta: clear %d unflushed chunks of volume %d on node %s: %w", n, vol, node, err)
+		tr, err := s.txn(ctx, cmps, ops, nil)
+		if err != nil {
+			return err
+		}
+		if !tr.Succeeded {
+			return fmt.Errorf("volume %d: %w", vol, ErrNotFound)
 		}
 		chunks = chunks[n:]
 	}

@@ -254,3 +254,43 @@ func TestWatchVolumes(t *testing.T) {
 	for range ch { // closes once ctx is done
 	}
 }
+
+// TestUnflushedMarks: an unflushed mark never replaces a missed one, a
+// missed mark replaces an unflushed one, and ClearUnflushed deletes only
+// marks still unflushed at the given incarnation.
+func TestUnflushedMarks(t *testing.T) {
+	s := initStore(t, startEtcd(t))
+	ctx := context.Background()
+	v, err := s.CreateVolume(ctx, "u", 1<<30, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.MarkMissed(ctx, v.ID, "n1", 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.MarkUnflushed(ctx, v.ID, "n1", 77, 1, 2, 3); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.MarkMissed(ctx, v.ID, "n1", 3); err != nil {
+		t.Fatal(err)
+	}
+	u, err := s.UnflushedMarks(ctx, v.ID)
+	if err != nil || len(u["n1"]) != 1 || u["n1"][2] != 77 {
+		t.Fatalf("UnflushedMarks = %v, %v; want only chunk 2 at 77", u, err)
+	}
+	if err := s.ClearUnflushed(ctx, v.ID, "n1", 76, 1, 2, 3); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := s.Missed(ctx, v.ID); len(m["n1"]) != 3 {
+		t.Fatalf("ClearUnflushed at another incarnation removed marks: %v", m)
+	}
+	if err := s.ClearUnflushed(ctx, v.ID, "n1", 77, 1, 2, 3); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := s.Missed(ctx, v.ID); len(m["n1"]) != 2 || m["n1"][0] != 1 || m["n1"][1] != 3 {
+		t.Fatalf("after ClearUnflushed at 77: %v, want the missed marks 1 and 3 only", m)
+	}
+	if err := s.MarkUnflushed(ctx, v.ID+100, "n1", 77, 1); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("MarkUnflushed of a missing volume: %v", err)
+	}
+}

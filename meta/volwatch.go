@@ -68,39 +68,53 @@ func (s *Store) WatchVolumes(ctx context.Context) <-chan VolumeSet {
 	out := make(chan VolumeSet, 1)
 	go func() {
 		defer close(out)
-		d := 50 * time.Millisecond
-		for ctx.Err() == nil {
+		s.watchRead(ctx, "volume watch", s.kVolumes, func(ctx context.Context) (int64, error) {
 			vs, err := s.VolumeSet(ctx)
 			if err != nil {
-				if ctx.Err() == nil {
-					s.log.Warn("volume watch: read failed, retrying", "err", err)
-				}
-				backoff(ctx, &d, 2*time.Second)
-				continue
+				return 0, err
 			}
 			offer(out, vs)
-			wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-			wch := s.cli.Watch(wctx, s.kVolumes, clientv3.WithPrefix(), clientv3.WithRev(vs.Rev+1))
-			changed := false
-			for wr := range wch {
-				if wr.CompactRevision != 0 || wr.Err() != nil {
-					s.log.Info("volume watch: restarting", "compact_rev", wr.CompactRevision, "err", wr.Err())
-					break
-				}
-				if len(wr.Events) > 0 {
-					changed = true
-					break
-				}
-			}
-			cancel()
-			if !changed && ctx.Err() == nil {
-				backoff(ctx, &d, 2*time.Second)
-			} else {
-				d = 50 * time.Millisecond
-			}
-		}
+			return vs.Rev, nil
+		})
 	}()
 	return out
+}
+
+// watchRead calls read now and again after every change under prefix,
+// until ctx is done. read delivers what it read and returns the revision it
+// read at. After a compaction, a watch error or an unreachable etcd it
+// reads and watches again (backing off while etcd does not answer).
+func (s *Store) watchRead(ctx context.Context, what, prefix string, read func(context.Context) (int64, error)) {
+	d := 50 * time.Millisecond
+	for ctx.Err() == nil {
+		rev, err := read(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn(what+": read failed, retrying", "err", err)
+			}
+			backoff(ctx, &d, 2*time.Second)
+			continue
+		}
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		wch := s.cli.Watch(wctx, prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+		changed := false
+		for wr := range wch {
+			if wr.CompactRevision != 0 || wr.Err() != nil {
+				s.log.Info(what+": restarting", "compact_rev", wr.CompactRevision, "err", wr.Err())
+				break
+			}
+			if len(wr.Events) > 0 {
+				changed = true
+				break
+			}
+		}
+		cancel()
+		if !changed && ctx.Err() == nil {
+			backoff(ctx, &d, 2*time.Second)
+		} else {
+			d = 50 * time.Millisecond
+		}
+	}
 }
 
 // offer puts vs in out (capacity 1), replacing a set the reader has not

@@ -6,14 +6,12 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
-	"net"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/tcpproxy"
 	"github.com/torus-storage/torus/meta"
 )
 
@@ -69,8 +67,8 @@ func TestFaultEtcdOutageLease(t *testing.T) {
 func TestFaultLeaseLostOtherHolder(t *testing.T) {
 	c := startCluster(t, 3)
 	c.ctl("volume", "create", "vol", "--size", "16MiB", "--replication", "3")
-	px := startEtcdProxy(t, c.etcd.Endpoint())
-	a, asock := c.serve("vol", "--etcd", px.url(), "--lease-ttl", "2s")
+	px := tcpproxy.Start(t, c.etcd.Endpoint())
+	a, asock := c.serve("vol", "--etcd", px.URL(), "--lease-ttl", "2s")
 	ac, err := dialNBD(asock, "torus")
 	if err != nil {
 		t.Fatalf("%v\n%s", err, a.log)
@@ -90,7 +88,7 @@ func TestFaultLeaseLostOtherHolder(t *testing.T) {
 	}
 
 	// A loses etcd; B attaches once A's lease has expired.
-	px.cut()
+	px.Cut()
 	var b *proc
 	var bsock string
 	deadline := time.Now().Add(30 * time.Second)
@@ -123,7 +121,7 @@ func TestFaultLeaseLostOtherHolder(t *testing.T) {
 	b.stop(t) // B detaches: the lock is free again
 
 	// A reaches etcd again and its lock keeper acts: wait for its verdict.
-	px.heal()
+	px.Heal()
 	healed := time.Now()
 	deadline = time.Now().Add(60 * time.Second)
 	for !strings.Contains(a.log.String(), "attach lock taken") &&
@@ -182,69 +180,4 @@ func TestFaultLeaseLostOtherHolder(t *testing.T) {
 	dc.Close()
 	d.stop(t)
 	a.stop(t)
-}
-
-// etcdProxy forwards TCP connections to etcd; cut drops every connection
-// and refuses new ones until heal: an etcd outage for the processes that
-// use the proxy only.
-type etcdProxy struct {
-	l      net.Listener
-	target string
-	mu     sync.Mutex
-	down   bool
-	conns  []net.Conn
-}
-
-func startEtcdProxy(t *testing.T, target string) *etcdProxy {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &etcdProxy{l: l, target: strings.TrimPrefix(target, "http://")}
-	t.Cleanup(func() { l.Close(); p.cut() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			p.mu.Lock()
-			if p.down {
-				p.mu.Unlock()
-				c.Close()
-				continue
-			}
-			p.mu.Unlock()
-			u, err := net.Dial("tcp", p.target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			p.mu.Lock()
-			p.conns = append(p.conns, c, u)
-			p.mu.Unlock()
-			go func() { io.Copy(u, c); u.Close() }()
-			go func() { io.Copy(c, u); c.Close() }()
-		}
-	}()
-	return p
-}
-
-func (p *etcdProxy) url() string { return "http://" + p.l.Addr().String() }
-
-func (p *etcdProxy) cut() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.down = true
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.conns = nil
-}
-
-func (p *etcdProxy) heal() {
-	p.mu.Lock()
-	p.down = false
-	p.mu.Unlock()
 }
