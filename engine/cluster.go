@@ -153,6 +153,11 @@ type Cluster struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	closed atomic.Bool
+
+	// testMoveSwitched, set by tests before any move ends, runs in
+	// finishMove once the previous rings left the placement; true stops
+	// the end there, as a crash would.
+	testMoveSwitched atomic.Pointer[func() bool]
 }
 
 var _ Volume = (*Cluster)(nil)
