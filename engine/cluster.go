@@ -688,7 +688,8 @@ func (c *Cluster) fenceIf(err error) error {
 	return err
 }
 
-// Submit starts r; it blocks only while every part is in use.
+// Submit starts r; it blocks only while every part is in use, or while a
+// rebuild copy holds back new writes to a chunk r writes (gateHold at most).
 func (c *Cluster) Submit(r *Request) {
 	if c.closed.Load() {
 		r.Done.Complete(r, ErrClosed)
@@ -789,8 +790,18 @@ func (c *Cluster) Submit(r *Request) {
 		off += n
 		p.chunk = idx
 		if op != wire.OpRead {
-			p.active.Store(idx)
-			p.tracked = c.marks.trackStart(idx)
+			for {
+				p.active.Store(idx)
+				tracked, gate := c.marks.trackStart(idx)
+				if gate == nil {
+					p.tracked = tracked
+					break
+				}
+				// A rebuild copy of the chunk is running: wait for it
+				// (it lasts one chunk's read and write), not in flight.
+				p.active.Store(-1)
+				<-gate
+			}
 		}
 		// The placement is read only now, after the part is marked active
 		// (and tracked): a move that switched the ring while this request

@@ -43,7 +43,12 @@ package engine
 //     was in flight or completed (chunkTrack.gen and .inflight, kept for
 //     marked chunks only; clusterPart.active for writes that started before
 //     the mark existed), so a write racing the copy is never overwritten by
-//     older bytes on the rebuilt node without a later copy.
+//     older bytes on the rebuilt node without a later copy. So that a chunk
+//     written without pause is rebuilt too, the copy holds new writes to
+//     the chunk back (chunkTrack.gate, honoured whether or not the chunk
+//     still has marks) from before it reads the source until the mark is
+//     cleared, and starts only once the writes in flight ended, with the
+//     target up and at the fence generation it had before they ended.
 //   - The healthy data path touches none of this beyond atomic loads
 //     (marks.any, and per peer down, inc and suspectN) and, on write
 //     completion, an atomic add and store (peer.seq, peer.lastSeq).
@@ -75,7 +80,8 @@ const DefaultRebuildRate = 64 << 20
 // markSet is the missed marks of a volume known to be in etcd, and the
 // write tracking of marked chunks.
 type markSet struct {
-	any      atomic.Bool // len(m) > 0
+	any      atomic.Bool  // len(m) > 0
+	held     atomic.Int32 // gates closed by copies (hold)
 	mu       sync.Mutex
 	m        map[markKey]uint64 // 0: missed; else unflushed at that node incarnation (see addUnflushed)
 	perChunk map[int64]int      // marks per chunk
@@ -92,10 +98,12 @@ type markKey struct {
 }
 
 // chunkTrack counts writes to a marked chunk: gen changes when one starts
-// or ends, inflight is the number running.
+// or ends, inflight is the number running. gate is non-nil while a rebuild
+// copy of the chunk holds new writes back; it is closed when the copy ends.
 type chunkTrack struct {
 	gen      uint64
 	inflight int
+	gate     chan struct{}
 }
 
 func (s *markSet) has(node string, chunk int64) bool {
@@ -189,24 +197,64 @@ func (s *markSet) count() int {
 }
 
 // trackStart notes a write to chunk starting; it reports whether the chunk
-// is tracked (has a mark), in which case trackEnd must follow.
-func (s *markSet) trackStart(chunk int64) bool {
-	if !s.any.Load() {
-		return false
+// is tracked (has a mark), in which case trackEnd must follow. While a
+// rebuild copy holds the chunk, the write does not start: trackStart
+// returns the gate to wait on, and the caller tries again once it closes.
+func (s *markSet) trackStart(chunk int64) (bool, <-chan struct{}) {
+	if !s.any.Load() && s.held.Load() == 0 {
+		return false, nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.perChunk[chunk] == 0 {
-		return false
-	}
 	t := s.track[chunk]
+	if t != nil && t.gate != nil {
+		return false, t.gate // also if the marks went meanwhile (settleUnflushed)
+	}
+	if s.perChunk[chunk] == 0 {
+		return false, nil
+	}
 	if t == nil {
 		t = new(chunkTrack)
 		s.track[chunk] = t
 	}
 	t.gen++
 	t.inflight++
-	return true
+	return true, nil
+}
+
+// hold closes chunk's gate to new writes for a rebuild copy to node; it
+// returns nil if another copy holds it or node has no mark for it (any
+// more).
+func (s *markSet) hold(node string, chunk int64) *chunkTrack {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.m[markKey{node, chunk}]; !ok {
+		return nil
+	}
+	t := s.track[chunk]
+	if t == nil {
+		t = new(chunkTrack)
+		s.track[chunk] = t
+	}
+	if t.gate != nil {
+		return nil
+	}
+	t.gate = make(chan struct{})
+	s.held.Add(1)
+	return t
+}
+
+// release opens the gate of chunk that hold returned as t: the writes
+// waiting on it start.
+func (s *markSet) release(chunk int64, t *chunkTrack) {
+	s.mu.Lock()
+	close(t.gate)
+	t.gate = nil
+	s.held.Add(-1)
+	if s.perChunk[chunk] == 0 && t.inflight == 0 && s.track[chunk] == t {
+		delete(s.track, chunk) // its marks were cleared while it was held
+	}
+	s.mu.Unlock()
 }
 
 func (s *markSet) trackEnd(chunk int64) {
@@ -247,7 +295,7 @@ func (s *markSet) clearLocked(node string, chunk int64) {
 		}
 	}
 	if s.perChunk[chunk] == 0 {
-		if t := s.track[chunk]; t != nil && t.inflight == 0 {
+		if t := s.track[chunk]; t != nil && t.inflight == 0 && t.gate == nil {
 			delete(s.track, chunk)
 		}
 	}
@@ -755,7 +803,7 @@ func (c *Cluster) prober() {
 				c.settleUnflushed(p)
 				continue
 			}
-			ctx, cancel := context.WithTimeout(c.ctx, min(c.opt.Timeout, 2*time.Second))
+			ctx, cancel := context.WithTimeout(c.ctx, min(c.opt.Timeout, clearTimeout))
 			resp := netquic.Message{}
 			err := p.cli.Call(ctx, &netquic.Message{Code: uint8(wire.OpFlush)}, &resp)
 			cancel()
@@ -831,17 +879,6 @@ func (c *Cluster) repairPass(buf []byte) {
 		if target.isDown() {
 			continue
 		}
-		var pending []copied
-		flush := func() bool {
-			n, err := c.clearCopied(target, pending)
-			pending = pending[:0]
-			done += n
-			if err != nil {
-				c.log.Warn("cluster: rebuilt chunks but cannot clear their marks in etcd; will copy again", "volume", c.vol.Name, "node", node, "err", err)
-				return false
-			}
-			return true
-		}
 		for _, ch := range chunks {
 			if c.ctx.Err() != nil {
 				return
@@ -858,14 +895,19 @@ func (c *Cluster) repairPass(buf []byte) {
 				break // the target failed
 			}
 			if cp.n < 0 {
-				continue // a write raced the copy: next pass
+				continue // writes in flight did not end: next pass
 			}
 			moved += cp.n
 			c.rebuilt.Add(1)
 			c.rebuiltBytes.Add(uint64(cp.n))
-			// Clear at once: a write to the chunk after the copy (under
-			// steady writes, soon) makes the clear wait for another copy.
-			if pending = append(pending, cp); !flush() {
+			// Clear at once, with the chunk's writes still held back
+			// (a write that missed the node after the copy would need
+			// its mark kept), then let them go.
+			n, err := c.clearCopied(target, []copied{cp})
+			c.marks.release(cp.ch, cp.held)
+			done += n
+			if err != nil {
+				c.log.Warn("cluster: rebuilt a chunk but cannot clear its mark in etcd; will copy again", "volume", c.vol.Name, "node", node, "chunk", ch, "err", err)
 				break
 			}
 			// Rate limit: keep under RebuildRate bytes/s.
@@ -879,9 +921,6 @@ func (c *Cluster) repairPass(buf []byte) {
 			if c.rebuilt.Load()%64 == 0 {
 				c.saveProgress(done, total, start)
 			}
-		}
-		if len(pending) > 0 {
-			flush()
 		}
 	}
 	if done > 0 {
@@ -915,20 +954,60 @@ func (c *Cluster) chunkBusy(ch int64) bool {
 }
 
 // copied is a chunk copied to a node whose mark is still to be cleared:
-// n bytes, at write generation gen.
+// n bytes, at write generation gen, sent under the target's fence
+// generation tgen. held is the chunk's gate, closed to new writes until the
+// mark is cleared (release).
 type copied struct {
-	ch  int64
-	gen uint64
-	n   int64
+	ch   int64
+	gen  uint64
+	tgen uint32
+	n    int64
+	held *chunkTrack
 }
 
-// copyChunk copies chunk ch from a good replica to target. n is -1 when a
-// write raced the copy (the mark stays, the next pass copies again).
-func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) {
-	gen, busy := c.marks.snapshot(ch)
-	if busy || c.chunkBusy(ch) {
+// gateHold bounds how long a copy keeps a chunk's new writes waiting
+// (waiting for the writes in flight, reading, writing); the clear of the mark
+// after it is bounded by clearTimeout.
+const (
+	gateHold     = 3 * time.Second
+	clearTimeout = 2 * time.Second
+)
+
+// copyChunk copies chunk ch from a good replica to target. It holds new
+// writes to the chunk back and waits for those in flight, so that a chunk
+// written without pause is rebuilt too; on success the gate stays closed
+// until the caller has cleared the mark (clearCopied, then release). n is
+// -1, and the mark stays for the next pass, when there is nothing to do now:
+// another copy holds the chunk, the mark went meanwhile, the writes in
+// flight did not end in time, target went down or was fenced again while
+// the copy waited, or the cluster is closing.
+func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err error) {
+	held := c.marks.hold(target.id, ch)
+	if held == nil {
 		return copied{n: -1}, nil
 	}
+	defer func() {
+		if err != nil || cp.n < 0 {
+			c.marks.release(ch, held)
+		}
+	}()
+	deadline := time.Now().Add(gateHold)
+	tgen := target.gen.Load()
+	gen, busy := c.marks.snapshot(ch)
+	for ; busy || c.chunkBusy(ch); gen, busy = c.marks.snapshot(ch) {
+		if time.Now().After(deadline) || c.ctx.Err() != nil {
+			return copied{n: -1}, nil
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	// A write that was in flight may have failed on target: it is down
+	// until the prober fences it with a new generation, and a copy sent
+	// under the old one would be refused (or outrun by that write).
+	if target.isDown() || target.gen.Load() != tgen {
+		return copied{n: -1}, nil
+	}
+	ctx, cancel := context.WithDeadline(c.ctx, deadline)
+	defer cancel()
 	st := c.state.Load()
 	length := c.chunk
 	if end := (ch + 1) * c.chunk; end > c.size {
@@ -945,12 +1024,9 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 		req := netquic.Message{Code: uint8(wire.OpRead)}
 		h.Encode(&req.Header)
 		resp := netquic.Message{Payload: data}
-		ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
-		err := src.cli.Call(ctx, &req, &resp)
-		cancel()
-		if err == nil {
-			err = errOf(wire.Status(resp.Code))
-		}
+		cctx, ccancel := context.WithTimeout(ctx, c.opt.Timeout)
+		err := c.copyCallErr(src, src.cli.Call(cctx, &req, &resp), &resp)
+		ccancel()
 		if err == nil && len(resp.Payload) != len(data) {
 			err = errBadRequest
 		}
@@ -963,6 +1039,9 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 		}
 		if err != nil {
 			srcErr = fmt.Errorf("read from %s: %w", src.id, err)
+			if ctx.Err() != nil {
+				break
+			}
 			continue
 		}
 		got = true
@@ -981,7 +1060,7 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 			break
 		}
 	}
-	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: c.wireEpoch(target), Flags: wire.FlagFUA}
+	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: wire.FenceEpoch(c.epoch.Load(), tgen), Flags: wire.FlagFUA}
 	req := netquic.Message{Code: uint8(wire.OpWrite), Payload: data}
 	if zero {
 		// Keep the copy thin: write-zeroes may free the slot.
@@ -989,12 +1068,9 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 	}
 	h.Encode(&req.Header)
 	resp := netquic.Message{}
-	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
-	err := target.cli.Call(ctx, &req, &resp)
-	cancel()
-	if err == nil {
-		err = errOf(wire.Status(resp.Code))
-	}
+	cctx, ccancel := context.WithTimeout(ctx, c.opt.Timeout)
+	err = c.copyCallErr(target, target.cli.Call(cctx, &req, &resp), &resp)
+	ccancel()
 	if err != nil {
 		if nodeFailure(err) {
 			// The copy may still land later: keep the node out of the
@@ -1006,7 +1082,29 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (copied, error) 
 	// The copy is FUA, durable on the node, but a restart it reveals may
 	// have cost the node other chunks: those are marked as by any reply.
 	c.sawIncarnation(target, wire.Incarnation(&resp.Header))
-	return copied{ch: ch, gen: gen, n: length}, nil
+	return copied{ch: ch, gen: gen, tgen: tgen, n: length, held: held}, nil
+}
+
+// copyCallErr is the error of a rebuild call to p: err, or the reply's
+// status. A stale epoch at this client's own attach epoch is a request older
+// than p's last fence generation (p went down and came back meanwhile): a
+// node failure, not a fence of the volume.
+func (c *Cluster) copyCallErr(p *peer, err error, resp *netquic.Message) error {
+	if err != nil {
+		return err
+	}
+	s := wire.Status(resp.Code)
+	if s == wire.StatusOK {
+		return nil
+	}
+	if s == wire.StatusStaleEpoch {
+		var rh wire.Header
+		_ = wire.Decode(wire.OpFence, &resp.Header, &rh)
+		if wire.AttachEpoch(rh.Epoch) <= c.epoch.Load() {
+			return fmt.Errorf("node %s: request older than its last fence: %w", p.id, errNodeDown)
+		}
+	}
+	return errOf(s)
 }
 
 // clearCopied clears the marks of target for the chunks copied to it, in one
@@ -1024,7 +1122,7 @@ func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
 		if t := s.track[cp.ch]; t != nil && (t.gen != cp.gen || t.inflight > 0) {
 			continue
 		}
-		if c.chunkBusy(cp.ch) {
+		if c.chunkBusy(cp.ch) || target.gen.Load() != cp.tgen || target.isDown() {
 			continue
 		}
 		ok = append(ok, uint64(cp.ch))
@@ -1032,7 +1130,8 @@ func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
 	if len(ok) == 0 {
 		return 0, nil
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+	// Writes to these chunks wait for this: keep it short when etcd is.
+	ctx, cancel := context.WithTimeout(c.ctx, min(c.opt.Timeout, clearTimeout))
 	defer cancel()
 	if err := c.ms.ClearMissed(ctx, c.vol.ID, target.id, ok...); err != nil {
 		return 0, c.fenceIf(err)

@@ -596,9 +596,8 @@ func (n *nemesis) fault() {
 			return
 		}
 		nd.inRing = false
-		// As an operator would: stop the node once its chunks moved. The
-		// client copies a chunk only while no write to it runs, so under
-		// the writers' load that may take longer; then the node keeps
+		// As an operator would: stop the node once its chunks moved. If
+		// that takes longer (other faults, etcd away), the node keeps
 		// serving until the writers stop (see TestNemesis).
 		if state, ok := n.waitRepaired(30*time.Second, false); !ok {
 			n.logf("%s: moves not done 30 s after its removal (%s); it runs until the end", nd.id, state)
