@@ -128,6 +128,7 @@ type Cluster struct {
 	failovers atomic.Uint64
 	epoch     atomic.Uint64 // the attach epoch every write carries
 	fenced    atomic.Bool   // Fence ran: every request fails with ErrFenced
+	opened    atomic.Bool   // Open read the marks after fencing (peers made later need reload)
 	fenceWhy  atomic.Pointer[error]
 
 	// Degraded writes and rebuild (cluster_repair.go).
@@ -192,6 +193,12 @@ type peer struct {
 	incMu    sync.Mutex      // serialises incarnation changes; guards suspect
 	suspect  map[int64]bool  // chunks a restart may have cost it whose marks are not yet in etcd
 	suspectN atomic.Int32    // len(suspect)
+	// reload: the node restarted, or was first reached, after this client
+	// read the marks: those it recorded for itself when it started
+	// (torusd marks what an unclean shutdown may have cost) may be missing
+	// from c.marks. Every chunk of it is suspect until the prober reads
+	// them again (reloadMarks).
+	reload atomic.Bool
 }
 
 // clusterPart is one chunk-sized piece of a request (or one node's flush).
@@ -355,6 +362,13 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 	if err := c.fence(ctx); err != nil {
 		return fail(err)
 	}
+	// A node that restarted before it answered the fence recorded what it
+	// may have lost before it answered: read the marks again. One that
+	// restarts later shows a new incarnation (reload).
+	if err := c.loadMarks(ctx); err != nil {
+		return fail(fmt.Errorf("missed chunks: %w", err))
+	}
+	c.opened.Store(true)
 	c.wg.Go(c.watchRing)
 	c.wg.Go(c.refresher)
 	c.wg.Go(c.marker)
@@ -386,9 +400,12 @@ func (c *Cluster) fence(ctx context.Context) error {
 			defer cancel()
 			if err := p.cli.Call(cctx, &req, &resp); err != nil {
 				c.log.Warn("cluster: cannot fence node; it refuses older writers once it sees a write", "volume", c.vol.Name, "node", p.id, "err", err)
+				p.reload.Store(true) // no incarnation known: it may restart before we reach it
 				return
 			}
-			if s := wire.Status(resp.Code); s != wire.StatusOK {
+			if s := wire.Status(resp.Code); s == wire.StatusOK {
+				c.sawIncarnation(p, wire.Incarnation(&resp.Header))
+			} else {
 				var rh wire.Header
 				_ = wire.Decode(wire.OpFence, &resp.Header, &rh)
 				errs[i] = fmt.Errorf("node %s: epoch %d refused (node knows %d): %w", p.id, c.epoch.Load(), wire.AttachEpoch(rh.Epoch), errOf(s))
@@ -505,6 +522,7 @@ func (c *Cluster) rebuildLocked() error {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
 			np := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
+			np.reload.Store(c.opened.Load()) // its own marks may be newer than ours
 			if p != nil {
 				np.dirty.Store(true) // it may hold unflushed writes under its old address
 				np.inherit(p)        // a restart on the new address is noticed as any other
@@ -534,6 +552,7 @@ func (c *Cluster) rebuildLocked() error {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
 			p := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
+			p.reload.Store(c.opened.Load())
 			c.peers[id] = p
 			pp[i] = p
 		}
@@ -1021,7 +1040,7 @@ func (p *clusterPart) completeCopyTook() bool {
 // whose marks are not in etcd yet): one atomic load per owner.
 func (p *clusterPart) ownerSuspect() bool {
 	for i := 0; i < p.n; i++ {
-		if o := p.owners[i]; o != nil && o.suspectN.Load() > 0 {
+		if o := p.owners[i]; o != nil && (o.suspectN.Load() > 0 || o.reload.Load()) {
 			return true
 		}
 	}

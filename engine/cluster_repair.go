@@ -404,6 +404,9 @@ func (c *Cluster) sawIncarnation(p *peer, inc uint64) {
 		p.incMu.Unlock()
 		return
 	}
+	// The node recorded what an unclean shutdown may have cost it before
+	// it answered: until the prober reads those marks, trust none of it.
+	p.reload.Store(true)
 	chunks := p.unflushedChunks()
 	if len(chunks) > 0 && p.suspect == nil {
 		p.suspect = make(map[int64]bool, len(chunks))
@@ -448,6 +451,9 @@ func (np *peer) inherit(old *peer) {
 // isSuspect reports whether chunk ch may have been lost by a restart of p
 // and its mark is not yet known to be in etcd.
 func (p *peer) isSuspect(ch int64) bool {
+	if p.reload.Load() {
+		return true
+	}
 	if p.suspectN.Load() == 0 {
 		return false
 	}
@@ -780,6 +786,36 @@ func (c *Cluster) loadMarks(ctx context.Context) error {
 	return nil
 }
 
+// reloadMarks reads p's marks from etcd again (those p recorded for itself
+// after an unclean shutdown among them) and then trusts p's replies again.
+func (c *Cluster) reloadMarks(p *peer) error {
+	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+	defer cancel()
+	m, err := c.ms.Missed(ctx, c.vol.ID)
+	if err != nil {
+		return err
+	}
+	unf, err := c.ms.UnflushedMarks(ctx, c.vol.ID)
+	if err != nil {
+		return err
+	}
+	var cs []int64
+	for _, ch := range m[p.id] {
+		if inc, ok := unf[p.id][ch]; ok {
+			c.marks.addUnflushed(p.id, inc, int64(ch))
+		} else {
+			cs = append(cs, int64(ch))
+		}
+	}
+	c.marks.add(p.id, cs...)
+	p.reload.Store(false)
+	if len(m[p.id]) > 0 {
+		c.log.Warn("cluster: node has chunks marked missed; rebuilding them", "volume", c.vol.Name, "node", p.id, "chunks", len(m[p.id]))
+		c.kickRepair()
+	}
+	return nil
+}
+
 // prober brings down peers back: every second it sends each a flush with a
 // short deadline; an answer clears down (and shows a restart by its
 // incarnation). It also records the marks of restarts whose mark job could
@@ -795,6 +831,12 @@ func (c *Cluster) prober() {
 		}
 		st := c.state.Load()
 		for _, p := range st.all {
+			if p.reload.Load() {
+				if err := c.reloadMarks(p); err != nil {
+					c.log.Warn("cluster: cannot read the marks of a node that restarted; it serves no reads until then",
+						"volume", c.vol.Name, "node", p.id, "err", err)
+				}
+			}
 			if err := c.settleRestart(p); err != nil {
 				c.log.Warn("cluster: marks of a restarted node not recorded yet; its chunks stay unread until they are",
 					"volume", c.vol.Name, "node", p.id, "err", err)

@@ -179,7 +179,7 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 			n.staleReply(r, cur)
 			return
 		}
-		_ = r.Reply(uint8(wire.StatusOK), nil, nil)
+		_ = r.Reply(uint8(wire.StatusOK), &n.boot, nil)
 		return
 	case wire.OpFlush:
 		o := n.get(r, op)

@@ -699,6 +699,9 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 			m.set(b0 + i)
 		}
 		m.version++
+		if !fua {
+			s.plWrite(base+uint64(op.Off), op.Length)
+		}
 		e := sh.sqe()
 		if i, ok := sh.fixedBuf(op.Buf); ok {
 			e.PrepWriteFixed(sh.fd, op.Buf, base+uint64(op.Off), i)
@@ -752,6 +755,7 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 
 // fallocate issues fallocate(mode) of [off, off+length) of the store for op.
 func (sh *shard) fallocate(op *ChunkOp, off uint64, length int64, mode uint32) {
+	sh.s.plWrite(off, length)
 	e := sh.sqe()
 	e.Opcode = iouring.OpFallocate
 	e.Fd = sh.fd
@@ -877,6 +881,10 @@ func (sh *shard) joinHeader(op *ChunkOp, m *slotMeta, fua bool) {
 }
 
 func (sh *shard) writeHeader(slot int32, m *slotMeta, waiters *ChunkOp, fua bool) {
+	// A slot's first header is durable when its write completes, so that
+	// recovery after a power loss still names the chunk (OnRecover) even
+	// if its data writes were lost.
+	fua = fua || m.fresh
 	n := len(sh.hdrBufs)
 	buf := sh.hdrBufs[n-1]
 	sh.hdrBufs = sh.hdrBufs[:n-1]
@@ -886,6 +894,9 @@ func (sh *shard) writeHeader(slot int32, m *slotMeta, waiters *ChunkOp, fua bool
 	m.hdrInflight = true
 	m.hdrCur = waiters
 	m.hdrCurFUA = fua
+	if !fua {
+		sh.s.plWrite(uint64(sh.s.hdrOff(slot)), BlockSize)
+	}
 	e := sh.sqe()
 	e.PrepWrite(sh.fd, buf, uint64(sh.s.hdrOff(slot)))
 	if fua {
@@ -926,6 +937,9 @@ func (sh *shard) complete(ud uint64, res int32) {
 			m.hdrFail, m.dirty = true, true
 		} else {
 			m.hdrFail = false
+			if m.hdrCurFUA {
+				m.fresh = false
+			}
 			m.hdrEpoch = 0
 			if !m.hdrCurFUA {
 				m.hdrEpoch = sh.s.syncNext.Load()
@@ -987,6 +1001,7 @@ func (sh *shard) complete(ud uint64, res int32) {
 // markSynced records that an fdatasync that took epoch e from syncNext has
 // completed.
 func (s *Store) markSynced(e uint64) {
+	s.plSynced(e)
 	for {
 		cur := s.synced.Load()
 		if cur >= e || s.synced.CompareAndSwap(cur, e) {

@@ -38,6 +38,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -116,6 +117,13 @@ type StoreOptions struct {
 	ForceBuffered bool
 	// Logger receives warnings (default slog.Default()).
 	Logger *slog.Logger
+	// OnRecover, if set, is called by OpenStore when it recovers after an
+	// unclean shutdown, with the chunks that may have lost writes no
+	// fdatasync covered (those the activity log listed; every chunk if a
+	// log block was torn), before the log that names them is cleared. The
+	// caller makes the list durable (and their replicas known as missed);
+	// an error fails the open and leaves the log as it was.
+	OnRecover func(lost []ChunkID) error
 }
 
 // StoreStats is a snapshot of store counters.
@@ -160,6 +168,10 @@ type Store struct {
 	// fdatasync just before it is prepared: what the store holds then is
 	// what that fdatasync makes durable.
 	syncHook func(epoch uint64)
+	// pl is the power-loss fault hook (builds with -tags faults only).
+	pl *powerLog
+	// onRecover is StoreOptions.OnRecover (open only).
+	onRecover func(lost []ChunkID) error
 
 	shards               []*shard
 	recChecked, recFixed int64
@@ -336,6 +348,9 @@ func OpenStore(path string, opt StoreOptions) (*Store, error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	if err := undoPowerLoss(path); err != nil {
+		return nil, err
+	}
 	s := &Store{path: path, log: log, tab: crc32.MakeTable(crc32.Castagnoli)}
 	s.syncNext.Store(1)
 	flags := os.O_RDWR
@@ -356,12 +371,17 @@ func OpenStore(path string, opt StoreOptions) (*Store, error) {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	s.f, s.fd, s.direct = f, int32(f.Fd()), direct
+	if err := s.armPowerLog(); err != nil {
+		f.Close()
+		return nil, err
+	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	s.blkdev = st.Mode()&os.ModeDevice != 0
+	s.onRecover = opt.OnRecover
 	if err := s.load(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
@@ -528,6 +548,17 @@ func (s *Store) recover(buf []byte) error {
 	if err := unix.Fdatasync(int(s.fd)); err != nil {
 		return fmt.Errorf("recovery: fdatasync: %w", err)
 	}
+	if s.onRecover != nil {
+		var lost []ChunkID
+		for _, i := range list {
+			if m := &s.slots[i]; m.used {
+				lost = append(lost, m.id)
+			}
+		}
+		if err := s.onRecover(lost); err != nil {
+			return fmt.Errorf("recovery: %w", err)
+		}
+	}
 	// The log has done its job: every listed slot now verifies.
 	clear(buf[:alBlocks*BlockSize])
 	if _, err := s.f.WriteAt(buf[:alBlocks*BlockSize], alOff); err != nil {
@@ -605,6 +636,7 @@ func (s *Store) allocSlot(id ChunkID) int32 {
 	m.used = true
 	m.alState, m.alPos1, m.alWriters = alCold, 0, 0
 	m.dirty, m.hdrFail, m.hdrEpoch = false, false, 0
+	m.fresh = true
 	m.version++
 	m.written = [len(m.written)]uint64{}
 	clear(m.crcs)
@@ -687,6 +719,7 @@ func (s *Store) Close() error {
 	} else if buf, err := alignbuf.Alloc(BlockSize); err != nil {
 		errs = append(errs, err)
 	} else {
+		s.plSynced(math.MaxUint64) // everything written is durable now
 		s.sb.flags |= sbFlagClean
 		if err := s.writeSuperblock(buf); err != nil {
 			errs = append(errs, fmt.Errorf("close store %s: %w", s.path, err))

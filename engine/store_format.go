@@ -32,6 +32,10 @@ package engine
 //     header: the CRCs live only in RAM) and recovery recomputes them. A slot
 //     leaves the log only after its header is current and an fdatasync has
 //     completed: header write, then fdatasync, then the log write dropping it.
+//   - A used slot's header naming its chunk is durable before any write to
+//     the chunk completes (the first header write of a slot has RWF_DSYNC),
+//     so after a power loss every chunk that may have lost writes is named
+//     by a used header of a slot the activity log lists (OnRecover).
 //   - version grows by one per change of the slot (write, discard, free,
 //     reuse); it never goes back on disk (a dirty header carries a later
 //     version when it is written; recovery adds one when it fixes a slot).
@@ -237,6 +241,9 @@ type slotMeta struct {
 	hdrNext     *ChunkOp // waiters of the next header write
 	hdrNextFUA  bool
 	hdrCurFUA   bool // the header write in flight has RWF_DSYNC
+	// fresh: the slot was taken for its chunk and no header naming the
+	// chunk is durable yet; its next header write has RWF_DSYNC.
+	fresh bool
 	// dirty: the in-memory CRCs are newer than the last header image issued
 	// (only while the slot is in the activity log).
 	dirty bool

@@ -385,10 +385,11 @@ func testFencing(t *testing.T, c *testCluster) {
 
 // tryServe starts torusblk serve NAME and returns nil if it exits (the
 // volume is still attached elsewhere).
-func (c *testCluster) tryServe(name string) (*proc, string) {
+func (c *testCluster) tryServe(name string, extra ...string) (*proc, string) {
 	c.t.Helper()
 	sock := filepath.Join(c.t.TempDir(), "nbd.sock")
-	p := startProc(c.t, "torusblk serve "+name, torusblkBin, "serve", name, "--etcd", c.etcd.Endpoint(), "--tls-dir", c.tlsDir, "--listen", "unix:"+sock)
+	args := append([]string{"serve", name, "--etcd", c.etcd.Endpoint(), "--tls-dir", c.tlsDir, "--listen", "unix:" + sock}, extra...)
+	p := startProc(c.t, "torusblk serve "+name, torusblkBin, args...)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		if conn, err := net.Dial("unix", sock); err == nil {

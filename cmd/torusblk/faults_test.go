@@ -96,7 +96,7 @@ func (c *testCluster) reattach(name string, extra ...string) (*proc, string) {
 	c.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		p, sock := c.tryServe(name)
+		p, sock := c.tryServe(name, extra...)
 		if p != nil {
 			return p, sock
 		}

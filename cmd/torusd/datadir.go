@@ -160,7 +160,7 @@ func openStore(dir string, size, chunkSize int64, clusterID string, log *slog.Lo
 			"chunk_size", units.FormatSize(chunkSize), "direct_io", st.Direct())
 		return st, nil
 	}
-	st, err := engine.OpenStore(path, engine.StoreOptions{Logger: log})
+	st, err := engine.OpenStore(path, engine.StoreOptions{Logger: log, OnRecover: onRecover(dir, log)})
 	if err != nil {
 		return nil, fmt.Errorf("%w: if the store is damaged beyond repair, move %s away to start the node empty", err, path)
 	}

@@ -140,6 +140,12 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 	if err := n.raiseEpochs(ctx, ms); err != nil {
 		return nil, err
 	}
+	if err := markLost(ctx, ms, nc.DataDir, id.NodeID, log); err != nil {
+		return nil, err
+	}
+	if err := recordBoot(nc.DataDir); err != nil {
+		return nil, err
+	}
 	listen := nc.Listen
 	if _, port, _ := net.SplitHostPort(listen); port == "0" && id.Addr != "" {
 		// Reuse the last port, so a restarted dev node keeps its address.

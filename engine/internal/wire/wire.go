@@ -11,8 +11,8 @@
 //	         attach epoch in the high 32 bits, the client's fence generation
 //	         for this node in the low 32 (FenceEpoch); in a stale-epoch
 //	         response, the node's current fence epoch of the volume;
-//	         in an OK response to a read, write, flush, discard or
-//	         write-zeroes, the node's incarnation (random, odd, new at every
+//	         in an OK response to a read, write, flush, discard,
+//	         write-zeroes or fence, the node's incarnation (random, odd, new at every
 //	         start of the node), so a client notices a restart
 //	[24:26]  offset inside the chunk, in 4 KiB blocks
 //	[26:28]  length, in 4 KiB blocks (at most 512: chunks are at most 2 MiB)

@@ -1,0 +1,204 @@
+package main
+
+// After an unclean shutdown of the machine (power loss, kernel crash) the
+// store may have lost writes no fdatasync covered, in the chunks its
+// activity log listed. A client attached at the time notices the restart by
+// the node's incarnation, but the next holder of a volume, or a holder that
+// never saw the node before, cannot: so the node itself records those
+// chunks as missed on itself, in etcd, before it serves anything. A process
+// that died on a machine that kept running (kill -9, a crash of torusd: the
+// kernel's boot id is the one recorded at the last start) lost nothing the
+// kernel had taken, so nothing is marked then.
+//
+// Invariants:
+//   - The list of chunks reaches DATA/lost-chunks (written, then fsync'd)
+//     before the store clears the activity log that names them
+//     (engine.StoreOptions.OnRecover): a crash at any point finds them again.
+//   - The node answers no request until every listed chunk of a volume that
+//     exists is marked missed on it in etcd; then the file goes. Chunks of
+//     volumes that no longer exist are dropped.
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/meta"
+)
+
+// lostFile holds the chunks an unclean shutdown may have cost, until they are
+// marked in etcd; bootFile the kernel boot id of the last start.
+const (
+	lostFile = "lost-chunks"
+	bootFile = "boot-id"
+)
+
+// bootIDPath is where Linux tells the boot id (a new one per boot).
+const bootIDPath = "/proc/sys/kernel/random/boot_id"
+
+// machineRestarted reports whether the machine rebooted since the last start
+// of the node in dir (or the fault hook simulated a power loss); without a
+// record of the last start it assumes so.
+func machineRestarted(dir string) bool {
+	if engine.PowerLossSimulated() {
+		return true
+	}
+	last, err := os.ReadFile(filepath.Join(dir, bootFile))
+	if err != nil {
+		return true
+	}
+	cur, err := os.ReadFile(bootIDPath)
+	return err != nil || !bytes.Equal(bytes.TrimSpace(last), bytes.TrimSpace(cur))
+}
+
+// recordBoot writes the current boot id to dir, durably.
+func recordBoot(dir string) error {
+	cur, err := os.ReadFile(bootIDPath)
+	if err != nil {
+		return fmt.Errorf("read the boot id: %w", err)
+	}
+	path := filepath.Join(dir, bootFile)
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err == nil {
+		_, err = f.Write(cur)
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		return fmt.Errorf("record the boot id: %w", err)
+	}
+	return nil
+}
+
+// onRecover is the store's OnRecover: it keeps the chunks an unclean
+// shutdown may have cost, if the machine went down with the process.
+func onRecover(dir string, log *slog.Logger) func([]engine.ChunkID) error {
+	return func(lost []engine.ChunkID) error {
+		if !machineRestarted(dir) {
+			log.Info("the process stopped uncleanly but the machine did not (same boot id): the kernel holds every write it took; nothing to mark",
+				"chunks_in_activity_log", len(lost))
+			return nil
+		}
+		return saveLost(dir, lost)
+	}
+}
+
+// saveLost appends chunks to DATA/lost-chunks and makes it durable.
+func saveLost(dir string, chunks []engine.ChunkID) error {
+	if len(chunks) == 0 {
+		return nil
+	}
+	b := make([]byte, 0, 16*len(chunks))
+	for _, id := range chunks {
+		if id.Snap != 0 {
+			continue
+		}
+		b = binary.LittleEndian.AppendUint64(b, id.Volume)
+		b = binary.LittleEndian.AppendUint64(b, id.Index)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, lostFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("record chunks that may have lost writes: %w", err)
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("record chunks that may have lost writes: %w", err)
+	}
+	return nil
+}
+
+// loadLost reads DATA/lost-chunks: volume → chunk indices.
+func loadLost(dir string) (map[uint64][]uint64, error) {
+	b, err := os.ReadFile(filepath.Join(dir, lostFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", lostFile, err)
+	}
+	out := make(map[uint64][]uint64)
+	for ; len(b) >= 16; b = b[16:] {
+		vol, idx := binary.LittleEndian.Uint64(b), binary.LittleEndian.Uint64(b[8:])
+		out[vol] = append(out[vol], idx)
+	}
+	for vol, chs := range out {
+		slices.Sort(chs)
+		out[vol] = slices.Compact(chs)
+	}
+	return out, nil
+}
+
+// markLost records the chunks in DATA/lost-chunks as missed on node id, in
+// etcd, retrying until etcd answers or ctx ends, then removes the file.
+func markLost(ctx context.Context, ms *meta.Store, dir, id string, log *slog.Logger) error {
+	lost, err := loadLost(dir)
+	if err != nil || len(lost) == 0 {
+		return err
+	}
+	n := 0
+	for _, chs := range lost {
+		n += len(chs)
+	}
+	log.Warn("unclean shutdown before this start: marking the chunks that may have lost writes no flush covered as missed on this node, before serving",
+		"chunks", n, "volumes", len(lost))
+	for try := 0; ; try++ {
+		err = markLostOnce(ctx, ms, id, lost)
+		if err == nil {
+			break
+		}
+		if try%10 == 0 {
+			log.Warn("cannot record the chunks this node may have lost yet; it serves nothing until it can", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("marking chunks lost in an unclean shutdown: %w", err)
+		case <-time.After(time.Second):
+		}
+	}
+	if err := os.Remove(filepath.Join(dir, lostFile)); err != nil {
+		return fmt.Errorf("remove %s: %w", lostFile, err)
+	}
+	return nil
+}
+
+func markLostOnce(ctx context.Context, ms *meta.Store, id string, lost map[uint64][]uint64) error {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	vols, err := ms.Volumes(cctx)
+	if err != nil {
+		return err
+	}
+	for vol, chs := range lost {
+		if !slices.ContainsFunc(vols, func(v meta.Volume) bool { return v.ID == vol }) {
+			continue // deleted meanwhile: the collector frees its chunks
+		}
+		for c := range slices.Chunk(chs, 100) {
+			if err := ms.MarkMissed(cctx, vol, id, c...); err != nil {
+				return fmt.Errorf("volume %d: %w", vol, err)
+			}
+		}
+	}
+	return nil
+}
