@@ -15,7 +15,9 @@ package main
 //     which write it returned.
 //   - The nemesis, in the test goroutine: every few seconds it picks a fault
 //     with the seeded generator, holds it, and heals it: kill -9 of a node
-//     and a restart; a partition of a node (netquic fault hook, each node
+//     and a restart; a power loss of a node on a repaired cluster (kill -9,
+//     then a restart whose store undoes every write no fdatasync covered:
+//     the store's fault hook); a partition of a node (netquic fault hook, each node
 //     armed with its own file); a node added (a new torusd joins the ring) or
 //     one removed (`torusctl node remove`, then stopped once its chunks
 //     moved); etcd stopped and restarted within the attach lease; etcd
@@ -47,8 +49,6 @@ package main
 //     checked the same way.
 //
 // Everything the nemesis chooses comes from -nemesis.seed (timing varies).
-// Not covered: power loss of a node (dropping its unflushed writes) needs a
-// store fault hook that does not exist.
 
 import (
 	"context"
@@ -71,6 +71,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"
@@ -187,7 +188,9 @@ type nemesis struct {
 
 	nodes   []*nemNode
 	nextIdx int
-	procs   []*proc // every process started, for the logs kept on failure
+	drawn   int      // faults drawn so far
+	first   []string // the first pass: every kind once
+	procs   []*proc  // every process started, for the logs kept on failure
 
 	mu       sync.Mutex
 	sock     string
@@ -265,12 +268,15 @@ func (n *nemesis) newNode(idx int) *nemNode {
 	return nd
 }
 
-// startNode starts torusd for nd with its own fault file armed.
-func (n *nemesis) startNode(nd *nemNode) {
+// startNode starts torusd for nd with its own fault files armed: the
+// netquic hook (partitions) and the store's power-loss hook, which undoes
+// the writes no fdatasync covered if env holds engine.PowerLossEnv=1.
+func (n *nemesis) startNode(nd *nemNode, env ...string) {
 	p := &proc{name: nd.id, log: new(syncBuffer), done: make(chan error, 1),
 		cmd: exec.Command(torusdBin, "--etcd", n.c.etcd.Endpoint(), "--data-dir", nd.dataDir, "--listen", nd.listen,
 			"--size", "256MiB", "--id", nd.id, "--host", nd.id, "--cluster-dir", n.c.caDir, "--lease-ttl", "3s")}
-	p.cmd.Env = append(os.Environ(), netquic.FaultsEnv+"="+nd.faults)
+	p.cmd.Env = append(os.Environ(), netquic.FaultsEnv+"="+nd.faults, engine.PowerLogEnv+"="+nd.faults+".powerloss")
+	p.cmd.Env = append(p.cmd.Env, env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
 		n.t.Fatalf("starting %s: %v", nd.id, err)
@@ -545,9 +551,19 @@ func (n *nemesis) fault() {
 	}
 	// The etcd faults last 7-30 s each (etcd takes 6 s to close, the lock
 	// comes back a lease after etcd): they are drawn half as often.
-	kinds := []string{"kill-node", "kill-node", "partition-node", "partition-node", "membership", "membership",
+	kinds := []string{"kill-node", "power-loss", "partition-node", "partition-node", "membership", "membership",
 		"kill-client", "kill-client", "etcd-restart", "lose-lease"}
 	kind := kinds[n.rng.IntN(len(kinds))]
+	// Every kind once first, in a seeded order, so that a short run covers
+	// them all.
+	if n.drawn == 0 {
+		n.first = slices.Compact(slices.Sorted(slices.Values(kinds)))
+		n.rng.Shuffle(len(n.first), func(i, j int) { n.first[i], n.first[j] = n.first[j], n.first[i] })
+	}
+	if n.drawn < len(n.first) {
+		kind = n.first[n.drawn]
+	}
+	n.drawn++
 	live := n.ringNodes()
 	if kind == "membership" {
 		kind = "add-node"
@@ -556,6 +572,34 @@ func (n *nemesis) fault() {
 		}
 	}
 	switch kind {
+	case "power-loss":
+		// One power loss on a healthy cluster: every chunk has a copy
+		// elsewhere that lost nothing. (With a chunk's other copy marked
+		// too, what the lost writes leave is no copy anyone trusts.)
+		nd, d := live[n.rng.IntN(len(live))], hold(2, 8)
+		if state, ok := n.waitRepaired(20*time.Second, true); !ok {
+			n.logf("power loss of %s skipped: the cluster is still repairing (%s)", nd.id, state)
+			if n.drawn <= len(n.first) && len(n.first) < 20 {
+				n.first = append(n.first, kind) // still once in the first pass
+			}
+			return
+		}
+		n.injected[kind]++
+		n.logf("power loss of %s for %v (its writes no fdatasync covered are undone)", nd.id, d)
+		nd.p.kill()
+		nd.running = false
+		time.Sleep(d)
+		n.startNode(nd, engine.PowerLossEnv+"=1")
+		if n.waitNode(nd) {
+			n.healed[kind]++
+			undone := "nothing to undo"
+			for l := range strings.Lines(nd.p.log.String()) {
+				if i := strings.Index(l, "undid "); i >= 0 && strings.Contains(l, "power-loss fault") {
+					undone = strings.TrimSpace(l[i:])
+				}
+			}
+			n.logf("healed: %s back; %s", nd.id, undone)
+		}
 	case "kill-node", "partition-node":
 		nd, d := live[n.rng.IntN(len(live))], hold(2, 8)
 		n.injected[kind]++
