@@ -511,9 +511,18 @@ func (n *nemesis) waitRepaired(limit time.Duration, marks bool) (string, bool) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		moves, merr := n.ms.Moves(ctx, n.volID)
 		missed, err := n.ms.Missed(ctx, n.volID)
+		// As `torusctl status` does: a ring the volume's move is not yet
+		// recorded for is a move too (the moves record is empty then).
+		r, _, rerr := n.ms.Ring(ctx)
+		placed, pok, perr := n.ms.Placed(ctx, n.volID)
 		cancel()
-		state = fmt.Sprintf("moves %d (%v), missed %v (%v)", len(moves), merr, missed, err)
-		if merr == nil && err == nil && len(moves) == 0 && (!marks || len(missed) == 0) {
+		var rv uint64
+		if r != nil {
+			rv = r.Version()
+		}
+		lag := rerr == nil && perr == nil && pok && placed != rv
+		state = fmt.Sprintf("moves %d (%v), placed under ring %d of %d (%v %v), missed %v (%v)", len(moves), merr, placed, rv, rerr, perr, missed, err)
+		if merr == nil && err == nil && rerr == nil && perr == nil && !lag && len(moves) == 0 && (!marks || len(missed) == 0) {
 			return state, true
 		}
 		if time.Now().After(deadline) {

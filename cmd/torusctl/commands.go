@@ -164,6 +164,10 @@ type statusResult struct {
 	// rebalance and scrub progress of volumes.
 	Degraded []degradedResult `json:"degraded"`
 	Jobs     []jobResult      `json:"jobs"`
+	// Moving lists the volumes whose chunks are not all placed under the
+	// current ring yet: a node removed from the ring still holds copies
+	// of theirs until this is empty.
+	Moving []movingResult `json:"moving"`
 }
 
 func cmdStatus(ctx context.Context, e *env, _ []string) error {
@@ -198,8 +202,12 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 				full = append(full, fullNode{n.ID, n.Used, n.Capacity, n.NoSpace})
 			}
 		}
+		moving, err := movingOf(ctx, s, vols, r.Version())
+		if err != nil {
+			return err
+		}
 		res := statusResult{cfg.ClusterID, cfg.Created, cfg.ChunkSize, cfg.Replication, len(nodes), len(vols), r.Version(),
-			full, deg, jobs}
+			full, deg, jobs, moving}
 		if e.g.output == "json" {
 			return e.printJSON(res)
 		}
@@ -219,6 +227,7 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 			return err
 		}
 		printHealth(e.stdout, deg, jobs, isTerminal(e.stdout), time.Now())
+		printMoving(e.stdout, moving, r.Version())
 		return nil
 	})
 }

@@ -75,12 +75,63 @@ func buildNodeRemove(fs *pflag.FlagSet) runFunc {
 			}
 			fmt.Fprintf(e.stdout, "removed node %s from the ring (version %d, %s left)\n",
 				id, res.RingVersion, plural(res.Nodes, "node", "nodes"))
-			fmt.Fprintln(e.stdout, "attached clients now move its chunks to their new owners; 'torusctl status' shows the progress")
+			fmt.Fprintln(e.stdout, "attached clients, or the nodes for volumes no client holds, now move its chunks to their new owners; 'torusctl status' shows the progress")
 			if live {
-				fmt.Fprintf(e.stdout, "node %s still runs and serves its chunks until they are moved; stop it afterwards\n", id)
+				fmt.Fprintf(e.stdout, "node %s still runs and serves its chunks until they are moved: stop it once 'torusctl status' shows no moving volumes\n", id)
 			}
 			return nil
 		})
+	}
+}
+
+// movingResult is a volume whose chunks are not all placed under the
+// current ring, as status prints it.
+type movingResult struct {
+	Volume string `json:"volume"`
+	ID     uint64 `json:"id"`
+	// PlacedRing is the ring version up to which the volume's moves are
+	// recorded (0: none); Moves the earlier rings whose owners still hold
+	// copies being moved.
+	PlacedRing uint64 `json:"placed_ring"`
+	Moves      int    `json:"moves"`
+}
+
+// movingOf lists the volumes of vols whose placement lags ring version cur
+// or that have a move in progress.
+func movingOf(ctx context.Context, s *meta.Store, vols []meta.Volume, cur uint64) ([]movingResult, error) {
+	out := []movingResult{}
+	for _, v := range vols {
+		ver, ok, err := s.Placed(ctx, v.ID)
+		if err != nil {
+			return nil, err
+		}
+		rings, err := s.Moves(ctx, v.ID)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			ver = cur // no record: placed under whatever ring is current
+		}
+		if ver != cur || len(rings) > 0 {
+			out = append(out, movingResult{Volume: v.Name, ID: v.ID, PlacedRing: ver, Moves: len(rings)})
+		}
+	}
+	return out, nil
+}
+
+// printMoving writes the moving volumes as text.
+func printMoving(w io.Writer, moving []movingResult, cur uint64) {
+	if len(moving) == 0 {
+		fmt.Fprintln(w, "moving volumes: none")
+		return
+	}
+	fmt.Fprintf(w, "moving volumes: %d (nodes removed from the ring still hold their copies)\n", len(moving))
+	for _, m := range moving {
+		if m.PlacedRing != cur {
+			fmt.Fprintf(w, "  %s: placed under ring %d, the ring is at %d: its move is still to be recorded\n", m.Volume, m.PlacedRing, cur)
+		} else {
+			fmt.Fprintf(w, "  %s: copying chunks from %s\n", m.Volume, plural(m.Moves, "earlier ring", "earlier rings"))
+		}
 	}
 }
 

@@ -38,9 +38,18 @@ func TestNodeRemove(t *testing.T) {
 	fails(t, 2, "want ID", "node", "remove")
 	fails(t, 1, "node n9 is not in the ring (version 4): see 'torusctl ring show'", "node", "remove", "n9")
 
+	if out := must(t, "status"); !strings.Contains(out, "moving volumes: none") {
+		t.Fatalf("status before a removal:\n%s", out)
+	}
 	out := must(t, "node", "remove", "n3")
 	if !strings.Contains(out, "removed node n3 from the ring (version 5, 3 nodes left)") {
 		t.Fatalf("node remove n3: %q", out)
+	}
+	// No holder has recorded the move yet: the volume is moving, although
+	// its moves record is empty.
+	if out := must(t, "status"); !strings.Contains(out, "moving volumes: 1") ||
+		!strings.Contains(out, "v3: placed under ring 4, the ring is at 5") {
+		t.Fatalf("status after a removal:\n%s", out)
 	}
 	// Three nodes left for a volume with R=3: removing one more is refused.
 	fails(t, 1, "not enough nodes for R=3 after removing n2; add a node first", "node", "remove", "n2")
