@@ -138,6 +138,11 @@ type Cluster struct {
 	moves                                 atomic.Uint64 // rebalances finished
 	markq                                 chan *markJob
 	repairKick                            chan struct{}
+	probeKick                             chan struct{} // a peer needs its marks read again (peer.reload)
+	// clearMu orders the clearing of marks (in etcd, then in memory)
+	// against reloadMarks (a read of etcd, then an add in memory), so that
+	// a reload never brings back in memory a mark cleared meanwhile.
+	clearMu sync.Mutex
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 	restarts                              atomic.Uint64 // node restarts seen (a new incarnation)
 
@@ -288,7 +293,7 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 		peers: make(map[string]*peer), nodes: make(map[string]meta.Node), refresh: make(chan struct{}, 1),
 		unixOK:  make(map[string]bool),
 		unixCli: make(map[string]*netquic.Client),
-		marks:   newMarkSet(), markq: make(chan *markJob, 4096), repairKick: make(chan struct{}, 1),
+		marks:   newMarkSet(), markq: make(chan *markJob, 4096), repairKick: make(chan struct{}, 1), probeKick: make(chan struct{}, 1),
 	}
 	if c.opt.RebuildRate <= 0 {
 		c.opt.RebuildRate = DefaultRebuildRate

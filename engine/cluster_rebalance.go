@@ -423,6 +423,8 @@ func (c *Cluster) discardOld(st *clusterState) int {
 func (c *Cluster) dropLeavingMarks(ctx context.Context) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.clearMu.Lock()
+	defer c.clearMu.Unlock()
 	cs := c.state.Load()
 	for node, chunks := range c.marks.byNode() {
 		var drop []uint64

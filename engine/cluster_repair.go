@@ -407,6 +407,10 @@ func (c *Cluster) sawIncarnation(p *peer, inc uint64) {
 	// The node recorded what an unclean shutdown may have cost it before
 	// it answered: until the prober reads those marks, trust none of it.
 	p.reload.Store(true)
+	select {
+	case c.probeKick <- struct{}{}:
+	default:
+	}
 	chunks := p.unflushedChunks()
 	if len(chunks) > 0 && p.suspect == nil {
 		p.suspect = make(map[int64]bool, len(chunks))
@@ -789,6 +793,8 @@ func (c *Cluster) loadMarks(ctx context.Context) error {
 // reloadMarks reads p's marks from etcd again (those p recorded for itself
 // after an unclean shutdown among them) and then trusts p's replies again.
 func (c *Cluster) reloadMarks(p *peer) error {
+	c.clearMu.Lock()
+	defer c.clearMu.Unlock()
 	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
 	defer cancel()
 	m, err := c.ms.Missed(ctx, c.vol.ID)
@@ -828,6 +834,7 @@ func (c *Cluster) prober() {
 		case <-c.ctx.Done():
 			return
 		case <-t.C:
+		case <-c.probeKick:
 		}
 		st := c.state.Load()
 		for _, p := range st.all {
@@ -1156,6 +1163,8 @@ func (c *Cluster) copyCallErr(p *peer, err error, resp *netquic.Message) error {
 // starting after the clear is untracked and, should target miss it, marks
 // the chunk again). It returns the marks cleared.
 func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
+	c.clearMu.Lock()
+	defer c.clearMu.Unlock()
 	s := &c.marks
 	s.mu.Lock()
 	defer s.mu.Unlock()
