@@ -132,17 +132,17 @@ type Cluster struct {
 	fenceWhy  atomic.Pointer[error]
 
 	// Degraded writes and rebuild (cluster_repair.go).
-	marks                                 markSet
-	moveTotal                             atomic.Int64  // chunk copies of the current rebalance
-	movePending                           atomic.Bool   // a moves record is in etcd (from its start to its end)
-	moves                                 atomic.Uint64 // rebalances finished
-	markq                                 chan *markJob
-	repairKick                            chan struct{}
-	probeKick                             chan struct{} // a peer needs its marks read again (peer.reload)
+	marks       markSet
+	moveTotal   atomic.Int64  // chunk copies of the current rebalance
+	movePending atomic.Bool   // a moves record is in etcd (from its start to its end)
+	moves       atomic.Uint64 // rebalances finished
+	markq       chan *markJob
+	repairKick  chan struct{}
+	probeKick   chan struct{} // a peer needs its marks read again (peer.reload)
 	// clearMu orders the clearing of marks (in etcd, then in memory)
 	// against reloadMarks (a read of etcd, then an add in memory), so that
 	// a reload never brings back in memory a mark cleared meanwhile.
-	clearMu sync.Mutex
+	clearMu                               sync.Mutex
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 	restarts                              atomic.Uint64 // node restarts seen (a new incarnation)
 
@@ -203,7 +203,8 @@ type peer struct {
 	// (torusd marks what an unclean shutdown may have cost) may be missing
 	// from c.marks. Every chunk of it is suspect until the prober reads
 	// them again (reloadMarks).
-	reload atomic.Bool
+	reload    atomic.Bool
+	reloadGen uint64 // guarded by incMu: grows each time reload is set
 }
 
 // clusterPart is one chunk-sized piece of a request (or one node's flush).
@@ -405,7 +406,9 @@ func (c *Cluster) fence(ctx context.Context) error {
 			defer cancel()
 			if err := p.cli.Call(cctx, &req, &resp); err != nil {
 				c.log.Warn("cluster: cannot fence node; it refuses older writers once it sees a write", "volume", c.vol.Name, "node", p.id, "err", err)
-				p.reload.Store(true) // no incarnation known: it may restart before we reach it
+				p.incMu.Lock()
+				c.needReload(p) // no incarnation known: it may restart before we reach it
+				p.incMu.Unlock()
 				return
 			}
 			if s := wire.Status(resp.Code); s == wire.StatusOK {
@@ -527,7 +530,9 @@ func (c *Cluster) rebuildLocked() error {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
 			np := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
-			np.reload.Store(c.opened.Load()) // its own marks may be newer than ours
+			if c.opened.Load() {
+				c.needReload(np) // its own marks may be newer than ours
+			}
 			if p != nil {
 				np.dirty.Store(true) // it may hold unflushed writes under its old address
 				np.inherit(p)        // a restart on the new address is noticed as any other
@@ -557,7 +562,9 @@ func (c *Cluster) rebuildLocked() error {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
 			p := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
-			p.reload.Store(c.opened.Load())
+			if c.opened.Load() {
+				c.needReload(p)
+			}
 			c.peers[id] = p
 			pp[i] = p
 		}

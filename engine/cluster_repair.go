@@ -398,18 +398,22 @@ func (c *Cluster) sawIncarnation(p *peer, inc uint64) {
 	}
 	p.incMu.Lock()
 	old := p.inc.Load()
-	if old == inc || old == 0 {
-		// Another reply got here first, or the first reply ever.
-		p.inc.Store(inc)
+	if old == inc {
 		p.incMu.Unlock()
 		return
 	}
 	// The node recorded what an unclean shutdown may have cost it before
 	// it answered: until the prober reads those marks, trust none of it.
-	p.reload.Store(true)
-	select {
-	case c.probeKick <- struct{}{}:
-	default:
+	// So too for the first reply ever after Open read the marks (the fence
+	// at attach gives the first one before).
+	if old != 0 || c.opened.Load() {
+		c.needReload(p)
+	}
+	if old == 0 {
+		// The first reply ever: nothing of ours to lose.
+		p.inc.Store(inc)
+		p.incMu.Unlock()
+		return
 	}
 	chunks := p.unflushedChunks()
 	if len(chunks) > 0 && p.suspect == nil {
@@ -790,9 +794,28 @@ func (c *Cluster) loadMarks(ctx context.Context) error {
 	return nil
 }
 
+// needReload makes every chunk of p suspect until the prober has read p's
+// marks again (replicated volumes only: a node marks itself only where
+// another copy exists). Called with p.incMu held, or before p is shared.
+func (c *Cluster) needReload(p *peer) {
+	if c.repl < 2 {
+		return
+	}
+	p.reloadGen++
+	p.reload.Store(true)
+	select {
+	case c.probeKick <- struct{}{}:
+	default:
+	}
+}
+
 // reloadMarks reads p's marks from etcd again (those p recorded for itself
-// after an unclean shutdown among them) and then trusts p's replies again.
+// after an unclean shutdown among them) and then trusts p's replies again,
+// unless p restarted meanwhile or never answered yet.
 func (c *Cluster) reloadMarks(p *peer) error {
+	p.incMu.Lock()
+	gen := p.reloadGen
+	p.incMu.Unlock()
 	c.clearMu.Lock()
 	defer c.clearMu.Unlock()
 	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
@@ -814,7 +837,11 @@ func (c *Cluster) reloadMarks(p *peer) error {
 		}
 	}
 	c.marks.add(p.id, cs...)
-	p.reload.Store(false)
+	p.incMu.Lock()
+	if p.reloadGen == gen && p.inc.Load() != 0 {
+		p.reload.Store(false)
+	}
+	p.incMu.Unlock()
 	if len(m[p.id]) > 0 {
 		c.log.Warn("cluster: node has chunks marked missed; rebuilding them", "volume", c.vol.Name, "node", p.id, "chunks", len(m[p.id]))
 		c.kickRepair()

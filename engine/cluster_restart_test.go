@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"slices"
 	"testing"
 	"time"
+
+	"github.com/torus-storage/torus/ring"
 )
 
 // snapshotStore returns nd's store file as it is now: what a power loss at
@@ -203,4 +206,66 @@ func testRestartLosesUnflushed(t *testing.T, first string) {
 		t.Fatal("the victim's copy of a lost chunk was not rebuilt")
 	}
 	verify(t, c, model)
+}
+
+// TestClusterFirstReplyAfterAttach: a node that could not be fenced at
+// attach (down) loses power meanwhile and, as torusd does, marks what it may
+// have lost before it serves. Its first reply to the new holder comes long
+// after the holder read the marks: the holder must read them again before
+// it trusts the node, so no read returns the node's stale copy.
+func TestClusterFirstReplyAfterAttach(t *testing.T) {
+	tc := startCluster(t, 3, 128)
+	const size = 1 << 20 // 16 chunks
+	vol := tc.volume("first", size, 2)
+	victim := tc.nodes[0]
+	a := tc.mustOpen(vol, 1)
+	defer a.Close()
+	model := make([]byte, size)
+	fill(model, 1)
+	buf := abuf(t, size)
+	copy(buf, model)
+	if err := do(a, OpWrite, 0, 0, size, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := do(a, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	snap := snapshotStore(t, victim)
+	// Acknowledged by every owner, not flushed; the holder then dies.
+	fill(model, 2)
+	copy(buf, model)
+	if err := do(a, OpWrite, 0, 0, size, buf); err != nil {
+		t.Fatal(err)
+	}
+
+	victim.srv.Close()
+	b, err := OpenCluster(context.Background(), tc.ms, vol, ClusterOptions{TLS: tc.client.Client, Epoch: 2,
+		Timeout: time.Second, Logger: quietLog, LocalNode: victim.id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	time.Sleep(1500 * time.Millisecond) // the prober has looked at the victim's marks (none yet)
+
+	tc.powerLoss(victim, snap)
+	var chunks []uint64
+	r, _, _ := tc.ms.Ring(context.Background())
+	for ch := range uint64(size / testChunk) {
+		if slices.Contains(r.Owners(ring.ChunkKey(vol.ID, ch, 0), 2, nil), victim.id) {
+			chunks = append(chunks, ch)
+		}
+	}
+	if err := tc.ms.MarkMissed(context.Background(), vol.ID, victim.id, chunks...); err != nil {
+		t.Fatal(err)
+	}
+	p := peerOf(t, b, victim.id)
+	waitFor(t, "the victim to be preferred again", func() bool { return p.downTill.Load() < time.Now().UnixNano() })
+	// The victim's first reply to b (the flush) comes after b read the
+	// marks at attach.
+	if err := do(b, OpFlush, 0, 0, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	verify(t, b, model)
+	waitFor(t, "b to know the victim's marks", func() bool { st := b.Stats(); return st.Missed+int(st.Rebuilt) >= len(chunks) })
+	t.Logf("%d chunks of the victim marked; stats %+v", len(chunks), b.Stats())
 }

@@ -32,6 +32,7 @@ import (
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/ring"
 )
 
 // lostFile holds the chunks an unclean shutdown may have cost, until they are
@@ -169,7 +170,7 @@ func markLost(ctx context.Context, ms *meta.Store, dir, id string, log *slog.Log
 			break
 		}
 		if try%10 == 0 {
-			log.Warn("cannot record the chunks this node may have lost yet; it serves nothing until it can", "err", err)
+			log.Warn("cannot record the chunks this node may have lost yet; it serves nothing until it can (the warning repeats while it waits)", "err", err)
 		}
 		select {
 		case <-ctx.Done():
@@ -183,6 +184,12 @@ func markLost(ctx context.Context, ms *meta.Store, dir, id string, log *slog.Log
 	return nil
 }
 
+// markLostOnce marks the lost chunks that have another copy: on an owner
+// under the current ring other than this node, without a mark. A chunk
+// with no such copy (a volume with one replica, every other copy marked or
+// lost in the same power loss) is left as it is: this copy holds every
+// write a flush covered, and marking it would leave the chunk with no copy
+// anyone reads.
 func markLostOnce(ctx context.Context, ms *meta.Store, id string, lost map[uint64][]uint64) error {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -190,11 +197,29 @@ func markLostOnce(ctx context.Context, ms *meta.Store, id string, lost map[uint6
 	if err != nil {
 		return err
 	}
+	r, _, err := ms.Ring(cctx)
+	if err != nil {
+		return err
+	}
 	for vol, chs := range lost {
-		if !slices.ContainsFunc(vols, func(v meta.Volume) bool { return v.ID == vol }) {
-			continue // deleted meanwhile: the collector frees its chunks
+		i := slices.IndexFunc(vols, func(v meta.Volume) bool { return v.ID == vol })
+		if i < 0 || vols[i].Replication < 2 || r == nil {
+			continue // deleted meanwhile (the collector frees its chunks), or no other copy
 		}
-		for c := range slices.Chunk(chs, 100) {
+		missed, err := ms.Missed(cctx, vol)
+		if err != nil {
+			return fmt.Errorf("volume %d: %w", vol, err)
+		}
+		var mark []uint64
+		for _, ch := range chs {
+			for _, o := range r.Owners(ring.ChunkKey(vol, ch, 0), vols[i].Replication, nil) {
+				if o != id && !slices.Contains(missed[o], ch) {
+					mark = append(mark, ch)
+					break
+				}
+			}
+		}
+		for c := range slices.Chunk(mark, 100) {
 			if err := ms.MarkMissed(cctx, vol, id, c...); err != nil {
 				return fmt.Errorf("volume %d: %w", vol, err)
 			}
