@@ -1,12 +1,15 @@
 package main
 
 import (
+	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/meta"
 )
 
 // The lost-chunks record survives appends and reads back per volume,
@@ -42,5 +45,50 @@ func TestLostChunksAndBoot(t *testing.T) {
 	}
 	if len(got) != 2 || !slices.Equal(got[7], []uint64{1, 3}) || !slices.Equal(got[9], []uint64{0}) {
 		t.Fatalf("lost chunks %v", got)
+	}
+}
+
+// markLost marks a lost chunk on this node only where another owner has a
+// copy without a mark: never for a volume with one replica, never where the
+// other copy is marked too (this one then holds every flushed write).
+func TestMarkLost(t *testing.T) {
+	c := newCluster(t, prefix(t))
+	ctx := context.Background()
+	for _, id := range []string{"a", "b"} {
+		if _, err := c.ms.JoinRing(ctx, meta.Node{ID: id, Capacity: 1 << 30, Host: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r2, err := c.ms.CreateVolume(ctx, "r2", 8<<20, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1, err := c.ms.CreateVolume(ctx, "r1", 8<<20, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Chunk 3 of r2: b missed it already.
+	if err := c.ms.MarkMissed(ctx, r2.ID, "b", 3); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := saveLost(dir, []engine.ChunkID{{Volume: r2.ID, Index: 1}, {Volume: r2.ID, Index: 3}, {Volume: r1.ID, Index: 1}, {Volume: 999, Index: 0}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := markLost(ctx, c.ms, dir, "a", slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	m2, err := c.ms.Missed(ctx, r2.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(m2["a"], []uint64{1}) {
+		t.Fatalf("marks of a on r2: %v, want [1] (chunk 3's other copy is marked)", m2["a"])
+	}
+	if m1, err := c.ms.Missed(ctx, r1.ID); err != nil || len(m1) != 0 {
+		t.Fatalf("marks on the R=1 volume: %v %v", m1, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, lostFile)); !os.IsNotExist(err) {
+		t.Fatalf("%s left after the marks were recorded: %v", lostFile, err)
 	}
 }
