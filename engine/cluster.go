@@ -30,8 +30,9 @@ package engine
 //     ring order, peers recently failed last; never one that may be stale,
 //     see cluster_repair.go) and moves to the next on any error but
 //     ErrRange, including timeouts, checksum errors and a reply from an
-//     owner that turned out to be possibly stale (it restarted); it fails
-//     only when every owner failed.
+//     owner that turned out to be possibly stale (it restarted) or behind
+//     (an older chunk version than a change acknowledged before the read
+//     started, cluster_version.go); it fails only when every owner failed.
 //   - The data path never takes c.mu: it reads the current clusterState (ring
 //     and peer per ring node) through an atomic pointer, replaced as a whole
 //     when the ring or the node registry changes.
@@ -146,6 +147,13 @@ type Cluster struct {
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 	restarts                              atomic.Uint64 // node restarts seen (a new incarnation)
 
+	// Chunk versions (cluster_version.go).
+	vers        []chunkVer    // by chunk
+	behindFound atomic.Uint64 // replicas found behind by their version
+	// copiesRefused counts rebuild copies a target refused (it held a
+	// newer version).
+	copiesRefused atomic.Uint64
+
 	mu      sync.Mutex // guards peers, nodes, ring, prev, unixOK; never taken on the data path
 	peers   map[string]*peer
 	nodes   map[string]meta.Node
@@ -229,8 +237,11 @@ type clusterPart struct {
 	calls   [maxReplicas]clusterCall
 
 	chunk    int64                        // chunk index (not for flush)
+	vseq     uint64                       // write-like: the sequence of its version (cluster_version.go)
+	vwant    Version                      // read: the newest version acknowledged when it started
 	tracked  bool                         // marks.trackStart was true
 	missed   [maxReplicas]bool            // write: owner i failed (needs a mark)
+	zeroVer  [maxReplicas]bool            // write: owner i was sent the change without its version (lacksEarlier)
 	nmiss    atomic.Int32                 // owners missed
 	ownerIDs [maxReplicas]string          // ring node ids of the owners
 	flushErr atomic.Pointer[error]        // flush: the node's flush failed
@@ -338,6 +349,7 @@ func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt Clust
 		return nil, fmt.Errorf("open volume %s: attach epoch %d is beyond 2^32", vol.Name, opt.Epoch)
 	}
 	c.epoch.Store(opt.Epoch)
+	c.vers = make([]chunkVer, (c.size+c.chunk-1)/c.chunk)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	fail := func(err error) (*Cluster, error) {
 		c.cancel()
@@ -805,6 +817,13 @@ func (c *Cluster) Submit(r *Request) {
 		n := min(c.chunk-in, end-off)
 		// The epoch is set per node when the part is sent (wireEpoch).
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Off: uint32(in), Len: uint32(n), Flags: flags}
+		p.vseq, p.vwant = 0, Version{}
+		if op == wire.OpRead {
+			p.vwant = c.ackedVer(idx)
+		} else {
+			p.vseq = c.nextVer(idx)
+			h.VerEpoch, h.VerSeq = c.epoch.Load(), p.vseq
+		}
 		p.op = op
 		p.msg.Code = uint8(op)
 		h.Encode(&p.msg.Header)
@@ -928,7 +947,7 @@ func (p *clusterPart) sendAll() {
 	for i := 0; i < p.n; i++ {
 		cc := &p.calls[i]
 		cc.peer = p.owners[i]
-		p.missed[i] = false
+		p.missed[i], p.zeroVer[i] = false, false
 		if cc.peer == nil || (p.op != wire.OpFlush && cc.peer.isDown()) {
 			// A ring node with no address, or one known down: the write
 			// goes on without it and it gets a mark (an owner under a
@@ -945,6 +964,11 @@ func (p *clusterPart) sendAll() {
 		cc.msg = p.msg
 		if p.op != wire.OpFlush {
 			wire.SetEpoch(&cc.msg.Header, c.wireEpoch(cc.peer))
+			if p.zeroVer[i] = p.lacksEarlier(i); p.zeroVer[i] {
+				// Its version must not claim the changes it lacks
+				// (cluster_version.go).
+				wire.SetVersion(&cc.msg.Header, 0, 0)
+			}
 		}
 		// Each call its own deadline: Go may block dialing a dead node.
 		cc.peer.cli.Go(&cc.msg, &cc.resp, time.Now().Add(c.opt.Timeout), cc)
@@ -1041,7 +1065,7 @@ func (p *clusterPart) callDone() {
 // (a complete copy) took the write: only then may it be acknowledged.
 func (p *clusterPart) completeCopyTook() bool {
 	for i := 0; i < p.n; i++ {
-		if !p.missed[i] && !p.c.marks.has(p.ownerID(i), p.chunk) && (p.owners[i] == nil || !p.owners[i].isSuspect(p.chunk)) {
+		if !p.missed[i] && !p.zeroVer[i] && !p.c.marks.has(p.ownerID(i), p.chunk) && (p.owners[i] == nil || !p.owners[i].isSuspect(p.chunk)) {
 			return true
 		}
 	}
@@ -1129,6 +1153,9 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		c.sawIncarnation(cc.peer, wire.Incarnation(&resp.Header))
 		if cc.peer.isSuspect(p.chunk) || c.marks.has(cc.peer.id, p.chunk) {
 			err = fmt.Errorf("engine: node %s: %w", cc.peer.id, errMaybeStale)
+		} else if got := replyVer(&resp.Header); behind(got, p.vwant) {
+			c.markBehind(cc.peer, p.chunk, got, p.vwant)
+			err = behindErr(cc.peer, got, p.vwant)
 		}
 	}
 	if err == nil {
@@ -1164,6 +1191,10 @@ func (p *clusterPart) finish(err error) {
 		}
 		parent.mu.Unlock()
 	}
+	if err == nil && p.vseq != 0 {
+		p.c.ackVer(p.chunk, p.vseq)
+	}
+	p.vseq = 0
 	if p.tracked {
 		p.c.marks.trackEnd(p.chunk)
 		p.tracked = false

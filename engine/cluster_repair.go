@@ -748,6 +748,12 @@ type ClusterStats struct {
 	// NodeRestarts counts node restarts noticed (a reply with a new
 	// incarnation); each marks what the node may have lost.
 	NodeRestarts uint64
+	// Behind counts replicas reads and rebuilds found behind by their
+	// chunk version (each is marked for rebuild).
+	Behind uint64
+	// CopiesRefused counts rebuild copies a target refused because it held
+	// a newer version of the chunk than the source.
+	CopiesRefused uint64
 	// Moving is true while a rebalance moves chunks to new owners;
 	// MoveCopies is the chunk copies of the last one started; Rebalances
 	// counts finished ones.
@@ -760,7 +766,7 @@ type ClusterStats struct {
 func (c *Cluster) Stats() ClusterStats {
 	return ClusterStats{
 		Missed: c.marks.count(), Rebuilt: c.rebuilt.Load(), RebuiltBytes: c.rebuiltBytes.Load(),
-		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(), NodeRestarts: c.restarts.Load(),
+		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(), NodeRestarts: c.restarts.Load(), Behind: c.behindFound.Load(), CopiesRefused: c.copiesRefused.Load(),
 		Moving: c.movePending.Load(), MoveCopies: c.moveTotal.Load(), Rebalances: c.moves.Load(),
 	}
 }
@@ -1091,11 +1097,11 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err 
 	}
 	data := buf[:length]
 	var srcErr error
+	var srcVer Version
 	got := false
-	for _, src := range c.sources(st, ch) {
-		if src == target || src.isDown() || src.isSuspect(ch) {
-			continue
-		}
+	var from *peer
+	srcs := c.newestSources(ctx, st, target, ch, data[:BlockSize])
+	for _, src := range srcs {
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: c.wireEpoch(src)}
 		req := netquic.Message{Code: uint8(wire.OpRead)}
 		h.Encode(&req.Header)
@@ -1111,6 +1117,9 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err 
 			c.sawIncarnation(src, wire.Incarnation(&resp.Header))
 			if src.isSuspect(ch) || c.marks.has(src.id, ch) {
 				err = errMaybeStale
+			} else if srcVer = replyVer(&resp.Header); behind(srcVer, c.ackedVer(ch)) {
+				c.markBehind(src, ch, srcVer, c.ackedVer(ch))
+				err = behindErr(src, srcVer, c.ackedVer(ch))
 			}
 		}
 		if err != nil {
@@ -1120,7 +1129,7 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err 
 			}
 			continue
 		}
-		got = true
+		got, from = true, src
 		break
 	}
 	if !got {
@@ -1136,7 +1145,10 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err 
 			break
 		}
 	}
-	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: wire.FenceEpoch(c.epoch.Load(), tgen), Flags: wire.FlagFUA}
+	// The target takes the source's version exactly, or refuses a copy
+	// older than what it holds.
+	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: wire.FenceEpoch(c.epoch.Load(), tgen),
+		Flags: wire.FlagFUA | wire.FlagCopy, VerEpoch: srcVer.Epoch, VerSeq: srcVer.Seq}
 	req := netquic.Message{Code: uint8(wire.OpWrite), Payload: data}
 	if zero {
 		// Keep the copy thin: write-zeroes may free the slot.
@@ -1147,6 +1159,9 @@ func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err 
 	cctx, ccancel := context.WithTimeout(ctx, c.opt.Timeout)
 	err = c.copyCallErr(target, target.cli.Call(cctx, &req, &resp), &resp)
 	ccancel()
+	if errors.Is(err, ErrNewer) {
+		return copied{}, c.copyRefused(from, target, ch, srcVer, replyVer(&resp.Header), err)
+	}
 	if err != nil {
 		if nodeFailure(err) {
 			// The copy may still land later: keep the node out of the

@@ -14,7 +14,7 @@ import (
 // snapshotStore returns nd's store file as it is now: what a power loss at
 // this moment would leave on the node's disk once every later write is lost.
 // Take it only while no I/O is in flight to the node (right after a Flush).
-func snapshotStore(t *testing.T, nd *testNode) []byte {
+func snapshotStore(t testing.TB, nd *testNode) []byte {
 	t.Helper()
 	b, err := os.ReadFile(nd.path)
 	if err != nil {

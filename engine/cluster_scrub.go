@@ -7,12 +7,16 @@ package engine
 // mark, and judges the copies:
 //   - A copy whose node answers ErrChecksum (its CRC caught corruption on
 //     disk) is bad.
-//   - The copies that read fine are grouped by their bytes. The largest group
-//     is good; a tie (two replicas that differ, or three that all differ) goes
-//     to the group holding the owner first in ring order (the primary). Every
-//     copy outside the good group is a mismatch and bad. So with two replicas,
-//     one failing its checksum, the other one wins; with two that read fine
-//     and differ, the primary wins.
+//   - Among the copies that read fine, one whose chunk version (the read
+//     reply's) is nonzero and older than another copy's is behind and bad:
+//     it lacks a change the newer one took (cluster_version.go).
+//   - The other copies are grouped by their bytes. The good group is the
+//     largest of those holding a copy with the newest version (any group
+//     when no copy has a version); a tie goes to the group holding the owner
+//     first in ring order (the primary). Every copy outside the good group
+//     is a mismatch and bad. So with two replicas, one failing its checksum,
+//     the other one wins; a stale majority never outvotes the newest copy;
+//     with two copies of one version that differ, the primary wins.
 //   - A copy that cannot be read for another reason (node down, timeout, I/O
 //     error) is not judged: the degraded-write machinery owns failed nodes.
 //
@@ -60,6 +64,8 @@ type ScrubResult struct {
 	Checksum uint64
 	// Mismatches counts copies that read fine but differ from the good copy.
 	Mismatches uint64
+	// Behind counts copies whose version is older than another copy's.
+	Behind uint64
 	// Unreadable counts copies not judged: the node was down or the read
 	// failed for another reason than a checksum error.
 	Unreadable uint64
@@ -74,7 +80,7 @@ type ScrubResult struct {
 }
 
 // Bad is the number of bad copies found (checksum errors and mismatches).
-func (r ScrubResult) Bad() uint64 { return r.Checksum + r.Mismatches }
+func (r ScrubResult) Bad() uint64 { return r.Checksum + r.Mismatches + r.Behind }
 
 // Scrub attempts, how long Scrub waits for a racing write, how often it
 // records progress, and how long it waits for the rebuild without progress.
@@ -90,6 +96,7 @@ type scrubCopy struct {
 	p   *peer
 	id  string
 	seq uint64 // p.lastSeq[chunk] before the read
+	ver Version
 	buf []byte
 	err error
 }
@@ -248,6 +255,7 @@ func (c *Cluster) scrubRead(ctx context.Context, ch int64, copies []scrubCopy) {
 				// A restart it reveals makes the chunk suspect (and the
 				// copy is then not judged).
 				c.sawIncarnation(cp.p, wire.Incarnation(&resp.Header))
+				cp.ver = replyVer(&resp.Header)
 			}
 			cp.err = err
 		})
@@ -281,10 +289,33 @@ func (c *Cluster) judge(ch int64, copies []scrubCopy, res *ScrubResult) []string
 		}
 		return nil // nothing to repair from
 	}
-	// Group identical copies; the largest group wins, ties go to the group
-	// of the copy first in ring order (good is in ring order).
+	// Copies behind the newest version are bad whatever their bytes.
+	var newest Version
+	for _, cp := range good {
+		if newest.Less(cp.ver) {
+			newest = cp.ver
+		}
+	}
+	kept := good[:0]
+	for _, cp := range good {
+		if behind(cp.ver, newest) {
+			res.Behind++
+			bad = append(bad, cp.id)
+			c.log.Warn("cluster: scrub: copy is behind the newest version; repairing it", "volume", c.vol.Name, "chunk", ch,
+				"node", cp.id, "version", cp.ver.String(), "newest", newest.String())
+			continue
+		}
+		kept = append(kept, cp)
+	}
+	good = kept
+	// Group identical copies; the largest group holding a copy of the
+	// newest version wins, ties go to the group of the copy first in ring
+	// order (good is in ring order).
 	best, bestN := -1, 0
 	for i, cp := range good {
+		if cp.ver != newest {
+			continue
+		}
 		k := 0
 		for _, o := range good {
 			if bytes.Equal(cp.buf, o.buf) {

@@ -15,7 +15,7 @@ func FuzzStoreMetadata(f *testing.F) {
 	sb.hdrOff, sb.dataOff, _ = layout(8, DefaultChunkSize)
 	sb.encode(b, tab)
 	f.Add(append([]byte(nil), b...))
-	m := slotMeta{used: true, id: ChunkID{1, 2, 3}, version: 7, crcs: make([]uint32, 256)}
+	m := slotMeta{used: true, id: ChunkID{1, 2, 3}, changes: 7, ver: Version{Epoch: 4, Seq: 9}, crcs: make([]uint32, 256)}
 	m.set(3)
 	m.encode(b, 256, tab)
 	f.Add(append([]byte(nil), b...))

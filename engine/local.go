@@ -248,7 +248,7 @@ func (l *Local) submit(r *Request, d *ShardDriver) {
 		idx := off / l.chunk
 		in := off - idx*l.chunk
 		n := min(l.chunk-in, end-off)
-		p.Op, p.Flags, p.Off, p.Length = r.Op, r.Flags, in, n
+		p.Op, p.Flags, p.Off, p.Length, p.Ver = r.Op, r.Flags&^FlagCopy, in, n, Version{}
 		p.Chunk = ChunkID{Index: uint64(idx)}
 		p.Buf = nil
 		if r.Op == OpRead || r.Op == OpWrite {

@@ -23,6 +23,10 @@ package engine
 //     volume's epoch too (no lock: a read changes nothing, and a read that
 //     passed just before a fence returns data from before it). Flushes
 //     carry no epoch check.
+//   - Chunk versions: a write-class request's version reaches the store
+//     with it (the store keeps the newest, or exactly a copy's and refuses
+//     an older copy); an OK read reply carries the version the chunk had
+//     when the read started, a refused copy's reply the chunk's version.
 
 import (
 	"errors"
@@ -207,6 +211,10 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 	if h.Flags&wire.FlagNoUnmap != 0 {
 		o.Flags |= FlagNoUnmap
 	}
+	if h.Flags&wire.FlagCopy != 0 {
+		o.Flags |= FlagCopy
+	}
+	o.Ver = Version{Epoch: h.VerEpoch, Seq: h.VerSeq}
 	switch op {
 	case wire.OpRead:
 		buf, err := r.Buffer(int(h.Len))
@@ -215,7 +223,7 @@ func (n *NodeServer) Serve(r *netquic.ServerRequest) {
 			n.fail(r, wire.StatusIO, err)
 			return
 		}
-		o.Op, o.Buf = OpRead, buf
+		o.Op, o.Buf, o.Ver = OpRead, buf, Version{}
 		// A read from a holder that was superseded is refused too: its
 		// data may predate the new holder's writes.
 		v := n.volEpoch(h.Volume)
@@ -340,18 +348,28 @@ func (o *nodeOp) CompleteChunk(_ *ChunkOp, err error) {
 		if s == wire.StatusNoSpace {
 			n.noSpace.Add(1)
 			n.log.Warn("node: out of space: write refused", "node", n.id, "chunk", o.Chunk)
+		} else if s == wire.StatusNewer {
+			n.log.Info("node: rebuild copy refused: the chunk holds a newer version", "node", n.id, "chunk", o.Chunk, "err", err)
 		} else if s != wire.StatusRange {
 			n.log.Warn("node: chunk I/O failed", "node", n.id, "op", o.wop.String(), "chunk", o.Chunk, "err", err)
 		}
 	} else if o.wop == wire.OpRead {
 		payload = o.Buf
 	}
-	n.put(o)
-	hdr := &n.boot
-	if s != wire.StatusOK {
-		hdr = nil
+	switch {
+	case s == wire.StatusOK && o.wop == wire.OpRead, s == wire.StatusNewer:
+		// The chunk's version, with the incarnation.
+		hb := n.boot
+		wire.SetVersion(&hb, o.Ver.Epoch, o.Ver.Seq)
+		n.put(o)
+		_ = r.Reply(uint8(s), &hb, payload)
+	case s == wire.StatusOK:
+		n.put(o)
+		_ = r.Reply(uint8(s), &n.boot, payload)
+	default:
+		n.put(o)
+		_ = r.Reply(uint8(s), nil, payload)
 	}
-	_ = r.Reply(uint8(s), hdr, payload)
 }
 
 // statusOf maps a store error to a wire status.
@@ -367,6 +385,8 @@ func statusOf(err error) wire.Status {
 		return wire.StatusChecksum
 	case errors.Is(err, ErrFenced):
 		return wire.StatusStaleEpoch
+	case errors.Is(err, ErrNewer):
+		return wire.StatusNewer
 	}
 	return wire.StatusIO
 }
@@ -386,6 +406,8 @@ func errOf(s wire.Status) error {
 		return ErrFenced
 	case wire.StatusBadRequest:
 		return errBadRequest
+	case wire.StatusNewer:
+		return ErrNewer
 	}
 	return errNodeIO
 }

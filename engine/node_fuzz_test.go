@@ -11,7 +11,7 @@ import (
 	"github.com/torus-storage/torus/netquic"
 )
 
-// FuzzNodeServer sends arbitrary chunk-protocol requests (op, the 32-byte
+// FuzzNodeServer sends arbitrary chunk-protocol requests (op, the 48-byte
 // header, a payload) to a NodeServer with a real store over the node's unix
 // socket, where the connection is served on the store's ring thread as a
 // node's own-host client is. The framing is the client's (FuzzRingFrames

@@ -92,11 +92,17 @@ type shard struct {
 	driver *ShardDriver // the driving thread, nil when run owns the shard
 
 	// Shard goroutine only.
-	ring     *iouring.Ring
-	fd       int32 // the store fd, or 0 when registered as fixed file 0
-	fixed    uint8 // iouring.SQEFixedFile when fd is a fixed-file index
-	local    []*ChunkOp
-	chunks   map[ChunkID]int32
+	ring   *iouring.Ring
+	fd     int32 // the store fd, or 0 when registered as fixed file 0
+	fixed  uint8 // iouring.SQEFixedFile when fd is a fixed-file index
+	local  []*ChunkOp
+	chunks map[ChunkID]int32
+	// freed keeps the version of chunks whose slot was freed, for a write
+	// of the chunk that arrives late (older than the discard that freed
+	// it) and takes a new slot: the new slot starts from this version, not
+	// from zero, so its version does not go back. Cleared when it grows past
+	// freedMax; lost at a restart (a late request is fenced by then).
+	freed    map[ChunkID]Version
 	ops      [maxOps]*ChunkOp
 	freeIdx  []int32
 	backlog  *ChunkOp
@@ -138,7 +144,7 @@ func newShard(s *Store, id int) (*shard, error) {
 	}
 	sh := &shard{s: s, id: id, efd: efd, runDone: make(chan struct{}), ud: uint64(id) << udShardShift,
 		queue: make([]*ChunkOp, 0, maxOps), local: make([]*ChunkOp, 0, maxOps),
-		chunks: make(map[ChunkID]int32)}
+		chunks: make(map[ChunkID]int32), freed: make(map[ChunkID]Version)}
 	sh.one[0] = 1
 	const nh = maxOps + cleanMax
 	arena, err := alignbuf.Alloc((nh + 1 + alPerShard) * BlockSize)
@@ -412,6 +418,7 @@ func (sh *shard) dispatch(op *ChunkOp) {
 		switch op.Op {
 		case OpRead:
 			clear(op.Buf)
+			op.Ver = Version{}
 			sh.finish(op)
 			return
 		case OpWrite:
@@ -422,6 +429,10 @@ func (sh *shard) dispatch(op *ChunkOp) {
 				return
 			}
 			sh.chunks[op.Chunk] = slot
+			if v, ok := sh.freed[op.Chunk]; ok {
+				s.slots[slot].ver = v
+				delete(sh.freed, op.Chunk)
+			}
 		default: // discard or write-zeroes of a chunk that holds nothing
 			sh.finish(op)
 			return
@@ -598,6 +609,9 @@ func (sh *shard) prepSync(e *iouring.SQE) uint64 {
 	return ep
 }
 
+// freedMax bounds shard.freed.
+const freedMax = 4096
+
 // clean writes the dirty header of an idle slot.
 func (sh *shard) clean(slot int32, m *slotMeta) {
 	sh.cleaning++
@@ -674,8 +688,15 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 	s := sh.s
 	base := uint64(s.dataOff(op.slot))
 	fua := op.Flags&FlagFUA != 0
+	if op.Op != OpRead && op.Flags&FlagCopy != 0 && !op.Ver.IsZero() && op.Ver.Less(m.ver) {
+		op.err = fmt.Errorf("store %s: copy of chunk %v at version %v, the chunk is at %v: %w", s.path, op.Chunk, op.Ver, m.ver, ErrNewer)
+		op.Ver = m.ver
+		sh.finish(op)
+		return
+	}
 	switch op.Op {
 	case OpRead:
+		op.Ver = m.ver
 		e := sh.sqe()
 		if i, ok := sh.fixedBuf(op.Buf); ok {
 			e.PrepReadFixed(sh.fd, op.Buf, base+uint64(op.Off), i)
@@ -698,7 +719,8 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 			m.crcs[b0+i] = crc32c.Checksum(op.Buf[i*BlockSize : (i+1)*BlockSize])
 			m.set(b0 + i)
 		}
-		m.version++
+		m.changes++
+		m.setVer(op)
 		if !fua {
 			s.plWrite(base+uint64(op.Off), op.Length)
 		}
@@ -725,7 +747,8 @@ func (sh *shard) issue(op *ChunkOp, m *slotMeta) {
 		for i := 0; i < int(op.Length/BlockSize); i++ {
 			m.unset(b0 + i)
 		}
-		m.version++
+		m.changes++
+		m.setVer(op)
 		keep := op.Op == OpWriteZeroes && op.Flags&FlagNoUnmap != 0
 		op.pending = 1
 		if !keep && m.empty() && m.active == op && op.next == nil {
@@ -1111,6 +1134,12 @@ func (sh *shard) unlock(op *ChunkOp) {
 			m.hdrFail, m.dirty = true, true
 		} else {
 			delete(sh.chunks, m.id)
+			if !m.ver.IsZero() {
+				if len(sh.freed) >= freedMax {
+					clear(sh.freed)
+				}
+				sh.freed[m.id] = m.ver
+			}
 			if m.alPos1 > 0 {
 				// Leaving the in-memory log only; the on-disk block may
 				// list the slot until the next log write, which is

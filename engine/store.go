@@ -70,6 +70,12 @@ type ChunkOp struct {
 	Op    Op
 	Flags Flags
 	Chunk ChunkID
+	// Ver is, for a write, discard or write-zeroes, the version of the
+	// change (zero: none; the chunk keeps the newest it was given), and
+	// with FlagCopy the exact version the chunk takes. The store sets it
+	// when a read completes, to the chunk's version when the read started,
+	// and when a copy is refused with ErrNewer, to the chunk's version.
+	Ver Version
 	// Off and Length select a block-aligned range inside the chunk; Buf holds
 	// Length bytes for OpRead and OpWrite and must be 4 KiB aligned memory
 	// (internal/alignbuf). OpFlush ignores Chunk, Off and Length.
@@ -95,6 +101,29 @@ type ChunkOp struct {
 	hnext   *ChunkOp // slot header waiters
 	sh      *shard   // the shard that reports op (nil: the submitter does)
 }
+
+// ErrNewer is the error of a copy (FlagCopy) refused because the chunk
+// holds a newer version than the copy's.
+var ErrNewer = errors.New("engine: the replica holds a newer version of the chunk than the copy")
+
+// Version orders the changes of one chunk across its replicas: the attach
+// epoch of the writer, then the writer's sequence of changes to the chunk.
+// The zero Version means that none is known (never given, or lost by an
+// unclean shutdown of the node).
+type Version struct {
+	Epoch, Seq uint64
+}
+
+// IsZero reports whether v is the zero Version (unknown).
+func (v Version) IsZero() bool { return v == Version{} }
+
+// Less reports whether v is older than w.
+func (v Version) Less(w Version) bool {
+	return v.Epoch < w.Epoch || v.Epoch == w.Epoch && v.Seq < w.Seq
+}
+
+// String formats v as epoch.seq.
+func (v Version) String() string { return fmt.Sprintf("%d.%d", v.Epoch, v.Seq) }
 
 // opDeliver marks a ChunkOp pushed to a driven shard only to complete its
 // request on the driver's thread (see driver.go).
@@ -506,7 +535,7 @@ func (s *Store) recover(buf []byte) error {
 			// header did not land: zero it, so that the chunk that takes
 			// it next cannot inherit its data. With a torn log every slot
 			// is listed; then only slots that were ever used are looked at.
-			if full && m.version == 0 {
+			if full && m.changes == 0 {
 				continue
 			}
 			if _, err := s.f.ReadAt(buf[:s.chunk], s.dataOff(int32(i))); err != nil {
@@ -525,7 +554,10 @@ func (s *Store) recover(buf []byte) error {
 		if _, err := s.f.ReadAt(buf[:s.chunk], s.dataOff(int32(i))); err != nil {
 			return fmt.Errorf("recovery: read slot %d: %w", i, err)
 		}
-		changed := false
+		// Its header may be behind its data or ahead of it: its version
+		// is unknown from now on.
+		changed := !m.ver.IsZero()
+		m.ver = Version{}
 		for b := 0; b < s.blocks; b++ {
 			if !m.bit(b) {
 				continue
@@ -538,7 +570,7 @@ func (s *Store) recover(buf []byte) error {
 		}
 		if changed {
 			slots++
-			m.version++
+			m.changes++
 			m.encode(buf[:BlockSize], s.blocks, s.tab)
 			if _, err := s.f.WriteAt(buf[:BlockSize], s.hdrOff(int32(i))); err != nil {
 				return fmt.Errorf("recovery: write slot %d header: %w", i, err)
@@ -637,7 +669,8 @@ func (s *Store) allocSlot(id ChunkID) int32 {
 	m.alState, m.alPos1, m.alWriters = alCold, 0, 0
 	m.dirty, m.hdrFail, m.hdrEpoch = false, false, 0
 	m.fresh = true
-	m.version++
+	m.changes++
+	m.ver = Version{}
 	m.written = [len(m.written)]uint64{}
 	clear(m.crcs)
 	s.used.Add(1)

@@ -36,9 +36,17 @@ package engine
 //     the chunk completes (the first header write of a slot has RWF_DSYNC),
 //     so after a power loss every chunk that may have lost writes is named
 //     by a used header of a slot the activity log lists (OnRecover).
-//   - version grows by one per change of the slot (write, discard, free,
+//   - changes grows by one per change of the slot (write, discard, free,
 //     reuse); it never goes back on disk (a dirty header carries a later
-//     version when it is written; recovery adds one when it fixes a slot).
+//     count when it is written; recovery adds one when it fixes a slot).
+//   - A used slot's chunk version (ver) is the newest Version of the changes
+//     applied to it (a copy sets it exactly, and is refused with ErrNewer
+//     when older); it is zero (unknown) when none was given, when the slot
+//     was taken anew, and after an unclean shutdown for every slot the log
+//     lists (whose header may be behind or ahead of its data). So once a
+//     store is open, a nonzero version is that of the last change the
+//     slot's data holds (a power loss also loses unflushed data of slots
+//     the log lists: OnRecover names them, and torusd marks them missed).
 //   - Every slot that has a data, punch or header write in flight, or had one
 //     since the last fdatasync, or whose header is dirty, is listed in a valid
 //     activity-log block of its shard (written with RWF_DSYNC before the
@@ -111,11 +119,15 @@ const (
 	shVolume  = 16
 	shIndex   = 24
 	shSnap    = 32
-	shVersion = 40
+	shChanges = 40
 	shBlocks  = 48
 	shBitmap  = 64
 	shCRCs    = 128
-	shCRC     = BlockSize - 4
+	// The chunk version follows the largest CRC table (512 blocks);
+	// stores written before it have zeros there (no version known).
+	shVerEpoch = shCRCs + 4*maxBlocksPerChunk
+	shVerSeq   = shVerEpoch + 8
+	shCRC      = BlockSize - 4
 
 	slotFree = 0
 	slotUsed = 1
@@ -223,9 +235,13 @@ func checkChunkSize(cs int64) error {
 // slotMeta is the in-memory copy of a slot header. The shard owning the
 // slot's chunk is the only one to touch it while the slot is used.
 type slotMeta struct {
-	id      ChunkID
-	used    bool
-	version uint64
+	id   ChunkID
+	used bool
+	// changes grows by one at every change of the slot (its change count).
+	changes uint64
+	// ver is the chunk version: the newest version of a change applied
+	// (Version), zero when none is known.
+	ver Version
 	// written has bit b set when block b holds data (else it reads as zeros).
 	written [maxBlocksPerChunk / 64]uint64
 	// crcs is this slot's window of Store.crcs: one CRC32C per block.
@@ -310,6 +326,14 @@ func decodeAL(b []byte, tab *crc32.Table, dst []uint32) (_ []uint32, ok bool) {
 	return dst, true
 }
 
+// setVer applies the version of write-class op to m: exactly, for a copy;
+// else the newer of the two.
+func (m *slotMeta) setVer(op *ChunkOp) {
+	if op.Flags&FlagCopy != 0 || m.ver.Less(op.Ver) {
+		m.ver = op.Ver
+	}
+}
+
 func (m *slotMeta) bit(b int) bool { return m.written[b>>6]&(1<<(b&63)) != 0 }
 func (m *slotMeta) set(b int)      { m.written[b>>6] |= 1 << (b & 63) }
 func (m *slotMeta) unset(b int)    { m.written[b>>6] &^= 1 << (b & 63) }
@@ -349,8 +373,10 @@ func (m *slotMeta) encode(b []byte, blocks int, tab *crc32.Table) {
 		for i := 0; i < blocks; i++ {
 			le.PutUint32(b[shCRCs+4*i:], m.crcs[i])
 		}
+		le.PutUint64(b[shVerEpoch:], m.ver.Epoch)
+		le.PutUint64(b[shVerSeq:], m.ver.Seq)
 	}
-	le.PutUint64(b[shVersion:], m.version)
+	le.PutUint64(b[shChanges:], m.changes)
 	le.PutUint32(b[shBlocks:], uint32(blocks))
 	le.PutUint32(b[shCRC:], crc32.Checksum(b[:shCRC], tab))
 }
@@ -374,7 +400,7 @@ func (m *slotMeta) decode(b []byte, blocks int, tab *crc32.Table) error {
 	if n := le.Uint32(b[shBlocks:]); int(n) != blocks {
 		return fmt.Errorf("slot header has %d blocks, store chunks have %d: %w", n, blocks, ErrCorrupt)
 	}
-	m.version = le.Uint64(b[shVersion:])
+	m.changes = le.Uint64(b[shChanges:])
 	switch le.Uint32(b[shState:]) {
 	case slotFree:
 		m.used = false
@@ -391,5 +417,6 @@ func (m *slotMeta) decode(b []byte, blocks int, tab *crc32.Table) error {
 	for i := 0; i < blocks; i++ {
 		m.crcs[i] = le.Uint32(b[shCRCs+4*i:])
 	}
+	m.ver = Version{Epoch: le.Uint64(b[shVerEpoch:]), Seq: le.Uint64(b[shVerSeq:])}
 	return nil
 }

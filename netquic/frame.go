@@ -19,21 +19,21 @@ import (
 
 // Frame layout, little endian:
 //
-//	[0]      magic/version (0xA1)
+//	[0]      magic/version (0xA2; 0xA1 had a 32-byte caller header)
 //	[1]      kind: 1 request, 2 response
 //	[2]      code: the caller's op (request) or status (response)
 //	[3]      reserved, zero
 //	[4:12]   request id
 //	[12:16]  payload length
-//	[16:48]  caller-defined fixed header (chunk id, offset, epoch, ...)
-//	[48:]    payload
+//	[16:64]  caller-defined fixed header (chunk id, offset, epoch, ...)
+//	[64:]    payload
 const (
 	// FrameHeaderSize is the size of the fixed frame header.
-	FrameHeaderSize = 48
+	FrameHeaderSize = 64
 	// UserHeaderSize is the size of the caller-defined part of the header.
-	UserHeaderSize = 32
+	UserHeaderSize = 48
 
-	frameMagic = 0xA1
+	frameMagic = 0xA2
 
 	kindRequest  = 1
 	kindResponse = 2

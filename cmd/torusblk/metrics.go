@@ -57,9 +57,9 @@ func (e *extraFlags) check(local bool) error {
 
 // scrubStats are the scrub counters of one volume.
 type scrubStats struct {
-	runs, chunks, skipped, checksum, mismatches, repaired, lost atomic.Uint64
-	running                                                     atomic.Bool
-	lastSuccess                                                 atomic.Int64 // Unix seconds of the last finished scrub
+	runs, chunks, skipped, checksum, mismatches, behind, repaired, lost atomic.Uint64
+	running                                                             atomic.Bool
+	lastSuccess                                                         atomic.Int64 // Unix seconds of the last finished scrub
 }
 
 func (s *scrubStats) add(r engine.ScrubResult) {
@@ -68,6 +68,7 @@ func (s *scrubStats) add(r engine.ScrubResult) {
 	s.skipped.Add(r.Skipped)
 	s.checksum.Add(r.Checksum)
 	s.mismatches.Add(r.Mismatches)
+	s.behind.Add(r.Behind)
 	s.repaired.Add(r.Repaired)
 	s.lost.Add(r.Lost)
 }
@@ -150,6 +151,8 @@ var volumeMetrics = []volumeMetric{
 		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.RebuiltBytes }},
 	{"torus_volume_read_failovers_total", "counter", "Reads that moved to another replica after an error.",
 		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.Failovers }},
+	{"torus_volume_replicas_behind_total", "counter", "Replicas reads or rebuilds found behind: their chunk version older than a change acknowledged or held by another replica (marked for rebuild).",
+		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.Behind }},
 	{"torus_volume_node_failures_total", "counter", "Storage nodes that failed while the volume was attached (writes went on degraded).",
 		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.NodeFailures }},
 	{"torus_volume_scrub_running", "gauge", "1 while a scrub runs.",
@@ -166,6 +169,8 @@ var volumeMetrics = []volumeMetric{
 		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.checksum.Load() }},
 	{"torus_volume_scrub_mismatches_total", "counter", "Replicas a scrub found differing from the good copy.",
 		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.mismatches.Load() }},
+	{"torus_volume_scrub_behind_total", "counter", "Replicas a scrub found behind the newest version of a chunk.",
+		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.behind.Load() }},
 	{"torus_volume_scrub_repaired_total", "counter", "Bad replicas found by a scrub and rebuilt from a good copy.",
 		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.repaired.Load() }},
 	{"torus_volume_scrub_lost_chunks_total", "counter", "Chunks a scrub found with no good replica at all (restore from a backup).",

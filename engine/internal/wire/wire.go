@@ -3,7 +3,7 @@
 //
 // A netquic frame already has an op (request) or status (response) byte, a
 // request id and a payload length; this package defines the op and status
-// values and the 32-byte caller header. Layout of the header, little endian:
+// values and the 48-byte caller header. Layout of the header, little endian:
 //
 //	[0:8]    volume id
 //	[8:16]   chunk index (offset in the volume / chunk size)
@@ -16,8 +16,14 @@
 //	         start of the node), so a client notices a restart
 //	[24:26]  offset inside the chunk, in 4 KiB blocks
 //	[26:28]  length, in 4 KiB blocks (at most 512: chunks are at most 2 MiB)
-//	[28]     flags: bit 0 FUA, bit 1 NoUnmap; other bits zero
+//	[28]     flags: bit 0 FUA, bit 1 NoUnmap, bit 2 Copy; other bits zero
 //	[29:32]  snapshot (24 bits; 0 is the live volume)
+//	[32:48]  chunk version: attach epoch u64 (32), sequence u64 (40). In a
+//	         write, discard or write-zeroes, the version of that change (the
+//	         writer's attach epoch and its per-chunk sequence); with FlagCopy
+//	         (a rebuild copy) the exact version of the source copy. In an OK
+//	         response to a read, and in a StatusNewer response, the node's
+//	         version of the chunk. All zeros: no version (none known).
 //
 // Payload: a write request carries exactly length bytes; a read response
 // carries exactly length bytes when its status is OK; every other frame has
@@ -36,7 +42,7 @@ import (
 )
 
 // HeaderSize is the size of the caller header in a netquic frame.
-const HeaderSize = 32
+const HeaderSize = 48
 
 // BlockSize is the unit of offsets and lengths on the wire.
 const BlockSize = 4096
@@ -99,6 +105,7 @@ const (
 	StatusStaleEpoch Status = 4 // the writer's epoch is older than the node's
 	StatusIO         Status = 5 // any other error of the node
 	StatusBadRequest Status = 6 // unknown op or malformed header
+	StatusNewer      Status = 7 // a copy older than the chunk's version was refused
 )
 
 // String names the status.
@@ -118,6 +125,8 @@ func (s Status) String() string {
 		return "io"
 	case StatusBadRequest:
 		return "bad-request"
+	case StatusNewer:
+		return "newer"
 	}
 	return fmt.Sprintf("status(%d)", uint8(s))
 }
@@ -126,7 +135,11 @@ func (s Status) String() string {
 const (
 	FlagFUA     uint8 = 1 << 0
 	FlagNoUnmap uint8 = 1 << 1
-	flagsKnown        = FlagFUA | FlagNoUnmap
+	// FlagCopy marks a write or write-zeroes of a whole chunk by a rebuild:
+	// the node sets the chunk's version to exactly the header's, and
+	// refuses (StatusNewer) if it holds a newer one.
+	FlagCopy   uint8 = 1 << 2
+	flagsKnown       = FlagFUA | FlagNoUnmap | FlagCopy
 )
 
 // Header is the decoded caller header of a request or response.
@@ -138,6 +151,8 @@ type Header struct {
 	Off, Len uint32
 	Flags    uint8
 	Snap     uint32 // 24 bits
+	// VerEpoch and VerSeq are the chunk version (see the layout above).
+	VerEpoch, VerSeq uint64
 }
 
 // ErrMalformed is wrapped by every Decode error.
@@ -156,6 +171,8 @@ func (h *Header) Encode(b *[HeaderSize]byte) {
 	b[29] = byte(h.Snap)
 	b[30] = byte(h.Snap >> 8)
 	b[31] = byte(h.Snap >> 16)
+	binary.LittleEndian.PutUint64(b[32:40], h.VerEpoch)
+	binary.LittleEndian.PutUint64(b[40:48], h.VerSeq)
 }
 
 // Decode reads b into h and checks it for op: known flags, and for the ops
@@ -170,11 +187,16 @@ func Decode(op Op, b *[HeaderSize]byte, h *Header) error {
 	h.Off, h.Len = offB*BlockSize, lenB*BlockSize
 	h.Flags = b[28]
 	h.Snap = uint32(b[29]) | uint32(b[30])<<8 | uint32(b[31])<<16
+	h.VerEpoch = binary.LittleEndian.Uint64(b[32:40])
+	h.VerSeq = binary.LittleEndian.Uint64(b[40:48])
 	if !op.Valid() {
 		return fmt.Errorf("%w: unknown op %d", ErrMalformed, uint8(op))
 	}
 	if h.Flags&^flagsKnown != 0 {
 		return fmt.Errorf("%w: unknown flags %#x", ErrMalformed, h.Flags)
+	}
+	if h.Flags&FlagCopy != 0 && op != OpWrite && op != OpWriteZeroes {
+		return fmt.Errorf("%w: copy flag on a %v", ErrMalformed, op)
 	}
 	switch op {
 	case OpRead, OpWrite, OpDiscard, OpWriteZeroes:
@@ -212,6 +234,17 @@ func AttachEpoch(e uint64) uint64 { return e >> 32 }
 
 // SetEpoch overwrites the epoch field of an encoded header.
 func SetEpoch(b *[HeaderSize]byte, e uint64) { binary.LittleEndian.PutUint64(b[16:24], e) }
+
+// Version returns the chunk version carried by an encoded header.
+func Version(b *[HeaderSize]byte) (epoch, seq uint64) {
+	return binary.LittleEndian.Uint64(b[32:40]), binary.LittleEndian.Uint64(b[40:48])
+}
+
+// SetVersion overwrites the chunk version of an encoded header.
+func SetVersion(b *[HeaderSize]byte, epoch, seq uint64) {
+	binary.LittleEndian.PutUint64(b[32:40], epoch)
+	binary.LittleEndian.PutUint64(b[40:48], seq)
+}
 
 // Incarnation returns the node incarnation carried by an OK response header
 // (0 if the node sent none).

@@ -7,7 +7,7 @@ import (
 
 func TestRoundTrip(t *testing.T) {
 	h := Header{Volume: 1<<63 | 5, Index: 1234567, Epoch: 99, Off: 8 * BlockSize, Len: 504 * BlockSize,
-		Flags: FlagFUA | FlagNoUnmap, Snap: 1<<24 - 1}
+		Flags: FlagFUA | FlagNoUnmap | FlagCopy, Snap: 1<<24 - 1, VerEpoch: 7, VerSeq: 1<<63 + 1}
 	var b [HeaderSize]byte
 	h.Encode(&b)
 	var g Header
@@ -16,6 +16,9 @@ func TestRoundTrip(t *testing.T) {
 	}
 	if g != h {
 		t.Fatalf("decoded %+v, want %+v", g, h)
+	}
+	if e, q := Version(&b); e != h.VerEpoch || q != h.VerSeq {
+		t.Fatalf("Version = %d.%d, want %d.%d", e, q, h.VerEpoch, h.VerSeq)
 	}
 }
 
@@ -29,7 +32,9 @@ func TestDecodeRejects(t *testing.T) {
 		{"unknown op 8", 8, Header{Len: BlockSize}},
 		{"zero length read", OpRead, Header{}},
 		{"past the largest chunk", OpWrite, Header{Off: MaxChunk - BlockSize, Len: 2 * BlockSize}},
-		{"unknown flag", OpRead, Header{Len: BlockSize, Flags: 4}},
+		{"unknown flag", OpRead, Header{Len: BlockSize, Flags: 8}},
+		{"copy flag on a read", OpRead, Header{Len: BlockSize, Flags: FlagCopy}},
+		{"copy flag on a discard", OpDiscard, Header{Len: BlockSize, Flags: FlagCopy}},
 	} {
 		var b [HeaderSize]byte
 		tc.h.Encode(&b)
@@ -52,7 +57,7 @@ func TestDecodeRejects(t *testing.T) {
 // what it accepts must satisfy the header invariants and re-encode to the
 // same bytes.
 func FuzzDecode(f *testing.F) {
-	seed := Header{Volume: 3, Index: 7, Epoch: 2, Off: 4096, Len: 8192, Flags: FlagFUA}
+	seed := Header{Volume: 3, Index: 7, Epoch: 2, Off: 4096, Len: 8192, Flags: FlagFUA | FlagCopy, VerEpoch: 2, VerSeq: 9}
 	var b [HeaderSize]byte
 	seed.Encode(&b)
 	f.Add(uint8(OpWrite), b[:])
@@ -70,7 +75,8 @@ func FuzzDecode(f *testing.F) {
 			Op(op) == OpWrite && len(data)-HeaderSize != int(h.Len) {
 			t.Fatalf("payload of %d accepted for %+v", len(data)-HeaderSize, h)
 		}
-		if h.Off%BlockSize != 0 || h.Len%BlockSize != 0 || h.Flags&^flagsKnown != 0 || h.Snap >= 1<<24 {
+		if h.Off%BlockSize != 0 || h.Len%BlockSize != 0 || h.Flags&^flagsKnown != 0 || h.Snap >= 1<<24 ||
+			h.Flags&FlagCopy != 0 && Op(op) != OpWrite && Op(op) != OpWriteZeroes {
 			t.Fatalf("accepted bad header %+v", h)
 		}
 		switch Op(op) {
