@@ -153,6 +153,12 @@ type Cluster struct {
 	// copiesRefused counts rebuild copies a target refused (it held a
 	// newer version).
 	copiesRefused atomic.Uint64
+	// behindPending holds the (node, chunk) pairs found behind whose mark
+	// is queued, so that each is queued and logged once (markKey → struct{}).
+	behindPending sync.Map
+	// refused remembers the copies a target refused (markKey → refusal), so
+	// that the rebuild tries such a chunk again only once it was written.
+	refused sync.Map
 
 	mu      sync.Mutex // guards peers, nodes, ring, prev, unixOK; never taken on the data path
 	peers   map[string]*peer

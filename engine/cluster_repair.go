@@ -325,6 +325,7 @@ type markJob struct {
 	p      *clusterPart
 	peer   *peer
 	atRisk bool // mark what peer may lack after a failed flush (recordAtRisk) instead of chunks
+	behind bool // a replica found behind (markBehind): drop it from c.behindPending once done
 }
 
 // errMarks is wrapped by the error of marks etcd did not take.
@@ -561,6 +562,9 @@ func (c *Cluster) marker() {
 			err = c.recordAtRisk(j.peer)
 		} else if err = c.recordMarks(j.node, j.chunks); err == nil && j.peer != nil {
 			j.peer.unsuspect(j.chunks)
+		}
+		if j.behind {
+			c.behindPending.Delete(markKey{j.node, j.chunks[0]})
 		}
 		if j.p != nil {
 			j.p.markDone(err)
@@ -1062,8 +1066,12 @@ const (
 // -1, and the mark stays for the next pass, when there is nothing to do now:
 // another copy holds the chunk, the mark went meanwhile, the writes in
 // flight did not end in time, target went down or was fenced again while
-// the copy waited, or the cluster is closing.
+// the copy waited, the cluster is closing, or target refused a copy of the
+// chunk (it holds a newer version) and the chunk was not written since.
 func (c *Cluster) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err error) {
+	if c.refusedIdle(target, ch) {
+		return copied{n: -1}, nil
+	}
 	held := c.marks.hold(target.id, ch)
 	if held == nil {
 		return copied{n: -1}, nil

@@ -122,15 +122,20 @@ func behind(got, want Version) bool {
 // chunk with every copy marked can be neither read nor written nor rebuilt.
 // The read that found it fails instead, and the error is logged.
 func (c *Cluster) markBehind(p *peer, ch int64, got, want Version) {
+	k := markKey{p.id, ch}
+	if _, queued := c.behindPending.LoadOrStore(k, struct{}{}); queued {
+		return
+	}
 	c.behindFound.Add(1)
 	if !c.otherUnmarked(p, ch) {
+		c.behindPending.Delete(k)
 		c.log.Error("cluster: replica is behind and is the chunk's last unmarked copy; not marking it, reads of it fail",
 			"volume", c.vol.Name, "node", p.id, "chunk", ch, "version", got.String(), "want", want.String())
 		return
 	}
 	c.log.Warn("cluster: replica is behind (its version of the chunk is older than a change acknowledged or held elsewhere); marking it for rebuild",
 		"volume", c.vol.Name, "node", p.id, "chunk", ch, "version", got.String(), "want", want.String())
-	j := &markJob{node: p.id, chunks: []int64{ch}}
+	j := &markJob{node: p.id, chunks: []int64{ch}, behind: true}
 	select {
 	case c.markq <- j:
 	default:
@@ -215,6 +220,20 @@ func (c *Cluster) newestSources(ctx context.Context, st *clusterState, target *p
 	return out
 }
 
+// refusedIdle reports whether a copy of chunk ch to target was refused and
+// the chunk was not written since: a new copy would be refused again.
+func (c *Cluster) refusedIdle(target *peer, ch int64) bool {
+	v, ok := c.refused.Load(markKey{target.id, ch})
+	if !ok {
+		return false
+	}
+	if v.(uint64) == c.vers[ch].next.Load() {
+		return true
+	}
+	c.refused.Delete(markKey{target.id, ch})
+	return false
+}
+
 // copyRefused handles a copy of chunk ch from src at version sv that target
 // refused: it holds version tv, newer. The target keeps its mark (it lacks
 // an earlier change) and is not overwritten. src is not marked: a source
@@ -225,6 +244,7 @@ func (c *Cluster) newestSources(ctx context.Context, st *clusterState, target *p
 // operator decides.
 func (c *Cluster) copyRefused(src, target *peer, ch int64, sv, tv Version, err error) error {
 	c.copiesRefused.Add(1)
+	c.refused.Store(markKey{target.id, ch}, c.vers[ch].next.Load())
 	c.log.Warn("cluster: rebuild copy refused: the target holds a newer version of the chunk than the source; both kept",
 		"volume", c.vol.Name, "chunk", ch, "target", target.id, "target_version", tv.String(), "source", src.id, "source_version", sv.String())
 	return fmt.Errorf("%w: %s holds version %v, newer than the source's %v: %w", errNoSource, target.id, tv, sv, err)

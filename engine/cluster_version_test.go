@@ -143,6 +143,9 @@ func TestClusterVersionReadBehind(t *testing.T) {
 		return c.marks.has(x.id, ch) || bytes.Equal(cp, b)
 	})
 	read()
+	if n := c.Stats().Behind; n != 1 {
+		t.Fatalf("replicas found behind: %d, want 1 (once per node and chunk)", n)
+	}
 }
 
 // TestScrubStaleMajority: two of three replicas roll back (their disks lose
@@ -196,7 +199,8 @@ func TestScrubStaleMajority(t *testing.T) {
 // new holder (as torusd's maintenance is) that knows no version from
 // writes of its own, must not copy the stale copy over the newer one: the
 // copy carries its source's version and the target refuses one older than
-// what it holds. Both copies are kept and the target keeps its mark.
+// what it holds. Both copies are kept, the target keeps its mark, and the
+// copy is not tried again while the chunk is not written.
 func TestClusterRebuildNeverOverwritesNewer(t *testing.T) {
 	tc := startCluster(t, 2, 64)
 	vol := tc.volume("vrebuild", 4*testChunk, 2)
@@ -233,5 +237,13 @@ func TestClusterRebuildNeverOverwritesNewer(t *testing.T) {
 	}
 	if !c.marks.has(y.id, ch) {
 		t.Fatalf("%s's mark was cleared though no copy reached it", y.id)
+	}
+	// While nothing writes the chunk, the refused copy is not tried again.
+	for range 3 {
+		c.kickRepair()
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := c.Stats().CopiesRefused; n != 1 {
+		t.Fatalf("%d copies refused, want 1: the rebuild retried a copy of an idle chunk that the target refuses", n)
 	}
 }
