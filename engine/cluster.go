@@ -143,7 +143,11 @@ type Cluster struct {
 	// clearMu orders the clearing of marks (in etcd, then in memory)
 	// against reloadMarks (a read of etcd, then an add in memory), so that
 	// a reload never brings back in memory a mark cleared meanwhile.
+	// clears, guarded by it, grows at every clearing: a reload that read
+	// etcd without holding it adds what it read only if clears is as
+	// before the read.
 	clearMu                               sync.Mutex
+	clears                                uint64
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 	restarts                              atomic.Uint64 // node restarts seen (a new incarnation)
 

@@ -425,6 +425,7 @@ func (c *Cluster) dropLeavingMarks(ctx context.Context) error {
 	defer c.mu.Unlock()
 	c.clearMu.Lock()
 	defer c.clearMu.Unlock()
+	c.clears++
 	cs := c.state.Load()
 	for node, chunks := range c.marks.byNode() {
 		var drop []uint64

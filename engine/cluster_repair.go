@@ -777,31 +777,50 @@ func (c *Cluster) Stats() ClusterStats {
 
 // loadMarks reads the volume's marks from etcd (at open).
 func (c *Cluster) loadMarks(ctx context.Context) error {
-	m, err := c.ms.Missed(ctx, c.vol.ID)
+	m, unf, err := c.readMarks(ctx)
 	if err != nil {
 		return err
+	}
+	if n := c.addMarks(m, unf, ""); n > 0 {
+		c.log.Warn("cluster: volume is degraded; rebuilding", "volume", c.vol.Name, "missed", n)
+	}
+	return nil
+}
+
+// readMarks reads the volume's marks from etcd: missed (node → chunks) and
+// the unflushed ones among them (node → chunk → incarnation).
+func (c *Cluster) readMarks(ctx context.Context) (map[string][]uint64, map[string]map[uint64]uint64, error) {
+	m, err := c.ms.Missed(ctx, c.vol.ID)
+	if err != nil {
+		return nil, nil, err
 	}
 	unf, err := c.ms.UnflushedMarks(ctx, c.vol.ID)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
+	return m, unf, nil
+}
+
+// addMarks adds the marks readMarks returned to c.marks, those of node only
+// if node is not empty, and returns how many it added.
+func (c *Cluster) addMarks(m map[string][]uint64, unf map[string]map[uint64]uint64, node string) int {
 	n := 0
-	for node, chunks := range m {
+	for id, chunks := range m {
+		if node != "" && id != node {
+			continue
+		}
 		var cs []int64
 		for _, ch := range chunks {
-			if inc, ok := unf[node][ch]; ok {
-				c.marks.addUnflushed(node, inc, int64(ch))
+			if inc, ok := unf[id][ch]; ok {
+				c.marks.addUnflushed(id, inc, int64(ch))
 			} else {
 				cs = append(cs, int64(ch))
 			}
 		}
-		c.marks.add(node, cs...)
+		c.marks.add(id, cs...)
 		n += len(chunks)
 	}
-	if n > 0 {
-		c.log.Warn("cluster: volume is degraded; rebuilding", "volume", c.vol.Name, "missed", n)
-	}
-	return nil
+	return n
 }
 
 // needReload makes every chunk of p suspect until the prober has read p's
@@ -826,34 +845,33 @@ func (c *Cluster) reloadMarks(p *peer) error {
 	p.incMu.Lock()
 	gen := p.reloadGen
 	p.incMu.Unlock()
-	c.clearMu.Lock()
-	defer c.clearMu.Unlock()
 	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
 	defer cancel()
-	m, err := c.ms.Missed(ctx, c.vol.ID)
+	// Read without clearMu (a slow etcd must not hold back the clearing of
+	// marks, and the writes a rebuild's clearing holds); read again under
+	// it only if marks were cleared meanwhile.
+	c.clearMu.Lock()
+	before := c.clears
+	c.clearMu.Unlock()
+	m, unf, err := c.readMarks(ctx)
 	if err != nil {
 		return err
 	}
-	unf, err := c.ms.UnflushedMarks(ctx, c.vol.ID)
-	if err != nil {
-		return err
-	}
-	var cs []int64
-	for _, ch := range m[p.id] {
-		if inc, ok := unf[p.id][ch]; ok {
-			c.marks.addUnflushed(p.id, inc, int64(ch))
-		} else {
-			cs = append(cs, int64(ch))
+	c.clearMu.Lock()
+	defer c.clearMu.Unlock()
+	if c.clears != before {
+		if m, unf, err = c.readMarks(ctx); err != nil {
+			return err
 		}
 	}
-	c.marks.add(p.id, cs...)
+	n := c.addMarks(m, unf, p.id)
 	p.incMu.Lock()
 	if p.reloadGen == gen && p.inc.Load() != 0 {
 		p.reload.Store(false)
 	}
 	p.incMu.Unlock()
-	if len(m[p.id]) > 0 {
-		c.log.Warn("cluster: node has chunks marked missed; rebuilding them", "volume", c.vol.Name, "node", p.id, "chunks", len(m[p.id]))
+	if n > 0 {
+		c.log.Warn("cluster: node has chunks marked missed; rebuilding them", "volume", c.vol.Name, "node", p.id, "chunks", n)
 		c.kickRepair()
 	}
 	return nil
@@ -1215,6 +1233,7 @@ func (c *Cluster) copyCallErr(p *peer, err error, resp *netquic.Message) error {
 func (c *Cluster) clearCopied(target *peer, cps []copied) (int, error) {
 	c.clearMu.Lock()
 	defer c.clearMu.Unlock()
+	c.clears++
 	s := &c.marks
 	s.mu.Lock()
 	defer s.mu.Unlock()

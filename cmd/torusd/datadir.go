@@ -65,13 +65,23 @@ func writeIdentity(dir string, id identity) error {
 	if err != nil {
 		return fmt.Errorf("write node identity: %w", err)
 	}
-	path := filepath.Join(dir, identityFile)
+	if err := writeDurable(dir, identityFile, append(b, '\n')); err != nil {
+		return fmt.Errorf("write node identity: %w", err)
+	}
+	return nil
+}
+
+// writeDurable replaces dir/name with b as a crash leaves either the old
+// file or the new one, whole: b goes to a temporary file that is synced,
+// then renamed over name, then the directory is synced.
+func writeDurable(dir, name string, b []byte) error {
+	path := filepath.Join(dir, name)
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
-		return fmt.Errorf("write node identity: %w", err)
+		return err
 	}
-	_, err = f.Write(append(b, '\n'))
+	_, err = f.Write(b)
 	if err == nil {
 		err = f.Sync()
 	}
@@ -83,7 +93,7 @@ func writeIdentity(dir string, id identity) error {
 	}
 	if err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("write node identity %s: %w", path, err)
+		return fmt.Errorf("%s: %w", path, err)
 	}
 	if d, err := os.Open(dir); err == nil {
 		d.Sync()

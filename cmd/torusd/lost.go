@@ -66,22 +66,7 @@ func recordBoot(dir string) error {
 	if err != nil {
 		return fmt.Errorf("read the boot id: %w", err)
 	}
-	path := filepath.Join(dir, bootFile)
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err == nil {
-		_, err = f.Write(cur)
-		if err == nil {
-			err = f.Sync()
-		}
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
+	if err := writeDurable(dir, bootFile, cur); err != nil {
 		return fmt.Errorf("record the boot id: %w", err)
 	}
 	return nil
