@@ -51,6 +51,12 @@ type NodeServerOptions struct {
 	NodeID string
 	// Logger receives warnings (default slog.Default()).
 	Logger *slog.Logger
+	// Incarnation is carried by every OK reply. A client that sees it
+	// change takes the node to have lost every write no flush covered, so
+	// it must change whenever that may be so (a power loss, a new store)
+	// and may stay the same across a restart of the process alone, which
+	// loses nothing the kernel took. Zero draws a new one.
+	Incarnation uint64
 }
 
 // NodeStats are a NodeServer's counters since it started.
@@ -71,9 +77,9 @@ type NodeServer struct {
 
 	ops    sync.Pool // *nodeOp
 	epochs sync.Map  // volume id → *volEpoch
-	// boot is the header of every OK reply: Epoch holds this process's
-	// incarnation, random per NewNodeServer, so a client sees that a node
-	// restarted (and may have lost writes it had not flushed).
+	// boot is the header of every OK reply: Epoch holds the node's
+	// incarnation (NodeServerOptions.Incarnation), so a client sees that
+	// the node may have lost writes it had not flushed.
 	boot [wire.HeaderSize]byte
 
 	reads, writes, readBytes, writeBytes, flushes, discards atomic.Uint64
@@ -99,7 +105,11 @@ type nodeOp struct {
 // netquic.Listen(addr, tls, n, opts).
 func NewNodeServer(st *Store, opt NodeServerOptions) *NodeServer {
 	n := &NodeServer{st: st, id: opt.NodeID, log: opt.Logger, chunk: st.ChunkSize()}
-	boot := wire.Header{Epoch: rand.Uint64() | 1}
+	inc := opt.Incarnation
+	if inc == 0 {
+		inc = rand.Uint64() | 1
+	}
+	boot := wire.Header{Epoch: inc}
 	boot.Encode(&n.boot)
 	if n.log == nil {
 		n.log = slog.Default()

@@ -136,37 +136,138 @@ func TestFaultNodePartition(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)
 	c.ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
-	// Restart node3 with the fault hook armed (its environment is taken
-	// when it starts).
 	victim := c.nodes[2]
-	victim.p.stop(t)
-	file := filepath.Join(t.TempDir(), "faults")
-	if err := os.WriteFile(file, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv(netquic.FaultsEnv, file)
-	c.startNode(victim)
-	t.Setenv(netquic.FaultsEnv, "")
-	c.waitNodes(3)
+	file := c.armPartition(victim, 3)
 
 	s, sock := c.serve("vol")
 	fioWriteVerify(t, sock, "0", "8M")
-	duringFault(t, sock, "8M", "16M", func() {
-		if err := os.WriteFile(file, []byte("drop"), 0o644); err != nil {
-			t.Error(err)
-		}
-	})
+	duringFault(t, sock, "8M", "16M", func() { partition(t, file, true) })
 	fioVerifyOnly(t, sock, "0", "8M")
 	c.requireMissed(t, "vol", victim.id)
-	if err := os.WriteFile(file, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+	partition(t, file, false)
 	fioWriteVerify(t, sock, "24M", "8M")
 	s.stop(t)
 	if !strings.Contains(victim.p.log.String(), "drop=true") {
 		t.Fatalf("%s never dropped a datagram: the partition did not happen\n%s", victim.id, victim.p.log)
 	}
 	c.verifyFrom(t, victim.id, [2]string{"0", "8M"}, [2]string{"8M", "16M"}, [2]string{"24M", "8M"})
+}
+
+// armPartition restarts node nd with the netquic fault hook armed (its
+// environment is taken when it starts) and returns the hook's file; the
+// cluster has n nodes.
+func (c *testCluster) armPartition(nd *testNode, n int) string {
+	t := c.t
+	t.Helper()
+	nd.p.stop(t)
+	file := filepath.Join(t.TempDir(), "faults")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(netquic.FaultsEnv, file)
+	c.startNode(nd)
+	t.Setenv(netquic.FaultsEnv, "")
+	c.waitNodes(n)
+	return file
+}
+
+// partition cuts the node whose hook file is file off the network, or
+// heals it.
+func partition(t *testing.T, file string, on bool) {
+	t.Helper()
+	var b []byte
+	if on {
+		b = []byte("drop")
+	}
+	if err := os.WriteFile(file, b, 0o644); err != nil {
+		t.Error(err)
+	}
+}
+
+// TestFaultRestartOnlyCompleteCopy: R=2. node2 is partitioned while fio
+// writes, so its chunks are marked; then node1, the only complete copy of
+// them, is killed -9 with writes no flush covered and started again on the
+// same machine. A process restart loses nothing the kernel took: node1
+// stays trusted, and once node2 is back the volume repairs to no marks with
+// no client I/O but a read to wake it. (Marking node1 for what a restart
+// "may have lost" left both copies marked: no copy anyone trusts, reads
+// failing and rebuilds finding no source, for good.)
+func TestFaultRestartOnlyCompleteCopy(t *testing.T) {
+	needTool(t, "fio")
+	c := startCluster(t, 2)
+	c.ctl("volume", "create", "vol", "--size", "16MiB", "--replication", "2")
+	first, second := c.nodes[0], c.nodes[1]
+	file := c.armPartition(second, 2)
+
+	s, sock := c.serve("vol")
+	fioWriteVerify(t, sock, "0", "4M")
+	partition(t, file, true)
+	fioWriteVerify(t, sock, "0", "4M")
+	c.requireMissed(t, "vol", second.id)
+
+	first.p.kill()
+	c.startNode(first)
+	waitLog(t, first.p, "node ready", 30*time.Second)
+	partition(t, file, false)
+
+	cl, err := dialNBD(sock, "torus")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	buf := make([]byte, 4096)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := <-cl.Read(0, buf)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("reads still fail 30 s after both nodes are back: %v\n%s", err, s.log)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	c.waitNoMarks(t, "vol", time.Minute, s)
+	fioVerifyOnly(t, sock, "0", "4M")
+	cl.Close()
+	s.stop(t)
+	for _, nd := range c.nodes {
+		c.verifyFrom(t, nd.id, [2]string{"0", "4M"})
+	}
+}
+
+// waitLog waits until p logged s.
+func waitLog(t *testing.T, p *proc, s string, limit time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !strings.Contains(p.log.String(), s) {
+		if p.exited() || time.Now().After(deadline) {
+			t.Fatalf("%q not logged within %v:\n%s", s, limit, p.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitNoMarks waits until etcd records no missed chunk of volume name; on
+// timeout it fails with the marks and the log of s.
+func (c *testCluster) waitNoMarks(t *testing.T, name string, limit time.Duration, s *proc) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	v, err := c.ms.Volume(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		missed, err := c.ms.Missed(ctx, v.ID)
+		if err == nil && len(missed) == 0 {
+			return
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("volume %s still has missed marks %v %v after %v:\n%s", name, missed, err, limit, s.log)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // TestFaultTwoNodesLost: R=3, two nodes killed in turn.

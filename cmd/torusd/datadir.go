@@ -95,9 +95,21 @@ func writeDurable(dir, name string, b []byte) error {
 		os.Remove(tmp)
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
+	return syncDir(dir)
+}
+
+// syncDir makes the entries of dir (a rename, a removal) durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
 	}
 	return nil
 }
@@ -157,6 +169,11 @@ func prepareDataDir(dir, wantID, clusterID string) (identity, error) {
 func openStore(dir string, size, chunkSize int64, clusterID string, log *slog.Logger) (*engine.Store, error) {
 	path := filepath.Join(dir, storeFile)
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		// A new store holds none of what the node took before: clients
+		// must see a new incarnation.
+		if err := dropIncarnation(dir); err != nil {
+			return nil, err
+		}
 		st, err := engine.CreateStore(path, engine.StoreOptions{
 			ChunkSize: chunkSize,
 			Slots:     size / chunkSize,

@@ -10,6 +10,13 @@ package main
 // kernel's boot id is the one recorded at the last start) lost nothing the
 // kernel had taken, so nothing is marked then.
 //
+// The node's incarnation, in every OK reply, tells an attached client the
+// same thing: a client that sees it change marks, as lost, every write the
+// node took that no flush covered. So it changes exactly when writes may
+// have been lost, and a restart of the process alone keeps it: marking the
+// only complete copy of a chunk for a loss that did not happen would leave
+// no copy anyone trusts.
+//
 // Invariants:
 //   - The list of chunks reaches DATA/lost-chunks (written, then fsync'd)
 //     before the store clears the activity log that names them
@@ -17,6 +24,10 @@ package main
 //   - The node answers no request until every listed chunk of a volume that
 //     exists is marked missed on it in etcd; then the file goes. Chunks of
 //     volumes that no longer exist are dropped.
+//   - DATA/incarnation is replaced by a new random one, durably, before the
+//     store clears an activity log after the machine restarted, and removed
+//     before a new store is created; the node answers with the incarnation
+//     the file holds, drawing one when there is none.
 
 import (
 	"bytes"
@@ -25,6 +36,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -36,10 +48,12 @@ import (
 )
 
 // lostFile holds the chunks an unclean shutdown may have cost, until they are
-// marked in etcd; bootFile the kernel boot id of the last start.
+// marked in etcd; bootFile the kernel boot id of the last start; incFile the
+// node's incarnation (8 bytes, little-endian).
 const (
 	lostFile = "lost-chunks"
 	bootFile = "boot-id"
+	incFile  = "incarnation"
 )
 
 // bootIDPath is where Linux tells the boot id (a new one per boot).
@@ -81,8 +95,45 @@ func onRecover(dir string, log *slog.Logger) func([]engine.ChunkID) error {
 				"chunks_in_activity_log", len(lost))
 			return nil
 		}
-		return saveLost(dir, lost)
+		if err := saveLost(dir, lost); err != nil {
+			return err
+		}
+		_, err := newIncarnation(dir)
+		return err
 	}
+}
+
+// incarnation returns the node's incarnation recorded in dir, drawing and
+// recording a new one if there is none.
+func incarnation(dir string) (uint64, error) {
+	b, err := os.ReadFile(filepath.Join(dir, incFile))
+	if err == nil && len(b) == 8 {
+		if inc := binary.LittleEndian.Uint64(b); inc != 0 {
+			return inc, nil
+		}
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, fmt.Errorf("read the node incarnation: %w", err)
+	}
+	return newIncarnation(dir)
+}
+
+// newIncarnation draws a new incarnation and records it in dir, durably.
+func newIncarnation(dir string) (uint64, error) {
+	inc := rand.Uint64() | 1
+	if err := writeDurable(dir, incFile, binary.LittleEndian.AppendUint64(nil, inc)); err != nil {
+		return 0, fmt.Errorf("record a new node incarnation: %w", err)
+	}
+	return inc, nil
+}
+
+// dropIncarnation removes the incarnation recorded in dir, durably, so the
+// next start draws a new one.
+func dropIncarnation(dir string) error {
+	if err := os.Remove(filepath.Join(dir, incFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("drop the node incarnation: %w", err)
+	}
+	return syncDir(dir)
 }
 
 // saveLost appends chunks to DATA/lost-chunks and makes it durable.

@@ -92,3 +92,47 @@ func TestMarkLost(t *testing.T) {
 		t.Fatalf("%s left after the marks were recorded: %v", lostFile, err)
 	}
 }
+
+// The incarnation survives a restart of the process (same boot id, or a
+// clean store), changes when an unclean shutdown went with the machine,
+// and is drawn again once dropped (a new store).
+func TestIncarnation(t *testing.T) {
+	dir := t.TempDir()
+	log := slog.New(slog.DiscardHandler)
+	first, err := incarnation(dir)
+	if err != nil || first == 0 {
+		t.Fatalf("first incarnation %#x, %v", first, err)
+	}
+	if inc, err := incarnation(dir); err != nil || inc != first {
+		t.Fatalf("restart: incarnation %#x, %v; want %#x kept", inc, err, first)
+	}
+	if err := recordBoot(dir); err != nil {
+		t.Fatal(err)
+	}
+	lost := []engine.ChunkID{{Volume: 1, Index: 4}}
+	if err := onRecover(dir, log)(lost); err != nil {
+		t.Fatal(err)
+	}
+	if inc, err := incarnation(dir); err != nil || inc != first {
+		t.Fatalf("unclean stop, same boot: incarnation %#x, %v; want %#x kept", inc, err, first)
+	}
+	if err := os.WriteFile(filepath.Join(dir, bootFile), []byte("another boot\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := onRecover(dir, log)(lost); err != nil {
+		t.Fatal(err)
+	}
+	second, err := incarnation(dir)
+	if err != nil || second == first {
+		t.Fatalf("unclean stop with the machine: incarnation %#x, %v; want a new one", second, err)
+	}
+	if got, err := loadLost(dir); err != nil || !slices.Equal(got[1], []uint64{4}) {
+		t.Fatalf("lost chunks %v, %v", got, err)
+	}
+	if err := dropIncarnation(dir); err != nil {
+		t.Fatal(err)
+	}
+	if inc, err := incarnation(dir); err != nil || inc == second || inc == 0 {
+		t.Fatalf("after a drop: incarnation %#x, %v; want a new one", inc, err)
+	}
+}

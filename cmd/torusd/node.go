@@ -136,7 +136,11 @@ func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConf
 		}
 	}()
 
-	n.cs = newChunkServer(st, id.NodeID, log)
+	inc, err := incarnation(nc.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	n.cs = newChunkServer(st, id.NodeID, inc, log)
 	if err := n.raiseEpochs(ctx, ms); err != nil {
 		return nil, err
 	}

@@ -19,7 +19,8 @@ type chunkServer interface {
 	Stats() nodeStats
 }
 
-// newChunkServer returns the chunk server of node id over st.
-func newChunkServer(st *engine.Store, id string, log *slog.Logger) chunkServer {
-	return engine.NewNodeServer(st, engine.NodeServerOptions{NodeID: id, Logger: log})
+// newChunkServer returns the chunk server of node id over st, answering
+// with incarnation inc.
+func newChunkServer(st *engine.Store, id string, inc uint64, log *slog.Logger) chunkServer {
+	return engine.NewNodeServer(st, engine.NodeServerOptions{NodeID: id, Logger: log, Incarnation: inc})
 }
