@@ -149,3 +149,32 @@ func TestClusterMoveEndStopped(t *testing.T) {
 	waitMoved(t, c2, 0)
 	verify(t, c2, model)
 }
+
+// TestClusterDropsMarksOfNodesInNoRing: a mark of a node that owns the chunk
+// under no ring of the placement (left behind by a flush that failed on a
+// removed node just as the move ended) is dropped by the repair loop, not
+// kept for good: nothing can rebuild it and it keeps the volume degraded.
+func TestClusterDropsMarksOfNodesInNoRing(t *testing.T) {
+	tc := startCluster(t, 2, 256)
+	vol := tc.volume("v", 4<<20, 2)
+	ctx := context.Background()
+	if err := tc.ms.MarkMissed(ctx, vol.ID, "gone", 2); err != nil {
+		t.Fatal(err)
+	}
+	c := tc.mustOpen(vol, 1)
+	defer c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		m, err := tc.ms.Missed(ctx, vol.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m) == 0 && c.Stats().Missed == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("marks of a node in no ring kept: etcd %v, in memory %d", m, c.Stats().Missed)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

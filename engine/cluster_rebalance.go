@@ -158,16 +158,8 @@ func (c *Cluster) startMoveLocked(ctx context.Context, next *ring.Ring) error {
 		}
 		return false
 	}
-	for node, chunks := range c.marks.byNode() {
-		if inRing(node) {
-			continue
-		}
-		for _, ch := range chunks {
-			if err := c.ms.ClearMissed(ctx, c.vol.ID, node, uint64(ch)); err != nil {
-				return err
-			}
-			c.marks.clear(node, ch)
-		}
+	if err := c.dropOutOfRingMarks(ctx, inRing); err != nil {
+		return err
 	}
 	c.prev = prev
 	predicted := next.Moved(old, c.repl, nil)
@@ -414,6 +406,25 @@ func (c *Cluster) discardOld(st *clusterState) int {
 		}
 	}
 	return discarded
+}
+
+// dropOutOfRingMarks drops the marks of nodes for which inRing is false.
+func (c *Cluster) dropOutOfRingMarks(ctx context.Context, inRing func(string) bool) error {
+	c.clearMu.Lock()
+	defer c.clearMu.Unlock()
+	c.clears++
+	for node, chunks := range c.marks.byNode() {
+		if inRing(node) {
+			continue
+		}
+		for _, ch := range chunks {
+			if err := c.ms.ClearMissed(ctx, c.vol.ID, node, uint64(ch)); err != nil {
+				return err
+			}
+			c.marks.clear(node, ch)
+		}
+	}
+	return nil
 }
 
 // dropLeavingMarks drops the marks of nodes that own their chunk under no

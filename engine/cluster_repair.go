@@ -702,7 +702,9 @@ func (c *Cluster) recordAtRisk(p *peer) error {
 }
 
 // settleUnflushed drops p's unflushed marks recorded at the incarnation p
-// answers with now: it did not restart since, so it lost nothing.
+// answers with now: it did not restart since, so it lost nothing. It runs
+// on the prober's goroutine, as reloadMarks does, so no reload brings back
+// a mark it cleared.
 func (c *Cluster) settleUnflushed(p *peer) {
 	inc := p.inc.Load()
 	if inc == 0 || p.isDown() {
@@ -955,7 +957,31 @@ func (c *Cluster) repairLoop() {
 		}
 		c.repairPass(buf)
 		c.finishMove()
+		if c.leavingMarks() {
+			// A mark recorded after the end of the move that made its
+			// copy leave (a flush that failed on a removed node, say):
+			// nothing rebuilds it, so it goes.
+			ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
+			if err := c.dropLeavingMarks(ctx); err != nil {
+				c.log.Warn("cluster: cannot drop the marks of copies that left (retrying)", "volume", c.vol.Name, "err", err)
+			}
+			cancel()
+		}
 	}
+}
+
+// leavingMarks reports whether a mark names a node that owns its chunk
+// under no ring of the current placement.
+func (c *Cluster) leavingMarks() bool {
+	st := c.state.Load()
+	for node, chunks := range c.marks.byNode() {
+		for _, ch := range chunks {
+			if !c.ownsAnywhere(st, node, ch) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // repairPass tries every mark once.
