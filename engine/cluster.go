@@ -55,7 +55,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/internal/wire"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"
@@ -113,7 +113,7 @@ const peerRetry = time.Second
 // Cluster is a replicated volume (engine.Volume) whose chunks live on
 // storage nodes.
 type Cluster struct {
-	ms    *meta.Store
+	ms    *meta.Client
 	vol   meta.Volume
 	opt   ClusterOptions
 	log   *slog.Logger
@@ -280,7 +280,7 @@ type clusterCall struct {
 // volume's metadata writes (missed marks, moves, progress) fail once the
 // lock is no longer held with opt.Epoch; a refusal because another holder
 // attached fences the volume (see Fence).
-func OpenCluster(ctx context.Context, ms *meta.Store, vol meta.Volume, opt ClusterOptions) (*Cluster, error) {
+func OpenCluster(ctx context.Context, ms *meta.Client, vol meta.Volume, opt ClusterOptions) (*Cluster, error) {
 	if opt.TLS == nil {
 		return nil, fmt.Errorf("open volume %s: no client TLS configuration (give the cluster's client TLS directory)", vol.Name)
 	}

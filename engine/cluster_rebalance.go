@@ -42,7 +42,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/internal/wire"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"

@@ -63,8 +63,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/torus-storage/torus/engine/internal/wire"
 	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/internal/wire"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"

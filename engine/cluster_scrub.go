@@ -47,8 +47,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/torus-storage/torus/engine/internal/wire"
 	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/internal/wire"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )

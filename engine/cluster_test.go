@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"
@@ -40,8 +41,8 @@ type testNode struct {
 // testCluster is an embedded etcd, an initialised cluster and nodes.
 type testCluster struct {
 	t      testing.TB
-	etcd   *meta.Embedded
-	ms     *meta.Store
+	etcd   *devetcd.Server
+	ms     *meta.Client
 	ca     string
 	client *netquic.TLSConfigs
 	nodes  []*testNode
@@ -67,7 +68,7 @@ func startClusterChunk(t testing.TB, n int, slots int64, transport string, chunk
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	e, err := meta.StartEmbedded(ctx, t.TempDir(), "", "")
+	e, err := devetcd.Start(ctx, t.TempDir(), "", "")
 	if err != nil {
 		t.Fatalf("embedded etcd: %v", err)
 	}

@@ -53,7 +53,7 @@ import (
 	"fmt"
 	"sync/atomic"
 
-	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/internal/wire"
 	"github.com/torus-storage/torus/netquic"
 )
 

@@ -1,7 +1,7 @@
 package engine
 
 // NodeServer serves a Store's chunks over netquic with the chunk protocol of
-// engine/internal/wire.
+// internal/wire.
 //
 // Invariants:
 //   - Every request is validated (known op, well-formed header, range inside
@@ -35,7 +35,7 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/internal/wire"
 	"github.com/torus-storage/torus/iouring"
 	"github.com/torus-storage/torus/netquic"
 )

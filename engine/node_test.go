@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/engine/internal/wire"
+	"github.com/torus-storage/torus/internal/wire"
 	"github.com/torus-storage/torus/netquic"
 )
 

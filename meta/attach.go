@@ -63,7 +63,7 @@ func attachedError(name string, val []byte) error {
 // AttachLease is a held attach lock on a volume. Keep it until Release; a
 // goroutine keeps its lease alive.
 type AttachLease struct {
-	s      *Store
+	s      *Client
 	volume Volume
 	holder string
 	epoch  uint64
@@ -82,7 +82,7 @@ type AttachLease struct {
 // fails with ErrAttached (naming the holder) while another client holds it;
 // a storage node's maintenance lock (AttachMaintenance) is taken over: its
 // lease sees the lock lost, and the new epoch fences its writes.
-func (s *Store) Attach(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
+func (s *Client) Attach(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
 	return s.attach(ctx, name, holder, ttl, false)
 }
 
@@ -90,11 +90,11 @@ func (s *Store) Attach(ctx context.Context, name, holder string, ttl time.Durati
 // storage node that repairs, moves or scrubs it while no client holds it.
 // It fails with ErrAttached while anyone holds the lock. A client's Attach
 // takes the lock over at any time: the lease's Lost channel is closed then.
-func (s *Store) AttachMaintenance(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
+func (s *Client) AttachMaintenance(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
 	return s.attach(ctx, name, holder, ttl, true)
 }
 
-func (s *Store) attach(ctx context.Context, name, holder string, ttl time.Duration, maint bool) (*AttachLease, error) {
+func (s *Client) attach(ctx context.Context, name, holder string, ttl time.Duration, maint bool) (*AttachLease, error) {
 	if holder == "" {
 		return nil, fmt.Errorf("meta: attach %s: empty holder: %w", name, ErrInvalid)
 	}
@@ -170,7 +170,7 @@ func parseEpoch(resp *clientv3.GetResponse) (epoch uint64, rev int64, err error)
 	return epoch, resp.Kvs[0].ModRevision, nil
 }
 
-func (s *Store) newAttachLease(v Volume, holder string, epoch uint64, lease clientv3.LeaseID, g *guard, key string, rev int64) *AttachLease {
+func (s *Client) newAttachLease(v Volume, holder string, epoch uint64, lease clientv3.LeaseID, g *guard, key string, rev int64) *AttachLease {
 	ctx, stop := context.WithCancel(s.cli.Ctx())
 	a := &AttachLease{s: s, volume: v, holder: holder, epoch: epoch, lease: lease, g: g,
 		lost: make(chan struct{}), stop: stop, done: make(chan struct{})}
@@ -207,7 +207,7 @@ func (a *AttachLease) run(ctx context.Context, key string, rev int64) {
 // keyTaken watches the lock key from revision rev on and reports true once
 // it is deleted or held under another lease than lease; false when ctx
 // ends. A watch that fails is started again after re-reading the key.
-func (s *Store) keyTaken(ctx context.Context, key string, rev int64, lease clientv3.LeaseID) bool {
+func (s *Client) keyTaken(ctx context.Context, key string, rev int64, lease clientv3.LeaseID) bool {
 	d := 50 * time.Millisecond
 	for ctx.Err() == nil {
 		wch := s.cli.Watch(ctx, key, clientv3.WithRev(rev+1))
@@ -356,7 +356,7 @@ func (a *AttachLease) Release(ctx context.Context) error {
 
 // Epoch returns the last attach epoch of the volume called name (0 if it
 // was never attached).
-func (s *Store) Epoch(ctx context.Context, name string) (uint64, error) {
+func (s *Client) Epoch(ctx context.Context, name string) (uint64, error) {
 	v, _, err := s.volume(ctx, name)
 	if err != nil {
 		return 0, fmt.Errorf("meta: epoch: %w", err)
@@ -372,7 +372,7 @@ func (s *Store) Epoch(ctx context.Context, name string) (uint64, error) {
 	return e, nil
 }
 
-// guard is the attach lock a guarded Store's writes depend on: volume vol
+// guard is the attach lock a guarded Client's writes depend on: volume vol
 // held at epoch under lease (the holder's current lease; Reattach moves it).
 type guard struct {
 	vol   uint64
@@ -390,14 +390,14 @@ type guard struct {
 // stop for good) or ErrLeaseLost (the lease ended and nobody attached yet:
 // Reattach may take it back). Reads are not affected. The view shares s's
 // etcd client: close s, not the view.
-func (s *Store) Guarded(l *AttachLease) *Store {
+func (s *Client) Guarded(l *AttachLease) *Client {
 	v := *s
 	v.guard = l.g
 	return &v
 }
 
 // guardCmps are the comparisons of s's guard (nil without one).
-func (s *Store) guardCmps() []clientv3.Cmp {
+func (s *Client) guardCmps() []clientv3.Cmp {
 	g := s.guard
 	if g == nil {
 		return nil
@@ -410,7 +410,7 @@ func (s *Store) guardCmps() []clientv3.Cmp {
 
 // guardErr tells from the epoch and attach keys read in a failed guarded
 // transaction (ekv, akv) whether the guard failed, and how.
-func (s *Store) guardErr(ekv, akv []*mvccpb.KeyValue) error {
+func (s *Client) guardErr(ekv, akv []*mvccpb.KeyValue) error {
 	g := s.guard
 	name := g.name
 	now, _, err := parseEpoch(&clientv3.GetResponse{Kvs: ekv})

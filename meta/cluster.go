@@ -27,7 +27,7 @@ import (
 // copies of a chunk of volumes created afterwards) to r. It refuses r < 1
 // with ErrInvalid; checking that the ring has enough nodes is the caller's
 // business. Volumes already created keep their own replication.
-func (s *Store) SetReplication(ctx context.Context, r int) error {
+func (s *Client) SetReplication(ctx context.Context, r int) error {
 	if r < 1 {
 		return fmt.Errorf("meta: set replication %d: must be at least 1: %w", r, ErrInvalid)
 	}
@@ -69,7 +69,7 @@ func (s *Store) SetReplication(ctx context.Context, r int) error {
 // attached, by volume id. A storage node raises its fences to these at
 // start-up, before it serves, so a writer fenced while the node was down
 // stays fenced, and again on every change (WatchEpochs).
-func (s *Store) Epochs(ctx context.Context) (map[uint64]uint64, error) {
+func (s *Client) Epochs(ctx context.Context) (map[uint64]uint64, error) {
 	eps, _, err := s.epochs(ctx)
 	return eps, err
 }
@@ -81,7 +81,7 @@ func (s *Store) Epochs(ctx context.Context) (map[uint64]uint64, error) {
 // watches again. A storage node raises its fences from it, so a node that
 // missed a new holder's fence (partitioned from the client, not from etcd)
 // refuses the previous holder's writes all the same.
-func (s *Store) WatchEpochs(ctx context.Context) <-chan map[uint64]uint64 {
+func (s *Client) WatchEpochs(ctx context.Context) <-chan map[uint64]uint64 {
 	out := make(chan map[uint64]uint64, 1)
 	go func() {
 		defer close(out)
@@ -101,7 +101,7 @@ func (s *Store) WatchEpochs(ctx context.Context) <-chan map[uint64]uint64 {
 	return out
 }
 
-func (s *Store) epochs(ctx context.Context) (map[uint64]uint64, int64, error) {
+func (s *Client) epochs(ctx context.Context) (map[uint64]uint64, int64, error) {
 	resp, err := s.cli.Get(ctx, s.kEpochs, clientv3.WithPrefix())
 	if err != nil {
 		return nil, 0, fmt.Errorf("meta: read epochs: %w", err)
@@ -127,7 +127,7 @@ func (s *Store) epochs(ctx context.Context) (map[uint64]uint64, int64, error) {
 // nothing and returns the current ring. It retries on concurrent ring
 // changes (compare-and-swap) and fails with ErrConflict only after many.
 // The node's address is not part of the ring (see Nodes for it).
-func (s *Store) JoinRing(ctx context.Context, n Node) (*ring.Ring, error) {
+func (s *Client) JoinRing(ctx context.Context, n Node) (*ring.Ring, error) {
 	if err := validName("node id", n.ID); err != nil {
 		return nil, err
 	}
@@ -175,7 +175,7 @@ func (s *Store) JoinRing(ctx context.Context, n Node) (*ring.Ring, error) {
 // changes (compare-and-swap) and fails with ErrConflict only after many.
 // Whether enough nodes remain for the volumes' replication is the caller's
 // business; the node's registration (if it still runs) is left alone.
-func (s *Store) RemoveNode(ctx context.Context, id string) (*ring.Ring, error) {
+func (s *Client) RemoveNode(ctx context.Context, id string) (*ring.Ring, error) {
 	if err := validName("node id", id); err != nil {
 		return nil, err
 	}

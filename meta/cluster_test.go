@@ -166,7 +166,7 @@ func TestJoinRing(t *testing.T) {
 		t.Fatalf("JoinRing with a new zone: %v nodes, v%d, %+v, %v", r.Len(), r.Version(), r.Node(0), err)
 	}
 	// Concurrent joins all land, each in its own version.
-	stores := []*Store{s, open(t, ep, ""), open(t, ep, "")}
+	stores := []*Client{s, open(t, ep, ""), open(t, ep, "")}
 	var wg sync.WaitGroup
 	errs := make([]error, 9)
 	for i := range errs {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/ring"
 )
@@ -17,7 +18,7 @@ func Example() {
 	ctx := context.Background()
 	dir, _ := os.MkdirTemp("", "etcd")
 	defer os.RemoveAll(dir)
-	etcd, err := meta.StartEmbedded(ctx, dir, "", "")
+	etcd, err := devetcd.Start(ctx, dir, "", "")
 	if err != nil {
 		log.Fatal(err)
 	}

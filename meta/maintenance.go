@@ -36,7 +36,7 @@ func (w VolumeWork) Needed() bool { return w.Missed > 0 || w.Moving || w.Behind 
 
 // Work reads, at one etcd revision, every volume with what it needs from
 // maintenance and who holds its attach lock.
-func (s *Store) Work(ctx context.Context) (map[uint64]VolumeWork, error) {
+func (s *Client) Work(ctx context.Context) (map[uint64]VolumeWork, error) {
 	resp, err := s.cli.Txn(ctx).Then(
 		clientv3.OpGet(s.kVolumes+"0", clientv3.WithRange(s.kVolumes+":")),
 		clientv3.OpGet(s.kMissed, clientv3.WithPrefix(), clientv3.WithKeysOnly()),

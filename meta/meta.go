@@ -39,7 +39,7 @@
 //     and epochs of successive holders strictly increase. The one exception
 //     keeps that true: a holder whose lease ended re-creates the key with its
 //     own epoch only if the epoch is still the volume's (see attach.go).
-//   - A Store made by Guarded writes only while its holder holds the lock
+//   - A Client made by Guarded writes only while its holder holds the lock
 //     with its epoch (the comparisons are in the same transaction).
 //   - Volume ids come from the next-id counter, changed only by CAS, so an
 //     id is never reused, not even after a delete (epochs stay monotonic).
@@ -112,9 +112,9 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Store is a handle on the metadata of one Torus cluster. It is safe for
+// Client is a handle on the metadata of one Torus cluster. It is safe for
 // concurrent use. Close it when done.
-type Store struct {
+type Client struct {
 	cli    *clientv3.Client
 	log    *slog.Logger
 	prefix string
@@ -141,7 +141,7 @@ func (e *unreachableError) Unwrap() error        { return e.cause }
 // ErrUnreachable within opt.DialTimeout if etcd does not answer, and with
 // ErrSchemaVersion if prefix holds another major schema version. An
 // uninitialised prefix is fine: call Init.
-func Open(ctx context.Context, endpoints []string, prefix string, opt Options) (*Store, error) {
+func Open(ctx context.Context, endpoints []string, prefix string, opt Options) (*Client, error) {
 	if prefix == "" {
 		prefix = DefaultPrefix
 	}
@@ -173,7 +173,7 @@ func Open(ctx context.Context, endpoints []string, prefix string, opt Options) (
 	if err != nil {
 		return nil, &unreachableError{eps, err}
 	}
-	s := newStore(cli, prefix, opt.Logger)
+	s := newClient(cli, prefix, opt.Logger)
 
 	pctx, cancel := context.WithTimeout(ctx, opt.DialTimeout)
 	resp, err := cli.Get(clientv3.WithRequireLeader(pctx), s.kSchema)
@@ -196,9 +196,9 @@ func Open(ctx context.Context, endpoints []string, prefix string, opt Options) (
 	return s, nil
 }
 
-func newStore(cli *clientv3.Client, prefix string, log *slog.Logger) *Store {
+func newClient(cli *clientv3.Client, prefix string, log *slog.Logger) *Client {
 	v := prefix + "v" + strconv.Itoa(SchemaMajor) + "/"
-	return &Store{
+	return &Client{
 		cli:       cli,
 		log:       log.With("component", "meta"),
 		prefix:    prefix,
@@ -222,7 +222,7 @@ func newStore(cli *clientv3.Client, prefix string, log *slog.Logger) *Store {
 
 func schemaValue() string { return fmt.Sprintf("%d.%d", SchemaMajor, SchemaMinor) }
 
-func (s *Store) checkSchema(v string) error {
+func (s *Client) checkSchema(v string) error {
 	major, _, _ := strings.Cut(v, ".")
 	if major != strconv.Itoa(SchemaMajor) {
 		return fmt.Errorf("meta: etcd prefix %s holds schema version %q, this build understands %d.x only: "+
@@ -234,17 +234,17 @@ func (s *Store) checkSchema(v string) error {
 // Close closes the etcd client. Leases of registrations and attach locks
 // still held are not revoked: they expire after their TTL (call their
 // Close/Release first for a clean exit).
-func (s *Store) Close() error { return s.cli.Close() }
+func (s *Client) Close() error { return s.cli.Close() }
 
 // Prefix returns the key prefix of the store.
-func (s *Store) Prefix() string { return s.prefix }
+func (s *Client) Prefix() string { return s.prefix }
 
 // txn runs If(schema == s.schema, guard..., cmps...).Then(thens...).Else(elses...).
 // When the comparison fails it reports a missing or changed schema, or a
-// failed guard (a Store made by Guarded), as an error; otherwise it returns
+// failed guard (a Client made by Guarded), as an error; otherwise it returns
 // the response for the caller to interpret (the Else responses are
 // resp.Responses[:len(elses)]).
-func (s *Store) txn(ctx context.Context, cmps []clientv3.Cmp, thens, elses []clientv3.Op) (*clientv3.TxnResponse, error) {
+func (s *Client) txn(ctx context.Context, cmps []clientv3.Cmp, thens, elses []clientv3.Op) (*clientv3.TxnResponse, error) {
 	all := append([]clientv3.Cmp{clientv3.Compare(clientv3.Value(s.kSchema), "=", s.schema)}, s.guardCmps()...)
 	all = append(all, cmps...)
 	el := append(elses[:len(elses):len(elses)], clientv3.OpGet(s.kSchema))
@@ -323,7 +323,7 @@ func CheckChunkSize(n uint64) error {
 // ErrAlreadyInitialized if the prefix already holds a cluster, and with
 // ErrInvalid if cfg.ChunkSize is not one CheckChunkSize allows or
 // cfg.Replication is below 1.
-func (s *Store) Init(ctx context.Context, cfg Config) error {
+func (s *Client) Init(ctx context.Context, cfg Config) error {
 	if err := CheckChunkSize(cfg.ChunkSize); err != nil {
 		return fmt.Errorf("meta: init: %w", err)
 	}
@@ -365,7 +365,7 @@ func (s *Store) Init(ctx context.Context, cfg Config) error {
 }
 
 // Config returns the cluster configuration; ErrNotInitialized before Init.
-func (s *Store) Config(ctx context.Context) (Config, error) {
+func (s *Client) Config(ctx context.Context) (Config, error) {
 	var cfg Config
 	resp, err := s.cli.Get(ctx, s.kConfig)
 	if err != nil {

@@ -7,10 +7,10 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/internal/tcpproxy"
 	"github.com/torus-storage/torus/ring"
 )
@@ -21,7 +21,7 @@ func startEtcd(t *testing.T) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	start := time.Now()
-	e, err := StartEmbedded(ctx, t.TempDir(), "", "")
+	e, err := devetcd.Start(ctx, t.TempDir(), "", "")
 	if err != nil {
 		t.Fatalf("embedded etcd: %v", err)
 	}
@@ -30,7 +30,7 @@ func startEtcd(t *testing.T) string {
 	return e.Endpoint()
 }
 
-func open(t *testing.T, ep, prefix string) *Store {
+func open(t *testing.T, ep, prefix string) *Client {
 	t.Helper()
 	s, err := Open(context.Background(), []string{ep}, prefix, Options{})
 	if err != nil {
@@ -40,7 +40,7 @@ func open(t *testing.T, ep, prefix string) *Store {
 	return s
 }
 
-func initStore(t *testing.T, ep string) *Store {
+func initStore(t *testing.T, ep string) *Client {
 	t.Helper()
 	s := open(t, ep, "")
 	if err := s.Init(context.Background(), Config{ChunkSize: 1 << 20, Replication: 3}); err != nil {
@@ -235,7 +235,7 @@ func TestRingCAS(t *testing.T) {
 		}
 		var wg sync.WaitGroup
 		errs := make([]error, 2)
-		for i, st := range []*Store{s, s2} {
+		for i, st := range []*Client{s, s2} {
 			next := mkRing(t, cur, "a", fmt.Sprintf("w%d-%d", i, round))
 			wg.Go(func() { errs[i] = st.CASRing(ctx, rev, next) })
 		}
@@ -507,7 +507,7 @@ func TestConcurrentAttach(t *testing.T) {
 		var wg sync.WaitGroup
 		ls := make([]*AttachLease, 2)
 		errs := make([]error, 2)
-		for i, st := range []*Store{s, s2} {
+		for i, st := range []*Client{s, s2} {
 			wg.Go(func() { ls[i], errs[i] = st.Attach(ctx, "v", fmt.Sprint("c", i), 5*time.Second) })
 		}
 		wg.Wait()
@@ -527,11 +527,12 @@ func TestConcurrentAttach(t *testing.T) {
 }
 
 func TestUnreachable(t *testing.T) {
-	us, err := freeURLs(1, "") // nothing listens there
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := us[0]
+	u := "http://" + l.Addr().String()
+	l.Close() // nothing listens there now
 	start := time.Now()
 	_, err = Open(context.Background(), []string{u}, "", Options{DialTimeout: 500 * time.Millisecond})
 	took := time.Since(start)
@@ -607,7 +608,7 @@ func TestOutage(t *testing.T) {
 // (fsync included): these are control-path costs, not per-I/O ones.
 func BenchmarkOps(b *testing.B) {
 	ctx := context.Background()
-	e, err := StartEmbedded(ctx, b.TempDir(), "", "")
+	e, err := devetcd.Start(ctx, b.TempDir(), "", "")
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -668,26 +669,4 @@ func BenchmarkOps(b *testing.B) {
 			}
 		}
 	})
-}
-
-// TestEmbeddedPortTaken: a port the caller gives is never swapped for
-// another, and its bind error says "address in use" (errors.Is), which is
-// what StartEmbedded retries on when it picked the ports itself.
-func TestEmbeddedPortTaken(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	_, err = StartEmbedded(context.Background(), t.TempDir(), "", "http://"+l.Addr().String())
-	if !errors.Is(err, syscall.EADDRINUSE) {
-		t.Fatalf("StartEmbedded on a taken peer port: %v, want EADDRINUSE", err)
-	}
-	us, err := freeURLs(3, "http://"+l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if us[0] == us[1] || us[1] == us[2] || us[0] == us[2] {
-		t.Fatalf("freeURLs gave a port twice: %v", us)
-	}
 }

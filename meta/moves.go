@@ -40,11 +40,11 @@ import (
 	"github.com/torus-storage/torus/ring"
 )
 
-func (s *Store) movesKey(vol uint64) string { return fmt.Sprintf("%s%020d", s.kMoves, vol) }
+func (s *Client) movesKey(vol uint64) string { return fmt.Sprintf("%s%020d", s.kMoves, vol) }
 
 // SetMoves records the previous rings that volume vol's chunks may still
 // live under; an empty list deletes the record (the move is finished).
-func (s *Store) SetMoves(ctx context.Context, vol uint64, prev []*ring.Ring) error {
+func (s *Client) SetMoves(ctx context.Context, vol uint64, prev []*ring.Ring) error {
 	if len(prev) == 0 {
 		if _, err := s.txn(ctx, nil, []clientv3.Op{clientv3.OpDelete(s.movesKey(vol))}, nil); err != nil {
 			return fmt.Errorf("meta: clear moves of volume %d: %w", vol, err)
@@ -73,7 +73,7 @@ func (s *Store) SetMoves(ctx context.Context, vol uint64, prev []*ring.Ring) err
 }
 
 // Moves returns the previous rings recorded for volume vol (nil if none).
-func (s *Store) Moves(ctx context.Context, vol uint64) ([]*ring.Ring, error) {
+func (s *Client) Moves(ctx context.Context, vol uint64) ([]*ring.Ring, error) {
 	resp, err := s.cli.Get(ctx, s.movesKey(vol))
 	if err != nil {
 		return nil, fmt.Errorf("meta: read moves of volume %d: %w", vol, err)
@@ -98,13 +98,13 @@ func (s *Store) Moves(ctx context.Context, vol uint64) ([]*ring.Ring, error) {
 	return out, nil
 }
 
-func (s *Store) placedKey(vol uint64) string { return fmt.Sprintf("%s%020d", s.kPlaced, vol) }
-func (s *Store) ringsKey(ver uint64) string  { return fmt.Sprintf("%s%020d", s.kRings, ver) }
+func (s *Client) placedKey(vol uint64) string { return fmt.Sprintf("%s%020d", s.kPlaced, vol) }
+func (s *Client) ringsKey(ver uint64) string  { return fmt.Sprintf("%s%020d", s.kRings, ver) }
 
 // Placed returns the ring version up to which the placement changes of
 // volume vol are recorded; ok is false for a volume without a record (made
 // before rings were kept).
-func (s *Store) Placed(ctx context.Context, vol uint64) (ver uint64, ok bool, err error) {
+func (s *Client) Placed(ctx context.Context, vol uint64) (ver uint64, ok bool, err error) {
 	resp, err := s.cli.Get(ctx, s.placedKey(vol))
 	if err != nil {
 		return 0, false, fmt.Errorf("meta: read placement of volume %d: %w", vol, err)
@@ -123,7 +123,7 @@ func (s *Store) Placed(ctx context.Context, vol uint64) (ver uint64, ok bool, er
 // up to ring version ver (moves and marks written). It never lowers the
 // record: a lower ver is a no-op. It fails with ErrNotFound if the volume
 // does not exist.
-func (s *Store) SetPlaced(ctx context.Context, vol, ver uint64) error {
+func (s *Client) SetPlaced(ctx context.Context, vol, ver uint64) error {
 	k := s.placedKey(vol)
 	for range maxTries {
 		cur, ok, err := s.Placed(ctx, vol)
@@ -156,7 +156,7 @@ func (s *Store) SetPlaced(ctx context.Context, vol, ver uint64) error {
 
 // RingHistory returns the rings written with a version in (after, upTo], in
 // version order (see CASRing).
-func (s *Store) RingHistory(ctx context.Context, after, upTo uint64) ([]*ring.Ring, error) {
+func (s *Client) RingHistory(ctx context.Context, after, upTo uint64) ([]*ring.Ring, error) {
 	if upTo <= after {
 		return nil, nil
 	}
@@ -177,7 +177,7 @@ func (s *Store) RingHistory(ctx context.Context, after, upTo uint64) ([]*ring.Ri
 
 // RingAt returns the ring of version ver from the history; ok is false if
 // none was kept (never written, or pruned).
-func (s *Store) RingAt(ctx context.Context, ver uint64) (r *ring.Ring, ok bool, err error) {
+func (s *Client) RingAt(ctx context.Context, ver uint64) (r *ring.Ring, ok bool, err error) {
 	resp, err := s.cli.Get(ctx, s.ringsKey(ver))
 	if err != nil {
 		return nil, false, fmt.Errorf("meta: read ring %d: %w", ver, err)
@@ -195,7 +195,7 @@ func (s *Store) RingAt(ctx context.Context, ver uint64) (r *ring.Ring, ok bool, 
 // PruneRings deletes the ring history no volume needs any more: the rings
 // below the lowest placed/VOL of all volumes (and below the current ring).
 // It returns how many it deleted.
-func (s *Store) PruneRings(ctx context.Context) (int, error) {
+func (s *Client) PruneRings(ctx context.Context) (int, error) {
 	cur, _, err := s.Ring(ctx)
 	if err != nil {
 		return 0, err

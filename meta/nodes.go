@@ -2,7 +2,7 @@ package meta
 
 // Invariants of a Registration:
 //   - At most one goroutine (run) owns the keepalive; it exits only when
-//     Close cancels its context or the Store's client closes.
+//     Close cancels its context or the Client closes.
 //   - r.lease is the lease the node key was last written with; Close revokes
 //     it after run exits, which deletes the key at once.
 
@@ -64,7 +64,7 @@ func validName(kind, s string) error {
 // unreachable longer than the TTL), the node registers again as soon as it
 // can.
 type Registration struct {
-	s    *Store
+	s    *Client
 	key  string
 	val  string // guarded by mu
 	ttl  int64
@@ -78,7 +78,7 @@ type Registration struct {
 // RegisterNode writes n under a new lease of ttl (rounded up to seconds;
 // etcd may raise very short TTLs to its minimum) and keeps it alive until
 // Close. It fails with ErrExists while another live process holds n.ID.
-func (s *Store) RegisterNode(ctx context.Context, n Node, ttl time.Duration) (*Registration, error) {
+func (s *Client) RegisterNode(ctx context.Context, n Node, ttl time.Duration) (*Registration, error) {
 	if err := validName("node id", n.ID); err != nil {
 		return nil, err
 	}
@@ -229,7 +229,7 @@ func (r *Registration) Close(ctx context.Context) error {
 }
 
 // Nodes returns the registered (live) nodes, ordered by ID.
-func (s *Store) Nodes(ctx context.Context) ([]Node, error) {
+func (s *Client) Nodes(ctx context.Context) ([]Node, error) {
 	resp, err := s.cli.Get(ctx, s.kNodes, clientv3.WithPrefix())
 	if err != nil {
 		return nil, fmt.Errorf("meta: list nodes: %w", err)

@@ -91,14 +91,14 @@ func (p Progress) ETA() time.Duration {
 	return time.Duration(float64(p.Total-p.Done) / r * float64(time.Second))
 }
 
-func (s *Store) missedVolPrefix(vol uint64) string { return fmt.Sprintf("%s%020d/", s.kMissed, vol) }
-func (s *Store) missedNodePrefix(vol uint64, node string) string {
+func (s *Client) missedVolPrefix(vol uint64) string { return fmt.Sprintf("%s%020d/", s.kMissed, vol) }
+func (s *Client) missedNodePrefix(vol uint64, node string) string {
 	return s.missedVolPrefix(vol) + node + "/"
 }
-func (s *Store) missedKey(vol uint64, node string, chunk uint64) string {
+func (s *Client) missedKey(vol uint64, node string, chunk uint64) string {
 	return fmt.Sprintf("%s%020d", s.missedNodePrefix(vol, node), chunk)
 }
-func (s *Store) progressKey(vol uint64) string { return fmt.Sprintf("%s%020d", s.kProgress, vol) }
+func (s *Client) progressKey(vol uint64) string { return fmt.Sprintf("%s%020d", s.kProgress, vol) }
 
 // MarkMissed records that node missed writes to chunks of volume vol. It is
 // idempotent (marking a marked chunk changes nothing that matters) and
@@ -110,7 +110,7 @@ func (s *Store) progressKey(vol uint64) string { return fmt.Sprintf("%s%020d", s
 // that did not reach node: the mark is what makes the missing copy repaired
 // later. Writers remember which chunks they marked and skip etcd for later
 // writes to them.
-func (s *Store) MarkMissed(ctx context.Context, vol uint64, node string, chunks ...uint64) error {
+func (s *Client) MarkMissed(ctx context.Context, vol uint64, node string, chunks ...uint64) error {
 	if err := validName("node id", node); err != nil {
 		return err
 	}
@@ -145,7 +145,7 @@ const nestedBatch = 50
 // of chunks of volume vol that no flush covered and could not be flushed:
 // it may lack them if it lost power. A chunk that has a mark keeps it. It
 // fails with ErrNotFound if the volume does not exist.
-func (s *Store) MarkUnflushed(ctx context.Context, vol uint64, node string, inc uint64, chunks ...uint64) error {
+func (s *Client) MarkUnflushed(ctx context.Context, vol uint64, node string, inc uint64, chunks ...uint64) error {
 	val := unflushedValue(inc)
 	err := s.perMark(ctx, vol, node, chunks, true, func(k string) clientv3.Op {
 		return clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0)},
@@ -160,7 +160,7 @@ func (s *Store) MarkUnflushed(ctx context.Context, vol uint64, node string, inc 
 // ClearUnflushed deletes the marks of chunks of volume vol on node that are
 // still unflushed at incarnation inc: the node answered again at inc (it did
 // not restart), so it holds every write it took. Other marks stay.
-func (s *Store) ClearUnflushed(ctx context.Context, vol uint64, node string, inc uint64, chunks ...uint64) error {
+func (s *Client) ClearUnflushed(ctx context.Context, vol uint64, node string, inc uint64, chunks ...uint64) error {
 	val := unflushedValue(inc)
 	err := s.perMark(ctx, vol, node, chunks, false, func(k string) clientv3.Op {
 		return clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.Value(k), "=", val)},
@@ -175,7 +175,7 @@ func (s *Store) ClearUnflushed(ctx context.Context, vol uint64, node string, inc
 // perMark runs op(key) for the mark key of every chunk on node, in
 // transactions of nestedBatch; with volExists each also checks that the
 // volume exists (ErrNotFound if not).
-func (s *Store) perMark(ctx context.Context, vol uint64, node string, chunks []uint64, volExists bool, op func(key string) clientv3.Op) error {
+func (s *Client) perMark(ctx context.Context, vol uint64, node string, chunks []uint64, volExists bool, op func(key string) clientv3.Op) error {
 	if err := validName("node id", node); err != nil {
 		return err
 	}
@@ -203,7 +203,7 @@ func (s *Store) perMark(ctx context.Context, vol uint64, node string, chunks []u
 
 // UnflushedMarks returns the unflushed marks of volume vol: node →
 // chunk → incarnation (see MarkUnflushed). Missed marks are not in it.
-func (s *Store) UnflushedMarks(ctx context.Context, vol uint64) (map[string]map[uint64]uint64, error) {
+func (s *Client) UnflushedMarks(ctx context.Context, vol uint64) (map[string]map[uint64]uint64, error) {
 	pfx := s.missedVolPrefix(vol)
 	resp, err := s.cli.Get(ctx, pfx, clientv3.WithPrefix())
 	if err != nil {
@@ -234,7 +234,7 @@ func (s *Store) UnflushedMarks(ctx context.Context, vol uint64) (map[string]map[
 // Missed returns the marks of volume vol: for every node with marks, the
 // chunk indexes it missed, in increasing order. An empty map means the
 // volume is not degraded (or does not exist).
-func (s *Store) Missed(ctx context.Context, vol uint64) (map[string][]uint64, error) {
+func (s *Client) Missed(ctx context.Context, vol uint64) (map[string][]uint64, error) {
 	pfx := s.missedVolPrefix(vol)
 	resp, err := s.cli.Get(ctx, pfx, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
@@ -267,7 +267,7 @@ func parseMarkTail(tail string) (string, uint64, error) {
 // ClearMissed removes the mark of chunk of volume vol on node, once node
 // holds a good copy of it. Clearing an absent mark is not an error. See the
 // invariants at the top of this file for what the caller must order.
-func (s *Store) ClearMissed(ctx context.Context, vol uint64, node string, chunks ...uint64) error {
+func (s *Client) ClearMissed(ctx context.Context, vol uint64, node string, chunks ...uint64) error {
 	if err := validName("node id", node); err != nil {
 		return err
 	}
@@ -287,7 +287,7 @@ func (s *Store) ClearMissed(ctx context.Context, vol uint64, node string, chunks
 
 // MissedCounts returns, for every degraded volume, how many chunks each
 // node missed.
-func (s *Store) MissedCounts(ctx context.Context) (map[uint64]map[string]int, error) {
+func (s *Client) MissedCounts(ctx context.Context) (map[uint64]map[string]int, error) {
 	resp, err := s.cli.Get(ctx, s.kMissed, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
 		return nil, fmt.Errorf("meta: count missed chunks: %w", err)
@@ -313,7 +313,7 @@ func (s *Store) MissedCounts(ctx context.Context) (map[uint64]map[string]int, er
 
 // SetProgress records the progress of a job over volume vol, replacing the
 // previous record. It fails with ErrNotFound if the volume does not exist.
-func (s *Store) SetProgress(ctx context.Context, vol uint64, p Progress) error {
+func (s *Client) SetProgress(ctx context.Context, vol uint64, p Progress) error {
 	switch p.Kind {
 	case ProgressRebuild, ProgressRebalance, ProgressScrub:
 	default:
@@ -341,7 +341,7 @@ func (s *Store) SetProgress(ctx context.Context, vol uint64, p Progress) error {
 // Progress returns the progress records of every volume that has one, by
 // volume id. Finished jobs keep their last record until the next job
 // replaces it.
-func (s *Store) Progress(ctx context.Context) (map[uint64]Progress, error) {
+func (s *Client) Progress(ctx context.Context) (map[uint64]Progress, error) {
 	resp, err := s.cli.Get(ctx, s.kProgress, clientv3.WithPrefix())
 	if err != nil {
 		return nil, fmt.Errorf("meta: read progress: %w", err)

@@ -25,7 +25,7 @@ import (
 // Ring returns the current placement ring and its mod revision, the value to
 // pass to CASRing. Before any ring was written it returns an empty ring and
 // revision 0.
-func (s *Store) Ring(ctx context.Context) (*ring.Ring, int64, error) {
+func (s *Client) Ring(ctx context.Context) (*ring.Ring, int64, error) {
 	resp, err := s.cli.Get(ctx, s.kRing)
 	if err != nil {
 		return nil, 0, fmt.Errorf("meta: read ring: %w", err)
@@ -52,7 +52,7 @@ func decodeRing(b []byte) (*ring.Ring, error) {
 // CASRing replaces the ring if it is still at revision old (0: no ring yet)
 // and returns ErrConflict if someone else changed it first: re-read, rebuild
 // and retry. Build next with (*ring.Ring).Next so its Version grows.
-func (s *Store) CASRing(ctx context.Context, old int64, next *ring.Ring) error {
+func (s *Client) CASRing(ctx context.Context, old int64, next *ring.Ring) error {
 	b, err := next.MarshalBinary()
 	if err != nil {
 		return fmt.Errorf("meta: encode ring: %w", err)
@@ -82,7 +82,7 @@ type RingUpdate struct {
 // gives up: after a compaction, a watch error or a lost leader it re-reads
 // the ring and watches again, so the latest ring is delivered even when
 // intermediate ones were compacted away. A deleted ring key is skipped.
-func (s *Store) WatchRing(ctx context.Context) <-chan RingUpdate {
+func (s *Client) WatchRing(ctx context.Context) <-chan RingUpdate {
 	out := make(chan RingUpdate, 1)
 	go func() {
 		defer close(out)
@@ -94,7 +94,7 @@ func (s *Store) WatchRing(ctx context.Context) <-chan RingUpdate {
 // watchRing runs the watch loop. If from > 0, the first watch starts at
 // revision from without reading the key first (tests use it to start
 // behind a compaction).
-func (s *Store) watchRing(ctx context.Context, out chan<- RingUpdate, from int64) {
+func (s *Client) watchRing(ctx context.Context, out chan<- RingUpdate, from int64) {
 	var last int64 // revision last delivered
 	send := func(u RingUpdate) bool {
 		if u.Rev <= last {
@@ -143,7 +143,7 @@ func (s *Store) watchRing(ctx context.Context, out chan<- RingUpdate, from int64
 
 // drainWatch delivers the events of wch until it fails, is compacted or
 // closes; it returns false if delivery stopped because ctx is done.
-func (s *Store) drainWatch(ctx context.Context, wch clientv3.WatchChan, send func(RingUpdate) bool, d *time.Duration) bool {
+func (s *Client) drainWatch(ctx context.Context, wch clientv3.WatchChan, send func(RingUpdate) bool, d *time.Duration) bool {
 	for wr := range wch {
 		if wr.CompactRevision != 0 {
 			s.log.Info("ring watch: compacted, re-reading", "compact_rev", wr.CompactRevision)

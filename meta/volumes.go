@@ -46,14 +46,14 @@ type Volume struct {
 // maxTries bounds CAS retry loops against concurrent writers.
 const maxTries = 64
 
-func (s *Store) volKey(id uint64) string    { return fmt.Sprintf("%s%020d", s.kVolumes, id) }
-func (s *Store) attachKey(id uint64) string { return fmt.Sprintf("%s%020d", s.kAttach, id) }
-func (s *Store) epochKey(id uint64) string  { return fmt.Sprintf("%s%020d", s.kEpochs, id) }
+func (s *Client) volKey(id uint64) string    { return fmt.Sprintf("%s%020d", s.kVolumes, id) }
+func (s *Client) attachKey(id uint64) string { return fmt.Sprintf("%s%020d", s.kAttach, id) }
+func (s *Client) epochKey(id uint64) string  { return fmt.Sprintf("%s%020d", s.kEpochs, id) }
 
 // CreateVolume creates a volume of size bytes with replication copies
 // (0: the cluster default from Config). It fails with ErrExists if name is
 // taken.
-func (s *Store) CreateVolume(ctx context.Context, name string, size uint64, replication int) (Volume, error) {
+func (s *Client) CreateVolume(ctx context.Context, name string, size uint64, replication int) (Volume, error) {
 	if err := validName("volume name", name); err != nil {
 		return Volume{}, err
 	}
@@ -115,7 +115,7 @@ func (s *Store) CreateVolume(ctx context.Context, name string, size uint64, repl
 }
 
 // volume reads a volume by name with the mod revision of its record.
-func (s *Store) volume(ctx context.Context, name string) (Volume, int64, error) {
+func (s *Client) volume(ctx context.Context, name string) (Volume, int64, error) {
 	var v Volume
 	if err := validName("volume name", name); err != nil {
 		return v, 0, err
@@ -145,13 +145,13 @@ func (s *Store) volume(ctx context.Context, name string) (Volume, int64, error) 
 }
 
 // Volume returns the volume called name, or ErrNotFound.
-func (s *Store) Volume(ctx context.Context, name string) (Volume, error) {
+func (s *Client) Volume(ctx context.Context, name string) (Volume, error) {
 	v, _, err := s.volume(ctx, name)
 	return v, err
 }
 
 // Volumes returns all volumes, ordered by ID.
-func (s *Store) Volumes(ctx context.Context) ([]Volume, error) {
+func (s *Client) Volumes(ctx context.Context) ([]Volume, error) {
 	// Records are volumes/<digits>; by-name/ and next-id sort after '9'.
 	resp, err := s.cli.Get(ctx, s.kVolumes+"0", clientv3.WithRange(s.kVolumes+":"))
 	if err != nil {
@@ -170,7 +170,7 @@ func (s *Store) Volumes(ctx context.Context) ([]Volume, error) {
 
 // DeleteVolume removes the volume called name. It is refused with
 // ErrAttached while the volume is attached.
-func (s *Store) DeleteVolume(ctx context.Context, name string) error {
+func (s *Client) DeleteVolume(ctx context.Context, name string) error {
 	for range maxTries {
 		v, rev, err := s.volume(ctx, name)
 		if err != nil {
@@ -207,7 +207,7 @@ func (s *Store) DeleteVolume(ctx context.Context, name string) error {
 
 // ResizeVolume grows the volume called name to newSize bytes. Shrinking is
 // refused with ErrShrink; the same size is a no-op.
-func (s *Store) ResizeVolume(ctx context.Context, name string, newSize uint64) (Volume, error) {
+func (s *Client) ResizeVolume(ctx context.Context, name string, newSize uint64) (Volume, error) {
 	for range maxTries {
 		v, rev, err := s.volume(ctx, name)
 		if err != nil {

@@ -35,7 +35,7 @@ func (v VolumeSet) Deleted(id uint64) bool { return id < v.Next && !v.IDs[id] }
 
 // VolumeSet reads the ids of all volumes and the id counter at one
 // revision.
-func (s *Store) VolumeSet(ctx context.Context) (VolumeSet, error) {
+func (s *Client) VolumeSet(ctx context.Context) (VolumeSet, error) {
 	resp, err := s.cli.Txn(ctx).Then(
 		clientv3.OpGet(s.kVolumes+"0", clientv3.WithRange(s.kVolumes+":"), clientv3.WithKeysOnly()),
 		clientv3.OpGet(s.kNextID),
@@ -64,7 +64,7 @@ func (s *Store) VolumeSet(ctx context.Context) (VolumeSet, error) {
 // when the channel is closed. A slow reader gets only the latest set:
 // changes are coalesced. It never gives up: after a compaction, a watch
 // error or an unreachable etcd it re-reads and watches again.
-func (s *Store) WatchVolumes(ctx context.Context) <-chan VolumeSet {
+func (s *Client) WatchVolumes(ctx context.Context) <-chan VolumeSet {
 	out := make(chan VolumeSet, 1)
 	go func() {
 		defer close(out)
@@ -84,7 +84,7 @@ func (s *Store) WatchVolumes(ctx context.Context) <-chan VolumeSet {
 // until ctx is done. read delivers what it read and returns the revision it
 // read at. After a compaction, a watch error or an unreachable etcd it
 // reads and watches again (backing off while etcd does not answer).
-func (s *Store) watchRead(ctx context.Context, what, prefix string, read func(context.Context) (int64, error)) {
+func (s *Client) watchRead(ctx context.Context, what, prefix string, read func(context.Context) (int64, error)) {
 	d := 50 * time.Millisecond
 	for ctx.Err() == nil {
 		rev, err := read(ctx)

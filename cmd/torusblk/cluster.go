@@ -9,7 +9,7 @@ package main
 //     attach lock (meta.Attach); every write carries the lock's epoch, so a
 //     process that lost the lock without noticing is fenced by the nodes.
 //   - The volume's metadata writes (missed marks, moves, progress) go
-//     through a store guarded by the lock (meta.Store.Guarded): etcd refuses
+//     through a store guarded by the lock (meta.Client.Guarded): etcd refuses
 //     them once this process no longer holds the lock with its epoch.
 //   - After the lease is lost (etcd unreachable past the TTL) the lock is
 //     taken back only with the same epoch and only if nobody attached in
@@ -67,7 +67,7 @@ func (c *clusterFlags) register(fs *pflag.FlagSet) {
 // clusterVolume is a replicated volume held under its attach lock.
 type clusterVolume struct {
 	*engine.Cluster
-	ms    *meta.Store
+	ms    *meta.Client
 	mu    sync.Mutex // guards lease (replaced after an etcd outage)
 	lease *meta.AttachLease
 	wg    sync.WaitGroup

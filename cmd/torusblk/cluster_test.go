@@ -21,6 +21,7 @@ import (
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )
@@ -128,8 +129,8 @@ func (p *proc) kill() {
 // testCluster is an etcd plus storage nodes.
 type testCluster struct {
 	t       *testing.T
-	etcd    *meta.Embedded
-	ms      *meta.Store
+	etcd    *devetcd.Server
+	ms      *meta.Client
 	caDir   string
 	tlsDir  string
 	nodes   []*testNode
@@ -147,7 +148,7 @@ func startCluster(t *testing.T, n int) *testCluster {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	work := t.TempDir()
-	etcd, err := meta.StartEmbedded(ctx, filepath.Join(work, "etcd"), "", "")
+	etcd, err := devetcd.Start(ctx, filepath.Join(work, "etcd"), "", "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/internal/tcpproxy"
-	"github.com/torus-storage/torus/meta"
 )
 
 // TestFaultEtcdOutageLease: after an etcd outage longer than the attach
@@ -33,8 +33,8 @@ func TestFaultEtcdOutageLease(t *testing.T) {
 	c.etcd.Close()
 	fioWriteVerify(t, sock, "4M", "4M")
 	time.Sleep(10 * time.Second) // five lease TTLs without etcd
-	// A peer port StartEmbedded picks: never the endpoint's.
-	e, err := meta.StartEmbedded(context.Background(), filepath.Join(c.workDir, "etcd"), endpoint, "")
+	// A peer port devetcd.Start picks: never the endpoint's.
+	e, err := devetcd.Start(context.Background(), filepath.Join(c.workDir, "etcd"), endpoint, "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -47,7 +47,7 @@ import (
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
-	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/internal/devetcd"
 )
 
 // init makes every `go build` of this test process (TestMain's torusblk,
@@ -460,8 +460,8 @@ func TestFaultEtcdOutage(t *testing.T) {
 	// data written before the outage verifies, and new writes verify.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	// A peer port StartEmbedded picks: never the endpoint's.
-	e, err := meta.StartEmbedded(ctx, filepath.Join(c.workDir, "etcd"), endpoint, "")
+	// A peer port devetcd.Start picks: never the endpoint's.
+	e, err := devetcd.Start(ctx, filepath.Join(c.workDir, "etcd"), endpoint, "")
 	if err != nil {
 		t.Fatalf("restarting etcd: %v", err)
 	}

@@ -72,6 +72,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"
@@ -184,7 +185,7 @@ type nemesis struct {
 	seed  uint64
 	start time.Time
 	volID uint64
-	ms    *meta.Store // reopened after every etcd restart
+	ms    *meta.Client // reopened after every etcd restart
 
 	nodes   []*nemNode
 	nextIdx int
@@ -225,7 +226,7 @@ func startNemesisCluster(t *testing.T) *testCluster {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	work := t.TempDir()
-	etcd, err := meta.StartEmbedded(ctx, filepath.Join(work, "etcd"), "", "")
+	etcd, err := devetcd.Start(ctx, filepath.Join(work, "etcd"), "", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -458,7 +459,7 @@ func (n *nemesis) ringNodes() []*nemNode {
 func (n *nemesis) restartEtcd(endpoint string) {
 	for try := 0; ; try++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		e, err := meta.StartEmbedded(ctx, filepath.Join(n.c.workDir, "etcd"), endpoint, "")
+		e, err := devetcd.Start(ctx, filepath.Join(n.c.workDir, "etcd"), endpoint, "")
 		cancel()
 		if err == nil {
 			n.c.etcd = e

@@ -43,7 +43,7 @@ func plain(f runFunc) func(*pflag.FlagSet) runFunc {
 }
 
 // withStore opens the metadata store, runs f and closes the store.
-func withStore(ctx context.Context, e *env, f func(s *meta.Store) error) error {
+func withStore(ctx context.Context, e *env, f func(s *meta.Client) error) error {
 	s, err := e.g.open(ctx)
 	if err != nil {
 		return err
@@ -113,7 +113,7 @@ func buildInit(fs *pflag.FlagSet) runFunc {
 		if *repl < 1 {
 			return fmt.Errorf("%w: --replication %d: must be at least 1", errUsage, *repl)
 		}
-		return withStore(ctx, e, func(s *meta.Store) error {
+		return withStore(ctx, e, func(s *meta.Client) error {
 			// Refuse before touching the CA directory if etcd already
 			// holds a cluster.
 			if _, err := s.Config(ctx); err == nil {
@@ -171,7 +171,7 @@ type statusResult struct {
 }
 
 func cmdStatus(ctx context.Context, e *env, _ []string) error {
-	return withStore(ctx, e, func(s *meta.Store) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
 		cfg, err := s.Config(ctx)
 		if err != nil {
 			return err
@@ -233,7 +233,7 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 }
 
 func cmdNodeList(ctx context.Context, e *env, _ []string) error {
-	return withStore(ctx, e, func(s *meta.Store) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
 		nodes, err := s.Nodes(ctx)
 		if err != nil {
 			return err
@@ -262,7 +262,7 @@ type ringResult struct {
 }
 
 func cmdRingShow(ctx context.Context, e *env, _ []string) error {
-	return withStore(ctx, e, func(s *meta.Store) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
 		cfg, err := s.Config(ctx)
 		if err != nil {
 			return err
@@ -301,7 +301,7 @@ func cmdRingSetReplication(ctx context.Context, e *env, args []string) error {
 		return fmt.Errorf("%w: replication %q: must be a whole number of at least 1 (example: torusctl ring set-replication 3)",
 			errUsage, args[0])
 	}
-	return withStore(ctx, e, func(s *meta.Store) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
 		cfg, err := s.Config(ctx)
 		if err != nil {
 			return err
@@ -369,7 +369,7 @@ func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
 		if *repl < 0 {
 			return fmt.Errorf("%w: --replication %d: must be at least 1", errUsage, *repl)
 		}
-		return withStore(ctx, e, func(s *meta.Store) error {
+		return withStore(ctx, e, func(s *meta.Client) error {
 			cfg, err := s.Config(ctx)
 			if err != nil {
 				return err
@@ -412,7 +412,7 @@ func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
 }
 
 func cmdVolumeList(ctx context.Context, e *env, _ []string) error {
-	return withStore(ctx, e, func(s *meta.Store) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
 		vols, err := s.Volumes(ctx)
 		if err != nil {
 			return err
@@ -439,7 +439,7 @@ func notFound(err error) error {
 }
 
 func cmdVolumeInfo(ctx context.Context, e *env, args []string) error {
-	return withStore(ctx, e, func(s *meta.Store) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
 		v, err := s.Volume(ctx, args[0])
 		if err != nil {
 			return notFound(err)
@@ -463,7 +463,7 @@ func buildVolumeResize(fs *pflag.FlagSet) runFunc {
 		if err != nil {
 			return err
 		}
-		return withStore(ctx, e, func(s *meta.Store) error {
+		return withStore(ctx, e, func(s *meta.Client) error {
 			v, err := s.ResizeVolume(ctx, args[0], n)
 			if errors.Is(err, meta.ErrShrink) {
 				return fmt.Errorf("volume %s is %s, %s is smaller: volumes only grow (create a new one to shrink)",
@@ -482,7 +482,7 @@ func buildVolumeResize(fs *pflag.FlagSet) runFunc {
 }
 
 func cmdVolumeDelete(ctx context.Context, e *env, args []string) error {
-	return withStore(ctx, e, func(s *meta.Store) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
 		err := s.DeleteVolume(ctx, args[0])
 		if errors.Is(err, meta.ErrAttached) {
 			return fmt.Errorf("%w: detach it first", err)

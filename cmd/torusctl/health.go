@@ -35,7 +35,7 @@ func buildNodeRemove(fs *pflag.FlagSet) runFunc {
 	force := fs.Bool("force", false, "remove even if fewer nodes than a volume's replication remain")
 	return func(ctx context.Context, e *env, args []string) error {
 		id := args[0]
-		return withStore(ctx, e, func(s *meta.Store) error {
+		return withStore(ctx, e, func(s *meta.Client) error {
 			rg, _, err := s.Ring(ctx)
 			if err != nil {
 				return err
@@ -98,7 +98,7 @@ type movingResult struct {
 
 // movingOf lists the volumes of vols whose placement lags ring version cur
 // or that have a move in progress.
-func movingOf(ctx context.Context, s *meta.Store, vols []meta.Volume, cur uint64) ([]movingResult, error) {
+func movingOf(ctx context.Context, s *meta.Client, vols []meta.Volume, cur uint64) ([]movingResult, error) {
 	out := []movingResult{}
 	for _, v := range vols {
 		ver, ok, err := s.Placed(ctx, v.ID)
@@ -152,7 +152,7 @@ type jobResult struct {
 
 // healthOf reads the degraded volumes and background jobs, ordered by
 // volume id; names maps volume ids to names.
-func healthOf(ctx context.Context, s *meta.Store, names map[uint64]string) ([]degradedResult, []jobResult, error) {
+func healthOf(ctx context.Context, s *meta.Client, names map[uint64]string) ([]degradedResult, []jobResult, error) {
 	counts, err := s.MissedCounts(ctx)
 	if err != nil {
 		return nil, nil, err
@@ -270,7 +270,7 @@ func isTerminal(w io.Writer) bool {
 // and how many chunks have at most one: a copy is good on a registered
 // node that owns the chunk under the ring the volume's data lives under
 // (or a ring of a move in progress) and has no missed mark for it.
-func copiesOf(ctx context.Context, s *meta.Store, v meta.Volume) (int, uint64, error) {
+func copiesOf(ctx context.Context, s *meta.Client, v meta.Volume) (int, uint64, error) {
 	cfg, err := s.Config(ctx)
 	if err != nil {
 		return 0, 0, err

@@ -13,7 +13,7 @@ import (
 )
 
 // openMeta opens the test's prefix directly, to set up what torusctl reads.
-func openMeta(t *testing.T) *meta.Store {
+func openMeta(t *testing.T) *meta.Client {
 	t.Helper()
 	s, err := meta.Open(context.Background(), []string{endpoint}, prefix(t), meta.Options{})
 	if err != nil {

@@ -105,7 +105,7 @@ func (g *globals) endpoints() []string {
 }
 
 // open connects to the cluster metadata.
-func (g *globals) open(ctx context.Context) (*meta.Store, error) {
+func (g *globals) open(ctx context.Context) (*meta.Client, error) {
 	return meta.Open(ctx, g.endpoints(), g.prefix, meta.Options{DialTimeout: 3 * time.Second})
 }
 

@@ -35,7 +35,7 @@ const defaultDeadTimeout = 10 * time.Minute
 
 // deadWatch removes nodes gone longer than its timeout from the ring.
 type deadWatch struct {
-	ms      *meta.Store
+	ms      *meta.Client
 	self    string
 	timeout time.Duration
 	log     *slog.Logger
@@ -53,7 +53,7 @@ type absence struct {
 
 // startDeadWatch runs a watcher for node self until close. timeout <= 0
 // returns nil: dead nodes are never removed.
-func startDeadWatch(ctx context.Context, ms *meta.Store, self string, timeout time.Duration, log *slog.Logger) *deadWatch {
+func startDeadWatch(ctx context.Context, ms *meta.Client, self string, timeout time.Duration, log *slog.Logger) *deadWatch {
 	if timeout <= 0 {
 		return nil
 	}

@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
@@ -150,7 +151,7 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 
 // startDevEtcd starts the embedded etcd on listen, with a clear error when
 // the port is taken.
-func startDevEtcd(ctx context.Context, dir, listen string) (*meta.Embedded, error) {
+func startDevEtcd(ctx context.Context, dir, listen string) (*devetcd.Server, error) {
 	l, err := net.Listen("tcp", listen)
 	if err != nil {
 		return nil, fmt.Errorf("etcd address %s is taken (another etcd or torusd dev?): stop it, or pass --etcd-listen 127.0.0.1:0: %w",
@@ -158,7 +159,7 @@ func startDevEtcd(ctx context.Context, dir, listen string) (*meta.Embedded, erro
 	}
 	addr := l.Addr().String() // resolves port 0
 	l.Close()
-	e, err := meta.StartEmbedded(ctx, dir, "http://"+addr, "")
+	e, err := devetcd.Start(ctx, dir, "http://"+addr, "")
 	if err != nil {
 		return nil, fmt.Errorf("start embedded etcd: %w", err)
 	}
@@ -167,7 +168,7 @@ func startDevEtcd(ctx context.Context, dir, listen string) (*meta.Embedded, erro
 
 // devInit initialises the cluster on first run (CA, then config) and
 // returns its config; later runs reuse both.
-func devInit(ctx context.Context, ms *meta.Store, caDir string, chunk uint64, repl int, log *slog.Logger) (meta.Config, error) {
+func devInit(ctx context.Context, ms *meta.Client, caDir string, chunk uint64, repl int, log *slog.Logger) (meta.Config, error) {
 	cfg, err := ms.Config(ctx)
 	if err == nil {
 		if _, err := os.Stat(filepath.Join(caDir, netquic.CAKeyFile)); err != nil {

@@ -44,7 +44,7 @@ type collector struct {
 
 // startCollector runs the collector until stop: a pass at once, after
 // every change of the volumes in ms, and every gcInterval.
-func startCollector(ctx context.Context, st *engine.Store, ms *meta.Store, log *slog.Logger) *collector {
+func startCollector(ctx context.Context, st *engine.Store, ms *meta.Client, log *slog.Logger) *collector {
 	ctx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	c := &collector{st: st, log: log, stop: stop, done: make(chan struct{})}
 	go func() {

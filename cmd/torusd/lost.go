@@ -189,7 +189,7 @@ func loadLost(dir string) (map[uint64][]uint64, error) {
 
 // markLost records the chunks in DATA/lost-chunks as missed on node id, in
 // etcd, retrying until etcd answers or ctx ends, then removes the file.
-func markLost(ctx context.Context, ms *meta.Store, dir, id string, log *slog.Logger) error {
+func markLost(ctx context.Context, ms *meta.Client, dir, id string, log *slog.Logger) error {
 	lost, err := loadLost(dir)
 	if err != nil || len(lost) == 0 {
 		return err
@@ -226,7 +226,7 @@ func markLost(ctx context.Context, ms *meta.Store, dir, id string, log *slog.Log
 // lost in the same power loss) is left as it is: this copy holds every
 // write a flush covered, and marking it would leave the chunk with no copy
 // anyone reads.
-func markLostOnce(ctx context.Context, ms *meta.Store, id string, lost map[uint64][]uint64) error {
+func markLostOnce(ctx context.Context, ms *meta.Client, id string, lost map[uint64][]uint64) error {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	vols, err := ms.Volumes(cctx)

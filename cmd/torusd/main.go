@@ -145,7 +145,7 @@ func parseSize(s string) (int64, error) {
 
 // openMeta opens the cluster metadata and reads its config, with errors
 // that say what to do.
-func openMeta(ctx context.Context, endpoints []string, prefix string, log *slog.Logger) (*meta.Store, meta.Config, error) {
+func openMeta(ctx context.Context, endpoints []string, prefix string, log *slog.Logger) (*meta.Client, meta.Config, error) {
 	eps := strings.Join(endpoints, ",")
 	ms, err := meta.Open(ctx, endpoints, prefix, meta.Options{Logger: log})
 	if errors.Is(err, meta.ErrUnreachable) {

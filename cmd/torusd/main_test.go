@@ -39,7 +39,7 @@ func prefix(t *testing.T) string { return "/" + t.Name() + "/" }
 
 // cluster is an initialised cluster under the test's prefix.
 type cluster struct {
-	ms    *meta.Store
+	ms    *meta.Client
 	cfg   meta.Config
 	caDir string
 }
@@ -166,7 +166,7 @@ func nodeArgs(pfx, dataDir, caDir string, extra ...string) []string {
 }
 
 // chunkCall sends one request in the engine's chunk wire format (see
-// engine/internal/wire: volume, index, epoch, offset and length in 4 KiB
+// internal/wire: volume, index, epoch, offset and length in 4 KiB
 // blocks) and returns the status and payload.
 func chunkCall(t *testing.T, c *netquic.Client, op uint8, vol, epoch uint64, payload []byte, n int) (uint8, []byte) {
 	return chunkCallAt(t, c, op, vol, 0, epoch, payload, n)

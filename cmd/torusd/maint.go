@@ -42,7 +42,7 @@ import (
 // maintainer runs the maintenance jobs of the volumes this node ranks first
 // for.
 type maintainer struct {
-	ms       *meta.Store
+	ms       *meta.Client
 	self     string
 	tls      *tls.Config
 	log      *slog.Logger
@@ -63,7 +63,7 @@ type maintainer struct {
 
 // startMaintainer checks every interval which volumes need work and starts
 // a job for each that this node ranks first for. nil when interval is 0.
-func startMaintainer(ctx context.Context, ms *meta.Store, self string, clientTLS *tls.Config, interval, delay, ttl time.Duration, rate int64, log *slog.Logger) *maintainer {
+func startMaintainer(ctx context.Context, ms *meta.Client, self string, clientTLS *tls.Config, interval, delay, ttl time.Duration, rate int64, log *slog.Logger) *maintainer {
 	if interval <= 0 {
 		return nil
 	}

@@ -94,7 +94,7 @@ type node struct {
 
 // startNode starts a storage node of the cluster behind ms: it returns once
 // the node serves, is registered and is in the ring.
-func startNode(ctx context.Context, ms *meta.Store, cfg meta.Config, nc nodeConfig, log *slog.Logger) (_ *node, err error) {
+func startNode(ctx context.Context, ms *meta.Client, cfg meta.Config, nc nodeConfig, log *slog.Logger) (_ *node, err error) {
 	if nc.Size < int64(cfg.ChunkSize) {
 		return nil, fmt.Errorf("%w: --size %s is below the cluster's chunk size %s",
 			errUsage, units.FormatSize(nc.Size), units.FormatSize(int64(cfg.ChunkSize)))
@@ -247,7 +247,7 @@ func (n *node) listenLocal(nc nodeConfig) (string, error) {
 }
 
 // raiseEpochs raises every volume's fence to the epoch in etcd.
-func (n *node) raiseEpochs(ctx context.Context, ms *meta.Store) error {
+func (n *node) raiseEpochs(ctx context.Context, ms *meta.Client) error {
 	eps, err := ms.Epochs(ctx)
 	if err != nil {
 		return fmt.Errorf("read volume epochs: %w", err)
@@ -261,7 +261,7 @@ func (n *node) raiseEpochs(ctx context.Context, ms *meta.Store) error {
 // watchEpochs raises every volume's fence whenever a holder takes a new
 // epoch in etcd, so the node refuses the previous holder even if it never
 // got the new holder's fence (the client could not reach it).
-func (n *node) watchEpochs(ctx context.Context, ms *meta.Store) {
+func (n *node) watchEpochs(ctx context.Context, ms *meta.Client) {
 	defer close(n.epochsDone)
 	for eps := range ms.WatchEpochs(ctx) {
 		for vol, e := range eps {
@@ -311,7 +311,7 @@ func contains(ss []string, s string) bool {
 
 // register registers n, retrying while a previous lease on its id lives
 // (a node restarted after kill -9: its old lease expires within the TTL).
-func register(ctx context.Context, ms *meta.Store, n meta.Node, ttl time.Duration, log *slog.Logger) (*meta.Registration, error) {
+func register(ctx context.Context, ms *meta.Client, n meta.Node, ttl time.Duration, log *slog.Logger) (*meta.Registration, error) {
 	deadline := time.Now().Add(ttl + 2*time.Second)
 	d := 200 * time.Millisecond
 	for {

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/internal/devetcd"
 )
 
 // Main builds the package in the current directory as name into a
@@ -33,7 +33,7 @@ func Main(m *testing.M, name string, bin, etcd *string) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	e, err := meta.StartEmbedded(ctx, filepath.Join(tmp, "etcd"), "", "")
+	e, err := devetcd.Start(ctx, filepath.Join(tmp, "etcd"), "", "")
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "start embedded etcd: %v\n", err)
 		return 1

@@ -1,4 +1,7 @@
-package meta
+// Package devetcd runs a single-member etcd server inside the process, for
+// torusd dev and tests. Nothing else links the etcd server: production
+// binaries talk to an etcd of their own through package meta.
+package devetcd
 
 import (
 	"context"
@@ -15,33 +18,32 @@ import (
 	"go.uber.org/zap"
 )
 
-// Embedded is a single-member etcd server running in this process, for
-// tests and the development cluster.
-type Embedded struct {
+// Server is a single-member etcd server running in this process.
+type Server struct {
 	e        *embed.Etcd
 	endpoint string
 	once     sync.Once
 }
 
-// StartEmbedded starts a single-member etcd with its data in dir and waits
+// Start starts a single-member etcd with its data in dir and waits
 // until it serves. clientURL and peerURL are like "http://127.0.0.1:2379";
 // an empty one means a free port on 127.0.0.1. The server ticks every 50 ms
 // (election 500 ms), so leases as short as 1 s are honoured.
-func StartEmbedded(ctx context.Context, dir, clientURL, peerURL string) (*Embedded, error) {
+func Start(ctx context.Context, dir, clientURL, peerURL string) (*Server, error) {
 	// A port picked here is free only until etcd binds it: another process
 	// may take it first. Then pick again (a port given by the caller is
 	// never changed).
 	for try := 1; ; try++ {
-		m, picked, err := startEmbedded(ctx, dir, clientURL, peerURL)
+		m, picked, err := start(ctx, dir, clientURL, peerURL)
 		if err == nil || !picked || try == 3 || !errors.Is(err, syscall.EADDRINUSE) {
 			return m, err
 		}
 	}
 }
 
-// startEmbedded is one attempt of StartEmbedded; picked reports whether it
+// start is one attempt of Start; picked reports whether it
 // chose a port itself.
-func startEmbedded(ctx context.Context, dir, clientURL, peerURL string) (m *Embedded, picked bool, err error) {
+func start(ctx context.Context, dir, clientURL, peerURL string) (m *Server, picked bool, err error) {
 	cu, pu := clientURL, peerURL
 	if cu == "" || pu == "" {
 		picked = true
@@ -95,7 +97,7 @@ func startEmbedded(ctx context.Context, dir, clientURL, peerURL string) (m *Embe
 		e.Close()
 		return nil, picked, fmt.Errorf("meta: embedded etcd in %s not ready after 30s", dir)
 	}
-	return &Embedded{e: e, endpoint: lc.String()}, picked, nil
+	return &Server{e: e, endpoint: lc.String()}, picked, nil
 }
 
 // freeURLs returns n http URLs on distinct ports of 127.0.0.1 that were
@@ -122,12 +124,12 @@ func freeURLs(n int, avoid string) ([]string, error) {
 }
 
 // Endpoint returns the client URL, for Open.
-func (m *Embedded) Endpoint() string { return m.endpoint }
+func (m *Server) Endpoint() string { return m.endpoint }
 
 // Err returns a channel that receives the server's fatal errors.
-func (m *Embedded) Err() <-chan error { return m.e.Err() }
+func (m *Server) Err() <-chan error { return m.e.Err() }
 
 // Close stops the server and waits until it has stopped.
-func (m *Embedded) Close() {
+func (m *Server) Close() {
 	m.once.Do(m.e.Close)
 }
