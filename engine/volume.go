@@ -1,4 +1,6 @@
-// Package engine holds the volume engine and the node store.
+// Package engine is the Volume seam: what a frontend (the NBD server, the ublk
+// server) needs of a block device, whatever serves it (package store for a
+// local volume, package cluster for a replicated one).
 //
 // A Volume is the block device that frontends (the NBD server, the ublk server)
 // serve. It is asynchronous: a frontend fills a Request and calls Submit; the
@@ -22,6 +24,10 @@ import (
 	"errors"
 	"syscall"
 )
+
+// BlockSize is the block size of every volume: the unit of addressing,
+// alignment, checksums and direct I/O, in bytes.
+const BlockSize = 4096
 
 // Op is the kind of a Request.
 type Op uint8
@@ -114,6 +120,13 @@ var (
 	ErrNoSpace  = errors.New("engine: out of space")
 	ErrClosed   = errors.New("engine: volume closed")
 	ErrReadOnly = errors.New("engine: volume is read-only")
+	// ErrFenced is reported for a write a storage node refused because a
+	// newer writer attached the volume (its attach epoch is higher), and
+	// for every later request to a replicated volume that learnt so.
+	ErrFenced = errors.New("engine: writer fenced: the volume was attached again by a newer holder; stop writing and re-attach")
+	// ErrNewer is the error of a copy (FlagCopy) refused because the chunk
+	// holds a newer version than the copy's.
+	ErrNewer = errors.New("engine: the replica holds a newer version of the chunk than the copy")
 )
 
 // Errno maps an error reported by a Volume to the errno a block frontend

@@ -57,12 +57,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"google.golang.org/grpc"
-	grpcbackoff "google.golang.org/grpc/backoff"
 	"log/slog"
 	"strconv"
 	"strings"
 	"time"
+
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -294,7 +295,7 @@ type Config struct {
 
 // The chunk sizes a cluster can have. This is the one definition every
 // part checks against: meta.Init and torusctl init refuse others, nodes
-// create stores with it (engine.MinChunkSize and engine.MaxChunkSize are
+// create stores with it (store.MinChunkSize and store.MaxChunkSize are
 // these), and the engine checks at compile time that the chunk protocol
 // addresses and the transport carries a whole chunk of MaxChunkSize in one
 // frame (a rebuild copies whole chunks).

@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/store"
 )
 
 // vmStoreDir is where volume stores live: $TORUS_NBD_STORE_DIR or /mnt/disk.
@@ -50,16 +51,16 @@ func requireKernelNBD(t *testing.T) {
 	}
 }
 
-func openVMVolume(t *testing.T, path string, size int64) *engine.Local {
+func openVMVolume(t *testing.T, path string, size int64) *store.Local {
 	t.Helper()
-	vol, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: testLogger(t)})
+	vol, err := store.OpenLocal(path, size, store.LocalOptions{Logger: testLogger(t)})
 	if err != nil {
 		t.Fatalf("opening the volume store %s: %v", path, err)
 	}
 	return vol
 }
 
-func newVMVolume(t *testing.T, size int64) (*engine.Local, string) {
+func newVMVolume(t *testing.T, size int64) (*store.Local, string) {
 	t.Helper()
 	path := filepath.Join(vmStoreDir(t), strings.ReplaceAll(t.Name(), "/", "_")+".store")
 	os.Remove(path)

@@ -3,7 +3,7 @@ package nbd
 // The transmission phase of one connection on one io_uring thread.
 //
 // When the export's volume lets a caller run its store shards
-// (engine.Local.DriveShards), a connection is served by one goroutine locked
+// (store.Local.DriveShards), a connection is served by one goroutine locked
 // to its OS thread that owns one io_uring: it receives requests with RECV
 // into a large buffer, parses every whole request in it, submits them to the
 // shards it drives (their reads and writes go on the same ring), and sends
@@ -15,7 +15,7 @@ package nbd
 // Invariants:
 //   - Everything below (slots, buffers, rbuf, replies, the send state, the
 //     ShardDriver) is touched only by the ring thread, except stopping,
-//     which shutdown sets, and fdOpen, guarded by fdMu. engine.ShardDriver
+//     which shutdown sets, and fdOpen, guarded by fdMu. store.ShardDriver
 //     completes every request submitted through it on this thread (inside
 //     Submit, Handle or Poll), so rslot.Complete runs here too.
 //   - A slot is in exactly one place: free, being filled (payload), at the
@@ -56,13 +56,14 @@ import (
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
 	"github.com/torus-storage/torus/iouring"
+	"github.com/torus-storage/torus/store"
 )
 
 // driveable is a volume whose store shards a connection thread can run
-// itself (engine.Local).
+// itself (store.Local).
 type driveable interface {
 	Shards() int
-	DriveShards(r *iouring.Ring, ids ...int) (*engine.ShardDriver, error)
+	DriveShards(r *iouring.Ring, ids ...int) (*store.ShardDriver, error)
 }
 
 const (
@@ -120,7 +121,7 @@ type ringConn struct {
 	ids        []int
 
 	ring *iouring.Ring
-	drv  *engine.ShardDriver
+	drv  *store.ShardDriver
 	cqes [256]iouring.CQE
 
 	slots    []rslot

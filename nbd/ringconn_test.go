@@ -9,12 +9,13 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/store"
 )
 
 // openLocal opens a real store of size bytes in a test directory.
-func openLocal(t testing.TB, size int64, shards int) *engine.Local {
+func openLocal(t testing.TB, size int64, shards int) *store.Local {
 	t.Helper()
-	v, err := engine.OpenLocal(filepath.Join(t.TempDir(), "v.store"), size, engine.LocalOptions{Shards: shards})
+	v, err := store.OpenLocal(filepath.Join(t.TempDir(), "v.store"), size, store.LocalOptions{Shards: shards})
 	if err != nil {
 		t.Fatal(err)
 	}

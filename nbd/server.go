@@ -1,8 +1,8 @@
 // Package nbd serves engine.Volume exports over the Network Block Device
 // protocol (fixed newstyle handshake, simple and structured replies).
 //
-// A connection to a volume that lends its store shards (engine.Local, see
-// engine.ShardDriver) is served by one OS thread with one io_uring that
+// A connection to a volume that lends its store shards (store.Local, see
+// store.ShardDriver) is served by one OS thread with one io_uring that
 // receives requests, runs the shards' I/O and sends the replies (see
 // ringconn.go), as long as the volume has shards no other connection runs.
 // Any other connection runs two goroutines: a reader that parses requests
@@ -69,7 +69,7 @@ type Options struct {
 	NoDirectReplies bool
 	// NoRing serves every connection with a reader and a writer goroutine.
 	// By default, a connection to an export whose volume can lend its store
-	// shards (engine.Local) is served by one OS thread with one io_uring
+	// shards (store.Local) is served by one OS thread with one io_uring
 	// that runs those shards itself, as long as the volume has shards no
 	// other connection runs; the others use the goroutine path.
 	NoRing bool

@@ -66,7 +66,7 @@ type RingHandler interface {
 }
 
 // RingDriver is the handler's work on a connection's ring (an
-// engine.ShardDriver): the loop calls Poll every turn, Sleep before it
+// store.ShardDriver): the loop calls Poll every turn, Sleep before it
 // blocks in io_uring_enter and Woke after, passes the CQEs Owns accepts to
 // Handle, and calls Release when the connection is done, before it closes
 // the ring.

@@ -21,7 +21,7 @@ func mix64(x uint64) uint64 {
 	return x
 }
 
-// ChunkKey is the ring key of the chunk engine.ChunkID{volume, index, snap}.
+// ChunkKey is the ring key of the chunk store.ChunkID{volume, index, snap}.
 // It is a fixed function of its arguments: the same on every process,
 // machine and build.
 func ChunkKey(volume, index, snap uint64) uint64 {

@@ -29,7 +29,7 @@ package ublk
 //     and possibly reused descriptor number.
 //   - The descriptor area is mapped read-only and read only for a tag the
 //     kernel just handed over (FETCH CQE with result 0).
-//   - A queue that drives store shards (drv, see engine.ShardDriver) runs
+//   - A queue that drives store shards (drv, see store.ShardDriver) runs
 //     them on this thread and ring: CQEs whose user_data drv.Owns go to the
 //     shards, the rest are ours. Every request it submits completes on this
 //     thread, so its tags commit directly (commit), without q.mu or the
@@ -55,6 +55,7 @@ import (
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
 	"github.com/torus-storage/torus/iouring"
+	"github.com/torus-storage/torus/store"
 )
 
 // pollData is the user_data of the eventfd POLL_ADD; tag commands use the tag.
@@ -88,10 +89,10 @@ func (t *tagState) Complete(r *engine.Request, err error) {
 }
 
 // driveable is a Volume whose store shards a queue thread can run itself
-// (engine.Local).
+// (store.Local).
 type driveable interface {
 	Shards() int
-	DriveShards(r *iouring.Ring, ids ...int) (*engine.ShardDriver, error)
+	DriveShards(r *iouring.Ring, ids ...int) (*store.ShardDriver, error)
 }
 
 type queue struct {
@@ -124,8 +125,8 @@ type queue struct {
 	efdClosed bool
 	one       [8]byte
 
-	drvIDs []int               // shards this queue drives
-	drv    *engine.ShardDriver // nil when the queue drives no shard
+	drvIDs []int              // shards this queue drives
+	drv    *store.ShardDriver // nil when the queue drives no shard
 
 	quit   atomic.Bool
 	exited chan struct{}

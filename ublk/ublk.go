@@ -5,8 +5,8 @@
 // new server process to a device whose previous server died (devices created
 // with Options.Recovery). The data path runs on one OS-thread-locked
 // goroutine per hardware queue with its own io_uring, and allocates nothing
-// per I/O. Over an engine.Local the queue threads also run the store's
-// shards on their rings (engine.ShardDriver), so an I/O stays on one thread.
+// per I/O. Over an store.Local the queue threads also run the store's
+// shards on their rings (store.ShardDriver), so an I/O stays on one thread.
 //
 // Lifecycle:
 //
@@ -45,7 +45,7 @@ type Options struct {
 	// locked OS thread (the kernel caps it at the CPU count). Ignored by
 	// Recover, which uses the device's. The default is runtime.NumCPU(),
 	// except for a volume whose store shards the queues can run themselves
-	// (engine.Local): then 1, and that queue thread runs every shard, so
+	// (store.Local): then 1, and that queue thread runs every shard, so
 	// that an I/O never crosses threads (measured best on 2 CPUs, where
 	// the other CPU is left to the application).
 	//

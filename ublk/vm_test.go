@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/store"
 )
 
 const childEnv = "TORUS_UBLK_CHILD"
@@ -40,9 +41,9 @@ func TestMain(m *testing.M) {
 // childMain serves a device until SIGTERM: mode "create" makes a new one,
 // "recover" takes over TORUS_UBLK_DEV. It prints "DEV <id>" once serving.
 func childMain(mode string) int {
-	store := os.Getenv("TORUS_UBLK_STORE")
+	path := os.Getenv("TORUS_UBLK_STORE")
 	size, _ := strconv.ParseInt(os.Getenv("TORUS_UBLK_SIZE"), 10, 64)
-	vol, err := engine.OpenLocal(store, size, engine.LocalOptions{})
+	vol, err := store.OpenLocal(path, size, store.LocalOptions{})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child:", err)
 		return 1
@@ -101,11 +102,11 @@ func run(t *testing.T, name string, args ...string) string {
 	return string(out)
 }
 
-func openVolume(t *testing.T, dir, name string, size int64) *engine.Local {
+func openVolume(t *testing.T, dir, name string, size int64) *store.Local {
 	t.Helper()
 	path := filepath.Join(dir, name)
 	os.Remove(path)
-	vol, err := engine.OpenLocal(path, size, engine.LocalOptions{})
+	vol, err := store.OpenLocal(path, size, store.LocalOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,10 +249,10 @@ type child struct {
 	id  int
 }
 
-func startChild(t *testing.T, mode, store string, size int64, id int) *child {
+func startChild(t *testing.T, mode, path string, size int64, id int) *child {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+mode, "TORUS_UBLK_STORE="+store,
+	cmd.Env = append(os.Environ(), childEnv+"="+mode, "TORUS_UBLK_STORE="+path,
 		"TORUS_UBLK_SIZE="+strconv.FormatInt(size, 10), "TORUS_UBLK_DEV="+strconv.Itoa(id))
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -281,10 +282,10 @@ func TestVMRecovery(t *testing.T) {
 		t.Fatalf("kernel offers no UBLK_F_USER_RECOVERY (features %#x)", feats)
 	}
 	const size = 64 << 20
-	store := filepath.Join(dir, "ublk-recovery.store")
-	os.Remove(store)
-	defer os.Remove(store)
-	a := startChild(t, "create", store, size, -1)
+	storePath := filepath.Join(dir, "ublk-recovery.store")
+	os.Remove(storePath)
+	defer os.Remove(storePath)
+	a := startChild(t, "create", storePath, size, -1)
 	path := fmt.Sprintf("/dev/ublkb%d", a.id)
 
 	fioArgs := []string{"--name=rec", "--filename=" + path, "--direct=1", "--ioengine=libaio",
@@ -307,7 +308,7 @@ func TestVMRecovery(t *testing.T) {
 	a.cmd.Wait()
 	t.Logf("server %d killed while fio writes", a.cmd.Process.Pid)
 
-	b := startChild(t, "recover", store, size, a.id)
+	b := startChild(t, "recover", storePath, size, a.id)
 	defer func() {
 		b.cmd.Process.Signal(syscall.SIGTERM)
 		if err := b.cmd.Wait(); err != nil {

@@ -21,6 +21,7 @@ import (
 	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/nbd"
+	"github.com/torus-storage/torus/store"
 	"github.com/torus-storage/torus/ublk"
 )
 
@@ -290,7 +291,7 @@ func (a *attachment) source() string {
 // whose lease has not expired yet).
 func (a *attachment) open(ctx context.Context, localNode string, wait time.Duration, log *slog.Logger) (engine.Volume, error) {
 	if a.Volume == "" {
-		lv, err := engine.OpenLocal(a.Store, a.Size, engine.LocalOptions{Logger: log})
+		lv, err := store.OpenLocal(a.Store, a.Size, store.LocalOptions{Logger: log})
 		if err != nil {
 			return nil, err
 		}

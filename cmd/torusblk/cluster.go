@@ -15,7 +15,7 @@ package main
 //     taken back only with the same epoch and only if nobody attached in
 //     between (meta.AttachLease.Reattach, a compare-and-swap on the epoch).
 //     If someone did, even if they have detached since, this process is
-//     fenced for good (engine.Cluster.Fence): every I/O fails with EIO until
+//     fenced for good (cluster.Volume.Fence): every I/O fails with EIO until
 //     it is detached, because its marks, moves and the kernel's page cache
 //     may predate the other holder's writes.
 //   - clusterVolume.Close closes the replicated volume (which makes completed
@@ -35,7 +35,7 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/cluster"
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
@@ -66,7 +66,7 @@ func (c *clusterFlags) register(fs *pflag.FlagSet) {
 
 // clusterVolume is a replicated volume held under its attach lock.
 type clusterVolume struct {
-	*engine.Cluster
+	*cluster.Volume
 	ms    *meta.Client
 	mu    sync.Mutex // guards lease (replaced after an etcd outage)
 	lease *meta.AttachLease
@@ -115,7 +115,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 			cf.localNode = localNode(nodes, host, log)
 		}
 	}
-	vol, err := engine.OpenCluster(ctx, ms.Guarded(lease), lease.Volume(), engine.ClusterOptions{
+	vol, err := cluster.Open(ctx, ms.Guarded(lease), lease.Volume(), cluster.Options{
 		Holder:    holder,
 		TLS:       tlsConf.Client,
 		Epoch:     lease.Epoch(),
@@ -131,7 +131,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Lo
 		return nil, fmt.Errorf("opening volume %s: %w", name, err)
 	}
 	wctx, stop := context.WithCancel(context.Background())
-	cv := &clusterVolume{Cluster: vol, ms: ms, lease: lease, info: lease.Volume(), stop: stop}
+	cv := &clusterVolume{Volume: vol, ms: ms, lease: lease, info: lease.Volume(), stop: stop}
 	cv.wg.Add(2)
 	go cv.keepLock(wctx, name, cf.ttl, log)
 	// Requests to the nodes leave every P idle while they wait; the
@@ -169,7 +169,7 @@ func (v *clusterVolume) keepLock(ctx context.Context, name string, ttl time.Dura
 				return
 			case <-time.After(time.Second):
 			}
-			if err := v.Cluster.Fenced(); err != nil {
+			if err := v.Volume.Fenced(); err != nil {
 				log.Error("volume fenced for good while its attach lock was lost; not taking the lock back: detach it",
 					"volume", name, "err", err)
 				return
@@ -178,7 +178,7 @@ func (v *clusterVolume) keepLock(ctx context.Context, name string, ttl time.Dura
 			nl, err := lease.Reattach(actx, ttl)
 			cancel()
 			if errors.Is(err, meta.ErrNotHolder) {
-				v.Cluster.Fence(err)
+				v.Volume.Fence(err)
 				log.Error("another process attached this volume while etcd was unreachable: this one is fenced for good and every I/O fails (EIO); detach it",
 					"volume", name, "epoch", lease.Epoch(), "err", err)
 				return
@@ -198,7 +198,7 @@ func (v *clusterVolume) keepLock(ctx context.Context, name string, ttl time.Dura
 
 // Close closes the volume, then releases the attach lock and etcd.
 func (v *clusterVolume) Close() error {
-	err := v.Cluster.Close()
+	err := v.Volume.Close()
 	v.stop()
 	v.wg.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

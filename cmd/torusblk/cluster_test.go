@@ -24,6 +24,7 @@ import (
 	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
+	"github.com/torus-storage/torus/store"
 )
 
 var (
@@ -415,9 +416,9 @@ func (c *testCluster) tryServe(name string, extra ...string) (*proc, string) {
 // bytes, and that some chunks were written at all.
 func checkReplicas(t *testing.T, c *testCluster, id uint64, r, chunks, min int) {
 	t.Helper()
-	var stores []*engine.Store
+	var stores []*store.Store
 	for _, nd := range c.nodes {
-		st, err := engine.OpenStore(filepath.Join(nd.dataDir, "store"), engine.StoreOptions{Shards: 1})
+		st, err := store.OpenStore(filepath.Join(nd.dataDir, "store"), store.StoreOptions{Shards: 1})
 		if err != nil {
 			t.Fatalf("opening %s's store: %v", nd.id, err)
 		}
@@ -436,7 +437,7 @@ func checkReplicas(t *testing.T, c *testCluster, id uint64, r, chunks, min int) 
 	}
 	written := 0
 	for idx := 0; idx < chunks; idx++ {
-		cid := engine.ChunkID{Volume: id, Index: uint64(idx)}
+		cid := store.ChunkID{Volume: id, Index: uint64(idx)}
 		var have []int
 		for i, st := range stores {
 			if _, ok := st.SlotDataOffset(cid); ok {
@@ -467,11 +468,11 @@ func checkReplicas(t *testing.T, c *testCluster, id uint64, r, chunks, min int) 
 
 type chanDone chan error
 
-func (c chanDone) CompleteChunk(op *engine.ChunkOp, err error) { c <- err }
+func (c chanDone) CompleteChunk(op *store.ChunkOp, err error) { c <- err }
 
-func readChunk(st *engine.Store, id engine.ChunkID, buf []byte) error {
+func readChunk(st *store.Store, id store.ChunkID, buf []byte) error {
 	done := make(chanDone, 1)
-	op := &engine.ChunkOp{Op: engine.OpRead, Chunk: id, Off: 0, Length: int64(len(buf)), Buf: buf, Done: done}
+	op := &store.ChunkOp{Op: engine.OpRead, Chunk: id, Off: 0, Length: int64(len(buf)), Buf: buf, Done: done}
 	st.Submit(op)
 	return <-done
 }

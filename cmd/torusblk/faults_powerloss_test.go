@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/store"
 )
 
 // TestFaultPowerLossNewHolder: a client writes without a flush, is killed,
@@ -23,9 +23,9 @@ func TestFaultPowerLossNewHolder(t *testing.T) {
 	victim := c.nodes[1]
 	plog := filepath.Join(t.TempDir(), "powerloss")
 	victim.p.stop(t)
-	t.Setenv(engine.PowerLogEnv, plog)
+	t.Setenv(store.PowerLogEnv, plog)
 	c.startNode(victim)
-	t.Setenv(engine.PowerLogEnv, "")
+	t.Setenv(store.PowerLogEnv, "")
 	c.waitNodes(2)
 
 	s, sock := c.serve("vol", "--lease-ttl", "2s")
@@ -55,11 +55,11 @@ func TestFaultPowerLossNewHolder(t *testing.T) {
 	s.kill()
 
 	victim.p.kill()
-	t.Setenv(engine.PowerLogEnv, plog)
-	t.Setenv(engine.PowerLossEnv, "1")
+	t.Setenv(store.PowerLogEnv, plog)
+	t.Setenv(store.PowerLossEnv, "1")
 	c.startNode(victim)
-	t.Setenv(engine.PowerLogEnv, "")
-	t.Setenv(engine.PowerLossEnv, "")
+	t.Setenv(store.PowerLogEnv, "")
+	t.Setenv(store.PowerLossEnv, "")
 	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(victim.p.log.String(), "node ready"); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) || victim.p.exited() {
 			t.Fatalf("%s did not come back after the power loss:\n%s", victim.id, victim.p.log)

@@ -13,7 +13,7 @@ package main
 //     writes, then a re-attach: the data fio verified before, and every block
 //     the Go NBD client saw flushed before the kill, read back intact.
 //   - TestFaultCorruptChunk: one node's store file gets a flipped byte in
-//     every chunk of a volume (at engine.Store.SlotDataOffset, found with
+//     every chunk of a volume (at store.Store.SlotDataOffset, found with
 //     the node stopped); reads prefer that node (--local-node) and fail over,
 //     so fio verify passes.
 //   - TestFaultDiskFull: one node has a tiny --size; once another volume
@@ -48,6 +48,7 @@ import (
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
 	"github.com/torus-storage/torus/internal/devetcd"
+	"github.com/torus-storage/torus/store"
 )
 
 // init makes every `go build` of this test process (TestMain's torusblk,
@@ -184,15 +185,15 @@ func TestFaultClientKill(t *testing.T) {
 }
 
 // volumeChunks returns the chunk ids of volume name that have a slot in st.
-func volumeChunks(t *testing.T, c *testCluster, st *engine.Store, name string, chunks int) []engine.ChunkID {
+func volumeChunks(t *testing.T, c *testCluster, st *store.Store, name string, chunks int) []store.ChunkID {
 	t.Helper()
 	v, err := c.ms.Volume(context.Background(), name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ids []engine.ChunkID
+	var ids []store.ChunkID
 	for i := range chunks {
-		id := engine.ChunkID{Volume: v.ID, Index: uint64(i)}
+		id := store.ChunkID{Volume: v.ID, Index: uint64(i)}
 		if _, ok := st.SlotDataOffset(id); ok {
 			ids = append(ids, id)
 		}
@@ -215,7 +216,7 @@ func TestFaultCorruptChunk(t *testing.T) {
 	// every chunk of the volume in its store file.
 	bad.p.stop(t)
 	storePath := filepath.Join(bad.dataDir, "store")
-	st, err := engine.OpenStore(storePath, engine.StoreOptions{Shards: 1})
+	st, err := store.OpenStore(storePath, store.StoreOptions{Shards: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +232,7 @@ func TestFaultCorruptChunk(t *testing.T) {
 	}
 	flipBytes(t, storePath, offs, 0xff)
 	// The store itself sees the damage: every corrupted chunk fails to read.
-	st, err = engine.OpenStore(storePath, engine.StoreOptions{Shards: 1})
+	st, err = store.OpenStore(storePath, store.StoreOptions{Shards: 1})
 	if err != nil {
 		t.Fatal(err)
 	}

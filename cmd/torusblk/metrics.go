@@ -29,8 +29,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
-
-	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/cluster"
 )
 
 // extraFlags configure the companions of a cluster volume.
@@ -62,7 +61,7 @@ type scrubStats struct {
 	lastSuccess                                                         atomic.Int64 // Unix seconds of the last finished scrub
 }
 
-func (s *scrubStats) add(r engine.ScrubResult) {
+func (s *scrubStats) add(r cluster.ScrubResult) {
 	s.runs.Add(1)
 	s.chunks.Add(r.Chunks)
 	s.skipped.Add(r.Skipped)
@@ -136,45 +135,45 @@ func (v *extrasVolume) Close() error {
 // volumeMetric is one metric family and how to read it.
 type volumeMetric struct {
 	name, typ, help string
-	value           func(v *extrasVolume, s engine.ClusterStats) uint64
+	value           func(v *extrasVolume, s cluster.Stats) uint64
 }
 
 // volumeMetrics lists every metric the endpoint serves, in output order.
 var volumeMetrics = []volumeMetric{
 	{"torus_volume_size_bytes", "gauge", "Size of the volume.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return uint64(v.Size()) }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return uint64(v.Size()) }},
 	{"torus_volume_missed_chunks", "gauge", "Chunk copies marked as missed (a replica to rebuild); 0 when the volume is healthy.",
-		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return uint64(s.Missed) }},
+		func(_ *extrasVolume, s cluster.Stats) uint64 { return uint64(s.Missed) }},
 	{"torus_volume_rebuilt_chunks_total", "counter", "Chunk copies rebuilt from a good replica.",
-		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.Rebuilt }},
+		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.Rebuilt }},
 	{"torus_volume_rebuilt_bytes_total", "counter", "Bytes copied by rebuilds.",
-		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.RebuiltBytes }},
+		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.RebuiltBytes }},
 	{"torus_volume_read_failovers_total", "counter", "Reads that moved to another replica after an error.",
-		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.Failovers }},
+		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.Failovers }},
 	{"torus_volume_replicas_behind_total", "counter", "Replicas reads or rebuilds found behind: their chunk version older than a change acknowledged or held by another replica (marked for rebuild).",
-		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.Behind }},
+		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.Behind }},
 	{"torus_volume_node_failures_total", "counter", "Storage nodes that failed while the volume was attached (writes went on degraded).",
-		func(_ *extrasVolume, s engine.ClusterStats) uint64 { return s.NodeFailures }},
+		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.NodeFailures }},
 	{"torus_volume_scrub_running", "gauge", "1 while a scrub runs.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return b2u(v.scrub.running.Load()) }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return b2u(v.scrub.running.Load()) }},
 	{"torus_volume_scrub_runs_total", "counter", "Scrubs finished or stopped.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.runs.Load() }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.runs.Load() }},
 	{"torus_volume_scrub_last_success_timestamp_seconds", "gauge", "Unix time the last scrub finished (0: none yet).",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return uint64(v.scrub.lastSuccess.Load()) }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return uint64(v.scrub.lastSuccess.Load()) }},
 	{"torus_volume_scrub_chunks_total", "counter", "Chunks whose replicas a scrub compared.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.chunks.Load() }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.chunks.Load() }},
 	{"torus_volume_scrub_skipped_chunks_total", "counter", "Chunks a scrub left out because writes to them kept racing its reads.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.skipped.Load() }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.skipped.Load() }},
 	{"torus_volume_scrub_checksum_errors_total", "counter", "Replicas a scrub found failing their checksum on the node.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.checksum.Load() }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.checksum.Load() }},
 	{"torus_volume_scrub_mismatches_total", "counter", "Replicas a scrub found differing from the good copy.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.mismatches.Load() }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.mismatches.Load() }},
 	{"torus_volume_scrub_behind_total", "counter", "Replicas a scrub found behind the newest version of a chunk.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.behind.Load() }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.behind.Load() }},
 	{"torus_volume_scrub_repaired_total", "counter", "Bad replicas found by a scrub and rebuilt from a good copy.",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.repaired.Load() }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.repaired.Load() }},
 	{"torus_volume_scrub_lost_chunks_total", "counter", "Chunks a scrub found with no good replica at all (restore from a backup).",
-		func(v *extrasVolume, _ engine.ClusterStats) uint64 { return v.scrub.lost.Load() }},
+		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.lost.Load() }},
 }
 
 func b2u(b bool) uint64 {

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/store"
 )
 
 // TestClusterScrubMetrics: one node's copies of a volume get a flipped byte
@@ -48,7 +48,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 	bad := c.nodes[0]
 	bad.p.stop(t)
 	storePath := filepath.Join(bad.dataDir, "store")
-	st, err := engine.OpenStore(storePath, engine.StoreOptions{Shards: 1})
+	st, err := store.OpenStore(storePath, store.StoreOptions{Shards: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +58,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 	}
 	var offs []int64
 	for i := range 8 {
-		if off, ok := st.SlotDataOffset(engine.ChunkID{Volume: v.ID, Index: uint64(i)}); ok {
+		if off, ok := st.SlotDataOffset(store.ChunkID{Volume: v.ID, Index: uint64(i)}); ok {
 			offs = append(offs, off+5000)
 		}
 	}

@@ -71,11 +71,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"
+	"github.com/torus-storage/torus/store"
 )
 
 var (
@@ -271,12 +271,12 @@ func (n *nemesis) newNode(idx int) *nemNode {
 
 // startNode starts torusd for nd with its own fault files armed: the
 // netquic hook (partitions) and the store's power-loss hook, which undoes
-// the writes no fdatasync covered if env holds engine.PowerLossEnv=1.
+// the writes no fdatasync covered if env holds store.PowerLossEnv=1.
 func (n *nemesis) startNode(nd *nemNode, env ...string) {
 	p := &proc{name: nd.id, log: new(syncBuffer), done: make(chan error, 1),
 		cmd: exec.Command(torusdBin, "--etcd", n.c.etcd.Endpoint(), "--data-dir", nd.dataDir, "--listen", nd.listen,
 			"--size", "256MiB", "--id", nd.id, "--host", nd.id, "--cluster-dir", n.c.caDir, "--lease-ttl", "3s")}
-	p.cmd.Env = append(os.Environ(), netquic.FaultsEnv+"="+nd.faults, engine.PowerLogEnv+"="+nd.faults+".powerloss")
+	p.cmd.Env = append(os.Environ(), netquic.FaultsEnv+"="+nd.faults, store.PowerLogEnv+"="+nd.faults+".powerloss")
 	p.cmd.Env = append(p.cmd.Env, env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
@@ -599,7 +599,7 @@ func (n *nemesis) fault() {
 		nd.p.kill()
 		nd.running = false
 		time.Sleep(d)
-		n.startNode(nd, engine.PowerLossEnv+"=1")
+		n.startNode(nd, store.PowerLossEnv+"=1")
 		if n.waitNode(nd) {
 			n.healed[kind]++
 			undone := "nothing to undo"

@@ -16,6 +16,7 @@ import (
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/nbd"
+	"github.com/torus-storage/torus/store"
 )
 
 // storeFile is the name of the store file inside --store DIR.
@@ -118,7 +119,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 		}
 		defer l.Close()
 	} else {
-		lv, err := engine.OpenLocal(path, size, engine.LocalOptions{Logger: log, Shards: *shards})
+		lv, err := store.OpenLocal(path, size, store.LocalOptions{Logger: log, Shards: *shards})
 		if err != nil {
 			return err
 		}

@@ -27,6 +27,7 @@ import (
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
+	"github.com/torus-storage/torus/node"
 )
 
 // cmdDev runs a development cluster until ctx is done.
@@ -99,15 +100,15 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 		}
 	}
 
-	var running []*node
+	var running []*node.Node
 	defer func() {
 		for _, n := range running {
-			n.stop(context.WithoutCancel(ctx))
+			n.Stop(context.WithoutCancel(ctx))
 		}
 	}()
 	for i := 1; i <= *nodes; i++ {
 		id := "node" + strconv.Itoa(i)
-		n, err := startNode(ctx, ms, cfg, nodeConfig{
+		n, err := node.Start(ctx, ms, cfg, node.Config{
 			DataDir:    filepath.Join(root, id),
 			Listen:     "127.0.0.1:0",
 			Size:       sz,
@@ -116,8 +117,9 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 			ClusterDir: caDir,
 			LeaseTTL:   5 * time.Second,
 			// Maintenance of volumes no client holds.
-			Maintenance:      defaultMaintenance,
-			MaintenanceDelay: defaultMaintenanceDelay,
+			Maintenance:      node.DefaultMaintenance,
+			MaintenanceDelay: node.DefaultMaintenanceDelay,
+			OpenRepair:       openRepair,
 		}, log)
 		if err != nil {
 			return fmt.Errorf("start %s: %w", id, err)
@@ -127,7 +129,7 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 	mctx, stopMetrics := context.WithCancel(ctx)
 	defer stopMetrics()
 	if *metricsAddr != "" {
-		if _, err := serveMetrics(mctx, *metricsAddr, running, log); err != nil {
+		if _, err := node.ServeMetrics(mctx, *metricsAddr, running, log); err != nil {
 			return err
 		}
 	}
@@ -143,7 +145,7 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 	stopMetrics()
 	var errs []error
 	for _, n := range running {
-		errs = append(errs, n.stop(context.WithoutCancel(ctx)))
+		errs = append(errs, n.Stop(context.WithoutCancel(ctx)))
 	}
 	running = nil
 	return errors.Join(errs...)

@@ -58,6 +58,7 @@ import (
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/node"
 )
 
 const usage = `torusd: a Torus storage node
@@ -98,7 +99,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch {
 	case err == nil, errors.Is(err, pflag.ErrHelp):
 		return 0
-	case errors.Is(err, errUsage):
+	case errors.Is(err, errUsage), errors.Is(err, node.ErrConfig):
 		fmt.Fprintf(stderr, "%s: %v\n\n%s", name, err, usage)
 		return 2
 	default:
@@ -191,7 +192,7 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	}
 	etcd := fs.String("etcd", defEtcd, "etcd endpoints, comma separated (env TORUS_ETCD)")
 	prefix := fs.String("prefix", meta.DefaultPrefix, "etcd key prefix of the cluster")
-	var nc nodeConfig
+	nc := node.Config{OpenRepair: openRepair}
 	fs.StringVar(&nc.DataDir, "data-dir", "", "directory of the node's store and identity")
 	fs.StringVar(&nc.Listen, "listen", "", "QUIC address to serve on, host:port")
 	fs.StringVar(&nc.Advertise, "advertise", "", "address clients dial (default: --listen)")
@@ -204,10 +205,10 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 	fs.StringVar(&nc.ClusterDir, "cluster-dir", "", "cluster CA directory (from torusctl init): issue the node certificate from it")
 	fs.StringVar(&nc.TLSDir, "tls-dir", "", "directory with node.crt, node.key and ca.crt")
 	fs.DurationVar(&nc.LeaseTTL, "lease-ttl", defaultLeaseTTL, "how long the registration outlives a crashed node")
-	fs.DurationVar(&nc.DeadTimeout, "dead-timeout", defaultDeadTimeout, "remove a node of the ring that stays unregistered this long, so its chunks are re-replicated; 0 = never")
+	fs.DurationVar(&nc.DeadTimeout, "dead-timeout", node.DefaultDeadTimeout, "remove a node of the ring that stays unregistered this long, so its chunks are re-replicated; 0 = never")
 	fs.StringVar(&nc.Socket, "socket", "", "unix socket for clients on this host, instead of QUIC (default DATA_DIR/node.sock; none: no socket)")
-	fs.DurationVar(&nc.Maintenance, "maintenance-interval", defaultMaintenance, "how often to look for volumes no client holds that need a rebuild or a move, and repair them; 0 = never")
-	fs.DurationVar(&nc.MaintenanceDelay, "maintenance-delay", defaultMaintenanceDelay, "how long a volume must have no holder before a node maintains it (a client whose lease lapsed takes it back first)")
+	fs.DurationVar(&nc.Maintenance, "maintenance-interval", node.DefaultMaintenance, "how often to look for volumes no client holds that need a rebuild or a move, and repair them; 0 = never")
+	fs.DurationVar(&nc.MaintenanceDelay, "maintenance-delay", node.DefaultMaintenanceDelay, "how long a volume must have no holder before a node maintains it (a client whose lease lapsed takes it back first)")
 	rebuildRate := fs.String("rebuild-rate", "", "bytes per second one maintenance job copies, e.g. 64MiB (default 64MiB)")
 	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
 	if err := parse(fs, args); err != nil {
@@ -256,20 +257,20 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 		return err
 	}
 	defer ms.Close()
-	n, err := startNode(ctx, ms, cfg, nc, log)
+	n, err := node.Start(ctx, ms, cfg, nc, log)
 	if err != nil {
 		return err
 	}
 	mctx, stopMetrics := context.WithCancel(ctx)
 	if *metricsAddr != "" {
-		if _, err := serveMetrics(mctx, *metricsAddr, []*node{n}, log); err != nil {
+		if _, err := node.ServeMetrics(mctx, *metricsAddr, []*node.Node{n}, log); err != nil {
 			stopMetrics()
-			n.stop(context.WithoutCancel(ctx))
+			n.Stop(context.WithoutCancel(ctx))
 			return err
 		}
 	}
 	<-ctx.Done()
 	log.Info("signalled, shutting down")
 	stopMetrics()
-	return n.stop(context.WithoutCancel(ctx))
+	return n.Stop(context.WithoutCancel(ctx))
 }

@@ -38,13 +38,13 @@ func TestMain(m *testing.M) {
 func prefix(t *testing.T) string { return "/" + t.Name() + "/" }
 
 // cluster is an initialised cluster under the test's prefix.
-type cluster struct {
+type testCluster struct {
 	ms    *meta.Client
 	cfg   meta.Config
 	caDir string
 }
 
-func newCluster(t *testing.T, pfx string) *cluster {
+func newCluster(t *testing.T, pfx string) *testCluster {
 	t.Helper()
 	ctx := context.Background()
 	ms, err := meta.Open(ctx, []string{endpoint}, pfx, meta.Options{})
@@ -63,7 +63,7 @@ func newCluster(t *testing.T, pfx string) *cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &cluster{ms, cfg, ca}
+	return &testCluster{ms, cfg, ca}
 }
 
 // syncBuffer is a bytes.Buffer safe for the process writer and the test.

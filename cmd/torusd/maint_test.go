@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/cluster"
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
 	"github.com/torus-storage/torus/meta"
@@ -72,13 +73,13 @@ func TestMaintenance(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctls := clientTLS(t, c.caDir)
-	attach := func() (*meta.AttachLease, *engine.Cluster) {
+	attach := func() (*meta.AttachLease, *cluster.Volume) {
 		t.Helper()
 		l, err := c.ms.Attach(ctx, "maint", "test client", 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
-		cl, err := engine.OpenCluster(ctx, c.ms, l.Volume(), engine.ClusterOptions{TLS: ctls, Epoch: l.Epoch()})
+		cl, err := cluster.Open(ctx, c.ms, l.Volume(), cluster.Options{TLS: ctls, Epoch: l.Epoch()})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -93,7 +94,7 @@ func TestMaintenance(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer alignbuf.Free(buf)
-	verify := func(cl *engine.Cluster) {
+	verify := func(cl *cluster.Volume) {
 		t.Helper()
 		clear(buf)
 		if err := volIO(cl, engine.OpRead, 0, buf); err != nil {

@@ -1,0 +1,133 @@
+package node
+
+// Garbage collection of deleted volumes' chunks.
+//
+// Invariants:
+//   - A chunk is discarded only if its volume id is below the id counter and
+//     absent from the volume list of the same etcd revision (meta.VolumeSet):
+//     the volume existed and was deleted. Ids are never reused, so a volume
+//     created after that read (a higher id) is never touched, and a chunk of
+//     an id never allocated is left alone.
+//   - The collector runs on its own goroutine, one pass at a time, and stops
+//     (node.stop waits for it) before the store closes.
+//   - A pass discards each garbage chunk whole (OpDiscard over the chunk),
+//     which frees its slot; a discard that fails or races another op leaves
+//     the chunk for the next pass, which the next volume change, or the
+//     periodic pass, runs.
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/store"
+)
+
+// gcInterval is how often the collector runs without a volume change (to
+// pick up what a failed or raced discard left behind).
+const gcInterval = 10 * time.Minute
+
+// gcParallel bounds the discards a pass has in flight.
+const gcParallel = 16
+
+// collector frees the slots of chunks of deleted volumes in one store.
+type collector struct {
+	st    *store.Store
+	log   *slog.Logger
+	total atomic.Uint64 // chunks freed since start (torus_gc_chunks_total)
+	stop  context.CancelFunc
+	done  chan struct{}
+}
+
+// startCollector runs the collector until stop: a pass at once, after
+// every change of the volumes in ms, and every gcInterval.
+func startCollector(ctx context.Context, st *store.Store, ms *meta.Client, log *slog.Logger) *collector {
+	ctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	c := &collector{st: st, log: log, stop: stop, done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		ch := ms.WatchVolumes(ctx)
+		t := time.NewTicker(gcInterval)
+		defer t.Stop()
+		var last meta.VolumeSet
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case vs, ok := <-ch:
+				if !ok {
+					return
+				}
+				last = vs
+			case <-t.C:
+				if last.IDs == nil {
+					continue
+				}
+				// An old set is still safe: a deleted id stays deleted,
+				// and its Next only hides newer deletions.
+			}
+			c.pass(ctx, last)
+		}
+	}()
+	return c
+}
+
+// close stops the collector and waits for its pass in flight.
+func (c *collector) close() {
+	c.stop()
+	<-c.done
+}
+
+// pass discards every chunk of a volume that vs reports deleted.
+func (c *collector) pass(ctx context.Context, vs meta.VolumeSet) {
+	ids, err := c.st.Chunks()
+	if err != nil {
+		c.log.Warn("gc: cannot list the store's chunks", "err", err)
+		return
+	}
+	var garbage []store.ChunkID
+	vols := make(map[uint64]int)
+	for _, id := range ids {
+		if vs.Deleted(id.Volume) {
+			garbage = append(garbage, id)
+			vols[id.Volume]++
+		}
+	}
+	if len(garbage) == 0 {
+		return
+	}
+	start := time.Now()
+	var freed, failed atomic.Uint64
+	sem := make(chan struct{}, gcParallel)
+	var wg sync.WaitGroup
+	for _, id := range garbage {
+		if ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			w := make(gcWaiter, 1)
+			c.st.Submit(&store.ChunkOp{Op: engine.OpDiscard, Chunk: id, Off: 0, Length: c.st.ChunkSize(), Done: w})
+			if err := <-w; err != nil {
+				failed.Add(1)
+				c.log.Warn("gc: discard failed; retried at the next pass", "volume", id.Volume, "chunk", id.Index, "err", err)
+				return
+			}
+			freed.Add(1)
+			c.total.Add(1)
+		})
+	}
+	wg.Wait()
+	c.log.Info("gc: freed chunks of deleted volumes", "chunks", freed.Load(), "failed", failed.Load(),
+		"volumes", len(vols), "took", time.Since(start).Round(time.Millisecond))
+}
+
+// gcWaiter completes a ChunkOp into a channel.
+type gcWaiter chan error
+
+func (w gcWaiter) CompleteChunk(_ *store.ChunkOp, err error) { w <- err }
