@@ -12,8 +12,9 @@
 //	         for this node in the low 32 (FenceEpoch); in a stale-epoch
 //	         response, the node's current fence epoch of the volume;
 //	         in an OK response to a read, write, flush, discard,
-//	         write-zeroes or fence, the node's incarnation (random, odd, new at every
-//	         start of the node), so a client notices a restart
+//	         write-zeroes or fence, the node's incarnation (odd; new whenever
+//	         the node may have lost writes no flush covered: a power loss, a
+//	         new store), so a client notices such a restart
 //	[24:26]  offset inside the chunk, in 4 KiB blocks
 //	[26:28]  length, in 4 KiB blocks (at most 512: chunks are at most 2 MiB)
 //	[28]     flags: bit 0 FUA, bit 1 NoUnmap, bit 2 Copy; other bits zero
