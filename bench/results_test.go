@@ -71,6 +71,26 @@ func TestParseResultsRejects(t *testing.T) {
 	}
 }
 
+// TestCommittedResults checks that every results file kept in the
+// repository parses.
+func TestCommittedResults(t *testing.T) {
+	paths, err := filepath.Glob("results/*.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(paths) == 0 {
+		t.Fatal("no results files under bench/results")
+	}
+	for _, p := range paths {
+		if _, err := loadResults(p); err != nil {
+			t.Error(err)
+		}
+	}
+	if _, err := newestResults("results", "host"); err != nil {
+		t.Error(err)
+	}
+}
+
 func TestWriteResultsRoundTrip(t *testing.T) {
 	started := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	j1, _ := findJob("randread-4k-qd1")
