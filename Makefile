@@ -22,7 +22,7 @@ test: lint
 	$(MAKE) fuzz-smoke
 	$(MAKE) test-vm
 
-# The fault-injection suite (issue #5 item 7): binaries built with the faults
+# The fault-injection suite: binaries built with the faults
 # tag (netquic's fault hook), fio verify before, during and after each fault.
 test-faults:
 	$(GO) test -tags faults -count=1 -timeout 20m -run '^TestFault' ./cmd/torusblk/ ./netquic/

@@ -14,7 +14,8 @@ import (
 	"time"
 )
 
-// report is everything one run measured; --json writes it.
+// report is everything one run measured; --json writes it, and the
+// results file (results.go) keeps its summary.
 type report struct {
 	LoadAvgEnd string    `json:"loadavg_end"`
 	Machine    machine   `json:"machine"`
@@ -118,6 +119,17 @@ func benchmark(ctx context.Context, cfg config) error {
 			return fmt.Errorf("write %s: %w", cfg.jsonOut, err)
 		}
 		fmt.Printf("\nraw results written to %s\n", cfg.jsonOut)
+	}
+	if cfg.results != "" {
+		commit := ""
+		if root, err := repoRoot(); err == nil {
+			commit = gitCommit(root)
+		}
+		path, err := writeResults(cfg.results, newRunResults(cfg, &rep, commit), rep.Started)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("\nresults file written to %s (chart: go run ./bench chart %s)\n", path, path)
 	}
 	return nil
 }

@@ -1,6 +1,6 @@
 package main
 
-// The "cluster" target (issue #4 item 9): a replicated volume of a 3-node
+// The "cluster" target: a replicated volume of a 3-node
 // dev cluster (`torusd dev`: embedded etcd and three storage nodes in one
 // process, talking QUIC over loopback), R=3, served over NBD by
 // `torusblk serve NAME` exactly as the single-node "torus" target is served
@@ -100,7 +100,7 @@ func startCluster(ctx context.Context, dir, sock string, size int64, torusblk st
 }
 
 // printCluster prints the replicated volume against the single-node one and
-// the issue's targets.
+// its targets (informational).
 func printCluster(w *os.File, rep *report) {
 	cr, ok1 := rep.Results["cluster"]
 	tr, ok2 := rep.Results["torus"]

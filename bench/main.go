@@ -13,8 +13,13 @@
 // unmeasured sequential write, then runs the selected jobs one fio process at a
 // time. The program prints the machine, a table of IOPS and p50/p99 completion
 // latency per job and target, the ratios of Torus to its peers and PASS/MISS
-// against the milestone targets. A miss is informational; the program exits
-// non-zero only when a target cannot be run.
+// against the performance targets, and writes the run to a results file
+// (bench/results/DATE-host-COMMIT.json unless --results or --no-results say
+// otherwise). A miss is informational; the program exits non-zero only when
+// a target cannot be run.
+//
+// "bench chart [-o FILE] [RESULTS...]" draws results files as an SVG chart
+// (chart.go) instead of running anything.
 //
 // Invariants:
 //   - Every process the program starts runs in its own process group and is
@@ -50,6 +55,11 @@ type config struct {
 	jsonOut  string
 	keep     bool
 	rounds   int
+	// results is the directory the results file goes to; "" when
+	// --no-results.
+	results string
+	// args is the command line, recorded in the results file.
+	args []string
 }
 
 func main() {
@@ -60,6 +70,9 @@ func run() int {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	slog.SetDefault(logger)
 
+	if len(os.Args) > 1 && os.Args[1] == "chart" {
+		return runChart(os.Args[2:])
+	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
@@ -78,10 +91,11 @@ func run() int {
 func parseFlags(args []string) (config, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	var (
-		cfg     config
-		size    string
-		targets string
-		jobs    string
+		cfg       config
+		size      string
+		targets   string
+		jobs      string
+		noResults bool
 	)
 	fs.StringVar(&cfg.torusblk, "torusblk", "", "path to the torusblk binary (default: build ./cmd/torusblk into the work dir)")
 	fs.StringVar(&cfg.dir, "dir", "", "directory for the backing files and stores (default: a temp dir on the repo's filesystem; not tmpfs)")
@@ -92,13 +106,25 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&cfg.jsonOut, "json", "", "write the raw fio results and the summary to this file")
 	fs.IntVar(&cfg.rounds, "rounds", 1, "passes over all targets (order rotated each pass); the table shows the median")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work dir (backing files, logs) after the run")
+	fs.StringVar(&cfg.results, "results", "", "directory for the results file of the run (default: bench/results in the repository)")
+	fs.BoolVar(&noResults, "no-results", false, "write no results file")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
 	}
 	if fs.NArg() != 0 {
-		return config{}, fmt.Errorf("unexpected arguments: %q", fs.Args())
+		return config{}, fmt.Errorf("unexpected arguments: %q (the only subcommand is chart)", fs.Args())
 	}
+	cfg.args = args
 	var err error
+	if noResults {
+		cfg.results = ""
+	} else if cfg.results == "" {
+		if root, err := repoRoot(); err == nil {
+			cfg.results = filepath.Join(root, "bench", "results")
+		} else {
+			slog.Warn("no results file will be written; pass --results DIR", "err", err)
+		}
+	}
 	if cfg.size, err = parseSize(size); err != nil {
 		return config{}, fmt.Errorf("--size: %w", err)
 	}

@@ -7,7 +7,8 @@ import (
 	"text/tabwriter"
 )
 
-// Milestone targets from the issue.
+// Performance targets of the single-node volume (informational; the report
+// prints them as "milestone targets").
 const (
 	wantPeerRatioQD32 = 1.5 // Torus IOPS / best NBD peer IOPS at QD32
 	wantRawRatio      = 0.7 // Torus IOPS / raw io_uring IOPS
@@ -114,7 +115,7 @@ func printTable(w io.Writer, rep *report) {
 	tw.Flush()
 }
 
-// printVerdict prints PASS/MISS for each milestone target. It is
+// printVerdict prints PASS/MISS for each performance target. It is
 // informational: a miss never fails the run.
 func printVerdict(w io.Writer, rep *report) {
 	if !comparable(rep) {

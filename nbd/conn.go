@@ -25,7 +25,7 @@ package nbd
 //     connection in flight and the reader without buffered requests writes
 //     the queued replies itself with non-blocking writes (no writer wake-up
 //     on the fast path, one write per burst: with more requests coming, the
-//     writer goroutine batches them as before). What the
+//     writer goroutine batches them). What the
 //     socket does not take stays in left with hasLeft set; from then on only
 //     the writer goroutine may take the stream, and it writes left first.
 //   - Whoever enqueues while writing is set relies on the owner: on giving

@@ -1,6 +1,6 @@
 package node
 
-// Removal of dead nodes from the ring (issue #5 item 2): a node of the ring
+// Removal of dead nodes from the ring: a node of the ring
 // that stays unregistered (its lease expired: the process is gone) longer
 // than --dead-timeout is taken out of the ring, so the attached clients'
 // rebalance copies its chunks to their new owners and the volumes get back

@@ -1,6 +1,6 @@
 package main
 
-// Multi-process cluster tests (issue #4 item 8): an embedded etcd in the test
+// Multi-process cluster tests: an embedded etcd in the test
 // process, three torusd processes on 127.0.0.1, 127.0.0.2 and 127.0.0.3,
 // torusctl to make volumes, and torusblk serving a cluster volume over NBD
 // to fio and to a small Go NBD client.
@@ -256,7 +256,7 @@ func fioVerify(t *testing.T, sock string, extra ...string) string {
 	return out
 }
 
-// TestCluster runs the cluster scenarios of issue #4 on one cluster.
+// TestCluster runs the replicated-volume scenarios on one cluster.
 func TestCluster(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)

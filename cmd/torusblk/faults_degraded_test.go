@@ -2,8 +2,8 @@
 
 package main
 
-// Fault cases with degraded-mode writes (issue #5 items 1, 2 and 7), part
-// of `make test-faults`: cluster.Volume completes a write on the remaining
+// Fault cases with degraded-mode writes, part of `make test-faults`:
+// cluster.Volume completes a write on the remaining
 // replicas once one does not answer, after recording in etcd which chunks
 // that node missed, and brings the node up to date when it is back.
 //

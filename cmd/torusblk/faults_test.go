@@ -2,7 +2,7 @@
 
 package main
 
-// The fault-injection suite of issue #5 item 7 (`make test-faults`, part of
+// The fault-injection suite (`make test-faults`, part of
 // `make test`). Every case starts its own cluster with the helpers of
 // cluster_test.go (an embedded etcd in the test process, three torusd
 // processes on 127.0.0.1-3, torusctl, `torusblk serve NAME` on a unix

@@ -3,13 +3,13 @@
 #   - /dev/ublkbN   (torusblk attach --mode ublk, store on the guest's ext4 disk)
 #   - /dev/loopN    (losetup --direct-io=on over a plain file on the same disk)
 #   - /dev/nbdN     (torusblk attach --mode nbd: the kernel NBD client, same store format)
-# then a table of IOPS and p50/p99 completion latency, and the ratios the ublk issue targets:
+# then a table of IOPS and p50/p99 completion latency, and the ratios ublk is measured against:
 # ublk >= 1.0x loop and >= 2x kernel NBD at 4K QD32 randread and randwrite.
 #
 # The store checks a CRC32C of every 4 KiB block; internal/crc32c picks the faster of the CRC32
 # instruction and a table-driven loop when the process starts. Under TCG, which emulates the
 # instruction one bit at a time, that is the table (about 10 µs per 4 KiB in the guest against
-# 37 µs), so the ublk column needs no separate software-CRC variant any more.
+# 37 µs), so the ublk column measures the table CRC there and needs no software-CRC variant.
 # A benchmark, not a test: it exits 0 whatever the numbers, non-zero only when a target cannot run.
 #
 # Usage: scripts/vm/bench-vm.sh [--kernel trixie|backports] [--runtime SECS] [--size MiB] [--rounds N]
