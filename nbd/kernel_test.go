@@ -3,7 +3,7 @@ package nbd
 // Host tests of the kernel attach code that need no kernel NBD: the netlink
 // encoding and decoding, and the handshake-less transmission phase the kernel
 // speaks. The tests against a real /dev/nbdN are in kernel_vm_test.go (build
-// tag nbdvm, run by nbd/vmtest.sh in a VM).
+// tag vm, run by nbd/vmtest.sh in a VM).
 
 import (
 	"bytes"

@@ -1,10 +1,10 @@
-//go:build nbdvm
+//go:build vm
 
 package nbd
 
 // Tests against the kernel's NBD client. They need root, the nbd module and
 // a directory for the volume store on a file system with O_DIRECT (the VM's
-// /mnt/disk), so they are behind the nbdvm build tag: nbd/vmtest.sh builds
+// /mnt/disk), so they are behind the vm build tag: nbd/vmtest.sh builds
 // them on the host and runs them in a VM (scripts/vm/run.sh). Where kernel NBD
 // is missing they fail with the reason.
 

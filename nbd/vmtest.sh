@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the kernel NBD attach tests (nbd/kernel_vm_test.go, build tag nbdvm) in a VM on real
+# Runs the kernel NBD attach tests (nbd/kernel_vm_test.go, build tag vm) in a VM on real
 # Debian kernels: bookworm (6.1, no ublk: the kernel NBD fallback case) and trixie by default.
 #
 # Usage: nbd/vmtest.sh [bookworm] [trixie] [backports]   (env: RUN=regexp to pick tests,
@@ -18,7 +18,7 @@ kernels=("$@")
 run=${RUN:-'^Test(Kernel|DisconnectKernel)'}
 
 mkdir -p .vmbin
-go test -c -tags nbdvm -o .vmbin/nbd.test ./nbd/
+go test -c -tags vm -o .vmbin/nbd.test ./nbd/
 
 failed=()
 for k in "${kernels[@]}"; do

@@ -128,10 +128,10 @@ type shard struct {
 	alInflight bool
 	alQueued   []int32
 	alFlying   []int32
-	alCurOps   *ChunkOp // waiting for the log write in flight (via hnext)
-	alNextOps  *ChunkOp // waiting for the next log write (via hnext)
+	alCurOps   *ChunkOp // waiting for the log write in flight (via waitNext)
+	alNextOps  *ChunkOp // waiting for the next log write (via waitNext)
 
-	// Frees waiting for an fdatasync (syncFree), chained via hnext.
+	// Frees waiting for an fdatasync (syncFree), chained via waitNext.
 	frCur      *ChunkOp // covered by the fdatasync in flight
 	frNext     *ChunkOp // waiting for the next one
 	frEpoch    uint64   // syncNext taken by the one in flight
@@ -399,8 +399,8 @@ func (sh *shard) start(op *ChunkOp) {
 	op.freeing, op.zeroing = false, false
 	op.pending = 0
 	op.slot = -1
-	op.next, op.hnext = nil, nil
-	op.alw = false
+	op.next, op.waitNext = nil, nil
+	op.alWriter = false
 	sh.dispatch(op)
 }
 
@@ -472,11 +472,11 @@ func conflicts(list, op *ChunkOp) bool {
 // write-class op once its slot is in the activity log on disk.
 func (sh *shard) run1(op *ChunkOp, m *slotMeta) {
 	if op.Op != engine.OpRead {
-		op.alw = true
+		op.alWriter = true
 		m.alWriters++
 		switch m.alState {
 		case alFlying:
-			op.hnext = sh.alCurOps
+			op.waitNext = sh.alCurOps
 			sh.alCurOps = op
 			return
 		case alCold:
@@ -484,7 +484,7 @@ func (sh *shard) run1(op *ChunkOp, m *slotMeta) {
 			sh.alQueued = append(sh.alQueued, op.slot)
 			fallthrough
 		case alQueued:
-			op.hnext = sh.alNextOps
+			op.waitNext = sh.alNextOps
 			sh.alNextOps = op
 			sh.writeAL()
 			return
@@ -556,12 +556,12 @@ func (sh *shard) writeAL() {
 	// Ops of slots now flying wait for this write; the others for a later one.
 	var keep *ChunkOp
 	for op := sh.alNextOps; op != nil; {
-		next := op.hnext
+		next := op.waitNext
 		if s.slots[op.slot].alState == alFlying {
-			op.hnext = sh.alCurOps
+			op.waitNext = sh.alCurOps
 			sh.alCurOps = op
 		} else {
-			op.hnext = keep
+			op.waitNext = keep
 			keep = op
 		}
 		op = next
@@ -672,8 +672,8 @@ func (sh *shard) alDone(res int32) {
 	sh.alInflight = false
 	sh.writeAL()
 	for op := ops; op != nil; {
-		next := op.hnext
-		op.hnext = nil
+		next := op.waitNext
+		op.waitNext = nil
 		if err != nil {
 			op.err = err
 			sh.finish(op)
@@ -840,9 +840,9 @@ func (sh *shard) freeStep(op *ChunkOp, res int32) {
 // data, and no two slots name one chunk. One fdatasync per shard is in
 // flight; frees that complete meanwhile wait for the next.
 func (sh *shard) syncFree(op *ChunkOp) {
-	op.hnext = nil
+	op.waitNext = nil
 	if sh.frInflight {
-		op.hnext = sh.frNext
+		op.waitNext = sh.frNext
 		sh.frNext = op
 		return
 	}
@@ -872,8 +872,8 @@ func (sh *shard) freeSynced(res int32) {
 		sh.issueFreeSync()
 	}
 	for op := ops; op != nil; {
-		next := op.hnext
-		op.hnext = nil
+		next := op.waitNext
+		op.waitNext = nil
 		if err != nil && op.err == nil {
 			op.err = err
 		}
@@ -895,11 +895,11 @@ func (sh *shard) fixedBuf(b []byte) (uint16, bool) {
 // state of m.
 func (sh *shard) joinHeader(op *ChunkOp, m *slotMeta, fua bool) {
 	if !m.hdrInflight {
-		op.hnext = nil
+		op.waitNext = nil
 		sh.writeHeader(op.slot, m, op, fua)
 		return
 	}
-	op.hnext = m.hdrNext
+	op.waitNext = m.hdrNext
 	m.hdrNext = op
 	m.hdrNextFUA = m.hdrNextFUA || fua
 }
@@ -982,8 +982,8 @@ func (sh *shard) complete(ud uint64, res int32) {
 			sh.writeAL()
 		}
 		for op := waiters; op != nil; {
-			next := op.hnext
-			op.hnext = nil
+			next := op.waitNext
+			op.waitNext = nil
 			sh.partDone(op, err)
 			op = next
 		}
@@ -1077,8 +1077,8 @@ func (sh *shard) partDone(op *ChunkOp, err error) {
 
 // finish releases op's range and index and reports it.
 func (sh *shard) finish(op *ChunkOp) {
-	if op.alw {
-		op.alw = false
+	if op.alWriter {
+		op.alWriter = false
 		m := &sh.s.slots[op.slot]
 		m.alWriters--
 		if m.alWriters == 0 && len(sh.alQueued) > 0 {

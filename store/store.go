@@ -88,19 +88,19 @@ type ChunkOp struct {
 	Tag uint64
 
 	// Shard-private state.
-	slot    int32
-	idx     int32
-	pending int8
-	freeing bool
-	zeroing bool   // freeing: the fallocate in flight is ZERO_RANGE, not a punch
-	alw     bool   // counted in its slot's alWriters
-	epoch   uint64 // OpFlush: Store.syncNext taken at submission
-	lockOff int64
-	lockLen int64
-	err     error
-	next    *ChunkOp // shard backlog / slot lock lists
-	hnext   *ChunkOp // slot header waiters
-	sh      *shard   // the shard that reports op (nil: the submitter does)
+	slot     int32
+	idx      int32
+	pending  int8
+	freeing  bool
+	zeroing  bool   // freeing: the fallocate in flight is ZERO_RANGE, not a punch
+	alWriter bool   // counted in its slot's alWriters
+	epoch    uint64 // OpFlush: Store.syncNext taken at submission
+	lockOff  int64
+	lockLen  int64
+	err      error
+	next     *ChunkOp // shard backlog / slot lock lists
+	waitNext *ChunkOp // next in a waiter list: slot header, activity log or free waiters
+	sh       *shard   // the shard that reports op (nil: the submitter does)
 }
 
 // Version orders the changes of one chunk across its replicas: the attach
