@@ -138,6 +138,22 @@ func (p *proc) exited(t *testing.T) int {
 }
 
 // waitLog waits until stderr matches re and returns the first submatch.
+// waitStdout waits until p printed n lines on stdout and returns them.
+func (p *proc) waitStdout(t *testing.T, n int) []string {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out := p.stdout.String()
+		if strings.Count(out, "\n") >= n {
+			return strings.Split(strings.TrimSpace(out), "\n")
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("torusd printed %q, want %d lines\n%s", out, n, p.stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 func (p *proc) waitLog(t *testing.T, re string) string {
 	t.Helper()
 	rx := regexp.MustCompile(re)
@@ -395,7 +411,9 @@ func TestDev(t *testing.T) {
 	for round := range 2 {
 		p := start(t, "dev", "--nodes", "3", "--data-dir", dir, "--etcd-listen", "127.0.0.1:0", "--size", "64MiB")
 		p.waitLog(t, `msg="dev cluster ready"`)
-		lines := strings.Split(strings.TrimSpace(p.stdout.String()), "\n")
+		// stdout and stderr are two pipes copied apart: the lines printed
+		// before the log line may still be on their way.
+		lines := p.waitStdout(t, 2)
 		if len(lines) != 2 || !strings.HasPrefix(lines[0], "etcd: http://127.0.0.1:") ||
 			lines[1] != "tls: "+filepath.Join(dir, "client") {
 			t.Fatalf("round %d: stdout %q", round, p.stdout.String())
