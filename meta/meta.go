@@ -237,7 +237,7 @@ func (s *Client) checkSchema(v string) error {
 // Close/Release first for a clean exit).
 func (s *Client) Close() error { return s.cli.Close() }
 
-// Prefix returns the key prefix of the store.
+// Prefix returns the key prefix of the client.
 func (s *Client) Prefix() string { return s.prefix }
 
 // txn runs If(schema == s.schema, guard..., cmps...).Then(thens...).Else(elses...).

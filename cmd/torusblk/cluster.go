@@ -9,7 +9,7 @@ package main
 //     attach lock (meta.Attach); every write carries the lock's epoch, so a
 //     process that lost the lock without noticing is fenced by the nodes.
 //   - The volume's metadata writes (missed marks, moves, progress) go
-//     through a store guarded by the lock (meta.Client.Guarded): etcd refuses
+//     through a client guarded by the lock (meta.Client.Guarded): etcd refuses
 //     them once this process no longer holds the lock with its epoch.
 //   - After the lease is lost (etcd unreachable past the TTL) the lock is
 //     taken back only with the same epoch and only if nobody attached in
