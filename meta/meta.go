@@ -296,7 +296,7 @@ type Config struct {
 // The chunk sizes a cluster can have. This is the one definition every
 // part checks against: meta.Init and torusctl init refuse others, nodes
 // create stores with it (store.MinChunkSize and store.MaxChunkSize are
-// these), and the engine checks at compile time that the chunk protocol
+// these), and package cluster checks at compile time that the chunk protocol
 // addresses and the transport carries a whole chunk of MaxChunkSize in one
 // frame (a rebuild copies whole chunks).
 const (

@@ -216,8 +216,8 @@ func (v *clusterVolume) Close() error {
 // localNode picks the node on this host whose replica reads prefer: the
 // first node registered with this host name (torusd --host defaults to it),
 // else the first whose unix socket is on this machine (a dev cluster's
-// nodes carry made-up host labels). The engine checks, before it uses the
-// socket, that the node behind it is that node. "" when there is none.
+// nodes carry made-up host labels). The replicated volume checks, before it
+// uses the socket, that the node behind it is that node. "" when there is none.
 func localNode(nodes []meta.Node, host string, log *slog.Logger) string {
 	nodes = slices.Clone(nodes)
 	slices.SortFunc(nodes, func(a, b meta.Node) int { return strings.Compare(a.ID, b.ID) })
