@@ -24,11 +24,12 @@ func prefill(b *testing.B, v engine.Volume) {
 }
 
 // BenchmarkReplicated compares QD1 (and QD32) 4 KiB random reads and writes
-// through a Volume volume (3 nodes, R=3, on loopback, over QUIC and over
-// the TCP transport) with the same through a Local volume on one store.
+// through a replicated volume (3 nodes, R=3, on loopback, over QUIC and over
+// the TCP transport) with the same through a local volume (store.Local) on
+// one store.
 // Run it under flock /tmp/torus-bench.lock, e.g.
 //
-//	go test -run XXX -bench Replicated -benchtime 3000x ./engine/
+//	go test -run XXX -bench Replicated -benchtime 3000x ./cluster/
 func BenchmarkReplicated(b *testing.B) {
 	for _, op := range []engine.Op{engine.OpRead, engine.OpWrite} {
 		for _, qd := range []int{1, 32} {
@@ -51,7 +52,7 @@ func BenchmarkReplicated(b *testing.B) {
 	}
 }
 
-// benchCluster runs benchVolume on a Volume volume with r replicas on 3
+// benchCluster runs voltest.Bench on a replicated volume with r replicas on 3
 // nodes over transport tr.
 func benchCluster(b *testing.B, op engine.Op, qd int, tr string, r int) {
 	tc := startClusterTransport(b, 3, 512, tr)

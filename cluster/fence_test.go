@@ -12,7 +12,7 @@ import (
 	"github.com/torus-storage/torus/meta"
 )
 
-// TestClusterFenceGuard: client A opened the volume with a store guarded
+// TestClusterFenceGuard: client A opened the volume with a meta.Client guarded
 // by its attach lease. A's lease ends and B attaches in etcd, but B never
 // reaches the nodes (as when they are partitioned from it), so they still
 // take A's epoch. With a node down, A's next write needs a missed mark:

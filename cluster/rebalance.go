@@ -1,11 +1,11 @@
 package cluster
 
-// Rebalance of a Volume volume when the ring changes (a node added,
+// Rebalance of a replicated volume when the ring changes (a node added,
 // removed or re-weighted).
 //
 // When the ring changes from r0 to r1, every owner of a chunk under r1 that
 // was not an owner under r0 lacks the chunk: it gets a missed mark, exactly
-// like a replica that missed writes, and the rebuild loop (cluster_repair.go)
+// like a replica that missed writes, and the rebuild loop (repair.go)
 // copies the chunk to it. Until every mark is cleared the move is in
 // progress:
 //

@@ -1,6 +1,6 @@
 package cluster
 
-// Degraded writes and rebuild of a Volume volume.
+// Degraded writes and rebuild of a replicated volume.
 //
 // A replica node that fails (its connection breaks, a call times out, it
 // answers with an I/O error, it restarted and may have lost unflushed

@@ -1,15 +1,15 @@
 package cluster
 
-// Scrub of a Volume volume: background verification of every replica of
+// Scrub of a replicated volume: background verification of every replica of
 // every chunk.
 //
 // Scrub reads each chunk whole from every owner that is up and has no missed
 // mark, and judges the copies:
-//   - A copy whose node answers ErrChecksum (its CRC caught corruption on
-//     disk) is bad.
+//   - A copy whose node answers engine.ErrChecksum (its CRC caught corruption
+//     on disk) is bad.
 //   - Among the copies that read fine, one whose chunk version (the read
 //     reply's) is nonzero and older than another copy's is behind and bad:
-//     it lacks a change the newer one took (cluster_version.go).
+//     it lacks a change the newer one took (version.go).
 //   - The other copies are grouped by their bytes. The good group is the
 //     largest of those holding a copy with the newest version (any group
 //     when no copy has a version); a tie goes to the group holding the owner

@@ -1,15 +1,15 @@
 package cluster
 
-// Chunk versions of a Volume volume: how replicas that fell behind are
+// Chunk versions of a replicated volume: how replicas that fell behind are
 // found even where no mark says so (a disk restored from an older image, a
 // mark that was never recorded).
 //
-// Every write, discard and write-zeroes carries a Version: this client's
-// attach epoch and a sequence it gives the changes of each chunk. A node's
-// store keeps, per chunk, the newest version it applied (Store, ChunkOp.Ver)
-// and answers it with every read. A rebuild copy carries its source's
-// version and the target takes exactly that one, or refuses the copy if it
-// holds a newer one.
+// Every write, discard and write-zeroes carries a store.Version: this
+// client's attach epoch and a sequence it gives the changes of each chunk. A
+// node's store keeps, per chunk, the newest version it applied (store.Store,
+// store.ChunkOp.Ver) and answers it with every read. A rebuild copy carries
+// its source's version and the target takes exactly that one, or refuses the
+// copy if it holds a newer one.
 //
 // Invariants:
 //   - Versions of one chunk given by this client grow: vers[ch].next only
@@ -42,7 +42,7 @@ package cluster
 //     both are kept and the target keeps its mark (copyRefused).
 //   - Scrub: the copies with the newest version are the candidates for the
 //     good copy; every copy with an older nonzero version is bad, and
-//     copies with no version are judged by their bytes (cluster_scrub.go).
+//     copies with no version are judged by their bytes (scrub.go).
 //
 // Cost on the data path: two atomic adds per chunk-sized part of a write
 // and one load per read part; 16 bytes of RAM per chunk of the volume.

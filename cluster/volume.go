@@ -1,14 +1,14 @@
 package cluster
 
-// Volume is a replicated Volume whose chunks live on storage nodes
+// Volume is a replicated engine.Volume whose chunks live on storage nodes
 // (node.Server), placed by the ring kept in etcd.
 //
 // Invariants:
-//   - A Request is split at chunk boundaries into parts taken from a fixed
-//     pool (a buffered channel of clusterParts, as many as one node client
-//     has call slots, so an asynchronous call never waits for a slot while
-//     the pool is respected). The first part is the request's parent and
-//     goes back to the pool last, after the request completed; the
+//   - An engine.Request is split at chunk boundaries into parts taken from a
+//     fixed pool (a buffered channel of clusterParts, as many as one node
+//     client has call slots, so an asynchronous call never waits for a slot
+//     while the pool is respected). The first part is the request's parent
+//     and goes back to the pool last, after the request completed; the
 //     request's Completer runs after every part is back.
 //   - parent.remaining counts unfinished parts plus one for the submitter,
 //     which drops it after the last part is submitted; part.pending counts
@@ -19,8 +19,8 @@ package cluster
 //     rings of a move in progress) answered; the first error of any owner
 //     that is not a node failure is the part's error, and it succeeds only
 //     if an owner without a missed mark for the chunk took it. Every such call carries the attach
-//     epoch; a node that knows a newer one answers stale-epoch (ErrFenced)
-//     without changing anything.
+//     epoch; a node that knows a newer one answers stale-epoch
+//     (engine.ErrFenced) without changing anything.
 //   - A peer is marked dirty when a write to it completes (before the
 //     request's Completer runs); a Flush clears the mark of each dirty peer
 //     before sending it a flush (and sets it again if the flush fails), so
@@ -28,11 +28,11 @@ package cluster
 //     flush of every node that took it.
 //   - A read part asks one owner at a time (the local node first, then in
 //     ring order, peers recently failed last; never one that may be stale,
-//     see cluster_repair.go) and moves to the next on any error but
-//     ErrRange, including timeouts, checksum errors and a reply from an
+//     see repair.go) and moves to the next on any error but
+//     engine.ErrRange, including timeouts, checksum errors and a reply from an
 //     owner that turned out to be possibly stale (it restarted) or behind
 //     (an older chunk version than a change acknowledged before the read
-//     started, cluster_version.go); it fails only when every owner failed.
+//     started, version.go); it fails only when every owner failed.
 //   - The data path never takes c.mu: it reads the current clusterState (ring
 //     and peer per ring node) through an atomic pointer, replaced as a whole
 //     when the ring or the node registry changes.
@@ -40,9 +40,9 @@ package cluster
 //     by the caller, a node's stale-epoch answer, or an etcd write refused
 //     by the attach lease's guard, meta.ErrNotHolder), c is fenced for good:
 //     Submit fails every request, reads and flushes included, with
-//     ErrFenced, and the background work (rebuild, rebalance, scrub) writes
-//     nothing more to the nodes or to etcd. Its marks, moves and the data
-//     its user cached may predate the other holder's writes. On the data
+//     engine.ErrFenced, and the background work (rebuild, rebalance, scrub)
+//     writes nothing more to the nodes or to etcd. Its marks, moves and the
+//     data its user cached may predate the other holder's writes. On the data
 //     path this costs one atomic load.
 
 import (
@@ -130,11 +130,11 @@ type Volume struct {
 
 	failovers atomic.Uint64
 	epoch     atomic.Uint64 // the attach epoch every write carries
-	fenced    atomic.Bool   // Fence ran: every request fails with ErrFenced
+	fenced    atomic.Bool   // Fence ran: every request fails with engine.ErrFenced
 	opened    atomic.Bool   // Open read the marks after fencing (peers made later need reload)
 	fenceWhy  atomic.Pointer[error]
 
-	// Degraded writes and rebuild (cluster_repair.go).
+	// Degraded writes and rebuild (repair.go).
 	marks       markSet
 	moveTotal   atomic.Int64  // chunk copies of the current rebalance
 	movePending atomic.Bool   // a moves record is in etcd (from its start to its end)
@@ -153,7 +153,7 @@ type Volume struct {
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 	restarts                              atomic.Uint64 // node restarts seen (a new incarnation)
 
-	// Chunk versions (cluster_version.go).
+	// Chunk versions (version.go).
 	vers        []chunkVer    // by chunk
 	behindFound atomic.Uint64 // replicas found behind by their version
 	// copiesRefused counts rebuild copies a target refused (it held a
@@ -172,7 +172,7 @@ type Volume struct {
 	unixOK  map[string]bool            // unix socket path → answered the hello (probed once)
 	unixCli map[string]*netquic.Client // hello's client, until a peer takes it
 	ring    *ring.Ring
-	prev    []*ring.Ring // rings of a rebalance in progress (cluster_rebalance.go)
+	prev    []*ring.Ring // rings of a rebalance in progress (rebalance.go)
 	refresh chan struct{}
 
 	ctx    context.Context
@@ -209,7 +209,7 @@ type peer struct {
 	downTill atomic.Int64  // Unix ns: reads try it last until then
 	flushing atomic.Int32  // flushes in flight: a later Flush must send its own
 
-	// Degraded mode (cluster_repair.go).
+	// Degraded mode (repair.go).
 	down     atomic.Bool     // failed: writes skip it (marked) until the prober reaches it
 	seq      atomic.Uint64   // writes it completed (OK), a sequence
 	lastSeq  []atomic.Uint64 // by chunk: seq of the last write of it the node took
@@ -249,7 +249,7 @@ type clusterPart struct {
 	calls   [maxReplicas]clusterCall
 
 	chunk    int64                        // chunk index (not for flush)
-	vseq     uint64                       // write-like: the sequence of its version (cluster_version.go)
+	vseq     uint64                       // write-like: the sequence of its version (version.go)
 	vwant    store.Version                // read: the newest version acknowledged when it started
 	tracked  bool                         // marks.trackStart was true
 	missed   [maxReplicas]bool            // write: owner i failed (needs a mark)
@@ -352,7 +352,7 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 	}
 	// The volume's data lives under the ring its placement was recorded
 	// at (and the rings of a move in progress); ring changes since then
-	// are recorded below before any I/O (cluster_rebalance.go).
+	// are recorded below before any I/O (rebalance.go).
 	base, err := c.placedRing(ctx, r)
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
@@ -409,7 +409,7 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 
 // fence tells every node of the current and previous rings that writers of
 // the volume now need c's epoch. A node that knows a newer epoch makes it
-// fail with ErrFenced; an unreachable node is logged (writes to it fail
+// fail with engine.ErrFenced; an unreachable node is logged (writes to it fail
 // until it is back, and the first write it takes raises its epoch).
 func (c *Volume) fence(ctx context.Context) error {
 	st := c.state.Load()
@@ -709,7 +709,7 @@ func (c *Volume) Failovers() uint64 { return c.failovers.Load() }
 
 // Fence stops c for good, because another holder attached the volume after
 // c's attach (cause says how that was learnt): from now on every request,
-// reads and flushes included, fails with ErrFenced (EIO at the block
+// reads and flushes included, fails with engine.ErrFenced (EIO at the block
 // device), and the rebuild, rebalance and scrub write nothing more. The
 // first cause is logged and kept (Fenced); later calls do nothing. c also
 // fences itself when a node answers a write with stale-epoch or a guarded
@@ -735,7 +735,7 @@ func (c *Volume) Fenced() error {
 }
 
 // fenceIf fences c when err says that another holder attached after c (a
-// node's ErrFenced, etcd's meta.ErrNotHolder), and returns err.
+// node's engine.ErrFenced, etcd's meta.ErrNotHolder), and returns err.
 func (c *Volume) fenceIf(err error) error {
 	if err != nil && !c.fenced.Load() && (errors.Is(err, engine.ErrFenced) || errors.Is(err, meta.ErrNotHolder)) {
 		c.Fence(err)
@@ -978,7 +978,7 @@ func (p *clusterPart) sendAll() {
 			wire.SetEpoch(&cc.msg.Header, c.wireEpoch(cc.peer))
 			if p.zeroVer[i] = p.lacksEarlier(i); p.zeroVer[i] {
 				// Its version must not claim the changes it lacks
-				// (cluster_version.go).
+				// (version.go).
 				wire.SetVersion(&cc.msg.Header, 0, 0)
 			}
 		}

@@ -324,9 +324,9 @@ func verify(t *testing.T, v engine.Volume, model []byte) {
 }
 
 // TestClusterFencing: once a writer with a higher epoch opened the volume,
-// the older writer's writes fail with ErrFenced and change nothing, after
-// which all its requests fail, and a writer opening with a lower epoch is
-// refused.
+// the older writer's writes fail with engine.ErrFenced and change nothing,
+// after which all its requests fail, and a writer opening with a lower epoch
+// is refused.
 func TestClusterFencing(t *testing.T) {
 	tc := startCluster(t, 3, 64)
 	vol := tc.volume("fenced", 1<<20, 3)

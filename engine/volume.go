@@ -67,9 +67,9 @@ const (
 	FlagFUA Flags = 1 << iota
 	// FlagNoUnmap asks write-zeroes to keep the space allocated (NBD_CMD_FLAG_NO_HOLE).
 	FlagNoUnmap
-	// FlagCopy marks a store write or write-zeroes (ChunkOp) of a whole
+	// FlagCopy marks a store write or write-zeroes (store.ChunkOp) of a whole
 	// chunk copied from another replica: the chunk takes exactly
-	// ChunkOp.Ver as its version, and the op fails with ErrNewer if the
+	// store.ChunkOp.Ver as its version, and the op fails with ErrNewer if the
 	// chunk's version is newer. Volumes ignore it in a Request.
 	FlagCopy
 )

@@ -14,7 +14,7 @@ package meta
 //   - Storage nodes fence writes by epoch: a holder whose lease was lost may
 //     not have noticed yet, so Lost is a hint to stop, the epoch is the
 //     guarantee.
-//   - A Store made by Guarded(l) writes only in transactions that also check
+//   - A Client made by Guarded(l) writes only in transactions that also check
 //     epochs/ID == l's epoch and that attach/ID is held under the current
 //     lease of l's holder (l's, or the one of its latest Reattach), so a
 //     holder that lost the lock changes no metadata.
@@ -253,7 +253,7 @@ func (s *Client) keyTaken(ctx context.Context, key string, rev int64, lease clie
 // all I/O for good, since its metadata and cached data may predate the
 // other holder's writes. Other errors (etcd unreachable) may be retried.
 //
-// A store made by Guarded(a) follows the new lease. a itself stays lost.
+// A Client made by Guarded(a) follows the new lease. a itself stays lost.
 func (a *AttachLease) Reattach(ctx context.Context, ttl time.Duration) (*AttachLease, error) {
 	s, v := a.s, a.volume
 	name := v.Name

@@ -237,7 +237,7 @@ func (s *Client) checkSchema(v string) error {
 // Close/Release first for a clean exit).
 func (s *Client) Close() error { return s.cli.Close() }
 
-// Prefix returns the key prefix of the store.
+// Prefix returns the key prefix of the client.
 func (s *Client) Prefix() string { return s.prefix }
 
 // txn runs If(schema == s.schema, guard..., cmps...).Then(thens...).Else(elses...).
@@ -296,7 +296,7 @@ type Config struct {
 // The chunk sizes a cluster can have. This is the one definition every
 // part checks against: meta.Init and torusctl init refuse others, nodes
 // create stores with it (store.MinChunkSize and store.MaxChunkSize are
-// these), and the engine checks at compile time that the chunk protocol
+// these), and package cluster checks at compile time that the chunk protocol
 // addresses and the transport carries a whole chunk of MaxChunkSize in one
 // frame (a rebuild copies whole chunks).
 const (

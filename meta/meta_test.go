@@ -103,7 +103,7 @@ func TestInitConfig(t *testing.T) {
 	if !errors.Is(err, ErrAlreadyInitialized) || !strings.Contains(err.Error(), "cluster c1") {
 		t.Fatalf("second Init: %v, want ErrAlreadyInitialized naming cluster c1", err)
 	}
-	// Another store on the same prefix sees the config; another prefix does not.
+	// Another client on the same prefix sees the config; another prefix does not.
 	if got, err := open(t, ep, "/t1/").Config(ctx); err != nil || got.ClusterID != "c1" {
 		t.Fatalf("reopened Config = %+v, %v", got, err)
 	}
@@ -545,7 +545,7 @@ func TestUnreachable(t *testing.T) {
 	t.Logf("%v after %v", err, took.Round(time.Millisecond))
 }
 
-// TestOutage cuts a store off etcd while the ring changes and the history
+// TestOutage cuts a client off etcd while the ring changes and the history
 // is compacted: the watcher resumes behind the compaction, must re-read and
 // deliver the latest ring; the node registration survives.
 func TestOutage(t *testing.T) {

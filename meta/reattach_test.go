@@ -105,7 +105,7 @@ func TestReattach(t *testing.T) {
 	}
 }
 
-// TestGuarded: the writes of a store guarded by an attach lease succeed
+// TestGuarded: the writes of a client guarded by an attach lease succeed
 // while it holds the lock, fail with ErrLeaseLost while the lease is lost
 // and nobody attached, follow a Reattach, and fail with ErrNotHolder and
 // change nothing once another holder attached.

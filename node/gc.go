@@ -9,7 +9,7 @@ package node
 //     created after that read (a higher id) is never touched, and a chunk of
 //     an id never allocated is left alone.
 //   - The collector runs on its own goroutine, one pass at a time, and stops
-//     (node.stop waits for it) before the store closes.
+//     (Node.Stop waits for it) before the store closes.
 //   - A pass discards each garbage chunk whole (OpDiscard over the chunk),
 //     which frees its slot; a discard that fails or races another op leaves
 //     the chunk for the next pass, which the next volume change, or the

@@ -1,7 +1,7 @@
 package node
 
-// Server serves a Store's chunks over netquic with the chunk protocol of
-// internal/wire.
+// Server serves a store.Store's chunks over netquic with the chunk protocol
+// of internal/wire.
 //
 // Invariants:
 //   - Every request is validated (known op, well-formed header, range inside
@@ -9,7 +9,7 @@ package node
 //     a bad one is answered with StatusBadRequest or StatusRange and changes
 //     nothing.
 //   - No goroutine per request: Serve runs on the stream's reader goroutine,
-//     submits one pooled nodeOp to the Store and returns; the store's
+//     submits one pooled nodeOp to the store.Store and returns; the store's
 //     completion replies and returns the nodeOp to the pool.
 //   - Epoch fencing: epochs[volume] only grows. A write, discard or
 //     write-zeroes is checked against it and submitted to the store while
@@ -64,7 +64,7 @@ type Stats struct {
 	Errors, NoSpace, StaleEpoch uint64
 }
 
-// Server serves a Store's chunks to clients over netquic; it implements
+// Server serves a store.Store's chunks to clients over netquic; it implements
 // netquic.Handler.
 type Server struct {
 	st    *store.Store

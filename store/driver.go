@@ -14,10 +14,10 @@ package store
 //   - A driven shard's state (see shard.go) is touched only by the driver's
 //     thread, from DriveShards until Release hands it back to a new own
 //     goroutine. Both hand-overs happen only while the shard is quiet.
-//   - Every request submitted with Submit completes (Request.Done) on the
-//     driver's thread, inside Submit, Handle or Poll: parts finished by
-//     other shards forward the request to the driver (see local.go).
-//     pending counts those not yet completed; Release waits for zero.
+//   - Every request submitted with Submit completes (engine.Request.Done) on
+//     the driver's thread, inside Submit, Handle or Poll: parts finished by
+//     other shards forward the request to the driver (see local.go). pending
+//     counts those not yet completed; Release waits for zero.
 //   - Shard user_data has a non-zero top byte; the frontend keeps it zero.
 
 import (

@@ -1,11 +1,11 @@
 package store
 
-// Local is a Volume kept in one node store on this machine.
+// Local is an engine.Volume kept in one node store on this machine.
 //
 // Invariants:
-//   - A Request is split at chunk boundaries into parts taken from a fixed
-//     pool (a buffered channel); the first part is the request's parent and
-//     goes back to the pool last, after the request completed.
+//   - An engine.Request is split at chunk boundaries into parts taken from a
+//     fixed pool (a buffered channel); the first part is the request's
+//     parent and goes back to the pool last, after the request completed.
 //   - parent.remaining counts unfinished parts plus one for the submitter,
 //     which drops it after the last part is submitted, so the request never
 //     completes while Submit is still splitting it.
@@ -34,7 +34,7 @@ type LocalOptions struct {
 	// ChunkSize of a new store (default 1 MiB).
 	ChunkSize int64
 	// Slots of a new store; 0 means enough chunks for the whole volume. Fewer
-	// makes a thin store that fails writes with ErrNoSpace when full.
+	// makes a thin store that fails writes with engine.ErrNoSpace when full.
 	Slots int64
 	// Shards is the number of io_uring shards (default runtime.NumCPU()).
 	Shards int
@@ -48,7 +48,7 @@ type LocalOptions struct {
 	Logger *slog.Logger
 }
 
-// Local is a Volume stored in one node store file or block device.
+// Local is an engine.Volume stored in one node store file or block device.
 type Local struct {
 	st    *Store
 	size  int64

@@ -73,13 +73,15 @@ type ChunkOp struct {
 	Chunk ChunkID
 	// Ver is, for a write, discard or write-zeroes, the version of the
 	// change (zero: none; the chunk keeps the newest it was given), and
-	// with FlagCopy the exact version the chunk takes. The store sets it
-	// when a read completes, to the chunk's version when the read started,
-	// and when a copy is refused with ErrNewer, to the chunk's version.
+	// with engine.FlagCopy the exact version the chunk takes. The store sets
+	// it when a read completes, to the chunk's version when the read
+	// started, and when a copy is refused with engine.ErrNewer, to the
+	// chunk's version.
 	Ver Version
 	// Off and Length select a block-aligned range inside the chunk; Buf holds
-	// Length bytes for OpRead and OpWrite and must be 4 KiB aligned memory
-	// (internal/alignbuf). OpFlush ignores Chunk, Off and Length.
+	// Length bytes for engine.OpRead and engine.OpWrite and must be 4 KiB
+	// aligned memory (internal/alignbuf). engine.OpFlush ignores Chunk, Off
+	// and Length.
 	Off    int64
 	Length int64
 	Buf    []byte
@@ -779,7 +781,7 @@ func (s *Store) startShards(n int) error {
 }
 
 func (s *Store) stopShards() {
-	// s.shards stays: a stopped shard refuses ops with ErrClosed.
+	// s.shards stays: a stopped shard refuses ops with engine.ErrClosed.
 	for _, sh := range s.shards {
 		sh.stop()
 	}

@@ -40,12 +40,12 @@ package store
 //     reuse); it never goes back on disk (a dirty header carries a later
 //     count when it is written; recovery adds one when it fixes a slot).
 //   - A used slot's chunk version (ver) is the newest Version of the changes
-//     applied to it (a copy sets it exactly, and is refused with ErrNewer
-//     when older); it is zero (unknown) when none was given, when the slot
-//     was taken anew, and after an unclean shutdown for every slot the log
-//     lists (whose header may be behind or ahead of its data). So once a
-//     store is open, a nonzero version is that of the last change the
-//     slot's data holds (a power loss also loses unflushed data of slots
+//     applied to it (a copy sets it exactly, and is refused with
+//     engine.ErrNewer when older); it is zero (unknown) when none was given,
+//     when the slot was taken anew, and after an unclean shutdown for every
+//     slot the log lists (whose header may be behind or ahead of its data).
+//     So once a store is open, a nonzero version is that of the last change
+//     the slot's data holds (a power loss also loses unflushed data of slots
 //     the log lists: OnRecover names them, and torusd marks them missed).
 //   - Every slot that has a data, punch or header write in flight, or had one
 //     since the last fdatasync, or whose header is dirty, is listed in a valid

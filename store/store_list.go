@@ -20,8 +20,8 @@ import (
 	"github.com/torus-storage/torus/engine"
 )
 
-// Chunks returns the id of every chunk that has a slot in the store,
-// ordered by volume, snapshot and index. It fails with ErrClosed once the
+// Chunks returns the id of every chunk that has a slot in the store, ordered
+// by volume, snapshot and index. It fails with engine.ErrClosed once the
 // store is closed.
 //
 // What it guarantees against concurrent ops: each shard's part of the list

@@ -161,7 +161,7 @@ func TestStoreChunksConcurrent(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	// Listing and closing at once: either the listing completes or it
-	// reports ErrClosed; neither hangs.
+	// reports engine.ErrClosed; neither hangs.
 	done := make(chan error, 1)
 	go func() { _, err := st.Chunks(); done <- err }()
 	if err := st.Close(); err != nil {

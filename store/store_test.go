@@ -39,7 +39,7 @@ func (s *Store) simulateCrash() {
 
 // The activity log scopes recovery: a damaged block in a slot with writes in
 // flight at the crash reads back as what is on disk, a damaged block in a
-// slot that was quiet still fails with ErrChecksum.
+// slot that was quiet still fails with engine.ErrChecksum.
 func TestStoreActivityLogRecovery(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "v.store")
 	opt := LocalOptions{Shards: 1}

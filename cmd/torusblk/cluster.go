@@ -9,7 +9,7 @@ package main
 //     attach lock (meta.Attach); every write carries the lock's epoch, so a
 //     process that lost the lock without noticing is fenced by the nodes.
 //   - The volume's metadata writes (missed marks, moves, progress) go
-//     through a store guarded by the lock (meta.Client.Guarded): etcd refuses
+//     through a client guarded by the lock (meta.Client.Guarded): etcd refuses
 //     them once this process no longer holds the lock with its epoch.
 //   - After the lease is lost (etcd unreachable past the TTL) the lock is
 //     taken back only with the same epoch and only if nobody attached in
@@ -216,8 +216,8 @@ func (v *clusterVolume) Close() error {
 // localNode picks the node on this host whose replica reads prefer: the
 // first node registered with this host name (torusd --host defaults to it),
 // else the first whose unix socket is on this machine (a dev cluster's
-// nodes carry made-up host labels). The engine checks, before it uses the
-// socket, that the node behind it is that node. "" when there is none.
+// nodes carry made-up host labels). The replicated volume checks, before it
+// uses the socket, that the node behind it is that node. "" when there is none.
 func localNode(nodes []meta.Node, host string, log *slog.Logger) string {
 	nodes = slices.Clone(nodes)
 	slices.SortFunc(nodes, func(a, b meta.Node) int { return strings.Compare(a.ID, b.ID) })

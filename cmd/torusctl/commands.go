@@ -42,7 +42,7 @@ func plain(f runFunc) func(*pflag.FlagSet) runFunc {
 	return func(*pflag.FlagSet) runFunc { return f }
 }
 
-// withStore opens the metadata store, runs f and closes the store.
+// withStore opens the metadata client, runs f and closes the client.
 func withStore(ctx context.Context, e *env, f func(s *meta.Client) error) error {
 	s, err := e.g.open(ctx)
 	if err != nil {

@@ -181,7 +181,7 @@ func nodeArgs(pfx, dataDir, caDir string, extra ...string) []string {
 		"--size", "64MiB", "--cluster-dir", caDir, "--lease-ttl", "2s"}, extra...)
 }
 
-// chunkCall sends one request in the engine's chunk wire format (see
+// chunkCall sends one request in the chunk wire format (see
 // internal/wire: volume, index, epoch, offset and length in 4 KiB
 // blocks) and returns the status and payload.
 func chunkCall(t *testing.T, c *netquic.Client, op uint8, vol, epoch uint64, payload []byte, n int) (uint8, []byte) {

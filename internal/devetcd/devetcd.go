@@ -123,7 +123,7 @@ func freeURLs(n int, avoid string) ([]string, error) {
 	return urls, nil
 }
 
-// Endpoint returns the client URL, for Open.
+// Endpoint returns the client URL, for meta.Open.
 func (m *Server) Endpoint() string { return m.endpoint }
 
 // Err returns a channel that receives the server's fatal errors.

@@ -10,7 +10,7 @@ import (
 )
 
 // Why a keeper. A process serving request/response I/O at low queue depth
-// (a QD1 client: fio → NBD → the cluster engine → a node and back) spends
+// (a QD1 client: fio → NBD → the replicated volume → a node and back) spends
 // most of each request waiting for the peer with every P idle. When all Ps
 // are idle the runtime's sysmon thread goes into a deep sleep, and the next
 // goroutine to enter a system call wakes it (a futex wake on the request's

@@ -12,7 +12,8 @@ import (
 	"github.com/torus-storage/torus/internal/alignbuf"
 )
 
-// Waiter is a Completer that sends each request's result on the channel.
+// Waiter is an engine.Completer that sends each request's result on the
+// channel.
 type Waiter chan error
 
 // Complete implements engine.Completer.

@@ -1,5 +1,5 @@
-// Package wire is the chunk protocol between a Cluster volume (the client)
-// and a NodeServer, carried in netquic frames.
+// Package wire is the chunk protocol between a cluster.Volume (the client)
+// and a node.Server, carried in netquic frames.
 //
 // A netquic frame already has an op (request) or status (response) byte, a
 // request id and a payload length; this package defines the op and status
