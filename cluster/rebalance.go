@@ -5,7 +5,7 @@ package cluster
 //
 // When the ring changes from r0 to r1, every owner of a chunk under r1 that
 // was not an owner under r0 lacks the chunk: it gets a missed mark, exactly
-// like a replica that missed writes, and the rebuild loop (repair.go)
+// like a replica that missed writes, and the rebuild loop (rebuild.go)
 // copies the chunk to it. Until every mark is cleared the move is in
 // progress:
 //
@@ -169,7 +169,7 @@ func (c *Volume) startMoveLocked(ctx context.Context, next *ring.Ring) error {
 		"ring_predicts", fmt.Sprintf("%.3f", predicted))
 	_ = c.ms.SetProgress(ctx, c.vol.ID, meta.Progress{Kind: meta.ProgressRebalance, Total: uint64(total), RingVersion: next.Version(),
 		Started: time.Now().UTC(), Holder: c.opt.Holder})
-	c.kickRepair()
+	c.kickRebuild()
 	return nil
 }
 

@@ -363,7 +363,7 @@ func (c *Volume) waitRepaired(ctx context.Context, marked []markKey, res *ScrubR
 			}
 			return
 		}
-		c.kickRepair()
+		c.kickRebuild()
 		select {
 		case <-ctx.Done():
 			return

@@ -66,7 +66,7 @@ type chunkVer struct {
 }
 
 // errBehind is the error of a reply from a replica found behind.
-var errBehind = errors.New("engine: replica is behind: its version of the chunk is older than a change acknowledged before")
+var errBehind = errors.New("cluster: replica is behind: its version of the chunk is older than a change acknowledged before")
 
 // nextVer gives the next version of chunk ch to a change.
 func (c *Volume) nextVer(ch int64) uint64 { return c.vers[ch].next.Add(1) }
@@ -165,7 +165,7 @@ func (c *Volume) otherUnmarked(p *peer, ch int64) bool {
 
 // behindErr is the read error of a reply found behind.
 func behindErr(p *peer, got, want store.Version) error {
-	return fmt.Errorf("engine: node %s at version %v, want %v or newer: %w", p.id, got, want, errBehind)
+	return fmt.Errorf("cluster: node %s at version %v, want %v or newer: %w", p.id, got, want, errBehind)
 }
 
 // newestSources lists the peers a copy of chunk ch to target may read from

@@ -229,7 +229,7 @@ func TestClusterRebuildNeverOverwritesNewer(t *testing.T) {
 	if !c.marks.has(y.id, ch) {
 		t.Fatalf("no mark of %s for chunk %d in memory", y.id, ch)
 	}
-	c.kickRepair()
+	c.kickRebuild()
 	// Until the rebuild acted: a copy refused, or y's copy overwritten.
 	waitFor(t, "the rebuild to act on the chunk", func() bool {
 		cy, _ := readCopy(t, y, vol.ID, ch)
@@ -244,7 +244,7 @@ func TestClusterRebuildNeverOverwritesNewer(t *testing.T) {
 	}
 	// While nothing writes the chunk, the refused copy is not tried again.
 	for range 3 {
-		c.kickRepair()
+		c.kickRebuild()
 		time.Sleep(100 * time.Millisecond)
 	}
 	if n := c.Stats().CopiesRefused; n != 1 {

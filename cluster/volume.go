@@ -28,7 +28,7 @@ package cluster
 //     flush of every node that took it.
 //   - A read part asks one owner at a time (the local node first, then in
 //     ring order, peers recently failed last; never one that may be stale,
-//     see repair.go) and moves to the next on any error but
+//     see rebuild.go) and moves to the next on any error but
 //     engine.ErrRange, including timeouts, checksum errors and a reply from an
 //     owner that turned out to be possibly stale (it restarted) or behind
 //     (an older chunk version than a change acknowledged before the read
@@ -134,13 +134,13 @@ type Volume struct {
 	opened    atomic.Bool   // Open read the marks after fencing (peers made later need reload)
 	fenceWhy  atomic.Pointer[error]
 
-	// Degraded writes and rebuild (repair.go).
+	// Degraded writes and rebuild (rebuild.go).
 	marks       markSet
 	moveTotal   atomic.Int64  // chunk copies of the current rebalance
 	movePending atomic.Bool   // a moves record is in etcd (from its start to its end)
 	moves       atomic.Uint64 // rebalances finished
 	markq       chan *markJob
-	repairKick  chan struct{}
+	rebuildKick chan struct{}
 	probeKick   chan struct{} // a peer needs its marks read again (peer.reload)
 	// clearMu orders the clearing of marks (in etcd, then in memory)
 	// against reloadMarks (a read of etcd, then an add in memory), so that
@@ -209,7 +209,7 @@ type peer struct {
 	downTill atomic.Int64  // Unix ns: reads try it last until then
 	flushing atomic.Int32  // flushes in flight: a later Flush must send its own
 
-	// Degraded mode (repair.go).
+	// Degraded mode (rebuild.go).
 	down     atomic.Bool     // failed: writes skip it (marked) until the prober reaches it
 	seq      atomic.Uint64   // writes it completed (OK), a sequence
 	lastSeq  []atomic.Uint64 // by chunk: seq of the last write of it the node took
@@ -317,7 +317,7 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 		peers: make(map[string]*peer), nodes: make(map[string]meta.Node), refresh: make(chan struct{}, 1),
 		unixOK:  make(map[string]bool),
 		unixCli: make(map[string]*netquic.Client),
-		marks:   newMarkSet(), markq: make(chan *markJob, 4096), repairKick: make(chan struct{}, 1), probeKick: make(chan struct{}, 1),
+		marks:   newMarkSet(), markq: make(chan *markJob, 4096), rebuildKick: make(chan struct{}, 1), probeKick: make(chan struct{}, 1),
 	}
 	if c.opt.RebuildRate <= 0 {
 		c.opt.RebuildRate = DefaultRebuildRate
@@ -403,7 +403,7 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 	c.wg.Go(c.refresher)
 	c.wg.Go(c.marker)
 	c.wg.Go(c.prober)
-	c.wg.Go(c.repairLoop)
+	c.wg.Go(c.rebuildLoop)
 	return c, nil
 }
 
@@ -903,7 +903,7 @@ func (c *Volume) place(st *clusterState, p *clusterPart, idx int64) {
 			c.addPrevOwners(st, p, key)
 		}
 		if p.n1 < c.repl {
-			p.finish(fmt.Errorf("engine: volume %s needs %d replicas but the ring has %d nodes: start more storage nodes or lower its replication",
+			p.finish(fmt.Errorf("cluster: volume %s needs %d replicas but the ring has %d nodes: start more storage nodes or lower its replication",
 				c.vol.Name, c.repl, p.n))
 			return
 		}
@@ -989,10 +989,10 @@ func (p *clusterPart) sendAll() {
 }
 
 var (
-	errUnknownNode = errors.New("engine: a node of the ring is not registered (down?)")
-	errNodeDown    = errors.New("engine: node is down")
-	errAllReplicas = errors.New("engine: every replica of the chunk failed")
-	errMaybeStale  = errors.New("engine: replica may lack the latest data of the chunk (it restarted, or missed a write)")
+	errUnknownNode = errors.New("cluster: a node of the ring is not registered (down?)")
+	errNodeDown    = errors.New("cluster: node is down")
+	errAllReplicas = errors.New("cluster: every replica of the chunk failed")
+	errMaybeStale  = errors.New("cluster: replica may lack the latest data of the chunk (it restarted, or missed a write)")
 )
 
 // tryRead sends the read to the next owner, or fails the part when none is
@@ -1019,7 +1019,7 @@ func (p *clusterPart) tryRead() {
 		err = *e
 	}
 	if p.n == 0 {
-		err = fmt.Errorf("engine: volume %s chunk %d: no owner holds a copy that can be read now (each is marked for rebuild, restarted or unknown): %w",
+		err = fmt.Errorf("cluster: volume %s chunk %d: no owner holds a copy that can be read now (each is marked for rebuild, restarted or unknown): %w",
 			c.vol.Name, p.chunk, wire.ErrNodeIO)
 	}
 	p.finish(err)
@@ -1101,7 +1101,7 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 	if err != nil {
 		cc.peer.downTill.Store(time.Now().Add(peerRetry).UnixNano())
 		c.askRefresh()
-		err = fmt.Errorf("engine: node %s: %w", cc.peer.id, err)
+		err = fmt.Errorf("cluster: node %s: %w", cc.peer.id, err)
 	} else if s := wire.Status(resp.Code); s != wire.StatusOK {
 		err = wire.ErrOf(s)
 		if s == wire.StatusStaleEpoch {
@@ -1111,17 +1111,17 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 				// Our own attach, a newer fence generation of this node:
 				// the request was sent before the node came back and was
 				// fenced again (a late one). A node failure for this call.
-				err = fmt.Errorf("engine: node %s: request older than its last fence: %w", cc.peer.id, errNodeDown)
+				err = fmt.Errorf("cluster: node %s: request older than its last fence: %w", cc.peer.id, errNodeDown)
 			} else if !c.fenced.Load() {
-				c.Fence(fmt.Errorf("engine: node %s refused epoch %d, it knows epoch %d: %w",
+				c.Fence(fmt.Errorf("cluster: node %s refused epoch %d, it knows epoch %d: %w",
 					cc.peer.id, c.epoch.Load(), wire.AttachEpoch(rh.Epoch), engine.ErrFenced))
 			}
 		}
 		if s != wire.StatusRange && s != wire.StatusStaleEpoch && s != wire.StatusNoSpace {
-			err = fmt.Errorf("engine: node %s: %w", cc.peer.id, err)
+			err = fmt.Errorf("cluster: node %s: %w", cc.peer.id, err)
 		}
 	} else if p.op == wire.OpRead && len(resp.Payload) != len(p.buf) {
-		err = fmt.Errorf("engine: node %s: read returned %d bytes, want %d: %w", cc.peer.id, len(resp.Payload), len(p.buf), wire.ErrBadRequest)
+		err = fmt.Errorf("cluster: node %s: read returned %d bytes, want %d: %w", cc.peer.id, len(resp.Payload), len(p.buf), wire.ErrBadRequest)
 	}
 	if p.op != wire.OpRead {
 		if p.op == wire.OpFlush {
@@ -1164,7 +1164,7 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		// must not be returned (nor any other sent before a mark).
 		c.sawIncarnation(cc.peer, wire.Incarnation(&resp.Header))
 		if cc.peer.isSuspect(p.chunk) || c.marks.has(cc.peer.id, p.chunk) {
-			err = fmt.Errorf("engine: node %s: %w", cc.peer.id, errMaybeStale)
+			err = fmt.Errorf("cluster: node %s: %w", cc.peer.id, errMaybeStale)
 		} else if got := replyVer(&resp.Header); behind(got, p.vwant) {
 			c.markBehind(cc.peer, p.chunk, got, p.vwant)
 			err = behindErr(cc.peer, got, p.vwant)

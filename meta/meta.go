@@ -47,7 +47,7 @@
 //     presence means a live owner.
 //   - Missed marks and progress records exist only for existing volumes:
 //     they are written in transactions that check the volume record and
-//     deleted with it (see repair.go).
+//     deleted with it (see marks.go).
 package meta
 
 import (

@@ -53,10 +53,10 @@ type fixedRange struct{ lo, hi uintptr }
 // before the first Submit; bufs must stay mapped until the ring is closed.
 func (d *ShardDriver) RegisterBuffers(bufs [][]byte) error {
 	if len(d.bufs) > 0 {
-		return errors.New("engine: RegisterBuffers: already registered")
+		return errors.New("store: RegisterBuffers: already registered")
 	}
 	if err := d.ring.RegisterBuffers(bufs); err != nil {
-		return fmt.Errorf("engine: RegisterBuffers: %w", err)
+		return fmt.Errorf("store: RegisterBuffers: %w", err)
 	}
 	for _, b := range bufs {
 		p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
@@ -112,12 +112,12 @@ func (s *Store) DriveShards(r *iouring.Ring, ids ...int) (*ShardDriver, error) {
 
 func driveShards(st *Store, l *Local, r *iouring.Ring, ids []int) (*ShardDriver, error) {
 	if len(ids) == 0 {
-		return nil, errors.New("engine: DriveShards: no shard")
+		return nil, errors.New("store: DriveShards: no shard")
 	}
 	d := &ShardDriver{l: l, st: st, ring: r}
 	for _, id := range ids {
 		if id < 0 || id >= st.nshards || d.mine[id] {
-			return nil, fmt.Errorf("engine: DriveShards: bad shard %d of %d", id, st.nshards)
+			return nil, fmt.Errorf("store: DriveShards: bad shard %d of %d", id, st.nshards)
 		}
 		d.mine[id] = true
 	}
@@ -127,7 +127,7 @@ func driveShards(st *Store, l *Local, r *iouring.Ring, ids []int) (*ShardDriver,
 		sh.mu.Lock()
 		if sh.closed || sh.driver != nil || sh.yield {
 			sh.mu.Unlock()
-			err := fmt.Errorf("engine: DriveShards: shard %d is closed or driven already", id)
+			err := fmt.Errorf("store: DriveShards: shard %d is closed or driven already", id)
 			if rerr := d.Release(); rerr != nil {
 				err = errors.Join(err, rerr)
 			}
@@ -167,7 +167,7 @@ func (d *ShardDriver) Handle(c *iouring.CQE) {
 // takes requests; one made by Store.DriveShards fails them.
 func (d *ShardDriver) Submit(r *engine.Request) {
 	if d.l == nil {
-		r.Done.Complete(r, errors.New("engine: Submit on a store's shard driver; use SubmitChunk"))
+		r.Done.Complete(r, errors.New("store: Submit on a store's shard driver; use SubmitChunk"))
 		return
 	}
 	d.l.submit(r, d)
@@ -278,7 +278,7 @@ func (d *ShardDriver) Release() error {
 		_, err := d.ring.SubmitAndWait(wait)
 		d.Woke()
 		if err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
-			return fmt.Errorf("engine: release shards: %w", err)
+			return fmt.Errorf("store: release shards: %w", err)
 		}
 		n := d.ring.PeekCQEs(d.cqes[:])
 		for i := 0; i < n; i++ {
@@ -298,7 +298,7 @@ func (d *ShardDriver) Release() error {
 		ready := make(chan error, 1)
 		go sh.run(ready, done)
 		if err := <-ready; err != nil {
-			errs = append(errs, fmt.Errorf("engine: release shard %d: %w", sh.id, err))
+			errs = append(errs, fmt.Errorf("store: release shard %d: %w", sh.id, err))
 		}
 		close(old)
 	}

@@ -114,7 +114,7 @@ func undoPowerLoss(path string) error {
 		return fmt.Errorf("power-loss fault: %w", err)
 	}
 	if len(es) > 0 {
-		fmt.Fprintf(os.Stderr, "engine: power-loss fault: undid %d writes no fdatasync covered in %s\n", len(es), path)
+		fmt.Fprintf(os.Stderr, "store: power-loss fault: undid %d writes no fdatasync covered in %s\n", len(es), path)
 	}
 	return nil
 }

@@ -131,10 +131,10 @@ const (
 )
 
 // ErrCorrupt reports a store whose metadata does not verify.
-var ErrCorrupt = errors.New("engine: store metadata corrupt")
+var ErrCorrupt = errors.New("store: store metadata corrupt")
 
 // ErrNotStore reports a file or device without the store magic.
-var ErrNotStore = errors.New("engine: not a torus store")
+var ErrNotStore = errors.New("store: not a torus store")
 
 // superblock is the decoded first 4 KiB of a store.
 type superblock struct {

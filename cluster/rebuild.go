@@ -551,7 +551,7 @@ func (c *Volume) marker() {
 				select {
 				case j = <-c.markq:
 					if j.p != nil {
-						j.p.finish(fmt.Errorf("engine: volume %s closing: %w", c.vol.Name, engine.ErrClosed))
+						j.p.finish(fmt.Errorf("cluster: volume %s closing: %w", c.vol.Name, engine.ErrClosed))
 					}
 				default:
 					return
@@ -586,17 +586,17 @@ func (c *Volume) recordMarks(node string, chunks []int64) error {
 		return nil
 	}
 	if c.fenced.Load() {
-		return fmt.Errorf("engine: volume %s: node %s lacks chunks and the marks are not recorded: %w", c.vol.Name, node, engine.ErrFenced)
+		return fmt.Errorf("cluster: volume %s: node %s lacks chunks and the marks are not recorded: %w", c.vol.Name, node, engine.ErrFenced)
 	}
 	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
 	err := c.fenceIf(c.ms.MarkMissed(ctx, c.vol.ID, node, need...))
 	cancel()
 	if err != nil {
 		c.log.Error("cluster: cannot record missed chunks in etcd; the write (or flush) that needs them fails", "volume", c.vol.Name, "node", node, "err", err)
-		return fmt.Errorf("engine: volume %s: node %s: %w: %w", c.vol.Name, node, errMarks, err)
+		return fmt.Errorf("cluster: volume %s: node %s: %w: %w", c.vol.Name, node, errMarks, err)
 	}
 	c.marks.add(node, chunks...)
-	c.kickRepair()
+	c.kickRebuild()
 	return nil
 }
 
@@ -689,17 +689,17 @@ func (c *Volume) recordAtRisk(p *peer) error {
 		return nil
 	}
 	if c.fenced.Load() {
-		return fmt.Errorf("engine: volume %s: node %s may lack chunks and the marks are not recorded: %w", c.vol.Name, p.id, engine.ErrFenced)
+		return fmt.Errorf("cluster: volume %s: node %s may lack chunks and the marks are not recorded: %w", c.vol.Name, p.id, engine.ErrFenced)
 	}
 	ctx, cancel := context.WithTimeout(c.ctx, c.opt.Timeout)
 	err := c.fenceIf(c.ms.MarkUnflushed(ctx, c.vol.ID, p.id, inc, need...))
 	cancel()
 	if err != nil {
 		c.log.Error("cluster: cannot record unflushed chunks in etcd; the flush that needs them fails", "volume", c.vol.Name, "node", p.id, "err", err)
-		return fmt.Errorf("engine: volume %s: node %s: %w: %w", c.vol.Name, p.id, errMarks, err)
+		return fmt.Errorf("cluster: volume %s: node %s: %w: %w", c.vol.Name, p.id, errMarks, err)
 	}
 	c.marks.addUnflushed(p.id, inc, unf...)
-	c.kickRepair()
+	c.kickRebuild()
 	return nil
 }
 
@@ -733,10 +733,10 @@ func (c *Volume) settleUnflushed(p *peer) {
 
 func chunkKey(vol uint64, ch int64) uint64 { return ring.ChunkKey(vol, uint64(ch), 0) }
 
-// kickRepair wakes the rebuild loop.
-func (c *Volume) kickRepair() {
+// kickRebuild wakes the rebuild loop.
+func (c *Volume) kickRebuild() {
 	select {
-	case c.repairKick <- struct{}{}:
+	case c.rebuildKick <- struct{}{}:
 	default:
 	}
 }
@@ -876,7 +876,7 @@ func (c *Volume) reloadMarks(p *peer) error {
 	p.incMu.Unlock()
 	if n > 0 {
 		c.log.Warn("cluster: node has chunks marked missed; rebuilding them", "volume", c.vol.Name, "node", p.id, "chunks", n)
-		c.kickRepair()
+		c.kickRebuild()
 	}
 	return nil
 }
@@ -927,14 +927,14 @@ func (c *Volume) prober() {
 				}
 				p.down.Store(false)
 				c.log.Info("cluster: node answers again; rebuilding what it missed", "volume", c.vol.Name, "node", p.id)
-				c.kickRepair()
+				c.kickRebuild()
 			}
 		}
 	}
 }
 
-// repairLoop copies marked chunks to their nodes once they answer.
-func (c *Volume) repairLoop() {
+// rebuildLoop copies marked chunks to their nodes once they answer.
+func (c *Volume) rebuildLoop() {
 	buf, err := alignbuf.Alloc(int(c.chunk))
 	if err != nil {
 		c.log.Error("cluster: rebuild disabled: no buffer", "err", err)
@@ -947,7 +947,7 @@ func (c *Volume) repairLoop() {
 		select {
 		case <-c.ctx.Done():
 			return
-		case <-c.repairKick:
+		case <-c.rebuildKick:
 		case <-t.C:
 		}
 		if c.fenced.Load() {
@@ -957,7 +957,7 @@ func (c *Volume) repairLoop() {
 			c.finishMove()
 			continue
 		}
-		c.repairPass(buf)
+		c.rebuildPass(buf)
 		c.finishMove()
 		if c.leavingMarks() {
 			// A mark recorded after the end of the move that made its
@@ -986,8 +986,8 @@ func (c *Volume) leavingMarks() bool {
 	return false
 }
 
-// repairPass tries every mark once.
-func (c *Volume) repairPass(buf []byte) {
+// rebuildPass tries every mark once.
+func (c *Volume) rebuildPass(buf []byte) {
 	byNode := c.marks.byNode()
 	total := 0
 	for _, chs := range byNode {

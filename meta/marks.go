@@ -4,7 +4,7 @@ package meta
 //   - missed/VOL/NODE/CHUNK exists iff node NODE may lack the latest data of
 //     chunk CHUNK of volume VOL: a write completed without that replica. A
 //     writer creates the mark before it completes such a write (MarkMissed),
-//     and a repairer deletes it only after the node holds a copy of the chunk
+//     and a rebuild deletes it only after the node holds a copy of the chunk
 //     taken from a good replica (ClearMissed). The caller keeps the second
 //     half: no degraded write to that chunk may be in progress between the
 //     copy and the clear (the attached client is the only writer, fenced by
