@@ -3,16 +3,15 @@ package main
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"path/filepath"
-	"regexp"
-	"strconv"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/metrics/metricstest"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -91,6 +90,11 @@ func TestClusterScrubMetrics(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Logf("metrics after the first scrub:\n%s", body)
+	fams, err := metricstest.Parse(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkProcessMetrics(t, fams)
 	for name, want := range map[string]uint64{
 		"torus_volume_scrub_checksum_errors_total": 8,
 		"torus_volume_scrub_repaired_total":        8,
@@ -128,6 +132,17 @@ func TestClusterScrubMetrics(t *testing.T) {
 	s.stop(t)
 }
 
+// checkProcessMetrics checks that a scrape has the Go runtime and process
+// metrics, once and without labels.
+func checkProcessMetrics(t *testing.T, fams map[string]*metricstest.Family) {
+	t.Helper()
+	for _, name := range []string{"go_goroutines", "process_cpu_seconds_total"} {
+		if f := fams[name]; f == nil || len(f.Samples) != 1 || len(f.Labels) != 0 {
+			t.Errorf("%s: %+v, want one sample without labels", name, f)
+		}
+	}
+}
+
 func scrapeMetrics(t *testing.T, url string) string {
 	t.Helper()
 	resp, err := http.Get(url)
@@ -139,22 +154,27 @@ func scrapeMetrics(t *testing.T, url string) string {
 	if err != nil || resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET %s: %s %v", url, resp.Status, err)
 	}
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
+		t.Fatalf("GET %s: Content-Type %q, want the text format", url, ct)
+	}
 	return string(b)
 }
 
 // metricValue returns the sample of name for volume "scrubbed", checking
-// that its HELP and TYPE lines are there.
+// that it has a HELP and is a counter or a gauge.
 func metricValue(t *testing.T, body, name string) uint64 {
 	t.Helper()
-	for _, re := range []string{`(?m)^# HELP ` + name + ` .+$`, `(?m)^# TYPE ` + name + ` (counter|gauge)$`} {
-		if !regexp.MustCompile(re).MatchString(body) {
-			t.Fatalf("metrics lack %q:\n%s", re, body)
-		}
+	fams, err := metricstest.Parse(body)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, body)
 	}
-	m := regexp.MustCompile(fmt.Sprintf(`(?m)^%s\{volume="scrubbed"\} (\d+)$`, regexp.QuoteMeta(name))).FindStringSubmatch(body)
-	if m == nil {
+	f := fams[name]
+	if f == nil || f.Help == "" || f.Type != "counter" && f.Type != "gauge" {
+		t.Fatalf("metric %s: %+v, want a counter or a gauge with a HELP:\n%s", name, f, body)
+	}
+	v, ok := f.Value("volume", "scrubbed")
+	if !ok {
 		t.Fatalf("no sample of %s for volume scrubbed:\n%s", name, body)
 	}
-	n, _ := strconv.ParseUint(m[1], 10, 64)
-	return n
+	return uint64(v)
 }
