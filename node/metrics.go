@@ -10,6 +10,8 @@ package node
 //   - The data path only bumps its own atomics (Server, store, gc, dead
 //     watch, maintainer); nothing on the I/O path calls Prometheus.
 //   - Counters end in _total and only grow while the process lives.
+//   - Every metric here is a row of the metric table in docs/OPERATIONS.md
+//     with the same type and labels (TestServeMetrics).
 
 import (
 	"context"

@@ -15,6 +15,8 @@ package main
 //   - The data path only bumps its own atomics (cluster.Volume's counters,
 //     scrubStats); nothing on the I/O path calls Prometheus.
 //   - Counters end in _total and only grow while the process lives.
+//   - Every metric here is a row of the metric table in docs/OPERATIONS.md
+//     with the same type and labels (TestVolumeMetrics).
 
 import (
 	"context"

@@ -1,11 +1,16 @@
 // Package metricstest holds what the tests of the metrics endpoints share:
-// a parser of the Prometheus text format.
+// a parser of the Prometheus text format and the metric table of
+// docs/OPERATIONS.md, so that a test can hold what a process exposes and
+// what the documentation lists to each other.
 package metricstest
 
 import (
 	"bufio"
 	"errors"
 	"fmt"
+	"maps"
+	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -157,4 +162,122 @@ func parseSample(text string) (Sample, error) {
 	}
 	s.Value = v
 	return s, nil
+}
+
+// Doc is one row of the metric table of docs/OPERATIONS.md.
+type Doc struct {
+	// Name is the metric's name; Exporter the command that serves it
+	// (one of Exporters); Type counter or gauge.
+	Name, Exporter, Type string
+	// Labels are the label names, sorted.
+	Labels []string
+	// Meaning is the last cell of the row.
+	Meaning string
+}
+
+// Exporters are the commands that serve metrics.
+var Exporters = []string{"torusd", "torusblk"}
+
+// docName matches a backquoted metric name.
+var docName = regexp.MustCompile("^`([a-z_:][a-z0-9_:]*)`$")
+
+// mention matches a metric name in prose (not a prefix such as torus_volume_*).
+var mention = regexp.MustCompile(`\btorus_[a-z0-9_]*[a-z0-9]\b`)
+
+// ReadDocs reads the metric table of the Markdown file at path: the rows of
+// its "## Metrics" section whose first cell is a backquoted torus_ name,
+// with the cells metric, exported by, type, labels, meaning. Every other
+// torus_ name the file mentions must have a row.
+func ReadDocs(path string) ([]Doc, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read the metric table: %w", err)
+	}
+	_, sec, ok := strings.Cut(string(b), "\n## Metrics\n")
+	if !ok {
+		return nil, fmt.Errorf("%s: no \"## Metrics\" section", path)
+	}
+	if i := strings.Index(sec, "\n## "); i >= 0 {
+		sec = sec[:i]
+	}
+	var docs []Doc
+	for _, line := range strings.Split(sec, "\n") {
+		if !strings.HasPrefix(line, "| `torus_") {
+			continue
+		}
+		cells := strings.Split(strings.Trim(line, "| "), "|")
+		for i := range cells {
+			cells[i] = strings.TrimSpace(cells[i])
+		}
+		if len(cells) != 5 {
+			return nil, fmt.Errorf("%s: metric row %q: want 5 cells (metric, exported by, type, labels, meaning)", path, line)
+		}
+		m := docName.FindStringSubmatch(cells[0])
+		if m == nil {
+			return nil, fmt.Errorf("%s: metric row %q: want one backquoted metric name per row", path, line)
+		}
+		d := Doc{Name: m[1], Exporter: cells[1], Type: cells[2], Meaning: cells[4]}
+		switch {
+		case !slices.Contains(Exporters, d.Exporter):
+			return nil, fmt.Errorf("%s: metric %s: exported by %q, want one of %v", path, d.Name, d.Exporter, Exporters)
+		case d.Type != "counter" && d.Type != "gauge":
+			return nil, fmt.Errorf("%s: metric %s: type %q, want counter or gauge", path, d.Name, d.Type)
+		case d.Meaning == "":
+			return nil, fmt.Errorf("%s: metric %s: no meaning", path, d.Name)
+		case slices.ContainsFunc(docs, func(o Doc) bool { return o.Name == d.Name && o.Exporter == d.Exporter }):
+			return nil, fmt.Errorf("%s: metric %s of %s listed twice", path, d.Name, d.Exporter)
+		}
+		for l := range strings.SplitSeq(cells[3], ",") {
+			l = strings.Trim(strings.TrimSpace(l), "`")
+			if l != "" && l != "none" {
+				d.Labels = append(d.Labels, l)
+			}
+		}
+		slices.Sort(d.Labels)
+		docs = append(docs, d)
+	}
+	if len(docs) == 0 {
+		return nil, fmt.Errorf("%s: no metric rows in the \"## Metrics\" section", path)
+	}
+	for _, name := range mention.FindAllString(string(b), -1) {
+		if !slices.ContainsFunc(docs, func(d Doc) bool { return d.Name == name }) {
+			return nil, fmt.Errorf("%s mentions %s, which is not in its metric table", path, name)
+		}
+	}
+	return docs, nil
+}
+
+// Check returns an error naming every difference between the torus_
+// families of a scrape of exporter and the rows of docs for exporter:
+// a family not documented, a documented metric not exposed, or a type, a
+// label set or an empty HELP that differs.
+func Check(docs []Doc, exporter string, fams map[string]*Family) error {
+	var errs []error
+	documented := map[string]bool{}
+	for _, d := range docs {
+		if d.Exporter != exporter {
+			continue
+		}
+		documented[d.Name] = true
+		f := fams[d.Name]
+		switch {
+		case f == nil || len(f.Samples) == 0:
+			errs = append(errs, fmt.Errorf("%s is documented for %s but not exposed", d.Name, exporter))
+		case f.Type != d.Type:
+			errs = append(errs, fmt.Errorf("%s: type %s, documented as %s", d.Name, f.Type, d.Type))
+		case !slices.Equal(f.Labels, d.Labels):
+			errs = append(errs, fmt.Errorf("%s: labels %v, documented as %v", d.Name, f.Labels, d.Labels))
+		case f.Help == "":
+			errs = append(errs, fmt.Errorf("%s: no HELP", d.Name))
+		}
+		if d.Type == "counter" && !strings.HasSuffix(d.Name, "_total") {
+			errs = append(errs, fmt.Errorf("%s: a counter's name ends in _total", d.Name))
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(fams)) {
+		if strings.HasPrefix(name, "torus_") && !documented[name] {
+			errs = append(errs, fmt.Errorf("%s is exposed by %s but not in the metric table of docs/OPERATIONS.md", name, exporter))
+		}
+	}
+	return errors.Join(errs...)
 }
