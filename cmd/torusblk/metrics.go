@@ -3,33 +3,34 @@ package main
 // Companions of a served cluster volume: the periodic scrub
 // (--scrub-interval) and the Prometheus endpoint (--metrics HOST:PORT).
 //
-// The endpoint writes the text exposition format (0.0.4) by hand, like
-// torusd's: every metric has one HELP and one TYPE line followed by one
-// sample labelled volume="NAME". Counters end in _total and only grow while
-// the process lives.
+// The endpoint serves the volume's metrics, one sample each labelled
+// volume="NAME", with the Go runtime and process metrics (internal/metrics).
+// A collector reads the volume's counters when /metrics is scraped.
 //
 // Invariants:
 //   - One scrub runs at a time per volume (a single goroutine runs them in
 //     turn), and it is stopped and waited for before the volume closes
 //     (extrasVolume.Close), so a scrub never uses a closed volume.
 //   - The scrub counters grow once per finished scrub, by its ScrubResult.
+//   - The data path only bumps its own atomics (cluster.Volume's counters,
+//     scrubStats); nothing on the I/O path calls Prometheus.
+//   - Counters end in _total and only grow while the process lives.
+//   - Every metric here is a row of the metric table in docs/OPERATIONS.md
+//     with the same type and labels (TestVolumeMetrics).
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 	"github.com/torus-storage/torus/cluster"
+	"github.com/torus-storage/torus/internal/metrics"
 )
 
 // extraFlags configure the companions of a cluster volume.
@@ -132,48 +133,71 @@ func (v *extrasVolume) Close() error {
 	return v.clusterVolume.Close()
 }
 
-// volumeMetric is one metric family and how to read it.
-type volumeMetric struct {
-	name, typ, help string
-	value           func(v *extrasVolume, s cluster.Stats) uint64
+// volumeSource is what the volume metrics read of a cluster volume.
+type volumeSource interface {
+	Size() int64
+	Stats() cluster.Stats
 }
 
-// volumeMetrics lists every metric the endpoint serves, in output order.
+// volumeSample is what one scrape reads of the volume, once.
+type volumeSample struct {
+	size  int64
+	st    cluster.Stats
+	scrub *scrubStats
+}
+
+// volumeMetric is one metric family and how to read it.
+type volumeMetric struct {
+	desc  *prometheus.Desc
+	typ   prometheus.ValueType
+	value func(s *volumeSample) uint64
+}
+
+func volumeGauge(name, help string, value func(*volumeSample) uint64) volumeMetric {
+	return volumeMetric{prometheus.NewDesc(name, help, []string{"volume"}, nil), prometheus.GaugeValue, value}
+}
+
+func volumeCounter(name, help string, value func(*volumeSample) uint64) volumeMetric {
+	return volumeMetric{prometheus.NewDesc(name, help, []string{"volume"}, nil), prometheus.CounterValue, value}
+}
+
+// volumeMetrics lists every metric of a volume (the endpoint sorts them by
+// name).
 var volumeMetrics = []volumeMetric{
-	{"torus_volume_size_bytes", "gauge", "Size of the volume.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return uint64(v.Size()) }},
-	{"torus_volume_missed_chunks", "gauge", "Chunk copies marked as missed (a replica to rebuild); 0 when the volume is healthy.",
-		func(_ *extrasVolume, s cluster.Stats) uint64 { return uint64(s.Missed) }},
-	{"torus_volume_rebuilt_chunks_total", "counter", "Chunk copies rebuilt from a good replica.",
-		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.Rebuilt }},
-	{"torus_volume_rebuilt_bytes_total", "counter", "Bytes copied by rebuilds.",
-		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.RebuiltBytes }},
-	{"torus_volume_read_failovers_total", "counter", "Reads that moved to another replica after an error.",
-		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.Failovers }},
-	{"torus_volume_replicas_behind_total", "counter", "Replicas reads or rebuilds found behind: their chunk version older than a change acknowledged or held by another replica (marked for rebuild).",
-		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.Behind }},
-	{"torus_volume_node_failures_total", "counter", "Storage nodes that failed while the volume was attached (writes went on degraded).",
-		func(_ *extrasVolume, s cluster.Stats) uint64 { return s.NodeFailures }},
-	{"torus_volume_scrub_running", "gauge", "1 while a scrub runs.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return b2u(v.scrub.running.Load()) }},
-	{"torus_volume_scrub_runs_total", "counter", "Scrubs finished or stopped.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.runs.Load() }},
-	{"torus_volume_scrub_last_success_timestamp_seconds", "gauge", "Unix time the last scrub finished (0: none yet).",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return uint64(v.scrub.lastSuccess.Load()) }},
-	{"torus_volume_scrub_chunks_total", "counter", "Chunks whose replicas a scrub compared.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.chunks.Load() }},
-	{"torus_volume_scrub_skipped_chunks_total", "counter", "Chunks a scrub left out because writes to them kept racing its reads.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.skipped.Load() }},
-	{"torus_volume_scrub_checksum_errors_total", "counter", "Replicas a scrub found failing their checksum on the node.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.checksum.Load() }},
-	{"torus_volume_scrub_mismatches_total", "counter", "Replicas a scrub found differing from the good copy.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.mismatches.Load() }},
-	{"torus_volume_scrub_behind_total", "counter", "Replicas a scrub found behind the newest version of a chunk.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.behind.Load() }},
-	{"torus_volume_scrub_repaired_total", "counter", "Bad replicas found by a scrub and rebuilt from a good copy.",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.repaired.Load() }},
-	{"torus_volume_scrub_lost_chunks_total", "counter", "Chunks a scrub found with no good replica at all (restore from a backup).",
-		func(v *extrasVolume, _ cluster.Stats) uint64 { return v.scrub.lost.Load() }},
+	volumeGauge("torus_volume_size_bytes", "Size of the volume.",
+		func(s *volumeSample) uint64 { return uint64(s.size) }),
+	volumeGauge("torus_volume_missed_chunks", "Chunk copies marked as missed (a replica to rebuild); 0 when the volume is healthy.",
+		func(s *volumeSample) uint64 { return uint64(s.st.Missed) }),
+	volumeCounter("torus_volume_rebuilt_chunks_total", "Chunk copies rebuilt from a good replica.",
+		func(s *volumeSample) uint64 { return s.st.Rebuilt }),
+	volumeCounter("torus_volume_rebuilt_bytes_total", "Bytes copied by rebuilds.",
+		func(s *volumeSample) uint64 { return s.st.RebuiltBytes }),
+	volumeCounter("torus_volume_read_failovers_total", "Reads that moved to another replica after an error.",
+		func(s *volumeSample) uint64 { return s.st.Failovers }),
+	volumeCounter("torus_volume_replicas_behind_total", "Replicas reads or rebuilds found behind: their chunk version older than a change acknowledged or held by another replica (marked for rebuild).",
+		func(s *volumeSample) uint64 { return s.st.Behind }),
+	volumeCounter("torus_volume_node_failures_total", "Storage nodes that failed while the volume was attached (writes went on degraded).",
+		func(s *volumeSample) uint64 { return s.st.NodeFailures }),
+	volumeGauge("torus_volume_scrub_running", "1 while a scrub runs.",
+		func(s *volumeSample) uint64 { return b2u(s.scrub.running.Load()) }),
+	volumeCounter("torus_volume_scrub_runs_total", "Scrubs finished or stopped.",
+		func(s *volumeSample) uint64 { return s.scrub.runs.Load() }),
+	volumeGauge("torus_volume_scrub_last_success_timestamp_seconds", "Unix time the last scrub finished (0: none yet).",
+		func(s *volumeSample) uint64 { return uint64(s.scrub.lastSuccess.Load()) }),
+	volumeCounter("torus_volume_scrub_chunks_total", "Chunks whose replicas a scrub compared.",
+		func(s *volumeSample) uint64 { return s.scrub.chunks.Load() }),
+	volumeCounter("torus_volume_scrub_skipped_chunks_total", "Chunks a scrub left out because writes to them kept racing its reads.",
+		func(s *volumeSample) uint64 { return s.scrub.skipped.Load() }),
+	volumeCounter("torus_volume_scrub_checksum_errors_total", "Replicas a scrub found failing their checksum on the node.",
+		func(s *volumeSample) uint64 { return s.scrub.checksum.Load() }),
+	volumeCounter("torus_volume_scrub_mismatches_total", "Replicas a scrub found differing from the good copy.",
+		func(s *volumeSample) uint64 { return s.scrub.mismatches.Load() }),
+	volumeCounter("torus_volume_scrub_behind_total", "Replicas a scrub found behind the newest version of a chunk.",
+		func(s *volumeSample) uint64 { return s.scrub.behind.Load() }),
+	volumeCounter("torus_volume_scrub_repaired_total", "Bad replicas found by a scrub and rebuilt from a good copy.",
+		func(s *volumeSample) uint64 { return s.scrub.repaired.Load() }),
+	volumeCounter("torus_volume_scrub_lost_chunks_total", "Chunks a scrub found with no good replica at all (restore from a backup).",
+		func(s *volumeSample) uint64 { return s.scrub.lost.Load() }),
 }
 
 func b2u(b bool) uint64 {
@@ -183,42 +207,47 @@ func b2u(b bool) uint64 {
 	return 0
 }
 
-// writeMetrics writes every metric of v in the text exposition format.
-func (v *extrasVolume) writeMetrics(w *bufio.Writer) {
-	st := v.Stats()
-	label := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`).Replace(v.info.Name)
+// volumeCollector is the prometheus.Collector of one volume: every metric
+// of volumeMetrics, labelled volume=name.
+type volumeCollector struct {
+	name  string
+	src   volumeSource
+	scrub *scrubStats
+}
+
+// Describe implements prometheus.Collector.
+func (c *volumeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, m := range volumeMetrics {
-		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n%s{volume=\"%s\"} %s\n", m.name, m.help, m.name, m.typ,
-			m.name, label, strconv.FormatUint(m.value(v, st), 10))
+		ch <- m.desc
 	}
 }
 
-// serveMetrics serves /metrics on addr until ctx is done. It returns once
-// listening, or the listen error.
+// Collect implements prometheus.Collector: it reads the volume once.
+func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
+	s := volumeSample{size: c.src.Size(), st: c.src.Stats(), scrub: c.scrub}
+	for _, m := range volumeMetrics {
+		pm, err := prometheus.NewConstMetric(m.desc, m.typ, float64(m.value(&s)), c.name)
+		if err != nil {
+			pm = prometheus.NewInvalidMetric(m.desc, fmt.Errorf("volume %s: %w", c.name, err))
+		}
+		ch <- pm
+	}
+}
+
+// serveMetrics serves the volume's metrics, with the Go runtime and process
+// metrics, at GET /metrics on addr until ctx is done; Close waits for the
+// server to stop. It returns once listening, or the error.
 func (v *extrasVolume) serveMetrics(ctx context.Context, addr string, log *slog.Logger) (net.Addr, error) {
+	reg, err := metrics.NewRegistry(&volumeCollector{name: v.info.Name, src: v, scrub: &v.scrub})
+	if err != nil {
+		return nil, err
+	}
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("--metrics: listen on %s: %w: pick another HOST:PORT", addr, err)
 	}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		bw := bufio.NewWriter(w)
-		v.writeMetrics(bw)
-		bw.Flush()
-	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	v.wg.Go(func() {
-		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("metrics server failed", "err", err)
-		}
-	})
-	v.wg.Go(func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-	})
+	done := metrics.Serve(ctx, l, reg, log)
+	v.wg.Go(func() { <-done })
 	log.Info("serving metrics", "volume", v.info.Name, "addr", "http://"+l.Addr().String()+"/metrics")
 	return l.Addr(), nil
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -13,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/internal/clitest"
+	"github.com/torus-storage/torus/internal/metrics/metricstest"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )
@@ -227,21 +228,24 @@ func scrape(t *testing.T, url string) string {
 	return string(b)
 }
 
-// sample returns the value of metric name for node in a scrape.
+// sample returns the value of metric name for node in a scrape, as an
+// integer when it is one ("67108864", where the text format may say
+// 6.7108864e+07).
 func sample(t *testing.T, body, name, node string) string {
 	t.Helper()
-	sc := bufio.NewScanner(strings.NewReader(body))
-	want := fmt.Sprintf(`%s{node="%s"} `, name, node)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), want); ok {
-			if !strings.Contains(body, "# TYPE "+name+" ") || !strings.Contains(body, "# HELP "+name+" ") {
-				t.Fatalf("metric %s without HELP or TYPE:\n%s", name, body)
-			}
-			return v
-		}
+	fams, err := metricstest.Parse(body)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, body)
 	}
-	t.Fatalf("no sample %s for node %s in:\n%s", name, node, body)
-	return ""
+	f := fams[name]
+	if f == nil || f.Help == "" || f.Type == "" {
+		t.Fatalf("metric %s missing or without HELP or TYPE:\n%s", name, body)
+	}
+	v, ok := f.Value("node", node)
+	if !ok {
+		t.Fatalf("no sample %s for node %s in:\n%s", name, node, body)
+	}
+	return strconv.FormatFloat(v, 'f', -1, 64)
 }
 
 // TestNode starts a node on a cluster where a volume was attached twice
