@@ -20,9 +20,7 @@ import (
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/units"
-	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/nbd"
-	"github.com/torus-storage/torus/store"
 	"github.com/torus-storage/torus/ublk"
 )
 
@@ -89,8 +87,7 @@ func alive(pid int) bool {
 type attachCmd struct {
 	log                   *slog.Logger
 	fs                    *pflag.FlagSet
-	vf                    volumeFlags
-	cf                    clusterFlags
+	src                   volumeSource
 	ef                    extraFlags
 	mode, runDir, ioSched string
 	queues, depth, conns  int
@@ -112,8 +109,7 @@ NAME --etcd URL --tls-dir DIR [--mode ublk|nbd|auto]`,
 
 func (c *attachCmd) flags(fs *pflag.FlagSet) {
 	c.fs = fs
-	c.vf.register(fs)
-	c.cf.register(fs)
+	c.src.register(fs)
 	c.ef.register(fs)
 	fs.StringVar(&c.mode, "mode", "auto", "ublk, nbd (kernel NBD client) or auto (ublk when /dev/ublk-control exists, else nbd)")
 	fs.IntVar(&c.queues, "queues", 0, "ublk queues (default: 1 for a local store, whose one queue thread runs every store shard; one per CPU for a cluster volume)")
@@ -125,24 +121,11 @@ func (c *attachCmd) flags(fs *pflag.FlagSet) {
 
 func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
 	log := c.log
-	if len(args) > 1 {
-		return cli.Usagef("unexpected argument %q: attach takes one cluster volume NAME, or --store and --size for a local volume", args[1])
-	}
-	cluster := len(args) == 1
-	if err := c.ef.check(!cluster); err != nil {
+	if err := c.src.parse("attach", args); err != nil {
 		return err
 	}
-	var path string
-	var size int64
-	if cluster {
-		if c.vf.given() {
-			return cli.Usagef("--store and --size are for a local volume; cluster volume %s lives in the cluster (its size is in etcd)", args[0])
-		}
-	} else {
-		var err error
-		if path, size, err = c.vf.parse(); err != nil {
-			return err
-		}
+	if err := c.ef.check(!c.src.isCluster()); err != nil {
+		return err
 	}
 	if !validSchedName(c.ioSched) {
 		return cli.Usagef("--io-scheduler %q: want none, kernel or a scheduler name such as mq-deadline", c.ioSched)
@@ -174,12 +157,9 @@ func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
 		}
 	}
 
-	a := &attachment{Mode: c.mode, Store: path, Size: size, PID: os.Getpid()}
-	if cluster {
-		a.Volume, a.Etcd, a.Prefix, a.TLSDir, a.TTL = args[0], c.cf.cluster.Etcd, c.cf.cluster.Prefix, c.cf.tlsDir, c.cf.ttl.String()
-		a.ReplicaTimeout = c.cf.timeout.String()
-	}
-	vol, err := a.open(ctx, c.cf.localNode, 0, log)
+	a := &attachment{Mode: c.mode, PID: os.Getpid()}
+	c.src.record(a)
+	vol, err := c.src.open(ctx, 0, 0, log)
 	if err != nil {
 		return err
 	}
@@ -272,7 +252,7 @@ func serveDevice(ctx context.Context, a *attachment, runDir string, vol engine.V
 		return err
 	}
 	fmt.Fprintln(stdout, a.Device)
-	log.Info("attached", "device", a.Device, "mode", a.Mode, "volume", a.source(), "size", units.FormatSize(a.Size))
+	log.Info("attached", "device", a.Device, "mode", a.Mode, "volume", a.source().String(), "size", units.FormatSize(a.Size))
 
 	done := make(chan error, 1)
 	go func() { done <- wait() }()
@@ -295,51 +275,6 @@ func serveDevice(ctx context.Context, a *attachment, runDir string, vol engine.V
 	}
 	log.Info("detached", "device", a.Device)
 	return nil
-}
-
-// source names the volume: the store path of a local volume, or
-// "cluster:NAME".
-func (a *attachment) source() string {
-	if a.Volume != "" {
-		return "cluster:" + a.Volume
-	}
-	return a.Store
-}
-
-// open opens the attachment's volume. For a cluster volume, wait > 0 keeps
-// retrying while the attach lock is still held (by a server that died and
-// whose lease has not expired yet).
-func (a *attachment) open(ctx context.Context, localNode string, wait time.Duration, log *slog.Logger) (engine.Volume, error) {
-	if a.Volume == "" {
-		lv, err := store.OpenLocal(a.Store, a.Size, store.LocalOptions{Logger: log})
-		if err != nil {
-			return nil, err
-		}
-		return lv, nil
-	}
-	cf := clusterFlags{cluster: cli.Cluster{Etcd: a.Etcd, Prefix: a.Prefix}, tlsDir: a.TLSDir, localNode: localNode, ttl: 10 * time.Second, timeout: 5 * time.Second}
-	if d, err := time.ParseDuration(a.TTL); err == nil {
-		cf.ttl = d
-	}
-	if d, err := time.ParseDuration(a.ReplicaTimeout); err == nil {
-		cf.timeout = d
-	}
-	deadline := time.Now().Add(wait)
-	for {
-		cv, err := openCluster(ctx, a.Volume, cf, log)
-		if err == nil || !errors.Is(err, meta.ErrAttached) || time.Now().After(deadline) {
-			if err != nil {
-				return nil, err
-			}
-			return cv, nil
-		}
-		log.Info("waiting for the old attach lock to expire", "volume", a.Volume, "why", err.Error())
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(500 * time.Millisecond):
-		}
-	}
 }
 
 func recoverCommand(log *slog.Logger) *cli.Command {
@@ -374,7 +309,7 @@ func recoverDevice(ctx context.Context, device, runDir string, wait time.Duratio
 	if alive(a.PID) && a.PID != os.Getpid() {
 		return fmt.Errorf("%s is still served by process %d; recover is for a device whose server died", a.Device, a.PID)
 	}
-	vol, err := a.open(ctx, "", wait, log)
+	vol, err := a.source().open(ctx, 0, wait, log)
 	if err != nil {
 		return err
 	}
@@ -499,7 +434,7 @@ func listAttachments(runDir string, out cli.Output, stdout io.Writer) error {
 				state = "server dead: torusblk detach " + a.Device
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.source(), strconv.Itoa(a.PID), state)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.source().String(), strconv.Itoa(a.PID), state)
 	}
 	return tw.Flush()
 }

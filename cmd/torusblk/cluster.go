@@ -80,11 +80,6 @@ type clusterVolume struct {
 
 // openCluster takes the attach lock of volume name and opens it for I/O.
 func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Logger) (*clusterVolume, error) {
-	if cf.tlsDir == "" {
-		return nil, fmt.Errorf("%w: --tls-dir (or TORUS_TLS_DIR) is required for a cluster volume: a directory with this client's node.crt, node.key and ca.crt. "+
-			"torusd dev prints one (its tls: line); for another cluster, issue one from the cluster CA (the --cluster-dir of torusctl init) "+
-			"with netquic.IssueCert, as docs/OPERATIONS.md describes under Certificates", cli.ErrUsage)
-	}
 	tlsConf, err := netquic.LoadTLS(cf.tlsDir)
 	if err != nil {
 		return nil, fmt.Errorf("--tls-dir %s: %w", cf.tlsDir, err)

@@ -52,6 +52,7 @@ func TestHelp(t *testing.T) {
 // TestUsage: usage errors print the error and the usage to stderr and exit
 // 2, before anything is opened.
 func TestUsage(t *testing.T) {
+	t.Setenv("TORUS_TLS_DIR", "")
 	dir := t.TempDir()
 	for _, c := range []struct {
 		args []string
@@ -64,8 +65,13 @@ func TestUsage(t *testing.T) {
 		{[]string{"serve", "a", "b"}, `unexpected argument "b"`},
 		{[]string{"serve", "vol0", "--store", dir, "--listen", "unix:" + dir + "/s"}, "--store and --size are for a local volume"},
 		{[]string{"serve", "vol0"}, "--listen is required"},
+		// The cluster form needs this client's certificate, and says how to get one.
+		{[]string{"serve", "vol0", "--listen", "unix:" + dir + "/s"}, "--tls-dir (or TORUS_TLS_DIR) is required for a cluster volume"},
+		{[]string{"attach", "vol0"}, "torusd dev prints one (its tls: line); for another cluster, issue one from the cluster CA"},
+		{[]string{"attach", "vol0", "--size", "1GiB"}, "--store and --size are for a local volume"},
 		{[]string{"serve", "--store", dir, "--size", "1GiB", "--listen", "unix:" + dir + "/s", "--metrics", "127.0.0.1:0"}, "--metrics is for cluster volumes"},
 		{[]string{"attach", "--store", dir}, "--store and --size are required"},
+		{[]string{"attach", "--store", dir, "--size", "0"}, "--size 0: must be a positive multiple of 4 KiB"},
 		{[]string{"list", "--output", "yaml"}, `invalid argument "yaml" for "--output" flag`},
 		{[]string{"detach"}, "detach takes one device"},
 		{[]string{"recover", "a", "b"}, "recover takes one device"},

@@ -11,12 +11,10 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/nbd"
-	"github.com/torus-storage/torus/store"
 )
 
 // storeFile is the name of the store file inside --store DIR.
@@ -25,8 +23,7 @@ const storeFile = "volume.store"
 // serveCmd is torusblk serve: export a volume over NBD.
 type serveCmd struct {
 	log              *slog.Logger
-	vf               volumeFlags
-	cf               clusterFlags
+	src              volumeSource
 	ef               extraFlags
 	listen, name     string
 	shards, maxProcs int
@@ -48,8 +45,7 @@ NAME --etcd URL --tls-dir DIR --listen unix:PATH|tcp:HOST:PORT`,
 }
 
 func (c *serveCmd) flags(fs *pflag.FlagSet) {
-	c.vf.register(fs)
-	c.cf.register(fs)
+	c.src.register(fs)
 	c.ef.register(fs)
 	fs.StringVar(&c.listen, "listen", "", "where to serve NBD: `ADDR`, unix:PATH or tcp:HOST:PORT")
 	fs.StringVar(&c.name, "name", "torus", "NBD export name")
@@ -61,30 +57,18 @@ func (c *serveCmd) flags(fs *pflag.FlagSet) {
 
 func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 	log := c.log
-	if len(args) > 1 {
-		return cli.Usagef("unexpected argument %q: serve takes one cluster volume NAME, or --store and --size for a local volume", args[1])
+	switch {
+	case c.listen != "" || len(args) > 1:
+	case len(args) == 1:
+		return cli.Usagef("--listen is required (example: torusblk serve %s --etcd http://10.0.0.1:2379 --tls-dir /etc/torus/client --listen unix:/run/torus/%s.sock)", args[0], args[0])
+	default:
+		return cli.Usagef("--store, --size and --listen are required (example: torusblk serve --store /var/lib/torus/vol0 --size 10GiB --listen unix:/run/torus/vol0.sock), or give a cluster volume NAME")
 	}
-	cluster := len(args) == 1
-	if err := c.ef.check(!cluster); err != nil {
+	if err := c.src.parse("serve", args); err != nil {
 		return err
 	}
-	var path string
-	var size int64
-	if cluster {
-		if c.vf.given() {
-			return cli.Usagef("--store and --size are for a local volume; cluster volume %s lives in the cluster (its size is in etcd)", args[0])
-		}
-		if c.listen == "" {
-			return cli.Usagef("--listen is required (example: torusblk serve %s --etcd http://10.0.0.1:2379 --tls-dir /etc/torus/client --listen unix:/run/torus/%s.sock)", args[0], args[0])
-		}
-	} else {
-		if !c.vf.complete() || c.listen == "" {
-			return cli.Usagef("--store, --size and --listen are required (example: torusblk serve --store /var/lib/torus/vol0 --size 10GiB --listen unix:/run/torus/vol0.sock), or give a cluster volume NAME")
-		}
-		var err error
-		if path, size, err = c.vf.parse(); err != nil {
-			return err
-		}
+	if err := c.ef.check(!c.src.isCluster()); err != nil {
+		return err
 	}
 	if c.shards < 0 {
 		return cli.Usagef("--shards %d: must not be negative", c.shards)
@@ -111,37 +95,30 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 		l, err = nbd.Listen(c.listen)
 		return err
 	}
-	if !cluster {
+	if !c.src.isCluster() {
 		if err := listenNBD(); err != nil {
 			return err
 		}
 		defer l.Close()
 	}
 
-	var vol engine.Volume
-	desc, source := "torus local volume", path
-	if cluster {
-		cv, err := openCluster(ctx, args[0], c.cf, log)
-		if err != nil {
-			return err
-		}
+	vol, err := c.src.open(ctx, c.shards, 0, log)
+	if err != nil {
+		return err
+	}
+	desc, source, size := "torus local volume", c.src.path, int64(c.src.size)
+	if cv, ok := vol.(*clusterVolume); ok {
 		xv, err := withExtras(cv, c.ef, log)
 		if err != nil {
 			cv.Close()
 			return err
 		}
-		vol, desc, source, size = xv, "torus cluster volume "+args[0], args[0], cv.Size()
+		vol, desc, source, size = xv, "torus cluster volume "+c.src.name, c.src.name, cv.Size()
 		if err := listenNBD(); err != nil {
 			xv.Close()
 			return err
 		}
 		defer l.Close()
-	} else {
-		lv, err := store.OpenLocal(path, size, store.LocalOptions{Logger: log, Shards: c.shards})
-		if err != nil {
-			return err
-		}
-		vol = lv
 	}
 	srv, err := nbd.NewServer([]nbd.Export{{Name: c.name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoRing: c.noRing})
 	if err != nil {
