@@ -45,9 +45,9 @@ type Command struct {
 	// also runs itself, flags before the next word are its own: there a
 	// subcommand's name comes first.)
 	Global func(fs *pflag.FlagSet)
-	// Flags, if set, defines the command's own flags. It is called once,
-	// before the arguments are parsed, so the values it binds are set when
-	// Run is called.
+	// Flags, if set, defines the command's own flags. It is called before
+	// the arguments are parsed, so the values it binds are set when Run is
+	// called (and again, on a fresh flag set, to print the help).
 	Flags func(fs *pflag.FlagSet)
 	// Run runs the command with the positional arguments left after the
 	// flags. It is nil for a group that only holds subcommands.
