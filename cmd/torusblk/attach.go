@@ -18,10 +18,9 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/units"
-	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/nbd"
-	"github.com/torus-storage/torus/store"
 	"github.com/torus-storage/torus/ublk"
 )
 
@@ -84,66 +83,70 @@ func alive(pid int) bool {
 	return pid > 0 && syscall.Kill(pid, 0) == nil
 }
 
-func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
-	fs := pflag.NewFlagSet("attach", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var vf volumeFlags
-	vf.register(fs)
-	var cf clusterFlags
-	cf.register(fs)
-	var ef extraFlags
-	ef.register(fs)
-	mode := fs.String("mode", "auto", "ublk, nbd (kernel NBD client) or auto (ublk when /dev/ublk-control exists, else nbd)")
-	queues := fs.Int("queues", 0, "ublk queues (default: 1 for a local store, whose one queue thread runs every store shard; one per CPU for a cluster volume)")
-	depth := fs.Int("depth", 128, "ublk queue depth")
-	conns := fs.Int("connections", 4, "kernel NBD connections")
-	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept for list, detach and recover")
-	ioSched := fs.String("io-scheduler", "none", "the device's block-layer I/O scheduler: none (Torus orders its own I/O, as for loop and NVMe devices), a name listed in /sys/block/DEV/queue/scheduler, or kernel to keep the kernel's choice")
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: torusblk attach --store DIR --size SIZE [--mode ublk|nbd|auto]   (a local volume)\n       torusblk attach NAME --etcd URL --tls-dir DIR [--mode ublk|nbd|auto]   (a cluster volume)\n\nPrints the device path once it is ready and serves it until detached or signalled.\n\n%s", fs.FlagUsages())
+// attachCmd is torusblk attach: make a volume a local block device.
+type attachCmd struct {
+	log                   *slog.Logger
+	fs                    *pflag.FlagSet
+	src                   volumeSource
+	ef                    extraFlags
+	mode, runDir, ioSched string
+	queues, depth, conns  int
+}
+
+func attachCommand(log *slog.Logger) *cli.Command {
+	c := &attachCmd{log: log}
+	return &cli.Command{
+		Name:    "attach",
+		Summary: "make a volume a local block device",
+		Usage: `--store DIR --size SIZE [--mode ublk|nbd|auto]
+NAME --etcd URL --tls-dir DIR [--mode ublk|nbd|auto]`,
+		Help: "The first form attaches a local volume, the second a volume of a Torus cluster.\n" +
+			"Prints the device path once it is ready and serves it until detached or signalled.",
+		Flags: c.flags,
+		Run:   c.run,
 	}
-	if help, err := parseFlags(fs, args); help || err != nil {
+}
+
+func (c *attachCmd) flags(fs *pflag.FlagSet) {
+	c.fs = fs
+	c.src.register(fs)
+	c.ef.register(fs)
+	fs.StringVar(&c.mode, "mode", "auto", "ublk, nbd (kernel NBD client) or auto (ublk when /dev/ublk-control exists, else nbd)")
+	fs.IntVar(&c.queues, "queues", 0, "ublk queues (default: 1 for a local store, whose one queue thread runs every store shard; one per CPU for a cluster volume)")
+	fs.IntVar(&c.depth, "depth", 128, "ublk queue depth")
+	fs.IntVar(&c.conns, "connections", 4, "kernel NBD connections")
+	fs.StringVar(&c.runDir, "run-dir", defaultRunDir, "where attach state is kept for list, detach and recover")
+	fs.StringVar(&c.ioSched, "io-scheduler", "none", "the device's block-layer I/O scheduler: none (Torus orders its own I/O, as for loop and NVMe devices), a name listed in /sys/block/DEV/queue/scheduler, or kernel to keep the kernel's choice")
+}
+
+func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
+	log := c.log
+	if err := c.src.parse("attach", args); err != nil {
 		return err
 	}
-	if fs.NArg() > 1 {
-		return fmt.Errorf("%w: unexpected argument %q: attach takes one cluster volume NAME, or --store and --size for a local volume", errUsage, fs.Arg(1))
-	}
-	cluster := fs.NArg() == 1
-	if err := ef.check(!cluster); err != nil {
+	if err := c.ef.check(!c.src.isCluster()); err != nil {
 		return err
 	}
-	var path string
-	var size int64
-	if cluster {
-		if vf.store != "" || vf.size != "" {
-			return fmt.Errorf("%w: --store and --size are for a local volume; cluster volume %s lives in the cluster (its size is in etcd)", errUsage, fs.Arg(0))
-		}
-	} else {
-		var err error
-		if path, size, err = vf.parse(); err != nil {
-			return err
-		}
-	}
-	if !validSchedName(*ioSched) {
-		return fmt.Errorf("%w: --io-scheduler %q: want none, kernel or a scheduler name such as mq-deadline", errUsage, *ioSched)
+	if !validSchedName(c.ioSched) {
+		return cli.Usagef("--io-scheduler %q: want none, kernel or a scheduler name such as mq-deadline", c.ioSched)
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("attaching a block device needs root (run with sudo)")
 	}
-	switch *mode {
+	switch c.mode {
 	case "auto":
 		if uerr := ublk.Available(); uerr == nil {
-			*mode = "ublk"
+			c.mode = "ublk"
 			log.Info("mode auto: using ublk", "why", "/dev/ublk-control is present")
 		} else {
-			*mode = "nbd"
+			c.mode = "nbd"
 			log.Info("mode auto: using kernel NBD", "why", uerr.Error())
 		}
 	case "ublk", "nbd":
 	default:
-		return fmt.Errorf("%w: --mode %q: want ublk, nbd or auto", errUsage, *mode)
+		return cli.Usagef("--mode %q: want ublk, nbd or auto", c.mode)
 	}
-	switch *mode {
+	switch c.mode {
 	case "ublk":
 		if err := ublk.Available(); err != nil {
 			return err
@@ -154,17 +157,14 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 		}
 	}
 
-	a := &attachment{Mode: *mode, Store: path, Size: size, PID: os.Getpid()}
-	if cluster {
-		a.Volume, a.Etcd, a.Prefix, a.TLSDir, a.TTL = fs.Arg(0), cf.etcd, cf.prefix, cf.tlsDir, cf.ttl.String()
-		a.ReplicaTimeout = cf.timeout.String()
-	}
-	vol, err := a.open(ctx, cf.localNode, 0, log)
+	a := &attachment{Mode: c.mode, PID: os.Getpid()}
+	c.src.record(a)
+	vol, err := c.src.open(ctx, 0, 0, log)
 	if err != nil {
 		return err
 	}
 	if cv, ok := vol.(*clusterVolume); ok {
-		xv, err := withExtras(cv, ef, log)
+		xv, err := withExtras(cv, c.ef, log)
 		if err != nil {
 			cv.Close()
 			return err
@@ -174,17 +174,17 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	a.Size = vol.Size()
 	var wait func() error
 	var closeDev func() error
-	switch *mode {
+	switch c.mode {
 	case "ublk":
-		dev, err := ublk.Create(ctx, vol, ublk.Options{Queues: *queues, Depth: *depth, Recovery: true, Logger: log})
+		dev, err := ublk.Create(ctx, vol, ublk.Options{Queues: c.queues, Depth: c.depth, Recovery: true, Logger: log})
 		if err != nil {
 			vol.Close()
 			return err
 		}
-		a.Device, a.ID, a.Queues, a.Depth = dev.Path(), dev.ID(), *queues, *depth
+		a.Device, a.ID, a.Queues, a.Depth = dev.Path(), dev.ID(), c.queues, c.depth
 		wait, closeDev = dev.Wait, dev.Close
 	case "nbd":
-		dev, err := nbd.AttachKernel(ctx, vol, nbd.AttachOptions{Index: -1, Conns: *conns, Logger: log})
+		dev, err := nbd.AttachKernel(ctx, vol, nbd.AttachOptions{Index: -1, Conns: c.conns, Logger: log})
 		if err != nil {
 			vol.Close()
 			return err
@@ -192,15 +192,15 @@ func cmdAttach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 		a.Device, a.ID = dev.Path(), dev.Index()
 		wait, closeDev = dev.Wait, dev.Close
 	}
-	if err := setIOScheduler(a.Device, *ioSched); err != nil {
-		if fs.Changed("io-scheduler") {
+	if err := setIOScheduler(a.Device, c.ioSched); err != nil {
+		if c.fs.Changed("io-scheduler") {
 			closeDev()
 			vol.Close()
 			return err
 		}
 		log.Warn("keeping the kernel's I/O scheduler", "device", a.Device, "err", err)
 	}
-	return serveDevice(ctx, a, *runDir, vol, wait, closeDev, stdout, log)
+	return serveDevice(ctx, a, c.runDir, vol, wait, closeDev, o.Stdout, log)
 }
 
 // validSchedName reports whether name can be an I/O scheduler's name (or
@@ -252,7 +252,7 @@ func serveDevice(ctx context.Context, a *attachment, runDir string, vol engine.V
 		return err
 	}
 	fmt.Fprintln(stdout, a.Device)
-	log.Info("attached", "device", a.Device, "mode", a.Mode, "volume", a.source(), "size", units.FormatSize(a.Size))
+	log.Info("attached", "device", a.Device, "mode", a.Mode, "volume", a.source().String(), "size", units.FormatSize(a.Size))
 
 	done := make(chan error, 1)
 	go func() { done <- wait() }()
@@ -277,66 +277,29 @@ func serveDevice(ctx context.Context, a *attachment, runDir string, vol engine.V
 	return nil
 }
 
-// source names the volume: the store path of a local volume, or
-// "cluster:NAME".
-func (a *attachment) source() string {
-	if a.Volume != "" {
-		return "cluster:" + a.Volume
-	}
-	return a.Store
-}
-
-// open opens the attachment's volume. For a cluster volume, wait > 0 keeps
-// retrying while the attach lock is still held (by a server that died and
-// whose lease has not expired yet).
-func (a *attachment) open(ctx context.Context, localNode string, wait time.Duration, log *slog.Logger) (engine.Volume, error) {
-	if a.Volume == "" {
-		lv, err := store.OpenLocal(a.Store, a.Size, store.LocalOptions{Logger: log})
-		if err != nil {
-			return nil, err
-		}
-		return lv, nil
-	}
-	cf := clusterFlags{etcd: a.Etcd, prefix: a.Prefix, tlsDir: a.TLSDir, localNode: localNode, ttl: 10 * time.Second, timeout: 5 * time.Second}
-	if d, err := time.ParseDuration(a.TTL); err == nil {
-		cf.ttl = d
-	}
-	if d, err := time.ParseDuration(a.ReplicaTimeout); err == nil {
-		cf.timeout = d
-	}
-	deadline := time.Now().Add(wait)
-	for {
-		cv, err := openCluster(ctx, a.Volume, cf, log)
-		if err == nil || !errors.Is(err, meta.ErrAttached) || time.Now().After(deadline) {
-			if err != nil {
-				return nil, err
+func recoverCommand(log *slog.Logger) *cli.Command {
+	var runDir string
+	var wait time.Duration
+	return &cli.Command{
+		Name:    "recover",
+		Summary: "serve a ublk device again after the process that attached it died",
+		Usage:   "/dev/ublkbN",
+		Flags: func(fs *pflag.FlagSet) {
+			fs.StringVar(&runDir, "run-dir", defaultRunDir, "where attach state is kept")
+			fs.DurationVar(&wait, "wait", 30*time.Second, "cluster volume: how long to wait for the dead server's attach lock to expire")
+		},
+		Run: func(ctx context.Context, args []string, o cli.IO) error {
+			if len(args) != 1 {
+				return cli.Usagef("recover takes one device, e.g. torusblk recover /dev/ublkb0")
 			}
-			return cv, nil
-		}
-		log.Info("waiting for the old attach lock to expire", "volume", a.Volume, "why", err.Error())
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(500 * time.Millisecond):
-		}
+			return recoverDevice(ctx, args[0], runDir, wait, o.Stdout, log)
+		},
 	}
 }
 
-func cmdRecover(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
-	fs := pflag.NewFlagSet("recover", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
-	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept")
-	wait := fs.Duration("wait", 30*time.Second, "cluster volume: how long to wait for the dead server's attach lock to expire")
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: torusblk recover /dev/ublkbN\n\nServes a ublk device again after the process that attached it died.\n\n%s", fs.FlagUsages())
-	}
-	if help, err := parseFlags(fs, args); help || err != nil {
-		return err
-	}
-	if fs.NArg() != 1 {
-		return fmt.Errorf("%w: recover takes one device, e.g. torusblk recover /dev/ublkb0", errUsage)
-	}
-	a, err := loadAttachment(*runDir, fs.Arg(0))
+// recoverDevice serves device again, from the state attach kept in runDir.
+func recoverDevice(ctx context.Context, device, runDir string, wait time.Duration, stdout io.Writer, log *slog.Logger) error {
+	a, err := loadAttachment(runDir, device)
 	if err != nil {
 		return err
 	}
@@ -346,7 +309,7 @@ func cmdRecover(ctx context.Context, args []string, stdout, stderr io.Writer, lo
 	if alive(a.PID) && a.PID != os.Getpid() {
 		return fmt.Errorf("%s is still served by process %d; recover is for a device whose server died", a.Device, a.PID)
 	}
-	vol, err := a.open(ctx, "", *wait, log)
+	vol, err := a.source().open(ctx, 0, wait, log)
 	if err != nil {
 		return err
 	}
@@ -357,21 +320,33 @@ func cmdRecover(ctx context.Context, args []string, stdout, stderr io.Writer, lo
 	}
 	a.PID = os.Getpid()
 	log.Info("recovered", "device", a.Device)
-	return serveDevice(ctx, a, *runDir, vol, dev.Wait, dev.Close, stdout, log)
+	return serveDevice(ctx, a, runDir, vol, dev.Wait, dev.Close, stdout, log)
 }
 
-func cmdDetach(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
-	fs := pflag.NewFlagSet("detach", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
-	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept")
-	timeout := fs.Duration("timeout", 60*time.Second, "how long to wait for the device to go")
-	if help, err := parseFlags(fs, args); help || err != nil {
-		return err
+func detachCommand(log *slog.Logger) *cli.Command {
+	var runDir string
+	var timeout time.Duration
+	return &cli.Command{
+		Name:    "detach",
+		Summary: "stop serving an attached device and remove it",
+		Usage:   "DEVICE",
+		Flags: func(fs *pflag.FlagSet) {
+			fs.StringVar(&runDir, "run-dir", defaultRunDir, "where attach state is kept")
+			fs.DurationVar(&timeout, "timeout", 60*time.Second, "how long to wait for the device to go")
+		},
+		Run: func(_ context.Context, args []string, _ cli.IO) error {
+			if len(args) != 1 {
+				return cli.Usagef("detach takes one device, e.g. torusblk detach /dev/ublkb0")
+			}
+			return detach(args[0], runDir, timeout, log)
+		},
 	}
-	if fs.NArg() != 1 {
-		return fmt.Errorf("%w: detach takes one device, e.g. torusblk detach /dev/ublkb0", errUsage)
-	}
-	a, err := loadAttachment(*runDir, fs.Arg(0))
+}
+
+// detach stops the process that serves device, or removes the device of a
+// dead one.
+func detach(device, runDir string, timeout time.Duration, log *slog.Logger) error {
+	a, err := loadAttachment(runDir, device)
 	if err != nil {
 		return err
 	}
@@ -381,10 +356,10 @@ func cmdDetach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 		if err := syscall.Kill(a.PID, syscall.SIGTERM); err != nil {
 			return fmt.Errorf("signalling process %d that serves %s: %w", a.PID, a.Device, err)
 		}
-		deadline := time.Now().Add(*timeout)
+		deadline := time.Now().Add(timeout)
 		for alive(a.PID) {
 			if time.Now().After(deadline) {
-				return fmt.Errorf("%s: process %d did not stop within %v (is the device still mounted? umount it first)", a.Device, a.PID, *timeout)
+				return fmt.Errorf("%s: process %d did not stop within %v (is the device still mounted? umount it first)", a.Device, a.PID, timeout)
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
@@ -401,20 +376,39 @@ func cmdDetach(ctx context.Context, args []string, stdout, stderr io.Writer, log
 	if err != nil {
 		return fmt.Errorf("removing %s: %w", a.Device, err)
 	}
-	os.Remove(stateFile(*runDir, a.Device))
+	os.Remove(stateFile(runDir, a.Device))
 	log.Info("removed the device of a dead server", "device", a.Device)
 	return nil
 }
 
-func cmdList(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
-	fs := pflag.NewFlagSet("list", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
-	runDir := fs.String("run-dir", defaultRunDir, "where attach state is kept")
-	asJSON := fs.Bool("json", false, "print JSON")
-	if help, err := parseFlags(fs, args); help || err != nil {
-		return err
+func listCommand() *cli.Command {
+	var runDir string
+	var out cli.Output
+	var asJSON bool
+	return &cli.Command{
+		Name:    "list",
+		Summary: "the devices torusblk attached",
+		Usage:   "[--output text|json]",
+		Flags: func(fs *pflag.FlagSet) {
+			fs.StringVar(&runDir, "run-dir", defaultRunDir, "where attach state is kept")
+			cli.OutputFlag(fs, &out)
+			fs.BoolVar(&asJSON, "json", false, "print JSON (the same as --output json)")
+		},
+		Run: func(_ context.Context, args []string, o cli.IO) error {
+			if len(args) > 0 {
+				return cli.Usagef("unexpected arguments %q", args)
+			}
+			if asJSON {
+				out = cli.JSON
+			}
+			return listAttachments(runDir, out, o.Stdout)
+		},
 	}
-	ents, err := os.ReadDir(*runDir)
+}
+
+// listAttachments prints the attachments kept in runDir.
+func listAttachments(runDir string, out cli.Output, stdout io.Writer) error {
+	ents, err := os.ReadDir(runDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
@@ -423,14 +417,12 @@ func cmdList(ctx context.Context, args []string, stdout, stderr io.Writer, log *
 		if !strings.HasSuffix(e.Name(), ".json") {
 			continue
 		}
-		if a, err := loadAttachment(*runDir, strings.TrimSuffix(e.Name(), ".json")); err == nil {
+		if a, err := loadAttachment(runDir, strings.TrimSuffix(e.Name(), ".json")); err == nil {
 			list = append(list, a)
 		}
 	}
-	if *asJSON {
-		b, _ := json.MarshalIndent(list, "", "  ")
-		fmt.Fprintln(stdout, string(b))
-		return nil
+	if out == cli.JSON {
+		return cli.WriteJSON(stdout, list)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "DEVICE\tMODE\tSIZE\tVOLUME\tPID\tSTATE")
@@ -442,7 +434,7 @@ func cmdList(ctx context.Context, args []string, stdout, stderr io.Writer, log *
 				state = "server dead: torusblk detach " + a.Device
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.source(), strconv.Itoa(a.PID), state)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.source().String(), strconv.Itoa(a.PID), state)
 	}
 	return tw.Flush()
 }

@@ -36,32 +36,35 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/torus-storage/torus/cluster"
+	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )
 
-// defaultEtcd is the endpoint used without --etcd and $TORUS_ETCD (the same
-// default as torusctl's).
-const defaultEtcd = "http://127.0.0.1:2379"
-
 // clusterFlags select a cluster volume.
 type clusterFlags struct {
-	etcd, prefix, tlsDir, localNode string
-	ttl, timeout                    time.Duration
+	cluster           cli.Cluster
+	tlsDir, localNode string
+	ttl, timeout      time.Duration
 }
 
 func (c *clusterFlags) register(fs *pflag.FlagSet) {
-	def := os.Getenv("TORUS_ETCD")
-	if def == "" {
-		def = defaultEtcd
-	}
-	fs.StringVar(&c.etcd, "etcd", def, "cluster volume: etcd endpoints, comma separated (env TORUS_ETCD)")
-	fs.StringVar(&c.prefix, "prefix", meta.DefaultPrefix, "cluster volume: etcd key prefix of the cluster")
-	fs.StringVar(&c.tlsDir, "tls-dir", os.Getenv("TORUS_TLS_DIR"), "cluster volume: directory with node.crt, node.key and ca.crt of this client (env TORUS_TLS_DIR; `torusd dev` prints one)")
+	c.cluster.Flags(fs)
+	cli.TLSDirFlag(fs, &c.tlsDir)
+	clusterOnly(fs, "etcd", "prefix", "tls-dir")
 	fs.StringVar(&c.localNode, "local-node", "", "cluster volume: id of a storage node on this host, whose replica reads prefer (default: the node registered with this host name, if any)")
 	fs.DurationVar(&c.timeout, "replica-timeout", 5*time.Second, "cluster volume: how long a replica may take to answer before it is taken out of the write path (its chunks are marked for rebuild) and reads move on")
 	fs.DurationVar(&c.ttl, "lease-ttl", 10*time.Second, "cluster volume: attach lock lease; after a crash the volume can be attached elsewhere once it expires")
+}
+
+// clusterOnly marks the named flags of fs, in its help, as being for
+// cluster volumes only.
+func clusterOnly(fs *pflag.FlagSet, names ...string) {
+	for _, n := range names {
+		f := fs.Lookup(n)
+		f.Usage = "cluster volume: " + f.Usage
+	}
 }
 
 // clusterVolume is a replicated volume held under its attach lock.
@@ -77,23 +80,14 @@ type clusterVolume struct {
 
 // openCluster takes the attach lock of volume name and opens it for I/O.
 func openCluster(ctx context.Context, name string, cf clusterFlags, log *slog.Logger) (*clusterVolume, error) {
-	if cf.tlsDir == "" {
-		return nil, fmt.Errorf("%w: --tls-dir is required for a cluster volume: a directory with this client's node.crt, node.key and ca.crt (`torusd dev` prints one; `torusctl cert issue` makes one)", errUsage)
-	}
 	tlsConf, err := netquic.LoadTLS(cf.tlsDir)
 	if err != nil {
 		return nil, fmt.Errorf("--tls-dir %s: %w", cf.tlsDir, err)
 	}
-	var eps []string
-	for _, e := range strings.Split(cf.etcd, ",") {
-		if e = strings.TrimSpace(e); e != "" {
-			eps = append(eps, e)
-		}
-	}
-	ms, err := meta.Open(ctx, eps, cf.prefix, meta.Options{Logger: log})
+	ms, err := meta.Open(ctx, cf.cluster.Endpoints(), cf.cluster.Prefix, meta.Options{Logger: log})
 	if err != nil {
 		if errors.Is(err, meta.ErrUnreachable) {
-			return nil, fmt.Errorf("%w: is etcd running at %s? (--etcd or TORUS_ETCD)", err, cf.etcd)
+			return nil, fmt.Errorf("%w: is etcd running at %s? (--etcd or TORUS_ETCD)", err, cf.cluster.Etcd)
 		}
 		return nil, err
 	}

@@ -30,6 +30,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 	"github.com/torus-storage/torus/cluster"
+	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/metrics"
 )
 
@@ -40,17 +41,17 @@ type extraFlags struct {
 }
 
 func (e *extraFlags) register(fs *pflag.FlagSet) {
-	fs.StringVar(&e.metrics, "metrics", "", "cluster volume: serve Prometheus metrics on HOST:PORT (/metrics)")
+	fs.StringVar(&e.metrics, "metrics", "", "cluster volume: serve Prometheus metrics on `HOST:PORT` (/metrics)")
 	fs.DurationVar(&e.scrubInterval, "scrub-interval", 24*time.Hour, "cluster volume: verify every replica this often (first run one interval after attach); 0 turns scrubbing off")
 }
 
 // check validates the flags; local says the volume is not a cluster volume.
 func (e *extraFlags) check(local bool) error {
 	if e.scrubInterval < 0 {
-		return fmt.Errorf("%w: --scrub-interval %v: want a duration >= 0 (0 = off)", errUsage, e.scrubInterval)
+		return cli.Usagef("--scrub-interval %v: want a duration >= 0 (0 = off)", e.scrubInterval)
 	}
 	if local && e.metrics != "" {
-		return fmt.Errorf("%w: --metrics is for cluster volumes (a local volume has no replicas to report on)", errUsage)
+		return cli.Usagef("--metrics is for cluster volumes (a local volume has no replicas to report on)")
 	}
 	return nil
 }
@@ -133,8 +134,8 @@ func (v *extrasVolume) Close() error {
 	return v.clusterVolume.Close()
 }
 
-// volumeSource is what the volume metrics read of a cluster volume.
-type volumeSource interface {
+// statsSource is what the volume metrics read of a cluster volume.
+type statsSource interface {
 	Size() int64
 	Stats() cluster.Stats
 }
@@ -211,7 +212,7 @@ func b2u(b bool) uint64 {
 // of volumeMetrics, labelled volume=name.
 type volumeCollector struct {
 	name  string
-	src   volumeSource
+	src   statsSource
 	scrub *scrubStats
 }
 

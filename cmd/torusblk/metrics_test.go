@@ -210,7 +210,7 @@ func TestVolumeMetrics(t *testing.T) {
 	}
 }
 
-// fakeVolume is a volumeSource with fixed counters.
+// fakeVolume is a statsSource with fixed counters.
 type fakeVolume struct {
 	size int64
 	st   cluster.Stats

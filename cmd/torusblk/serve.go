@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -12,70 +11,73 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/nbd"
-	"github.com/torus-storage/torus/store"
 )
 
 // storeFile is the name of the store file inside --store DIR.
 const storeFile = "volume.store"
 
-func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log *slog.Logger) error {
-	fs := pflag.NewFlagSet("serve", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var vf volumeFlags
-	vf.register(fs)
-	var cf clusterFlags
-	cf.register(fs)
-	var ef extraFlags
-	ef.register(fs)
-	listen := fs.String("listen", "", "where to serve NBD: unix:PATH or tcp:HOST:PORT")
-	name := fs.String("name", "torus", "NBD export name")
-	shards := fs.Int("shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
-	maxProcs := fs.Int("gomaxprocs", procs.Auto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
-	noRing := fs.Bool("no-ring-conns", false, "serve each NBD connection with reader and writer goroutines instead of one io_uring thread that runs the store shards (for comparison)")
-	cpuProfile := fs.String("cpuprofile", "", "write a Go CPU profile of the whole run to this file (for performance work)")
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: torusblk serve --store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT   (a local volume)\n       torusblk serve NAME --etcd URL --tls-dir DIR --listen unix:PATH|tcp:HOST:PORT   (a cluster volume)\n\n%s", fs.FlagUsages())
+// serveCmd is torusblk serve: export a volume over NBD.
+type serveCmd struct {
+	log              *slog.Logger
+	src              volumeSource
+	ef               extraFlags
+	listen, name     string
+	shards, maxProcs int
+	noRing           bool
+	cpuProfile       string
+}
+
+func serveCommand(log *slog.Logger) *cli.Command {
+	c := &serveCmd{log: log}
+	return &cli.Command{
+		Name:    "serve",
+		Summary: "export a volume over NBD",
+		Usage: `--store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT
+NAME --etcd URL --tls-dir DIR --listen unix:PATH|tcp:HOST:PORT`,
+		Help:  "The first form serves a local volume, the second a volume of a Torus cluster.",
+		Flags: c.flags,
+		Run:   c.run,
 	}
-	if help, err := parseFlags(fs, args); help || err != nil {
+}
+
+func (c *serveCmd) flags(fs *pflag.FlagSet) {
+	c.src.register(fs)
+	c.ef.register(fs)
+	fs.StringVar(&c.listen, "listen", "", "where to serve NBD: `ADDR`, unix:PATH or tcp:HOST:PORT")
+	fs.StringVar(&c.name, "name", "torus", "NBD export name")
+	fs.IntVar(&c.shards, "shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
+	fs.IntVar(&c.maxProcs, "gomaxprocs", procs.Auto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
+	fs.BoolVar(&c.noRing, "no-ring-conns", false, "serve each NBD connection with reader and writer goroutines instead of one io_uring thread that runs the store shards (for comparison)")
+	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to this file (for performance work)")
+}
+
+func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
+	log := c.log
+	switch {
+	case c.listen != "" || len(args) > 1:
+	case len(args) == 1:
+		return cli.Usagef("--listen is required (example: torusblk serve %s --etcd http://10.0.0.1:2379 --tls-dir /etc/torus/client --listen unix:/run/torus/%s.sock)", args[0], args[0])
+	default:
+		return cli.Usagef("--store, --size and --listen are required (example: torusblk serve --store /var/lib/torus/vol0 --size 10GiB --listen unix:/run/torus/vol0.sock), or give a cluster volume NAME")
+	}
+	if err := c.src.parse("serve", args); err != nil {
 		return err
 	}
-	if fs.NArg() > 1 {
-		return fmt.Errorf("%w: unexpected argument %q: serve takes one cluster volume NAME, or --store and --size for a local volume", errUsage, fs.Arg(1))
-	}
-	cluster := fs.NArg() == 1
-	if err := ef.check(!cluster); err != nil {
+	if err := c.ef.check(!c.src.isCluster()); err != nil {
 		return err
 	}
-	var path string
-	var size int64
-	if cluster {
-		if vf.store != "" || vf.size != "" {
-			return fmt.Errorf("%w: --store and --size are for a local volume; cluster volume %s lives in the cluster (its size is in etcd)", errUsage, fs.Arg(0))
-		}
-		if *listen == "" {
-			return fmt.Errorf("%w: --listen is required (example: torusblk serve %s --etcd http://10.0.0.1:2379 --tls-dir /etc/torus/client --listen unix:/run/torus/%s.sock)", errUsage, fs.Arg(0), fs.Arg(0))
-		}
-	} else {
-		if vf.store == "" || vf.size == "" || *listen == "" {
-			return fmt.Errorf("%w: --store, --size and --listen are required (example: torusblk serve --store /var/lib/torus/vol0 --size 10GiB --listen unix:/run/torus/vol0.sock), or give a cluster volume NAME", errUsage)
-		}
-		var err error
-		if path, size, err = vf.parse(); err != nil {
-			return err
-		}
+	if c.shards < 0 {
+		return cli.Usagef("--shards %d: must not be negative", c.shards)
 	}
-	if *shards < 0 {
-		return fmt.Errorf("%w: --shards %d: must not be negative", errUsage, *shards)
-	}
-	if _, err := procs.Set(*maxProcs, *shards, log); err != nil {
+	if _, err := procs.Set(c.maxProcs, c.shards, log); err != nil {
 		return err
 	}
-	if *cpuProfile != "" {
-		f, err := os.Create(*cpuProfile)
+	if c.cpuProfile != "" {
+		f, err := os.Create(c.cpuProfile)
 		if err != nil {
 			return fmt.Errorf("--cpuprofile: %w", err)
 		}
@@ -90,51 +92,44 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, log 
 	// a server that then fails to take the attach lock.
 	var l net.Listener
 	listenNBD := func() (err error) {
-		l, err = nbd.Listen(*listen)
+		l, err = nbd.Listen(c.listen)
 		return err
 	}
-	if !cluster {
+	if !c.src.isCluster() {
 		if err := listenNBD(); err != nil {
 			return err
 		}
 		defer l.Close()
 	}
 
-	var vol engine.Volume
-	desc, source := "torus local volume", path
-	if cluster {
-		cv, err := openCluster(ctx, fs.Arg(0), cf, log)
-		if err != nil {
-			return err
-		}
-		xv, err := withExtras(cv, ef, log)
+	vol, err := c.src.open(ctx, c.shards, 0, log)
+	if err != nil {
+		return err
+	}
+	desc, source, size := "torus local volume", c.src.path, int64(c.src.size)
+	if cv, ok := vol.(*clusterVolume); ok {
+		xv, err := withExtras(cv, c.ef, log)
 		if err != nil {
 			cv.Close()
 			return err
 		}
-		vol, desc, source, size = xv, "torus cluster volume "+fs.Arg(0), fs.Arg(0), cv.Size()
+		vol, desc, source, size = xv, "torus cluster volume "+c.src.name, c.src.name, cv.Size()
 		if err := listenNBD(); err != nil {
 			xv.Close()
 			return err
 		}
 		defer l.Close()
-	} else {
-		lv, err := store.OpenLocal(path, size, store.LocalOptions{Logger: log, Shards: *shards})
-		if err != nil {
-			return err
-		}
-		vol = lv
 	}
-	srv, err := nbd.NewServer([]nbd.Export{{Name: *name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoRing: *noRing})
+	srv, err := nbd.NewServer([]nbd.Export{{Name: c.name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoRing: c.noRing})
 	if err != nil {
 		vol.Close()
 		return err
 	}
-	log.Info("serving", "listen", *listen, "volume", source, "size", units.FormatSize(size), "export", *name)
+	log.Info("serving", "listen", c.listen, "volume", source, "size", units.FormatSize(size), "export", c.name)
 	serr := srv.Serve(ctx, l)
 	cerr := vol.Close()
 	if serr != nil && ctx.Err() == nil {
-		return fmt.Errorf("serving %s: %w", *listen, serr)
+		return fmt.Errorf("serving %s: %w", c.listen, serr)
 	}
 	if cerr != nil {
 		return fmt.Errorf("closing the store: %w", cerr)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
@@ -23,17 +23,20 @@ import (
 // commands returns the command table.
 func commands() []command {
 	return []command{
-		{path: "init", build: buildInit},
-		{path: "status", build: plain(cmdStatus)},
-		{path: "node list", build: plain(cmdNodeList)},
-		{path: "node remove", args: "ID", nargs: 1, build: buildNodeRemove},
-		{path: "ring show", build: plain(cmdRingShow)},
-		{path: "ring set-replication", args: "N", nargs: 1, build: plain(cmdRingSetReplication)},
-		{path: "volume create", args: "NAME", nargs: 1, build: buildVolumeCreate},
-		{path: "volume list", build: plain(cmdVolumeList)},
-		{path: "volume info", args: "NAME", nargs: 1, build: plain(cmdVolumeInfo)},
-		{path: "volume resize", args: "NAME", nargs: 1, build: buildVolumeResize},
-		{path: "volume delete", args: "NAME", nargs: 1, build: plain(cmdVolumeDelete)},
+		{path: "init", summary: "create the cluster: its CA and its config in etcd",
+			flags: "--cluster-dir DIR [--chunk-size 1MiB] [--replication 3]", build: buildInit},
+		{path: "status", summary: "the cluster's config, nodes, volumes and background work", build: plain(cmdStatus)},
+		{path: "node list", summary: "the live storage nodes", build: plain(cmdNodeList)},
+		{path: "node remove", summary: "take a node out of the ring", args: "ID", flags: "[--force]", nargs: 1, build: buildNodeRemove},
+		{path: "ring show", summary: "the placement ring", build: plain(cmdRingShow)},
+		{path: "ring set-replication", summary: "the replication of volumes created from now on", args: "N", nargs: 1,
+			build: plain(cmdRingSetReplication)},
+		{path: "volume create", summary: "create a volume", args: "NAME", flags: "--size SIZE [--replication N]", nargs: 1,
+			build: buildVolumeCreate},
+		{path: "volume list", summary: "the volumes", build: plain(cmdVolumeList)},
+		{path: "volume info", summary: "a volume, its attach epoch and its copies", args: "NAME", nargs: 1, build: plain(cmdVolumeInfo)},
+		{path: "volume resize", summary: "grow a volume", args: "NAME", flags: "--size SIZE", nargs: 1, build: buildVolumeResize},
+		{path: "volume delete", summary: "delete a volume", args: "NAME", nargs: 1, build: plain(cmdVolumeDelete)},
 	}
 }
 
@@ -53,30 +56,23 @@ func withStore(ctx context.Context, e *env, f func(s *meta.Client) error) error 
 }
 
 // printJSON writes v as indented JSON.
-func (e *env) printJSON(v any) error {
-	enc := json.NewEncoder(e.stdout)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
-}
+func (e *env) printJSON(v any) error { return cli.WriteJSON(e.stdout, v) }
 
 // table returns a tabwriter on stdout; Flush it.
 func (e *env) table() *tabwriter.Writer {
 	return tabwriter.NewWriter(e.stdout, 0, 8, 2, ' ', 0)
 }
 
-// parseSize parses a volume size flag: positive, a multiple of 4 KiB.
-func parseSize(s string) (uint64, error) {
-	if s == "" {
-		return 0, fmt.Errorf("%w: --size is required (example: --size 10GiB)", errUsage)
+// volumeSize checks the --size of a volume: given, positive, a multiple of
+// 4 KiB.
+func volumeSize(fs *pflag.FlagSet, size cli.Size) (uint64, error) {
+	if !fs.Changed("size") {
+		return 0, cli.Usagef("--size is required (example: --size 10GiB)")
 	}
-	n, err := units.ParseSize(s)
-	if err != nil {
-		return 0, fmt.Errorf("%w: --size: %v", errUsage, err)
+	if size <= 0 || size%4096 != 0 {
+		return 0, cli.Usagef("--size %s: must be a positive multiple of 4 KiB", &size)
 	}
-	if n <= 0 || n%4096 != 0 {
-		return 0, fmt.Errorf("%w: --size %s: must be a positive multiple of 4 KiB", errUsage, s)
-	}
-	return uint64(n), nil
+	return uint64(size), nil
 }
 
 func plural(n int, one, many string) string {
@@ -95,30 +91,28 @@ type initResult struct {
 }
 
 func buildInit(fs *pflag.FlagSet) runFunc {
-	dir := fs.String("cluster-dir", "", "directory for the cluster CA (ca.crt, ca.key); created if absent")
-	chunk := fs.String("chunk-size", "1MiB", "placement chunk size, a power of two from 64KiB to 2MiB")
+	dir := fs.String("cluster-dir", "", "`DIR` for the cluster CA (ca.crt, ca.key); created if absent")
+	chunk := cli.Size(units.MiB)
+	fs.Var(&chunk, "chunk-size", "placement chunk size, a power of two from 64KiB to 2MiB")
 	repl := fs.Int("replication", 3, "default number of copies of each chunk")
 	return func(ctx context.Context, e *env, _ []string) error {
 		if *dir == "" {
-			return fmt.Errorf("%w: --cluster-dir is required (example: --cluster-dir /etc/torus)", errUsage)
+			return cli.Usagef("--cluster-dir is required (example: --cluster-dir /etc/torus)")
 		}
-		cs, err := units.ParseSize(*chunk)
-		if err != nil {
-			return fmt.Errorf("%w: --chunk-size: %v", errUsage, err)
-		}
+		cs := int64(chunk)
 		if cs <= 0 || meta.CheckChunkSize(uint64(cs)) != nil {
-			return fmt.Errorf("%w: --chunk-size %s: must be a power of two from 64KiB to 2MiB "+
-				"(64KiB, 128KiB, 256KiB, 512KiB, 1MiB or 2MiB)", errUsage, *chunk)
+			return cli.Usagef("--chunk-size %s: must be a power of two from 64KiB to 2MiB "+
+				"(64KiB, 128KiB, 256KiB, 512KiB, 1MiB or 2MiB)", &chunk)
 		}
 		if *repl < 1 {
-			return fmt.Errorf("%w: --replication %d: must be at least 1", errUsage, *repl)
+			return cli.Usagef("--replication %d: must be at least 1", *repl)
 		}
 		return withStore(ctx, e, func(s *meta.Client) error {
 			// Refuse before touching the CA directory if etcd already
 			// holds a cluster.
 			if _, err := s.Config(ctx); err == nil {
 				return fmt.Errorf("prefix %s of etcd %s already holds a cluster (see 'torusctl status'): "+
-					"use another --prefix to create a second one", s.Prefix(), e.g.etcd)
+					"use another --prefix to create a second one", s.Prefix(), e.g.cluster.Etcd)
 			} else if !errors.Is(err, meta.ErrNotInitialized) {
 				return err
 			}
@@ -139,7 +133,7 @@ func buildInit(fs *pflag.FlagSet) runFunc {
 			}
 			abs, _ := filepath.Abs(*dir)
 			res := initResult{cfg.ClusterID, cfg.ChunkSize, cfg.Replication, abs}
-			if e.g.output == "json" {
+			if e.g.output == cli.JSON {
 				return e.printJSON(res)
 			}
 			fmt.Fprintf(e.stdout, "initialised cluster %s under %s (chunk size %s, replication %d)\nCA in %s\n",
@@ -208,7 +202,7 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 		}
 		res := statusResult{cfg.ClusterID, cfg.Created, cfg.ChunkSize, cfg.Replication, len(nodes), len(vols), r.Version(),
 			full, deg, jobs, moving}
-		if e.g.output == "json" {
+		if e.g.output == cli.JSON {
 			return e.printJSON(res)
 		}
 		tw := e.table()
@@ -238,7 +232,7 @@ func cmdNodeList(ctx context.Context, e *env, _ []string) error {
 		if err != nil {
 			return err
 		}
-		if e.g.output == "json" {
+		if e.g.output == cli.JSON {
 			return e.printJSON(nodes)
 		}
 		tw := e.table()
@@ -276,7 +270,7 @@ func cmdRingShow(ctx context.Context, e *env, _ []string) error {
 		for _, n := range r.Nodes() {
 			res.Nodes = append(res.Nodes, n.ID)
 		}
-		if e.g.output == "json" {
+		if e.g.output == cli.JSON {
 			return e.printJSON(res)
 		}
 		tw := e.table()
@@ -298,8 +292,8 @@ func cmdRingShow(ctx context.Context, e *env, _ []string) error {
 func cmdRingSetReplication(ctx context.Context, e *env, args []string) error {
 	r, err := strconv.Atoi(args[0])
 	if err != nil || r < 1 {
-		return fmt.Errorf("%w: replication %q: must be a whole number of at least 1 (example: torusctl ring set-replication 3)",
-			errUsage, args[0])
+		return cli.Usagef("replication %q: must be a whole number of at least 1 (example: torusctl ring set-replication 3)",
+			args[0])
 	}
 	return withStore(ctx, e, func(s *meta.Client) error {
 		cfg, err := s.Config(ctx)
@@ -317,7 +311,7 @@ func cmdRingSetReplication(ctx context.Context, e *env, args []string) error {
 		if err := s.SetReplication(ctx, r); err != nil {
 			return err
 		}
-		if e.g.output == "json" {
+		if e.g.output == cli.JSON {
 			return e.printJSON(map[string]int{"replication": r, "previous": cfg.Replication})
 		}
 		fmt.Fprintf(e.stdout, "replication is now %d (was %d); it applies to volumes created from now on\n",
@@ -337,7 +331,7 @@ type volumeResult struct {
 }
 
 func (e *env) printVolume(v volumeResult) error {
-	if e.g.output == "json" {
+	if e.g.output == cli.JSON {
 		return e.printJSON(v)
 	}
 	tw := e.table()
@@ -359,15 +353,16 @@ func (e *env) printVolume(v volumeResult) error {
 }
 
 func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
-	size := fs.String("size", "", "volume size, e.g. 10GiB (a multiple of 4 KiB)")
+	var size cli.Size
+	fs.Var(&size, "size", "volume size, e.g. 10GiB (a multiple of 4 KiB)")
 	repl := fs.Int("replication", 0, "copies of each chunk (default: the cluster's replication)")
 	return func(ctx context.Context, e *env, args []string) error {
-		n, err := parseSize(*size)
+		n, err := volumeSize(fs, size)
 		if err != nil {
 			return err
 		}
 		if *repl < 0 {
-			return fmt.Errorf("%w: --replication %d: must be at least 1", errUsage, *repl)
+			return cli.Usagef("--replication %d: must be at least 1", *repl)
 		}
 		return withStore(ctx, e, func(s *meta.Client) error {
 			cfg, err := s.Config(ctx)
@@ -401,7 +396,7 @@ func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
 			if err != nil {
 				return err
 			}
-			if e.g.output == "json" {
+			if e.g.output == cli.JSON {
 				return e.printJSON(volumeResult{Volume: v})
 			}
 			fmt.Fprintf(e.stdout, "created volume %s (id %d, %s, replication %d)\n",
@@ -417,7 +412,7 @@ func cmdVolumeList(ctx context.Context, e *env, _ []string) error {
 		if err != nil {
 			return err
 		}
-		if e.g.output == "json" {
+		if e.g.output == cli.JSON {
 			return e.printJSON(vols)
 		}
 		tw := e.table()
@@ -457,9 +452,10 @@ func cmdVolumeInfo(ctx context.Context, e *env, args []string) error {
 }
 
 func buildVolumeResize(fs *pflag.FlagSet) runFunc {
-	size := fs.String("size", "", "new volume size, e.g. 20GiB; volumes only grow")
+	var size cli.Size
+	fs.Var(&size, "size", "new volume size, e.g. 20GiB; volumes only grow")
 	return func(ctx context.Context, e *env, args []string) error {
-		n, err := parseSize(*size)
+		n, err := volumeSize(fs, size)
 		if err != nil {
 			return err
 		}
@@ -467,12 +463,12 @@ func buildVolumeResize(fs *pflag.FlagSet) runFunc {
 			v, err := s.ResizeVolume(ctx, args[0], n)
 			if errors.Is(err, meta.ErrShrink) {
 				return fmt.Errorf("volume %s is %s, %s is smaller: volumes only grow (create a new one to shrink)",
-					args[0], units.FormatSize(int64(v.Size)), *size)
+					args[0], units.FormatSize(int64(v.Size)), units.FormatSize(int64(n)))
 			}
 			if err != nil {
 				return notFound(err)
 			}
-			if e.g.output == "json" {
+			if e.g.output == cli.JSON {
 				return e.printJSON(volumeResult{Volume: v})
 			}
 			fmt.Fprintf(e.stdout, "volume %s is now %s\n", v.Name, units.FormatSize(int64(v.Size)))
@@ -490,7 +486,7 @@ func cmdVolumeDelete(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return notFound(err)
 		}
-		if e.g.output == "json" {
+		if e.g.output == cli.JSON {
 			return e.printJSON(map[string]string{"deleted": args[0]})
 		}
 		fmt.Fprintf(e.stdout, "deleted volume %s\n", args[0])

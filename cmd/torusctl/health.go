@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
 
+	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/ring"
 )
@@ -70,7 +71,7 @@ func buildNodeRemove(fs *pflag.FlagSet) runFunc {
 				live = slices.ContainsFunc(nodes, func(n meta.Node) bool { return n.ID == id })
 			}
 			res := removeResult{Removed: id, RingVersion: next.Version(), Nodes: next.Len(), Live: live}
-			if e.g.output == "json" {
+			if e.g.output == cli.JSON {
 				return e.printJSON(res)
 			}
 			fmt.Fprintf(e.stdout, "removed node %s from the ring (version %d, %s left)\n",

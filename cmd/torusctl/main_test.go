@@ -300,12 +300,41 @@ func TestUsageErrors(t *testing.T) {
 		{"status", "--nope"},
 	} {
 		r := runBin(t, args...)
-		if r.code != 2 || r.stderr == "" {
-			t.Errorf("torusctl %q: exit %d, stderr %q; want exit 2 with a message", args, r.code, r.stderr)
+		if r.code != 2 || !strings.Contains(r.stderr, "Usage:\n  torusctl [global flags] ") || r.stdout != "" {
+			t.Errorf("torusctl %q: exit %d, stderr %q; want exit 2 with a message and the usage", args, r.code, r.stderr)
 		}
 	}
 	if r := runBin(t, "volume", "create", "--help"); r.code != 0 || !strings.Contains(r.stdout, "--size") {
 		t.Errorf("volume create --help: exit %d, stdout %q", r.code, r.stdout)
+	}
+}
+
+// TestHelp: --help, -h and help print the usage to stdout and exit 0.
+func TestHelp(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}, {"--etcd", "http://x:1", "--help"}} {
+		r := runBin(t, args...)
+		if r.code != 0 || r.stderr != "" || !strings.Contains(r.stdout, "torusctl [global flags] volume create NAME --size SIZE") ||
+			!strings.Contains(r.stdout, "--etcd URL[,URL]") {
+			t.Errorf("torusctl %q: exit %d, stderr %q, stdout:\n%s", args, r.code, r.stderr, r.stdout)
+		}
+	}
+	for _, args := range [][]string{{"help", "node", "remove"}, {"node", "remove", "-h"}} {
+		if r := runBin(t, args...); r.code != 0 || r.stderr != "" || !strings.Contains(r.stdout, "--force") {
+			t.Errorf("torusctl %q: exit %d, stderr %q, stdout:\n%s", args, r.code, r.stderr, r.stdout)
+		}
+	}
+}
+
+// TestOutputFlag: --output takes text and json, and table as before.
+func TestOutputFlag(t *testing.T) {
+	initCluster(t, 1)
+	for _, f := range []string{"text", "table"} {
+		if out := must(t, "volume", "list", "--output", f); !strings.HasPrefix(out, "NAME") {
+			t.Errorf("volume list --output %s:\n%s", f, out)
+		}
+	}
+	if out := must(t, "--output", "json", "volume", "list"); strings.TrimSpace(out) != "null" && !strings.HasPrefix(out, "[") {
+		t.Errorf("volume list --output json:\n%s", out)
 	}
 }
 

@@ -14,7 +14,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -23,54 +22,73 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/spf13/pflag"
+
+	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/devetcd"
 	"github.com/torus-storage/torus/internal/procs"
+	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/node"
 )
 
-// cmdDev runs a development cluster until ctx is done.
-func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
-	fs := newFlagSet("torusd dev", stdout)
-	nodes := fs.Int("nodes", 3, "number of storage nodes (0: only etcd, the CA and the cluster config)")
-	dir := fs.String("data-dir", "", "directory of the whole dev cluster (etcd, CA, nodes)")
-	etcdListen := fs.String("etcd-listen", "127.0.0.1:2379", "etcd client address, host:port (port 0 picks one)")
-	size := fs.String("size", "1GiB", "capacity of each node's store")
-	repl := fs.Int("replication", 3, "default replication of a new cluster")
-	chunk := fs.String("chunk-size", "1MiB", "chunk size of a new cluster, a power of two from 64KiB to 2MiB")
-	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics of all nodes on host:port (/metrics)")
-	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
-	if err := parse(fs, args); err != nil {
-		return err
+// devCmd is torusd dev: a development cluster in one process.
+type devCmd struct {
+	log             *slog.Logger
+	nodes, repl     int
+	dir, etcdListen string
+	size, chunk     cli.Size
+	metricsAddr     string
+	maxProcs        int
+}
+
+func (c *devCmd) flags(fs *pflag.FlagSet) {
+	fs.IntVar(&c.nodes, "nodes", 3, "number of storage nodes (0: only etcd, the CA and the cluster config)")
+	fs.StringVar(&c.dir, "data-dir", "", "`DIR` of the whole dev cluster (etcd, CA, nodes)")
+	fs.StringVar(&c.etcdListen, "etcd-listen", "127.0.0.1:2379", "etcd client address, `HOST:PORT` (port 0 picks one)")
+	c.size = cli.Size(units.GiB)
+	fs.Var(&c.size, "size", "capacity of each node's store")
+	fs.IntVar(&c.repl, "replication", 3, "default replication of a new cluster")
+	c.chunk = cli.Size(units.MiB)
+	fs.Var(&c.chunk, "chunk-size", "chunk size of a new cluster, a power of two from 64KiB to 2MiB")
+	fs.StringVar(&c.metricsAddr, "metrics", "", "serve Prometheus metrics of all nodes on `HOST:PORT` (/metrics)")
+	fs.IntVar(&c.maxProcs, "gomaxprocs", procs.Auto, gomaxprocsUsage)
+}
+
+// run runs a development cluster until ctx is done.
+func (c *devCmd) run(ctx context.Context, args []string, io cli.IO) error {
+	if len(args) > 0 {
+		return cli.Usagef("unexpected arguments %q", args)
 	}
-	if *dir == "" {
-		return fmt.Errorf("%w: --data-dir is required (example: torusd dev --nodes 3 --data-dir /tmp/torus-dev)", errUsage)
+	log, stdout := c.log, io.Stdout
+	if c.dir == "" {
+		return cli.Usagef("--data-dir is required (example: torusd dev --nodes 3 --data-dir /tmp/torus-dev)")
 	}
-	if *nodes < 0 || *nodes > 64 {
-		return fmt.Errorf("%w: --nodes %d: between 0 and 64", errUsage, *nodes)
+	if c.nodes < 0 || c.nodes > 64 {
+		return cli.Usagef("--nodes %d: between 0 and 64", c.nodes)
 	}
 	// With --nodes 0 the nodes run as separate processes (fault tests kill
 	// them and etcd independently), so any replication may be meant.
-	if *repl < 1 || *nodes > 0 && *repl > *nodes {
-		return fmt.Errorf("%w: --replication %d: between 1 and --nodes (%d)", errUsage, *repl, *nodes)
+	if c.repl < 1 || c.nodes > 0 && c.repl > c.nodes {
+		return cli.Usagef("--replication %d: between 1 and --nodes (%d)", c.repl, c.nodes)
 	}
-	sz, err := parseSize(*size)
+	sz, err := storeSize(c.size)
 	if err != nil {
 		return err
 	}
-	cs, err := parseSize(*chunk)
-	if err != nil || cs <= 0 || meta.CheckChunkSize(uint64(cs)) != nil {
-		return fmt.Errorf("%w: --chunk-size %s: a power of two from 64KiB to 2MiB", errUsage, *chunk)
+	cs := int64(c.chunk)
+	if cs <= 0 || meta.CheckChunkSize(uint64(cs)) != nil {
+		return cli.Usagef("--chunk-size %s: a power of two from 64KiB to 2MiB", &c.chunk)
 	}
-	if _, _, err := net.SplitHostPort(*etcdListen); err != nil {
-		return fmt.Errorf("%w: --etcd-listen %q: %v (example: 127.0.0.1:2379)", errUsage, *etcdListen, err)
+	if _, _, err := net.SplitHostPort(c.etcdListen); err != nil {
+		return cli.Usagef("--etcd-listen %q: %v (example: 127.0.0.1:2379)", c.etcdListen, err)
 	}
 	// Every node's store runs one shard per CPU.
-	if _, err := procs.Set(*maxProcs, max(*nodes, 1)*runtime.NumCPU(), log); err != nil {
+	if _, err := procs.Set(c.maxProcs, max(c.nodes, 1)*runtime.NumCPU(), log); err != nil {
 		return err
 	}
-	root, err := filepath.Abs(*dir)
+	root, err := filepath.Abs(c.dir)
 	if err != nil {
 		return err
 	}
@@ -78,7 +96,7 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 		return fmt.Errorf("data dir %s: %w: pick a --data-dir you can write", root, err)
 	}
 
-	etcd, err := startDevEtcd(ctx, filepath.Join(root, "etcd"), *etcdListen)
+	etcd, err := startDevEtcd(ctx, filepath.Join(root, "etcd"), c.etcdListen)
 	if err != nil {
 		return err
 	}
@@ -89,7 +107,7 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 	}
 	defer ms.Close()
 	caDir := filepath.Join(root, "ca")
-	cfg, err := devInit(ctx, ms, caDir, uint64(cs), *repl, log)
+	cfg, err := devInit(ctx, ms, caDir, uint64(cs), c.repl, log)
 	if err != nil {
 		return err
 	}
@@ -106,7 +124,7 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 			n.Stop(context.WithoutCancel(ctx))
 		}
 	}()
-	for i := 1; i <= *nodes; i++ {
+	for i := 1; i <= c.nodes; i++ {
 		id := "node" + strconv.Itoa(i)
 		n, err := node.Start(ctx, ms, cfg, node.Config{
 			DataDir:    filepath.Join(root, id),
@@ -128,8 +146,8 @@ func cmdDev(ctx context.Context, args []string, stdout io.Writer, log *slog.Logg
 	}
 	mctx, stopMetrics := context.WithCancel(ctx)
 	defer stopMetrics()
-	if *metricsAddr != "" {
-		if _, err := node.ServeMetrics(mctx, *metricsAddr, running, log); err != nil {
+	if c.metricsAddr != "" {
+		if _, err := node.ServeMetrics(mctx, c.metricsAddr, running, log); err != nil {
 			return err
 		}
 	}

@@ -9,7 +9,9 @@
 //	       [--size 1GiB] [--replication 3] [--metrics HOST:PORT]
 //
 // --etcd defaults to $TORUS_ETCD, else http://127.0.0.1:2379 (where torusd
-// dev serves by default). A node keeps its store in DIR/store and its identity (node id, cluster id)
+// dev serves by default). --help prints the flags; usage errors, a bad
+// node configuration among them, exit 2, other failures 1 (the conventions
+// of internal/cli). A node keeps its store in DIR/store and its identity (node id, cluster id)
 // in DIR/identity.json; it refuses a data dir of another cluster, and a
 // restart on the same data dir is the same node with the same data. At
 // start-up it raises every volume's write fence to the attach epoch in etcd,
@@ -55,27 +57,11 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/procs"
-	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/node"
 )
-
-const usage = `torusd: a Torus storage node
-
-Usage:
-  torusd [--etcd URL[,URL]] --data-dir DIR --listen HOST:PORT --size SIZE
-         [--zone Z] [--host H] [--id ID] [--advertise HOST:PORT]
-         [--metrics HOST:PORT] [--cluster-dir CADIR | --tls-dir DIR] [--prefix P]
-         [--dead-timeout DURATION]
-  torusd dev --nodes 3 --data-dir DIR [--etcd-listen 127.0.0.1:2379] [--size 1GiB]
-         [--replication 3] [--metrics HOST:PORT]
-
-Run 'torusd --help' or 'torusd dev --help' for the flags.
-`
-
-// errUsage marks errors caused by how the command was called; they exit 2.
-var errUsage = errors.New("usage")
 
 // defaultLeaseTTL is how long a node's registration outlives the process
 // when it dies without revoking it.
@@ -90,58 +76,51 @@ func run(args []string, stdout, stderr io.Writer) int {
 	slog.SetDefault(log) // packages that log through the default (netquic) log alike
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	return cli.Main(ctx, program(log), args, stdout, stderr)
+}
 
-	name, f := "torusd", cmdNode
-	if len(args) > 0 && args[0] == "dev" {
-		name, f, args = "torusd dev", cmdDev, args[1:]
-	}
-	err := f(ctx, args, stdout, log)
-	switch {
-	case err == nil, errors.Is(err, pflag.ErrHelp):
-		return 0
-	case errors.Is(err, errUsage), errors.Is(err, node.ErrConfig):
-		fmt.Fprintf(stderr, "%s: %v\n\n%s", name, err, usage)
-		return 2
-	default:
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
-		return 1
+// program is torusd: a storage node, and torusd dev.
+func program(log *slog.Logger) *cli.Command {
+	n := &nodeCmd{log: log}
+	d := &devCmd{log: log}
+	return &cli.Command{
+		Name:    "torusd",
+		Summary: "a Torus storage node",
+		Usage: `[--etcd URL[,URL]] --data-dir DIR --listen HOST:PORT --size SIZE
+ [--zone Z] [--host H] [--id ID] [--advertise HOST:PORT]
+ [--metrics HOST:PORT] [--cluster-dir CADIR | --tls-dir DIR] [--prefix P]
+ [--dead-timeout DURATION]`,
+		Flags: n.flags,
+		Run:   configErrors(n.run),
+		Sub: []*cli.Command{{
+			Name:    "dev",
+			Summary: "a development cluster in one process: etcd, the CA and N nodes",
+			Usage: `--nodes 3 --data-dir DIR [--etcd-listen 127.0.0.1:2379] [--size 1GiB]
+ [--replication 3] [--metrics HOST:PORT]`,
+			Flags: d.flags,
+			Run:   configErrors(d.run),
+		}},
 	}
 }
 
-// newFlagSet returns a flag set whose --help prints to stdout and whose
-// parse errors are returned as usage errors.
-func newFlagSet(name string, stdout io.Writer) *pflag.FlagSet {
-	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	fs.Usage = func() { fmt.Fprintf(stdout, "%s\nFlags:\n%s", usage, fs.FlagUsages()) }
-	return fs
-}
-
-// parse parses args and rejects positional arguments.
-func parse(fs *pflag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			fs.Usage()
-			return err
+// configErrors makes the errors of a node's configuration (node.ErrConfig)
+// usage errors: they come from how torusd was called.
+func configErrors(run func(context.Context, []string, cli.IO) error) func(context.Context, []string, cli.IO) error {
+	return func(ctx context.Context, args []string, io cli.IO) error {
+		err := run(ctx, args, io)
+		if errors.Is(err, node.ErrConfig) {
+			return cli.UsageError(err)
 		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: unexpected arguments %q", errUsage, fs.Args())
-	}
-	return nil
 }
 
-// parseSize parses a store size: at least 4 KiB.
-func parseSize(s string) (int64, error) {
-	n, err := units.ParseSize(s)
-	if err != nil {
-		return 0, fmt.Errorf("%w: --size %q: %v (example: --size 100GiB)", errUsage, s, err)
+// storeSize checks the size of a node's store (--size): at least 4 KiB.
+func storeSize(s cli.Size) (int64, error) {
+	if s < 4096 {
+		return 0, cli.Usagef("--size %s: too small (example: --size 100GiB)", &s)
 	}
-	if n < 4096 {
-		return 0, fmt.Errorf("%w: --size %s: too small (example: --size 100GiB)", errUsage, s)
-	}
-	return n, nil
+	return int64(s), nil
 }
 
 // openMeta opens the cluster metadata and reads its config, with errors
@@ -169,90 +148,97 @@ func openMeta(ctx context.Context, endpoints []string, prefix string, log *slog.
 	return ms, cfg, nil
 }
 
-// splitEndpoints splits a comma-separated --etcd.
-func splitEndpoints(s string) []string {
-	var eps []string
-	for e := range strings.SplitSeq(s, ",") {
-		if e = strings.TrimSpace(e); e != "" {
-			eps = append(eps, e)
-		}
-	}
-	return eps
-}
-
 // gomaxprocsUsage documents --gomaxprocs of torusd and torusd dev.
 const gomaxprocsUsage = "GOMAXPROCS: 0 = CPUs + one per store shard (so goroutines never wait for shards blocked in io_uring), -1 = Go's default"
 
-// cmdNode runs one storage node until ctx is done.
-func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Logger) error {
-	fs := newFlagSet("torusd", stdout)
-	defEtcd := "http://127.0.0.1:2379"
-	if e := os.Getenv("TORUS_ETCD"); e != "" {
-		defEtcd = e
-	}
-	etcd := fs.String("etcd", defEtcd, "etcd endpoints, comma separated (env TORUS_ETCD)")
-	prefix := fs.String("prefix", meta.DefaultPrefix, "etcd key prefix of the cluster")
-	nc := node.Config{OpenRepair: openRepair}
-	fs.StringVar(&nc.DataDir, "data-dir", "", "directory of the node's store and identity")
-	fs.StringVar(&nc.Listen, "listen", "", "QUIC address to serve on, host:port")
-	fs.StringVar(&nc.Advertise, "advertise", "", "address clients dial (default: --listen)")
-	size := fs.String("size", "", "capacity of the store, e.g. 100GiB")
+// nodeCmd is torusd itself: one storage node.
+type nodeCmd struct {
+	log               *slog.Logger
+	fs                *pflag.FlagSet
+	cluster           cli.Cluster
+	nc                node.Config
+	size, rebuildRate cli.Size
+	metricsAddr       string
+	maxProcs          int
+}
+
+func (c *nodeCmd) flags(fs *pflag.FlagSet) {
+	c.fs = fs
+	c.cluster.Flags(fs)
+	nc := &c.nc
+	*nc = node.Config{OpenRepair: openRepair}
+	fs.StringVar(&nc.DataDir, "data-dir", "", "`DIR` of the node's store and identity")
+	fs.StringVar(&nc.Listen, "listen", "", "QUIC address to serve on, `HOST:PORT`")
+	fs.StringVar(&nc.Advertise, "advertise", "", "address clients dial, `HOST:PORT` (default: --listen)")
+	fs.Var(&c.size, "size", "capacity of the store, e.g. 100GiB")
 	fs.StringVar(&nc.Zone, "zone", "", "failure domain: zone (rack, room) of the node")
 	host, _ := os.Hostname()
 	fs.StringVar(&nc.Host, "host", host, "failure domain: machine of the node")
 	fs.StringVar(&nc.ID, "id", "", "node id for a new data dir (default: random); must match an existing one")
-	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on host:port (/metrics)")
-	fs.StringVar(&nc.ClusterDir, "cluster-dir", "", "cluster CA directory (from torusctl init): issue the node certificate from it")
-	fs.StringVar(&nc.TLSDir, "tls-dir", "", "directory with node.crt, node.key and ca.crt")
+	fs.StringVar(&c.metricsAddr, "metrics", "", "serve Prometheus metrics on `HOST:PORT` (/metrics)")
+	fs.StringVar(&nc.ClusterDir, "cluster-dir", "", "cluster CA directory `CADIR` (from torusctl init): issue the node certificate from it")
+	fs.StringVar(&nc.TLSDir, "tls-dir", "", "`DIR` with this node's node.crt, node.key and ca.crt")
 	fs.DurationVar(&nc.LeaseTTL, "lease-ttl", defaultLeaseTTL, "how long the registration outlives a crashed node")
 	fs.DurationVar(&nc.DeadTimeout, "dead-timeout", node.DefaultDeadTimeout, "remove a node of the ring that stays unregistered this long, so its chunks are re-replicated; 0 = never")
 	fs.StringVar(&nc.Socket, "socket", "", "unix socket for clients on this host, instead of QUIC (default DATA_DIR/node.sock; none: no socket)")
 	fs.DurationVar(&nc.Maintenance, "maintenance-interval", node.DefaultMaintenance, "how often to look for volumes no client holds that need a rebuild or a move, and repair them; 0 = never")
 	fs.DurationVar(&nc.MaintenanceDelay, "maintenance-delay", node.DefaultMaintenanceDelay, "how long a volume must have no holder before a node maintains it (a client whose lease lapsed takes it back first)")
-	rebuildRate := fs.String("rebuild-rate", "", "bytes per second one maintenance job copies, e.g. 64MiB (default 64MiB)")
-	maxProcs := fs.Int("gomaxprocs", procs.Auto, gomaxprocsUsage)
-	if err := parse(fs, args); err != nil {
-		return err
+	fs.Var(&c.rebuildRate, "rebuild-rate", "bytes per second one maintenance job copies, e.g. 64MiB (default 64MiB)")
+	fs.IntVar(&c.maxProcs, "gomaxprocs", procs.Auto, gomaxprocsUsage)
+}
+
+// run runs one storage node until ctx is done.
+func (c *nodeCmd) run(ctx context.Context, args []string, _ cli.IO) error {
+	if len(args) > 0 {
+		return cli.Usagef("unexpected arguments %q", args)
 	}
+	nc, log := c.nc, c.log
 	var missing []string
-	for _, f := range []struct{ name, v string }{{"etcd", *etcd}, {"data-dir", nc.DataDir}, {"listen", nc.Listen}, {"size", *size}} {
-		if strings.TrimSpace(f.v) == "" {
+	for _, f := range []struct {
+		name  string
+		given bool
+	}{
+		{"etcd", strings.TrimSpace(c.cluster.Etcd) != ""}, {"data-dir", strings.TrimSpace(nc.DataDir) != ""},
+		{"listen", strings.TrimSpace(nc.Listen) != ""}, {"size", c.fs.Changed("size")},
+	} {
+		if !f.given {
 			missing = append(missing, "--"+f.name)
 		}
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("%w: %s required (example: torusd --etcd http://10.0.0.1:2379 --data-dir /var/lib/torus "+
-			"--listen 10.0.0.5:7000 --size 100GiB --cluster-dir /etc/torus)", errUsage, strings.Join(missing, ", "))
+		return cli.Usagef("%s required (example: torusd --etcd http://10.0.0.1:2379 --data-dir /var/lib/torus "+
+			"--listen 10.0.0.5:7000 --size 100GiB --cluster-dir /etc/torus)", strings.Join(missing, ", "))
 	}
 	if (nc.ClusterDir == "") == (nc.TLSDir == "") {
-		return fmt.Errorf("%w: pass exactly one of --cluster-dir (the CA from torusctl init) and --tls-dir (a node certificate)", errUsage)
+		return cli.Usagef("pass exactly one of --cluster-dir (the CA from torusctl init) and --tls-dir (a node certificate)")
 	}
 	var err error
-	if nc.Size, err = parseSize(*size); err != nil {
+	if nc.Size, err = storeSize(c.size); err != nil {
 		return err
 	}
 	if nc.DeadTimeout < 0 {
-		return fmt.Errorf("%w: --dead-timeout %v: want a duration >= 0 (0 = never remove dead nodes)", errUsage, nc.DeadTimeout)
+		return cli.Usagef("--dead-timeout %v: want a duration >= 0 (0 = never remove dead nodes)", nc.DeadTimeout)
 	}
 	if nc.LeaseTTL < time.Second {
-		return fmt.Errorf("%w: --lease-ttl %v: at least 1s", errUsage, nc.LeaseTTL)
+		return cli.Usagef("--lease-ttl %v: at least 1s", nc.LeaseTTL)
 	}
 	if nc.MaintenanceDelay < 0 {
-		return fmt.Errorf("%w: --maintenance-delay %v: want a duration >= 0", errUsage, nc.MaintenanceDelay)
+		return cli.Usagef("--maintenance-delay %v: want a duration >= 0", nc.MaintenanceDelay)
 	}
 	if nc.Maintenance < 0 {
-		return fmt.Errorf("%w: --maintenance-interval %v: want a duration >= 0 (0 = never)", errUsage, nc.Maintenance)
+		return cli.Usagef("--maintenance-interval %v: want a duration >= 0 (0 = never)", nc.Maintenance)
 	}
-	if *rebuildRate != "" {
-		if nc.RebuildRate, err = units.ParseSize(*rebuildRate); err != nil || nc.RebuildRate <= 0 {
-			return fmt.Errorf("%w: --rebuild-rate %q: want a positive size per second (example: --rebuild-rate 64MiB)", errUsage, *rebuildRate)
+	if c.fs.Changed("rebuild-rate") {
+		if c.rebuildRate <= 0 {
+			return cli.Usagef("--rebuild-rate %s: want a positive size per second (example: --rebuild-rate 64MiB)", &c.rebuildRate)
 		}
+		nc.RebuildRate = int64(c.rebuildRate)
 	}
 
-	if _, err := procs.Set(*maxProcs, 0, log); err != nil {
+	if _, err := procs.Set(c.maxProcs, 0, log); err != nil {
 		return err
 	}
-	ms, cfg, err := openMeta(ctx, splitEndpoints(*etcd), *prefix, log)
+	ms, cfg, err := openMeta(ctx, c.cluster.Endpoints(), c.cluster.Prefix, log)
 	if err != nil {
 		return err
 	}
@@ -262,8 +248,8 @@ func cmdNode(ctx context.Context, args []string, stdout io.Writer, log *slog.Log
 		return err
 	}
 	mctx, stopMetrics := context.WithCancel(ctx)
-	if *metricsAddr != "" {
-		if _, err := node.ServeMetrics(mctx, *metricsAddr, []*node.Node{n}, log); err != nil {
+	if c.metricsAddr != "" {
+		if _, err := node.ServeMetrics(mctx, c.metricsAddr, []*node.Node{n}, log); err != nil {
 			stopMetrics()
 			n.Stop(context.WithoutCancel(ctx))
 			return err

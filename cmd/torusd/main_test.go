@@ -535,3 +535,29 @@ func chunkClient(t *testing.T, caDir, addr string) *netquic.Client {
 	t.Cleanup(func() { cli.Close() })
 	return cli
 }
+
+// TestHelpAndUsage: --help, -h and help print the usage and the flags to
+// stdout and exit 0; a usage error prints the error and the usage to
+// stderr and exits 2.
+func TestHelpAndUsage(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}, {"dev", "--help"}, {"help", "dev"}} {
+		p := start(t, args...)
+		if code := p.exited(t); code != 0 || p.stderr.String() != "" || !strings.Contains(p.stdout.String(), "torusd dev --nodes 3 --data-dir DIR") {
+			t.Errorf("torusd %q: exit %d, stderr %q, stdout:\n%s", args, code, p.stderr.String(), p.stdout.String())
+		}
+		wantFlag := "--cluster-dir CADIR"
+		if args[len(args)-1] == "dev" || args[0] == "dev" {
+			wantFlag = "--etcd-listen HOST:PORT"
+		}
+		if !strings.Contains(p.stdout.String(), wantFlag) {
+			t.Errorf("torusd %q: no %q in the flags:\n%s", args, wantFlag, p.stdout.String())
+		}
+	}
+	for _, args := range [][]string{{"--nope"}, {"dev", "--nope"}, {"bogus"}, {"dev", "--size", "lots"}, {"dev"}} {
+		p := start(t, args...)
+		if code := p.exited(t); code != 2 || p.stdout.String() != "" || !strings.Contains(p.stderr.String(), "usage: ") ||
+			!strings.Contains(p.stderr.String(), "\nUsage:\n  torusd ") {
+			t.Errorf("torusd %q: exit %d, stdout %q, stderr:\n%s", args, code, p.stdout.String(), p.stderr.String())
+		}
+	}
+}
