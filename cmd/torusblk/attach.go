@@ -88,7 +88,7 @@ type attachCmd struct {
 	log                   *slog.Logger
 	fs                    *pflag.FlagSet
 	src                   volumeSource
-	ef                    extraFlags
+	ef                    serviceFlags
 	mode, runDir, ioSched string
 	queues, depth, conns  int
 }
@@ -164,7 +164,7 @@ func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
 		return err
 	}
 	if cv, ok := vol.(*clusterVolume); ok {
-		xv, err := withExtras(cv, c.ef, log)
+		xv, err := withServices(cv, c.ef, log)
 		if err != nil {
 			cv.Close()
 			return err

@@ -10,7 +10,7 @@ package main
 // Invariants:
 //   - One scrub runs at a time per volume (a single goroutine runs them in
 //     turn), and it is stopped and waited for before the volume closes
-//     (extrasVolume.Close), so a scrub never uses a closed volume.
+//     (servicedVolume.Close), so a scrub never uses a closed volume.
 //   - The scrub counters grow once per finished scrub, by its ScrubResult.
 //   - The data path only bumps its own atomics (cluster.Volume's counters,
 //     scrubStats); nothing on the I/O path calls Prometheus.
@@ -34,19 +34,20 @@ import (
 	"github.com/torus-storage/torus/internal/metrics"
 )
 
-// extraFlags configure the companions of a cluster volume.
-type extraFlags struct {
+// serviceFlags configure the services that run beside a cluster volume: the
+// periodic scrub and the metrics endpoint.
+type serviceFlags struct {
 	metrics       string
 	scrubInterval time.Duration
 }
 
-func (e *extraFlags) register(fs *pflag.FlagSet) {
+func (e *serviceFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&e.metrics, "metrics", "", "cluster volume: serve Prometheus metrics on `HOST:PORT` (/metrics)")
 	fs.DurationVar(&e.scrubInterval, "scrub-interval", 24*time.Hour, "cluster volume: verify every replica this often (first run one interval after attach); 0 turns scrubbing off")
 }
 
 // check validates the flags; local says the volume is not a cluster volume.
-func (e *extraFlags) check(local bool) error {
+func (e *serviceFlags) check(local bool) error {
 	if e.scrubInterval < 0 {
 		return cli.Usagef("--scrub-interval %v: want a duration >= 0 (0 = off)", e.scrubInterval)
 	}
@@ -74,9 +75,9 @@ func (s *scrubStats) add(r cluster.ScrubResult) {
 	s.lost.Add(r.Lost)
 }
 
-// extrasVolume is a cluster volume with its scrubber and metrics endpoint;
+// servicedVolume is a cluster volume with its scrubber and metrics endpoint;
 // Close stops them before it closes the volume.
-type extrasVolume struct {
+type servicedVolume struct {
 	*clusterVolume
 	scrub  scrubStats
 	cancel context.CancelFunc
@@ -84,11 +85,11 @@ type extrasVolume struct {
 	addr   net.Addr // metrics endpoint, if any
 }
 
-// withExtras starts the companions ef asks for around cv. On error cv is
+// withServices starts the services ef asks for around cv. On error cv is
 // left open (the caller closes it).
-func withExtras(cv *clusterVolume, ef extraFlags, log *slog.Logger) (*extrasVolume, error) {
+func withServices(cv *clusterVolume, ef serviceFlags, log *slog.Logger) (*servicedVolume, error) {
 	ctx, cancel := context.WithCancel(context.Background())
-	v := &extrasVolume{clusterVolume: cv, cancel: cancel}
+	v := &servicedVolume{clusterVolume: cv, cancel: cancel}
 	if ef.metrics != "" {
 		addr, err := v.serveMetrics(ctx, ef.metrics, log)
 		if err != nil {
@@ -104,7 +105,7 @@ func withExtras(cv *clusterVolume, ef extraFlags, log *slog.Logger) (*extrasVolu
 }
 
 // scrubber runs a scrub every interval until ctx is done.
-func (v *extrasVolume) scrubber(ctx context.Context, interval time.Duration, log *slog.Logger) {
+func (v *servicedVolume) scrubber(ctx context.Context, interval time.Duration, log *slog.Logger) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -128,7 +129,7 @@ func (v *extrasVolume) scrubber(ctx context.Context, interval time.Duration, log
 }
 
 // Close stops the scrubber and the metrics endpoint, then closes the volume.
-func (v *extrasVolume) Close() error {
+func (v *servicedVolume) Close() error {
 	v.cancel()
 	v.wg.Wait()
 	return v.clusterVolume.Close()
@@ -238,7 +239,7 @@ func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
 // serveMetrics serves the volume's metrics, with the Go runtime and process
 // metrics, at GET /metrics on addr until ctx is done; Close waits for the
 // server to stop. It returns once listening, or the error.
-func (v *extrasVolume) serveMetrics(ctx context.Context, addr string, log *slog.Logger) (net.Addr, error) {
+func (v *servicedVolume) serveMetrics(ctx context.Context, addr string, log *slog.Logger) (net.Addr, error) {
 	reg, err := metrics.NewRegistry(&volumeCollector{name: v.info.Name, src: v, scrub: &v.scrub})
 	if err != nil {
 		return nil, err

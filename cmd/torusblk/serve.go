@@ -24,7 +24,7 @@ const storeFile = "volume.store"
 type serveCmd struct {
 	log              *slog.Logger
 	src              volumeSource
-	ef               extraFlags
+	ef               serviceFlags
 	listen, name     string
 	shards, maxProcs int
 	noRing           bool
@@ -108,7 +108,7 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 	}
 	desc, source, size := "torus local volume", c.src.path, int64(c.src.size)
 	if cv, ok := vol.(*clusterVolume); ok {
-		xv, err := withExtras(cv, c.ef, log)
+		xv, err := withServices(cv, c.ef, log)
 		if err != nil {
 			cv.Close()
 			return err
