@@ -12,7 +12,7 @@ package node
 //     attach lock taken as a maintenance lock (meta.AttachMaintenance),
 //     whose epoch fences any earlier holder. A node that dies mid-job loses
 //     its lease within its TTL; the next-ranked node then takes the job.
-//   - The job is the client's own machinery (Config.OpenRepair: torusd
+//   - The job is the client's own machinery (Config.OpenMaintenance: torusd
 //     passes package cluster's Open) under the maintenance epoch: it records pending ring changes, loads the marks
 //     and runs the rebuild and move loops, and ends when no mark and no move
 //     is left.
@@ -39,8 +39,8 @@ import (
 	"github.com/torus-storage/torus/meta"
 )
 
-// RepairOptions are what a maintenance job opens its volume with.
-type RepairOptions struct {
+// MaintenanceOptions are what a maintenance job opens its volume with.
+type MaintenanceOptions struct {
 	// TLS is the node's client configuration.
 	TLS *tls.Config
 	// Epoch is the attach epoch of the job's maintenance lock.
@@ -55,10 +55,10 @@ type RepairOptions struct {
 	Holder string
 }
 
-// A Repair is a volume a maintenance job opened: the replicated volume's own
-// machinery, which rebuilds marked chunks and moves chunks to their owners in
-// the background until it is closed.
-type Repair interface {
+// A MaintenanceJob is the volume a maintenance job opened: the replicated
+// volume's own machinery, which rebuilds marked chunks and moves chunks to
+// their owners in the background until it is closed.
+type MaintenanceJob interface {
 	// Pending reports whether a mark or a move is left, and the chunk
 	// copies rebuilt and moved so far.
 	Pending() (pending bool, rebuilt uint64, moved int64)
@@ -66,16 +66,16 @@ type Repair interface {
 	Close() error
 }
 
-// OpenRepair opens volume vol through ms (guarded by the job's lock) for a
-// maintenance job. torusd passes the replicated volume's Open (package
+// OpenMaintenance opens volume vol through ms (guarded by the job's lock)
+// for a maintenance job. torusd passes the replicated volume's Open (package
 // cluster), so a node does not depend on the client's package.
-type OpenRepair func(ctx context.Context, ms *meta.Client, vol meta.Volume, opt RepairOptions) (Repair, error)
+type OpenMaintenance func(ctx context.Context, ms *meta.Client, vol meta.Volume, opt MaintenanceOptions) (MaintenanceJob, error)
 
 // maintainer runs the maintenance jobs of the volumes this node ranks first
 // for.
 type maintainer struct {
 	ms       *meta.Client
-	open     OpenRepair
+	open     OpenMaintenance
 	self     string
 	tls      *tls.Config
 	log      *slog.Logger
@@ -96,7 +96,7 @@ type maintainer struct {
 
 // startMaintainer checks every interval which volumes need work and starts
 // a job for each that this node ranks first for. nil when interval is 0.
-func startMaintainer(ctx context.Context, ms *meta.Client, open OpenRepair, self string, clientTLS *tls.Config, interval, delay, ttl time.Duration, rate int64, log *slog.Logger) *maintainer {
+func startMaintainer(ctx context.Context, ms *meta.Client, open OpenMaintenance, self string, clientTLS *tls.Config, interval, delay, ttl time.Duration, rate int64, log *slog.Logger) *maintainer {
 	if interval <= 0 {
 		return nil
 	}
@@ -230,7 +230,7 @@ func (m *maintainer) run(ctx context.Context, w meta.VolumeWork) {
 	start := time.Now()
 	m.log.Info("maintenance: started", "volume", name, "missed", w.Missed, "moving", w.Moving, "ring_behind", w.Behind, "epoch", lease.Epoch())
 	octx, cancel := context.WithTimeout(ctx, 60*time.Second)
-	c, err := m.open(octx, m.ms.Guarded(lease), lease.Volume(), RepairOptions{
+	c, err := m.open(octx, m.ms.Guarded(lease), lease.Volume(), MaintenanceOptions{
 		TLS: m.tls, Epoch: lease.Epoch(), LocalNode: m.self, Logger: m.log, RebuildRate: m.rate, Holder: holder,
 	})
 	cancel()

@@ -57,9 +57,9 @@ type Config struct {
 	// RebuildRate bounds the bytes per second one maintenance job copies
 	// (0: the replicated volume's default).
 	RebuildRate int64
-	// OpenRepair opens a volume for a maintenance job; required unless
+	// OpenMaintenance opens a volume for a maintenance job; required unless
 	// Maintenance is 0.
-	OpenRepair OpenRepair
+	OpenMaintenance OpenMaintenance
 }
 
 // DefaultMaintenance is how often a node looks for volumes to maintain;
@@ -102,8 +102,8 @@ type Node struct {
 // Start starts a storage node of the cluster behind ms: it returns once
 // the node serves, is registered and is in the ring.
 func Start(ctx context.Context, ms *meta.Client, cfg meta.Config, nc Config, log *slog.Logger) (_ *Node, err error) {
-	if nc.Maintenance > 0 && nc.OpenRepair == nil {
-		return nil, fmt.Errorf("%w: maintenance every %v but no OpenRepair", ErrConfig, nc.Maintenance)
+	if nc.Maintenance > 0 && nc.OpenMaintenance == nil {
+		return nil, fmt.Errorf("%w: maintenance every %v but no OpenMaintenance", ErrConfig, nc.Maintenance)
 	}
 	if nc.Size < int64(cfg.ChunkSize) {
 		return nil, fmt.Errorf("%w: --size %s is below the cluster's chunk size %s",
@@ -218,7 +218,7 @@ func Start(ctx context.Context, ms *meta.Client, cfg meta.Config, nc Config, log
 	go n.watchEpochs(rctx, ms)
 	n.gc = startCollector(ctx, st, ms, log)
 	n.dead = startDeadWatch(ctx, ms, id.NodeID, nc.DeadTimeout, log)
-	n.maint = startMaintainer(ctx, ms, nc.OpenRepair, id.NodeID, tc.Client, nc.Maintenance, nc.MaintenanceDelay, nc.LeaseTTL, nc.RebuildRate, log)
+	n.maint = startMaintainer(ctx, ms, nc.OpenMaintenance, id.NodeID, tc.Client, nc.Maintenance, nc.MaintenanceDelay, nc.LeaseTTL, nc.RebuildRate, log)
 	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "socket", sock, "capacity",
 		units.FormatSize(int64(mn.Capacity)), "zone", nc.Zone, "host", nc.Host, "ring_version", r.Version(),
 		"ring_nodes", r.Len())

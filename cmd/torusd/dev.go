@@ -137,7 +137,7 @@ func (c *devCmd) run(ctx context.Context, args []string, io cli.IO) error {
 			// Maintenance of volumes no client holds.
 			Maintenance:      node.DefaultMaintenance,
 			MaintenanceDelay: node.DefaultMaintenanceDelay,
-			OpenRepair:       openRepair,
+			OpenMaintenance:  openMaintenance,
 		}, log)
 		if err != nil {
 			return fmt.Errorf("start %s: %w", id, err)

@@ -166,7 +166,7 @@ func (c *nodeCmd) flags(fs *pflag.FlagSet) {
 	c.fs = fs
 	c.cluster.Flags(fs)
 	nc := &c.nc
-	*nc = node.Config{OpenRepair: openRepair}
+	*nc = node.Config{OpenMaintenance: openMaintenance}
 	fs.StringVar(&nc.DataDir, "data-dir", "", "`DIR` of the node's store and identity")
 	fs.StringVar(&nc.Listen, "listen", "", "QUIC address to serve on, `HOST:PORT`")
 	fs.StringVar(&nc.Advertise, "advertise", "", "address clients dial, `HOST:PORT` (default: --listen)")
