@@ -22,6 +22,7 @@ import (
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
 	"github.com/torus-storage/torus/internal/devetcd"
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/store"
@@ -321,7 +322,7 @@ func TestCluster(t *testing.T) {
 func testFencing(t *testing.T, c *testCluster) {
 	c.ctl("volume", "create", "fence", "--size", "16MiB", "--replication", "3")
 	a, asock := c.serve("fence", "--lease-ttl", "1s")
-	ac, err := dialNBD(asock, "torus")
+	ac, err := nbdtest.DialClient(asock, "torus")
 	if err != nil {
 		t.Fatalf("%v\n%s", err, a.log)
 	}
@@ -348,7 +349,7 @@ func testFencing(t *testing.T, c *testCluster) {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
-	bc, err := dialNBD(bsock, "torus")
+	bc, err := nbdtest.DialClient(bsock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}

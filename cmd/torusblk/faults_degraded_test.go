@@ -28,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/netquic"
 )
 
@@ -210,7 +211,7 @@ func TestFaultRestartOnlyCompleteCopy(t *testing.T) {
 	waitLog(t, first.p, "node ready", 30*time.Second)
 	partition(t, file, false)
 
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}

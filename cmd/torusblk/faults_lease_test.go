@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/internal/devetcd"
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/internal/tcpproxy"
 )
 
@@ -69,7 +70,7 @@ func TestFaultLeaseLostOtherHolder(t *testing.T) {
 	c.ctl("volume", "create", "vol", "--size", "16MiB", "--replication", "3")
 	px := tcpproxy.Start(t, c.etcd.Endpoint())
 	a, asock := c.serve("vol", "--etcd", px.URL(), "--lease-ttl", "2s")
-	ac, err := dialNBD(asock, "torus")
+	ac, err := nbdtest.DialClient(asock, "torus")
 	if err != nil {
 		t.Fatalf("%v\n%s", err, a.log)
 	}
@@ -105,7 +106,7 @@ func TestFaultLeaseLostOtherHolder(t *testing.T) {
 	if err != nil || epochB <= epochA {
 		t.Fatalf("epoch after B attached: %d, %v; want above A's %d", epochB, err, epochA)
 	}
-	bc, err := dialNBD(bsock, "torus")
+	bc, err := nbdtest.DialClient(bsock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +164,7 @@ func TestFaultLeaseLostOtherHolder(t *testing.T) {
 	if d == nil {
 		t.Fatalf("A took the lock back after B held it\n%s", a.log)
 	}
-	dc, err := dialNBD(dsock, "torus")
+	dc, err := nbdtest.DialClient(dsock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -29,7 +30,7 @@ func TestFaultPowerLossNewHolder(t *testing.T) {
 	c.waitNodes(2)
 
 	s, sock := c.serve("vol", "--lease-ttl", "2s")
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +71,7 @@ func TestFaultPowerLossNewHolder(t *testing.T) {
 	}
 
 	s, sock = c.reattach("vol", "--local-node", victim.id)
-	cl, err = dialNBD(sock, "torus")
+	cl, err = nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}

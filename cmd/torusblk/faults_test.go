@@ -48,6 +48,7 @@ import (
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
 	"github.com/torus-storage/torus/internal/devetcd"
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -128,7 +129,7 @@ func TestFaultClientKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fio.Process.Kill()
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +166,7 @@ func TestFaultClientKill(t *testing.T) {
 	// verified or flushed before the kill is intact, and new writes verify.
 	s, sock = c.reattach("vol")
 	fioVerifyOnly(t, sock, "0", "16M")
-	cl, err = dialNBD(sock, "torus")
+	cl, err = nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,7 +282,7 @@ func (c *testCluster) startSmallNode(i int, size string) *testNode {
 	return nd
 }
 
-const errNoSpace = "nbd error 28" // ENOSPC as testClient reports it
+const errNoSpace = "nbd error 28" // ENOSPC as nbdtest.Client reports it
 
 // TestFaultDiskFull: a full node refuses new chunks with ENOSPC and nothing
 // else breaks.
@@ -297,7 +298,7 @@ func TestFaultDiskFull(t *testing.T) {
 	// block written by the Go client.
 	ds, dsock := c.serve("data")
 	fioWriteVerify(t, dsock, "0", "3M")
-	dcl, err := dialNBD(dsock, "torus")
+	dcl, err := nbdtest.DialClient(dsock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -309,7 +310,7 @@ func TestFaultDiskFull(t *testing.T) {
 	// The fault: filler takes every remaining slot of the small node, one
 	// block per chunk, until a write fails with ENOSPC.
 	fs, fsock := c.serve("filler")
-	fcl, err := dialNBD(fsock, "torus")
+	fcl, err := nbdtest.DialClient(fsock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +348,7 @@ func TestFaultDiskFull(t *testing.T) {
 	}
 	got := make([]byte, 4096)
 	for _, w := range []struct {
-		cl  *testClient
+		cl  *nbdtest.Client
 		off uint64
 		gen uint32
 	}{{dcl, 3 << 20, 1}, {dcl, 3<<20 + 4096, 2}, {fcl, 0, 1}, {fcl, uint64(filled-1) << 20, 1}} {

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -25,7 +26,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 	c := startCluster(t, 3)
 	c.ctl("volume", "create", "scrubbed", "--size", "8MiB", "--replication", "3")
 	s, sock := c.serve("scrubbed")
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatalf("%v\n%s", err, s.log)
 	}
@@ -107,7 +108,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 		t.Errorf("%d scrubs compared %d chunks, want 8 each", runs, chunks)
 	}
 	// Reads prefer the repaired node (--local-node): the data is intact.
-	cl, err = dialNBD(sock, "torus")
+	cl, err = nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}

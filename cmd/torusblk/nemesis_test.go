@@ -72,6 +72,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/internal/devetcd"
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"
@@ -369,7 +370,7 @@ func (n *nemesis) current() (string, int) {
 // writer runs writer w's ops until ctx is done.
 func (n *nemesis) writer(ctx context.Context, w int, hist *[]*nemOp) {
 	rng := rand.New(rand.NewPCG(n.seed, uint64(w)+1))
-	var cl *testClient
+	var cl *nbdtest.Client
 	gen := -1
 	var seq uint64
 	defer func() {
@@ -379,12 +380,12 @@ func (n *nemesis) writer(ctx context.Context, w int, hist *[]*nemOp) {
 	}()
 	for ctx.Err() == nil {
 		sock, g := n.current()
-		if cl != nil && (g != gen || cl.broken()) {
+		if cl != nil && (g != gen || cl.Err() != nil) {
 			cl.Close()
 			cl = nil
 		}
 		if cl == nil {
-			c, err := dialNBD(sock, "torus")
+			c, err := nbdtest.DialClient(sock, "torus")
 			if err != nil {
 				time.Sleep(50 * time.Millisecond)
 				continue
@@ -435,13 +436,6 @@ func (n *nemesis) writer(ctx context.Context, w int, hist *[]*nemOp) {
 		}
 		*hist = append(*hist, op)
 	}
-}
-
-// broken reports whether the connection failed.
-func (cl *testClient) broken() bool {
-	cl.mu.Lock()
-	defer cl.mu.Unlock()
-	return cl.err != nil
 }
 
 // ringNodes returns the nodes in the ring that run, in id order.
@@ -815,7 +809,7 @@ func TestNemesis(t *testing.T) {
 // finalReads reads every block once, one at a time.
 func (n *nemesis) finalReads(hist *[]*nemOp, what string) {
 	sock, gen := n.current()
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		n.fail("final reads (%s): %v", what, err)
 		return

@@ -20,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/torus-storage/torus/internal/nbdtest"
 )
 
 var torusblkBin string
@@ -285,7 +287,7 @@ func TestServeKill9(t *testing.T) {
 	)
 	store := t.TempDir()
 	s := startServer(t, store, "64MiB")
-	cl, err := dialNBD(s.sock, "torus")
+	cl, err := nbdtest.DialClient(s.sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -357,13 +359,13 @@ func TestServeKill9(t *testing.T) {
 		}
 	}
 	<-s.done
-	cl.conn.Close()
+	cl.Close() // its server is dead
 	if flushes < 3 {
 		t.Fatalf("only %d flushes completed before the kill; the test proves nothing", flushes)
 	}
 
 	s = startServer(t, store, "64MiB")
-	cl, err = dialNBD(s.sock, "torus")
+	cl, err = nbdtest.DialClient(s.sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
