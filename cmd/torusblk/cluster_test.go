@@ -44,7 +44,7 @@ func (c *testCluster) serve(name string, extra ...string) (*testcluster.Proc, st
 	c.t.Helper()
 	p, sock := c.startServe(name, extra...)
 	if err := p.AwaitSocket(context.Background(), sock, 20*time.Second); err != nil {
-		c.t.Fatalf("torusblk serve %s: %v\n%s", name, err, p.Log())
+		c.t.Fatalf("%v\n%s", err, p.Log())
 	}
 	return p, sock
 }
@@ -212,7 +212,7 @@ func (c *testCluster) tryServe(name string, extra ...string) (*testcluster.Proc,
 	case err == nil:
 		return p, sock
 	case !errors.Is(err, testcluster.ErrExited):
-		c.t.Fatalf("torusblk serve %s: %v\n%s", name, err, p.Log())
+		c.t.Fatalf("%v\n%s", err, p.Log())
 	case !strings.Contains(p.Log(), "is attached by"):
 		c.t.Fatalf("torusblk serve %s failed for another reason than the attach lock:\n%s", name, p.Log())
 	}

@@ -143,12 +143,13 @@ func (c *Conn) Send(typ, flags uint16, cookie, off uint64, length uint32, payloa
 // Reply is one complete reply.
 type Reply struct {
 	Cookie uint64
-	Errno  uint32
-	Data   []byte
+	Errno  uint32   // 0: success
+	Data   []byte   // of a read
 	Offset uint64   // of the data, in structured read chunks
 	Types  []uint16 // the chunk types of a structured reply, in order
 }
 
+// String sums the reply up for failure messages.
 func (r Reply) String() string {
 	return fmt.Sprintf("cookie=%d errno=%d len=%d", r.Cookie, r.Errno, len(r.Data))
 }

@@ -96,6 +96,7 @@ const (
 // Errno is an NBD error a server answered a request with.
 type Errno uint32
 
+// Error says "nbd error N", N the NBD errno (the tests match on it).
 func (e Errno) Error() string { return fmt.Sprintf("nbd error %d", uint32(e)) }
 
 // ReadGreeting reads the server's fixed newstyle greeting and returns its
