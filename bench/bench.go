@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/torus-storage/torus/internal/testcluster"
 )
 
 // report is everything one run measured; --json writes it, and the
@@ -58,7 +60,7 @@ func benchmark(ctx context.Context, cfg config) error {
 	needBlk := contains(cfg.targets, "torus") || contains(cfg.targets, "cluster")
 	if needBlk && torusblk == "" {
 		slog.Info("building torusblk")
-		if torusblk, err = buildTorusblk(ctx, work); err != nil {
+		if torusblk, err = testcluster.Build(ctx, work, "torusblk"); err != nil {
 			return err
 		}
 	}
@@ -122,7 +124,7 @@ func benchmark(ctx context.Context, cfg config) error {
 	}
 	if cfg.results != "" {
 		commit := ""
-		if root, err := repoRoot(); err == nil {
+		if root, err := testcluster.ModuleRoot(); err == nil {
 			commit = gitCommit(root)
 		}
 		path, err := writeResults(cfg.results, newRunResults(cfg, &rep, commit), rep.Started)
@@ -171,8 +173,8 @@ func runTarget(ctx context.Context, cfg config, target, work, torusblk string, r
 		slog.Info("job done", "target", target, "job", j.Name, "iops", int(res.IOPS),
 			"p50_us", res.P50us, "p99_us", res.P99us)
 	}
-	if srv.proc != nil && srv.proc.exited() {
-		return fmt.Errorf("server exited during the run: %v (%s)", srv.proc.err, srv.proc.tail())
+	if srv.proc != nil && srv.proc.Exited() {
+		return fmt.Errorf("server exited during the run: %v (%s)", srv.proc.Err(), tail(srv.proc))
 	}
 	return nil
 }
@@ -197,7 +199,7 @@ func workDir(dir string) (string, error) {
 		}
 		return w, nil
 	}
-	root, err := repoRoot()
+	root, err := testcluster.ModuleRoot()
 	if err != nil {
 		return "", err
 	}

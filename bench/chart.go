@@ -22,6 +22,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/torus-storage/torus/internal/testcluster"
 )
 
 // runChart is "bench chart [-o FILE] [RESULTS...]". It returns the exit
@@ -52,7 +54,7 @@ func runChart(args []string) int {
 // is empty) and writes their chart to out, or to standard output.
 func chart(paths []string, out string) error {
 	if len(paths) == 0 {
-		root, err := repoRoot()
+		root, err := testcluster.ModuleRoot()
 		if err != nil {
 			return err
 		}

@@ -8,7 +8,6 @@ package main
 // when all three have it; reads go to one node.
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/torus-storage/torus/internal/testcluster"
 )
 
 // Targets of the replicated volume against the single-node one (informational).
@@ -24,29 +25,14 @@ const (
 	wantClusterWriteQD1 = 0.35 // cluster QD1 randwrite IOPS / single-node
 )
 
-// buildCmd builds ./cmd/NAME from the repository root into dir.
-func buildCmd(ctx context.Context, dir, name string) (string, error) {
-	root, err := repoRoot()
-	if err != nil {
-		return "", fmt.Errorf("build %s: %w", name, err)
-	}
-	out := filepath.Join(dir, name)
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/"+name)
-	cmd.Dir = root
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build %s (go build -o %s ./cmd/%s): %w\n%s", name, out, name, err, b)
-	}
-	return out, nil
-}
-
 // startCluster starts the dev cluster under dir, creates a volume of size
 // bytes with R=3 and serves it on sock with torusblk.
 func startCluster(ctx context.Context, dir, sock string, size int64, torusblk string) (*server, error) {
-	torusd, err := buildCmd(ctx, dir, "torusd")
+	torusd, err := testcluster.Build(ctx, dir, "torusd")
 	if err != nil {
 		return nil, err
 	}
-	torusctl, err := buildCmd(ctx, dir, "torusctl")
+	torusctl, err := testcluster.Build(ctx, dir, "torusctl")
 	if err != nil {
 		return nil, err
 	}
@@ -56,35 +42,21 @@ func startCluster(ctx context.Context, dir, sock string, size int64, torusblk st
 		"--size", fmt.Sprintf("%dMiB", nodeMiB), "--replication", "3"}
 	// torusd dev prints "etcd: URL" and "tls: DIR" on stdout, which goes to
 	// the log with its stderr.
-	out := filepath.Join(dir, "torusd.log")
-	dev, err := startProc(ctx, out, torusd, devArgs...)
+	dev, err := startProc(filepath.Join(dir, "torusd.log"), torusd, devArgs...)
 	if err != nil {
 		return nil, err
 	}
-	fail := func(err error) (*server, error) { dev.stop(); return nil, err }
-	var etcd, tls string
+	fail := func(err error) (*server, error) { stopProc(dev); return nil, err }
 	deadline := time.Now().Add(readyTimeout)
-	for etcd == "" || tls == "" {
-		if f, err := os.Open(out); err == nil {
-			sc := bufio.NewScanner(f)
-			for sc.Scan() {
-				if v, ok := strings.CutPrefix(sc.Text(), "etcd: "); ok {
-					etcd = v
-				}
-				if v, ok := strings.CutPrefix(sc.Text(), "tls: "); ok {
-					tls = v
-				}
-			}
-			f.Close()
+	var printed [2]string
+	for i, what := range []string{"etcd", "tls"} {
+		m, err := dev.AwaitLog(`(?m)^`+what+`: (\S+)\n`, time.Until(deadline))
+		if err != nil {
+			return fail(fmt.Errorf("torusd dev not ready: %w (%s)", err, tail(dev)))
 		}
-		if dev.exited() {
-			return fail(fmt.Errorf("torusd dev exited: %v (%s)", dev.err, dev.tail()))
-		}
-		if time.Now().After(deadline) {
-			return fail(fmt.Errorf("torusd dev not ready after %v (%s)", readyTimeout, dev.tail()))
-		}
-		time.Sleep(50 * time.Millisecond)
+		printed[i] = m[1]
 	}
+	etcd, tls := printed[0], printed[1]
 	ctl := exec.CommandContext(ctx, torusctl, "--etcd", etcd, "volume", "create", "bench", "--size", fmt.Sprint(size), "--replication", "3")
 	if b, err := ctl.CombinedOutput(); err != nil {
 		return fail(fmt.Errorf("torusctl volume create: %w: %s", err, b))

@@ -124,17 +124,17 @@ func runFio(ctx context.Context, workDir string, j job, t ioTarget, size int64, 
 	args := fioArgs(j, t, size, runtime, measured, out)
 	// fio prints notices ("connected to NBD server") on stdout, so the JSON
 	// goes to its own file.
-	p, err := startProc(ctx, filepath.Join(workDir, "fio-"+j.Name+".log"), "fio", args...)
+	p, err := startProc(filepath.Join(workDir, "fio-"+j.Name+".log"), "fio", args...)
 	if err != nil {
 		return result{}, nil, err
 	}
-	werr := p.wait(ctx)
+	werr := p.Wait(ctx)
 	raw, rerr := os.ReadFile(out)
 	if ctx.Err() != nil {
 		return result{}, nil, fmt.Errorf("fio %s: interrupted: %w", j.Name, ctx.Err())
 	}
 	if werr != nil {
-		return result{}, nil, fmt.Errorf("fio %s: %w (%s)", j.Name, werr, p.tail())
+		return result{}, nil, fmt.Errorf("fio %s: %w (%s)", j.Name, werr, tail(p))
 	}
 	if rerr != nil {
 		return result{}, nil, fmt.Errorf("fio %s: read output: %w", j.Name, rerr)

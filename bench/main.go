@@ -42,6 +42,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/torus-storage/torus/internal/testcluster"
 )
 
 // config is the parsed command line.
@@ -119,7 +121,7 @@ func parseFlags(args []string) (config, error) {
 	if noResults {
 		cfg.results = ""
 	} else if cfg.results == "" {
-		if root, err := repoRoot(); err == nil {
+		if root, err := testcluster.ModuleRoot(); err == nil {
 			cfg.results = filepath.Join(root, "bench", "results")
 		} else {
 			slog.Warn("no results file will be written; pass --results DIR", "err", err)
@@ -207,22 +209,4 @@ func contains(list []string, s string) bool {
 		}
 	}
 	return false
-}
-
-// repoRoot walks up from the working directory to the directory holding go.mod.
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("getwd: %w", err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("go.mod not found above the working directory; run from the repository")
-		}
-		dir = parent
-	}
 }

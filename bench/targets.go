@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
+
+	"github.com/torus-storage/torus/internal/testcluster"
 )
 
 // allTargets are the targets in the order they run and are printed.
@@ -48,18 +50,18 @@ func checkBinaries(targets []string) error {
 // server is a running target: how fio reaches it and how to stop it.
 type server struct {
 	io    ioTarget
-	proc  *proc   // nil for raw
-	extra []*proc // more processes behind proc (the cluster's nodes), stopped after it
+	proc  *testcluster.Proc   // nil for raw
+	extra []*testcluster.Proc // more processes behind proc (the cluster's nodes), stopped after it
 	cmd   []string
 }
 
 // stop kills the server's process group, if any.
 func (s *server) stop() {
 	if s.proc != nil {
-		s.proc.stop()
+		stopProc(s.proc)
 	}
 	for _, p := range s.extra {
-		p.stop()
+		stopProc(p)
 	}
 }
 
@@ -102,13 +104,13 @@ func startTarget(ctx context.Context, target, dir string, size int64, torusblk s
 }
 
 func startServer(ctx context.Context, dir, sock, bin string, args ...string) (*server, error) {
-	p, err := startProc(ctx, filepath.Join(dir, filepath.Base(bin)+".log"), bin, args...)
+	p, err := startProc(filepath.Join(dir, filepath.Base(bin)+".log"), bin, args...)
 	if err != nil {
 		return nil, err
 	}
-	if err := waitSocket(ctx, p, sock, readyTimeout); err != nil {
-		p.stop()
-		return nil, err
+	if err := p.AwaitSocket(ctx, sock, readyTimeout); err != nil {
+		stopProc(p)
+		return nil, fmt.Errorf("%w (%s)", err, tail(p))
 	}
 	return &server{io: nbdIO(sock), proc: p, cmd: append([]string{bin}, args...)}, nil
 }
@@ -127,19 +129,4 @@ func makeFile(path string, size int64) error {
 		return fmt.Errorf("close %s: %w", path, err)
 	}
 	return nil
-}
-
-// buildTorusblk builds ./cmd/torusblk from the repository root into dir.
-func buildTorusblk(ctx context.Context, dir string) (string, error) {
-	root, err := repoRoot()
-	if err != nil {
-		return "", fmt.Errorf("build torusblk: %w", err)
-	}
-	out := filepath.Join(dir, "torusblk")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "./cmd/torusblk")
-	cmd.Dir = root
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build torusblk (go build -o %s ./cmd/torusblk): %w\n%s", out, err, b)
-	}
-	return out, nil
 }

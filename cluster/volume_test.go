@@ -15,6 +15,7 @@ import (
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/devetcd"
+	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/internal/voltest"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
@@ -70,33 +71,17 @@ func startClusterTransport(t testing.TB, n int, slots int64, transport string) *
 // whose chunk size is chunk.
 func startClusterChunk(t testing.TB, n int, slots int64, transport string, chunk int64) *testCluster {
 	t.Helper()
+	// etcd, the configuration, the CA and a client certificate as every
+	// test cluster has them (testcluster); the nodes are in-process (below),
+	// on stores the tests snapshot and roll back.
+	c := testcluster.NewCluster(t, testcluster.Options{ClusterID: "test", ChunkSize: uint64(chunk), Replication: 3, Logger: quietLog})
+	tc := &testCluster{t: t, etcd: c.Etcd, ms: c.Meta, ca: c.CADir, transport: transport, chunk: chunk}
+	var err error
+	if tc.client, err = netquic.LoadTLS(c.TLSDir); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	e, err := devetcd.Start(ctx, t.TempDir(), "", "")
-	if err != nil {
-		t.Fatalf("embedded etcd: %v", err)
-	}
-	t.Cleanup(e.Close)
-	ms, err := meta.Open(ctx, []string{e.Endpoint()}, "", meta.Options{Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ms.Close() })
-	if err := ms.Init(ctx, meta.Config{ClusterID: "test", ChunkSize: uint64(chunk), Replication: 3}); err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	tc := &testCluster{t: t, etcd: e, ms: ms, ca: filepath.Join(dir, "ca"), transport: transport, chunk: chunk}
-	if err := netquic.NewCA(tc.ca); err != nil {
-		t.Fatal(err)
-	}
-	cdir := filepath.Join(dir, "client")
-	if err := netquic.IssueCert(tc.ca, "client", []string{"127.0.0.1"}, cdir); err != nil {
-		t.Fatal(err)
-	}
-	if tc.client, err = netquic.LoadTLS(cdir); err != nil {
-		t.Fatal(err)
-	}
 	var rn []ring.Node
 	for i := range n {
 		nd := tc.startNode(fmt.Sprintf("node%d", i+1), slots)
@@ -106,7 +91,7 @@ func startClusterChunk(t testing.TB, n int, slots int64, transport string, chunk
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ms.CASRing(ctx, 0, r); err != nil {
+	if err := tc.ms.CASRing(ctx, 0, r); err != nil {
 		t.Fatal(err)
 	}
 	return tc

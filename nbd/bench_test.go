@@ -6,6 +6,8 @@ import (
 	"io"
 	"testing"
 	"time"
+
+	"github.com/torus-storage/torus/internal/nbdtest"
 )
 
 // BenchmarkRoundTrip4K measures pipelined 4 KiB requests (alternating read
@@ -14,9 +16,9 @@ import (
 func BenchmarkRoundTrip4K(b *testing.B) {
 	v := newMemVolume(64 << 20)
 	path := startServer(b, oneExport(v), Options{})
-	c := dial(b, path, false)
-	c.nc.SetDeadline(time.Time{})
-	roundTrip4K(b, c.nc, uint64(v.Size()/4096))
+	c := nbdtest.Dial(b, path, false)
+	c.NC.SetDeadline(time.Time{})
+	roundTrip4K(b, c.NC, uint64(v.Size()/4096))
 }
 
 // roundTrip4K drives b.N pipelined 4 KiB requests with simple replies over nc.

@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 	"unsafe"
+
+	"github.com/torus-storage/torus/internal/nbdtest"
 )
 
 func TestBufPool(t *testing.T) {
@@ -71,7 +73,7 @@ func TestBufPool(t *testing.T) {
 func TestLargePayloads(t *testing.T) {
 	v := newMemVolume(32 << 20)
 	path := startServer(t, oneExport(v), Options{MaxPayload: 8 << 20})
-	c := dial(t, path, true)
+	c := nbdtest.Dial(t, path, true)
 	const n = 6
 	want := make([][]byte, n)
 	go func() {
@@ -79,20 +81,20 @@ func TestLargePayloads(t *testing.T) {
 			want[i] = bytes.Repeat([]byte{byte(i + 1)}, 5<<20)
 		}
 		for i := 0; i < n; i++ {
-			c.send(cmdWrite, 0, uint64(i), uint64(i)*(5<<20), 5<<20, want[i])
+			c.Send(cmdWrite, 0, uint64(i), uint64(i)*(5<<20), 5<<20, want[i])
 		}
 		for i := 0; i < n; i++ {
-			c.send(cmdRead, 0, uint64(100+i), uint64(i)*(5<<20), 5<<20, nil)
+			c.Send(cmdRead, 0, uint64(100+i), uint64(i)*(5<<20), 5<<20, nil)
 		}
 	}()
 	for i := 0; i < 2*n; i++ {
-		r := c.recv()
-		if r.errno != 0 {
+		r := c.Recv()
+		if r.Errno != 0 {
 			t.Fatalf("reply %v", r)
 		}
-		if r.cookie >= 100 {
-			k := r.cookie - 100
-			if !bytes.Equal(r.data, bytes.Repeat([]byte{byte(k + 1)}, 5<<20)) {
+		if r.Cookie >= 100 {
+			k := r.Cookie - 100
+			if !bytes.Equal(r.Data, bytes.Repeat([]byte{byte(k + 1)}, 5<<20)) {
 				t.Fatalf("read %d: data mismatch", k)
 			}
 		}

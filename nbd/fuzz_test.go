@@ -11,28 +11,26 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/torus-storage/torus/internal/nbdtest"
 )
 
-func optBytes(opt uint32, data []byte) []byte {
-	b := binary.BigEndian.AppendUint64(nil, optMagic)
-	b = binary.BigEndian.AppendUint32(b, opt)
-	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
-	return append(b, data...)
-}
+// optBytes is one client option with its data.
+func optBytes(opt uint32, data []byte) []byte { return nbdtest.AppendOption(nil, opt, data) }
 
 // FuzzHandshake feeds arbitrary client bytes to a server connection over
 // net.Pipe. The server must neither panic nor hang.
 func FuzzHandshake(f *testing.F) {
 	flags := binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
 	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
-	read := appendRequest(nil, cmdRead, 0, 1, 0, 4096)
-	f.Add(cat(flags, optBytes(optGo, infoData("", infoBlockSize, infoName)), read))
-	f.Add(cat(flags, optBytes(optStructuredReply, nil), optBytes(optGo, infoData("disk")), read))
-	f.Add(cat(flags, optBytes(optList, nil), optBytes(optInfo, infoData("x")), optBytes(optAbort, nil)))
+	read := nbdtest.AppendRequest(nil, cmdRead, 0, 1, 0, 4096)
+	f.Add(cat(flags, optBytes(optGo, nbdtest.InfoData("", infoBlockSize, infoName)), read))
+	f.Add(cat(flags, optBytes(optStructuredReply, nil), optBytes(optGo, nbdtest.InfoData("disk")), read))
+	f.Add(cat(flags, optBytes(optList, nil), optBytes(optInfo, nbdtest.InfoData("x")), optBytes(optAbort, nil)))
 	f.Add(cat(flags, optBytes(optExportName, []byte("disk")), read))
 	f.Add(cat(binary.BigEndian.AppendUint32(nil, 1), optBytes(optExportName, nil)))
 	f.Add(cat(flags, optBytes(optStartTLS, nil), optBytes(77, []byte("zz")), optBytes(optGo, []byte{0, 0})))
-	f.Add(cat(flags, optBytes(optGo, infoData("")), optBytes(optList, nil)))
+	f.Add(cat(flags, optBytes(optGo, nbdtest.InfoData("")), optBytes(optList, nil)))
 
 	v := newMemVolume(1 << 20)
 	srv, err := NewServer(oneExport(v), Options{MaxInFlight: 128, MaxPayload: 1 << 20})
@@ -65,7 +63,7 @@ func FuzzHandshake(f *testing.F) {
 
 // seedReq is one request (cookie 1) and its payload, for fuzz seeds.
 func seedReq(typ, flags uint16, off uint64, n uint32, payload []byte) []byte {
-	return append(appendRequest(nil, typ, flags, 1, off, n), payload...)
+	return append(nbdtest.AppendRequest(nil, typ, flags, 1, off, n), payload...)
 }
 
 // seedCat joins seed parts.

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/torus-storage/torus/internal/nbdtest"
 )
 
 func TestNetlinkConnectEncoding(t *testing.T) {
@@ -210,21 +212,21 @@ func TestServeTransmission(t *testing.T) {
 	kc.SetDeadline(time.Now().Add(20 * time.Second))
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeTransmission(context.Background(), nc, "") }()
-	c := &testClient{t: t, nc: kc, size: 1 << 20, readLen: map[uint64]uint32{}}
+	c := nbdtest.NewConn(t, kc)
 	payload := bytes.Repeat([]byte("kernel!!"), 1024)
-	if r := c.do(cmdWrite, cmdFlagFUA, 8192, uint32(len(payload)), payload); r.errno != 0 {
+	if r := c.Do(cmdWrite, cmdFlagFUA, 8192, uint32(len(payload)), payload); r.Errno != 0 {
 		t.Fatalf("write: %v", r)
 	}
-	if r := c.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
+	if r := c.Do(cmdFlush, 0, 0, 0, nil); r.Errno != 0 {
 		t.Fatalf("flush: %v", r)
 	}
-	if r := c.do(cmdRead, 0, 8192, uint32(len(payload)), nil); r.errno != 0 || !bytes.Equal(r.data, payload) {
+	if r := c.Do(cmdRead, 0, 8192, uint32(len(payload)), nil); r.Errno != 0 || !bytes.Equal(r.Data, payload) {
 		t.Fatalf("read back: %v", r)
 	}
-	if r := c.do(cmdRead, 0, 1<<20, 4096, nil); r.errno != errInval {
+	if r := c.Do(cmdRead, 0, 1<<20, 4096, nil); r.Errno != errInval {
 		t.Fatalf("read past the end: %v", r)
 	}
-	c.send(cmdDisc, 0, 0, 0, 0, nil)
+	c.Send(cmdDisc, 0, 0, 0, 0, nil)
 	select {
 	case err := <-done:
 		if err != nil {
@@ -233,7 +235,7 @@ func TestServeTransmission(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("ServeTransmission did not return after NBD_CMD_DISC")
 	}
-	c.expectEOF()
+	c.ExpectEOF()
 
 	// An unknown export fails at once and closes the connection.
 	nc2, kfd2, err := kernelSocketPair()

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -99,7 +100,7 @@ func TestRingPipelined(t *testing.T) {
 	for _, structured := range []bool{false, true} {
 		v := openLocal(t, 16<<20, 2)
 		srv, path := startRingServer(t, v, Options{})
-		c := dial(t, path, structured)
+		c := nbdtest.Dial(t, path, structured)
 		waitDriven(t, srv, v, 2)
 
 		const n = 200
@@ -108,48 +109,48 @@ func TestRingPipelined(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := 0; i < n; i++ {
-				c.send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(i, 4096))
+				c.Send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(i, 4096))
 			}
-			c.send(cmdWrite, cmdFlagFUA, n, 4<<20, 3<<20, pattern(n, 3<<20))
+			c.Send(cmdWrite, cmdFlagFUA, n, 4<<20, 3<<20, pattern(n, 3<<20))
 		}()
 		for i := 0; i <= n; i++ {
-			if r := c.recv(); r.errno != 0 {
+			if r := c.Recv(); r.Errno != 0 {
 				t.Fatalf("write reply %v", r)
 			}
 		}
 		wg.Wait()
-		if r := c.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
+		if r := c.Do(cmdFlush, 0, 0, 0, nil); r.Errno != 0 {
 			t.Fatalf("flush %v", r)
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := 0; i < n; i++ {
-				c.send(cmdRead, 0, uint64(i), uint64(i)*4096, 4096, nil)
+				c.Send(cmdRead, 0, uint64(i), uint64(i)*4096, 4096, nil)
 			}
 		}()
 		for i := 0; i < n; i++ {
-			r := c.recv()
-			if r.errno != 0 || !bytes.Equal(r.data, pattern(int(r.cookie), 4096)) {
+			r := c.Recv()
+			if r.Errno != 0 || !bytes.Equal(r.Data, pattern(int(r.Cookie), 4096)) {
 				t.Fatalf("read reply %v: data differs", r)
 			}
 		}
 		wg.Wait()
-		if r := c.do(cmdRead, 0, 4<<20, 3<<20, nil); r.errno != 0 || !bytes.Equal(r.data, pattern(n, 3<<20)) {
+		if r := c.Do(cmdRead, 0, 4<<20, 3<<20, nil); r.Errno != 0 || !bytes.Equal(r.Data, pattern(n, 3<<20)) {
 			t.Fatalf("large read %v: data differs", r)
 		}
-		if r := c.do(cmdTrim, 0, 0, 8192, nil); r.errno != 0 {
+		if r := c.Do(cmdTrim, 0, 0, 8192, nil); r.Errno != 0 {
 			t.Fatalf("trim %v", r)
 		}
-		if r := c.do(cmdWriteZeroes, cmdFlagNoHole, 8192, 4096, nil); r.errno != 0 {
+		if r := c.Do(cmdWriteZeroes, cmdFlagNoHole, 8192, 4096, nil); r.Errno != 0 {
 			t.Fatalf("write zeroes %v", r)
 		}
-		if r := c.do(cmdRead, 0, 0, 16384, nil); r.errno != 0 || !bytes.Equal(r.data[:12288], make([]byte, 12288)) ||
-			!bytes.Equal(r.data[12288:], pattern(3, 4096)) {
+		if r := c.Do(cmdRead, 0, 0, 16384, nil); r.Errno != 0 || !bytes.Equal(r.Data[:12288], make([]byte, 12288)) ||
+			!bytes.Equal(r.Data[12288:], pattern(3, 4096)) {
 			t.Fatalf("read after trim %v", r)
 		}
-		c.send(cmdDisc, 0, 1, 0, 0, nil)
-		c.expectEOF()
+		c.Send(cmdDisc, 0, 1, 0, 0, nil)
+		c.ExpectEOF()
 		waitDriven(t, srv, v, 0)
 	}
 }
@@ -160,9 +161,9 @@ func TestRingErrorsKeepStreamInSync(t *testing.T) {
 	for _, structured := range []bool{false, true} {
 		v := openLocal(t, 1<<20, 1)
 		srv, path := startRingServer(t, v, Options{MaxPayload: 1 << 20})
-		c := dial(t, path, structured)
+		c := nbdtest.Dial(t, path, structured)
 		waitDriven(t, srv, v, 1)
-		if r := c.do(cmdWrite, 0, 4096, 4096, append([]byte("hello"), make([]byte, 4091)...)); r.errno != 0 {
+		if r := c.Do(cmdWrite, 0, 4096, 4096, append([]byte("hello"), make([]byte, 4091)...)); r.Errno != 0 {
 			t.Fatal(r)
 		}
 		cases := []struct {
@@ -182,23 +183,23 @@ func TestRingErrorsKeepStreamInSync(t *testing.T) {
 			{"bad flag", cmdTrim, cmdFlagNoHole, 0, 4096, nil},
 		}
 		for _, tc := range cases {
-			c.send(tc.typ, tc.flags, 9, tc.off, tc.n, tc.payload)
-			if r := c.recv(); r.cookie != 9 || r.errno != errInval {
+			c.Send(tc.typ, tc.flags, 9, tc.off, tc.n, tc.payload)
+			if r := c.Recv(); r.Cookie != 9 || r.Errno != errInval {
 				t.Fatalf("%s: %v, want errno %d", tc.name, r, errInval)
 			}
-			if r := c.do(cmdRead, 0, 4096, 4096, nil); r.errno != 0 || string(r.data[:5]) != "hello" {
+			if r := c.Do(cmdRead, 0, 4096, 4096, nil); r.Errno != 0 || string(r.Data[:5]) != "hello" {
 				t.Fatalf("after %s: %v", tc.name, r)
 			}
 		}
-		c.send(cmdWrite, 0, 9, 0, 1<<31, nil)
-		c.expectEOF()
+		c.Send(cmdWrite, 0, 9, 0, 1<<31, nil)
+		c.ExpectEOF()
 		waitDriven(t, srv, v, 0)
-		c = dial(t, path, structured)
-		c.write(make([]byte, requestSize))
-		c.expectEOF()
-		c = dial(t, path, structured) // truncated request, then hang-up
-		c.write(make([]byte, 10))
-		c.nc.Close()
+		c = nbdtest.Dial(t, path, structured)
+		c.Write(make([]byte, requestSize))
+		c.ExpectEOF()
+		c = nbdtest.Dial(t, path, structured) // truncated request, then hang-up
+		c.Write(make([]byte, 10))
+		c.NC.Close()
 		waitDriven(t, srv, v, 0)
 	}
 }
@@ -208,29 +209,29 @@ func TestRingErrorsKeepStreamInSync(t *testing.T) {
 func TestRingMultiConn(t *testing.T) {
 	v := openLocal(t, 4<<20, 2)
 	srv, path := startRingServer(t, v, Options{})
-	a := dial(t, path, false)
+	a := nbdtest.Dial(t, path, false)
 	waitDriven(t, srv, v, 2)
-	b := dial(t, path, true)
-	if r := a.do(cmdWrite, 0, 0, 4096, pattern(1, 4096)); r.errno != 0 {
+	b := nbdtest.Dial(t, path, true)
+	if r := a.Do(cmdWrite, 0, 0, 4096, pattern(1, 4096)); r.Errno != 0 {
 		t.Fatal(r)
 	}
-	if r := b.do(cmdWrite, 0, 1<<20, 4096, pattern(2, 4096)); r.errno != 0 {
+	if r := b.Do(cmdWrite, 0, 1<<20, 4096, pattern(2, 4096)); r.Errno != 0 {
 		t.Fatal(r)
 	}
-	if r := b.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
+	if r := b.Do(cmdFlush, 0, 0, 0, nil); r.Errno != 0 {
 		t.Fatal(r)
 	}
-	if r := b.do(cmdRead, 0, 0, 4096, nil); r.errno != 0 || !bytes.Equal(r.data, pattern(1, 4096)) {
+	if r := b.Do(cmdRead, 0, 0, 4096, nil); r.Errno != 0 || !bytes.Equal(r.Data, pattern(1, 4096)) {
 		t.Fatalf("read on second connection: %v", r)
 	}
-	if r := a.do(cmdRead, 0, 1<<20, 4096, nil); r.errno != 0 || !bytes.Equal(r.data, pattern(2, 4096)) {
+	if r := a.Do(cmdRead, 0, 1<<20, 4096, nil); r.Errno != 0 || !bytes.Equal(r.Data, pattern(2, 4096)) {
 		t.Fatalf("read on first connection: %v", r)
 	}
-	a.nc.Close()
+	a.NC.Close()
 	waitDriven(t, srv, v, 0)
-	c := dial(t, path, false) // the shards are free again
+	c := nbdtest.Dial(t, path, false) // the shards are free again
 	waitDriven(t, srv, v, 2)
-	if r := c.do(cmdRead, 0, 1<<20, 4096, nil); r.errno != 0 || !bytes.Equal(r.data, pattern(2, 4096)) {
+	if r := c.Do(cmdRead, 0, 1<<20, 4096, nil); r.Errno != 0 || !bytes.Equal(r.Data, pattern(2, 4096)) {
 		t.Fatalf("read on third connection: %v", r)
 	}
 }
@@ -251,19 +252,19 @@ func TestRingServeCancel(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, l) }()
-	c := dial(t, path, false)
+	c := nbdtest.Dial(t, path, false)
 	waitDriven(t, srv, v, 2)
 	for i := 0; i < 64; i++ {
-		c.send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(i, 4096))
+		c.Send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, pattern(i, 4096))
 	}
 	cancel()
 	got := 0
 	for {
 		var h [simpleReplySize]byte
-		if _, err := c.nc.Read(h[:1]); err != nil {
+		if _, err := c.NC.Read(h[:1]); err != nil {
 			break
 		}
-		c.readFull(h[1:])
+		c.ReadFull(h[1:])
 		got++
 	}
 	select {
@@ -285,9 +286,9 @@ func TestRingServeCancel(t *testing.T) {
 func BenchmarkRingRoundTrip4K(b *testing.B) {
 	v := openLocal(b, 64<<20, 1)
 	_, path := startRingServer(b, v, Options{})
-	c := dial(b, path, false)
-	c.nc.SetDeadline(time.Time{})
-	roundTrip4K(b, c.nc, uint64(v.Size()/4096))
+	c := nbdtest.Dial(b, path, false)
+	c.NC.SetDeadline(time.Time{})
+	roundTrip4K(b, c.NC, uint64(v.Size()/4096))
 }
 
 // TestRingRoundTripZeroAlloc fails if the ring data path allocates.

@@ -13,7 +13,37 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/nbdtest"
 )
+
+// startServer serves exports on a unix socket until the test ends.
+func startServer(t testing.TB, exports []Export, opt Options) string {
+	t.Helper()
+	srv, err := NewServer(exports, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "nbd.sock")
+	l, err := Listen("unix:" + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, l) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Serve: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("Serve did not return after cancel")
+		}
+	})
+	return path
+}
 
 const testVolSize = 8 << 20
 
@@ -24,17 +54,17 @@ func oneExport(v *memVolume) []Export {
 func TestHandshakeGo(t *testing.T) {
 	v := newMemVolume(testVolSize)
 	path := startServer(t, oneExport(v), Options{MaxPayload: 4 << 20})
-	c := dialRaw(t, path, clientFlagFixedNewstyle|clientFlagNoZeroes)
-	got, rep := c.info(optGo, "disk", infoName, infoDescription)
+	c := nbdtest.DialRaw(t, path, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	got, rep := c.Info(optGo, "disk", infoName, infoDescription)
 	if rep != repAck {
 		t.Fatalf("GO reply %#x", rep)
 	}
-	if c.size != testVolSize {
-		t.Errorf("size %d", c.size)
+	if c.Size != testVolSize {
+		t.Errorf("size %d", c.Size)
 	}
 	want := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes | tflagCanMultiConn)
-	if c.flags != want {
-		t.Errorf("flags %#x, want %#x", c.flags, want)
+	if c.Flags != want {
+		t.Errorf("flags %#x, want %#x", c.Flags, want)
 	}
 	if string(got[infoName]) != "disk" || string(got[infoDescription]) != "test disk" {
 		t.Errorf("name %q description %q", got[infoName], got[infoDescription])
@@ -44,24 +74,24 @@ func TestHandshakeGo(t *testing.T) {
 		t.Errorf("block size info %x", bs)
 	}
 	// Transmission works after GO.
-	if r := c.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
+	if r := c.Do(cmdFlush, 0, 0, 0, nil); r.Errno != 0 {
 		t.Fatalf("flush: %v", r)
 	}
 	// An option after GO is not a request (bad magic): the server hangs up
 	// cleanly once it has a request header's worth of bytes.
-	c.sendOpt(optInfo, infoData("disk", 0, 0, 0))
-	c.expectEOF()
+	c.SendOpt(optInfo, nbdtest.InfoData("disk", 0, 0, 0))
+	c.ExpectEOF()
 }
 
 func TestOptions(t *testing.T) {
 	v1, v2 := newMemVolume(1<<20), newMemVolume(2<<20)
 	path := startServer(t, []Export{{Name: "a", Description: "first", Volume: v1}, {Name: "b", Volume: v2, ReadOnly: true}}, Options{})
-	c := dialRaw(t, path, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	c := nbdtest.DialRaw(t, path, clientFlagFixedNewstyle|clientFlagNoZeroes)
 
-	c.sendOpt(optList, nil)
+	c.SendOpt(optList, nil)
 	var names []string
 	for {
-		_, typ, data := c.readOptReply()
+		_, typ, data := c.ReadOptReply()
 		if typ == repAck {
 			break
 		}
@@ -74,78 +104,78 @@ func TestOptions(t *testing.T) {
 	if strings.Join(names, ",") != "a/first,b/" {
 		t.Errorf("LIST = %v", names)
 	}
-	c.sendOpt(optList, []byte{1})
-	if _, typ, _ := c.readOptReply(); typ != repErrInvalid {
+	c.SendOpt(optList, []byte{1})
+	if _, typ, _ := c.ReadOptReply(); typ != repErrInvalid {
 		t.Errorf("LIST with data: %#x", typ)
 	}
-	if _, rep := c.info(optInfo, "b"); rep != repAck || c.size != 2<<20 || c.flags&tflagReadOnly == 0 {
-		t.Errorf("INFO b: rep %#x size %d flags %#x", rep, c.size, c.flags)
+	if _, rep := c.Info(optInfo, "b"); rep != repAck || c.Size != 2<<20 || c.Flags&tflagReadOnly == 0 {
+		t.Errorf("INFO b: rep %#x size %d flags %#x", rep, c.Size, c.Flags)
 	}
-	if _, rep := c.info(optInfo, "nope"); rep != repErrUnknown {
+	if _, rep := c.Info(optInfo, "nope"); rep != repErrUnknown {
 		t.Errorf("INFO unknown export: %#x", rep)
 	}
-	c.sendOpt(optInfo, []byte{0, 0, 0, 9, 'x'}) // name length beyond data
-	if _, typ, _ := c.readOptReply(); typ != repErrInvalid {
+	c.SendOpt(optInfo, []byte{0, 0, 0, 9, 'x'}) // name length beyond data
+	if _, typ, _ := c.ReadOptReply(); typ != repErrInvalid {
 		t.Errorf("INFO malformed: %#x", typ)
 	}
-	c.sendOpt(optGo, append(infoData("a"), 0)) // trailing byte
-	if _, typ, _ := c.readOptReply(); typ != repErrInvalid {
+	c.SendOpt(optGo, append(nbdtest.InfoData("a"), 0)) // trailing byte
+	if _, typ, _ := c.ReadOptReply(); typ != repErrInvalid {
 		t.Errorf("GO malformed: %#x", typ)
 	}
-	c.sendOpt(optStartTLS, nil)
-	if _, typ, _ := c.readOptReply(); typ != repErrPolicy {
+	c.SendOpt(optStartTLS, nil)
+	if _, typ, _ := c.ReadOptReply(); typ != repErrPolicy {
 		t.Errorf("STARTTLS: %#x", typ)
 	}
-	c.sendOpt(99, []byte("whatever"))
-	if o, typ, _ := c.readOptReply(); typ != repErrUnsup || o != 99 {
+	c.SendOpt(99, []byte("whatever"))
+	if o, typ, _ := c.ReadOptReply(); typ != repErrUnsup || o != 99 {
 		t.Errorf("unknown option: %d %#x", o, typ)
 	}
-	c.sendOpt(optStructuredReply, []byte{1})
-	if _, typ, _ := c.readOptReply(); typ != repErrInvalid {
+	c.SendOpt(optStructuredReply, []byte{1})
+	if _, typ, _ := c.ReadOptReply(); typ != repErrInvalid {
 		t.Errorf("STRUCTURED_REPLY with data: %#x", typ)
 	}
-	c.sendOpt(optAbort, nil)
-	if _, typ, _ := c.readOptReply(); typ != repAck {
+	c.SendOpt(optAbort, nil)
+	if _, typ, _ := c.ReadOptReply(); typ != repAck {
 		t.Errorf("ABORT: %#x", typ)
 	}
-	c.expectEOF()
+	c.ExpectEOF()
 
 	// Absurd option length: clean disconnect.
-	c = dialRaw(t, path, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	c = nbdtest.DialRaw(t, path, clientFlagFixedNewstyle|clientFlagNoZeroes)
 	b := binary.BigEndian.AppendUint64(nil, optMagic)
 	b = binary.BigEndian.AppendUint32(b, optInfo)
-	c.write(binary.BigEndian.AppendUint32(b, 1<<30))
-	c.expectEOF()
+	c.Write(binary.BigEndian.AppendUint32(b, 1<<30))
+	c.ExpectEOF()
 
 	// Unknown client flags: disconnect.
-	c = dialRaw(t, path, clientFlagFixedNewstyle|1<<7)
-	c.expectEOF()
+	c = nbdtest.DialRaw(t, path, clientFlagFixedNewstyle|1<<7)
+	c.ExpectEOF()
 }
 
 func TestExportName(t *testing.T) {
 	v := newMemVolume(1 << 20)
 	path := startServer(t, oneExport(v), Options{})
 	// Without NO_ZEROES the reply carries 124 zero bytes.
-	c := dialRaw(t, path, clientFlagFixedNewstyle)
-	c.sendOpt(optExportName, []byte("disk"))
+	c := nbdtest.DialRaw(t, path, clientFlagFixedNewstyle)
+	c.SendOpt(optExportName, []byte("disk"))
 	var b [134]byte
-	c.readFull(b[:])
+	c.ReadFull(b[:])
 	if binary.BigEndian.Uint64(b[:]) != 1<<20 || binary.BigEndian.Uint16(b[8:]) == 0 || !bytes.Equal(b[10:], make([]byte, 124)) {
 		t.Fatalf("EXPORT_NAME reply %x", b[:12])
 	}
-	if r := c.do(cmdRead, 0, 0, 4096, nil); r.errno != 0 || len(r.data) != 4096 {
+	if r := c.Do(cmdRead, 0, 0, 4096, nil); r.Errno != 0 || len(r.Data) != 4096 {
 		t.Fatalf("read after EXPORT_NAME: %v", r)
 	}
 	// Unknown export name: the server hangs up.
-	c = dialRaw(t, path, clientFlagFixedNewstyle|clientFlagNoZeroes)
-	c.sendOpt(optExportName, []byte("nope"))
-	c.expectEOF()
+	c = nbdtest.DialRaw(t, path, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	c.SendOpt(optExportName, []byte("nope"))
+	c.ExpectEOF()
 }
 
 func testPipelined(t *testing.T, structured bool) {
 	v := newMemVolume(testVolSize)
 	path := startServer(t, oneExport(v), Options{})
-	c := dial(t, path, structured)
+	c := nbdtest.Dial(t, path, structured)
 	rng := rand.New(rand.NewPCG(1, 2))
 	const n = 300
 	want := make([]byte, testVolSize)
@@ -166,16 +196,16 @@ func testPipelined(t *testing.T, structured bool) {
 	}
 	go func() {
 		for i, wr := range writes {
-			c.send(cmdWrite, 0, uint64(i), wr.off, uint32(len(wr.data)), wr.data)
+			c.Send(cmdWrite, 0, uint64(i), wr.off, uint32(len(wr.data)), wr.data)
 		}
 	}()
 	seen := map[uint64]bool{}
 	for range writes {
-		r := c.recv()
-		if r.errno != 0 || seen[r.cookie] {
-			t.Fatalf("write reply %v (dup %v)", r, seen[r.cookie])
+		r := c.Recv()
+		if r.Errno != 0 || seen[r.Cookie] {
+			t.Fatalf("write reply %v (dup %v)", r, seen[r.Cookie])
 		}
-		seen[r.cookie] = true
+		seen[r.Cookie] = true
 	}
 	if !bytes.Equal(v.data, want) {
 		t.Fatal("volume contents differ from what was written")
@@ -193,21 +223,21 @@ func testPipelined(t *testing.T, structured bool) {
 	go func() {
 		for i := 0; i < n; i++ {
 			r := reads[uint64(i)]
-			c.send(cmdRead, 0, uint64(i), r.off, r.n, nil)
+			c.Send(cmdRead, 0, uint64(i), r.off, r.n, nil)
 		}
 	}()
 	for i := 0; i < n; i++ {
-		r := c.recv()
-		q, ok := reads[r.cookie]
-		if !ok || r.errno != 0 {
+		r := c.Recv()
+		q, ok := reads[r.Cookie]
+		if !ok || r.Errno != 0 {
 			t.Fatalf("read reply %v", r)
 		}
-		delete(reads, r.cookie)
-		if structured && r.offset != q.off {
-			t.Fatalf("chunk offset %d, want %d", r.offset, q.off)
+		delete(reads, r.Cookie)
+		if structured && r.Offset != q.off {
+			t.Fatalf("chunk offset %d, want %d", r.Offset, q.off)
 		}
-		if !bytes.Equal(r.data, want[q.off:q.off+uint64(q.n)]) {
-			t.Fatalf("read %d at %d: data mismatch", r.cookie, q.off)
+		if !bytes.Equal(r.Data, want[q.off:q.off+uint64(q.n)]) {
+			t.Fatalf("read %d at %d: data mismatch", r.Cookie, q.off)
 		}
 	}
 }
@@ -220,24 +250,24 @@ func TestCommandsAndFlags(t *testing.T) {
 		v := newMemVolume(1 << 20)
 		v.record = true
 		path := startServer(t, oneExport(v), Options{})
-		c := dial(t, path, structured)
+		c := nbdtest.Dial(t, path, structured)
 		for i := range v.data {
 			v.data[i] = 0xaa
 		}
-		check := func(r reply, what string) {
+		check := func(r nbdtest.Reply, what string) {
 			t.Helper()
-			if r.errno != 0 {
+			if r.Errno != 0 {
 				t.Fatalf("%s: %v", what, r)
 			}
-			if structured && (len(r.types) != 1 || r.types[0] != replyTypeNone) {
-				t.Fatalf("%s: chunk types %v, want one NONE", what, r.types)
+			if structured && (len(r.Types) != 1 || r.Types[0] != replyTypeNone) {
+				t.Fatalf("%s: chunk types %v, want one NONE", what, r.Types)
 			}
 		}
-		check(c.do(cmdWrite, cmdFlagFUA, 4096, 4096, bytes.Repeat([]byte{1}, 4096)), "write fua")
-		check(c.do(cmdFlush, 0, 0, 0, nil), "flush")
-		check(c.do(cmdTrim, 0, 8192, 8192, nil), "trim")
-		check(c.do(cmdWriteZeroes, cmdFlagNoHole|cmdFlagFUA, 16384, 4096, nil), "write zeroes")
-		check(c.do(cmdWriteZeroes, 0, 20480, 4096, nil), "write zeroes (hole ok)")
+		check(c.Do(cmdWrite, cmdFlagFUA, 4096, 4096, bytes.Repeat([]byte{1}, 4096)), "write fua")
+		check(c.Do(cmdFlush, 0, 0, 0, nil), "flush")
+		check(c.Do(cmdTrim, 0, 8192, 8192, nil), "trim")
+		check(c.Do(cmdWriteZeroes, cmdFlagNoHole|cmdFlagFUA, 16384, 4096, nil), "write zeroes")
+		check(c.Do(cmdWriteZeroes, 0, 20480, 4096, nil), "write zeroes (hole ok)")
 		want := []opRecord{
 			{engine.OpWrite, engine.FlagFUA, 4096, 4096},
 			{engine.OpFlush, 0, 0, 0},
@@ -256,18 +286,18 @@ func TestCommandsAndFlags(t *testing.T) {
 				t.Errorf("op %d = %+v, want %+v", i, ops[i], want[i])
 			}
 		}
-		r := c.do(cmdRead, 0, 0, 24576, nil)
+		r := c.Do(cmdRead, 0, 0, 24576, nil)
 		exp := bytes.Repeat([]byte{0xaa}, 24576)
 		copy(exp[4096:], bytes.Repeat([]byte{1}, 4096))
 		clear(exp[8192:24576])
-		if r.errno != 0 || !bytes.Equal(r.data, exp) {
+		if r.Errno != 0 || !bytes.Equal(r.Data, exp) {
 			t.Fatalf("read back after trim/zero: %v", r)
 		}
-		if structured && (len(r.types) != 1 || r.types[0] != replyTypeOffsetData) {
-			t.Fatalf("read chunks %v", r.types)
+		if structured && (len(r.Types) != 1 || r.Types[0] != replyTypeOffsetData) {
+			t.Fatalf("read chunks %v", r.Types)
 		}
-		c.send(cmdDisc, 0, 1, 0, 0, nil)
-		c.expectEOF()
+		c.Send(cmdDisc, 0, 1, 0, 0, nil)
+		c.ExpectEOF()
 	}
 }
 
@@ -275,7 +305,7 @@ func TestErrorsKeepStreamInSync(t *testing.T) {
 	for _, structured := range []bool{false, true} {
 		v := newMemVolume(1 << 20)
 		path := startServer(t, oneExport(v), Options{MaxPayload: 1 << 20})
-		c := dial(t, path, structured)
+		c := nbdtest.Dial(t, path, structured)
 		copy(v.data[4096:], "hello")
 		cases := []struct {
 			name       string
@@ -300,47 +330,47 @@ func TestErrorsKeepStreamInSync(t *testing.T) {
 			{"read too large", cmdRead, 0, 0, 2 << 20, nil, errInval},
 		}
 		for _, tc := range cases {
-			c.send(tc.typ, tc.flags, 9, tc.off, tc.n, tc.payload)
-			r := c.recv()
-			if r.cookie != 9 || r.errno != tc.errno {
+			c.Send(tc.typ, tc.flags, 9, tc.off, tc.n, tc.payload)
+			r := c.Recv()
+			if r.Cookie != 9 || r.Errno != tc.errno {
 				t.Fatalf("%s: %v, want errno %d", tc.name, r, tc.errno)
 			}
-			if structured && r.types[0] != replyTypeError {
-				t.Fatalf("%s: chunk %v", tc.name, r.types)
+			if structured && r.Types[0] != replyTypeError {
+				t.Fatalf("%s: chunk %v", tc.name, r.Types)
 			}
 			// The stream is still in sync.
-			r = c.do(cmdRead, 0, 4096, 4096, nil)
-			if r.errno != 0 || string(r.data[:5]) != "hello" {
+			r = c.Do(cmdRead, 0, 4096, 4096, nil)
+			if r.Errno != 0 || string(r.Data[:5]) != "hello" {
 				t.Fatalf("after %s: %v", tc.name, r)
 			}
 		}
 		// A write far beyond any sane bound cannot be resynchronised: clean disconnect.
-		c.send(cmdWrite, 0, 9, 0, 1<<31, nil)
-		c.expectEOF()
+		c.Send(cmdWrite, 0, 9, 0, 1<<31, nil)
+		c.ExpectEOF()
 		// Bad magic: clean disconnect.
-		c = dial(t, path, structured)
-		c.write(make([]byte, requestSize))
-		c.expectEOF()
+		c = nbdtest.Dial(t, path, structured)
+		c.Write(make([]byte, requestSize))
+		c.ExpectEOF()
 	}
 }
 
 func TestReadOnly(t *testing.T) {
 	v := newMemVolume(1 << 20)
 	path := startServer(t, []Export{{Name: "ro", Volume: v, ReadOnly: true}}, Options{})
-	c := dial(t, path, false)
-	if c.flags&tflagReadOnly == 0 {
-		t.Fatalf("flags %#x lack READ_ONLY", c.flags)
+	c := nbdtest.Dial(t, path, false)
+	if c.Flags&tflagReadOnly == 0 {
+		t.Fatalf("flags %#x lack READ_ONLY", c.Flags)
 	}
 	for _, typ := range []uint16{cmdWrite, cmdTrim, cmdWriteZeroes} {
 		var p []byte
 		if typ == cmdWrite {
 			p = make([]byte, 4096)
 		}
-		if r := c.do(typ, 0, 0, 4096, p); r.errno != errPerm {
+		if r := c.Do(typ, 0, 0, 4096, p); r.Errno != errPerm {
 			t.Fatalf("cmd %d on read-only export: %v", typ, r)
 		}
 	}
-	if r := c.do(cmdRead, 0, 0, 4096, nil); r.errno != 0 {
+	if r := c.Do(cmdRead, 0, 0, 4096, nil); r.Errno != 0 {
 		t.Fatalf("read: %v", r)
 	}
 }
@@ -360,20 +390,20 @@ func TestManyInFlightOverlap(t *testing.T) {
 	v := newMemVolume(testVolSize)
 	v.holdUntil = 150 // completions are parked until 150 requests are pending
 	path := startServer(t, oneExport(v), Options{})
-	c := dial(t, path, false)
+	c := nbdtest.Dial(t, path, false)
 	const n = 200
 	go func() {
 		for i := 0; i < n; i++ {
-			c.send(cmdRead, 0, uint64(i), uint64(i)*4096, 4096, nil)
+			c.Send(cmdRead, 0, uint64(i), uint64(i)*4096, 4096, nil)
 		}
 	}()
 	seen := map[uint64]bool{}
 	for i := 0; i < n; i++ {
-		r := c.recv()
-		if r.errno != 0 || seen[r.cookie] {
+		r := c.Recv()
+		if r.Errno != 0 || seen[r.Cookie] {
 			t.Fatalf("reply %v", r)
 		}
-		seen[r.cookie] = true
+		seen[r.Cookie] = true
 	}
 	v.mu.Lock()
 	mp := v.maxPending
@@ -387,11 +417,11 @@ func TestBackPressure(t *testing.T) {
 	v := newMemVolume(testVolSize)
 	v.holdAll = true
 	path := startServer(t, oneExport(v), Options{MaxInFlight: 128})
-	c := dial(t, path, false)
+	c := nbdtest.Dial(t, path, false)
 	const n = 200
 	go func() {
 		for i := 0; i < n; i++ {
-			c.send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, make([]byte, 4096))
+			c.Send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, make([]byte, 4096))
 		}
 	}()
 	deadline := time.Now().Add(5 * time.Second)
@@ -407,7 +437,7 @@ func TestBackPressure(t *testing.T) {
 	v.mu.Unlock()
 	v.release()
 	for i := 0; i < n; i++ {
-		if r := c.recv(); r.errno != 0 {
+		if r := c.Recv(); r.Errno != 0 {
 			t.Fatalf("reply %v", r)
 		}
 	}
@@ -417,11 +447,11 @@ func TestDiscWaitsForInFlight(t *testing.T) {
 	v := newMemVolume(1 << 20)
 	v.holdAll = true
 	path := startServer(t, oneExport(v), Options{})
-	c := dial(t, path, true)
+	c := nbdtest.Dial(t, path, true)
 	for i := 0; i < 10; i++ {
-		c.send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, bytes.Repeat([]byte{byte(i)}, 4096))
+		c.Send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, bytes.Repeat([]byte{byte(i)}, 4096))
 	}
-	c.send(cmdDisc, 0, 99, 0, 0, nil)
+	c.Send(cmdDisc, 0, 99, 0, 0, nil)
 	for v.numHeld() < 10 {
 		time.Sleep(time.Millisecond)
 	}
@@ -432,11 +462,11 @@ func TestDiscWaitsForInFlight(t *testing.T) {
 		v.release()
 	})
 	for i := 0; i < 10; i++ {
-		if r := c.recv(); r.errno != 0 || r.cookie >= 10 {
+		if r := c.Recv(); r.Errno != 0 || r.Cookie >= 10 {
 			t.Fatalf("reply %v", r)
 		}
 	}
-	c.expectEOF()
+	c.ExpectEOF()
 	if v.data[9*4096] != 9 {
 		t.Fatal("write not applied")
 	}
@@ -457,8 +487,8 @@ func TestServeCancelDrains(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, l) }()
-	c := dial(t, path, false)
-	c.send(cmdRead, 0, 5, 0, 4096, nil)
+	c := nbdtest.Dial(t, path, false)
+	c.Send(cmdRead, 0, 5, 0, 4096, nil)
 	for v.numHeld() < 1 {
 		time.Sleep(time.Millisecond)
 	}
@@ -472,10 +502,10 @@ func TestServeCancelDrains(t *testing.T) {
 	v.holdAll = false
 	v.mu.Unlock()
 	v.release()
-	if r := c.recv(); r.cookie != 5 || r.errno != 0 {
+	if r := c.Recv(); r.Cookie != 5 || r.Errno != 0 {
 		t.Fatalf("reply %v", r)
 	}
-	c.expectEOF()
+	c.ExpectEOF()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -489,14 +519,14 @@ func TestServeCancelDrains(t *testing.T) {
 func TestMultiConnSharesVolume(t *testing.T) {
 	v := newMemVolume(1 << 20)
 	path := startServer(t, oneExport(v), Options{})
-	a, b := dial(t, path, false), dial(t, path, true)
-	if r := a.do(cmdWrite, 0, 0, 4096, bytes.Repeat([]byte{7}, 4096)); r.errno != 0 {
+	a, b := nbdtest.Dial(t, path, false), nbdtest.Dial(t, path, true)
+	if r := a.Do(cmdWrite, 0, 0, 4096, bytes.Repeat([]byte{7}, 4096)); r.Errno != 0 {
 		t.Fatal(r)
 	}
-	if r := b.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
+	if r := b.Do(cmdFlush, 0, 0, 0, nil); r.Errno != 0 {
 		t.Fatal(r)
 	}
-	if r := b.do(cmdRead, 0, 0, 4096, nil); r.errno != 0 || r.data[0] != 7 {
+	if r := b.Do(cmdRead, 0, 0, 4096, nil); r.Errno != 0 || r.Data[0] != 7 {
 		t.Fatalf("read on second connection: %v", r)
 	}
 }
@@ -578,8 +608,8 @@ func TestServeListenerFailure(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(context.Background(), l) }()
-	c := dial(t, path, false)
-	if r := c.do(cmdRead, 0, 0, 4096, nil); r.errno != 0 {
+	c := nbdtest.Dial(t, path, false)
+	if r := c.Do(cmdRead, 0, 0, 4096, nil); r.Errno != 0 {
 		t.Fatal(r)
 	}
 	l.Close() // the listener fails underneath Serve
@@ -591,7 +621,7 @@ func TestServeListenerFailure(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Serve did not return after its listener failed")
 	}
-	c.expectEOF()
+	c.ExpectEOF()
 }
 
 // TestDirectRepliesSocketFull sends reads one at a time (so each completes
@@ -606,21 +636,21 @@ func TestDirectRepliesSocketFull(t *testing.T) {
 			v.data[i] = byte(i*7 + i>>12)
 		}
 		path := startServer(t, oneExport(v), Options{})
-		c := dial(t, path, structured)
+		c := nbdtest.Dial(t, path, structured)
 		const n, size = 96, 64 << 10 // 6 MiB of replies, far above the socket buffer
 		for i := 0; i < n; i++ {
 			off := uint64(i%(testVolSize/size)) * size
-			c.send(cmdRead, 0, uint64(i), off, size, nil)
+			c.Send(cmdRead, 0, uint64(i), off, size, nil)
 			time.Sleep(200 * time.Microsecond)
 		}
 		for i := 0; i < n; i++ {
-			r := c.recv()
-			if r.errno != 0 {
+			r := c.Recv()
+			if r.Errno != 0 {
 				t.Fatalf("structured=%v: reply %v", structured, r)
 			}
-			off := (r.cookie % (testVolSize / size)) * size
-			if !bytes.Equal(r.data, v.data[off:off+size]) {
-				t.Fatalf("structured=%v: read %d: data mismatch", structured, r.cookie)
+			off := (r.Cookie % (testVolSize / size)) * size
+			if !bytes.Equal(r.Data, v.data[off:off+size]) {
+				t.Fatalf("structured=%v: read %d: data mismatch", structured, r.Cookie)
 			}
 		}
 	}

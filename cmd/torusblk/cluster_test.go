@@ -8,236 +8,53 @@ package main
 import (
 	"bytes"
 	"context"
-	"fmt"
-	"net"
+	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
-	"github.com/torus-storage/torus/internal/devetcd"
-	"github.com/torus-storage/torus/meta"
-	"github.com/torus-storage/torus/netquic"
+	"github.com/torus-storage/torus/internal/nbdtest"
+	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/store"
 )
 
-var (
-	clusterBinsOnce sync.Once
-	clusterBinsErr  error
-	torusdBin       string
-	torusctlBin     string
-)
-
-// clusterBins builds torusd and torusctl next to the torusblk binary.
-func clusterBins(t *testing.T) {
-	t.Helper()
-	clusterBinsOnce.Do(func() {
-		dir := filepath.Dir(torusblkBin)
-		torusdBin, torusctlBin = filepath.Join(dir, "torusd"), filepath.Join(dir, "torusctl")
-		for bin, pkg := range map[string]string{torusdBin: "../torusd", torusctlBin: "../torusctl"} {
-			if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
-				clusterBinsErr = fmt.Errorf("building %s: %v\n%s", pkg, err, out)
-				return
-			}
-		}
-	})
-	if clusterBinsErr != nil {
-		t.Fatal(clusterBinsErr)
-	}
-}
-
-// proc is a child process whose stderr is kept for failure messages.
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	log  *syncBuffer
-	done chan error
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func startProc(t *testing.T, name, bin string, args ...string) *proc {
-	t.Helper()
-	p := &proc{name: name, cmd: exec.Command(bin, args...), log: new(syncBuffer), done: make(chan error, 1)}
-	p.cmd.Stderr = p.log
-	p.cmd.Stdout = p.log
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("starting %s: %v", name, err)
-	}
-	go func() { p.done <- p.cmd.Wait() }()
-	t.Cleanup(func() { p.kill() })
-	return p
-}
-
-func (p *proc) exited() bool {
-	select {
-	case err := <-p.done:
-		p.done <- err
-		return true
-	default:
-		return false
-	}
-}
-
-// stop sends SIGTERM and requires a clean exit.
-func (p *proc) stop(t *testing.T) {
-	t.Helper()
-	if p.cmd.ProcessState != nil {
-		return
-	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-p.done:
-		p.done <- err
-		if err != nil {
-			t.Fatalf("%s exited with %v after SIGTERM\n%s", p.name, err, p.log)
-		}
-	case <-time.After(30 * time.Second):
-		p.cmd.Process.Kill()
-		t.Fatalf("%s did not exit within 30s of SIGTERM\n%s", p.name, p.log)
-	}
-}
-
-func (p *proc) kill() {
-	if p.cmd.ProcessState == nil {
-		p.cmd.Process.Signal(syscall.SIGCONT)
-		p.cmd.Process.Kill()
-		<-p.done
-	}
-}
-
-// testCluster is an etcd plus storage nodes.
+// testCluster is a cluster of torusd processes (testcluster.Cluster) with
+// the helpers of these tests.
 type testCluster struct {
-	t       *testing.T
-	etcd    *devetcd.Server
-	ms      *meta.Client
-	caDir   string
-	tlsDir  string
-	nodes   []*testNode
-	workDir string
+	*testcluster.Cluster
+	t *testing.T
 }
 
-type testNode struct {
-	id, dataDir, listen string
-	p                   *proc
-}
-
+// startCluster starts a cluster (R=3, 1 MiB chunks) of n nodes and waits
+// until they are all in the ring.
 func startCluster(t *testing.T, n int) *testCluster {
 	t.Helper()
-	clusterBins(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	work := t.TempDir()
-	etcd, err := devetcd.Start(ctx, filepath.Join(work, "etcd"), "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(etcd.Close)
-	c := &testCluster{t: t, etcd: etcd, caDir: filepath.Join(work, "ca"), tlsDir: filepath.Join(work, "client"), workDir: work}
-	c.ctl("init", "--cluster-dir", c.caDir, "--chunk-size", "1MiB", "--replication", "3")
-	if err := netquic.IssueCert(c.caDir, "client", []string{"127.0.0.1"}, c.tlsDir); err != nil {
-		t.Fatal(err)
-	}
-	if c.ms, err = meta.Open(ctx, []string{etcd.Endpoint()}, meta.DefaultPrefix, meta.Options{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.ms.Close() })
-	for i := 1; i <= n; i++ {
-		l, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.%d:0", i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := l.LocalAddr().String()
-		l.Close()
-		nd := &testNode{id: fmt.Sprintf("node%d", i), dataDir: filepath.Join(work, fmt.Sprintf("node%d", i)), listen: addr}
-		c.nodes = append(c.nodes, nd)
-		c.startNode(nd)
-	}
-	c.waitNodes(n)
+	c := &testCluster{Cluster: testcluster.NewCluster(t, testcluster.Options{Replication: 3}), t: t}
+	c.AddNodes(n)
 	return c
 }
 
-func (c *testCluster) startNode(nd *testNode) {
-	c.t.Helper()
-	nd.p = startProc(c.t, nd.id, torusdBin, "--etcd", c.etcd.Endpoint(), "--data-dir", nd.dataDir,
-		"--listen", nd.listen, "--size", "512MiB", "--id", nd.id, "--host", nd.id, "--cluster-dir", c.caDir)
-}
-
-// waitNodes waits until n nodes are registered and in the ring.
-func (c *testCluster) waitNodes(n int) {
-	c.t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		nodes, err := c.ms.Nodes(ctx)
-		r, _, rerr := c.ms.Ring(ctx)
-		cancel()
-		if err == nil && rerr == nil && len(nodes) == n && r != nil && len(r.Nodes()) >= n {
-			return
-		}
-		for _, nd := range c.nodes {
-			if nd.p.exited() {
-				c.t.Fatalf("torusd %s exited:\n%s", nd.id, nd.p.log)
-			}
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatalf("%d nodes registered (err %v), want %d", len(nodes), err, n)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// ctl runs torusctl and fails the test on error.
-func (c *testCluster) ctl(args ...string) string {
-	c.t.Helper()
-	out, err := exec.Command(torusctlBin, append([]string{"--etcd", c.etcd.Endpoint()}, args...)...).CombinedOutput()
-	if err != nil {
-		c.t.Fatalf("torusctl %v: %v\n%s", args, err, out)
-	}
-	return string(out)
-}
-
 // serve runs torusblk serve NAME and waits until it accepts NBD connections.
-func (c *testCluster) serve(name string, extra ...string) (*proc, string) {
+func (c *testCluster) serve(name string, extra ...string) (*testcluster.Proc, string) {
+	c.t.Helper()
+	p, sock := c.startServe(name, extra...)
+	if err := p.AwaitSocket(context.Background(), sock, 20*time.Second); err != nil {
+		c.t.Fatalf("%v\n%s", err, p.Log())
+	}
+	return p, sock
+}
+
+// startServe starts torusblk serve NAME on a fresh unix socket.
+func (c *testCluster) startServe(name string, extra ...string) (*testcluster.Proc, string) {
 	c.t.Helper()
 	sock := filepath.Join(c.t.TempDir(), "nbd.sock")
-	args := append([]string{"serve", name, "--etcd", c.etcd.Endpoint(), "--tls-dir", c.tlsDir, "--listen", "unix:" + sock}, extra...)
-	p := startProc(c.t, "torusblk serve "+name, torusblkBin, args...)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if conn, err := net.Dial("unix", sock); err == nil {
-			conn.Close()
-			return p, sock
-		}
-		if p.exited() {
-			c.t.Fatalf("torusblk serve %s exited early:\n%s", name, p.log)
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatalf("torusblk serve %s did not listen within 20s\n%s", name, p.log)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	args := append([]string{"serve", name, "--etcd", c.Endpoint, "--tls-dir", c.TLSDir, "--listen", "unix:" + sock}, extra...)
+	return testcluster.StartT(c.t, testcluster.Spec{Name: "torusblk serve " + name, Bin: torusblkBin, Args: args}), sock
 }
 
 func fioVerify(t *testing.T, sock string, extra ...string) string {
@@ -260,8 +77,8 @@ func fioVerify(t *testing.T, sock string, extra ...string) string {
 func TestCluster(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)
-	c.ctl("volume", "create", "r3", "--size", "256MiB", "--replication", "3")
-	c.ctl("volume", "create", "r2", "--size", "128MiB", "--replication", "2")
+	c.Ctl("volume", "create", "r3", "--size", "256MiB", "--replication", "3")
+	c.Ctl("volume", "create", "r2", "--size", "128MiB", "--replication", "2")
 
 	// fio verify through the NBD export of a replicated volume, at QD1 and
 	// QD32; the written data stays for the replica checks below.
@@ -272,33 +89,33 @@ func TestCluster(t *testing.T) {
 
 	// A second attach of the same volume is refused while the first holds it.
 	var stdout, stderr bytes.Buffer
-	code := runWithTimeout(t, []string{"serve", "r3", "--etcd", c.etcd.Endpoint(), "--tls-dir", c.tlsDir,
+	code := runWithTimeout(t, []string{"serve", "r3", "--etcd", c.Endpoint, "--tls-dir", c.TLSDir,
 		"--listen", "unix:" + filepath.Join(t.TempDir(), "s")}, &stdout, &stderr)
 	if code != 1 || !strings.Contains(stderr.String(), "is attached by") {
 		t.Fatalf("second attach of r3: exit %d, %q; want exit 1 saying who holds it", code, stderr.String())
 	}
-	s.stop(t)
+	s.Stop(t)
 
 	// A node restart keeps its data and rejoins; the same data verifies
 	// afterwards (fio verify_only re-reads what the first job wrote).
-	c.nodes[1].p.stop(t)
-	c.startNode(c.nodes[1])
-	c.waitNodes(3)
+	c.Nodes[1].Proc.Stop(t)
+	c.StartNode(c.Nodes[1])
+	c.WaitNodes(3)
 	s, sock = c.serve("r3")
 	fioVerify(t, sock, append(fioJob, "--verify_only=1")...)
-	s.stop(t)
+	s.Stop(t)
 
 	// R=2 volume for the placement check: exactly 2 copies per chunk.
 	s, sock = c.serve("r2")
 	fioVerify(t, sock, "--rw=randwrite", "--iodepth=16", "--size=32M", "--do_verify=1", "--number_ios=1500")
-	s.stop(t)
+	s.Stop(t)
 
 	t.Run("Fencing", func(t *testing.T) { testFencing(t, c) })
 
 	// Every written chunk is on exactly R nodes with identical bytes: stop
 	// the nodes and read each store directly.
-	for _, nd := range c.nodes {
-		nd.p.stop(t)
+	for _, nd := range c.Nodes {
+		nd.Proc.Stop(t)
 	}
 	ctx := context.Background()
 	for _, vc := range []struct {
@@ -307,7 +124,7 @@ func TestCluster(t *testing.T) {
 		chunks int
 		min    int // chunks the fio jobs above wrote (1 MiB chunks)
 	}{{"r3", 3, 256, 56}, {"r2", 2, 128, 32}} {
-		v, err := c.ms.Volume(ctx, vc.name)
+		v, err := c.Meta.Volume(ctx, vc.name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -319,23 +136,23 @@ func TestCluster(t *testing.T) {
 // attaches with a higher epoch and writes; A wakes up and its writes fail
 // and change nothing.
 func testFencing(t *testing.T, c *testCluster) {
-	c.ctl("volume", "create", "fence", "--size", "16MiB", "--replication", "3")
+	c.Ctl("volume", "create", "fence", "--size", "16MiB", "--replication", "3")
 	a, asock := c.serve("fence", "--lease-ttl", "1s")
-	ac, err := dialNBD(asock, "torus")
+	ac, err := nbdtest.DialClient(asock, "torus")
 	if err != nil {
-		t.Fatalf("%v\n%s", err, a.log)
+		t.Fatalf("%v\n%s", err, a.Log())
 	}
 	defer ac.Close()
 	pat := func(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
 	if err := <-ac.Write(0, pat('A')); err != nil {
-		t.Fatalf("A's first write: %v\n%s", err, a.log)
+		t.Fatalf("A's first write: %v\n%s", err, a.Log())
 	}
 	if err := <-ac.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	a.cmd.Process.Signal(syscall.SIGSTOP)
+	a.Signal(syscall.SIGSTOP)
 	// B attaches once A's lease has expired.
-	var b *proc
+	var b *testcluster.Proc
 	var bsock string
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -348,25 +165,25 @@ func testFencing(t *testing.T, c *testCluster) {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
-	bc, err := dialNBD(bsock, "torus")
+	bc, err := nbdtest.DialClient(bsock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer bc.Close()
 	if err := <-bc.Write(0, pat('B')); err != nil {
-		t.Fatalf("B's write: %v\n%s", err, b.log)
+		t.Fatalf("B's write: %v\n%s", err, b.Log())
 	}
 	if err := <-bc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	a.cmd.Process.Signal(syscall.SIGCONT)
+	a.Signal(syscall.SIGCONT)
 	if err := <-ac.Write(0, pat('C')); err == nil {
 		if ferr := <-ac.Flush(); ferr == nil {
-			t.Fatalf("the fenced writer A could write and flush\n%s", a.log)
+			t.Fatalf("the fenced writer A could write and flush\n%s", a.Log())
 		}
 	}
 	if err := <-ac.Write(8192, pat('C')); err == nil {
-		t.Fatalf("the fenced writer A could write a second time\n%s", a.log)
+		t.Fatalf("the fenced writer A could write a second time\n%s", a.Log())
 	}
 	got := make([]byte, 4096)
 	if err := <-bc.Read(0, got); err != nil {
@@ -381,34 +198,25 @@ func testFencing(t *testing.T, c *testCluster) {
 	if bytes.Equal(got, pat('C')) {
 		t.Fatal("the fenced writer's write landed")
 	}
-	a.kill()
-	b.stop(t)
+	a.Kill()
+	b.Stop(t)
 }
 
 // tryServe starts torusblk serve NAME and returns nil if it exits (the
 // volume is still attached elsewhere).
-func (c *testCluster) tryServe(name string, extra ...string) (*proc, string) {
+func (c *testCluster) tryServe(name string, extra ...string) (*testcluster.Proc, string) {
 	c.t.Helper()
-	sock := filepath.Join(c.t.TempDir(), "nbd.sock")
-	args := append([]string{"serve", name, "--etcd", c.etcd.Endpoint(), "--tls-dir", c.tlsDir, "--listen", "unix:" + sock}, extra...)
-	p := startProc(c.t, "torusblk serve "+name, torusblkBin, args...)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if conn, err := net.Dial("unix", sock); err == nil {
-			conn.Close()
-			return p, sock
-		}
-		if p.exited() {
-			if !strings.Contains(p.log.String(), "is attached by") {
-				c.t.Fatalf("torusblk serve %s failed for another reason than the attach lock:\n%s", name, p.log)
-			}
-			return nil, ""
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatalf("torusblk serve %s did not listen within 20s\n%s", name, p.log)
-		}
-		time.Sleep(20 * time.Millisecond)
+	p, sock := c.startServe(name, extra...)
+	err := p.AwaitSocket(context.Background(), sock, 20*time.Second)
+	switch {
+	case err == nil:
+		return p, sock
+	case !errors.Is(err, testcluster.ErrExited):
+		c.t.Fatalf("%v\n%s", err, p.Log())
+	case !strings.Contains(p.Log(), "is attached by"):
+		c.t.Fatalf("torusblk serve %s failed for another reason than the attach lock:\n%s", name, p.Log())
 	}
+	return nil, ""
 }
 
 // checkReplicas opens every node's store and checks that each chunk of
@@ -417,10 +225,10 @@ func (c *testCluster) tryServe(name string, extra ...string) (*proc, string) {
 func checkReplicas(t *testing.T, c *testCluster, id uint64, r, chunks, min int) {
 	t.Helper()
 	var stores []*store.Store
-	for _, nd := range c.nodes {
-		st, err := store.OpenStore(filepath.Join(nd.dataDir, "store"), store.StoreOptions{Shards: 1})
+	for _, nd := range c.Nodes {
+		st, err := store.OpenStore(filepath.Join(nd.DataDir, "store"), store.StoreOptions{Shards: 1})
 		if err != nil {
-			t.Fatalf("opening %s's store: %v", nd.id, err)
+			t.Fatalf("opening %s's store: %v", nd.ID, err)
 		}
 		defer st.Close()
 		stores = append(stores, st)
@@ -443,7 +251,7 @@ func checkReplicas(t *testing.T, c *testCluster, id uint64, r, chunks, min int) 
 			if _, ok := st.SlotDataOffset(cid); ok {
 				have = append(have, i)
 				if err := readChunk(st, cid, bufs[i]); err != nil {
-					t.Fatalf("volume %d chunk %d on %s: %v", id, idx, c.nodes[i].id, err)
+					t.Fatalf("volume %d chunk %d on %s: %v", id, idx, c.Nodes[i].ID, err)
 				}
 			}
 		}
@@ -456,7 +264,7 @@ func checkReplicas(t *testing.T, c *testCluster, id uint64, r, chunks, min int) 
 		}
 		for _, i := range have[1:] {
 			if !bytes.Equal(bufs[have[0]], bufs[i]) {
-				t.Fatalf("volume %d chunk %d differs between %s and %s", id, idx, c.nodes[have[0]].id, c.nodes[i].id)
+				t.Fatalf("volume %d chunk %d differs between %s and %s", id, idx, c.Nodes[have[0]].ID, c.Nodes[i].ID)
 			}
 		}
 	}

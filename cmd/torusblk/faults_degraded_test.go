@@ -28,6 +28,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/nbdtest"
+	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/netquic"
 )
 
@@ -89,11 +91,11 @@ func (c *testCluster) requireMissed(t *testing.T, name, id string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	v, err := c.ms.Volume(ctx, name)
+	v, err := c.Meta.Volume(ctx, name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	missed, err := c.ms.Missed(ctx, v.ID)
+	missed, err := c.Meta.Missed(ctx, v.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,64 +112,62 @@ func (c *testCluster) verifyFrom(t *testing.T, id string, regions ...[2]string) 
 	for _, r := range regions {
 		fioVerifyOnly(t, sock, r[0], r[1])
 	}
-	s.stop(t)
+	s.Stop(t)
 }
 
 // TestFaultNodeKill: kill -9 of a node mid-write.
 func TestFaultNodeKill(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)
-	c.ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
+	c.Ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
 	s, sock := c.serve("vol")
 	fioWriteVerify(t, sock, "0", "8M")
-	victim := c.nodes[2]
-	duringFault(t, sock, "8M", "16M", func() { victim.p.kill() })
+	victim := c.Nodes[2]
+	duringFault(t, sock, "8M", "16M", func() { victim.Proc.Kill() })
 	fioVerifyOnly(t, sock, "0", "8M")
 	fioWriteVerify(t, sock, "24M", "8M")
-	c.requireMissed(t, "vol", victim.id)
-	s.stop(t)
-	c.startNode(victim)
-	c.waitNodes(3)
-	c.verifyFrom(t, victim.id, [2]string{"0", "8M"}, [2]string{"8M", "16M"}, [2]string{"24M", "8M"})
+	c.requireMissed(t, "vol", victim.ID)
+	s.Stop(t)
+	c.StartNode(victim)
+	c.WaitNodes(3)
+	c.verifyFrom(t, victim.ID, [2]string{"0", "8M"}, [2]string{"8M", "16M"}, [2]string{"24M", "8M"})
 }
 
 // TestFaultNodePartition: a node partitioned away with the netquic hook.
 func TestFaultNodePartition(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)
-	c.ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
-	victim := c.nodes[2]
+	c.Ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
+	victim := c.Nodes[2]
 	file := c.armPartition(victim, 3)
 
 	s, sock := c.serve("vol")
 	fioWriteVerify(t, sock, "0", "8M")
 	duringFault(t, sock, "8M", "16M", func() { partition(t, file, true) })
 	fioVerifyOnly(t, sock, "0", "8M")
-	c.requireMissed(t, "vol", victim.id)
+	c.requireMissed(t, "vol", victim.ID)
 	partition(t, file, false)
 	fioWriteVerify(t, sock, "24M", "8M")
-	s.stop(t)
-	if !strings.Contains(victim.p.log.String(), "drop=true") {
-		t.Fatalf("%s never dropped a datagram: the partition did not happen\n%s", victim.id, victim.p.log)
+	s.Stop(t)
+	if !strings.Contains(victim.Proc.Log(), "drop=true") {
+		t.Fatalf("%s never dropped a datagram: the partition did not happen\n%s", victim.ID, victim.Proc.Log())
 	}
-	c.verifyFrom(t, victim.id, [2]string{"0", "8M"}, [2]string{"8M", "16M"}, [2]string{"24M", "8M"})
+	c.verifyFrom(t, victim.ID, [2]string{"0", "8M"}, [2]string{"8M", "16M"}, [2]string{"24M", "8M"})
 }
 
 // armPartition restarts node nd with the netquic fault hook armed (its
 // environment is taken when it starts) and returns the hook's file; the
 // cluster has n nodes.
-func (c *testCluster) armPartition(nd *testNode, n int) string {
+func (c *testCluster) armPartition(nd *testcluster.Node, n int) string {
 	t := c.t
 	t.Helper()
-	nd.p.stop(t)
+	nd.Proc.Stop(t)
 	file := filepath.Join(t.TempDir(), "faults")
 	if err := os.WriteFile(file, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	t.Setenv(netquic.FaultsEnv, file)
-	c.startNode(nd)
-	t.Setenv(netquic.FaultsEnv, "")
-	c.waitNodes(n)
+	c.StartNode(nd, netquic.FaultsEnv+"="+file)
+	c.WaitNodes(n)
 	return file
 }
 
@@ -195,22 +195,22 @@ func partition(t *testing.T, file string, on bool) {
 func TestFaultRestartOnlyCompleteCopy(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 2)
-	c.ctl("volume", "create", "vol", "--size", "16MiB", "--replication", "2")
-	first, second := c.nodes[0], c.nodes[1]
+	c.Ctl("volume", "create", "vol", "--size", "16MiB", "--replication", "2")
+	first, second := c.Nodes[0], c.Nodes[1]
 	file := c.armPartition(second, 2)
 
 	s, sock := c.serve("vol")
 	fioWriteVerify(t, sock, "0", "4M")
 	partition(t, file, true)
 	fioWriteVerify(t, sock, "0", "4M")
-	c.requireMissed(t, "vol", second.id)
+	c.requireMissed(t, "vol", second.ID)
 
-	first.p.kill()
-	c.startNode(first)
-	waitLog(t, first.p, "node ready", 30*time.Second)
+	first.Proc.Kill()
+	c.StartNode(first)
+	first.Proc.WaitLog(t, "node ready")
 	partition(t, file, false)
 
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,48 +223,36 @@ func TestFaultRestartOnlyCompleteCopy(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("reads still fail 30 s after both nodes are back: %v\n%s", err, s.log)
+			t.Fatalf("reads still fail 30 s after both nodes are back: %v\n%s", err, s.Log())
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
 	c.waitNoMarks(t, "vol", time.Minute, s)
 	fioVerifyOnly(t, sock, "0", "4M")
 	cl.Close()
-	s.stop(t)
-	for _, nd := range c.nodes {
-		c.verifyFrom(t, nd.id, [2]string{"0", "4M"})
-	}
-}
-
-// waitLog waits until p logged s.
-func waitLog(t *testing.T, p *proc, s string, limit time.Duration) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !strings.Contains(p.log.String(), s) {
-		if p.exited() || time.Now().After(deadline) {
-			t.Fatalf("%q not logged within %v:\n%s", s, limit, p.log)
-		}
-		time.Sleep(50 * time.Millisecond)
+	s.Stop(t)
+	for _, nd := range c.Nodes {
+		c.verifyFrom(t, nd.ID, [2]string{"0", "4M"})
 	}
 }
 
 // waitNoMarks waits until etcd records no missed chunk of volume name; on
 // timeout it fails with the marks and the log of s.
-func (c *testCluster) waitNoMarks(t *testing.T, name string, limit time.Duration, s *proc) {
+func (c *testCluster) waitNoMarks(t *testing.T, name string, limit time.Duration, s *testcluster.Proc) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
-	v, err := c.ms.Volume(ctx, name)
+	v, err := c.Meta.Volume(ctx, name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for {
-		missed, err := c.ms.Missed(ctx, v.ID)
+		missed, err := c.Meta.Missed(ctx, v.ID)
 		if err == nil && len(missed) == 0 {
 			return
 		}
 		if ctx.Err() != nil {
-			t.Fatalf("volume %s still has missed marks %v %v after %v:\n%s", name, missed, err, limit, s.log)
+			t.Fatalf("volume %s still has missed marks %v %v after %v:\n%s", name, missed, err, limit, s.Log())
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -274,19 +262,19 @@ func (c *testCluster) waitNoMarks(t *testing.T, name string, limit time.Duration
 func TestFaultTwoNodesLost(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)
-	c.ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
+	c.Ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
 	s, sock := c.serve("vol")
 	fioWriteVerify(t, sock, "0", "8M")
-	duringFault(t, sock, "8M", "8M", func() { c.nodes[1].p.kill() })
-	duringFault(t, sock, "16M", "8M", func() { c.nodes[2].p.kill() })
+	duringFault(t, sock, "8M", "8M", func() { c.Nodes[1].Proc.Kill() })
+	duringFault(t, sock, "16M", "8M", func() { c.Nodes[2].Proc.Kill() })
 	fioVerifyOnly(t, sock, "0", "24M")
-	c.requireMissed(t, "vol", c.nodes[1].id)
-	c.requireMissed(t, "vol", c.nodes[2].id)
-	s.stop(t)
-	c.startNode(c.nodes[1])
-	c.startNode(c.nodes[2])
-	c.waitNodes(3)
-	for _, nd := range c.nodes[1:] {
-		c.verifyFrom(t, nd.id, [2]string{"0", "24M"})
+	c.requireMissed(t, "vol", c.Nodes[1].ID)
+	c.requireMissed(t, "vol", c.Nodes[2].ID)
+	s.Stop(t)
+	c.StartNode(c.Nodes[1])
+	c.StartNode(c.Nodes[2])
+	c.WaitNodes(3)
+	for _, nd := range c.Nodes[1:] {
+		c.verifyFrom(t, nd.ID, [2]string{"0", "24M"})
 	}
 }

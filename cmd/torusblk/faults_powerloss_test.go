@@ -5,10 +5,9 @@ package main
 import (
 	"bytes"
 	"path/filepath"
-	"strings"
 	"testing"
-	"time"
 
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -19,17 +18,15 @@ import (
 // although it never saw that node before its restart.
 func TestFaultPowerLossNewHolder(t *testing.T) {
 	c := startCluster(t, 2)
-	c.ctl("volume", "create", "vol", "--size", "16MiB", "--replication", "2")
-	victim := c.nodes[1]
+	c.Ctl("volume", "create", "vol", "--size", "16MiB", "--replication", "2")
+	victim := c.Nodes[1]
 	plog := filepath.Join(t.TempDir(), "powerloss")
-	victim.p.stop(t)
-	t.Setenv(store.PowerLogEnv, plog)
-	c.startNode(victim)
-	t.Setenv(store.PowerLogEnv, "")
-	c.waitNodes(2)
+	victim.Proc.Stop(t)
+	c.StartNode(victim, store.PowerLogEnv+"="+plog)
+	c.WaitNodes(2)
 
 	s, sock := c.serve("vol", "--lease-ttl", "2s")
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,25 +49,17 @@ func TestFaultPowerLossNewHolder(t *testing.T) {
 	}
 	// Generation 2 is acknowledged by both replicas, not flushed.
 	cl.Close()
-	s.kill()
+	s.Kill()
 
-	victim.p.kill()
-	t.Setenv(store.PowerLogEnv, plog)
-	t.Setenv(store.PowerLossEnv, "1")
-	c.startNode(victim)
-	t.Setenv(store.PowerLogEnv, "")
-	t.Setenv(store.PowerLossEnv, "")
-	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(victim.p.log.String(), "node ready"); time.Sleep(50 * time.Millisecond) {
-		if time.Now().After(deadline) || victim.p.exited() {
-			t.Fatalf("%s did not come back after the power loss:\n%s", victim.id, victim.p.log)
-		}
-	}
-	if !bytes.Contains([]byte(victim.p.log.String()), []byte("power-loss fault: undid")) {
-		t.Fatalf("%s restarted without undoing any write:\n%s", victim.id, victim.p.log)
+	victim.Proc.Kill()
+	c.StartNode(victim, store.PowerLogEnv+"="+plog, store.PowerLossEnv+"=1")
+	victim.Proc.WaitLog(t, "node ready") // back after the power loss
+	if !bytes.Contains([]byte(victim.Proc.Log()), []byte("power-loss fault: undid")) {
+		t.Fatalf("%s restarted without undoing any write:\n%s", victim.ID, victim.Proc.Log())
 	}
 
-	s, sock = c.reattach("vol", "--local-node", victim.id)
-	cl, err = dialNBD(sock, "torus")
+	s, sock = c.reattach("vol", "--local-node", victim.ID)
+	cl, err = nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,7 +80,7 @@ func TestFaultPowerLossNewHolder(t *testing.T) {
 	cl.Close()
 	if stale > 0 {
 		t.Fatalf("%d of %d blocks read the generation before the acknowledged one: the new holder read %s's copy, which lost them in the power loss",
-			stale, blocks, victim.id)
+			stale, blocks, victim.ID)
 	}
-	s.stop(t)
+	s.Stop(t)
 }

@@ -4,10 +4,11 @@ package main
 
 // The fault-injection suite (`make test-faults`, part of
 // `make test`). Every case starts its own cluster with the helpers of
-// cluster_test.go (an embedded etcd in the test process, three torusd
-// processes on 127.0.0.1-3, torusctl, `torusblk serve NAME` on a unix
-// socket) and checks with fio (verify=crc32c, verify_fatal) before, during
-// and after the fault that no acknowledged data is lost:
+// cluster_test.go and internal/testcluster (an embedded etcd in the test
+// process, three torusd processes on 127.0.0.1-3, torusctl, `torusblk serve
+// NAME` on a unix socket) and checks with fio (verify=crc32c,
+// verify_fatal) before, during and after the fault that no acknowledged data
+// is lost:
 //
 //   - TestFaultClientKill: kill -9 of torusblk serve in the middle of
 //     writes, then a re-attach: the data fio verified before, and every block
@@ -37,7 +38,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -47,12 +47,13 @@ import (
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
-	"github.com/torus-storage/torus/internal/devetcd"
+	"github.com/torus-storage/torus/internal/nbdtest"
+	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/store"
 )
 
-// init makes every `go build` of this test process (TestMain's torusblk,
-// clusterBins' torusd and torusctl) use the faults tag, before TestMain runs.
+// init makes every `go build` of this test process (testcluster's builds of
+// torusblk, torusd and torusctl) use the faults tag, before TestMain runs.
 func init() {
 	flags := strings.TrimSpace(os.Getenv("GOFLAGS") + " -tags=faults")
 	if err := os.Setenv("GOFLAGS", flags); err != nil {
@@ -93,7 +94,7 @@ func block(off uint64, gen uint32) []byte {
 
 // reattach serves name again once the attach lock of a killed holder has
 // expired.
-func (c *testCluster) reattach(name string, extra ...string) (*proc, string) {
+func (c *testCluster) reattach(name string, extra ...string) (*testcluster.Proc, string) {
 	c.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -112,7 +113,7 @@ func (c *testCluster) reattach(name string, extra ...string) (*proc, string) {
 func TestFaultClientKill(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)
-	c.ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
+	c.Ctl("volume", "create", "vol", "--size", "64MiB", "--replication", "3")
 	s, sock := c.serve("vol", "--lease-ttl", "2s")
 
 	// Before: a verified region.
@@ -128,7 +129,7 @@ func TestFaultClientKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fio.Process.Kill()
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +150,7 @@ func TestFaultClientKill(t *testing.T) {
 		}
 		if flushed == 256 {
 			// Enough is flushed and fio is writing: kill the client.
-			s.cmd.Process.Signal(os.Kill)
+			s.Signal(os.Kill)
 		}
 	}
 	cl.Close()
@@ -165,7 +166,7 @@ func TestFaultClientKill(t *testing.T) {
 	// verified or flushed before the kill is intact, and new writes verify.
 	s, sock = c.reattach("vol")
 	fioVerifyOnly(t, sock, "0", "16M")
-	cl, err = dialNBD(sock, "torus")
+	cl, err = nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,13 +182,13 @@ func TestFaultClientKill(t *testing.T) {
 	}
 	cl.Close()
 	fioWriteVerify(t, sock, "16M", "16M")
-	s.stop(t)
+	s.Stop(t)
 }
 
 // volumeChunks returns the chunk ids of volume name that have a slot in st.
 func volumeChunks(t *testing.T, c *testCluster, st *store.Store, name string, chunks int) []store.ChunkID {
 	t.Helper()
-	v, err := c.ms.Volume(context.Background(), name)
+	v, err := c.Meta.Volume(context.Background(), name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,16 +207,16 @@ func volumeChunks(t *testing.T, c *testCluster, st *store.Store, name string, ch
 func TestFaultCorruptChunk(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)
-	c.ctl("volume", "create", "vol", "--size", "32MiB", "--replication", "3")
-	bad := c.nodes[0]
-	s, sock := c.serve("vol", "--local-node", bad.id)
+	c.Ctl("volume", "create", "vol", "--size", "32MiB", "--replication", "3")
+	bad := c.Nodes[0]
+	s, sock := c.serve("vol", "--local-node", bad.ID)
 	fioWriteVerify(t, sock, "0", "8M")
-	s.stop(t)
+	s.Stop(t)
 
 	// The fault: with the node stopped, flip one byte in the first block of
 	// every chunk of the volume in its store file.
-	bad.p.stop(t)
-	storePath := filepath.Join(bad.dataDir, "store")
+	bad.Proc.Stop(t)
+	storePath := filepath.Join(bad.DataDir, "store")
 	st, err := store.OpenStore(storePath, store.StoreOptions{Shards: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -228,7 +229,7 @@ func TestFaultCorruptChunk(t *testing.T) {
 	}
 	st.Close()
 	if len(ids) < 8 {
-		t.Fatalf("%s holds %d chunks of the volume, want at least the 8 fio wrote", bad.id, len(ids))
+		t.Fatalf("%s holds %d chunks of the volume, want at least the 8 fio wrote", bad.ID, len(ids))
 	}
 	flipBytes(t, storePath, offs, 0xff)
 	// The store itself sees the damage: every corrupted chunk fails to read.
@@ -242,7 +243,7 @@ func TestFaultCorruptChunk(t *testing.T) {
 	}
 	for _, id := range ids {
 		if err := readChunk(st, id, buf); !errors.Is(err, engine.ErrChecksum) {
-			t.Fatalf("reading corrupted chunk %d on %s: %v, want a checksum error", id.Index, bad.id, err)
+			t.Fatalf("reading corrupted chunk %d on %s: %v, want a checksum error", id.Index, bad.ID, err)
 		}
 	}
 	alignbuf.Free(buf)
@@ -250,38 +251,32 @@ func TestFaultCorruptChunk(t *testing.T) {
 
 	// During: the node serves again with bad copies; reads prefer it and
 	// must fail over to the good replicas.
-	c.startNode(bad)
-	c.waitNodes(3)
-	s, sock = c.serve("vol", "--local-node", bad.id)
+	c.StartNode(bad)
+	c.WaitNodes(3)
+	s, sock = c.serve("vol", "--local-node", bad.ID)
 	fioVerifyOnly(t, sock, "0", "8M")
-	if !strings.Contains(bad.p.log.String(), "checksum") {
-		t.Fatalf("fio verified, but %s never reported a checksum error: the reads did not touch the corrupted copies\n%s", bad.id, bad.p.log)
+	if !strings.Contains(bad.Proc.Log(), "checksum") {
+		t.Fatalf("fio verified, but %s never reported a checksum error: the reads did not touch the corrupted copies\n%s", bad.ID, bad.Proc.Log())
 	}
 	// After: new writes verify, the old data still does.
 	fioWriteVerify(t, sock, "8M", "8M")
 	fioVerifyOnly(t, sock, "0", "8M")
-	s.stop(t)
-	if bad.p.exited() {
-		t.Fatalf("%s exited while serving corrupted chunks:\n%s", bad.id, bad.p.log)
+	s.Stop(t)
+	if bad.Proc.Exited() {
+		t.Fatalf("%s exited while serving corrupted chunks:\n%s", bad.ID, bad.Proc.Log())
 	}
 }
 
-// startSmallNode adds a storage node with a store of size bytes.
-func (c *testCluster) startSmallNode(i int, size string) *testNode {
+// startSmallNode adds storage node i with a store of size bytes.
+func (c *testCluster) startSmallNode(i int, size string) *testcluster.Node {
 	c.t.Helper()
-	l, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.%d:0", i))
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	nd := &testNode{id: fmt.Sprintf("node%d", i), dataDir: filepath.Join(c.workDir, fmt.Sprintf("node%d", i)), listen: l.LocalAddr().String()}
-	l.Close()
-	c.nodes = append(c.nodes, nd)
-	nd.p = startProc(c.t, nd.id, torusdBin, "--etcd", c.etcd.Endpoint(), "--data-dir", nd.dataDir,
-		"--listen", nd.listen, "--size", size, "--id", nd.id, "--host", nd.id, "--cluster-dir", c.caDir)
+	nd := c.NewNode(i)
+	nd.Size = size
+	c.StartNode(nd)
 	return nd
 }
 
-const errNoSpace = "nbd error 28" // ENOSPC as testClient reports it
+const errNoSpace = "nbd error 28" // ENOSPC as nbdtest.Client reports it
 
 // TestFaultDiskFull: a full node refuses new chunks with ENOSPC and nothing
 // else breaks.
@@ -289,27 +284,27 @@ func TestFaultDiskFull(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 2)
 	small := c.startSmallNode(3, "8MiB")
-	c.waitNodes(3)
-	c.ctl("volume", "create", "data", "--size", "64MiB", "--replication", "3")
-	c.ctl("volume", "create", "filler", "--size", "64MiB", "--replication", "3")
+	c.WaitNodes(3)
+	c.Ctl("volume", "create", "data", "--size", "64MiB", "--replication", "3")
+	c.Ctl("volume", "create", "filler", "--size", "64MiB", "--replication", "3")
 
 	// Before: data gets 3 verified chunks and one more chunk (3) holding a
 	// block written by the Go client.
 	ds, dsock := c.serve("data")
 	fioWriteVerify(t, dsock, "0", "3M")
-	dcl, err := dialNBD(dsock, "torus")
+	dcl, err := nbdtest.DialClient(dsock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer dcl.Close()
 	if err := <-dcl.Write(3<<20, block(3<<20, 1)); err != nil {
-		t.Fatalf("write to chunk 3 of data: %v\n%s", err, ds.log)
+		t.Fatalf("write to chunk 3 of data: %v\n%s", err, ds.Log())
 	}
 
 	// The fault: filler takes every remaining slot of the small node, one
 	// block per chunk, until a write fails with ENOSPC.
 	fs, fsock := c.serve("filler")
-	fcl, err := dialNBD(fsock, "torus")
+	fcl, err := nbdtest.DialClient(fsock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +342,7 @@ func TestFaultDiskFull(t *testing.T) {
 	}
 	got := make([]byte, 4096)
 	for _, w := range []struct {
-		cl  *testClient
+		cl  *nbdtest.Client
 		off uint64
 		gen uint32
 	}{{dcl, 3 << 20, 1}, {dcl, 3<<20 + 4096, 2}, {fcl, 0, 1}, {fcl, uint64(filled-1) << 20, 1}} {
@@ -361,10 +356,10 @@ func TestFaultDiskFull(t *testing.T) {
 	fioVerifyOnly(t, dsock, "0", "3M")
 	// status and node list show it.
 	waitStatus(t, c, func(out string) bool {
-		return strings.Contains(out, "OUT OF SPACE:") && strings.Contains(out, small.id)
+		return strings.Contains(out, "OUT OF SPACE:") && strings.Contains(out, small.ID)
 	},
 		"torusctl status to name the full node")
-	if out := c.ctl("node", "list"); !strings.Contains(out, "out of space") {
+	if out := c.Ctl("node", "list"); !strings.Contains(out, "out of space") {
 		t.Fatalf("node list does not show the full node:\n%s", out)
 	}
 
@@ -373,8 +368,8 @@ func TestFaultDiskFull(t *testing.T) {
 	// the write to a new chunk that failed succeeds, new chunks verify, and
 	// the old data still does, also through a fresh attach.
 	fcl.Close()
-	fs.stop(t)
-	c.ctl("volume", "delete", "filler")
+	fs.Stop(t)
+	c.Ctl("volume", "delete", "filler")
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		err := <-dcl.Write(32<<20, block(32<<20, 1))
@@ -385,7 +380,7 @@ func TestFaultDiskFull(t *testing.T) {
 			t.Fatalf("write to a new chunk of data after deleting filler: %v", err)
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("writes to new chunks still fail with ENOSPC 30 s after deleting the volume that filled the node\n%s", small.p.log)
+			t.Fatalf("writes to new chunks still fail with ENOSPC 30 s after deleting the volume that filled the node\n%s", small.Proc.Log())
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -393,14 +388,14 @@ func TestFaultDiskFull(t *testing.T) {
 		"torusctl status to stop reporting the node full after space was freed")
 	fioWriteVerify(t, dsock, "33M", "3M")
 	dcl.Close()
-	ds.stop(t)
-	if small.p.exited() {
-		t.Fatalf("the full node exited:\n%s", small.p.log)
+	ds.Stop(t)
+	if small.Proc.Exited() {
+		t.Fatalf("the full node exited:\n%s", small.Proc.Log())
 	}
 	ds, dsock = c.serve("data")
 	fioVerifyOnly(t, dsock, "0", "3M")
 	fioVerifyOnly(t, dsock, "33M", "3M")
-	ds.stop(t)
+	ds.Stop(t)
 }
 
 // waitStatus polls torusctl status for up to 30 s until ok accepts it.
@@ -408,7 +403,7 @@ func waitStatus(t *testing.T, c *testCluster, ok func(string) bool, what string)
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		out := c.ctl("status")
+		out := c.Ctl("status")
 		if ok(out) {
 			return
 		}
@@ -424,17 +419,16 @@ func waitStatus(t *testing.T, c *testCluster, ok func(string) bool, what string)
 func TestFaultEtcdOutage(t *testing.T) {
 	needTool(t, "fio")
 	c := startCluster(t, 3)
-	c.ctl("volume", "create", "vol", "--size", "128MiB", "--replication", "3")
+	c.Ctl("volume", "create", "vol", "--size", "128MiB", "--replication", "3")
 	s, sock := c.serve("vol")
 	fioWriteVerify(t, sock, "0", "8M")
 
 	// The fault: etcd stops (the embedded server in this process; its data
 	// directory and client URL are reused for the restart).
-	endpoint := c.etcd.Endpoint()
-	c.etcd.Close()
+	c.StopEtcd()
 	down := time.Now()
 
-	out, err := exec.Command(torusctlBin, "--etcd", endpoint, "status").CombinedOutput()
+	out, err := c.Torusctl(context.Background(), "status")
 	if err == nil || !strings.Contains(string(out), "unreachable") {
 		t.Fatalf("torusctl status with etcd down: %v\n%s\nwant an error saying etcd is unreachable", err, out)
 	}
@@ -447,13 +441,13 @@ func TestFaultEtcdOutage(t *testing.T) {
 		fioWriteVerify(t, sock, fmt.Sprint(off), "2M")
 		rounds++
 	}
-	for _, nd := range c.nodes {
-		if nd.p.exited() {
-			t.Fatalf("%s exited during the etcd outage:\n%s", nd.id, nd.p.log)
+	for _, nd := range c.Nodes {
+		if nd.Proc.Exited() {
+			t.Fatalf("%s exited during the etcd outage:\n%s", nd.ID, nd.Proc.Log())
 		}
 	}
-	if s.exited() {
-		t.Fatalf("torusblk serve exited during the etcd outage:\n%s", s.log)
+	if s.Exited() {
+		t.Fatalf("torusblk serve exited during the etcd outage:\n%s", s.Log())
 	}
 	t.Logf("%d fio write+verify rounds during %v of etcd downtime", rounds, time.Since(down).Round(time.Second))
 
@@ -461,18 +455,12 @@ func TestFaultEtcdOutage(t *testing.T) {
 	// data written before the outage verifies, and new writes verify.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	// A peer port devetcd.Start picks: never the endpoint's.
-	e, err := devetcd.Start(ctx, filepath.Join(c.workDir, "etcd"), endpoint, "")
-	if err != nil {
-		t.Fatalf("restarting etcd: %v", err)
+	if err := c.RestartEtcd(ctx); err != nil {
+		t.Fatal(err)
 	}
-	// The restarted server takes the place of the stopped one (whose
-	// cleanup's second Close does nothing).
-	c.etcd = e
-	t.Cleanup(e.Close)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		out, err := exec.Command(torusctlBin, "--etcd", endpoint, "status").CombinedOutput()
+		out, err := c.Torusctl(context.Background(), "status")
 		if err == nil {
 			break
 		}
@@ -486,13 +474,13 @@ func TestFaultEtcdOutage(t *testing.T) {
 	// so after a 60 s outage that may take longer than this case may last.
 	fioVerifyOnly(t, sock, "0", "8M")
 	fioWriteVerify(t, sock, "100M", "8M")
-	for _, nd := range c.nodes {
-		if nd.p.exited() {
-			t.Fatalf("%s exited after etcd came back:\n%s", nd.id, nd.p.log)
+	for _, nd := range c.Nodes {
+		if nd.Proc.Exited() {
+			t.Fatalf("%s exited after etcd came back:\n%s", nd.ID, nd.Proc.Log())
 		}
 	}
 	// Not checked here: a clean SIGTERM exit of serve after the outage. Its
 	// attach lease ended during the outage and the revoke at exit does not
 	// reach etcd within its 5 s (see faults_degraded_test.go.draft).
-	s.kill()
+	s.Kill()
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/torus-storage/torus/cluster"
 	"github.com/torus-storage/torus/internal/metrics"
 	"github.com/torus-storage/torus/internal/metrics/metricstest"
+	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -28,11 +29,11 @@ import (
 // back intact.
 func TestClusterScrubMetrics(t *testing.T) {
 	c := startCluster(t, 3)
-	c.ctl("volume", "create", "scrubbed", "--size", "8MiB", "--replication", "3")
+	c.Ctl("volume", "create", "scrubbed", "--size", "8MiB", "--replication", "3")
 	s, sock := c.serve("scrubbed")
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
-		t.Fatalf("%v\n%s", err, s.log)
+		t.Fatalf("%v\n%s", err, s.Log())
 	}
 	data := make([]byte, 8<<20)
 	for i := range data {
@@ -47,17 +48,17 @@ func TestClusterScrubMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	cl.Close()
-	s.stop(t)
+	s.Stop(t)
 
 	// Flip a byte in every chunk of the volume on node1's disk.
-	bad := c.nodes[0]
-	bad.p.stop(t)
-	storePath := filepath.Join(bad.dataDir, "store")
+	bad := c.Nodes[0]
+	bad.Proc.Stop(t)
+	storePath := filepath.Join(bad.DataDir, "store")
 	st, err := store.OpenStore(storePath, store.StoreOptions{Shards: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := c.ms.Volume(context.Background(), "scrubbed")
+	v, err := c.Meta.Volume(context.Background(), "scrubbed")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,11 +70,11 @@ func TestClusterScrubMetrics(t *testing.T) {
 	}
 	st.Close()
 	if len(offs) != 8 {
-		t.Fatalf("%s holds %d of the 8 chunks (R=3 on 3 nodes: want all)", bad.id, len(offs))
+		t.Fatalf("%s holds %d of the 8 chunks (R=3 on 3 nodes: want all)", bad.ID, len(offs))
 	}
 	flipBytes(t, storePath, offs, 0x5a)
-	c.startNode(bad)
-	c.waitNodes(3)
+	c.StartNode(bad)
+	c.WaitNodes(3)
 
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -81,7 +82,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 	}
 	maddr := l.Addr().String()
 	l.Close()
-	s, sock = c.serve("scrubbed", "--metrics", maddr, "--scrub-interval", "1s", "--local-node", bad.id)
+	s, sock = c.serve("scrubbed", "--metrics", maddr, "--scrub-interval", "1s", "--local-node", bad.ID)
 	url := "http://" + maddr + "/metrics"
 	deadline := time.Now().Add(60 * time.Second)
 	var body string
@@ -91,7 +92,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no scrub finished within 60s:\n%s\n%s", body, s.log)
+			t.Fatalf("no scrub finished within 60s:\n%s\n%s", body, s.Log())
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -118,7 +119,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 		t.Errorf("%d scrubs compared %d chunks, want 8 each", runs, chunks)
 	}
 	// Reads prefer the repaired node (--local-node): the data is intact.
-	cl, err = dialNBD(sock, "torus")
+	cl, err = nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +137,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 		t.Errorf("reads failed over %d times after the repair: the bad node's copies are still bad", f)
 	}
 	cl.Close()
-	s.stop(t)
+	s.Stop(t)
 }
 
 // TestVolumeMetrics serves the metrics of a volume whose counters all

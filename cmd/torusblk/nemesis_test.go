@@ -59,19 +59,17 @@ import (
 	"hash/crc32"
 	"math"
 	"math/rand/v2"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/internal/devetcd"
+	"github.com/torus-storage/torus/internal/nbdtest"
+	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 	"github.com/torus-storage/torus/ring"
@@ -172,7 +170,7 @@ type nemOp struct {
 
 // nemNode is a storage node of the nemesis cluster.
 type nemNode struct {
-	testNode
+	*testcluster.Node
 	faults  string // its netquic fault file
 	inRing  bool
 	running bool
@@ -180,7 +178,7 @@ type nemNode struct {
 
 type nemesis struct {
 	t     *testing.T
-	c     *testCluster
+	c     *testcluster.Cluster
 	rng   *rand.Rand
 	seed  uint64
 	start time.Time
@@ -189,15 +187,15 @@ type nemesis struct {
 
 	nodes   []*nemNode
 	nextIdx int
-	drawn   int      // faults drawn so far
-	first   []string // the first pass: every kind once
-	procs   []*proc  // every process started, for the logs kept on failure
+	drawn   int                 // faults drawn so far
+	first   []string            // the first pass: every kind once
+	procs   []*testcluster.Proc // every process started, for the logs kept on failure
 
 	mu       sync.Mutex
 	sock     string
 	gen      int
-	serve    *proc
-	serves   []*proc
+	serve    *testcluster.Proc
+	serves   []*testcluster.Proc
 	fenceEnd []time.Duration // fenceEnd[g]: when serve process g+1 served (g was fenced by then)
 
 	hist     [][]*nemOp // per writer, and the final reads last
@@ -220,23 +218,9 @@ func (n *nemesis) fail(format string, args ...any) {
 	n.logf("FAILURE: %s", msg)
 }
 
-// startNemesisCluster starts etcd and makes the cluster, without nodes.
-func startNemesisCluster(t *testing.T) *testCluster {
-	clusterBins(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	work := t.TempDir()
-	etcd, err := devetcd.Start(ctx, filepath.Join(work, "etcd"), "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(etcd.Close)
-	c := &testCluster{t: t, etcd: etcd, caDir: filepath.Join(work, "ca"), tlsDir: filepath.Join(work, "client"), workDir: work}
-	c.ctl("init", "--cluster-dir", c.caDir, "--chunk-size", "1MiB", "--replication", "2")
-	if err := netquic.IssueCert(c.caDir, "client", []string{"127.0.0.1"}, c.tlsDir); err != nil {
-		t.Fatal(err)
-	}
-	return c
+// startNemesisCluster starts etcd and makes the cluster (R=2), without nodes.
+func startNemesisCluster(t *testing.T) *testcluster.Cluster {
+	return testcluster.NewCluster(t, testcluster.Options{Replication: 2})
 }
 
 func (n *nemesis) openMeta() {
@@ -245,23 +229,21 @@ func (n *nemesis) openMeta() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	ms, err := meta.Open(ctx, []string{n.c.etcd.Endpoint()}, meta.DefaultPrefix, meta.Options{DialTimeout: 5 * time.Second})
+	ms, err := meta.Open(ctx, []string{n.c.Endpoint}, meta.DefaultPrefix, meta.Options{DialTimeout: 5 * time.Second})
 	if err != nil {
 		n.t.Fatalf("opening etcd: %v", err)
 	}
 	n.ms = ms
 }
 
-// newNode makes node idx on 127.0.0.idx (not started).
+// newNode makes node idx on 127.0.0.idx (not started), with a 256 MiB
+// store, a 3 s node lease and its own fault files armed: the netquic hook
+// (partitions) and the store's power-loss log.
 func (n *nemesis) newNode(idx int) *nemNode {
-	l, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.%d:0", idx))
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	id := fmt.Sprintf("node%d", idx)
-	nd := &nemNode{testNode: testNode{id: id, dataDir: filepath.Join(n.c.workDir, id), listen: l.LocalAddr().String()},
-		faults: filepath.Join(n.c.workDir, id+".faults")}
-	l.Close()
+	nd := &nemNode{Node: n.c.NewNode(idx)}
+	nd.faults = filepath.Join(n.c.Dir, nd.ID+".faults")
+	nd.Size, nd.Args = "256MiB", []string{"--lease-ttl", "3s"}
+	nd.Env = []string{netquic.FaultsEnv + "=" + nd.faults, store.PowerLogEnv + "=" + nd.faults + ".powerloss"}
 	if err := os.WriteFile(nd.faults, nil, 0o644); err != nil {
 		n.t.Fatal(err)
 	}
@@ -269,22 +251,11 @@ func (n *nemesis) newNode(idx int) *nemNode {
 	return nd
 }
 
-// startNode starts torusd for nd with its own fault files armed: the
-// netquic hook (partitions) and the store's power-loss hook, which undoes
-// the writes no fdatasync covered if env holds store.PowerLossEnv=1.
+// startNode starts torusd for nd; the store's power-loss hook undoes the
+// writes no fdatasync covered if env holds store.PowerLossEnv=1.
 func (n *nemesis) startNode(nd *nemNode, env ...string) {
-	p := &proc{name: nd.id, log: new(syncBuffer), done: make(chan error, 1),
-		cmd: exec.Command(torusdBin, "--etcd", n.c.etcd.Endpoint(), "--data-dir", nd.dataDir, "--listen", nd.listen,
-			"--size", "256MiB", "--id", nd.id, "--host", nd.id, "--cluster-dir", n.c.caDir, "--lease-ttl", "3s")}
-	p.cmd.Env = append(os.Environ(), netquic.FaultsEnv+"="+nd.faults, store.PowerLogEnv+"="+nd.faults+".powerloss")
-	p.cmd.Env = append(p.cmd.Env, env...)
-	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
-	if err := p.cmd.Start(); err != nil {
-		n.t.Fatalf("starting %s: %v", nd.id, err)
-	}
-	go func() { p.done <- p.cmd.Wait() }()
-	n.t.Cleanup(p.kill)
-	nd.p, nd.running, nd.inRing = p, true, true
+	p := n.c.StartNode(nd.Node, env...)
+	nd.running, nd.inRing = true, true
 	n.mu.Lock()
 	n.procs = append(n.procs, p)
 	n.mu.Unlock()
@@ -294,8 +265,8 @@ func (n *nemesis) startNode(nd *nemNode, env ...string) {
 func (n *nemesis) waitNode(nd *nemNode) bool {
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
-		if nd.p.exited() {
-			n.fail("torusd %s exited while starting:\n%s", nd.id, tail(nd.p.log.String()))
+		if nd.Proc.Exited() {
+			n.fail("torusd %s exited while starting:\n%s", nd.ID, tail(nd.Proc.Log()))
 			return false
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -303,13 +274,13 @@ func (n *nemesis) waitNode(nd *nemNode) bool {
 		r, _, rerr := n.ms.Ring(ctx)
 		cancel()
 		if err == nil && rerr == nil && r != nil &&
-			slices.ContainsFunc(nodes, func(m meta.Node) bool { return m.ID == nd.id }) &&
-			slices.ContainsFunc(r.Nodes(), func(m ring.Node) bool { return m.ID == nd.id }) {
+			slices.ContainsFunc(nodes, func(m meta.Node) bool { return m.ID == nd.ID }) &&
+			slices.ContainsFunc(r.Nodes(), func(m ring.Node) bool { return m.ID == nd.ID }) {
 			return true
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	n.fail("%s not registered and in the ring 60 s after its start", nd.id)
+	n.fail("%s not registered and in the ring 60 s after its start", nd.ID)
 	return false
 }
 
@@ -327,34 +298,28 @@ func (n *nemesis) startServe(extra ...string) bool {
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		sock := filepath.Join(n.t.TempDir(), "nbd.sock")
-		args := append([]string{"serve", nemVolume, "--etcd", n.c.etcd.Endpoint(), "--tls-dir", n.c.tlsDir,
+		args := append([]string{"serve", nemVolume, "--etcd", n.c.Endpoint, "--tls-dir", n.c.TLSDir,
 			"--listen", "unix:" + sock, "--lease-ttl", nemLeaseTTL, "--replica-timeout", "3s"}, extra...)
-		p := startProc(n.t, "torusblk serve "+nemVolume, torusblkBin, args...)
-		for {
-			if conn, err := net.Dial("unix", sock); err == nil {
-				conn.Close()
-				n.mu.Lock()
-				n.fenceEnd = append(n.fenceEnd, n.now())
-				n.gen++
-				n.sock, n.serve = sock, p
-				n.serves = append(n.serves, p)
-				n.procs = append(n.procs, p)
-				n.mu.Unlock()
-				return true
-			}
-			if p.exited() {
-				if !strings.Contains(p.log.String(), "is attached by") {
-					n.logf("torusblk serve exited early (retrying):\n%s", tail(p.log.String()))
-				}
-				time.Sleep(300 * time.Millisecond)
-				break
-			}
-			if time.Now().After(deadline) {
-				p.kill()
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
+		p := testcluster.StartT(n.t, testcluster.Spec{Name: "torusblk serve " + nemVolume, Bin: torusblkBin, Args: args})
+		err := p.AwaitSocket(context.Background(), sock, time.Until(deadline))
+		if err == nil {
+			n.mu.Lock()
+			n.fenceEnd = append(n.fenceEnd, n.now())
+			n.gen++
+			n.sock, n.serve = sock, p
+			n.serves = append(n.serves, p)
+			n.procs = append(n.procs, p)
+			n.mu.Unlock()
+			return true
 		}
+		if !errors.Is(err, testcluster.ErrExited) {
+			p.Kill()
+			break
+		}
+		if !strings.Contains(p.Log(), "is attached by") {
+			n.logf("torusblk serve exited early (retrying):\n%s", tail(p.Log()))
+		}
+		time.Sleep(300 * time.Millisecond)
 	}
 	n.fail("no torusblk serve could attach %s within 60 s", nemVolume)
 	return false
@@ -369,7 +334,7 @@ func (n *nemesis) current() (string, int) {
 // writer runs writer w's ops until ctx is done.
 func (n *nemesis) writer(ctx context.Context, w int, hist *[]*nemOp) {
 	rng := rand.New(rand.NewPCG(n.seed, uint64(w)+1))
-	var cl *testClient
+	var cl *nbdtest.Client
 	gen := -1
 	var seq uint64
 	defer func() {
@@ -379,12 +344,12 @@ func (n *nemesis) writer(ctx context.Context, w int, hist *[]*nemOp) {
 	}()
 	for ctx.Err() == nil {
 		sock, g := n.current()
-		if cl != nil && (g != gen || cl.broken()) {
+		if cl != nil && (g != gen || cl.Err() != nil) {
 			cl.Close()
 			cl = nil
 		}
 		if cl == nil {
-			c, err := dialNBD(sock, "torus")
+			c, err := nbdtest.DialClient(sock, "torus")
 			if err != nil {
 				time.Sleep(50 * time.Millisecond)
 				continue
@@ -437,13 +402,6 @@ func (n *nemesis) writer(ctx context.Context, w int, hist *[]*nemOp) {
 	}
 }
 
-// broken reports whether the connection failed.
-func (cl *testClient) broken() bool {
-	cl.mu.Lock()
-	defer cl.mu.Unlock()
-	return cl.err != nil
-}
-
 // ringNodes returns the nodes in the ring that run, in id order.
 func (n *nemesis) ringNodes() []*nemNode {
 	var out []*nemNode
@@ -456,14 +414,12 @@ func (n *nemesis) ringNodes() []*nemNode {
 }
 
 // restartEtcd starts etcd again on its data and client URL.
-func (n *nemesis) restartEtcd(endpoint string) {
+func (n *nemesis) restartEtcd() {
 	for try := 0; ; try++ {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		e, err := devetcd.Start(ctx, filepath.Join(n.c.workDir, "etcd"), endpoint, "")
+		err := n.c.RestartEtcd(ctx)
 		cancel()
 		if err == nil {
-			n.c.etcd = e
-			n.t.Cleanup(e.Close)
 			t0 := time.Now()
 			n.openMeta()
 			if d := time.Since(t0); d > time.Second {
@@ -482,25 +438,16 @@ func (n *nemesis) restartEtcd(endpoint string) {
 func (n *nemesis) ctl(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, torusctlBin, append([]string{"--etcd", n.c.etcd.Endpoint()}, args...)...).CombinedOutput()
-	return string(out), err
+	return n.c.Torusctl(ctx, args...)
 }
 
 // stopProc sends SIGTERM and kills p after 30 s; it reports whether p
-// exited cleanly.
-func stopProc(p *proc) error {
-	if p.exited() {
+// exited cleanly (nil if it had exited already).
+func stopProc(p *testcluster.Proc) error {
+	if p.Exited() {
 		return nil
 	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-p.done:
-		p.done <- err
-		return err
-	case <-time.After(30 * time.Second):
-		p.kill()
-		return errors.New("no exit within 30 s of SIGTERM (killed)")
-	}
+	return p.Terminate(30 * time.Second)
 }
 
 // waitMoved waits up to limit until the volume has no pending moves and,
@@ -539,7 +486,7 @@ func (n *nemesis) leaseLost() [2]int {
 	n.mu.Lock()
 	p := n.serve
 	n.mu.Unlock()
-	l := p.log.String()
+	l := p.Log()
 	return [2]int{strings.Count(l, "attach lock lost"), strings.Count(l, "attach lock taken back")}
 }
 
@@ -547,8 +494,8 @@ func (n *nemesis) leaseRetaken() int { return n.leaseLost()[1] }
 
 // stopRemoved stops a node that is no longer in the ring.
 func (n *nemesis) stopRemoved(nd *nemNode) {
-	if err := stopProc(nd.p); err != nil {
-		n.logf("%s after its removal: %v", nd.id, err)
+	if err := stopProc(nd.Proc); err != nil {
+		n.logf("%s after its removal: %v", nd.ID, err)
 	}
 	nd.running = false
 }
@@ -588,37 +535,37 @@ func (n *nemesis) fault() {
 		// too, what the lost writes leave is no copy anyone trusts.)
 		nd, d := live[n.rng.IntN(len(live))], hold(2, 8)
 		if state, ok := n.waitRepaired(20*time.Second, true); !ok {
-			n.logf("power loss of %s skipped: the cluster is still repairing (%s)", nd.id, state)
+			n.logf("power loss of %s skipped: the cluster is still repairing (%s)", nd.ID, state)
 			if n.drawn <= len(n.first) && len(n.first) < 20 {
 				n.first = append(n.first, kind) // still once in the first pass
 			}
 			return
 		}
 		n.injected[kind]++
-		n.logf("power loss of %s for %v (its writes no fdatasync covered are undone)", nd.id, d)
-		nd.p.kill()
+		n.logf("power loss of %s for %v (its writes no fdatasync covered are undone)", nd.ID, d)
+		nd.Proc.Kill()
 		nd.running = false
 		time.Sleep(d)
 		n.startNode(nd, store.PowerLossEnv+"=1")
 		if n.waitNode(nd) {
 			n.healed[kind]++
 			undone := "nothing to undo"
-			for l := range strings.Lines(nd.p.log.String()) {
+			for l := range strings.Lines(nd.Proc.Log()) {
 				if i := strings.Index(l, "undid "); i >= 0 && strings.Contains(l, "power-loss fault") {
 					undone = strings.TrimSpace(l[i:])
 				}
 			}
-			n.logf("healed: %s back; %s", nd.id, undone)
+			n.logf("healed: %s back; %s", nd.ID, undone)
 		}
 	case "kill-node", "partition-node":
 		nd, d := live[n.rng.IntN(len(live))], hold(2, 8)
 		n.injected[kind]++
 		if kind == "kill-node" {
-			n.logf("kill -9 %s for %v", nd.id, d)
-			nd.p.kill()
+			n.logf("kill -9 %s for %v", nd.ID, d)
+			nd.Proc.Kill()
 			nd.running = false
 		} else {
-			n.logf("partition %s for %v", nd.id, d)
+			n.logf("partition %s for %v", nd.ID, d)
 			os.WriteFile(nd.faults, []byte("drop"), 0o644)
 		}
 		time.Sleep(d)
@@ -629,24 +576,24 @@ func (n *nemesis) fault() {
 		}
 		if n.waitNode(nd) {
 			n.healed[kind]++
-			n.logf("healed: %s back", nd.id)
+			n.logf("healed: %s back", nd.ID)
 		}
 	case "add-node":
 		n.nextIdx++
 		nd := n.newNode(n.nextIdx)
 		n.injected[kind]++
-		n.logf("add %s", nd.id)
+		n.logf("add %s", nd.ID)
 		n.startNode(nd)
 		if n.waitNode(nd) {
 			n.healed[kind]++
-			n.logf("%s joined the ring", nd.id)
+			n.logf("%s joined the ring", nd.ID)
 		}
 	case "remove-node":
 		nd := live[n.rng.IntN(len(live))]
 		n.injected[kind]++
-		n.logf("torusctl node remove %s", nd.id)
-		if out, err := n.ctl("node", "remove", nd.id); err != nil {
-			n.fail("torusctl node remove %s: %v\n%s", nd.id, err, out)
+		n.logf("torusctl node remove %s", nd.ID)
+		if out, err := n.ctl("node", "remove", nd.ID); err != nil {
+			n.fail("torusctl node remove %s: %v\n%s", nd.ID, err, out)
 			return
 		}
 		nd.inRing = false
@@ -654,30 +601,29 @@ func (n *nemesis) fault() {
 		// that takes longer (other faults, etcd away), the node keeps
 		// serving until the writers stop (see TestNemesis).
 		if state, ok := n.waitRepaired(30*time.Second, false); !ok {
-			n.logf("%s: moves not done 30 s after its removal (%s); it runs until the end", nd.id, state)
+			n.logf("%s: moves not done 30 s after its removal (%s); it runs until the end", nd.ID, state)
 			n.healed[kind]++
 			return
 		}
 		n.stopRemoved(nd)
 		n.healed[kind]++
-		n.logf("healed: %s stopped after its chunks moved", nd.id)
+		n.logf("healed: %s stopped after its chunks moved", nd.ID)
 	case "etcd-restart", "lose-lease":
 		d := hold(0, 1) // with etcd's close and start, within the attach lease
 		if kind == "lose-lease" {
 			d = hold(10, 14) // past the lease
 		}
 		n.injected[kind]++
-		endpoint := n.c.etcd.Endpoint()
 		n.logf("stop etcd for %v (%s)", d, kind)
 		n.ms.Close()
 		n.ms = nil
 		lost := n.leaseLost()
 		t0 := time.Now()
-		n.c.etcd.Close()
+		n.c.StopEtcd()
 		closing := time.Since(t0)
 		time.Sleep(d)
 		t1 := time.Now()
-		n.restartEtcd(endpoint)
+		n.restartEtcd()
 		starting := time.Since(t1)
 		// Whether the client lost its attach lock, and took it again.
 		retaken := false
@@ -697,7 +643,7 @@ func (n *nemesis) fault() {
 		n.mu.Unlock()
 		n.injected[kind]++
 		n.logf("kill -9 torusblk serve (process %d)", n.gen)
-		old.kill()
+		old.Kill()
 		if n.startServe() {
 			n.healed[kind]++
 			n.logf("healed: serve process %d attached", n.gen)
@@ -731,7 +677,7 @@ func TestNemesis(t *testing.T) {
 			t.Fatalf("the cluster did not start: %v", n.failures)
 		}
 	}
-	c.ctl("volume", "create", nemVolume, "--size", fmt.Sprintf("%dMiB", nemChunks), "--replication", "2")
+	c.Ctl("volume", "create", nemVolume, "--size", fmt.Sprintf("%dMiB", nemChunks), "--replication", "2")
 	v, err := n.ms.Volume(context.Background(), nemVolume)
 	if err != nil {
 		t.Fatal(err)
@@ -785,7 +731,7 @@ func TestNemesis(t *testing.T) {
 	for _, nd := range n.nodes {
 		if !nd.inRing && nd.running {
 			n.stopRemoved(nd)
-			n.logf("%s (removed) stopped", nd.id)
+			n.logf("%s (removed) stopped", nd.ID)
 		}
 	}
 	// Final reads: through the serving process, then through a new one per
@@ -799,10 +745,10 @@ func TestNemesis(t *testing.T) {
 		if err := stopProc(old); err != nil {
 			n.logf("stopping serve process %d: %v", n.gen, err)
 		}
-		if !n.startServe("--local-node", nd.id) {
+		if !n.startServe("--local-node", nd.ID) {
 			break
 		}
-		n.finalReads(final, "reads preferring "+nd.id)
+		n.finalReads(final, "reads preferring "+nd.ID)
 	}
 	n.mu.Lock()
 	last := n.serve
@@ -815,7 +761,7 @@ func TestNemesis(t *testing.T) {
 // finalReads reads every block once, one at a time.
 func (n *nemesis) finalReads(hist *[]*nemOp, what string) {
 	sock, gen := n.current()
-	cl, err := dialNBD(sock, "torus")
+	cl, err := nbdtest.DialClient(sock, "torus")
 	if err != nil {
 		n.fail("final reads (%s): %v", what, err)
 		return
@@ -860,9 +806,9 @@ func (n *nemesis) keepLogs(hist []*nemOp) string {
 	n.mu.Unlock()
 	seen := map[string]int{}
 	for _, p := range procs {
-		name := strings.ReplaceAll(p.name, " ", "-")
+		name := strings.ReplaceAll(p.Name(), " ", "-")
 		seen[name]++
-		os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s.%d.log", name, seen[name])), []byte(p.log.String()), 0o644)
+		os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s.%d.log", name, seen[name])), []byte(p.Log()), 0o644)
 	}
 	var h strings.Builder
 	sorted := slices.Clone(hist)
@@ -1065,7 +1011,7 @@ func (n *nemesis) report() {
 	}
 	lost := 0
 	for _, p := range n.serves {
-		lost += strings.Count(p.log.String(), "attach lock taken back")
+		lost += strings.Count(p.Log(), "attach lock taken back")
 	}
 	fmt.Fprintf(&b, "attach lock lost and taken again: %d times\n", lost)
 	fmt.Fprintf(&b, "anomalies: %d\n", len(anomalies))

@@ -20,25 +20,16 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/torus-storage/torus/internal/nbdtest"
+	"github.com/torus-storage/torus/internal/testcluster"
 )
 
+// torusblkBin is the torusblk binary under test, built by TestMain.
 var torusblkBin string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "torusblk-test")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	torusblkBin = filepath.Join(dir, "torusblk")
-	out, err := exec.Command("go", "build", "-o", torusblkBin, ".").CombinedOutput()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "building torusblk: %v\n%s", err, out)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	os.Exit(testcluster.Main(m, testcluster.MainOptions{Build: map[string]*string{"torusblk": &torusblkBin}}))
 }
 
 // needTool fails the test when a client the tests rely on is not installed.
@@ -51,13 +42,11 @@ func needTool(t *testing.T, name string) string {
 	return p
 }
 
+// server is a torusblk serve process on a local store.
 type server struct {
-	t     *testing.T
-	cmd   *exec.Cmd
+	*testcluster.Proc
 	store string
 	sock  string
-	log   *bytes.Buffer
-	done  chan error
 }
 
 // startServer runs torusblk serve on store with a unix socket and waits
@@ -65,60 +54,15 @@ type server struct {
 func startServer(t *testing.T, store, size string) *server {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	s := &server{t: t, store: store, sock: sock, log: new(bytes.Buffer), done: make(chan error, 1)}
-	s.cmd = exec.Command(torusblkBin, "serve", "--store", store, "--size", size, "--listen", "unix:"+sock)
-	s.cmd.Stderr = s.log
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
+	p := testcluster.StartT(t, testcluster.Spec{Name: "torusblk serve", Bin: torusblkBin,
+		Args: []string{"serve", "--store", store, "--size", size, "--listen", "unix:" + sock}})
+	if err := p.AwaitSocket(context.Background(), sock, 10*time.Second); err != nil {
+		t.Fatalf("%v\n%s", err, p.Log())
 	}
-	go func() { s.done <- s.cmd.Wait() }()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			break
-		}
-		select {
-		case err := <-s.done:
-			t.Fatalf("torusblk serve exited early: %v\n%s", err, s.log)
-		default:
-		}
-		if time.Now().After(deadline) {
-			s.cmd.Process.Kill()
-			t.Fatalf("torusblk serve did not listen within 10s\n%s", s.log)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Cleanup(func() { s.kill() })
-	return s
+	return &server{Proc: p, store: store, sock: sock}
 }
 
 func (s *server) uri() string { return "nbd+unix:///torus?socket=" + s.sock }
-
-// stop sends SIGTERM and requires a clean exit.
-func (s *server) stop() {
-	s.t.Helper()
-	if s.cmd.ProcessState != nil {
-		return
-	}
-	s.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-s.done:
-		if err != nil {
-			s.t.Fatalf("torusblk serve exited with %v after SIGTERM\n%s", err, s.log)
-		}
-	case <-time.After(30 * time.Second):
-		s.cmd.Process.Kill()
-		s.t.Fatalf("torusblk serve did not exit within 30s of SIGTERM\n%s", s.log)
-	}
-}
-
-func (s *server) kill() {
-	if s.cmd.ProcessState == nil {
-		s.cmd.Process.Kill()
-		<-s.done
-	}
-}
 
 func runTool(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
 	t.Helper()
@@ -137,7 +81,7 @@ func TestServeFioVerify(t *testing.T) {
 				fmt.Sprintf("--offset=%dM", 64*qd/32), "--verify=crc32c", "--verify_fatal=1",
 				"--do_verify=1", "--verify_state_save=0", "--number_ios=4000", "--output-format=terse", "--terse-version=3")
 			if err != nil {
-				t.Fatalf("fio verify at QD%d: %v\n%s\nserver log:\n%s", qd, err, out, s.log)
+				t.Fatalf("fio verify at QD%d: %v\n%s\nserver log:\n%s", qd, err, out, s.Log())
 			}
 			// terse v3: field 5 is the error code, 7 read KiB, 48 write KiB.
 			f := strings.Split(strings.TrimSpace(out[strings.LastIndex(out, "3;fio"):]), ";")
@@ -146,7 +90,7 @@ func TestServeFioVerify(t *testing.T) {
 			}
 		})
 	}
-	s.stop()
+	s.Stop(t)
 }
 
 func TestServeNbdinfo(t *testing.T) {
@@ -165,7 +109,7 @@ func TestServeNbdinfo(t *testing.T) {
 			t.Errorf("nbdinfo --can %s: %v %s", can, err, out)
 		}
 	}
-	s.stop()
+	s.Stop(t)
 }
 
 func TestServeQemuImgRoundTrip(t *testing.T) {
@@ -200,7 +144,7 @@ func TestServeQemuImgRoundTrip(t *testing.T) {
 	if out, err := runTool(t, 2*time.Minute, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, s.uri()); err != nil {
 		t.Fatalf("qemu-img compare: %v\n%s", err, out)
 	}
-	s.stop()
+	s.Stop(t)
 }
 
 func TestServeQemuIO(t *testing.T) {
@@ -220,7 +164,7 @@ func TestServeQemuIO(t *testing.T) {
 	if err != nil || strings.Contains(out, "Pattern verification failed") || strings.Contains(out, "error") {
 		t.Fatalf("qemu-io: %v\n%s", err, out)
 	}
-	s.stop()
+	s.Stop(t)
 	// The data survives a restart.
 	s = startServer(t, s.store, "64MiB")
 	out, err = runTool(t, time.Minute, "qemu-io", "-f", "raw", "-r",
@@ -228,7 +172,7 @@ func TestServeQemuIO(t *testing.T) {
 	if err != nil || strings.Contains(out, "Pattern verification failed") {
 		t.Fatalf("qemu-io after restart: %v\n%s", err, out)
 	}
-	s.stop()
+	s.Stop(t)
 }
 
 func TestServeCorruptionIsIOError(t *testing.T) {
@@ -237,7 +181,7 @@ func TestServeCorruptionIsIOError(t *testing.T) {
 	if out, err := runTool(t, time.Minute, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "flush", s.uri()); err != nil {
 		t.Fatalf("qemu-io write: %v\n%s", err, out)
 	}
-	s.stop()
+	s.Stop(t)
 
 	// Flip one byte inside the written data, wherever the store keeps it.
 	path := filepath.Join(store, storeFile)
@@ -271,7 +215,7 @@ func TestServeCorruptionIsIOError(t *testing.T) {
 	if out, err := runTool(t, time.Minute, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 1M", s.uri()); err != nil {
 		t.Fatalf("reading intact data after corruption: %v\n%s", err, out)
 	}
-	s.stop()
+	s.Stop(t)
 }
 
 // TestServeKill9 kills the server with SIGKILL in the middle of a pipelined,
@@ -285,7 +229,7 @@ func TestServeKill9(t *testing.T) {
 	)
 	store := t.TempDir()
 	s := startServer(t, store, "64MiB")
-	cl, err := dialNBD(s.sock, "torus")
+	cl, err := nbdtest.DialClient(s.sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -320,7 +264,7 @@ func TestServeKill9(t *testing.T) {
 	var flushSnap []uint32
 	for !killed || len(inflight) > 0 {
 		if !killed && time.Now().After(killAt) {
-			s.cmd.Process.Signal(syscall.SIGKILL)
+			s.Signal(syscall.SIGKILL)
 			killed = true
 		}
 		for !killed && len(inflight) < qd {
@@ -340,7 +284,7 @@ func TestServeKill9(t *testing.T) {
 				acked[w.b] = w.seq
 			}
 		} else if !killed {
-			t.Fatalf("write %d failed before the kill: %v\n%s", w.seq, err, s.log)
+			t.Fatalf("write %d failed before the kill: %v\n%s", w.seq, err, s.Log())
 		}
 		if flushCh != nil {
 			select {
@@ -356,14 +300,14 @@ func TestServeKill9(t *testing.T) {
 			}
 		}
 	}
-	<-s.done
-	cl.conn.Close()
+	<-s.Done()
+	cl.Close() // its server is dead
 	if flushes < 3 {
 		t.Fatalf("only %d flushes completed before the kill; the test proves nothing", flushes)
 	}
 
 	s = startServer(t, store, "64MiB")
-	cl, err = dialNBD(s.sock, "torus")
+	cl, err = nbdtest.DialClient(s.sock, "torus")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -398,7 +342,7 @@ func TestServeKill9(t *testing.T) {
 		checked++
 	}
 	t.Logf("%d writes, %d flushes before kill -9; %d blocks verified (%d hold an in-flight write)", seq, flushes, checked, newer)
-	s.stop()
+	s.Stop(t)
 }
 
 func TestServeErrors(t *testing.T) {
@@ -439,7 +383,7 @@ func TestServeErrors(t *testing.T) {
 	// A store made for one size refuses another.
 	store := t.TempDir()
 	s := startServer(t, store, "64MiB")
-	s.stop()
+	s.Stop(t)
 	var stdout, stderr bytes.Buffer
 	code := runWithTimeout(t, []string{"serve", "--store", store, "--size", "128MiB", "--listen", "unix:" + filepath.Join(dir, "s2")}, &stdout, &stderr)
 	if code != 1 || !strings.Contains(stderr.String(), "64 MiB") {

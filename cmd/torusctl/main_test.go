@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/internal/clitest"
+	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/meta"
 )
 
@@ -25,7 +25,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(clitest.Main(m, "torusctl", &binPath, &endpoint))
+	os.Exit(testcluster.Main(m, testcluster.MainOptions{Build: map[string]*string{"torusctl": &binPath}, Etcd: &endpoint}))
 }
 
 // result is one run of the binary.

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/torus-storage/torus/internal/testcluster"
 )
 
 // TestDeadNodeRemoved: three nodes with --dead-timeout 2s; one is killed
@@ -17,17 +19,17 @@ func TestDeadNodeRemoved(t *testing.T) {
 	pfx := prefix(t)
 	c := newCluster(t, pfx)
 	ctx := context.Background()
-	var procs []*proc
+	var procs []*testcluster.Proc
 	var urls []string
 	for _, id := range []string{"d1", "d2", "d3"} {
-		p := start(t, nodeArgs(pfx, filepath.Join(t.TempDir(), id), c.caDir, "--id", id, "--dead-timeout", "2s",
+		p := start(t, nodeArgs(pfx, filepath.Join(t.TempDir(), id), c.CADir, "--id", id, "--dead-timeout", "2s",
 			"--metrics", "127.0.0.1:0")...)
-		urls = append(urls, p.waitLog(t, metricsRe))
-		p.waitLog(t, `msg="node ready"`)
+		urls = append(urls, p.WaitLog(t, metricsRe))
+		p.WaitLog(t, `msg="node ready"`)
 		procs = append(procs, p)
 	}
 	ringHas := func(id string) bool {
-		r, _, err := c.ms.Ring(ctx)
+		r, _, err := c.Meta.Ring(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -41,13 +43,12 @@ func TestDeadNodeRemoved(t *testing.T) {
 	if !ringHas("d3") {
 		t.Fatal("d3 is not in the ring after it started")
 	}
-	procs[2].cmd.Process.Kill()
-	<-procs[2].done
+	procs[2].Kill()
 
 	deadline := time.Now().Add(60 * time.Second)
 	for ringHas("d3") {
 		if time.Now().After(deadline) {
-			t.Fatalf("d3 still in the ring 60s after kill -9 with --dead-timeout 2s\n%s\n%s", procs[0].stderr, procs[1].stderr)
+			t.Fatalf("d3 still in the ring 60s after kill -9 with --dead-timeout 2s\n%s\n%s", procs[0].Log(), procs[1].Log())
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -57,7 +58,7 @@ func TestDeadNodeRemoved(t *testing.T) {
 	for wait := time.Now().Add(10 * time.Second); ; {
 		removed, total = 0, 0
 		for i, p := range procs[:2] {
-			if strings.Contains(p.stderr.String(), "DEAD NODE REMOVED FROM THE RING") {
+			if strings.Contains(p.Log(), "DEAD NODE REMOVED FROM THE RING") {
 				removed++
 			}
 			switch v := sample(t, scrape(t, urls[i]), "torus_dead_nodes_removed_total", []string{"d1", "d2"}[i]); v {
@@ -81,14 +82,13 @@ func TestDeadNodeRemoved(t *testing.T) {
 	}
 
 	// With replication 2 on a ring of two, a dead node stays.
-	if err := c.ms.SetReplication(ctx, 2); err != nil {
+	if err := c.Meta.SetReplication(ctx, 2); err != nil {
 		t.Fatal(err)
 	}
-	procs[1].cmd.Process.Kill()
-	<-procs[1].done
-	procs[0].waitLog(t, `removing it would leave fewer nodes than the replication.*dead_node=d2`)
+	procs[1].Kill()
+	procs[0].WaitLog(t, `removing it would leave fewer nodes than the replication.*dead_node=d2`)
 	if !ringHas("d2") {
 		t.Fatal("d2 was removed although the ring would then hold fewer nodes than the replication")
 	}
-	procs[0].stop(t)
+	procs[0].Stop(t)
 }

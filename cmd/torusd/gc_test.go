@@ -19,18 +19,18 @@ func TestGCDeletedVolume(t *testing.T) {
 	pfx := prefix(t)
 	c := newCluster(t, pfx)
 	ctx := context.Background()
-	a, err := c.ms.CreateVolume(ctx, "a", 1<<30, 1)
+	a, err := c.Meta.CreateVolume(ctx, "a", 1<<30, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := c.ms.CreateVolume(ctx, "b", 1<<30, 1)
+	b, err := c.Meta.CreateVolume(ctx, "b", 1<<30, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := start(t, nodeArgs(pfx, t.TempDir(), c.caDir, "--id", "g1", "--size", "4MiB", "--metrics", "127.0.0.1:0")...)
-	url := p.waitLog(t, metricsRe)
-	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
-	cli := chunkClient(t, c.caDir, addr)
+	p := start(t, nodeArgs(pfx, t.TempDir(), c.CADir, "--id", "g1", "--size", "4MiB", "--metrics", "127.0.0.1:0")...)
+	url := p.WaitLog(t, metricsRe)
+	addr := p.WaitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+	cli := chunkClient(t, c.CADir, addr)
 	block := make([]byte, blockSize)
 	block[0] = 0x5a
 	unallocated := b.ID + 100 // no such volume yet: not garbage
@@ -46,7 +46,7 @@ func TestGCDeletedVolume(t *testing.T) {
 		t.Fatalf("torus_gc_chunks_total before any delete = %s", got)
 	}
 
-	if err := c.ms.DeleteVolume(ctx, "a"); err != nil {
+	if err := c.Meta.DeleteVolume(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(20 * time.Second)
@@ -56,11 +56,11 @@ func TestGCDeletedVolume(t *testing.T) {
 			break
 		}
 		if st != statusNoSpace || time.Now().After(deadline) {
-			t.Fatalf("write after deleting volume a: status %d (not freed within 20s)\n%s", st, p.stderr.String())
+			t.Fatalf("write after deleting volume a: status %d (not freed within 20s)\n%s", st, p.Log())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	p.waitLog(t, `msg="gc: freed chunks of deleted volumes" node=g1 chunks=2 failed=0 volumes=1`)
+	p.WaitLog(t, `msg="gc: freed chunks of deleted volumes" node=g1 chunks=2 failed=0 volumes=1`)
 	body := scrape(t, url)
 	if got := sample(t, body, "torus_gc_chunks_total", "g1"); got != "2" {
 		t.Fatalf("torus_gc_chunks_total = %s, want 2", got)
@@ -76,7 +76,7 @@ func TestGCDeletedVolume(t *testing.T) {
 	if st, got := chunkCallAt(t, cli, opRead, a.ID, 0, 0, nil, blockSize); st != statusOK || got[0] != 0 {
 		t.Fatalf("read of a collected chunk: status %d, first byte %#x; want zeros", st, got[0])
 	}
-	p.stop(t)
+	p.Stop(t)
 }
 
 // TestDevNoNodes: torusd dev --nodes 0 serves etcd with an initialised
@@ -84,10 +84,10 @@ func TestGCDeletedVolume(t *testing.T) {
 func TestDevNoNodes(t *testing.T) {
 	dir := t.TempDir()
 	p := start(t, "dev", "--nodes", "0", "--data-dir", dir, "--etcd-listen", "127.0.0.1:0")
-	p.waitLog(t, `msg="dev cluster ready" nodes=0`)
-	lines := strings.Split(strings.TrimSpace(p.stdout.String()), "\n")
+	p.WaitLog(t, `msg="dev cluster ready" nodes=0`)
+	lines := strings.Split(strings.TrimSpace(p.Stdout()), "\n")
 	if len(lines) != 2 || !strings.HasPrefix(lines[0], "etcd: http://127.0.0.1:") {
-		t.Fatalf("stdout %q", p.stdout.String())
+		t.Fatalf("stdout %q", p.Stdout())
 	}
 	ep := strings.TrimPrefix(lines[0], "etcd: ")
 	ctx := context.Background()
@@ -104,20 +104,20 @@ func TestDevNoNodes(t *testing.T) {
 	}
 	n := start(t, "--etcd", ep, "--data-dir", filepath.Join(t.TempDir(), "n"), "--listen", "127.0.0.1:0",
 		"--size", "64MiB", "--cluster-dir", filepath.Join(dir, "ca"), "--id", "solo", "--lease-ttl", "2s")
-	n.waitLog(t, `msg="node ready"`)
+	n.WaitLog(t, `msg="node ready"`)
 	if r, _, err := ms.Ring(ctx); err != nil || r.Len() != 1 || r.Node(0).ID != "solo" {
 		t.Fatalf("ring after a separate node joined: %v", err)
 	}
-	n.stop(t)
-	p.cmd.Process.Signal(syscall.SIGINT)
-	if code := p.exited(t); code != 0 {
-		t.Fatalf("exit %d after SIGINT\n%s", code, p.stderr.String())
+	n.Stop(t)
+	p.Signal(syscall.SIGINT)
+	if code := p.WaitExit(t); code != 0 {
+		t.Fatalf("exit %d after SIGINT\n%s", code, p.Log())
 	}
 	// Still refused: a negative count, and replication above a nonzero count.
 	for _, args := range [][]string{{"--nodes", "-1"}, {"--nodes", "2", "--replication", "3"}} {
 		q := start(t, append([]string{"dev", "--data-dir", t.TempDir(), "--etcd-listen", "127.0.0.1:0"}, args...)...)
-		if code := q.exited(t); code != 2 {
-			t.Fatalf("dev %q: exit %d, want 2\n%s", args, code, q.stderr.String())
+		if code := q.WaitExit(t); code != 2 {
+			t.Fatalf("dev %q: exit %d, want 2\n%s", args, code, q.Log())
 		}
 	}
 }

@@ -9,18 +9,15 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/torus-storage/torus/internal/clitest"
 	"github.com/torus-storage/torus/internal/metrics/metricstest"
+	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )
@@ -33,148 +30,24 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(clitest.Main(m, "torusd", &binPath, &endpoint))
+	os.Exit(testcluster.Main(m, testcluster.MainOptions{Build: map[string]*string{"torusd": &binPath}, Etcd: &endpoint}))
 }
 
 func prefix(t *testing.T) string { return "/" + t.Name() + "/" }
 
-// cluster is an initialised cluster under the test's prefix.
-type testCluster struct {
-	ms    *meta.Client
-	cfg   meta.Config
-	caDir string
-}
-
-func newCluster(t *testing.T, pfx string) *testCluster {
+// newCluster initialises a cluster (R=1, 1 MiB chunks) under prefix pfx of
+// the shared etcd, with its CA.
+func newCluster(t *testing.T, pfx string) *testcluster.Cluster {
 	t.Helper()
-	ctx := context.Background()
-	ms, err := meta.Open(ctx, []string{endpoint}, pfx, meta.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ms.Close() })
-	if err := ms.Init(ctx, meta.Config{ChunkSize: 1 << 20, Replication: 1}); err != nil {
-		t.Fatal(err)
-	}
-	ca := filepath.Join(t.TempDir(), "ca")
-	if err := netquic.NewCA(ca); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := ms.Config(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCluster{ms, cfg, ca}
+	return testcluster.NewCluster(t, testcluster.Options{Endpoint: endpoint, Prefix: pfx, Replication: 1})
 }
 
-// syncBuffer is a bytes.Buffer safe for the process writer and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// proc is a running torusd.
-type proc struct {
-	cmd    *exec.Cmd
-	stdout *syncBuffer
-	stderr *syncBuffer
-	done   chan struct{}
-	err    error
-}
-
-func start(t *testing.T, args ...string) *proc {
+// start starts torusd with args (TORUS_ETCD unset), its stdout kept apart
+// from its log (stderr), which the test's output gets if it fails.
+func start(t *testing.T, args ...string) *testcluster.Proc {
 	t.Helper()
-	p := &proc{cmd: exec.Command(binPath, args...), stdout: new(syncBuffer), stderr: new(syncBuffer), done: make(chan struct{})}
-	p.cmd.Env = append(os.Environ(), "TORUS_ETCD=")
-	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.err = p.cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		p.cmd.Process.Kill()
-		<-p.done
-		if t.Failed() {
-			t.Logf("torusd %q stderr:\n%s", args, p.stderr.String())
-		}
-	})
-	return p
-}
-
-// stop sends SIGTERM and waits for a clean exit.
-func (p *proc) stop(t *testing.T) {
-	t.Helper()
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(20 * time.Second):
-		t.Fatalf("torusd did not exit after SIGTERM\n%s", p.stderr.String())
-	}
-	if p.err != nil {
-		t.Fatalf("torusd exited with %v after SIGTERM\n%s", p.err, p.stderr.String())
-	}
-}
-
-// exited waits for the process to exit by itself and returns its code.
-func (p *proc) exited(t *testing.T) int {
-	t.Helper()
-	select {
-	case <-p.done:
-	case <-time.After(30 * time.Second):
-		t.Fatalf("torusd still running\n%s", p.stderr.String())
-	}
-	return p.cmd.ProcessState.ExitCode()
-}
-
-// waitLog waits until stderr matches re and returns the first submatch.
-// waitStdout waits until p printed n lines on stdout and returns them.
-func (p *proc) waitStdout(t *testing.T, n int) []string {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		out := p.stdout.String()
-		if strings.Count(out, "\n") >= n {
-			return strings.Split(strings.TrimSpace(out), "\n")
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("torusd printed %q, want %d lines\n%s", out, n, p.stderr.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (p *proc) waitLog(t *testing.T, re string) string {
-	t.Helper()
-	rx := regexp.MustCompile(re)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if m := rx.FindStringSubmatch(p.stderr.String()); m != nil {
-			if len(m) > 1 {
-				return m[1]
-			}
-			return m[0]
-		}
-		select {
-		case <-p.done:
-			t.Fatalf("torusd exited (%v) before logging %q\n%s", p.err, re, p.stderr.String())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("torusd did not log %q\n%s", re, p.stderr.String())
-		}
-	}
+	return testcluster.StartT(t, testcluster.Spec{Name: "torusd", Bin: binPath, Args: args, Env: []string{"TORUS_ETCD="},
+		SeparateStdout: true, StopTimeout: 20 * time.Second, LogOnFailure: true})
 }
 
 func nodeArgs(pfx, dataDir, caDir string, extra ...string) []string {
@@ -256,12 +129,12 @@ func TestNode(t *testing.T) {
 	pfx := prefix(t)
 	c := newCluster(t, pfx)
 	ctx := context.Background()
-	vol, err := c.ms.CreateVolume(ctx, "v", 1<<30, 1)
+	vol, err := c.Meta.CreateVolume(ctx, "v", 1<<30, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for range 2 {
-		l, err := c.ms.Attach(ctx, "v", "test", 5*time.Second)
+		l, err := c.Meta.Attach(ctx, "v", "test", 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -269,11 +142,11 @@ func TestNode(t *testing.T) {
 	}
 
 	data := filepath.Join(t.TempDir(), "data")
-	p := start(t, nodeArgs(pfx, data, c.caDir, "--metrics", "127.0.0.1:0", "--zone", "z1", "--host", "h1")...)
-	metricsURL := p.waitLog(t, metricsRe)
-	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+	p := start(t, nodeArgs(pfx, data, c.CADir, "--metrics", "127.0.0.1:0", "--zone", "z1", "--host", "h1")...)
+	metricsURL := p.WaitLog(t, metricsRe)
+	addr := p.WaitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
 
-	nodes, err := c.ms.Nodes(ctx)
+	nodes, err := c.Meta.Nodes(ctx)
 	if err != nil || len(nodes) != 1 || nodes[0].Addr != addr || nodes[0].Capacity != 64<<20 || nodes[0].Zone != "z1" {
 		t.Fatalf("Nodes = %+v, %v; want one node at %s with 64 MiB in z1", nodes, err, addr)
 	}
@@ -285,14 +158,14 @@ func TestNode(t *testing.T) {
 	if fi, err := os.Stat(nodes[0].Socket); err != nil || fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("node socket: %v, %v; want a 0600 socket", fi, err)
 	}
-	r, _, err := c.ms.Ring(ctx)
+	r, _, err := c.Meta.Ring(ctx)
 	if err != nil || r.Len() != 1 || r.Node(0).ID != id || r.Node(0).Capacity != 64<<20 || r.Node(0).Host != "h1" {
 		t.Fatalf("ring: %d nodes, %+v, %v", r.Len(), r.Node(0), err)
 	}
 	ringVersion := r.Version()
 
 	// Real chunk I/O with a client certificate of the cluster CA.
-	cli := chunkClient(t, c.caDir, addr)
+	cli := chunkClient(t, c.CADir, addr)
 	block := bytes.Repeat([]byte("torus!"), blockSize/6+1)[:blockSize]
 	if st, _ := chunkCall(t, cli, opWrite, vol.ID, 1, block, blockSize); st != statusStale {
 		t.Fatalf("write with epoch 1 after two attaches: status %d, want stale epoch (%d): fence not raised at start-up",
@@ -325,32 +198,32 @@ func TestNode(t *testing.T) {
 	}
 
 	// SIGTERM: the registration is revoked at once; the ring keeps the node.
-	p.stop(t)
+	p.Stop(t)
 	if _, err := os.Lstat(nodes[0].Socket); !os.IsNotExist(err) {
 		t.Fatalf("node socket left after SIGTERM: %v", err)
 	}
-	if nodes, err := c.ms.Nodes(ctx); err != nil || len(nodes) != 0 {
+	if nodes, err := c.Meta.Nodes(ctx); err != nil || len(nodes) != 0 {
 		t.Fatalf("Nodes after SIGTERM = %+v, %v; want none (lease revoked)", nodes, err)
 	}
-	if !strings.Contains(p.stderr.String(), `msg="node stopped"`) {
-		t.Fatalf("no clean stop logged:\n%s", p.stderr.String())
+	if !strings.Contains(p.Log(), `msg="node stopped"`) {
+		t.Fatalf("no clean stop logged:\n%s", p.Log())
 	}
 
 	// Restart on the same data dir: same id, same ring version, same data.
-	p2 := start(t, nodeArgs(pfx, data, c.caDir, "--zone", "z1", "--host", "h1")...)
-	addr2 := p2.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
-	nodes, err = c.ms.Nodes(ctx)
+	p2 := start(t, nodeArgs(pfx, data, c.CADir, "--zone", "z1", "--host", "h1")...)
+	addr2 := p2.WaitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+	nodes, err = c.Meta.Nodes(ctx)
 	if err != nil || len(nodes) != 1 || nodes[0].ID != id {
 		t.Fatalf("Nodes after restart = %+v, %v; want node %s", nodes, err, id)
 	}
-	if r, _, err := c.ms.Ring(ctx); err != nil || r.Version() != ringVersion || r.Len() != 1 {
+	if r, _, err := c.Meta.Ring(ctx); err != nil || r.Version() != ringVersion || r.Len() != 1 {
 		t.Fatalf("ring after restart: v%d (was v%d), %d nodes, %v", r.Version(), ringVersion, r.Len(), err)
 	}
-	cli2 := chunkClient(t, c.caDir, addr2)
+	cli2 := chunkClient(t, c.CADir, addr2)
 	if st, got := chunkCall(t, cli2, opRead, vol.ID, 2<<32, nil, blockSize); st != statusOK || !bytes.Equal(got, block) {
 		t.Fatalf("read after restart: status %d, equal %v", st, bytes.Equal(got, block))
 	}
-	p2.stop(t)
+	p2.Stop(t)
 }
 
 // TestRefusals checks the start-up errors a user can run into.
@@ -358,25 +231,25 @@ func TestRefusals(t *testing.T) {
 	a := newCluster(t, prefix(t)+"a/")
 	b := newCluster(t, prefix(t)+"b/")
 	data := filepath.Join(t.TempDir(), "data")
-	p := start(t, nodeArgs(prefix(t)+"a/", data, a.caDir, "--id", "n1")...)
-	p.waitLog(t, `msg="node ready"`)
-	p.stop(t)
+	p := start(t, nodeArgs(prefix(t)+"a/", data, a.CADir, "--id", "n1")...)
+	p.WaitLog(t, `msg="node ready"`)
+	p.Stop(t)
 
 	fails := func(code int, want string, args ...string) {
 		t.Helper()
 		p := start(t, args...)
-		if got := p.exited(t); got != code || !strings.Contains(p.stderr.String(), want) {
-			t.Fatalf("torusd %q: exit %d, stderr:\n%s\nwant exit %d with %q", args, got, p.stderr.String(), code, want)
+		if got := p.WaitExit(t); got != code || !strings.Contains(p.Log(), want) {
+			t.Fatalf("torusd %q: exit %d, stderr:\n%s\nwant exit %d with %q", args, got, p.Log(), code, want)
 		}
 	}
 	// A data dir of cluster a on cluster b: both ids named.
-	fails(1, fmt.Sprintf("belongs to cluster %s, but etcd holds cluster %s", a.cfg.ClusterID, b.cfg.ClusterID),
-		nodeArgs(prefix(t)+"b/", data, b.caDir)...)
-	fails(1, "belongs to node n1, not --id n2", nodeArgs(prefix(t)+"a/", data, a.caDir, "--id", "n2")...)
+	fails(1, fmt.Sprintf("belongs to cluster %s, but etcd holds cluster %s", a.Config.ClusterID, b.Config.ClusterID),
+		nodeArgs(prefix(t)+"b/", data, b.CADir)...)
+	fails(1, "belongs to node n1, not --id n2", nodeArgs(prefix(t)+"a/", data, a.CADir, "--id", "n2")...)
 	// A smaller store than the existing one.
-	fails(1, "--size 32 MiB is smaller than the existing store", nodeArgs(prefix(t)+"a/", data, a.caDir, "--size", "32MiB")...)
+	fails(1, "--size 32 MiB is smaller than the existing store", nodeArgs(prefix(t)+"a/", data, a.CADir, "--size", "32MiB")...)
 	fails(1, "run 'torusctl --etcd "+endpoint+" init --cluster-dir DIR' first",
-		nodeArgs(prefix(t)+"none/", t.TempDir(), a.caDir)...)
+		nodeArgs(prefix(t)+"none/", t.TempDir(), a.CADir)...)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -384,26 +257,26 @@ func TestRefusals(t *testing.T) {
 	dead := "http://" + l.Addr().String()
 	l.Close()
 	fails(1, "is etcd running at "+dead+"? start one, or use 'torusd dev'",
-		"--etcd", dead, "--data-dir", t.TempDir(), "--listen", "127.0.0.1:0", "--size", "1GiB", "--cluster-dir", a.caDir)
-	fails(2, "--size", nodeArgs(prefix(t)+"a/", t.TempDir(), a.caDir, "--size", "lots")...)
-	fails(2, "--data-dir, --listen required", "--etcd", endpoint, "--size", "1GiB", "--cluster-dir", a.caDir)
+		"--etcd", dead, "--data-dir", t.TempDir(), "--listen", "127.0.0.1:0", "--size", "1GiB", "--cluster-dir", a.CADir)
+	fails(2, "--size", nodeArgs(prefix(t)+"a/", t.TempDir(), a.CADir, "--size", "lots")...)
+	fails(2, "--data-dir, --listen required", "--etcd", endpoint, "--size", "1GiB", "--cluster-dir", a.CADir)
 	fails(2, "exactly one of --cluster-dir", "--etcd", endpoint, "--data-dir", "d", "--listen", ":1", "--size", "1GiB")
-	fails(2, "pass --advertise", nodeArgs(prefix(t)+"a/", t.TempDir(), a.caDir, "--listen", "0.0.0.0:0")...)
+	fails(2, "pass --advertise", nodeArgs(prefix(t)+"a/", t.TempDir(), a.CADir, "--listen", "0.0.0.0:0")...)
 	// A chunk size no node store takes, refused before anything starts.
 	fails(2, "--chunk-size 4MiB: a power of two from 64KiB to 2MiB", "dev", "--data-dir", t.TempDir(), "--chunk-size", "4MiB")
 	ro := filepath.Join(t.TempDir(), "ro")
 	os.Mkdir(ro, 0o500)
 	if os.Geteuid() != 0 { // root writes anywhere: the next case covers it
-		fails(1, "is not writable", nodeArgs(prefix(t)+"a/", ro, a.caDir)...)
+		fails(1, "is not writable", nodeArgs(prefix(t)+"a/", ro, a.CADir)...)
 	}
 	file := filepath.Join(t.TempDir(), "file")
 	os.WriteFile(file, nil, 0o600)
-	fails(1, "pick a --data-dir you can write", nodeArgs(prefix(t)+"a/", filepath.Join(file, "d"), a.caDir)...)
+	fails(1, "pick a --data-dir you can write", nodeArgs(prefix(t)+"a/", filepath.Join(file, "d"), a.CADir)...)
 	// The port of a running node.
-	p = start(t, nodeArgs(prefix(t)+"a/", data, a.caDir)...)
-	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
-	fails(1, "the port is in use", nodeArgs(prefix(t)+"a/", t.TempDir(), a.caDir, "--listen", addr)...)
-	p.stop(t)
+	p = start(t, nodeArgs(prefix(t)+"a/", data, a.CADir)...)
+	addr := p.WaitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+	fails(1, "the port is in use", nodeArgs(prefix(t)+"a/", t.TempDir(), a.CADir, "--listen", addr)...)
+	p.Stop(t)
 }
 
 // TestDev starts a three-node dev cluster, checks what it prints and
@@ -414,13 +287,13 @@ func TestDev(t *testing.T) {
 	var firstIDs []string
 	for round := range 2 {
 		p := start(t, "dev", "--nodes", "3", "--data-dir", dir, "--etcd-listen", "127.0.0.1:0", "--size", "64MiB")
-		p.waitLog(t, `msg="dev cluster ready"`)
+		p.WaitLog(t, `msg="dev cluster ready"`)
 		// stdout and stderr are two pipes copied apart: the lines printed
 		// before the log line may still be on their way.
-		lines := p.waitStdout(t, 2)
+		lines := p.WaitStdout(t, 2)
 		if len(lines) != 2 || !strings.HasPrefix(lines[0], "etcd: http://127.0.0.1:") ||
 			lines[1] != "tls: "+filepath.Join(dir, "client") {
-			t.Fatalf("round %d: stdout %q", round, p.stdout.String())
+			t.Fatalf("round %d: stdout %q", round, p.Stdout())
 		}
 		ep := strings.TrimPrefix(lines[0], "etcd: ")
 		ms, err := meta.Open(ctx, []string{ep}, "", meta.Options{})
@@ -462,9 +335,9 @@ func TestDev(t *testing.T) {
 		}
 		cli.Close()
 		ms.Close()
-		p.cmd.Process.Signal(syscall.SIGINT)
-		if code := p.exited(t); code != 0 {
-			t.Fatalf("round %d: exit %d after SIGINT\n%s", round, code, p.stderr.String())
+		p.Signal(syscall.SIGINT)
+		if code := p.WaitExit(t); code != 0 {
+			t.Fatalf("round %d: exit %d after SIGINT\n%s", round, code, p.Log())
 		}
 	}
 }
@@ -476,19 +349,18 @@ func TestKillRestart(t *testing.T) {
 	pfx := prefix(t)
 	c := newCluster(t, pfx)
 	data := filepath.Join(t.TempDir(), "data")
-	p := start(t, nodeArgs(pfx, data, c.caDir, "--id", "k1")...)
-	p.waitLog(t, `msg="node ready"`)
-	p.cmd.Process.Kill()
-	<-p.done
+	p := start(t, nodeArgs(pfx, data, c.CADir, "--id", "k1")...)
+	p.WaitLog(t, `msg="node ready"`)
+	p.Kill()
 
-	p2 := start(t, nodeArgs(pfx, data, c.caDir, "--id", "k1")...)
-	p2.waitLog(t, `msg="waiting for the previous lease of this node to expire"`)
-	p2.waitLog(t, `msg="node ready"`)
-	nodes, err := c.ms.Nodes(context.Background())
+	p2 := start(t, nodeArgs(pfx, data, c.CADir, "--id", "k1")...)
+	p2.WaitLog(t, `msg="waiting for the previous lease of this node to expire"`)
+	p2.WaitLog(t, `msg="node ready"`)
+	nodes, err := c.Meta.Nodes(context.Background())
 	if err != nil || len(nodes) != 1 || nodes[0].ID != "k1" {
 		t.Fatalf("Nodes after kill and restart = %+v, %v", nodes, err)
 	}
-	p2.stop(t)
+	p2.Stop(t)
 }
 
 // TestNoSpace fills a two-chunk node: the third chunk's write is refused
@@ -496,10 +368,10 @@ func TestKillRestart(t *testing.T) {
 func TestNoSpace(t *testing.T) {
 	pfx := prefix(t)
 	c := newCluster(t, pfx)
-	p := start(t, nodeArgs(pfx, t.TempDir(), c.caDir, "--id", "s1", "--size", "2MiB", "--metrics", "127.0.0.1:0")...)
-	url := p.waitLog(t, metricsRe)
-	addr := p.waitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
-	cli := chunkClient(t, c.caDir, addr)
+	p := start(t, nodeArgs(pfx, t.TempDir(), c.CADir, "--id", "s1", "--size", "2MiB", "--metrics", "127.0.0.1:0")...)
+	url := p.WaitLog(t, metricsRe)
+	addr := p.WaitLog(t, `msg="node ready" node=\S+ addr=(\S+)`)
+	cli := chunkClient(t, c.CADir, addr)
 	block := make([]byte, blockSize)
 	for idx, want := range []uint8{statusOK, statusOK, statusNoSpace} {
 		if st, _ := chunkCallAt(t, cli, opWrite, 7, uint64(idx), 0, block, blockSize); st != want {
@@ -513,7 +385,7 @@ func TestNoSpace(t *testing.T) {
 	if got := sample(t, body, "torus_store_slots_used", "s1"); got != "2" {
 		t.Fatalf("torus_store_slots_used = %s, want 2", got)
 	}
-	p.stop(t)
+	p.Stop(t)
 }
 
 // chunkClient dials the node at addr with a client certificate of the CA
@@ -542,22 +414,22 @@ func chunkClient(t *testing.T, caDir, addr string) *netquic.Client {
 func TestHelpAndUsage(t *testing.T) {
 	for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}, {"dev", "--help"}, {"help", "dev"}} {
 		p := start(t, args...)
-		if code := p.exited(t); code != 0 || p.stderr.String() != "" || !strings.Contains(p.stdout.String(), "torusd dev --nodes 3 --data-dir DIR") {
-			t.Errorf("torusd %q: exit %d, stderr %q, stdout:\n%s", args, code, p.stderr.String(), p.stdout.String())
+		if code := p.WaitExit(t); code != 0 || p.Log() != "" || !strings.Contains(p.Stdout(), "torusd dev --nodes 3 --data-dir DIR") {
+			t.Errorf("torusd %q: exit %d, stderr %q, stdout:\n%s", args, code, p.Log(), p.Stdout())
 		}
 		wantFlag := "--cluster-dir CADIR"
 		if args[len(args)-1] == "dev" || args[0] == "dev" {
 			wantFlag = "--etcd-listen HOST:PORT"
 		}
-		if !strings.Contains(p.stdout.String(), wantFlag) {
-			t.Errorf("torusd %q: no %q in the flags:\n%s", args, wantFlag, p.stdout.String())
+		if !strings.Contains(p.Stdout(), wantFlag) {
+			t.Errorf("torusd %q: no %q in the flags:\n%s", args, wantFlag, p.Stdout())
 		}
 	}
 	for _, args := range [][]string{{"--nope"}, {"dev", "--nope"}, {"bogus"}, {"dev", "--size", "lots"}, {"dev"}} {
 		p := start(t, args...)
-		if code := p.exited(t); code != 2 || p.stdout.String() != "" || !strings.Contains(p.stderr.String(), "usage: ") ||
-			!strings.Contains(p.stderr.String(), "\nUsage:\n  torusd ") {
-			t.Errorf("torusd %q: exit %d, stdout %q, stderr:\n%s", args, code, p.stdout.String(), p.stderr.String())
+		if code := p.WaitExit(t); code != 2 || p.Stdout() != "" || !strings.Contains(p.Log(), "usage: ") ||
+			!strings.Contains(p.Log(), "\nUsage:\n  torusd ") {
+			t.Errorf("torusd %q: exit %d, stdout %q, stderr:\n%s", args, code, p.Stdout(), p.Log())
 		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/torus-storage/torus/cluster"
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
 )
@@ -52,34 +53,34 @@ func TestMaintenance(t *testing.T) {
 	c := newCluster(t, pfx)
 	ctx := context.Background()
 	dirs := map[string]string{}
-	procs := map[string]*proc{}
+	procs := map[string]*testcluster.Proc{}
 	urls := map[string]string{}
 	startNode := func(id string) {
 		if dirs[id] == "" {
 			dirs[id] = filepath.Join(t.TempDir(), id)
 		}
-		p := start(t, nodeArgs(pfx, dirs[id], c.caDir, "--id", id, "--maintenance-interval", "300ms", "--maintenance-delay", "600ms",
+		p := start(t, nodeArgs(pfx, dirs[id], c.CADir, "--id", id, "--maintenance-interval", "300ms", "--maintenance-delay", "600ms",
 			"--rebuild-rate", "4MiB", "--size", "256MiB", "--metrics", "127.0.0.1:0")...)
-		urls[id] = p.waitLog(t, metricsRe)
-		p.waitLog(t, `msg="node ready"`)
+		urls[id] = p.WaitLog(t, metricsRe)
+		p.WaitLog(t, `msg="node ready"`)
 		procs[id] = p
 	}
 	for _, id := range []string{"m1", "m2", "m3"} {
 		startNode(id)
 	}
 	const size = 32 << 20
-	vol, err := c.ms.CreateVolume(ctx, "maint", size, 2)
+	vol, err := c.Meta.CreateVolume(ctx, "maint", size, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctls := clientTLS(t, c.caDir)
+	ctls := clientTLS(t, c.CADir)
 	attach := func() (*meta.AttachLease, *cluster.Volume) {
 		t.Helper()
-		l, err := c.ms.Attach(ctx, "maint", "test client", 5*time.Second)
+		l, err := c.Meta.Attach(ctx, "maint", "test client", 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
-		cl, err := cluster.Open(ctx, c.ms, l.Volume(), cluster.Options{TLS: ctls, Epoch: l.Epoch()})
+		cl, err := cluster.Open(ctx, c.Meta, l.Volume(), cluster.Options{TLS: ctls, Epoch: l.Epoch()})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -111,7 +112,7 @@ func TestMaintenance(t *testing.T) {
 	if err := volIO(cl, engine.OpWrite, 0, buf[:size/2]); err != nil {
 		t.Fatal(err)
 	}
-	procs["m3"].stop(t)
+	procs["m3"].Stop(t)
 	for i := range model[size/2:] {
 		model[size/2+i] ^= 0x5a
 	}
@@ -126,7 +127,7 @@ func TestMaintenance(t *testing.T) {
 		t.Logf("close with a node down: %v", err)
 	}
 	l.Release(ctx)
-	missed, err := c.ms.Missed(ctx, vol.ID)
+	missed, err := c.Meta.Missed(ctx, vol.ID)
 	if err != nil || len(missed["m3"]) == 0 {
 		t.Fatalf("marks of m3 after a degraded write: %v %v", missed, err)
 	}
@@ -135,7 +136,7 @@ func TestMaintenance(t *testing.T) {
 		t.Helper()
 		deadline := time.Now().Add(60 * time.Second)
 		for {
-			w, err := c.ms.Work(ctx)
+			w, err := c.Meta.Work(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -151,7 +152,7 @@ func TestMaintenance(t *testing.T) {
 	waitWork("rebuild with no client", func(w meta.VolumeWork) bool { return !w.Needed() && w.Holder == "" })
 	repaired := 0
 	for _, p := range procs {
-		if regexp.MustCompile(`msg="maintenance: volume repaired".* volume=maint`).MatchString(p.stderr.String()) {
+		if regexp.MustCompile(`msg="maintenance: volume repaired".* volume=maint`).MatchString(p.Log()) {
 			repaired++
 		}
 	}
@@ -184,7 +185,7 @@ func TestMaintenance(t *testing.T) {
 	l.Release(ctx)
 	yielded := false
 	for _, p := range procs {
-		if regexp.MustCompile(`msg="maintenance: yielded the volume".* volume=maint`).MatchString(p.stderr.String()) {
+		if regexp.MustCompile(`msg="maintenance: yielded the volume".* volume=maint`).MatchString(p.Log()) {
 			yielded = true
 		}
 	}

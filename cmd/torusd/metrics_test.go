@@ -14,8 +14,8 @@ import (
 func TestDevMetrics(t *testing.T) {
 	p := start(t, "dev", "--nodes", "2", "--replication", "2", "--data-dir", t.TempDir(),
 		"--etcd-listen", "127.0.0.1:0", "--size", "64MiB", "--metrics", "127.0.0.1:0")
-	url := p.waitLog(t, metricsRe)
-	p.waitLog(t, `msg="dev cluster ready"`)
+	url := p.WaitLog(t, metricsRe)
+	p.WaitLog(t, `msg="dev cluster ready"`)
 	body := scrape(t, url)
 	for _, id := range []string{"node1", "node2"} {
 		for name, want := range map[string]string{
@@ -51,5 +51,5 @@ func TestDevMetrics(t *testing.T) {
 	if t.Failed() {
 		t.Logf("scrape:\n%s", body)
 	}
-	p.stop(t)
+	p.Stop(t)
 }
