@@ -476,7 +476,7 @@ func (c *Volume) peerAddr(nd meta.Node) (addr, transport string) {
 		if ok {
 			// Kept for the peer: its connections are the node's first
 			// from this client, and the first one a node gets may run on
-			// the node's store ring (netquic.RingHandler).
+			// the node's store ring (netquic.UringHandler).
 			c.unixCli[nd.Socket] = cli
 		}
 		if ok {

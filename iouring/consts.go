@@ -132,7 +132,7 @@ const (
 	CQEFNotif uint32 = 1 << 3
 )
 
-// Feature bits reported by the kernel in io_uring_params.features (Ring.Features).
+// Feature bits reported by the kernel in io_uring_params.features (Uring.Features).
 const (
 	FeatSingleMmap     uint32 = 1 << 0
 	FeatNoDrop         uint32 = 1 << 1

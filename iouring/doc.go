@@ -1,7 +1,7 @@
 // Package iouring is a small io_uring binding built directly on
 // golang.org/x/sys/unix: no cgo, no liburing.
 //
-// A Ring owns one io_uring instance: the mmapped submission queue (SQ), its
+// A Uring owns one io_uring instance: the mmapped submission queue (SQ), its
 // array of SQEs, and the completion queue (CQ). The usual cycle is
 //
 //	sqe := r.SQE()            // nil when the SQ is full
@@ -23,7 +23,7 @@
 //
 // # Threading
 //
-// A Ring is not safe for concurrent use: one goroutine at a time owns it.
+// A Uring is not safe for concurrent use: one goroutine at a time owns it.
 //
 // A ring set up with SetupSingleIssuer (and SetupDeferTaskrun, which requires
 // it) is bound by the kernel to the OS thread that created it. Go moves

@@ -11,7 +11,7 @@ import (
 // bytes that Cmd exposes (together with Addr3 and Pad2).
 //
 // The Prep* methods set only the fields of their operation and expect an SQE
-// fresh from Ring.SQE (fully zeroed); the caller sets UserData and Flags after.
+// fresh from Uring.SQE (fully zeroed); the caller sets UserData and Flags after.
 type SQE struct {
 	// Opcode is one of the Op* constants.
 	Opcode uint8

@@ -5,7 +5,7 @@ package nbd
 // Invariants:
 //   - Only the connection's reader calls get; only its writer calls put (and
 //     the reader, for a buffer it took but never submitted). A ring
-//     connection (ringconn.go) calls tryGet and put from its one thread.
+//     connection (uringconn.go) calls tryGet and put from its one thread.
 //   - Each class channel has capacity equal to the number of buffers the class
 //     can ever hold, so put never blocks.
 //   - A buffer returned by get is at least n bytes long, 4096-aligned, and not

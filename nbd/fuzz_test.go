@@ -102,13 +102,13 @@ func FuzzRequest(f *testing.F) {
 	})
 }
 
-// FuzzRingRequest runs the ring connection (ringconn.go, the path a local
+// FuzzUringRequest runs the uring connection (uringconn.go, the path a local
 // store's connections take) over arbitrary bytes on a real socket, io_uring
 // and store. The first byte selects structured replies and a read-only
 // export. The connection must finish once the input ends (no hang), give
 // back every slot, and, with structured replies, send a stream that parses
 // as whole replies (no desynchronised or torn reply).
-func FuzzRingRequest(f *testing.F) {
+func FuzzUringRequest(f *testing.F) {
 	req, cat := seedReq, seedCat
 	f.Add(cat([]byte{1}, req(cmdWrite, cmdFlagFUA, 4096, 4096, make([]byte, 4096)), req(cmdRead, 0, 4096, 4096, nil), req(cmdDisc, 0, 0, 0, nil)))
 	f.Add(cat([]byte{1}, req(cmdFlush, 0, 0, 0, nil), req(cmdTrim, 0, 0, 8192, nil), req(cmdWriteZeroes, cmdFlagNoHole, 0, 4096, nil)))
@@ -130,11 +130,11 @@ func FuzzRingRequest(f *testing.F) {
 		peer := os.NewFile(uintptr(fds[1]), "peer")
 		defer peer.Close()
 		defer unix.Close(fds[0]) // after run has returned (or never ran)
-		c, err := newRingConn(fds[0], e, v, []int{0}, structured, Options{MaxInFlight: depth, MaxPayload: 1 << 20})
+		c, err := newUringConn(fds[0], e, v, []int{0}, structured, Options{MaxInFlight: depth, MaxPayload: 1 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}
-		running := false // the ring thread may still use c's buffers
+		running := false // the uring thread may still use c's buffers
 		defer func() {
 			if !running {
 				c.close()
@@ -164,7 +164,7 @@ func FuzzRingRequest(f *testing.F) {
 			case <-time.After(2 * drainTimeout):
 				running = true // leak the buffers rather than unmap them under the thread
 			}
-			t.Fatal("ring connection did not finish after its input ended")
+			t.Fatal("uring connection did not finish after its input ended")
 		}
 		unix.Shutdown(fds[0], unix.SHUT_RDWR) // run has returned: ends the reader's stream
 		out := <-replies

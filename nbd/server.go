@@ -4,7 +4,7 @@
 // A connection to a volume that lends its store shards (store.Local, see
 // store.ShardDriver) is served by one OS thread with one io_uring that
 // receives requests, runs the shards' I/O and sends the replies (see
-// ringconn.go), as long as the volume has shards no other connection runs.
+// uringconn.go), as long as the volume has shards no other connection runs.
 // Any other connection runs two goroutines: a reader that parses requests
 // and submits them to the volume without waiting, and a writer that batches
 // the replies of completed requests. Requests live in preallocated
@@ -65,14 +65,14 @@ type Options struct {
 	// goroutine. By default the goroutine that completes a request (a store
 	// thread) writes the reply itself with a non-blocking write when no other
 	// reply is being written, which saves a goroutine wake-up per reply.
-	// It applies to the goroutine path only (see NoRing).
+	// It applies to the goroutine path only (see NoUring).
 	NoDirectReplies bool
-	// NoRing serves every connection with a reader and a writer goroutine.
+	// NoUring serves every connection with a reader and a writer goroutine.
 	// By default, a connection to an export whose volume can lend its store
 	// shards (store.Local) is served by one OS thread with one io_uring
 	// that runs those shards itself, as long as the volume has shards no
 	// other connection runs; the others use the goroutine path.
-	NoRing bool
+	NoUring bool
 }
 
 const (
@@ -96,7 +96,7 @@ type Server struct {
 	log     *slog.Logger
 
 	mu     sync.Mutex
-	driven map[driveable][]bool // shards run by ring connections; guarded by mu
+	driven map[driveable][]bool // shards run by uring connections; guarded by mu
 }
 
 // NewServer checks the exports and options and returns a server.
@@ -210,13 +210,13 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 	}
 }
 
-// transmit serves the transmission phase of e on nc: on a ring connection
-// when it can (see Options.NoRing), else on the reader and writer
+// transmit serves the transmission phase of e on nc: on a uring connection
+// when it can (see Options.NoUring), else on the reader and writer
 // goroutines. It returns when the client disconnects, breaks the protocol,
 // or ctx is done, after every in-flight request completed and its reply was
 // sent.
 func (s *Server) transmit(ctx context.Context, nc net.Conn, e *Export, structured bool) error {
-	if ok, err := s.transmitRing(ctx, nc, e, structured); ok {
+	if ok, err := s.transmitUring(ctx, nc, e, structured); ok {
 		return err
 	}
 	c, err := newConn(nc, e, structured, s.opt)
@@ -229,12 +229,12 @@ func (s *Server) transmit(ctx context.Context, nc net.Conn, e *Export, structure
 	return c.serve()
 }
 
-// transmitRing serves nc on a ring connection if the volume has shards to
+// transmitUring serves nc on a uring connection if the volume has shards to
 // lend and nc has a socket descriptor. ok is false when it did not read
 // from nc (the caller serves it another way).
-func (s *Server) transmitRing(ctx context.Context, nc net.Conn, e *Export, structured bool) (ok bool, err error) {
+func (s *Server) transmitUring(ctx context.Context, nc net.Conn, e *Export, structured bool) (ok bool, err error) {
 	dv, isDv := e.Volume.(driveable)
-	if s.opt.NoRing || !isDv {
+	if s.opt.NoUring || !isDv {
 		return false, nil
 	}
 	fd := socketFD(nc)
@@ -246,20 +246,20 @@ func (s *Server) transmitRing(ctx context.Context, nc net.Conn, e *Export, struc
 		return false, nil
 	}
 	defer s.releaseShards(dv, ids)
-	// The ring thread serves the socket through a duplicate descriptor;
+	// The uring thread serves the socket through a duplicate descriptor;
 	// once it runs, nc is closed, which takes the socket out of Go's
 	// netpoller. Left there, every request arriving would also wake the M
 	// that an idle P parks in epoll_wait, for nothing: at QD1 that costs a
 	// third of the IOPS on two CPUs.
 	dfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
-		s.log.Warn("nbd: ring connection setup failed; serving with goroutines", "err", fmt.Errorf("dup: %w", err))
+		s.log.Warn("nbd: uring connection setup failed; serving with goroutines", "err", fmt.Errorf("dup: %w", err))
 		return false, nil
 	}
-	c, err := newRingConn(dfd, e, dv, ids, structured, s.opt)
+	c, err := newUringConn(dfd, e, dv, ids, structured, s.opt)
 	if err != nil {
 		unix.Close(dfd)
-		s.log.Warn("nbd: ring connection setup failed; serving with goroutines", "err", err)
+		s.log.Warn("nbd: uring connection setup failed; serving with goroutines", "err", err)
 		return false, nil
 	}
 	defer c.close()
@@ -269,7 +269,7 @@ func (s *Server) transmitRing(ctx context.Context, nc net.Conn, e *Export, struc
 	if err := <-setup; err != nil {
 		<-done
 		unix.Close(dfd)
-		s.log.Warn("nbd: ring connection setup failed; serving with goroutines", "err", err)
+		s.log.Warn("nbd: uring connection setup failed; serving with goroutines", "err", err)
 		return false, nil
 	}
 	nc.Close()
@@ -298,7 +298,7 @@ func socketFD(nc net.Conn) int {
 	return fd
 }
 
-// claimShards takes every shard of dv that no ring connection runs.
+// claimShards takes every shard of dv that no uring connection runs.
 func (s *Server) claimShards(dv driveable) []int {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -27,11 +27,11 @@ var benchHandler = HandlerFunc(func(r *ServerRequest) {
 	}
 })
 
-// ringBench serves benchHandler on a unix connection's ring (the node's
+// uringBench serves benchHandler on a unix connection's ring (the node's
 // path for its own host), with a driver that has no work of its own.
-type ringBench struct{ Handler }
+type uringBench struct{ Handler }
 
-func (ringBench) AttachRing(*iouring.Ring) (RingDriver, error) { return idleDriver{}, nil }
+func (uringBench) AttachUring(*iouring.Uring) (UringDriver, error) { return idleDriver{}, nil }
 
 type idleDriver struct{}
 
@@ -43,14 +43,14 @@ func (idleDriver) Woke()               {}
 func (idleDriver) Release() error      { return nil }
 
 // benchTransports are the transports, plus "unix-ring": the unix transport
-// with a RingHandler, so the connection is served on its own io_uring.
+// with a UringHandler, so the connection is served on its own io_uring.
 var benchTransports = append(append([]string(nil), transports...), "unix-ring")
 
 func benchPair(tb testing.TB, tr string) *Client {
 	p := newPKI(tb)
 	var h Handler = benchHandler
 	if tr == "unix-ring" {
-		tr, h = TransportUnix, ringBench{benchHandler}
+		tr, h = TransportUnix, uringBench{benchHandler}
 	}
 	_, cli := startPair(tb, p, tr, h)
 	if err := callOnce(cli, 10*time.Second); err != nil {

@@ -32,9 +32,9 @@
 // Options.Transport "tcp" runs the same framing over TLS 1.3 on TCP (one
 // connection per stream), for comparison and as a fallback where UDP is
 // blocked; "unix" runs it without TLS over a unix socket, for a client on
-// the node's own machine. A Server whose Handler is a RingHandler serves a
+// the node's own machine. A Server whose Handler is a UringHandler serves a
 // unix connection on one io_uring thread that also runs the handler's I/O
-// (ringserve.go).
+// (uringserve.go).
 //
 // Bulk over QUIC is bound by per-packet cost (1452-byte packets, a
 // sendmsg/recvmmsg and an AES-GCM seal/open each), so GSO matters, and the

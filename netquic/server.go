@@ -294,7 +294,7 @@ func (s *Server) acceptUnix() {
 		if err != nil {
 			return
 		}
-		if rh, ok := s.h.(RingHandler); ok && s.tryRing(rh, c.(*net.UnixConn)) {
+		if rh, ok := s.h.(UringHandler); ok && s.tryUring(rh, c.(*net.UnixConn)) {
 			continue
 		}
 		s.serveStream(unixStream{c.(*net.UnixConn)}, c.RemoteAddr(), UnixPeerName)
@@ -345,8 +345,8 @@ type serverStream struct {
 	srv      *Server
 	raw      rawStream
 	peer     net.Addr
-	peerName string     // certificate common name, set before the first Serve
-	drv      RingDriver // the handler's driver on a ring connection, else nil
+	peerName string      // certificate common name, set before the first Serve
+	drv      UringDriver // the handler's driver on a uring connection, else nil
 
 	wmu  sync.Mutex
 	wbuf []byte

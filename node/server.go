@@ -287,8 +287,8 @@ func (n *Server) Serve(r *netquic.ServerRequest) {
 	}
 }
 
-// submit starts op: on the ring thread of a unix connection that drives
-// the store's shards (AttachRing), straight on those shards; otherwise
+// submit starts op: on the uring thread of a unix connection that drives
+// the store's shards (AttachUring), straight on those shards; otherwise
 // through the shards' queues.
 func (n *Server) submit(r *netquic.ServerRequest, op *store.ChunkOp) {
 	if d, ok := r.Driver().(*store.ShardDriver); ok {
@@ -298,12 +298,12 @@ func (n *Server) submit(r *netquic.ServerRequest, op *store.ChunkOp) {
 	n.st.Submit(op)
 }
 
-// AttachRing implements netquic.RingHandler: the unix connection whose
+// AttachUring implements netquic.UringHandler: the unix connection whose
 // thread owns r runs every shard of the node's store on r, so a request
 // from a client on this host is read, issued, completed and answered on
 // that one thread. Only one connection drives the shards at a time; the
 // others (and every QUIC stream) reach them through their queues.
-func (n *Server) AttachRing(r *iouring.Ring) (netquic.RingDriver, error) {
+func (n *Server) AttachUring(r *iouring.Uring) (netquic.UringDriver, error) {
 	ids := make([]int, n.st.Shards())
 	for i := range ids {
 		ids[i] = i

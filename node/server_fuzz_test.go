@@ -15,8 +15,8 @@ import (
 
 // FuzzNodeServer sends arbitrary chunk-protocol requests (op, the 48-byte
 // header, a payload) to a Server with a real store over the node's unix
-// socket, where the connection is served on the store's ring thread as a
-// node's own-host client is. The framing is the client's (FuzzRingFrames
+// socket, where the connection is served on the store's uring thread as a
+// node's own-host client is. The framing is the client's (FuzzUringFrames
 // covers bytes off the wire); what a peer controls here is every field. Each
 // request must be answered with a known status, a reply to anything but a
 // well-formed request must not be OK, and the node must keep serving: after

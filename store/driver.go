@@ -34,7 +34,7 @@ import (
 type ShardDriver struct {
 	l       *Local
 	st      *Store
-	ring    *iouring.Ring
+	uring   *iouring.Uring
 	shards  []*shard
 	mine    [alShards]bool
 	fixed   bool
@@ -55,7 +55,7 @@ func (d *ShardDriver) RegisterBuffers(bufs [][]byte) error {
 	if len(d.bufs) > 0 {
 		return errors.New("store: RegisterBuffers: already registered")
 	}
-	if err := d.ring.RegisterBuffers(bufs); err != nil {
+	if err := d.uring.RegisterBuffers(bufs); err != nil {
 		return fmt.Errorf("store: RegisterBuffers: %w", err)
 	}
 	for _, b := range bufs {
@@ -93,7 +93,7 @@ func (l *Local) Shards() int { return l.st.nshards }
 // each. DriveShards registers the store as r's fixed file 0 if r has no
 // registered files; otherwise it uses the plain descriptor. Close of the
 // volume waits until every driver has released its shards.
-func (l *Local) DriveShards(r *iouring.Ring, ids ...int) (*ShardDriver, error) {
+func (l *Local) DriveShards(r *iouring.Uring, ids ...int) (*ShardDriver, error) {
 	return driveShards(l.st, l, r, ids)
 }
 
@@ -106,15 +106,15 @@ func (s *Store) Shards() int { return s.nshards }
 // SubmitChunk, not Submit, and an op of a driven shard completes (its
 // ChunkCompleter is called) on the driver's thread. Close of the store
 // waits until the driver has released its shards.
-func (s *Store) DriveShards(r *iouring.Ring, ids ...int) (*ShardDriver, error) {
+func (s *Store) DriveShards(r *iouring.Uring, ids ...int) (*ShardDriver, error) {
 	return driveShards(s, nil, r, ids)
 }
 
-func driveShards(st *Store, l *Local, r *iouring.Ring, ids []int) (*ShardDriver, error) {
+func driveShards(st *Store, l *Local, r *iouring.Uring, ids []int) (*ShardDriver, error) {
 	if len(ids) == 0 {
 		return nil, errors.New("store: DriveShards: no shard")
 	}
-	d := &ShardDriver{l: l, st: st, ring: r}
+	d := &ShardDriver{l: l, st: st, uring: r}
 	for _, id := range ids {
 		if id < 0 || id >= st.nshards || d.mine[id] {
 			return nil, fmt.Errorf("store: DriveShards: bad shard %d of %d", id, st.nshards)
@@ -143,7 +143,7 @@ func driveShards(st *Store, l *Local, r *iouring.Ring, ids []int) (*ShardDriver,
 		sh.driver = d
 		sh.runDone = make(chan struct{})
 		sh.mu.Unlock()
-		sh.useRing(r, d.fixed)
+		sh.useUring(r, d.fixed)
 		sh.armWake()
 		d.shards = append(d.shards, sh)
 	}
@@ -275,12 +275,12 @@ func (d *ShardDriver) Release() error {
 		if d.Sleep() {
 			wait = 1
 		}
-		_, err := d.ring.SubmitAndWait(wait)
+		_, err := d.uring.SubmitAndWait(wait)
 		d.Woke()
 		if err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
 			return fmt.Errorf("store: release shards: %w", err)
 		}
-		n := d.ring.PeekCQEs(d.cqes[:])
+		n := d.uring.PeekCQEs(d.cqes[:])
 		for i := 0; i < n; i++ {
 			if c := &d.cqes[i]; d.Owns(c.UserData) {
 				d.Handle(c)

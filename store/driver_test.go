@@ -34,7 +34,7 @@ type countCompleter struct{ n int }
 func (c *countCompleter) Complete(*engine.Request, error) { c.n++ }
 
 // driveLoop runs d's loop on the current (locked) thread until cond holds.
-func driveLoop(t *testing.T, r *iouring.Ring, d *ShardDriver, spin bool, cond func() bool) {
+func driveLoop(t *testing.T, r *iouring.Uring, d *ShardDriver, spin bool, cond func() bool) {
 	cqes := make([]iouring.CQE, 256)
 	for !cond() {
 		d.Poll()
@@ -99,7 +99,7 @@ func TestShardDriver(t *testing.T) {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
 		errc <- func() error {
-			r, err := iouring.NewThreadRing(1024)
+			r, err := iouring.NewThreadUring(1024)
 			if err != nil {
 				return err
 			}

@@ -60,9 +60,9 @@ import (
 )
 
 const (
-	maxOps      = 256
-	cleanMax    = 32 // dirty headers written at once to make room in the log
-	ringEntries = 512
+	maxOps       = 256
+	cleanMax     = 32 // dirty headers written at once to make room in the log
+	uringEntries = 512
 
 	udOp   = 1 << 56
 	udHdr  = 2 << 56
@@ -93,7 +93,7 @@ type shard struct {
 	driver *ShardDriver // the driving thread, nil when run owns the shard
 
 	// Shard goroutine only.
-	ring   *iouring.Ring
+	uring  *iouring.Uring
 	fd     int32 // the store fd, or 0 when registered as fixed file 0
 	fixed  uint8 // iouring.SQEFixedFile when fd is a fixed-file index
 	local  []*ChunkOp
@@ -186,8 +186,8 @@ func newShard(s *Store, id int) (*shard, error) {
 }
 
 // newRing makes a ring with the best flags the kernel accepts.
-func newRing() (*iouring.Ring, error) {
-	r, err := iouring.NewThreadRing(ringEntries)
+func newRing() (*iouring.Uring, error) {
+	r, err := iouring.NewThreadUring(uringEntries)
 	if err != nil {
 		return nil, fmt.Errorf("io_uring setup: %w", err)
 	}
@@ -242,9 +242,9 @@ func (sh *shard) stop() {
 	alignbuf.Free(sh.hdrArena)
 }
 
-// useRing makes r the shard's ring; the caller is the new owner thread.
-func (sh *shard) useRing(r *iouring.Ring, fixed bool) {
-	sh.ring = r
+// useUring makes r the shard's ring; the caller is the new owner thread.
+func (sh *shard) useUring(r *iouring.Uring, fixed bool) {
+	sh.uring = r
 	sh.fd, sh.fixed = sh.s.fd, 0
 	if fixed {
 		sh.fd, sh.fixed = 0, iouring.SQEFixedFile
@@ -273,8 +273,8 @@ func (sh *shard) run(ready chan<- error, done chan struct{}) {
 	if err != nil {
 		sh.s.log.Warn("store: io_uring file registration failed; using plain fds", "shard", sh.id, "err", err)
 	}
-	sh.useRing(r, err == nil)
-	defer func() { sh.ring = nil }()
+	sh.useUring(r, err == nil)
+	defer func() { sh.uring = nil }()
 	sh.armWake()
 	ready <- nil
 
@@ -302,7 +302,7 @@ func (sh *shard) run(ready chan<- error, done chan struct{}) {
 		if closed && !yield && sh.inflight == 0 && sh.backlog == nil && !sh.cleanAll() {
 			return
 		}
-		n := sh.ring.PeekCQEs(sh.cqes[:])
+		n := sh.uring.PeekCQEs(sh.cqes[:])
 		if n == 0 {
 			sh.sleeping.Store(1)
 			sh.mu.Lock()
@@ -316,11 +316,11 @@ func (sh *shard) run(ready chan<- error, done chan struct{}) {
 				sh.submit()
 				continue
 			}
-			if _, err := sh.ring.SubmitAndWait(1); err != nil {
+			if _, err := sh.uring.SubmitAndWait(1); err != nil {
 				sh.s.log.Error("store: io_uring wait failed", "shard", sh.id, "err", err)
 			}
 			sh.sleeping.Store(0)
-			n = sh.ring.PeekCQEs(sh.cqes[:])
+			n = sh.uring.PeekCQEs(sh.cqes[:])
 		}
 		for i := 0; i < n; i++ {
 			c := &sh.cqes[i]
@@ -331,10 +331,10 @@ func (sh *shard) run(ready chan<- error, done chan struct{}) {
 }
 
 func (sh *shard) submit() {
-	if sh.ring.Pending() == 0 {
+	if sh.uring.Pending() == 0 {
 		return
 	}
-	if _, err := sh.ring.Submit(); err != nil {
+	if _, err := sh.uring.Submit(); err != nil {
 		sh.s.log.Error("store: io_uring submit failed", "shard", sh.id, "err", err)
 	}
 }
@@ -342,10 +342,10 @@ func (sh *shard) submit() {
 // sqe returns a free SQE, submitting the full SQ to make room.
 func (sh *shard) sqe() *iouring.SQE {
 	for {
-		if e := sh.ring.SQE(); e != nil {
+		if e := sh.uring.SQE(); e != nil {
 			return e
 		}
-		if _, err := sh.ring.Submit(); err != nil {
+		if _, err := sh.uring.Submit(); err != nil {
 			sh.s.log.Error("store: io_uring submit failed", "shard", sh.id, "err", err)
 		}
 	}
@@ -353,10 +353,10 @@ func (sh *shard) sqe() *iouring.SQE {
 
 // sqes fills dst with consecutive free SQEs, submitting first if fewer
 // are free, so that a linked chain prepared in them reaches the kernel in one
-// submission (see iouring.Ring.SQEs). len(dst) must not exceed the SQ size.
+// submission (see iouring.Uring.SQEs). len(dst) must not exceed the SQ size.
 func (sh *shard) sqes(dst []*iouring.SQE) {
-	for !sh.ring.SQEs(dst) {
-		if _, err := sh.ring.Submit(); err != nil {
+	for !sh.uring.SQEs(dst) {
+		if _, err := sh.uring.Submit(); err != nil {
 			sh.s.log.Error("store: io_uring submit failed", "shard", sh.id, "err", err)
 		}
 	}

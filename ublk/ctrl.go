@@ -48,7 +48,7 @@ type ctrlReply struct {
 
 type ctrl struct {
 	fd     int
-	ring   *iouring.Ring
+	uring  *iouring.Uring
 	page   []byte
 	legacy bool
 	reqs   chan ctrlReq
@@ -64,18 +64,18 @@ func openCtrl() (*ctrl, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ublk: open %s: %w", ControlPath, err)
 	}
-	ring, err := iouring.New(4, iouring.SetupSQE128)
+	uring, err := iouring.New(4, iouring.SetupSQE128)
 	if err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("ublk: control ring: %w", err)
 	}
 	page, err := alignbuf.Alloc(alignbuf.PageSize)
 	if err != nil {
-		ring.Close()
+		uring.Close()
 		unix.Close(fd)
 		return nil, err
 	}
-	c := &ctrl{fd: fd, ring: ring, page: page, reqs: make(chan ctrlReq), done: make(chan struct{})}
+	c := &ctrl{fd: fd, uring: uring, page: page, reqs: make(chan ctrlReq), done: make(chan struct{})}
 	go c.serve()
 	return c, nil
 }
@@ -84,7 +84,7 @@ func openCtrl() (*ctrl, error) {
 func (c *ctrl) close() error {
 	close(c.reqs)
 	<-c.done
-	return errors.Join(c.ring.Close(), unix.Close(c.fd), alignbuf.Free(c.page))
+	return errors.Join(c.uring.Close(), unix.Close(c.fd), alignbuf.Free(c.page))
 }
 
 func (c *ctrl) serve() {
@@ -117,7 +117,7 @@ func (c *ctrl) serve() {
 }
 
 func (c *ctrl) issue(r ctrlReq) (int32, error) {
-	sqe := c.ring.SQE()
+	sqe := c.uring.SQE()
 	if sqe == nil {
 		return 0, errors.New("ublk: control ring full")
 	}
@@ -133,7 +133,7 @@ func (c *ctrl) issue(r ctrlReq) (int32, error) {
 	sqe.UserData = uint64(r.nr)
 	var cqe [1]iouring.CQE
 	for {
-		n, err := c.ring.WaitCQEs(cqe[:], 1)
+		n, err := c.uring.WaitCQEs(cqe[:], 1)
 		if n == 1 {
 			return cqe[0].Res, nil
 		}

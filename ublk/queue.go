@@ -92,7 +92,7 @@ func (t *tagState) Complete(r *engine.Request, err error) {
 // (store.Local).
 type driveable interface {
 	Shards() int
-	DriveShards(r *iouring.Ring, ids ...int) (*store.ShardDriver, error)
+	DriveShards(r *iouring.Uring, ids ...int) (*store.ShardDriver, error)
 }
 
 type queue struct {
@@ -105,7 +105,7 @@ type queue struct {
 
 	opFetch, opCommit uint32
 
-	ring  *iouring.Ring
+	uring *iouring.Uring
 	descs []byte
 	bufs  []byte
 	efd   int
@@ -215,12 +215,12 @@ func (q *queue) setup() error {
 		entries += 512 // the shards' I/O (they submit when the SQ is full)
 	}
 	var err error
-	q.ring, err = iouring.NewThreadRing(entries)
+	q.uring, err = iouring.NewThreadUring(entries)
 	if err != nil {
 		return fmt.Errorf("ublk: queue %d ring: %w", q.id, err)
 	}
-	if uint32(len(q.cqes)) < q.ring.CQEntries() {
-		q.cqes = make([]iouring.CQE, q.ring.CQEntries())
+	if uint32(len(q.cqes)) < q.uring.CQEntries() {
+		q.cqes = make([]iouring.CQE, q.uring.CQEntries())
 	}
 	ps := unix.Getpagesize()
 	q.descs, err = unix.Mmap(q.cfd, descOffset(q.id, ps), descLen(q.depth, ps), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
@@ -231,7 +231,7 @@ func (q *queue) setup() error {
 		return err
 	}
 	if len(q.drvIDs) > 0 {
-		drv, err := q.vol.(driveable).DriveShards(q.ring, q.drvIDs...)
+		drv, err := q.vol.(driveable).DriveShards(q.uring, q.drvIDs...)
 		if err != nil {
 			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 		}
@@ -257,7 +257,7 @@ func (q *queue) setup() error {
 		q.prepCmd(q.opFetch, uint16(i), 0)
 	}
 	q.armWake()
-	if _, err := q.ring.Submit(); err != nil {
+	if _, err := q.uring.Submit(); err != nil {
 		return fmt.Errorf("ublk: queue %d: submit FETCH_REQ: %w", q.id, err)
 	}
 	return nil
@@ -272,8 +272,8 @@ func (q *queue) release() {
 		}
 		q.drv = nil
 	}
-	if q.ring != nil {
-		q.ring.Close()
+	if q.uring != nil {
+		q.uring.Close()
 	}
 	if q.descs != nil {
 		unix.Munmap(q.descs)
@@ -316,10 +316,10 @@ func (q *queue) prepCmd(op uint32, tag uint16, res int32) {
 // commands plus one read); with them it submits a full SQ to make room.
 func (q *queue) sqe() *iouring.SQE {
 	for {
-		if e := q.ring.SQE(); e != nil {
+		if e := q.uring.SQE(); e != nil {
 			return e
 		}
-		if _, err := q.ring.Submit(); err != nil {
+		if _, err := q.uring.Submit(); err != nil {
 			q.log.Error("ublk: io_uring submit failed", "queue", q.id, "err", err)
 		}
 	}
@@ -371,14 +371,14 @@ func (q *queue) loop() error {
 		if wait == 1 && drv != nil && !drv.Sleep() {
 			wait = 0
 		}
-		_, err := q.ring.SubmitAndWait(wait)
+		_, err := q.uring.SubmitAndWait(wait)
 		if drv != nil {
 			drv.Woke()
 		}
 		if err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
 			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 		}
-		n := q.ring.PeekCQEs(q.cqes)
+		n := q.uring.PeekCQEs(q.cqes)
 		for i := 0; i < n; i++ {
 			c := &q.cqes[i]
 			if drv != nil && drv.Owns(c.UserData) {

@@ -63,7 +63,7 @@ func hostQueue(t testing.TB, vol engine.Volume, depth int) (*queue, []ioDesc) {
 		t.Fatal(err)
 	}
 	q := newQueue(0, depth, 64<<10, fake, false, vol, nil, slog.New(slog.DiscardHandler))
-	q.ring, err = iouring.New(uint32(depth+2), 0)
+	q.uring, err = iouring.New(uint32(depth+2), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +77,7 @@ func hostQueue(t testing.TB, vol engine.Volume, depth int) (*queue, []ioDesc) {
 	descs := make([]ioDesc, depth)
 	q.descs = unsafe.Slice((*byte)(unsafe.Pointer(&descs[0])), depth*24)
 	t.Cleanup(func() {
-		q.ring.Close()
+		q.uring.Close()
 		unix.Close(q.efd)
 		unix.Close(fake)
 		alignbuf.Free(q.bufs)
@@ -194,9 +194,9 @@ func queueStep(q *queue) func() {
 	return func() {
 		deliver(q, 0)
 		q.drain()
-		q.ring.Submit()
-		for q.ring.PeekCQEs(q.cqes) == 0 {
-			q.ring.SubmitAndWait(1)
+		q.uring.Submit()
+		for q.uring.PeekCQEs(q.cqes) == 0 {
+			q.uring.SubmitAndWait(1)
 		}
 		q.inKernel--
 		q.mu.Lock()

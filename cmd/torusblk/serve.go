@@ -120,7 +120,7 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 		}
 		defer l.Close()
 	}
-	srv, err := nbd.NewServer([]nbd.Export{{Name: c.name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoRing: c.noRing})
+	srv, err := nbd.NewServer([]nbd.Export{{Name: c.name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoUring: c.noRing})
 	if err != nil {
 		vol.Close()
 		return err

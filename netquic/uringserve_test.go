@@ -14,12 +14,12 @@ import (
 	"github.com/torus-storage/torus/iouring"
 )
 
-// ringEcho is a RingHandler: the first connection to ask gets a fakeDriver
+// uringEcho is a UringHandler: the first connection to ask gets a fakeDriver
 // (one at a time, like the node's store shards). Serve echoes like echo,
 // reporting in Code whether the request came with a driver (Code+1 without,
 // Code+101 with); code 9 is answered later, from the driver's Poll on the
-// ring thread.
-type ringEcho struct {
+// uring thread.
+type uringEcho struct {
 	mu       sync.Mutex
 	held     bool
 	drv      *fakeDriver // the last one handed out
@@ -27,7 +27,7 @@ type ringEcho struct {
 	released atomic.Int32
 }
 
-func (h *ringEcho) AttachRing(r *iouring.Ring) (RingDriver, error) {
+func (h *uringEcho) AttachUring(r *iouring.Uring) (UringDriver, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.held {
@@ -39,7 +39,7 @@ func (h *ringEcho) AttachRing(r *iouring.Ring) (RingDriver, error) {
 	return h.drv, nil
 }
 
-func (h *ringEcho) Serve(r *ServerRequest) {
+func (h *uringEcho) Serve(r *ServerRequest) {
 	d, _ := r.Driver().(*fakeDriver)
 	code := r.Code + 1
 	if d != nil {
@@ -56,7 +56,7 @@ func (h *ringEcho) Serve(r *ServerRequest) {
 // the loop's turns. While busy, Sleep refuses, so the loop keeps turning
 // (as it would with other work to do).
 type fakeDriver struct {
-	h     *ringEcho
+	h     *uringEcho
 	later []*ServerRequest
 	busy  atomic.Bool
 	polls atomic.Int64
@@ -97,8 +97,8 @@ func call(t *testing.T, cli *Client, code uint8, payload []byte) *Message {
 	return &resp
 }
 
-func TestRingConnection(t *testing.T) {
-	h := &ringEcho{}
+func TestUringConnection(t *testing.T) {
+	h := &uringEcho{}
 	path := filepath.Join(t.TempDir(), "node.sock")
 	srv, err := Listen(path, nil, h, &Options{Transport: TransportUnix, Depth: 4, Logger: quiet})
 	if err != nil {
@@ -179,7 +179,7 @@ func TestRingConnection(t *testing.T) {
 	c.Close()
 	waitFor("driver not released after a malformed frame", func() bool { return h.released.Load() == 2 })
 
-	// A ring connection open at Close: Close returns and releases it.
+	// A uring connection open at Close: Close returns and releases it.
 	cli3, err := NewClient(path, nil, one)
 	if err != nil {
 		t.Fatal(err)
@@ -193,7 +193,7 @@ func TestRingConnection(t *testing.T) {
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
-		t.Fatal("Close hung with a ring connection open")
+		t.Fatal("Close hung with a uring connection open")
 	}
 	if h.released.Load() != 3 || h.attached.Load() != 3 {
 		t.Fatalf("attached %d, released %d; want 3 and 3", h.attached.Load(), h.released.Load())
@@ -202,8 +202,8 @@ func TestRingConnection(t *testing.T) {
 
 // A peer that sends requests and reads no reply must not stall the ring
 // thread (its other work goes on), and is dropped after ReplyTimeout.
-func TestRingConnectionSlowReader(t *testing.T) {
-	h := &ringEcho{}
+func TestUringConnectionSlowReader(t *testing.T) {
+	h := &uringEcho{}
 	path := filepath.Join(t.TempDir(), "node.sock")
 	srv, err := Listen(path, nil, h, &Options{Transport: TransportUnix, ReplyTimeout: 2 * time.Second, Logger: quiet})
 	if err != nil {
@@ -239,7 +239,7 @@ func TestRingConnectionSlowReader(t *testing.T) {
 	p1 := d.polls.Load()
 	time.Sleep(300 * time.Millisecond)
 	if p2 := d.polls.Load(); p2 <= p1 {
-		t.Fatalf("ring thread stuck behind a reply the peer does not read (%d loop turns in 300 ms)", p2-p1)
+		t.Fatalf("uring thread stuck behind a reply the peer does not read (%d loop turns in 300 ms)", p2-p1)
 	}
 	deadline = time.Now().Add(10 * time.Second)
 	for h.released.Load() == 0 {
@@ -250,12 +250,12 @@ func TestRingConnectionSlowReader(t *testing.T) {
 	}
 }
 
-// FuzzRingFrames sends arbitrary bytes to a unix connection served on a
-// ring thread (ringserve.go, the path of a node's own-host client). Once
+// FuzzUringFrames sends arbitrary bytes to a unix connection served on a
+// uring thread (uringserve.go, the path of a node's own-host client). Once
 // the input ends the server must close the connection (no hang), release
 // the ring's driver, and have written only whole, well-formed response
 // frames.
-func FuzzRingFrames(f *testing.F) {
+func FuzzUringFrames(f *testing.F) {
 	frame := func(code uint8, id uint64, payload []byte) []byte {
 		b := make([]byte, FrameHeaderSize, FrameHeaderSize+len(payload))
 		putHeader(b, &frameHeader{kind: kindRequest, code: code, id: id, length: uint32(len(payload))})
@@ -267,7 +267,7 @@ func FuzzRingFrames(f *testing.F) {
 	f.Add(cat(frame(3, 1, nil), frame(3, 2, make([]byte, 17<<10))))
 	f.Add(cat(frame(3, 1, nil), []byte("not a frame at all, and then some more bytes")))
 	const maxPayload = 16 << 10
-	h := &ringEcho{}
+	h := &uringEcho{}
 	path := filepath.Join(f.TempDir(), "node.sock")
 	srv, err := Listen(path, nil, h, &Options{Transport: TransportUnix, Depth: 4, MaxPayload: maxPayload, Logger: quiet})
 	if err != nil {

@@ -28,10 +28,10 @@ func openLocal(t testing.TB, size int64, shards int) *store.Local {
 	return v
 }
 
-// startRingServer serves v over a unix socket and returns the server and
+// startUringServer serves v over a unix socket and returns the server and
 // the socket path. The cleanup (registered after the volume's) stops the
 // server before the volume closes.
-func startRingServer(t testing.TB, v engine.Volume, opt Options) (*Server, string) {
+func startUringServer(t testing.TB, v engine.Volume, opt Options) (*Server, string) {
 	t.Helper()
 	srv, err := NewServer([]Export{{Name: "", Volume: v}}, opt)
 	if err != nil {
@@ -59,7 +59,7 @@ func startRingServer(t testing.TB, v engine.Volume, opt Options) (*Server, strin
 	return srv, path
 }
 
-// drivenShards counts the shards of v that ring connections run.
+// drivenShards counts the shards of v that uring connections run.
 func (s *Server) drivenShards(v engine.Volume) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -92,14 +92,14 @@ func pattern(seed, n int) []byte {
 	return b
 }
 
-// TestRingPipelined drives a ring connection with many requests in flight,
+// TestUringPipelined drives a uring connection with many requests in flight,
 // small and large writes (a large payload is received straight into its
 // buffer), reads replied from sbuf and from the slot's buffer, and every
 // other command.
-func TestRingPipelined(t *testing.T) {
+func TestUringPipelined(t *testing.T) {
 	for _, structured := range []bool{false, true} {
 		v := openLocal(t, 16<<20, 2)
-		srv, path := startRingServer(t, v, Options{})
+		srv, path := startUringServer(t, v, Options{})
 		c := nbdtest.Dial(t, path, structured)
 		waitDriven(t, srv, v, 2)
 
@@ -155,12 +155,12 @@ func TestRingPipelined(t *testing.T) {
 	}
 }
 
-// TestRingErrorsKeepStreamInSync is TestErrorsKeepStreamInSync on a ring
+// TestUringErrorsKeepStreamInSync is TestErrorsKeepStreamInSync on a ring
 // connection.
-func TestRingErrorsKeepStreamInSync(t *testing.T) {
+func TestUringErrorsKeepStreamInSync(t *testing.T) {
 	for _, structured := range []bool{false, true} {
 		v := openLocal(t, 1<<20, 1)
-		srv, path := startRingServer(t, v, Options{MaxPayload: 1 << 20})
+		srv, path := startUringServer(t, v, Options{MaxPayload: 1 << 20})
 		c := nbdtest.Dial(t, path, structured)
 		waitDriven(t, srv, v, 1)
 		if r := c.Do(cmdWrite, 0, 4096, 4096, append([]byte("hello"), make([]byte, 4091)...)); r.Errno != 0 {
@@ -204,11 +204,11 @@ func TestRingErrorsKeepStreamInSync(t *testing.T) {
 	}
 }
 
-// TestRingMultiConn: the first connection runs every shard, a second one
+// TestUringMultiConn: the first connection runs every shard, a second one
 // uses the goroutine path; a FLUSH on either covers writes of both.
-func TestRingMultiConn(t *testing.T) {
+func TestUringMultiConn(t *testing.T) {
 	v := openLocal(t, 4<<20, 2)
-	srv, path := startRingServer(t, v, Options{})
+	srv, path := startUringServer(t, v, Options{})
 	a := nbdtest.Dial(t, path, false)
 	waitDriven(t, srv, v, 2)
 	b := nbdtest.Dial(t, path, true)
@@ -236,9 +236,9 @@ func TestRingMultiConn(t *testing.T) {
 	}
 }
 
-// TestRingServeCancel: cancelling Serve ends an idle ring connection and a
+// TestUringServeCancel: cancelling Serve ends an idle uring connection and a
 // busy one cleanly.
-func TestRingServeCancel(t *testing.T) {
+func TestUringServeCancel(t *testing.T) {
 	v := openLocal(t, 4<<20, 2)
 	srv, err := NewServer([]Export{{Volume: v}}, Options{})
 	if err != nil {
@@ -281,19 +281,19 @@ func TestRingServeCancel(t *testing.T) {
 	t.Logf("%d of 64 writes answered before the stop", got)
 }
 
-// BenchmarkRingRoundTrip4K is BenchmarkRoundTrip4K against a real store on
-// a ring connection.
-func BenchmarkRingRoundTrip4K(b *testing.B) {
+// BenchmarkUringRoundTrip4K is BenchmarkRoundTrip4K against a real store on
+// a uring connection.
+func BenchmarkUringRoundTrip4K(b *testing.B) {
 	v := openLocal(b, 64<<20, 1)
-	_, path := startRingServer(b, v, Options{})
+	_, path := startUringServer(b, v, Options{})
 	c := nbdtest.Dial(b, path, false)
 	c.NC.SetDeadline(time.Time{})
 	roundTrip4K(b, c.NC, uint64(v.Size()/4096))
 }
 
-// TestRingRoundTripZeroAlloc fails if the ring data path allocates.
-func TestRingRoundTripZeroAlloc(t *testing.T) {
-	r := testing.Benchmark(BenchmarkRingRoundTrip4K)
+// TestUringRoundTripZeroAlloc fails if the ring data path allocates.
+func TestUringRoundTripZeroAlloc(t *testing.T) {
+	r := testing.Benchmark(BenchmarkUringRoundTrip4K)
 	if r.N == 0 {
 		t.Fatal("benchmark did not run")
 	}

@@ -2,9 +2,9 @@ package netquic
 
 // A unix connection served on one io_uring thread.
 //
-// When the Server's Handler is a RingHandler, each accepted unix connection
+// When the Server's Handler is a UringHandler, each accepted unix connection
 // is first offered to it: a goroutine locked to its OS thread creates an
-// io_uring and calls AttachRing. If the handler takes the ring (the node
+// io_uring and calls AttachUring. If the handler takes the ring (the node
 // server drives its store's shards on it, which only one connection at a
 // time can do), that thread serves the connection: it receives frames with
 // RECV into rbuf, parses every whole frame and calls Serve inline, and the
@@ -25,15 +25,15 @@ package netquic
 //     at once. Otherwise it waits in rbuf, and no RECV is armed while rbuf is
 //     full: that is the back-pressure.
 //   - Replies go through ServerRequest.Reply like on any stream (stream
-//     write lock, frame written whole) and never block the ring thread:
-//     what a full socket does not take waits in ringSock.pend for a flusher
+//     write lock, frame written whole) and never block the uring thread:
+//     what a full socket does not take waits in uringSock.pend for a flusher
 //     goroutine, and meanwhile the thread takes no new frames from this
 //     connection (its other work, the driver's, goes on). A peer that reads
 //     nothing for ReplyTimeout is shut down.
 //   - The loop ends only when reading is done, no request is with the
 //     handler and no RECV is in flight; the driver is released and the ring
 //     closed before the stream is finished and the descriptor closed (see
-//     ringSock), so no CQE can name a closed descriptor.
+//     uringSock), so no CQE can name a closed descriptor.
 
 import (
 	"errors"
@@ -49,11 +49,11 @@ import (
 	"github.com/torus-storage/torus/iouring"
 )
 
-// RingHandler is a Handler that can run its work on the io_uring thread of
+// UringHandler is a Handler that can run its work on the io_uring thread of
 // a unix connection.
-type RingHandler interface {
+type UringHandler interface {
 	Handler
-	// AttachRing is called on the connection's locked thread, which owns
+	// AttachUring is called on the connection's locked thread, which owns
 	// r, before its first request. It returns the work the handler runs on
 	// r, or nil to decline (the connection then gets the goroutine
 	// reader). Serve is then called on that thread, with
@@ -62,15 +62,15 @@ type RingHandler interface {
 	// another goroutine does not wake it, so while Options.Depth requests
 	// wait for such replies the connection reads nothing further until
 	// something else does.
-	AttachRing(r *iouring.Ring) (RingDriver, error)
+	AttachUring(r *iouring.Uring) (UringDriver, error)
 }
 
-// RingDriver is the handler's work on a connection's ring (an
+// UringDriver is the handler's work on a connection's ring (an
 // store.ShardDriver): the loop calls Poll every turn, Sleep before it
 // blocks in io_uring_enter and Woke after, passes the CQEs Owns accepts to
 // Handle, and calls Release when the connection is done, before it closes
 // the ring.
-type RingDriver interface {
+type UringDriver interface {
 	Owns(userData uint64) bool
 	Handle(c *iouring.CQE)
 	Poll()
@@ -79,35 +79,35 @@ type RingDriver interface {
 	Release() error
 }
 
-// Driver returns the RingDriver of the connection thread r arrived on, or
-// nil when r did not arrive on a ring connection. It is meant for Serve,
+// Driver returns the UringDriver of the connection thread r arrived on, or
+// nil when r did not arrive on a uring connection. It is meant for Serve,
 // which that thread calls.
-func (r *ServerRequest) Driver() RingDriver { return r.st.drv }
+func (r *ServerRequest) Driver() UringDriver { return r.st.drv }
 
 const (
-	ringConnEntries = 1024
+	uringConnEntries = 1024
 	// Our user_data values; the driver's have a non-zero top byte.
-	udRingRecv = 1
-	udRingWake = 2
+	udUringRecv = 1
+	udUringWake = 2
 )
 
-// ringSock is the socket of a ring connection: a duplicate descriptor out
+// uringSock is the socket of a uring connection: a duplicate descriptor out
 // of the netpoller. Writes (replies) never block: what the socket does not
 // take goes to pend, in order, and a flusher goroutine writes it as the
-// socket drains; while pend is not empty the ring thread takes no new
+// socket drains; while pend is not empty the uring thread takes no new
 // frames (backlogged), so pend holds at most the replies of the requests
 // already in flight. A flusher that makes no progress for ReplyTimeout
 // shuts the socket down. Writes and the flusher hold mu shared; the ring
 // thread closes the descriptor under mu exclusively, after shutdown, so no
-// write ever acts on a reused number. The flusher wakes the ring thread
+// write ever acts on a reused number. The flusher wakes the uring thread
 // through efd when pend has drained.
-type ringSock struct {
+type uringSock struct {
 	mu sync.RWMutex
 	fd int // -1 once closed
 
 	timeout time.Duration
 	log     func(msg string, args ...any)
-	efd     int // the ring thread's wake-up eventfd
+	efd     int // the uring thread's wake-up eventfd
 
 	pmu      sync.Mutex // guards pend, flushing, err
 	pend     []byte
@@ -115,11 +115,11 @@ type ringSock struct {
 	err      error // a failed flush: later writes fail
 }
 
-func (s *ringSock) Read([]byte) (int, error) {
-	return 0, errors.New("netquic: a ring connection is read by its ring")
+func (s *uringSock) Read([]byte) (int, error) {
+	return 0, errors.New("netquic: a uring connection is read by its io_uring")
 }
 
-func (s *ringSock) Write(p []byte) (int, error) {
+func (s *uringSock) Write(p []byte) (int, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.fd < 0 {
@@ -156,14 +156,14 @@ func (s *ringSock) Write(p []byte) (int, error) {
 }
 
 // backlogged reports whether replies wait for the socket.
-func (s *ringSock) backlogged() bool {
+func (s *uringSock) backlogged() bool {
 	s.pmu.Lock()
 	defer s.pmu.Unlock()
 	return len(s.pend) > 0
 }
 
-// flush writes pend as the socket takes it (see ringSock).
-func (s *ringSock) flush() {
+// flush writes pend as the socket takes it (see uringSock).
+func (s *uringSock) flush() {
 	last := time.Now()
 	for {
 		s.mu.RLock()
@@ -205,9 +205,9 @@ func (s *ringSock) flush() {
 
 // abort and Close shut the socket down: the RECV in flight ends, blocked
 // writes fail. The descriptor stays open until release.
-func (s *ringSock) abort() { _ = s.Close() }
+func (s *uringSock) abort() { _ = s.Close() }
 
-func (s *ringSock) Close() error {
+func (s *uringSock) Close() error {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.fd >= 0 {
@@ -216,7 +216,7 @@ func (s *ringSock) Close() error {
 	return nil
 }
 
-func (s *ringSock) release() {
+func (s *uringSock) release() {
 	_ = s.Close()
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -226,11 +226,11 @@ func (s *ringSock) release() {
 	}
 }
 
-// ringServe is the state of one ring connection.
-type ringServe struct {
+// uringServe is the state of one uring connection.
+type uringServe struct {
 	st        *serverStream
-	sock      *ringSock
-	ring      *iouring.Ring
+	sock      *uringSock
+	uring     *iouring.Uring
 	buf       []byte // rbuf and, in its last page, the eventfd's read buffer
 	rbuf      []byte
 	wakeBuf   []byte
@@ -242,9 +242,9 @@ type ringServe struct {
 	cqes      [64]iouring.CQE
 }
 
-// tryRing serves c on a ring thread if the handler takes one; it reports
+// tryUring serves c on a uring thread if the handler takes one; it reports
 // false, leaving c untouched, if not.
-func (s *Server) tryRing(rh RingHandler, c *net.UnixConn) bool {
+func (s *Server) tryUring(rh UringHandler, c *net.UnixConn) bool {
 	raw, err := c.SyscallConn()
 	if err != nil {
 		return false
@@ -255,7 +255,7 @@ func (s *Server) tryRing(rh RingHandler, c *net.UnixConn) bool {
 		return false
 	}
 	unix.CloseOnExec(fd)
-	sock := &ringSock{fd: fd, efd: -1, timeout: s.opts.ReplyTimeout, log: s.opts.Logger.Warn}
+	sock := &uringSock{fd: fd, efd: -1, timeout: s.opts.ReplyTimeout, log: s.opts.Logger.Warn}
 	st := s.newStream(sock, c.RemoteAddr(), UnixPeerName)
 	s.mu.Lock()
 	if s.ctx.Err() != nil {
@@ -270,7 +270,7 @@ func (s *Server) tryRing(rh RingHandler, c *net.UnixConn) bool {
 	go func() {
 		defer s.wg.Done()
 		runtime.LockOSThread() // never unlocked: the thread owned a ring
-		rs := &ringServe{st: st, sock: sock}
+		rs := &uringServe{st: st, sock: sock}
 		if !rs.setup(rh) {
 			ready <- false
 			return
@@ -293,18 +293,18 @@ func (s *Server) tryRing(rh RingHandler, c *net.UnixConn) bool {
 }
 
 // setup creates the ring and asks the handler for its driver.
-func (rs *ringServe) setup(rh RingHandler) bool {
+func (rs *uringServe) setup(rh UringHandler) bool {
 	var err error
-	rs.ring, err = iouring.NewThreadRing(ringConnEntries)
+	rs.uring, err = iouring.NewThreadUring(uringConnEntries)
 	if err != nil {
 		return false
 	}
-	drv, err := rh.AttachRing(rs.ring)
+	drv, err := rh.AttachUring(rs.uring)
 	if err != nil || drv == nil {
 		if err != nil {
 			rs.st.srv.opts.Logger.Warn("netquic: unix connection not served on a ring", "err", err)
 		}
-		rs.ring.Close()
+		rs.uring.Close()
 		return false
 	}
 	size := (2*(FrameHeaderSize+rs.st.srv.opts.MaxPayload) + alignbuf.PageSize - 1) &^ (alignbuf.PageSize - 1)
@@ -317,7 +317,7 @@ func (rs *ringServe) setup(rh RingHandler) bool {
 	if err != nil {
 		rs.st.srv.opts.Logger.Warn("netquic: unix connection not served on a ring", "err", err)
 		_ = drv.Release()
-		rs.ring.Close()
+		rs.uring.Close()
 		return false
 	}
 	rs.rbuf = rs.buf[:size:size]
@@ -329,33 +329,33 @@ func (rs *ringServe) setup(rh RingHandler) bool {
 
 // armWake keeps a READ of the eventfd in flight: the flusher writes it
 // when the replies it held have gone out.
-func (rs *ringServe) armWake() {
+func (rs *uringServe) armWake() {
 	e := rs.sqe()
 	if e == nil {
 		return
 	}
 	e.PrepRead(int32(rs.sock.efd), rs.wakeBuf, ^uint64(0))
-	e.UserData = udRingWake
+	e.UserData = udUringWake
 }
 
 // sqe returns a free SQE, submitting a full SQ to make room.
-func (rs *ringServe) sqe() *iouring.SQE {
-	if e := rs.ring.SQE(); e != nil {
+func (rs *uringServe) sqe() *iouring.SQE {
+	if e := rs.uring.SQE(); e != nil {
 		return e
 	}
-	if _, err := rs.ring.Submit(); err != nil {
+	if _, err := rs.uring.Submit(); err != nil {
 		return nil
 	}
-	return rs.ring.SQE()
+	return rs.uring.SQE()
 }
 
 // teardown releases the driver, closes the ring, finishes the stream and
 // closes the descriptor, in that order.
-func (rs *ringServe) teardown() {
+func (rs *uringServe) teardown() {
 	if err := rs.st.drv.Release(); err != nil {
 		rs.st.srv.opts.Logger.Error("netquic: releasing the ring's driver", "err", err)
 	}
-	rs.ring.Close()
+	rs.uring.Close()
 	rs.st.finish()
 	rs.sock.release() // waits for a flusher, the eventfd's last writer
 	unix.Close(rs.sock.efd)
@@ -363,7 +363,7 @@ func (rs *ringServe) teardown() {
 }
 
 // loop serves the connection until it ends (see the invariants).
-func (rs *ringServe) loop() error {
+func (rs *uringServe) loop() error {
 	drv := rs.st.drv
 	var lastErr error
 	for {
@@ -381,13 +381,13 @@ func (rs *ringServe) loop() error {
 		if !drv.Sleep() {
 			wait = 0
 		}
-		_, err := rs.ring.SubmitAndWait(wait)
+		_, err := rs.uring.SubmitAndWait(wait)
 		drv.Woke()
 		if err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
 			return fmt.Errorf("netquic: connection ring: %w", err)
 		}
 		for {
-			n := rs.ring.PeekCQEs(rs.cqes[:])
+			n := rs.uring.PeekCQEs(rs.cqes[:])
 			for i := 0; i < n; i++ {
 				c := &rs.cqes[i]
 				if drv.Owns(c.UserData) {
@@ -395,9 +395,9 @@ func (rs *ringServe) loop() error {
 					continue
 				}
 				switch c.UserData {
-				case udRingRecv:
+				case udUringRecv:
 					rs.recvDone(c.Res)
-				case udRingWake:
+				case udUringWake:
 					if c.Res >= 0 || c.Res == -int32(unix.EINTR) || c.Res == -int32(unix.EAGAIN) {
 						rs.armWake()
 					}
@@ -410,14 +410,14 @@ func (rs *ringServe) loop() error {
 	}
 }
 
-func (rs *ringServe) inflight() int {
+func (rs *uringServe) inflight() int {
 	rs.st.mu.Lock()
 	defer rs.st.mu.Unlock()
 	return rs.st.inflight
 }
 
 // armRecv keeps one RECV in flight while there is room in rbuf.
-func (rs *ringServe) armRecv() {
+func (rs *uringServe) armRecv() {
 	if rs.readDone || rs.recvArmed {
 		return
 	}
@@ -436,12 +436,12 @@ func (rs *ringServe) armRecv() {
 		return
 	}
 	e.PrepRecv(int32(rs.sock.fd), b)
-	e.UserData = udRingRecv
+	e.UserData = udUringRecv
 	rs.recvArmed = true
 }
 
 // recvDone handles the RECV's completion.
-func (rs *ringServe) recvDone(res int32) {
+func (rs *uringServe) recvDone(res int32) {
 	rs.recvArmed = false
 	switch {
 	case res == -int32(unix.EINTR) || res == -int32(unix.EAGAIN):
@@ -456,7 +456,7 @@ func (rs *ringServe) recvDone(res int32) {
 }
 
 // parse serves every whole frame in rbuf while the handler has room.
-func (rs *ringServe) parse() error {
+func (rs *uringServe) parse() error {
 	st := rs.st
 	max := uint32(st.srv.opts.MaxPayload)
 	var h frameHeader

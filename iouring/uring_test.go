@@ -31,7 +31,7 @@ func onLockedThread(t *testing.T, f func()) {
 	<-done
 }
 
-func testRing(t *testing.T, entries, flags uint32) *Ring {
+func testUring(t *testing.T, entries, flags uint32) *Uring {
 	t.Helper()
 	r, err := New(entries, flags)
 	if err != nil {
@@ -42,7 +42,7 @@ func testRing(t *testing.T, entries, flags uint32) *Ring {
 }
 
 // nopRoundTrip submits one NOP with userData and checks its completion.
-func nopRoundTrip(t *testing.T, r *Ring, userData uint64) {
+func nopRoundTrip(t *testing.T, r *Uring, userData uint64) {
 	t.Helper()
 	sqe := r.SQE()
 	if sqe == nil {
@@ -148,7 +148,7 @@ func TestSetupRejectsFlags(t *testing.T) {
 }
 
 func TestNopBatch(t *testing.T) {
-	r := testRing(t, 32, 0)
+	r := testUring(t, 32, 0)
 	for round := range 3 {
 		for i := range 32 {
 			sqe := r.SQE()
@@ -190,7 +190,7 @@ func TestNopBatch(t *testing.T) {
 }
 
 func TestFullSQReturnsNil(t *testing.T) {
-	r := testRing(t, 4, 0)
+	r := testUring(t, 4, 0)
 	for i := range 4 {
 		if r.SQE() == nil {
 			t.Fatalf("SQE() #%d = nil", i)
@@ -213,7 +213,7 @@ func TestFullSQReturnsNil(t *testing.T) {
 
 func TestSQEReuseZeroed(t *testing.T) {
 	for _, flags := range []uint32{0, SetupSQE128} {
-		r := testRing(t, 1, flags)
+		r := testUring(t, 1, flags)
 		size := 64
 		if flags&SetupSQE128 != 0 {
 			size = 128
@@ -244,7 +244,7 @@ func TestSQEReuseZeroed(t *testing.T) {
 }
 
 func TestURingCmdEncoding(t *testing.T) {
-	r := testRing(t, 4, SetupSQE128|SetupCQE32)
+	r := testUring(t, 4, SetupSQE128|SetupCQE32)
 	sqe := r.SQE()
 	sqe.PrepURingCmd(7, 0xdeadbeef)
 	cmd := sqe.Cmd()
@@ -334,7 +334,7 @@ func fill(b []byte, seed byte) {
 }
 
 // one submits a single prepared SQE and returns its CQE.
-func one(t *testing.T, r *Ring, prep func(*SQE)) CQE {
+func one(t *testing.T, r *Uring, prep func(*SQE)) CQE {
 	t.Helper()
 	sqe := r.SQE()
 	if sqe == nil {
@@ -477,10 +477,10 @@ func testReadWrite(t *testing.T, flags uint32) {
 	}
 }
 
-// TestPollEventfdWakesLockedRing is the store's wake-up path: a locked
+// TestPollEventfdWakesLockedUring is the store's wake-up path: a locked
 // SingleIssuer|DeferTaskrun ring blocks in SubmitAndWait on a POLL_ADD of an
 // eventfd, and another goroutine writes the eventfd.
-func TestPollEventfdWakesLockedRing(t *testing.T) {
+func TestPollEventfdWakesLockedUring(t *testing.T) {
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
 		t.Fatal(err)
@@ -565,7 +565,7 @@ func TestEINTRRetry(t *testing.T) {
 // TestCQOverflowNoLoss overfills the CQ; with FEAT_NODROP the kernel keeps the
 // extra completions and SubmitAndWait's GETEVENTS flushes them.
 func TestCQOverflowNoLoss(t *testing.T) {
-	r := testRing(t, 4, 0) // CQ of 8
+	r := testUring(t, 4, 0) // CQ of 8
 	if r.Features()&FeatNoDrop == 0 {
 		t.Fatal("kernel lacks FEAT_NODROP")
 	}
@@ -617,7 +617,7 @@ func TestCloseIdempotent(t *testing.T) {
 // TestSeparateMaps runs the ring with the SQ and CQ rings mapped separately,
 // as on kernels without FEAT_SINGLE_MMAP.
 func TestSeparateMaps(t *testing.T) {
-	r, err := newRing(8, Params{Flags: SetupCQE32}, true)
+	r, err := newUring(8, Params{Flags: SetupCQE32}, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -636,7 +636,7 @@ func TestSeparateMaps(t *testing.T) {
 // TestSingleIssuerOtherThread checks the documented threading rule: a
 // SingleIssuer ring refuses submissions from a thread other than its creator.
 func TestSingleIssuerOtherThread(t *testing.T) {
-	created := make(chan *Ring)
+	created := make(chan *Uring)
 	release := make(chan struct{})
 	go func() {
 		defer close(created)
@@ -677,7 +677,7 @@ func TestSingleIssuerOtherThread(t *testing.T) {
 // completion counter is reported once. The kernel never drops on a NODROP
 // kernel in a test, so the counter is bumped by hand.
 func TestOverflowCounterReported(t *testing.T) {
-	r := testRing(t, 4, 0)
+	r := testUring(t, 4, 0)
 	atomic.AddUint32(r.cqOverflow, 3)
 	r.SQE().PrepNop()
 	n, err := r.Submit()
@@ -689,11 +689,11 @@ func TestOverflowCounterReported(t *testing.T) {
 	}
 }
 
-func TestNewThreadRing(t *testing.T) {
+func TestNewThreadUring(t *testing.T) {
 	onLockedThread(t, func() {
-		r, err := NewThreadRing(64)
+		r, err := NewThreadUring(64)
 		if err != nil {
-			t.Fatalf("NewThreadRing: %v", err)
+			t.Fatalf("NewThreadUring: %v", err)
 		}
 		defer r.Close()
 		// The host kernel (6.18) takes every flag: nothing may be dropped.
@@ -707,7 +707,7 @@ func TestNewThreadRing(t *testing.T) {
 
 // takeChain reserves a chain of len(dst) entries the way a caller with a
 // possibly full SQ must: submit first when fewer are free.
-func takeChain(t *testing.T, r *Ring, dst []*SQE) {
+func takeChain(t *testing.T, r *Uring, dst []*SQE) {
 	t.Helper()
 	for !r.SQEs(dst) {
 		if _, err := r.Submit(); err != nil {
@@ -723,7 +723,7 @@ func takeChain(t *testing.T, r *Ring, dst []*SQE) {
 // a time and submitting when the SQ is full does) runs the second entry
 // unlinked.
 func TestSQEsLinkedChainAtSQEdge(t *testing.T) {
-	r := testRing(t, 8, 0)
+	r := testUring(t, 8, 0)
 	var cqes [16]CQE
 	fill := func() {
 		for r.SQSpace() > 1 {

@@ -1,6 +1,6 @@
 package iouring
 
-// Invariants of Ring (single owner goroutine, see the package doc):
+// Invariants of Uring (single owner goroutine, see the package doc):
 //
 //   - khead(SQ) <= sqeHead <= sqeTail <= khead(SQ) + sqEntries (mod 2^32).
 //     [khead, sqeHead) is published to the kernel (ktail == sqeHead) but not
@@ -84,8 +84,8 @@ type Params struct {
 	SQThreadIdleMs uint32
 }
 
-// Ring is one io_uring instance. See the package doc for the threading rules.
-type Ring struct {
+// Uring is one io_uring instance. See the package doc for the threading rules.
+type Uring struct {
 	fd       int
 	flags    uint32
 	features uint32
@@ -114,12 +114,12 @@ type Ring struct {
 	sqMap, cqMap, sqeMap []byte
 }
 
-// NewThreadRing sets up a ring for one goroutine locked to its OS thread
+// NewThreadUring sets up a ring for one goroutine locked to its OS thread
 // (the store shards, the NBD and node unix connections, ublk queues): it
 // asks for COOP_TASKRUN | SINGLE_ISSUER | DEFER_TASKRUN and, on a kernel
 // that refuses, for fewer of them, down to no flags; the error is the last
 // refusal's.
-func NewThreadRing(entries uint32) (*Ring, error) {
+func NewThreadUring(entries uint32) (*Uring, error) {
 	var err error
 	for _, flags := range []uint32{
 		SetupCoopTaskrun | SetupSingleIssuer | SetupDeferTaskrun,
@@ -127,7 +127,7 @@ func NewThreadRing(entries uint32) (*Ring, error) {
 		SetupCoopTaskrun,
 		0,
 	} {
-		var r *Ring
+		var r *Uring
 		if r, err = New(entries, flags); err == nil {
 			return r, nil
 		}
@@ -143,7 +143,7 @@ func NewThreadRing(entries uint32) (*Ring, error) {
 // errno (usually unix.EINVAL); flags are never silently dropped. With
 // SetupSingleIssuer the calling goroutine must be locked to its OS thread and
 // every later call on the ring must come from it (see the package doc).
-func New(entries uint32, flags uint32) (*Ring, error) {
+func New(entries uint32, flags uint32) (*Uring, error) {
 	p := Params{Flags: flags}
 	if flags&SetupCQSize != 0 {
 		p.CQEntries = 4 * entries
@@ -152,13 +152,13 @@ func New(entries uint32, flags uint32) (*Ring, error) {
 }
 
 // NewWithParams is New with explicit CQ size and SQPOLL parameters.
-func NewWithParams(entries uint32, cfg Params) (*Ring, error) {
-	return newRing(entries, cfg, false)
+func NewWithParams(entries uint32, cfg Params) (*Uring, error) {
+	return newUring(entries, cfg, false)
 }
 
-// newRing is NewWithParams; separateMaps maps the SQ and CQ rings separately
+// newUring is NewWithParams; separateMaps maps the SQ and CQ rings separately
 // even on FeatSingleMmap kernels (for tests of the pre-5.4 path).
-func newRing(entries uint32, cfg Params, separateMaps bool) (*Ring, error) {
+func newUring(entries uint32, cfg Params, separateMaps bool) (*Uring, error) {
 	flags := cfg.Flags
 	if bad := flags & (setupAttachWQ | setupNoMmap | setupRegisteredFDOnly | setupNoSQArray); bad != 0 {
 		return nil, fmt.Errorf("iouring: setup flags %#x not supported by this package: %w", bad, unix.EINVAL)
@@ -176,7 +176,7 @@ func newRing(entries uint32, cfg Params, separateMaps bool) (*Ring, error) {
 	if errno != 0 {
 		return nil, fmt.Errorf("iouring: io_uring_setup(entries=%d, flags=%#x): %w", entries, flags, errno)
 	}
-	r := &Ring{fd: int(fd), flags: flags, features: p.features}
+	r := &Uring{fd: int(fd), flags: flags, features: p.features}
 	if err := r.mapRings(&p, separateMaps); err != nil {
 		r.Close()
 		return nil, err
@@ -184,7 +184,7 @@ func newRing(entries uint32, cfg Params, separateMaps bool) (*Ring, error) {
 	return r, nil
 }
 
-func (r *Ring) mapRings(p *params, separateMaps bool) error {
+func (r *Uring) mapRings(p *params, separateMaps bool) error {
 	sqeSize := uintptr(64)
 	r.sqeShift = 6
 	if r.flags&SetupSQE128 != 0 {
@@ -250,7 +250,7 @@ func (r *Ring) mapRings(p *params, separateMaps bool) error {
 // in-flight requests: the kernel cancels them asynchronously, so reap every
 // CQE before Close if their buffers are to be freed or reused right after.
 // Close is idempotent and may be called from any thread.
-func (r *Ring) Close() error {
+func (r *Uring) Close() error {
 	var errs []error
 	if r.sqeMap != nil {
 		errs = append(errs, unix.Munmap(r.sqeMap))
@@ -275,24 +275,24 @@ func (r *Ring) Close() error {
 }
 
 // Fd returns the ring's file descriptor.
-func (r *Ring) Fd() int { return r.fd }
+func (r *Uring) Fd() int { return r.fd }
 
 // Flags returns the Setup* flags the ring was set up with.
-func (r *Ring) Flags() uint32 { return r.flags }
+func (r *Uring) Flags() uint32 { return r.flags }
 
 // Features returns the Feat* bits the kernel reported at setup.
-func (r *Ring) Features() uint32 { return r.features }
+func (r *Uring) Features() uint32 { return r.features }
 
 // SQEntries returns the number of SQ slots.
-func (r *Ring) SQEntries() uint32 { return r.sqEntries }
+func (r *Uring) SQEntries() uint32 { return r.sqEntries }
 
 // CQEntries returns the number of CQ slots.
-func (r *Ring) CQEntries() uint32 { return r.cqEntries }
+func (r *Uring) CQEntries() uint32 { return r.cqEntries }
 
 // SQE returns the next free submission entry, fully zeroed (64 bytes, or 128
 // on SetupSQE128 rings), or nil when the SQ is full. The entry belongs to the
 // caller until the next Submit/SubmitAndWait/WaitCQEs.
-func (r *Ring) SQE() *SQE {
+func (r *Uring) SQE() *SQE {
 	head := atomic.LoadUint32(r.sqHead)
 	if r.sqeTail-head >= r.sqEntries {
 		return nil
@@ -315,7 +315,7 @@ func (r *Ring) SQE() *SQE {
 // batch, in order: a chain linked with SQEIOLink among them is never cut by
 // the end of a submission (the kernel runs a linked entry that ends a batch
 // as if unlinked). It does not allocate.
-func (r *Ring) SQEs(dst []*SQE) bool {
+func (r *Uring) SQEs(dst []*SQE) bool {
 	if uint32(len(dst)) > r.SQSpace() {
 		return false
 	}
@@ -326,23 +326,23 @@ func (r *Ring) SQEs(dst []*SQE) bool {
 }
 
 // SQSpace returns the number of free SQ slots.
-func (r *Ring) SQSpace() uint32 {
+func (r *Uring) SQSpace() uint32 {
 	return r.sqEntries - (r.sqeTail - atomic.LoadUint32(r.sqHead))
 }
 
 // Pending returns the number of SQEs obtained from SQE that the kernel has not
 // consumed yet.
-func (r *Ring) Pending() uint32 {
+func (r *Uring) Pending() uint32 {
 	return r.sqeTail - atomic.LoadUint32(r.sqHead)
 }
 
 // Overflowed returns the kernel's count of completions dropped because the CQ
 // was full (zero unless something went badly wrong on FeatNoDrop kernels).
-func (r *Ring) Overflowed() uint32 { return atomic.LoadUint32(r.cqOverflow) }
+func (r *Uring) Overflowed() uint32 { return atomic.LoadUint32(r.cqOverflow) }
 
 // flush publishes the SQEs handed out so far. It returns how many it
 // published now and how many the kernel has not consumed yet.
-func (r *Ring) flush() (published, unconsumed uint32) {
+func (r *Uring) flush() (published, unconsumed uint32) {
 	if r.sqeHead != r.sqeTail {
 		published = r.sqeTail - r.sqeHead
 		atomic.StoreUint32(r.sqTail, r.sqeTail) // release: SQE contents before tail
@@ -352,19 +352,19 @@ func (r *Ring) flush() (published, unconsumed uint32) {
 }
 
 // cqReady returns the number of CQEs available to PeekCQEs.
-func (r *Ring) cqReady() uint32 {
+func (r *Uring) cqReady() uint32 {
 	return atomic.LoadUint32(r.cqTail) - atomic.LoadUint32(r.cqHead)
 }
 
 // enter calls io_uring_enter once.
-func (r *Ring) enter(toSubmit, minComplete, flags uint32) (int, unix.Errno) {
+func (r *Uring) enter(toSubmit, minComplete, flags uint32) (int, unix.Errno) {
 	n, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(toSubmit), uintptr(minComplete), uintptr(flags), 0, 0)
 	return int(n), errno
 }
 
 // enterFlags returns the flags for io_uring_enter and whether entering is
 // needed at all when nothing is to be submitted or waited for.
-func (r *Ring) enterFlags(wait bool) (uint32, bool) {
+func (r *Uring) enterFlags(wait bool) (uint32, bool) {
 	var flags uint32
 	need := false
 	sqf := atomic.LoadUint32(r.sqFlags)
@@ -383,7 +383,7 @@ func (r *Ring) enterFlags(wait bool) (uint32, bool) {
 // retrying EINTR, and returns the number submitted. Without pending SQEs it
 // makes no syscall unless the kernel asked for one (CQ overflow backlog,
 // pending task work, DeferTaskrun, a sleeping SQPOLL thread).
-func (r *Ring) Submit() (int, error) {
+func (r *Uring) Submit() (int, error) {
 	return r.SubmitAndWait(0)
 }
 
@@ -392,7 +392,7 @@ func (r *Ring) Submit() (int, error) {
 // waiting when a signal interrupted the wait. It returns the number of SQEs
 // submitted. An increase of the kernel's CQ overflow counter is reported as an
 // error wrapping ErrCQOverflow (after submission succeeded).
-func (r *Ring) SubmitAndWait(waitNr uint32) (int, error) {
+func (r *Uring) SubmitAndWait(waitNr uint32) (int, error) {
 	waitNr = min(waitNr, r.cqEntries)
 	sqpoll := r.flags&SetupSQPoll != 0
 	total := 0
@@ -437,7 +437,7 @@ func (r *Ring) SubmitAndWait(waitNr uint32) (int, error) {
 // past them and returns how many it copied. It makes no syscall; on
 // SetupDeferTaskrun rings completions appear only after an enter (Submit,
 // SubmitAndWait, WaitCQEs).
-func (r *Ring) PeekCQEs(dst []CQE) int {
+func (r *Uring) PeekCQEs(dst []CQE) int {
 	head := atomic.LoadUint32(r.cqHead)
 	ready := atomic.LoadUint32(r.cqTail) - head // acquire: CQE contents after tail
 	n := min(uint32(len(dst)), ready)
@@ -460,7 +460,7 @@ func (r *Ring) PeekCQEs(dst []CQE) int {
 // available (SubmitAndWait(waitNr)) and then copies up to len(dst) of them into dst
 // (PeekCQEs). It returns the number copied; CQEs are copied even when an error
 // (such as ErrCQOverflow) is returned.
-func (r *Ring) WaitCQEs(dst []CQE, waitNr uint32) (int, error) {
+func (r *Uring) WaitCQEs(dst []CQE, waitNr uint32) (int, error) {
 	var err error
 	if r.Pending() != 0 || r.cqReady() < waitNr || r.flags&SetupDeferTaskrun != 0 ||
 		atomic.LoadUint32(r.sqFlags)&(sqCQOverflow|sqTaskrun) != 0 {
@@ -470,7 +470,7 @@ func (r *Ring) WaitCQEs(dst []CQE, waitNr uint32) (int, error) {
 }
 
 // register calls io_uring_register, retrying EINTR.
-func (r *Ring) register(op uintptr, arg unsafe.Pointer, n int) error {
+func (r *Uring) register(op uintptr, arg unsafe.Pointer, n int) error {
 	for {
 		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), op, uintptr(arg), uintptr(n), 0, 0)
 		if errno == unix.EINTR {
@@ -486,7 +486,7 @@ func (r *Ring) register(op uintptr, arg unsafe.Pointer, n int) error {
 // RegisterFiles registers fds as the ring's fixed files. An SQE then refers
 // to fds[i] by setting Fd = i and Flags |= SQEFixedFile. An entry of -1
 // leaves the slot empty.
-func (r *Ring) RegisterFiles(fds []int32) error {
+func (r *Uring) RegisterFiles(fds []int32) error {
 	if len(fds) == 0 {
 		return fmt.Errorf("iouring: register files: empty set: %w", unix.EINVAL)
 	}
@@ -497,7 +497,7 @@ func (r *Ring) RegisterFiles(fds []int32) error {
 }
 
 // UnregisterFiles drops the fixed files.
-func (r *Ring) UnregisterFiles() error {
+func (r *Uring) UnregisterFiles() error {
 	if err := r.register(unregisterFiles, nil, 0); err != nil {
 		return fmt.Errorf("iouring: unregister files: %w", err)
 	}
@@ -507,7 +507,7 @@ func (r *Ring) UnregisterFiles() error {
 // RegisterBuffers pins bufs as the ring's fixed buffers for PrepReadFixed and
 // PrepWriteFixed; bufs[i] gets index i. The memory must stay mapped until
 // UnregisterBuffers or Close (use alignbuf memory, not the Go heap).
-func (r *Ring) RegisterBuffers(bufs [][]byte) error {
+func (r *Uring) RegisterBuffers(bufs [][]byte) error {
 	if len(bufs) == 0 {
 		return fmt.Errorf("iouring: register buffers: empty set: %w", unix.EINVAL)
 	}
@@ -526,7 +526,7 @@ func (r *Ring) RegisterBuffers(bufs [][]byte) error {
 }
 
 // UnregisterBuffers drops the fixed buffers.
-func (r *Ring) UnregisterBuffers() error {
+func (r *Uring) UnregisterBuffers() error {
 	if err := r.register(unregisterBuffers, nil, 0); err != nil {
 		return fmt.Errorf("iouring: unregister buffers: %w", err)
 	}
@@ -535,7 +535,7 @@ func (r *Ring) UnregisterBuffers() error {
 
 // Enable starts a ring set up with SetupRDisabled. With SetupSingleIssuer the
 // enabling thread becomes the issuer.
-func (r *Ring) Enable() error {
+func (r *Uring) Enable() error {
 	if err := r.register(registerEnableRings, nil, 0); err != nil {
 		return fmt.Errorf("iouring: enable ring: %w", err)
 	}

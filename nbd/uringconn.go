@@ -14,7 +14,7 @@ package nbd
 //
 // Invariants:
 //   - Everything below (slots, buffers, rbuf, replies, the send state, the
-//     ShardDriver) is touched only by the ring thread, except stopping,
+//     ShardDriver) is touched only by the uring thread, except stopping,
 //     which shutdown sets, and fdOpen, guarded by fdMu. store.ShardDriver
 //     completes every request submitted through it on this thread (inside
 //     Submit, Handle or Poll), so rslot.Complete runs here too.
@@ -63,36 +63,36 @@ import (
 // itself (store.Local).
 type driveable interface {
 	Shards() int
-	DriveShards(r *iouring.Ring, ids ...int) (*store.ShardDriver, error)
+	DriveShards(r *iouring.Uring, ids ...int) (*store.ShardDriver, error)
 }
 
 const (
-	// ringRecvSize is the receive buffer: many small requests per RECV.
-	ringRecvSize = 256 << 10
-	// ringRecvMin is the free tail below which rbuf is compacted before a
+	// uringRecvSize is the receive buffer: many small requests per RECV.
+	uringRecvSize = 256 << 10
+	// uringRecvMin is the free tail below which rbuf is compacted before a
 	// RECV.
-	ringRecvMin = 128 << 10
-	// ringSmallWrite is the largest write whose payload is waited for in
+	uringRecvMin = 128 << 10
+	// uringSmallWrite is the largest write whose payload is waited for in
 	// rbuf; larger payloads are received straight into their buffer.
-	ringSmallWrite = 64 << 10
-	// ringSendSize is the send buffer: reply headers and copied read data.
-	ringSendSize = 256 << 10
-	// ringCopyMax is the largest read reply copied into sbuf; larger ones
+	uringSmallWrite = 64 << 10
+	// uringSendSize is the send buffer: reply headers and copied read data.
+	uringSendSize = 256 << 10
+	// uringCopyMax is the largest read reply copied into sbuf; larger ones
 	// are sent from the slot's buffer.
-	ringCopyMax = 32 << 10
-	// ringMaxIov bounds the iovecs of one SENDMSG.
-	ringMaxIov = 64
-	// ringEntries is the SQ size: our three ops and the shards' I/O.
-	ringEntries = 1024
+	uringCopyMax = 32 << 10
+	// uringMaxIov bounds the iovecs of one SENDMSG.
+	uringMaxIov = 64
+	// uringEntries is the SQ size: our three ops and the shards' I/O.
+	uringEntries = 1024
 
 	udRecv   = 1
 	udSend   = 2
 	udCancel = 3
 )
 
-// rslot is a preallocated request of a ring connection.
+// rslot is a preallocated request of a uring connection.
 type rslot struct {
-	c      *ringConn
+	c      *uringConn
 	req    engine.Request
 	cookie uint64
 	typ    uint16
@@ -102,7 +102,7 @@ type rslot struct {
 	hdr    [structuredHeaderSize + 8]byte
 }
 
-// Complete implements engine.Completer; it runs on the ring thread.
+// Complete implements engine.Completer; it runs on the uring thread.
 func (s *rslot) Complete(_ *engine.Request, err error) {
 	if err != nil {
 		s.errno = nbdErrno(err)
@@ -112,17 +112,17 @@ func (s *rslot) Complete(_ *engine.Request, err error) {
 	c.replies = append(c.replies, s)
 }
 
-// ringConn serves the transmission phase of one client on one io_uring.
-type ringConn struct {
+// uringConn serves the transmission phase of one client on one io_uring.
+type uringConn struct {
 	limits
 	structured bool
 	fd         int
 	vol        driveable
 	ids        []int
 
-	ring *iouring.Ring
-	drv  *store.ShardDriver
-	cqes [256]iouring.CQE
+	uring *iouring.Uring
+	drv   *store.ShardDriver
+	cqes  [256]iouring.CQE
 
 	slots    []rslot
 	free     []*rslot
@@ -157,14 +157,14 @@ type ringConn struct {
 	drain    *time.Timer
 }
 
-// newRingConn prepares a ring connection on socket fd; run serves it.
-func newRingConn(fd int, e *Export, vol driveable, ids []int, structured bool, opt Options) (*ringConn, error) {
+// newUringConn prepares a uring connection on socket fd; run serves it.
+func newUringConn(fd int, e *Export, vol driveable, ids []int, structured bool, opt Options) (*uringConn, error) {
 	n := opt.MaxInFlight
 	pool, err := newBufPool(n, opt.MaxPayload)
 	if err != nil {
 		return nil, err
 	}
-	c := &ringConn{
+	c := &uringConn{
 		limits:     newLimits(e, opt),
 		structured: structured,
 		fd:         fd,
@@ -174,7 +174,7 @@ func newRingConn(fd int, e *Export, vol driveable, ids []int, structured bool, o
 		free:       make([]*rslot, 0, n),
 		pool:       pool,
 		replies:    make([]*rslot, 0, n),
-		iov:        make([]unix.Iovec, 0, ringMaxIov),
+		iov:        make([]unix.Iovec, 0, uringMaxIov),
 		held:       make([]*rslot, 0, n),
 		fdOpen:     true,
 	}
@@ -185,11 +185,11 @@ func newRingConn(fd int, e *Export, vol driveable, ids []int, structured bool, o
 		s.req.Tag = uint64(i)
 		c.free = append(c.free, s)
 	}
-	if c.rbuf, err = alignbuf.Alloc(ringRecvSize); err != nil {
+	if c.rbuf, err = alignbuf.Alloc(uringRecvSize); err != nil {
 		c.close()
 		return nil, fmt.Errorf("nbd: receive buffer: %w", err)
 	}
-	if c.sbuf, err = alignbuf.Alloc(ringSendSize); err != nil {
+	if c.sbuf, err = alignbuf.Alloc(uringSendSize); err != nil {
 		c.close()
 		return nil, fmt.Errorf("nbd: send buffer: %w", err)
 	}
@@ -197,7 +197,7 @@ func newRingConn(fd int, e *Export, vol driveable, ids []int, structured bool, o
 }
 
 // close frees the buffers; run must have returned (or never started).
-func (c *ringConn) close() {
+func (c *uringConn) close() {
 	c.pool.close()
 	if c.rbuf != nil {
 		alignbuf.Free(c.rbuf)
@@ -212,7 +212,7 @@ func (c *ringConn) close() {
 // shutdown stops the connection from taking new requests; in-flight
 // requests still complete and their replies are still sent, within
 // drainTimeout. It may be called from any goroutine.
-func (c *ringConn) shutdown() {
+func (c *uringConn) shutdown() {
 	c.stopOnce.Do(func() {
 		c.stopping.Store(true)
 		c.fdMu.Lock()
@@ -236,7 +236,7 @@ func (c *ringConn) shutdown() {
 // OS thread for good (the thread exits with the goroutine). setup reports
 // whether the ring and the shards were set up; if not, nothing was read
 // from the socket and the caller may serve it another way.
-func (c *ringConn) run(setup chan<- error) error {
+func (c *uringConn) run(setup chan<- error) error {
 	runtime.LockOSThread() // never unlocked: the thread owned the ring
 	defer func() {
 		c.fdMu.Lock()
@@ -266,13 +266,13 @@ func (c *ringConn) run(setup chan<- error) error {
 }
 
 // setup creates the ring and takes the shards.
-func (c *ringConn) setup() error {
+func (c *uringConn) setup() error {
 	var err error
-	c.ring, err = iouring.NewThreadRing(ringEntries)
+	c.uring, err = iouring.NewThreadUring(uringEntries)
 	if err != nil {
 		return fmt.Errorf("nbd: connection ring: %w", err)
 	}
-	c.drv, err = c.vol.DriveShards(c.ring, c.ids...)
+	c.drv, err = c.vol.DriveShards(c.uring, c.ids...)
 	if err != nil {
 		return fmt.Errorf("nbd: connection ring: %w", err)
 	}
@@ -285,21 +285,21 @@ func (c *ringConn) setup() error {
 }
 
 // teardown gives the shards back and closes the ring.
-func (c *ringConn) teardown() error {
+func (c *uringConn) teardown() error {
 	var err error
 	if c.drv != nil {
 		err = c.drv.Release()
 		c.drv = nil
 	}
-	if c.ring != nil {
-		c.ring.Close()
-		c.ring = nil
+	if c.uring != nil {
+		c.uring.Close()
+		c.uring = nil
 	}
 	return err
 }
 
 // loop runs until the connection is finished (see the invariants).
-func (c *ringConn) loop() error {
+func (c *uringConn) loop() error {
 	for {
 		c.drv.Poll()
 		if c.stopping.Load() && !c.readDone {
@@ -324,13 +324,13 @@ func (c *ringConn) loop() error {
 		if wait > 0 && !c.drv.Sleep() {
 			wait = 0
 		}
-		_, err := c.ring.SubmitAndWait(wait)
+		_, err := c.uring.SubmitAndWait(wait)
 		c.drv.Woke()
 		if err != nil && !errors.Is(err, iouring.ErrCQOverflow) {
 			return fmt.Errorf("nbd: connection ring: %w", err)
 		}
 		for {
-			n := c.ring.PeekCQEs(c.cqes[:])
+			n := c.uring.PeekCQEs(c.cqes[:])
 			for i := 0; i < n; i++ {
 				cq := &c.cqes[i]
 				if c.drv.Owns(cq.UserData) {
@@ -347,17 +347,17 @@ func (c *ringConn) loop() error {
 }
 
 // sqe returns a free SQE, submitting a full SQ to make room.
-func (c *ringConn) sqe() *iouring.SQE {
+func (c *uringConn) sqe() *iouring.SQE {
 	for {
-		if e := c.ring.SQE(); e != nil {
+		if e := c.uring.SQE(); e != nil {
 			return e
 		}
-		c.ring.Submit()
+		c.uring.Submit()
 	}
 }
 
 // handle processes one of our CQEs.
-func (c *ringConn) handle(cq *iouring.CQE) {
+func (c *uringConn) handle(cq *iouring.CQE) {
 	switch cq.UserData {
 	case udRecv:
 		c.recvDone(cq.Res)
@@ -367,7 +367,7 @@ func (c *ringConn) handle(cq *iouring.CQE) {
 }
 
 // endRead stops reading requests; err is why (nil for an orderly end).
-func (c *ringConn) endRead(err error) {
+func (c *uringConn) endRead(err error) {
 	if c.readDone {
 		return
 	}
@@ -382,7 +382,7 @@ func (c *ringConn) endRead(err error) {
 }
 
 // armRecv keeps a RECV in flight while requests may come.
-func (c *ringConn) armRecv() {
+func (c *uringConn) armRecv() {
 	if c.readDone || c.recvArmed {
 		return
 	}
@@ -392,7 +392,7 @@ func (c *ringConn) armRecv() {
 	} else {
 		if c.rhead == c.rtail {
 			c.rhead, c.rtail = 0, 0
-		} else if len(c.rbuf)-c.rtail < ringRecvMin && c.rhead > 0 {
+		} else if len(c.rbuf)-c.rtail < uringRecvMin && c.rhead > 0 {
 			n := copy(c.rbuf, c.rbuf[c.rhead:c.rtail])
 			c.rhead, c.rtail = 0, n
 		}
@@ -408,7 +408,7 @@ func (c *ringConn) armRecv() {
 }
 
 // recvDone handles the RECV's completion.
-func (c *ringConn) recvDone(res int32) {
+func (c *uringConn) recvDone(res int32) {
 	c.recvArmed = false
 	switch {
 	case res == -int32(unix.EINTR) || res == -int32(unix.EAGAIN):
@@ -448,7 +448,7 @@ func (c *ringConn) recvDone(res int32) {
 }
 
 // parse takes every whole request out of rbuf that it can start now.
-func (c *ringConn) parse() {
+func (c *uringConn) parse() {
 	c.blocked = false
 	for !c.readDone && c.payload == nil {
 		avail := c.rtail - c.rhead
@@ -475,7 +475,7 @@ func (c *ringConn) parse() {
 			return
 		}
 		errno := c.check(rq)
-		if errno == 0 && rq.typ == cmdWrite && int(rq.length) <= ringSmallWrite && avail < requestSize+int(rq.length) {
+		if errno == 0 && rq.typ == cmdWrite && int(rq.length) <= uringSmallWrite && avail < requestSize+int(rq.length) {
 			return // wait for the payload in rbuf
 		}
 		if len(c.free) == 0 {
@@ -544,14 +544,14 @@ func (c *ringConn) parse() {
 }
 
 // submit hands s to the volume.
-func (c *ringConn) submit(s *rslot) {
+func (c *uringConn) submit(s *rslot) {
 	c.inflight++
 	c.drv.Submit(&s.req)
 }
 
 // startSend sends the queued replies with one SENDMSG unless one is in
 // flight.
-func (c *ringConn) startSend() {
+func (c *uringConn) startSend() {
 	if c.sending || len(c.replies) == 0 {
 		return
 	}
@@ -569,7 +569,7 @@ func (c *ringConn) startSend() {
 	for ; i < len(c.replies); i++ {
 		s := c.replies[i]
 		h, d := encodeReply(&s.hdr, c.structured, s.typ, s.errno, s.cookie, s.req.Offset, s.req.Buf)
-		if len(d) <= ringCopyMax {
+		if len(d) <= uringCopyMax {
 			if len(sb)+len(h)+len(d) > cap(sb) {
 				break
 			}
@@ -603,7 +603,7 @@ func iovec(b []byte) unix.Iovec {
 }
 
 // submitSend submits a SENDMSG of c.iov.
-func (c *ringConn) submitSend() {
+func (c *uringConn) submitSend() {
 	c.msg = unix.Msghdr{Iov: &c.iov[0]}
 	c.msg.SetIovlen(len(c.iov))
 	e := c.sqe()
@@ -618,7 +618,7 @@ func (c *ringConn) submitSend() {
 
 // sendDone handles the SENDMSG's completion: a short send goes on with the
 // rest.
-func (c *ringConn) sendDone(res int32) {
+func (c *uringConn) sendDone(res int32) {
 	if res == -int32(unix.EINTR) || res == -int32(unix.EAGAIN) {
 		c.submitSend()
 		return
@@ -652,7 +652,7 @@ func (c *ringConn) sendDone(res int32) {
 }
 
 // release returns the payload buffer and the slot.
-func (c *ringConn) release(s *rslot) {
+func (c *uringConn) release(s *rslot) {
 	if s.buf != nil {
 		c.pool.put(s.class, s.buf)
 		s.buf, s.req.Buf = nil, nil
