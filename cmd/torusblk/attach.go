@@ -159,7 +159,7 @@ func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
 
 	a := &attachment{Mode: c.mode, PID: os.Getpid()}
 	c.src.record(a)
-	vol, err := c.src.open(ctx, 0, 0, log)
+	vol, err := c.src.open(ctx, 0, 0, c.ef.scrubInterval, log)
 	if err != nil {
 		return err
 	}
@@ -309,7 +309,7 @@ func recoverDevice(ctx context.Context, device, runDir string, wait time.Duratio
 	if alive(a.PID) && a.PID != os.Getpid() {
 		return fmt.Errorf("%s is still served by process %d; recover is for a device whose server died", a.Device, a.PID)
 	}
-	vol, err := a.source().open(ctx, 0, wait, log)
+	vol, err := a.source().open(ctx, 0, wait, 0, log)
 	if err != nil {
 		return err
 	}

@@ -1,19 +1,18 @@
 package main
 
 // Companions of a served cluster volume: the periodic scrub
-// (--scrub-interval) and the Prometheus endpoint (--metrics HOST:PORT).
+// (--scrub-interval, run by cluster.Attached) and the Prometheus endpoint
+// (--metrics HOST:PORT).
 //
 // The endpoint serves the volume's metrics, one sample each labelled
 // volume="NAME", with the Go runtime and process metrics (internal/metrics).
 // A collector reads the volume's counters when /metrics is scraped.
 //
 // Invariants:
-//   - One scrub runs at a time per volume (a single goroutine runs them in
-//     turn), and it is stopped and waited for before the volume closes
-//     (servicedVolume.Close), so a scrub never uses a closed volume.
-//   - The scrub counters grow once per finished scrub, by its ScrubResult.
+//   - The endpoint is stopped and waited for before the volume closes
+//     (servicedVolume.Close).
 //   - The data path only bumps its own atomics (cluster.Volume's counters,
-//     scrubStats); nothing on the I/O path calls Prometheus.
+//     the scrub totals); nothing on the I/O path calls Prometheus.
 //   - Counters end in _total and only grow while the process lives.
 //   - Every metric here is a row of the metric table in docs/OPERATIONS.md
 //     with the same type and labels (TestVolumeMetrics).
@@ -24,7 +23,6 @@ import (
 	"log/slog"
 	"net"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -57,36 +55,18 @@ func (e *serviceFlags) check(local bool) error {
 	return nil
 }
 
-// scrubStats are the scrub counters of one volume.
-type scrubStats struct {
-	runs, chunks, skipped, checksum, mismatches, behind, repaired, lost atomic.Uint64
-	running                                                             atomic.Bool
-	lastSuccess                                                         atomic.Int64 // Unix seconds of the last finished scrub
-}
-
-func (s *scrubStats) add(r cluster.ScrubResult) {
-	s.runs.Add(1)
-	s.chunks.Add(r.Chunks)
-	s.skipped.Add(r.Skipped)
-	s.checksum.Add(r.Checksum)
-	s.mismatches.Add(r.Mismatches)
-	s.behind.Add(r.Behind)
-	s.repaired.Add(r.Repaired)
-	s.lost.Add(r.Lost)
-}
-
-// servicedVolume is a cluster volume with its scrubber and metrics endpoint;
-// Close stops them before it closes the volume.
+// servicedVolume is a cluster volume with its metrics endpoint; Close
+// stops the endpoint before it closes the volume.
 type servicedVolume struct {
 	*clusterVolume
-	scrub  scrubStats
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	addr   net.Addr // metrics endpoint, if any
 }
 
-// withServices starts the services ef asks for around cv. On error cv is
-// left open (the caller closes it).
+// withServices starts the metrics endpoint ef asks for around cv (its
+// periodic scrub runs in cluster.Attached). On error cv is left open (the
+// caller closes it).
 func withServices(cv *clusterVolume, ef serviceFlags, log *slog.Logger) (*servicedVolume, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	v := &servicedVolume{clusterVolume: cv, cancel: cancel}
@@ -98,37 +78,10 @@ func withServices(cv *clusterVolume, ef serviceFlags, log *slog.Logger) (*servic
 		}
 		v.addr = addr
 	}
-	if ef.scrubInterval > 0 {
-		v.wg.Go(func() { v.scrubber(ctx, ef.scrubInterval, log) })
-	}
 	return v, nil
 }
 
-// scrubber runs a scrub every interval until ctx is done.
-func (v *servicedVolume) scrubber(ctx context.Context, interval time.Duration, log *slog.Logger) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		v.scrub.running.Store(true)
-		res, err := v.Scrub(ctx)
-		v.scrub.running.Store(false)
-		v.scrub.add(res)
-		if err != nil {
-			if ctx.Err() == nil {
-				log.Error("scrub failed; retrying at the next interval", "volume", v.info.Name, "err", err)
-			}
-			continue
-		}
-		v.scrub.lastSuccess.Store(time.Now().Unix())
-	}
-}
-
-// Close stops the scrubber and the metrics endpoint, then closes the volume.
+// Close stops the metrics endpoint, then closes the volume.
 func (v *servicedVolume) Close() error {
 	v.cancel()
 	v.wg.Wait()
@@ -139,13 +92,14 @@ func (v *servicedVolume) Close() error {
 type statsSource interface {
 	Size() int64
 	Stats() cluster.Stats
+	ScrubTotals() cluster.ScrubTotals
 }
 
 // volumeSample is what one scrape reads of the volume, once.
 type volumeSample struct {
 	size  int64
 	st    cluster.Stats
-	scrub *scrubStats
+	scrub cluster.ScrubTotals
 }
 
 // volumeMetric is one metric family and how to read it.
@@ -181,25 +135,25 @@ var volumeMetrics = []volumeMetric{
 	volumeCounter("torus_volume_node_failures_total", "Storage nodes that failed while the volume was attached (writes went on degraded).",
 		func(s *volumeSample) uint64 { return s.st.NodeFailures }),
 	volumeGauge("torus_volume_scrub_running", "1 while a scrub runs.",
-		func(s *volumeSample) uint64 { return b2u(s.scrub.running.Load()) }),
+		func(s *volumeSample) uint64 { return b2u(s.scrub.Running) }),
 	volumeCounter("torus_volume_scrub_runs_total", "Scrubs finished or stopped.",
-		func(s *volumeSample) uint64 { return s.scrub.runs.Load() }),
+		func(s *volumeSample) uint64 { return s.scrub.Runs }),
 	volumeGauge("torus_volume_scrub_last_success_timestamp_seconds", "Unix time the last scrub finished (0: none yet).",
-		func(s *volumeSample) uint64 { return uint64(s.scrub.lastSuccess.Load()) }),
+		func(s *volumeSample) uint64 { return unixSeconds(s.scrub.LastSuccess) }),
 	volumeCounter("torus_volume_scrub_chunks_total", "Chunks whose replicas a scrub compared.",
-		func(s *volumeSample) uint64 { return s.scrub.chunks.Load() }),
+		func(s *volumeSample) uint64 { return s.scrub.Chunks }),
 	volumeCounter("torus_volume_scrub_skipped_chunks_total", "Chunks a scrub left out because writes to them kept racing its reads.",
-		func(s *volumeSample) uint64 { return s.scrub.skipped.Load() }),
+		func(s *volumeSample) uint64 { return s.scrub.Skipped }),
 	volumeCounter("torus_volume_scrub_checksum_errors_total", "Replicas a scrub found failing their checksum on the node.",
-		func(s *volumeSample) uint64 { return s.scrub.checksum.Load() }),
+		func(s *volumeSample) uint64 { return s.scrub.Checksum }),
 	volumeCounter("torus_volume_scrub_mismatches_total", "Replicas a scrub found differing from the good copy.",
-		func(s *volumeSample) uint64 { return s.scrub.mismatches.Load() }),
+		func(s *volumeSample) uint64 { return s.scrub.Mismatches }),
 	volumeCounter("torus_volume_scrub_behind_total", "Replicas a scrub found behind the newest version of a chunk.",
-		func(s *volumeSample) uint64 { return s.scrub.behind.Load() }),
+		func(s *volumeSample) uint64 { return s.scrub.Behind }),
 	volumeCounter("torus_volume_scrub_repaired_total", "Bad replicas found by a scrub and rebuilt from a good copy.",
-		func(s *volumeSample) uint64 { return s.scrub.repaired.Load() }),
+		func(s *volumeSample) uint64 { return s.scrub.Repaired }),
 	volumeCounter("torus_volume_scrub_lost_chunks_total", "Chunks a scrub found with no good replica at all (restore from a backup).",
-		func(s *volumeSample) uint64 { return s.scrub.lost.Load() }),
+		func(s *volumeSample) uint64 { return s.scrub.Lost }),
 }
 
 func b2u(b bool) uint64 {
@@ -209,12 +163,19 @@ func b2u(b bool) uint64 {
 	return 0
 }
 
+// unixSeconds is t in Unix seconds, 0 for the zero time.
+func unixSeconds(t time.Time) uint64 {
+	if t.IsZero() {
+		return 0
+	}
+	return uint64(t.Unix())
+}
+
 // volumeCollector is the prometheus.Collector of one volume: every metric
 // of volumeMetrics, labelled volume=name.
 type volumeCollector struct {
-	name  string
-	src   statsSource
-	scrub *scrubStats
+	name string
+	src  statsSource
 }
 
 // Describe implements prometheus.Collector.
@@ -226,7 +187,7 @@ func (c *volumeCollector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector: it reads the volume once.
 func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
-	s := volumeSample{size: c.src.Size(), st: c.src.Stats(), scrub: c.scrub}
+	s := volumeSample{size: c.src.Size(), st: c.src.Stats(), scrub: c.src.ScrubTotals()}
 	for _, m := range volumeMetrics {
 		pm, err := prometheus.NewConstMetric(m.desc, m.typ, float64(m.value(&s)), c.name)
 		if err != nil {
@@ -240,7 +201,7 @@ func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
 // metrics, at GET /metrics on addr until ctx is done; Close waits for the
 // server to stop. It returns once listening, or the error.
 func (v *servicedVolume) serveMetrics(ctx context.Context, addr string, log *slog.Logger) (net.Addr, error) {
-	reg, err := metrics.NewRegistry(&volumeCollector{name: v.info.Name, src: v, scrub: &v.scrub})
+	reg, err := metrics.NewRegistry(&volumeCollector{name: v.Info().Name, src: v})
 	if err != nil {
 		return nil, err
 	}
@@ -250,6 +211,6 @@ func (v *servicedVolume) serveMetrics(ctx context.Context, addr string, log *slo
 	}
 	done := metrics.Serve(ctx, l, reg, log)
 	v.wg.Go(func() { <-done })
-	log.Info("serving metrics", "volume", v.info.Name, "addr", "http://"+l.Addr().String()+"/metrics")
+	log.Info("serving metrics", "volume", v.Info().Name, "addr", "http://"+l.Addr().String()+"/metrics")
 	return l.Addr(), nil
 }

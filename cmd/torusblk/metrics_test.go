@@ -10,7 +10,6 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -150,14 +149,10 @@ func TestVolumeMetrics(t *testing.T) {
 		Missed: 2, Rebuilt: 3, RebuiltBytes: 4 << 20, Failovers: 5, NodeFailures: 6, Behind: 7,
 		NodeRestarts: 100, CopiesRefused: 101, MoveCopies: 102, Rebalances: 103, Moving: true,
 	}}
-	var sc scrubStats
-	sc.running.Store(true)
-	sc.lastSuccess.Store(1_700_000_000)
-	for i, c := range []*atomic.Uint64{&sc.runs, &sc.chunks, &sc.skipped, &sc.checksum, &sc.mismatches, &sc.behind, &sc.repaired, &sc.lost} {
-		c.Store(uint64(11 + i))
-	}
+	src.scrub = cluster.ScrubTotals{Runs: 11, Chunks: 12, Skipped: 13, Checksum: 14, Mismatches: 15, Behind: 16, Repaired: 17, Lost: 18,
+		Running: true, LastSuccess: time.Unix(1_700_000_000, 0)}
 	const name = `vol"\1`
-	c := &volumeCollector{name: name, src: src, scrub: &sc}
+	c := &volumeCollector{name: name, src: src}
 	ped := prometheus.NewPedanticRegistry()
 	if err := ped.Register(c); err != nil {
 		t.Fatal(err)
@@ -213,12 +208,14 @@ func TestVolumeMetrics(t *testing.T) {
 
 // fakeVolume is a statsSource with fixed counters.
 type fakeVolume struct {
-	size int64
-	st   cluster.Stats
+	size  int64
+	st    cluster.Stats
+	scrub cluster.ScrubTotals
 }
 
-func (f fakeVolume) Size() int64          { return f.size }
-func (f fakeVolume) Stats() cluster.Stats { return f.st }
+func (f fakeVolume) Size() int64                      { return f.size }
+func (f fakeVolume) Stats() cluster.Stats             { return f.st }
+func (f fakeVolume) ScrubTotals() cluster.ScrubTotals { return f.scrub }
 
 // checkProcessMetrics checks that a scrape has the Go runtime and process
 // metrics, once and without labels.

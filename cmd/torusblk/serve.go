@@ -102,7 +102,7 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 		defer l.Close()
 	}
 
-	vol, err := c.src.open(ctx, c.shards, 0, log)
+	vol, err := c.src.open(ctx, c.shards, 0, c.ef.scrubInterval, log)
 	if err != nil {
 		return err
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"time"
 
@@ -10,7 +9,6 @@ import (
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/cli"
-	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -85,10 +83,11 @@ func (s *volumeSource) String() string {
 }
 
 // open opens the volume: the local store, with shards io_uring shards (0:
-// one per CPU), or the cluster volume under its attach lock. For a cluster
-// volume, wait > 0 keeps retrying while the attach lock is still held (by a
-// server that died and whose lease has not expired yet).
-func (s *volumeSource) open(ctx context.Context, shards int, wait time.Duration, log *slog.Logger) (engine.Volume, error) {
+// one per CPU), or the cluster volume under its attach lock, scrubbed every
+// scrubInterval (0: never). For a cluster volume, wait > 0 keeps retrying
+// while the attach lock is still held (by a server that died and whose
+// lease has not expired yet).
+func (s *volumeSource) open(ctx context.Context, shards int, wait, scrubInterval time.Duration, log *slog.Logger) (engine.Volume, error) {
 	if !s.isCluster() {
 		lv, err := store.OpenLocal(s.path, int64(s.size), store.LocalOptions{Logger: log, Shards: shards})
 		if err != nil {
@@ -96,22 +95,11 @@ func (s *volumeSource) open(ctx context.Context, shards int, wait time.Duration,
 		}
 		return lv, nil
 	}
-	deadline := time.Now().Add(wait)
-	for {
-		cv, err := openCluster(ctx, s.name, s.cluster, log)
-		if err == nil || !errors.Is(err, meta.ErrAttached) || time.Now().After(deadline) {
-			if err != nil {
-				return nil, err
-			}
-			return cv, nil
-		}
-		log.Info("waiting for the old attach lock to expire", "volume", s.name, "why", err.Error())
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(500 * time.Millisecond):
-		}
+	cv, err := openCluster(ctx, s.name, s.cluster, wait, scrubInterval, log)
+	if err != nil {
+		return nil, err
 	}
+	return cv, nil
 }
 
 // record keeps in a what recover needs to open the volume again.
