@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net/http"
 	"testing"
 	"time"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/metrics/metricstest"
 	"github.com/torus-storage/torus/internal/voltest"
 	"github.com/torus-storage/torus/meta"
 )
@@ -15,8 +17,9 @@ import (
 // TestAttach: an Attached volume holds its attach lock, so a second Attach
 // fails with meta.ErrAttached, or with Wait takes the lock once the first
 // closes, under a higher epoch, and reads what the first wrote; the
-// periodic scrub runs and adds up; Close releases the lock; a missing
-// volume is meta.ErrNotFound.
+// periodic scrub runs and adds up, and the metrics endpoint shows it until
+// Close stops it; Close releases the lock; a missing volume is
+// meta.ErrNotFound.
 func TestAttach(t *testing.T) {
 	tc := startCluster(t, 3, 64)
 	tc.volume("held", 1<<20, 3)
@@ -50,6 +53,21 @@ func TestAttach(t *testing.T) {
 	if s := a.ScrubTotals(); s.Chunks == 0 || s.Mismatches+s.Checksum+s.Lost != 0 {
 		t.Fatalf("scrub totals of a healthy volume: %+v", s)
 	}
+	maddr, err := a.ServeMetrics("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	murl := "http://" + maddr.String() + "/metrics"
+	fams, err := metricstest.Parse(scrapeMetrics(t, murl))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs, ok := fams["torus_volume_scrub_runs_total"].Value("volume", "held"); !ok || runs < 1 {
+		t.Fatalf("torus_volume_scrub_runs_total{volume=held} = %v (present %v), want >= 1", runs, ok)
+	}
+	if _, err := a.ServeMetrics(maddr.String()); err == nil {
+		t.Fatal("a second endpoint on the same address started")
+	}
 
 	if _, err := Attach(ctx, tc.ms, "held", opt("b")); !errors.Is(err, meta.ErrAttached) {
 		t.Fatalf("second Attach while a holds the lock: %v, want meta.ErrAttached", err)
@@ -68,6 +86,10 @@ func TestAttach(t *testing.T) {
 	time.Sleep(700 * time.Millisecond) // b tries at least once while a holds the lock
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
+	}
+	if resp, err := http.Get(murl); err == nil {
+		resp.Body.Close()
+		t.Fatalf("the metrics endpoint still answers after Close: %s", resp.Status)
 	}
 	r := <-done
 	if r.err != nil {

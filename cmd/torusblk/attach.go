@@ -159,17 +159,9 @@ func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
 
 	a := &attachment{Mode: c.mode, PID: os.Getpid()}
 	c.src.record(a)
-	vol, err := c.src.open(ctx, 0, 0, c.ef.scrubInterval, log)
+	vol, err := c.src.open(ctx, 0, 0, c.ef, log)
 	if err != nil {
 		return err
-	}
-	if cv, ok := vol.(*clusterVolume); ok {
-		xv, err := withServices(cv, c.ef, log)
-		if err != nil {
-			cv.Close()
-			return err
-		}
-		vol = xv
 	}
 	a.Size = vol.Size()
 	var wait func() error
@@ -309,7 +301,7 @@ func recoverDevice(ctx context.Context, device, runDir string, wait time.Duratio
 	if alive(a.PID) && a.PID != os.Getpid() {
 		return fmt.Errorf("%s is still served by process %d; recover is for a device whose server died", a.Device, a.PID)
 	}
-	vol, err := a.source().open(ctx, 0, wait, 0, log)
+	vol, err := a.source().open(ctx, 0, wait, serviceFlags{}, log)
 	if err != nil {
 		return err
 	}

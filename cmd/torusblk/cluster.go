@@ -62,10 +62,11 @@ func (v *clusterVolume) Close() error {
 }
 
 // openCluster attaches cluster volume name (cluster.Attach) through the
-// etcd and the client certificate cf names, scrubbing it every
-// scrubInterval (0: never). wait > 0 keeps trying while the attach lock is
-// still held (by a server that died and whose lease has not expired yet).
-func openCluster(ctx context.Context, name string, cf clusterFlags, wait, scrubInterval time.Duration, log *slog.Logger) (*clusterVolume, error) {
+// etcd and the client certificate cf names, with the periodic scrub and
+// the metrics endpoint sf asks for. wait > 0 keeps trying while the attach
+// lock is still held (by a server that died and whose lease has not
+// expired yet).
+func openCluster(ctx context.Context, name string, cf clusterFlags, wait time.Duration, sf serviceFlags, log *slog.Logger) (*clusterVolume, error) {
 	tlsConf, err := netquic.LoadTLS(cf.tlsDir)
 	if err != nil {
 		return nil, fmt.Errorf("--tls-dir %s: %w", cf.tlsDir, err)
@@ -88,7 +89,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, wait, scrubI
 		},
 		TTL:           cf.ttl,
 		Wait:          wait,
-		ScrubInterval: scrubInterval,
+		ScrubInterval: sf.scrubInterval,
 	})
 	if err != nil {
 		ms.Close()
@@ -100,5 +101,12 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, wait, scrubI
 		}
 		return nil, err
 	}
-	return &clusterVolume{Attached: av, ms: ms}, nil
+	cv := &clusterVolume{Attached: av, ms: ms}
+	if sf.metrics != "" {
+		if _, err := av.ServeMetrics(sf.metrics); err != nil {
+			cv.Close()
+			return nil, fmt.Errorf("--metrics: %w: pick another HOST:PORT", err)
+		}
+	}
+	return cv, nil
 }

@@ -83,11 +83,11 @@ func (s *volumeSource) String() string {
 }
 
 // open opens the volume: the local store, with shards io_uring shards (0:
-// one per CPU), or the cluster volume under its attach lock, scrubbed every
-// scrubInterval (0: never). For a cluster volume, wait > 0 keeps retrying
-// while the attach lock is still held (by a server that died and whose
-// lease has not expired yet).
-func (s *volumeSource) open(ctx context.Context, shards int, wait, scrubInterval time.Duration, log *slog.Logger) (engine.Volume, error) {
+// one per CPU), or the cluster volume under its attach lock, with the
+// services sf asks for (none for the zero serviceFlags). For a cluster
+// volume, wait > 0 keeps retrying while the attach lock is still held (by a
+// server that died and whose lease has not expired yet).
+func (s *volumeSource) open(ctx context.Context, shards int, wait time.Duration, sf serviceFlags, log *slog.Logger) (engine.Volume, error) {
 	if !s.isCluster() {
 		lv, err := store.OpenLocal(s.path, int64(s.size), store.LocalOptions{Logger: log, Shards: shards})
 		if err != nil {
@@ -95,7 +95,7 @@ func (s *volumeSource) open(ctx context.Context, shards int, wait, scrubInterval
 		}
 		return lv, nil
 	}
-	cv, err := openCluster(ctx, s.name, s.cluster, wait, scrubInterval, log)
+	cv, err := openCluster(ctx, s.name, s.cluster, wait, sf, log)
 	if err != nil {
 		return nil, err
 	}
