@@ -7,7 +7,9 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/torus-storage/torus/cluster"
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/blockdev"
 	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/store"
 )
@@ -102,28 +104,29 @@ func (s *volumeSource) open(ctx context.Context, shards int, wait time.Duration,
 	return cv, nil
 }
 
-// record keeps in a what recover needs to open the volume again.
-func (s *volumeSource) record(a *attachment) {
+// record returns what the state file of an attached device keeps of the
+// volume, for recover to open it again (sourceOf).
+func (s *volumeSource) record() blockdev.Source {
 	if s.isCluster() {
 		cf := s.cluster
-		a.Volume, a.Etcd, a.Prefix, a.TLSDir = s.name, cf.cluster.Etcd, cf.cluster.Prefix, cf.tlsDir
-		a.TTL, a.ReplicaTimeout = cf.ttl.String(), cf.timeout.String()
-		return
+		return blockdev.Source{Volume: s.name, Etcd: cf.cluster.Etcd, Prefix: cf.cluster.Prefix, TLSDir: cf.tlsDir,
+			TTL: cf.ttl.String(), ReplicaTimeout: cf.timeout.String()}
 	}
-	a.Store, a.Size = s.path, int64(s.size)
+	return blockdev.Source{Store: s.path}
 }
 
-// source returns the volume a was attached from, as record kept it.
-func (a *attachment) source() *volumeSource {
-	if a.Volume == "" {
-		return &volumeSource{path: a.Store, size: cli.Size(a.Size)}
+// sourceOf returns the volume a device was attached from, as record kept
+// it in the device's state st.
+func sourceOf(st blockdev.State) *volumeSource {
+	if st.Volume == "" {
+		return &volumeSource{path: st.Store, size: cli.Size(st.Size)}
 	}
-	cf := clusterFlags{cluster: cli.Cluster{Etcd: a.Etcd, Prefix: a.Prefix}, tlsDir: a.TLSDir, ttl: 10 * time.Second, timeout: 5 * time.Second}
-	if d, err := time.ParseDuration(a.TTL); err == nil {
+	cf := clusterFlags{cluster: cli.Cluster{Etcd: st.Etcd, Prefix: st.Prefix}, tlsDir: st.TLSDir, ttl: cluster.DefaultAttachTTL, timeout: 5 * time.Second}
+	if d, err := time.ParseDuration(st.TTL); err == nil {
 		cf.ttl = d
 	}
-	if d, err := time.ParseDuration(a.ReplicaTimeout); err == nil {
+	if d, err := time.ParseDuration(st.ReplicaTimeout); err == nil {
 		cf.timeout = d
 	}
-	return &volumeSource{name: a.Volume, cluster: cf}
+	return &volumeSource{name: st.Volume, cluster: cf}
 }
