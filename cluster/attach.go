@@ -51,9 +51,9 @@ type AttachOptions struct {
 	// Options configure the replicated volume (Open). Epoch is ignored: the
 	// volume is opened under the attach lock's epoch. Holder names this
 	// process in the attach lock and in progress records (default "pid N
-	// on HOST"). An empty LocalNode picks the node on this host
-	// (localNode): the first registered with this host name, else the
-	// first whose unix socket is on this machine, else none.
+	// on HOST"). An empty LocalNode picks the node on this host: the
+	// first registered with this host name, else the first whose unix
+	// socket is on this machine, else none.
 	Options
 	// TTL is the attach lock's lease (default DefaultAttachTTL): after a
 	// crash the volume can be attached elsewhere once it expires, and a

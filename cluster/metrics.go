@@ -138,8 +138,8 @@ func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
 
 // ServeMetrics serves the volume's metrics, with the Go runtime and process
 // metrics, at GET /metrics on addr (HOST:PORT) until Close, which stops the
-// server before it closes the volume. It returns the address once
-// listening, or the error.
+// server before it closes the volume; call it before Close. It returns the
+// address once listening, or the error.
 func (a *Attached) ServeMetrics(addr string) (net.Addr, error) {
 	name := a.info.Name
 	reg, err := metrics.NewRegistry(&volumeCollector{name: name, src: a})
