@@ -73,6 +73,15 @@ type Progress struct {
 // Finished reports whether the job has covered every chunk.
 func (p Progress) Finished() bool { return p.Done >= p.Total }
 
+// Percent is how much of the job is done, from 0 to 100: Done of Total
+// (Done beyond Total counts as Total), 100 when Total is 0.
+func (p Progress) Percent() float64 {
+	if p.Total == 0 {
+		return 100
+	}
+	return 100 * float64(min(p.Done, p.Total)) / float64(p.Total)
+}
+
 // Rate returns the chunks per second the job went at (0 if unknown).
 func (p Progress) Rate() float64 {
 	d := p.Updated.Sub(p.Started)

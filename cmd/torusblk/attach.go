@@ -1,87 +1,26 @@
 package main
 
+// torusblk attach, recover, detach and list: flags and printing around
+// internal/blockdev, which attaches the devices and keeps their state files.
+
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strconv"
-	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/pflag"
 
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/blockdev"
 	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/units"
-	"github.com/torus-storage/torus/nbd"
-	"github.com/torus-storage/torus/ublk"
 )
-
-// defaultRunDir keeps one JSON file per attached device: what `recover`
-// needs to serve it again and what `list` and `detach` show.
-const defaultRunDir = "/run/torus"
-
-// attachment is the state kept for one attached device.
-type attachment struct {
-	Device string `json:"device"`
-	Mode   string `json:"mode"`            // "ublk" or "nbd"
-	ID     int    `json:"id"`              // ublk device id or nbd index
-	Store  string `json:"store,omitempty"` // store path (file or block device) of a local volume
-	// Cluster volume: its name and how to reach the cluster.
-	Volume string `json:"volume,omitempty"`
-	Etcd   string `json:"etcd,omitempty"`
-	Prefix string `json:"prefix,omitempty"`
-	TLSDir string `json:"tls_dir,omitempty"`
-	TTL    string `json:"lease_ttl,omitempty"`
-	// ReplicaTimeout is --replica-timeout of a cluster volume.
-	ReplicaTimeout string `json:"replica_timeout,omitempty"`
-	Size           int64  `json:"size"`
-	PID            int    `json:"pid"`
-	Queues         int    `json:"queues,omitempty"`
-	Depth          int    `json:"depth,omitempty"`
-}
-
-func stateFile(runDir, device string) string {
-	return filepath.Join(runDir, filepath.Base(device)+".json")
-}
-
-func (a *attachment) save(runDir string) error {
-	if err := os.MkdirAll(runDir, 0o755); err != nil {
-		return fmt.Errorf("keeping attach state: %w", err)
-	}
-	b, _ := json.MarshalIndent(a, "", "  ")
-	tmp := stateFile(runDir, a.Device) + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
-		return fmt.Errorf("keeping attach state: %w", err)
-	}
-	return os.Rename(tmp, stateFile(runDir, a.Device))
-}
-
-func loadAttachment(runDir, device string) (*attachment, error) {
-	b, err := os.ReadFile(stateFile(runDir, device))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("%s was not attached by torusblk (no %s; see torusblk list)", device, stateFile(runDir, device))
-	}
-	if err != nil {
-		return nil, err
-	}
-	a := new(attachment)
-	if err := json.Unmarshal(b, a); err != nil {
-		return nil, fmt.Errorf("%s: %w", stateFile(runDir, device), err)
-	}
-	return a, nil
-}
-
-func alive(pid int) bool {
-	return pid > 0 && syscall.Kill(pid, 0) == nil
-}
 
 // attachCmd is torusblk attach: make a volume a local block device.
 type attachCmd struct {
@@ -115,7 +54,7 @@ func (c *attachCmd) flags(fs *pflag.FlagSet) {
 	fs.IntVar(&c.queues, "queues", 0, "ublk queues (default: 1 for a local store, whose one queue thread runs every store shard; one per CPU for a cluster volume)")
 	fs.IntVar(&c.depth, "depth", 128, "ublk queue depth")
 	fs.IntVar(&c.conns, "connections", 4, "kernel NBD connections")
-	fs.StringVar(&c.runDir, "run-dir", defaultRunDir, "where attach state is kept for list, detach and recover")
+	fs.StringVar(&c.runDir, "run-dir", blockdev.DefaultRunDir, "where attach state is kept for list, detach and recover")
 	fs.StringVar(&c.ioSched, "io-scheduler", "none", "the device's block-layer I/O scheduler: none (Torus orders its own I/O, as for loop and NVMe devices), a name listed in /sys/block/DEV/queue/scheduler, or kernel to keep the kernel's choice")
 }
 
@@ -127,154 +66,46 @@ func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
 	if err := c.ef.check(!c.src.isCluster()); err != nil {
 		return err
 	}
-	if !validSchedName(c.ioSched) {
+	if !blockdev.ValidScheduler(c.ioSched) {
 		return cli.Usagef("--io-scheduler %q: want none, kernel or a scheduler name such as mq-deadline", c.ioSched)
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("attaching a block device needs root (run with sudo)")
 	}
-	switch c.mode {
-	case "auto":
-		if uerr := ublk.Available(); uerr == nil {
-			c.mode = "ublk"
-			log.Info("mode auto: using ublk", "why", "/dev/ublk-control is present")
-		} else {
-			c.mode = "nbd"
-			log.Info("mode auto: using kernel NBD", "why", uerr.Error())
-		}
-	case "ublk", "nbd":
+	switch blockdev.Mode(c.mode) {
+	case blockdev.ModeAuto, blockdev.ModeUblk, blockdev.ModeNBD:
 	default:
 		return cli.Usagef("--mode %q: want ublk, nbd or auto", c.mode)
 	}
-	switch c.mode {
-	case "ublk":
-		if err := ublk.Available(); err != nil {
-			return err
-		}
-	case "nbd":
-		if err := nbd.KernelAvailable(); err != nil {
-			return err
-		}
-	}
-
-	a := &attachment{Mode: c.mode, PID: os.Getpid()}
-	c.src.record(a)
-	vol, err := c.src.open(ctx, 0, 0, log)
+	mode, err := blockdev.ResolveMode(blockdev.Mode(c.mode), log)
 	if err != nil {
 		return err
 	}
-	if cv, ok := vol.(*clusterVolume); ok {
-		xv, err := withServices(cv, c.ef, log)
-		if err != nil {
-			cv.Close()
-			return err
-		}
-		vol = xv
+
+	vol, err := c.src.open(ctx, 0, 0, c.ef, log)
+	if err != nil {
+		return err
 	}
-	a.Size = vol.Size()
-	var wait func() error
-	var closeDev func() error
-	switch c.mode {
-	case "ublk":
-		dev, err := ublk.Create(ctx, vol, ublk.Options{Queues: c.queues, Depth: c.depth, Recovery: true, Logger: log})
-		if err != nil {
-			vol.Close()
-			return err
-		}
-		a.Device, a.ID, a.Queues, a.Depth = dev.Path(), dev.ID(), c.queues, c.depth
-		wait, closeDev = dev.Wait, dev.Close
-	case "nbd":
-		dev, err := nbd.AttachKernel(ctx, vol, nbd.AttachOptions{Index: -1, Conns: c.conns, Logger: log})
-		if err != nil {
-			vol.Close()
-			return err
-		}
-		a.Device, a.ID = dev.Path(), dev.Index()
-		wait, closeDev = dev.Wait, dev.Close
+	dev, err := blockdev.Attach(ctx, vol, c.src.record(), blockdev.Options{
+		Mode: mode, Queues: c.queues, Depth: c.depth, Conns: c.conns, RunDir: c.runDir, Logger: log,
+	})
+	if err != nil {
+		return err
 	}
-	if err := setIOScheduler(a.Device, c.ioSched); err != nil {
+	if err := dev.SetIOScheduler(c.ioSched); err != nil {
 		if c.fs.Changed("io-scheduler") {
-			closeDev()
-			vol.Close()
-			return err
+			dev.Close()
+			return fmt.Errorf("--io-scheduler: %w", err)
 		}
-		log.Warn("keeping the kernel's I/O scheduler", "device", a.Device, "err", err)
+		log.Warn("keeping the kernel's I/O scheduler", "device", dev.Path(), "err", err)
 	}
-	return serveDevice(ctx, a, c.runDir, vol, wait, closeDev, o.Stdout, log)
+	return dev.Serve(ctx, printPath(o.Stdout))
 }
 
-// validSchedName reports whether name can be an I/O scheduler's name (or
-// "kernel"): lower-case letters, digits, '-' and '_'.
-func validSchedName(name string) bool {
-	if name == "" || len(name) > 32 {
-		return false
-	}
-	for _, c := range name {
-		if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' {
-			return false
-		}
-	}
-	return true
-}
-
-// setIOScheduler selects the block layer's I/O scheduler of dev (/dev/NAME)
-// through /sys/block/NAME/queue/scheduler and checks that it took; name
-// "kernel" keeps the kernel's choice. The kernel gives a device with one
-// hardware queue mq-deadline, which on a ublk device moves every request
-// through a kblockd worker before the server sees it; the store behind the
-// device orders and merges nothing the elevator would help with
-// (bench/README.md has the figures).
-func setIOScheduler(dev, name string) error {
-	if name == "kernel" {
-		return nil
-	}
-	p := filepath.Join("/sys/block", filepath.Base(dev), "queue", "scheduler")
-	if err := os.WriteFile(p, []byte(name), 0o644); err != nil {
-		avail, _ := os.ReadFile(p)
-		return fmt.Errorf("--io-scheduler %s on %s: %w (available: %s; or kernel to keep the kernel's choice)", name, dev, err, strings.TrimSpace(string(avail)))
-	}
-	b, err := os.ReadFile(p)
-	if err != nil {
-		return fmt.Errorf("--io-scheduler %s on %s: %w", name, dev, err)
-	}
-	if !strings.Contains(string(b), "["+name+"]") {
-		return fmt.Errorf("--io-scheduler %s on %s did not take: %s", name, dev, strings.TrimSpace(string(b)))
-	}
-	return nil
-}
-
-// serveDevice records the attachment, prints the device and serves until the
-// device goes away or ctx is cancelled, then detaches and closes the volume.
-func serveDevice(ctx context.Context, a *attachment, runDir string, vol engine.Volume, wait, closeDev func() error, stdout io.Writer, log *slog.Logger) error {
-	if err := a.save(runDir); err != nil {
-		closeDev()
-		vol.Close()
-		return err
-	}
-	fmt.Fprintln(stdout, a.Device)
-	log.Info("attached", "device", a.Device, "mode", a.Mode, "volume", a.source().String(), "size", units.FormatSize(a.Size))
-
-	done := make(chan error, 1)
-	go func() { done <- wait() }()
-	var werr error
-	select {
-	case <-ctx.Done():
-		log.Info("detaching", "device", a.Device)
-		werr = closeDev()
-		<-done
-	case werr = <-done:
-		closeDev()
-	}
-	cerr := vol.Close()
-	os.Remove(stateFile(runDir, a.Device))
-	if werr != nil {
-		return fmt.Errorf("%s: %w", a.Device, werr)
-	}
-	if cerr != nil {
-		return fmt.Errorf("closing the volume: %w", cerr)
-	}
-	log.Info("detached", "device", a.Device)
-	return nil
+// printPath returns the ready function of blockdev.Device.Serve: it prints
+// the device's path, which scripts wait for.
+func printPath(stdout io.Writer) func(string) {
+	return func(path string) { fmt.Fprintln(stdout, path) }
 }
 
 func recoverCommand(log *slog.Logger) *cli.Command {
@@ -285,7 +116,7 @@ func recoverCommand(log *slog.Logger) *cli.Command {
 		Summary: "serve a ublk device again after the process that attached it died",
 		Usage:   "/dev/ublkbN",
 		Flags: func(fs *pflag.FlagSet) {
-			fs.StringVar(&runDir, "run-dir", defaultRunDir, "where attach state is kept")
+			fs.StringVar(&runDir, "run-dir", blockdev.DefaultRunDir, "where attach state is kept")
 			fs.DurationVar(&wait, "wait", 30*time.Second, "cluster volume: how long to wait for the dead server's attach lock to expire")
 		},
 		Run: func(ctx context.Context, args []string, o cli.IO) error {
@@ -299,28 +130,14 @@ func recoverCommand(log *slog.Logger) *cli.Command {
 
 // recoverDevice serves device again, from the state attach kept in runDir.
 func recoverDevice(ctx context.Context, device, runDir string, wait time.Duration, stdout io.Writer, log *slog.Logger) error {
-	a, err := loadAttachment(runDir, device)
+	open := func(ctx context.Context, st blockdev.State) (engine.Volume, error) {
+		return sourceOf(st).open(ctx, 0, wait, serviceFlags{}, log)
+	}
+	dev, err := blockdev.Recover(ctx, device, runDir, open, log)
 	if err != nil {
 		return err
 	}
-	if a.Mode != "ublk" {
-		return fmt.Errorf("%s is attached over %s; only ublk devices can be recovered (detach and attach again)", a.Device, a.Mode)
-	}
-	if alive(a.PID) && a.PID != os.Getpid() {
-		return fmt.Errorf("%s is still served by process %d; recover is for a device whose server died", a.Device, a.PID)
-	}
-	vol, err := a.source().open(ctx, 0, wait, log)
-	if err != nil {
-		return err
-	}
-	dev, err := ublk.Recover(ctx, a.ID, vol, ublk.Options{Queues: a.Queues, Depth: a.Depth, Recovery: true, Logger: log})
-	if err != nil {
-		vol.Close()
-		return err
-	}
-	a.PID = os.Getpid()
-	log.Info("recovered", "device", a.Device)
-	return serveDevice(ctx, a, runDir, vol, dev.Wait, dev.Close, stdout, log)
+	return dev.Serve(ctx, printPath(stdout))
 }
 
 func detachCommand(log *slog.Logger) *cli.Command {
@@ -331,54 +148,16 @@ func detachCommand(log *slog.Logger) *cli.Command {
 		Summary: "stop serving an attached device and remove it",
 		Usage:   "DEVICE",
 		Flags: func(fs *pflag.FlagSet) {
-			fs.StringVar(&runDir, "run-dir", defaultRunDir, "where attach state is kept")
+			fs.StringVar(&runDir, "run-dir", blockdev.DefaultRunDir, "where attach state is kept")
 			fs.DurationVar(&timeout, "timeout", 60*time.Second, "how long to wait for the device to go")
 		},
 		Run: func(_ context.Context, args []string, _ cli.IO) error {
 			if len(args) != 1 {
 				return cli.Usagef("detach takes one device, e.g. torusblk detach /dev/ublkb0")
 			}
-			return detach(args[0], runDir, timeout, log)
+			return blockdev.Detach(args[0], runDir, timeout, log)
 		},
 	}
-}
-
-// detach stops the process that serves device, or removes the device of a
-// dead one.
-func detach(device, runDir string, timeout time.Duration, log *slog.Logger) error {
-	a, err := loadAttachment(runDir, device)
-	if err != nil {
-		return err
-	}
-	if alive(a.PID) {
-		// The attaching process owns the device: ask it to stop, which
-		// drains I/O, removes the device and closes the store cleanly.
-		if err := syscall.Kill(a.PID, syscall.SIGTERM); err != nil {
-			return fmt.Errorf("signalling process %d that serves %s: %w", a.PID, a.Device, err)
-		}
-		deadline := time.Now().Add(timeout)
-		for alive(a.PID) {
-			if time.Now().After(deadline) {
-				return fmt.Errorf("%s: process %d did not stop within %v (is the device still mounted? umount it first)", a.Device, a.PID, timeout)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		log.Info("detached", "device", a.Device)
-		return nil
-	}
-	// Nobody serves it any more: remove the device directly.
-	switch a.Mode {
-	case "ublk":
-		err = ublk.Delete(a.ID)
-	case "nbd":
-		err = nbd.DisconnectKernel(a.ID)
-	}
-	if err != nil {
-		return fmt.Errorf("removing %s: %w", a.Device, err)
-	}
-	os.Remove(stateFile(runDir, a.Device))
-	log.Info("removed the device of a dead server", "device", a.Device)
-	return nil
 }
 
 func listCommand() *cli.Command {
@@ -390,7 +169,7 @@ func listCommand() *cli.Command {
 		Summary: "the devices torusblk attached",
 		Usage:   "[--output text|json]",
 		Flags: func(fs *pflag.FlagSet) {
-			fs.StringVar(&runDir, "run-dir", defaultRunDir, "where attach state is kept")
+			fs.StringVar(&runDir, "run-dir", blockdev.DefaultRunDir, "where attach state is kept")
 			cli.OutputFlag(fs, &out)
 			fs.BoolVar(&asJSON, "json", false, "print JSON (the same as --output json)")
 		},
@@ -406,20 +185,11 @@ func listCommand() *cli.Command {
 	}
 }
 
-// listAttachments prints the attachments kept in runDir.
+// listAttachments prints the devices attached with state in runDir.
 func listAttachments(runDir string, out cli.Output, stdout io.Writer) error {
-	ents, err := os.ReadDir(runDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+	list, err := blockdev.List(runDir)
+	if err != nil {
 		return err
-	}
-	var list []*attachment
-	for _, e := range ents {
-		if !strings.HasSuffix(e.Name(), ".json") {
-			continue
-		}
-		if a, err := loadAttachment(runDir, strings.TrimSuffix(e.Name(), ".json")); err == nil {
-			list = append(list, a)
-		}
 	}
 	if out == cli.JSON {
 		return cli.WriteJSON(stdout, list)
@@ -428,13 +198,13 @@ func listAttachments(runDir string, out cli.Output, stdout io.Writer) error {
 	fmt.Fprintln(tw, "DEVICE\tMODE\tSIZE\tVOLUME\tPID\tSTATE")
 	for _, a := range list {
 		state := "serving"
-		if !alive(a.PID) {
+		if !a.ServerAlive() {
 			state = "server dead: torusblk recover " + a.Device
-			if a.Mode != "ublk" {
+			if a.Mode != blockdev.ModeUblk {
 				state = "server dead: torusblk detach " + a.Device
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.source().String(), strconv.Itoa(a.PID), state)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Device, a.Mode, units.FormatSize(a.Size), a.Source.String(), strconv.Itoa(a.PID), state)
 	}
 	return tw.Flush()
 }

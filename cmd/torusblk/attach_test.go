@@ -6,19 +6,6 @@ import (
 	"testing"
 )
 
-func TestValidSchedName(t *testing.T) {
-	for _, name := range []string{"none", "kernel", "mq-deadline", "bfq", "kyber", "a_b-9"} {
-		if !validSchedName(name) {
-			t.Errorf("validSchedName(%q) = false, want true", name)
-		}
-	}
-	for _, name := range []string{"", "None", "mq deadline", "../x", "none\n", "[none]", strings.Repeat("a", 33)} {
-		if validSchedName(name) {
-			t.Errorf("validSchedName(%q) = true, want false", name)
-		}
-	}
-}
-
 // TestAttachBadIOScheduler: a malformed --io-scheduler is a usage error that
 // names the flag, given before anything is attached (and before the root
 // check, so it runs on the host). Names the kernel does not offer are

@@ -4,19 +4,13 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/torus-storage/torus/cluster"
-	"github.com/torus-storage/torus/internal/metrics"
 	"github.com/torus-storage/torus/internal/metrics/metricstest"
 	"github.com/torus-storage/torus/internal/nbdtest"
 	"github.com/torus-storage/torus/store"
@@ -139,86 +133,6 @@ func TestClusterScrubMetrics(t *testing.T) {
 	cl.Close()
 	s.Stop(t)
 }
-
-// TestVolumeMetrics serves the metrics of a volume whose counters all
-// differ: each metric reads its own counter, labelled with the volume's
-// name; the Go runtime and process metrics come with them; and the torus_
-// metrics are exactly those docs/OPERATIONS.md lists for torusblk, with
-// their types and labels.
-func TestVolumeMetrics(t *testing.T) {
-	src := fakeVolume{size: 8 << 30, st: cluster.Stats{
-		Missed: 2, Rebuilt: 3, RebuiltBytes: 4 << 20, Failovers: 5, NodeFailures: 6, Behind: 7,
-		NodeRestarts: 100, CopiesRefused: 101, MoveCopies: 102, Rebalances: 103, Moving: true,
-	}}
-	var sc scrubStats
-	sc.running.Store(true)
-	sc.lastSuccess.Store(1_700_000_000)
-	for i, c := range []*atomic.Uint64{&sc.runs, &sc.chunks, &sc.skipped, &sc.checksum, &sc.mismatches, &sc.behind, &sc.repaired, &sc.lost} {
-		c.Store(uint64(11 + i))
-	}
-	const name = `vol"\1`
-	c := &volumeCollector{name: name, src: src, scrub: &sc}
-	ped := prometheus.NewPedanticRegistry()
-	if err := ped.Register(c); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ped.Gather(); err != nil {
-		t.Fatalf("pedantic gather: %v", err)
-	}
-	reg, err := metrics.NewRegistry(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewServer(metrics.Handler(reg, slog.New(slog.DiscardHandler)))
-	defer srv.Close()
-	body := scrapeMetrics(t, srv.URL+"/metrics")
-	fams, err := metricstest.Parse(body)
-	if err != nil {
-		t.Fatalf("%v\n%s", err, body)
-	}
-	for metric, want := range map[string]float64{
-		"torus_volume_size_bytes":                           8 << 30,
-		"torus_volume_missed_chunks":                        2,
-		"torus_volume_rebuilt_chunks_total":                 3,
-		"torus_volume_rebuilt_bytes_total":                  4 << 20,
-		"torus_volume_read_failovers_total":                 5,
-		"torus_volume_node_failures_total":                  6,
-		"torus_volume_replicas_behind_total":                7,
-		"torus_volume_scrub_running":                        1,
-		"torus_volume_scrub_last_success_timestamp_seconds": 1_700_000_000,
-		"torus_volume_scrub_runs_total":                     11,
-		"torus_volume_scrub_chunks_total":                   12,
-		"torus_volume_scrub_skipped_chunks_total":           13,
-		"torus_volume_scrub_checksum_errors_total":          14,
-		"torus_volume_scrub_mismatches_total":               15,
-		"torus_volume_scrub_behind_total":                   16,
-		"torus_volume_scrub_repaired_total":                 17,
-		"torus_volume_scrub_lost_chunks_total":              18,
-	} {
-		f := fams[metric]
-		if f == nil {
-			t.Errorf("%s missing", metric)
-			continue
-		}
-		if got, ok := f.Value("volume", name); !ok || got != want || len(f.Samples) != 1 {
-			t.Errorf("%s{volume=%q} = %v (present %v, %d samples), want %v", metric, name, got, ok, len(f.Samples), want)
-		}
-	}
-	checkProcessMetrics(t, fams)
-	checkDocumented(t, fams)
-	if t.Failed() {
-		t.Logf("scrape:\n%s", body)
-	}
-}
-
-// fakeVolume is a statsSource with fixed counters.
-type fakeVolume struct {
-	size int64
-	st   cluster.Stats
-}
-
-func (f fakeVolume) Size() int64          { return f.size }
-func (f fakeVolume) Stats() cluster.Stats { return f.st }
 
 // checkProcessMetrics checks that a scrape has the Go runtime and process
 // metrics, once and without labels.

@@ -102,20 +102,15 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 		defer l.Close()
 	}
 
-	vol, err := c.src.open(ctx, c.shards, 0, log)
+	vol, err := c.src.open(ctx, c.shards, 0, c.ef, log)
 	if err != nil {
 		return err
 	}
 	desc, source, size := "torus local volume", c.src.path, int64(c.src.size)
-	if cv, ok := vol.(*clusterVolume); ok {
-		xv, err := withServices(cv, c.ef, log)
-		if err != nil {
-			cv.Close()
-			return err
-		}
-		vol, desc, source, size = xv, "torus cluster volume "+c.src.name, c.src.name, cv.Size()
+	if c.src.isCluster() {
+		desc, source, size = "torus cluster volume "+c.src.name, c.src.name, vol.Size()
 		if err := listenNBD(); err != nil {
-			xv.Close()
+			vol.Close()
 			return err
 		}
 		defer l.Close()

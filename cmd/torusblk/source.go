@@ -2,15 +2,15 @@ package main
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"time"
 
 	"github.com/spf13/pflag"
 
+	"github.com/torus-storage/torus/cluster"
 	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/blockdev"
 	"github.com/torus-storage/torus/internal/cli"
-	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -85,10 +85,11 @@ func (s *volumeSource) String() string {
 }
 
 // open opens the volume: the local store, with shards io_uring shards (0:
-// one per CPU), or the cluster volume under its attach lock. For a cluster
+// one per CPU), or the cluster volume under its attach lock, with the
+// services sf asks for (none for the zero serviceFlags). For a cluster
 // volume, wait > 0 keeps retrying while the attach lock is still held (by a
 // server that died and whose lease has not expired yet).
-func (s *volumeSource) open(ctx context.Context, shards int, wait time.Duration, log *slog.Logger) (engine.Volume, error) {
+func (s *volumeSource) open(ctx context.Context, shards int, wait time.Duration, sf serviceFlags, log *slog.Logger) (engine.Volume, error) {
 	if !s.isCluster() {
 		lv, err := store.OpenLocal(s.path, int64(s.size), store.LocalOptions{Logger: log, Shards: shards})
 		if err != nil {
@@ -96,46 +97,36 @@ func (s *volumeSource) open(ctx context.Context, shards int, wait time.Duration,
 		}
 		return lv, nil
 	}
-	deadline := time.Now().Add(wait)
-	for {
-		cv, err := openCluster(ctx, s.name, s.cluster, log)
-		if err == nil || !errors.Is(err, meta.ErrAttached) || time.Now().After(deadline) {
-			if err != nil {
-				return nil, err
-			}
-			return cv, nil
-		}
-		log.Info("waiting for the old attach lock to expire", "volume", s.name, "why", err.Error())
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(500 * time.Millisecond):
-		}
+	cv, err := openCluster(ctx, s.name, s.cluster, wait, sf, log)
+	if err != nil {
+		return nil, err
 	}
+	return cv, nil
 }
 
-// record keeps in a what recover needs to open the volume again.
-func (s *volumeSource) record(a *attachment) {
+// record returns what the state file of an attached device keeps of the
+// volume, for recover to open it again (sourceOf).
+func (s *volumeSource) record() blockdev.Source {
 	if s.isCluster() {
 		cf := s.cluster
-		a.Volume, a.Etcd, a.Prefix, a.TLSDir = s.name, cf.cluster.Etcd, cf.cluster.Prefix, cf.tlsDir
-		a.TTL, a.ReplicaTimeout = cf.ttl.String(), cf.timeout.String()
-		return
+		return blockdev.Source{Volume: s.name, Etcd: cf.cluster.Etcd, Prefix: cf.cluster.Prefix, TLSDir: cf.tlsDir,
+			TTL: cf.ttl.String(), ReplicaTimeout: cf.timeout.String()}
 	}
-	a.Store, a.Size = s.path, int64(s.size)
+	return blockdev.Source{Store: s.path}
 }
 
-// source returns the volume a was attached from, as record kept it.
-func (a *attachment) source() *volumeSource {
-	if a.Volume == "" {
-		return &volumeSource{path: a.Store, size: cli.Size(a.Size)}
+// sourceOf returns the volume a device was attached from, as record kept
+// it in the device's state st.
+func sourceOf(st blockdev.State) *volumeSource {
+	if st.Volume == "" {
+		return &volumeSource{path: st.Store, size: cli.Size(st.Size)}
 	}
-	cf := clusterFlags{cluster: cli.Cluster{Etcd: a.Etcd, Prefix: a.Prefix}, tlsDir: a.TLSDir, ttl: 10 * time.Second, timeout: 5 * time.Second}
-	if d, err := time.ParseDuration(a.TTL); err == nil {
+	cf := clusterFlags{cluster: cli.Cluster{Etcd: st.Etcd, Prefix: st.Prefix}, tlsDir: st.TLSDir, ttl: cluster.DefaultAttachTTL, timeout: 5 * time.Second}
+	if d, err := time.ParseDuration(st.TTL); err == nil {
 		cf.ttl = d
 	}
-	if d, err := time.ParseDuration(a.ReplicaTimeout); err == nil {
+	if d, err := time.ParseDuration(st.ReplicaTimeout); err == nil {
 		cf.timeout = d
 	}
-	return &volumeSource{name: a.Volume, cluster: cf}
+	return &volumeSource{name: st.Volume, cluster: cf}
 }

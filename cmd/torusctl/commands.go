@@ -161,7 +161,7 @@ type statusResult struct {
 	// Moving lists the volumes whose chunks are not all placed under the
 	// current ring yet: a node removed from the ring still holds copies
 	// of theirs until this is empty.
-	Moving []movingResult `json:"moving"`
+	Moving []meta.MovingVolume `json:"moving"`
 }
 
 func cmdStatus(ctx context.Context, e *env, _ []string) error {
@@ -196,7 +196,7 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 				full = append(full, fullNode{n.ID, n.Used, n.Capacity, n.NoSpace})
 			}
 		}
-		moving, err := movingOf(ctx, s, vols, r.Version())
+		moving, err := s.Moving(ctx, vols, r.Version())
 		if err != nil {
 			return err
 		}
@@ -443,7 +443,7 @@ func cmdVolumeInfo(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return notFound(err)
 		}
-		fewest, one, err := copiesOf(ctx, s, v)
+		fewest, one, err := s.LiveCopies(ctx, v)
 		if err != nil {
 			return err
 		}

@@ -85,43 +85,8 @@ func buildNodeRemove(fs *pflag.FlagSet) runFunc {
 	}
 }
 
-// movingResult is a volume whose chunks are not all placed under the
-// current ring, as status prints it.
-type movingResult struct {
-	Volume string `json:"volume"`
-	ID     uint64 `json:"id"`
-	// PlacedRing is the ring version up to which the volume's moves are
-	// recorded (0: none); Moves the earlier rings whose owners still hold
-	// copies being moved.
-	PlacedRing uint64 `json:"placed_ring"`
-	Moves      int    `json:"moves"`
-}
-
-// movingOf lists the volumes of vols whose placement lags ring version cur
-// or that have a move in progress.
-func movingOf(ctx context.Context, s *meta.Client, vols []meta.Volume, cur uint64) ([]movingResult, error) {
-	out := []movingResult{}
-	for _, v := range vols {
-		ver, ok, err := s.Placed(ctx, v.ID)
-		if err != nil {
-			return nil, err
-		}
-		rings, err := s.Moves(ctx, v.ID)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			ver = cur // no record: placed under whatever ring is current
-		}
-		if ver != cur || len(rings) > 0 {
-			out = append(out, movingResult{Volume: v.Name, ID: v.ID, PlacedRing: ver, Moves: len(rings)})
-		}
-	}
-	return out, nil
-}
-
 // printMoving writes the moving volumes as text.
-func printMoving(w io.Writer, moving []movingResult, cur uint64) {
+func printMoving(w io.Writer, moving []meta.MovingVolume, cur uint64) {
 	if len(moving) == 0 {
 		fmt.Fprintln(w, "moving volumes: none")
 		return
@@ -175,11 +140,7 @@ func healthOf(ctx context.Context, s *meta.Client, names map[uint64]string) ([]d
 	jobs := []jobResult{}
 	for _, id := range sortedKeys(progress) {
 		p := progress[id]
-		pct := 100.0
-		if p.Total > 0 {
-			pct = 100 * float64(min(p.Done, p.Total)) / float64(p.Total)
-		}
-		jobs = append(jobs, jobResult{Volume: name(id), ID: id, Progress: p, Percent: pct})
+		jobs = append(jobs, jobResult{Volume: name(id), ID: id, Progress: p, Percent: p.Percent()})
 	}
 	return deg, jobs, nil
 }
@@ -265,75 +226,4 @@ func isTerminal(w io.Writer) bool {
 	}
 	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
 	return err == nil
-}
-
-// copiesOf returns the fewest live good copies any chunk of volume v has,
-// and how many chunks have at most one: a copy is good on a registered
-// node that owns the chunk under the ring the volume's data lives under
-// (or a ring of a move in progress) and has no missed mark for it.
-func copiesOf(ctx context.Context, s *meta.Client, v meta.Volume) (int, uint64, error) {
-	cfg, err := s.Config(ctx)
-	if err != nil {
-		return 0, 0, err
-	}
-	cur, _, err := s.Ring(ctx)
-	if err != nil {
-		return 0, 0, err
-	}
-	rings, err := s.Moves(ctx, v.ID)
-	if err != nil {
-		return 0, 0, err
-	}
-	placed := cur
-	if ver, ok, err := s.Placed(ctx, v.ID); err != nil {
-		return 0, 0, err
-	} else if ok && ver != cur.Version() {
-		if r, ok, err := s.RingAt(ctx, ver); err != nil {
-			return 0, 0, err
-		} else if ok {
-			placed = r
-		}
-	}
-	rings = append(rings, placed)
-	missed, err := s.Missed(ctx, v.ID)
-	if err != nil {
-		return 0, 0, err
-	}
-	marked := make(map[string]map[uint64]bool, len(missed))
-	for n, chunks := range missed {
-		marked[n] = make(map[uint64]bool, len(chunks))
-		for _, ch := range chunks {
-			marked[n][ch] = true
-		}
-	}
-	nodes, err := s.Nodes(ctx)
-	if err != nil {
-		return 0, 0, err
-	}
-	live := make(map[string]bool, len(nodes))
-	for _, n := range nodes {
-		live[n.ID] = true
-	}
-	nchunks := (v.Size + cfg.ChunkSize - 1) / cfg.ChunkSize
-	fewest, one := -1, uint64(0)
-	var owners []string
-	for ch := range nchunks {
-		key := ring.ChunkKey(v.ID, ch, 0)
-		seen := map[string]bool{}
-		for _, r := range rings {
-			owners = r.Owners(key, v.Replication, owners[:0])
-			for _, o := range owners {
-				if live[o] && !marked[o][ch] {
-					seen[o] = true
-				}
-			}
-		}
-		if fewest < 0 || len(seen) < fewest {
-			fewest = len(seen)
-		}
-		if len(seen) <= 1 {
-			one++
-		}
-	}
-	return max(fewest, 0), one, nil
 }

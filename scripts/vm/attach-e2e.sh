@@ -123,7 +123,7 @@ if [ "${1:-}" = --guest ]; then
 	}
 	before=$(ndev)
 	out=$("$bin" attach --store "$store" --size 1GiB --mode "$want" --io-scheduler bogus 2>&1) && bad "attach --io-scheduler bogus succeeded" ||
-		{ echo "$out" | grep -q "io-scheduler bogus on /dev/.*available: .*none" && ok "attach --io-scheduler bogus: clear error" || bad "attach --io-scheduler bogus: $out"; }
+		{ echo "$out" | grep -q -e "--io-scheduler: I/O scheduler bogus on /dev/.*available: .*none" && ok "attach --io-scheduler bogus: clear error" || bad "attach --io-scheduler bogus: $out"; }
 	[ "$(ndev)" = "$before" ] && [ -z "$("$bin" list | tail -n +2)" ] && ok "failed attach left no device behind" ||
 		bad "failed attach left a device: $(ndev) devices, list: $("$bin" list)"
 	out=$("$bin" recover /dev/ublkb9 2>&1) && bad "recover of an unknown device succeeded" ||

@@ -1,0 +1,135 @@
+package cluster
+
+import (
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/torus-storage/torus/internal/metrics"
+	"github.com/torus-storage/torus/internal/metrics/metricstest"
+)
+
+// TestVolumeMetrics serves the metrics of a volume whose counters all
+// differ: each metric reads its own counter, labelled with the volume's
+// name; the Go runtime and process metrics come with them; and the torus_
+// metrics are exactly those docs/OPERATIONS.md lists for torusblk, with
+// their types and labels.
+func TestVolumeMetrics(t *testing.T) {
+	src := fakeVolume{size: 8 << 30, st: Stats{
+		Missed: 2, Rebuilt: 3, RebuiltBytes: 4 << 20, Failovers: 5, NodeFailures: 6, Behind: 7,
+		NodeRestarts: 100, CopiesRefused: 101, MoveCopies: 102, Rebalances: 103, Moving: true,
+	}}
+	src.scrub = ScrubTotals{Runs: 11, Chunks: 12, Skipped: 13, Checksum: 14, Mismatches: 15, Behind: 16, Repaired: 17, Lost: 18,
+		Running: true, LastSuccess: time.Unix(1_700_000_000, 0)}
+	const name = `vol"\1`
+	c := &volumeCollector{name: name, src: src}
+	ped := prometheus.NewPedanticRegistry()
+	if err := ped.Register(c); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ped.Gather(); err != nil {
+		t.Fatalf("pedantic gather: %v", err)
+	}
+	reg, err := metrics.NewRegistry(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(metrics.Handler(reg, slog.New(slog.DiscardHandler)))
+	defer srv.Close()
+	body := scrapeMetrics(t, srv.URL+"/metrics")
+	fams, err := metricstest.Parse(body)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, body)
+	}
+	for metric, want := range map[string]float64{
+		"torus_volume_size_bytes":                           8 << 30,
+		"torus_volume_missed_chunks":                        2,
+		"torus_volume_rebuilt_chunks_total":                 3,
+		"torus_volume_rebuilt_bytes_total":                  4 << 20,
+		"torus_volume_read_failovers_total":                 5,
+		"torus_volume_node_failures_total":                  6,
+		"torus_volume_replicas_behind_total":                7,
+		"torus_volume_scrub_running":                        1,
+		"torus_volume_scrub_last_success_timestamp_seconds": 1_700_000_000,
+		"torus_volume_scrub_runs_total":                     11,
+		"torus_volume_scrub_chunks_total":                   12,
+		"torus_volume_scrub_skipped_chunks_total":           13,
+		"torus_volume_scrub_checksum_errors_total":          14,
+		"torus_volume_scrub_mismatches_total":               15,
+		"torus_volume_scrub_behind_total":                   16,
+		"torus_volume_scrub_repaired_total":                 17,
+		"torus_volume_scrub_lost_chunks_total":              18,
+	} {
+		f := fams[metric]
+		if f == nil {
+			t.Errorf("%s missing", metric)
+			continue
+		}
+		if got, ok := f.Value("volume", name); !ok || got != want || len(f.Samples) != 1 {
+			t.Errorf("%s{volume=%q} = %v (present %v, %d samples), want %v", metric, name, got, ok, len(f.Samples), want)
+		}
+	}
+	checkProcessMetrics(t, fams)
+	checkDocumented(t, fams)
+	if t.Failed() {
+		t.Logf("scrape:\n%s", body)
+	}
+}
+
+// fakeVolume is a statsSource with fixed counters.
+type fakeVolume struct {
+	size  int64
+	st    Stats
+	scrub ScrubTotals
+}
+
+func (f fakeVolume) Size() int64              { return f.size }
+func (f fakeVolume) Stats() Stats             { return f.st }
+func (f fakeVolume) ScrubTotals() ScrubTotals { return f.scrub }
+
+// checkProcessMetrics checks that a scrape has the Go runtime and process
+// metrics, once and without labels.
+func checkProcessMetrics(t *testing.T, fams map[string]*metricstest.Family) {
+	t.Helper()
+	for _, name := range []string{"go_goroutines", "process_cpu_seconds_total"} {
+		if f := fams[name]; f == nil || len(f.Samples) != 1 || len(f.Labels) != 0 {
+			t.Errorf("%s: %+v, want one sample without labels", name, f)
+		}
+	}
+}
+
+// checkDocumented checks a scrape against the metric table of
+// docs/OPERATIONS.md.
+func checkDocumented(t *testing.T, fams map[string]*metricstest.Family) {
+	t.Helper()
+	docs, err := metricstest.ReadDocs("../docs/OPERATIONS.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := metricstest.Check(docs, "torusblk", fams); err != nil {
+		t.Errorf("metrics and docs/OPERATIONS.md disagree:\n%v", err)
+	}
+}
+
+func scrapeMetrics(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s %v", url, resp.Status, err)
+	}
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
+		t.Fatalf("GET %s: Content-Type %q, want the text format", url, ct)
+	}
+	return string(b)
+}
