@@ -27,7 +27,7 @@ type serveCmd struct {
 	ef               serviceFlags
 	listen, name     string
 	shards, maxProcs int
-	noRing           bool
+	noUring          bool
 	cpuProfile       string
 }
 
@@ -51,7 +51,10 @@ func (c *serveCmd) flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.name, "name", "torus", "NBD export name")
 	fs.IntVar(&c.shards, "shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
 	fs.IntVar(&c.maxProcs, "gomaxprocs", procs.Auto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
-	fs.BoolVar(&c.noRing, "no-ring-conns", false, "serve each NBD connection with reader and writer goroutines instead of one io_uring thread that runs the store shards (for comparison)")
+	fs.BoolVar(&c.noUring, "no-uring-conns", false, "serve each NBD connection with reader and writer goroutines instead of one io_uring thread that runs the store shards (for comparison)")
+	// The flag's name before "ring" came to mean placement only.
+	fs.BoolVar(&c.noUring, "no-ring-conns", false, "")
+	_ = fs.MarkDeprecated("no-ring-conns", "use --no-uring-conns")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the whole run to this file (for performance work)")
 }
 
@@ -115,7 +118,7 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 		}
 		defer l.Close()
 	}
-	srv, err := nbd.NewServer([]nbd.Export{{Name: c.name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoUring: c.noRing})
+	srv, err := nbd.NewServer([]nbd.Export{{Name: c.name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoUring: c.noUring})
 	if err != nil {
 		vol.Close()
 		return err
