@@ -8,7 +8,7 @@ import (
 )
 
 // Performance targets of the single-node volume (informational; the report
-// prints them as "milestone targets").
+// prints them as "performance targets").
 const (
 	wantPeerRatioQD32 = 1.5 // Torus IOPS / best NBD peer IOPS at QD32
 	wantRawRatio      = 0.7 // Torus IOPS / raw io_uring IOPS
@@ -122,7 +122,7 @@ func printVerdict(w io.Writer, rep *report) {
 		return
 	}
 	tr := rep.Results["torus"]
-	fmt.Fprintln(w, "\nmilestone targets (informational):")
+	fmt.Fprintln(w, "\nperformance targets (informational):")
 	verdict := func(pass bool) string {
 		if pass {
 			return "PASS"

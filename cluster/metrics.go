@@ -74,7 +74,7 @@ var volumeMetrics = []volumeMetric{
 	volumeCounter("torus_volume_node_failures_total", "Storage nodes that failed while the volume was attached (writes went on degraded).",
 		func(s *volumeSample) uint64 { return s.st.NodeFailures }),
 	volumeGauge("torus_volume_scrub_running", "1 while a scrub runs.",
-		func(s *volumeSample) uint64 { return b2u(s.scrub.Running) }),
+		func(s *volumeSample) uint64 { return boolValue(s.scrub.Running) }),
 	volumeCounter("torus_volume_scrub_runs_total", "Scrubs finished or stopped.",
 		func(s *volumeSample) uint64 { return s.scrub.Runs }),
 	volumeGauge("torus_volume_scrub_last_success_timestamp_seconds", "Unix time the last scrub finished (0: none yet).",
@@ -95,7 +95,8 @@ var volumeMetrics = []volumeMetric{
 		func(s *volumeSample) uint64 { return s.scrub.Lost }),
 }
 
-func b2u(b bool) uint64 {
+// boolValue is 1 for true, 0 for false.
+func boolValue(b bool) uint64 {
 	if b {
 		return 1
 	}

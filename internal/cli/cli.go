@@ -91,7 +91,7 @@ func (e usageError) Unwrap() []error { return []error{ErrUsage, e.err} }
 // name) select, with ctx, and returns the process's exit status: 0 on
 // success or help, 2 on a usage error, 1 on any other error.
 func Main(ctx context.Context, root *Command, args []string, stdout, stderr io.Writer) int {
-	s := &session{stdout: stdout, stderr: stderr, global: newFlagSet(root.Name)}
+	s := &invocation{stdout: stdout, stderr: stderr, global: newFlagSet(root.Name)}
 	s.global.SetInterspersed(false) // stop at the next command word
 	s.path = []*Command{root}
 	for {
@@ -148,8 +148,8 @@ func Main(ctx context.Context, root *Command, args []string, stdout, stderr io.W
 	return s.exit(c.Run(ctx, fs.Args(), IO{stdout, stderr}))
 }
 
-// session is one run of Main.
-type session struct {
+// invocation is one run of Main.
+type invocation struct {
 	stdout, stderr io.Writer
 	// path is the command being run and the commands above it, root first.
 	path []*Command
@@ -164,10 +164,10 @@ func newFlagSet(name string) *pflag.FlagSet {
 }
 
 // cmd is the command being run.
-func (s *session) cmd() *Command { return s.path[len(s.path)-1] }
+func (s *invocation) cmd() *Command { return s.path[len(s.path)-1] }
 
 // name is the command's path, e.g. "torusctl volume create".
-func (s *session) name() string {
+func (s *invocation) name() string {
 	names := make([]string, len(s.path))
 	for i, c := range s.path {
 		names[i] = c.Name
@@ -185,7 +185,7 @@ func (c *Command) sub(name string) *Command {
 }
 
 // flagSet returns the command's flags followed by the global ones.
-func (s *session) flagSet() *pflag.FlagSet {
+func (s *invocation) flagSet() *pflag.FlagSet {
 	fs := newFlagSet(s.name())
 	if c := s.cmd(); c.Flags != nil {
 		c.Flags(fs)
@@ -195,7 +195,7 @@ func (s *session) flagSet() *pflag.FlagSet {
 }
 
 // parseError reports an error of flag parsing: help or a usage error.
-func (s *session) parseError(err error) int {
+func (s *invocation) parseError(err error) int {
 	if errors.Is(err, pflag.ErrHelp) {
 		s.writeHelp(s.stdout)
 		return 0
@@ -204,7 +204,7 @@ func (s *session) parseError(err error) int {
 }
 
 // exit reports err and returns the exit status.
-func (s *session) exit(err error) int {
+func (s *invocation) exit(err error) int {
 	switch {
 	case err == nil:
 		return 0
@@ -220,7 +220,7 @@ func (s *session) exit(err error) int {
 
 // help prints the help of the command that words name, under the current
 // one.
-func (s *session) help(words []string) int {
+func (s *invocation) help(words []string) int {
 	for _, w := range words {
 		sub := s.cmd().sub(w)
 		if sub == nil {
@@ -237,12 +237,12 @@ func (s *session) help(words []string) int {
 
 // writeUsage writes the short usage: the command's forms and where to find
 // its flags.
-func (s *session) writeUsage(w io.Writer) {
+func (s *invocation) writeUsage(w io.Writer) {
 	fmt.Fprintf(w, "Usage:\n%s\n%s\n", s.synopsis(), s.footer())
 }
 
 // writeHelp writes the command's summary, forms, help and flags.
-func (s *session) writeHelp(w io.Writer) {
+func (s *invocation) writeHelp(w io.Writer) {
 	c := s.cmd()
 	var parts []string // separated by blank lines
 	if c.Summary != "" {
@@ -273,7 +273,7 @@ func (s *session) writeHelp(w io.Writer) {
 }
 
 // footer says how to get the flags.
-func (s *session) footer() string {
+func (s *invocation) footer() string {
 	c, name := s.cmd(), s.name()
 	switch {
 	case len(c.Sub) == 0:
@@ -287,7 +287,7 @@ func (s *session) footer() string {
 
 // synopsis returns the usage lines of the command and of every command
 // under it, each line indented and prefixed with the command's path.
-func (s *session) synopsis() string {
+func (s *invocation) synopsis() string {
 	var b strings.Builder
 	prefix := make([]string, 0, len(s.path))
 	for _, c := range s.path[:len(s.path)-1] {
