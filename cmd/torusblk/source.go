@@ -60,6 +60,9 @@ func (s *volumeSource) parse(cmd string, args []string) error {
 				"torusd dev prints one (its tls: line); for another cluster, issue one from the cluster CA (the --cluster-dir of torusctl init) " +
 				"with netquic.IssueCert, as docs/OPERATIONS.md describes under Certificates")
 		}
+		if s.cluster.ttl < time.Second {
+			return cli.Usagef("--lease-ttl %v: at least 1s", s.cluster.ttl)
+		}
 		return nil
 	}
 	if s.store == "" || !s.fs.Changed("size") {
