@@ -58,7 +58,7 @@ func TestAttach(t *testing.T) {
 		t.Fatal(err)
 	}
 	murl := "http://" + maddr.String() + "/metrics"
-	fams, err := metricstest.Parse(scrapeMetrics(t, murl))
+	fams, err := metricstest.Parse(metricstest.Scrape(t, murl))
 	if err != nil {
 		t.Fatal(err)
 	}

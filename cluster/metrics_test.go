@@ -1,11 +1,8 @@
 package cluster
 
 import (
-	"io"
 	"log/slog"
-	"net/http"
 	"net/http/httptest"
-	"strings"
 	"testing"
 	"time"
 
@@ -42,7 +39,7 @@ func TestVolumeMetrics(t *testing.T) {
 	}
 	srv := httptest.NewServer(metrics.Handler(reg, slog.New(slog.DiscardHandler)))
 	defer srv.Close()
-	body := scrapeMetrics(t, srv.URL+"/metrics")
+	body := metricstest.Scrape(t, srv.URL+"/metrics")
 	fams, err := metricstest.Parse(body)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, body)
@@ -75,8 +72,8 @@ func TestVolumeMetrics(t *testing.T) {
 			t.Errorf("%s{volume=%q} = %v (present %v, %d samples), want %v", metric, name, got, ok, len(f.Samples), want)
 		}
 	}
-	checkProcessMetrics(t, fams)
-	checkDocumented(t, fams)
+	metricstest.CheckRuntime(t, fams)
+	metricstest.CheckDocumented(t, "../docs/OPERATIONS.md", "torusblk", fams)
 	if t.Failed() {
 		t.Logf("scrape:\n%s", body)
 	}
@@ -92,44 +89,3 @@ type fakeVolume struct {
 func (f fakeVolume) Size() int64              { return f.size }
 func (f fakeVolume) Stats() Stats             { return f.st }
 func (f fakeVolume) ScrubTotals() ScrubTotals { return f.scrub }
-
-// checkProcessMetrics checks that a scrape has the Go runtime and process
-// metrics, once and without labels.
-func checkProcessMetrics(t *testing.T, fams map[string]*metricstest.Family) {
-	t.Helper()
-	for _, name := range []string{"go_goroutines", "process_cpu_seconds_total"} {
-		if f := fams[name]; f == nil || len(f.Samples) != 1 || len(f.Labels) != 0 {
-			t.Errorf("%s: %+v, want one sample without labels", name, f)
-		}
-	}
-}
-
-// checkDocumented checks a scrape against the metric table of
-// docs/OPERATIONS.md.
-func checkDocumented(t *testing.T, fams map[string]*metricstest.Family) {
-	t.Helper()
-	docs, err := metricstest.ReadDocs("../docs/OPERATIONS.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := metricstest.Check(docs, "torusblk", fams); err != nil {
-		t.Errorf("metrics and docs/OPERATIONS.md disagree:\n%v", err)
-	}
-}
-
-func scrapeMetrics(t *testing.T, url string) string {
-	t.Helper()
-	resp, err := http.Get(url)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %s %v", url, resp.Status, err)
-	}
-	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
-		t.Fatalf("GET %s: Content-Type %q, want the text format", url, ct)
-	}
-	return string(b)
-}

@@ -93,19 +93,8 @@ func TestServeMetrics(t *testing.T) {
 			t.Errorf("%s: %d samples, want one per node", name, len(f.Samples))
 		}
 	}
-	for _, name := range []string{"go_goroutines", "process_cpu_seconds_total"} {
-		if f := fams[name]; f == nil || len(f.Samples) != 1 || len(f.Labels) != 0 {
-			t.Errorf("%s: %+v, want one sample without labels", name, f)
-		}
-	}
-
-	docs, err := metricstest.ReadDocs("../docs/OPERATIONS.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := metricstest.Check(docs, "torusd", fams); err != nil {
-		t.Errorf("metrics and docs/OPERATIONS.md disagree:\n%v", err)
-	}
+	metricstest.CheckRuntime(t, fams)
+	metricstest.CheckDocumented(t, "../docs/OPERATIONS.md", "torusd", fams)
 	if t.Failed() {
 		t.Logf("scrape:\n%s", body)
 	}

@@ -3,11 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
-	"io"
 	"net"
-	"net/http"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -81,7 +78,7 @@ func TestClusterScrubMetrics(t *testing.T) {
 	deadline := time.Now().Add(60 * time.Second)
 	var body string
 	for {
-		body = scrapeMetrics(t, url)
+		body = metricstest.Scrape(t, url)
 		if metricValue(t, body, "torus_volume_scrub_runs_total") >= 1 {
 			break
 		}
@@ -95,8 +92,8 @@ func TestClusterScrubMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkProcessMetrics(t, fams)
-	checkDocumented(t, fams)
+	metricstest.CheckRuntime(t, fams)
+	metricstest.CheckDocumented(t, "../../docs/OPERATIONS.md", "torusblk", fams)
 	for name, want := range map[string]uint64{
 		"torus_volume_scrub_checksum_errors_total": 8,
 		"torus_volume_scrub_repaired_total":        8,
@@ -127,52 +124,11 @@ func TestClusterScrubMetrics(t *testing.T) {
 	if !bytes.Equal(got, data) {
 		t.Fatal("data read back after the scrub differs from what was written")
 	}
-	if f := metricValue(t, scrapeMetrics(t, url), "torus_volume_read_failovers_total"); f != 0 {
+	if f := metricValue(t, metricstest.Scrape(t, url), "torus_volume_read_failovers_total"); f != 0 {
 		t.Errorf("reads failed over %d times after the repair: the bad node's copies are still bad", f)
 	}
 	cl.Close()
 	s.Stop(t)
-}
-
-// checkProcessMetrics checks that a scrape has the Go runtime and process
-// metrics, once and without labels.
-func checkProcessMetrics(t *testing.T, fams map[string]*metricstest.Family) {
-	t.Helper()
-	for _, name := range []string{"go_goroutines", "process_cpu_seconds_total"} {
-		if f := fams[name]; f == nil || len(f.Samples) != 1 || len(f.Labels) != 0 {
-			t.Errorf("%s: %+v, want one sample without labels", name, f)
-		}
-	}
-}
-
-// checkDocumented checks a scrape against the metric table of
-// docs/OPERATIONS.md.
-func checkDocumented(t *testing.T, fams map[string]*metricstest.Family) {
-	t.Helper()
-	docs, err := metricstest.ReadDocs("../../docs/OPERATIONS.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := metricstest.Check(docs, "torusblk", fams); err != nil {
-		t.Errorf("metrics and docs/OPERATIONS.md disagree:\n%v", err)
-	}
-}
-
-func scrapeMetrics(t *testing.T, url string) string {
-	t.Helper()
-	resp, err := http.Get(url)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %s %v", url, resp.Status, err)
-	}
-	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
-		t.Fatalf("GET %s: Content-Type %q, want the text format", url, ct)
-	}
-	return string(b)
 }
 
 // metricValue returns the sample of name for volume "scrubbed", checking

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/metrics/metricstest"
 	"github.com/torus-storage/torus/internal/testcluster"
 )
 
@@ -61,7 +62,7 @@ func TestDeadNodeRemoved(t *testing.T) {
 			if strings.Contains(p.Log(), "DEAD NODE REMOVED FROM THE RING") {
 				removed++
 			}
-			switch v := sample(t, scrape(t, urls[i]), "torus_dead_nodes_removed_total", []string{"d1", "d2"}[i]); v {
+			switch v := sample(t, metricstest.Scrape(t, urls[i]), "torus_dead_nodes_removed_total", []string{"d1", "d2"}[i]); v {
 			case "1":
 				total++
 			case "0":

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/torus-storage/torus/internal/metrics/metricstest"
 	"github.com/torus-storage/torus/meta"
 )
 
@@ -42,7 +43,7 @@ func TestGCDeletedVolume(t *testing.T) {
 	if st, _ := chunkCallAt(t, cli, opWrite, b.ID, 1, 0, block, blockSize); st != statusNoSpace {
 		t.Fatalf("write to a full node: status %d, want no space (%d)", st, statusNoSpace)
 	}
-	if got := sample(t, scrape(t, url), "torus_gc_chunks_total", "g1"); got != "0" {
+	if got := sample(t, metricstest.Scrape(t, url), "torus_gc_chunks_total", "g1"); got != "0" {
 		t.Fatalf("torus_gc_chunks_total before any delete = %s", got)
 	}
 
@@ -61,7 +62,7 @@ func TestGCDeletedVolume(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	p.WaitLog(t, `msg="gc: freed chunks of deleted volumes" node=g1 chunks=2 failed=0 volumes=1`)
-	body := scrape(t, url)
+	body := metricstest.Scrape(t, url)
 	if got := sample(t, body, "torus_gc_chunks_total", "g1"); got != "2" {
 		t.Fatalf("torus_gc_chunks_total = %s, want 2", got)
 	}

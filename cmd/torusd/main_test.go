@@ -5,9 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -86,20 +84,6 @@ const (
 	blockSize                                             = 4096
 	metricsRe                                             = `msg="serving metrics" addr=(http://[0-9.:]+/metrics)`
 )
-
-func scrape(t *testing.T, url string) string {
-	t.Helper()
-	resp, err := http.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain; version=0.0.4") {
-		t.Fatalf("GET %s: %s %q\n%s", url, resp.Status, resp.Header.Get("Content-Type"), b)
-	}
-	return string(b)
-}
 
 // sample returns the value of metric name for node in a scrape, as an
 // integer when it is one ("67108864", where the text format may say
@@ -182,7 +166,7 @@ func TestNode(t *testing.T) {
 		t.Fatalf("unknown op: status %d, want %d", st, statusBad)
 	}
 
-	body := scrape(t, metricsURL)
+	body := metricstest.Scrape(t, metricsURL)
 	for name, want := range map[string]string{
 		"torus_up": "1", "torus_store_slots": "64", "torus_store_slots_used": "1",
 		"torus_store_capacity_bytes": "67108864", "torus_node_writes_total": "1", "torus_node_reads_total": "1",
@@ -378,7 +362,7 @@ func TestNoSpace(t *testing.T) {
 			t.Fatalf("write of chunk %d: status %d, want %d", idx, st, want)
 		}
 	}
-	body := scrape(t, url)
+	body := metricstest.Scrape(t, url)
 	if got := sample(t, body, "torus_node_no_space_total", "s1"); got != "1" {
 		t.Fatalf("torus_node_no_space_total = %s, want 1\n%s", got, body)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/torus-storage/torus/cluster"
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/alignbuf"
+	"github.com/torus-storage/torus/internal/metrics/metricstest"
 	"github.com/torus-storage/torus/internal/testcluster"
 	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/netquic"
@@ -196,7 +197,7 @@ func TestMaintenance(t *testing.T) {
 		n := 0
 		for id, u := range urls {
 			if _, running := procs[id]; running {
-				v, _ := strconv.Atoi(sample(t, scrape(t, u), name, id))
+				v, _ := strconv.Atoi(sample(t, metricstest.Scrape(t, u), name, id))
 				n += v
 			}
 		}

@@ -16,7 +16,7 @@ func TestDevMetrics(t *testing.T) {
 		"--etcd-listen", "127.0.0.1:0", "--size", "64MiB", "--metrics", "127.0.0.1:0")
 	url := p.WaitLog(t, metricsRe)
 	p.WaitLog(t, `msg="dev cluster ready"`)
-	body := scrape(t, url)
+	body := metricstest.Scrape(t, url)
 	for _, id := range []string{"node1", "node2"} {
 		for name, want := range map[string]string{
 			"torus_up": "1", "torus_store_slots": "64", "torus_store_capacity_bytes": "67108864",
@@ -36,18 +36,8 @@ func TestDevMetrics(t *testing.T) {
 			t.Errorf("%s: %d samples, want one per node", name, len(f.Samples))
 		}
 	}
-	for _, name := range []string{"go_goroutines", "process_cpu_seconds_total"} {
-		if f := fams[name]; f == nil || len(f.Samples) != 1 || len(f.Labels) != 0 {
-			t.Errorf("%s: %+v, want one sample without labels", name, f)
-		}
-	}
-	docs, err := metricstest.ReadDocs("../../docs/OPERATIONS.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := metricstest.Check(docs, "torusd", fams); err != nil {
-		t.Errorf("metrics and docs/OPERATIONS.md disagree:\n%v", err)
-	}
+	metricstest.CheckRuntime(t, fams)
+	metricstest.CheckDocumented(t, "../../docs/OPERATIONS.md", "torusd", fams)
 	if t.Failed() {
 		t.Logf("scrape:\n%s", body)
 	}
