@@ -23,13 +23,18 @@ package node
 //     volume's epoch too (no lock: a read changes nothing, and a read that
 //     passed just before a fence returns data from before it). Flushes
 //     carry no epoch check.
+//   - Snapshot copies (chunks with Snap > 0) change only by an OpClone (the
+//     head read whole, then written as the copy unless one exists, FUA) or
+//     by a rebuild's copy or discard, all fenced like writes; an as-of read
+//     is not fenced (it reads data that never changes: a copy, or a head no
+//     change has touched since the snapshot, which the store orders before
+//     any later write of it).
 //   - Chunk versions: a write-class request's version reaches the store
 //     with it (the store keeps the newest, or exactly a copy's and refuses
 //     an older copy); an OK read reply carries the version the chunk had
 //     when the read started, a refused copy's reply the chunk's version.
 
 import (
-	"errors"
 	"log/slog"
 	"math/rand/v2"
 	"sync"
@@ -59,6 +64,8 @@ type ServerOptions struct {
 // Stats are a Server's counters since it started.
 type Stats struct {
 	Reads, Writes, ReadBytes, WriteBytes, Flushes, Discards uint64
+	// Clones counts snapshot copies asked for (OpClone).
+	Clones uint64
 	// Errors counts requests answered with any status but OK; NoSpace and
 	// StaleEpoch count two kinds of them.
 	Errors, NoSpace, StaleEpoch uint64
@@ -81,6 +88,7 @@ type Server struct {
 
 	reads, writes, readBytes, writeBytes, flushes, discards atomic.Uint64
 	errs, noSpace, stale                                    atomic.Uint64
+	clones                                                  atomic.Uint64
 }
 
 var _ netquic.Handler = (*Server)(nil)
@@ -96,6 +104,9 @@ type nodeOp struct {
 	n   *Server
 	r   *netquic.ServerRequest
 	wop wire.Op
+	// snap is, for an OpClone, the snapshot number of the copy; it is set
+	// while the head is read and zero once the copy is being written.
+	snap uint64
 }
 
 // NewServer returns a server of st's chunks. Serve it with
@@ -123,7 +134,7 @@ func NewServer(st *store.Store, opt ServerOptions) *Server {
 func (n *Server) Stats() Stats {
 	return Stats{
 		Reads: n.reads.Load(), Writes: n.writes.Load(), ReadBytes: n.readBytes.Load(),
-		WriteBytes: n.writeBytes.Load(), Flushes: n.flushes.Load(), Discards: n.discards.Load(),
+		WriteBytes: n.writeBytes.Load(), Flushes: n.flushes.Load(), Discards: n.discards.Load(), Clones: n.clones.Load(),
 		Errors: n.errs.Load(), NoSpace: n.noSpace.Load(), StaleEpoch: n.stale.Load(),
 	}
 }
@@ -200,16 +211,12 @@ func (n *Server) Serve(r *netquic.ServerRequest) {
 		n.submit(r, &o.ChunkOp)
 		return
 	}
-	if h.Snap != 0 {
-		n.fail(r, wire.StatusBadRequest, errors.New("snapshots are not served yet"))
-		return
-	}
 	if int64(h.Off)+int64(h.Len) > n.chunk {
 		n.fail(r, wire.StatusRange, nil)
 		return
 	}
 	o := n.get(r, op)
-	o.Chunk = store.ChunkID{Volume: h.Volume, Index: h.Index}
+	o.Chunk = store.ChunkID{Volume: h.Volume, Index: h.Index, Snap: uint64(h.Snap)}
 	o.Off, o.Length = int64(h.Off), int64(h.Len)
 	o.Flags = 0
 	if h.Flags&wire.FlagFUA != 0 {
@@ -223,7 +230,31 @@ func (n *Server) Serve(r *netquic.ServerRequest) {
 	}
 	o.Ver = store.Version{Epoch: h.VerEpoch, Seq: h.VerSeq}
 	switch op {
+	case wire.OpSnaps:
+		buf, err := r.Buffer(wire.MaxSnapsListed * 8)
+		if err != nil {
+			n.put(o)
+			n.fail(r, wire.StatusIO, err)
+			return
+		}
+		o.Op, o.Buf, o.Off, o.Length, o.ListSnaps = engine.OpRead, buf, 0, int64(len(buf)), true
+		n.submit(r, &o.ChunkOp)
+		return
 	case wire.OpRead:
+		if h.Flags&wire.FlagAsOf != 0 {
+			// Snapshot data never changes: no epoch, no fence.
+			buf, err := r.Buffer(int(h.Len))
+			if err != nil {
+				n.put(o)
+				n.fail(r, wire.StatusIO, err)
+				return
+			}
+			o.Op, o.Buf, o.Ver, o.AsOf = engine.OpRead, buf, store.Version{}, true
+			n.reads.Add(1)
+			n.readBytes.Add(uint64(h.Len))
+			n.submit(r, &o.ChunkOp)
+			return
+		}
 		buf, err := r.Buffer(int(h.Len))
 		if err != nil {
 			n.put(o)
@@ -257,6 +288,17 @@ func (n *Server) Serve(r *netquic.ServerRequest) {
 		o.Op, o.Buf = engine.OpDiscard, nil
 	case wire.OpWriteZeroes:
 		o.Op, o.Buf = engine.OpWriteZeroes, nil
+	case wire.OpClone:
+		// First the head, whole; the copy is written when it is read.
+		buf, err := r.Buffer(int(n.chunk))
+		if err != nil {
+			n.put(o)
+			n.fail(r, wire.StatusIO, err)
+			return
+		}
+		o.Op, o.Buf, o.Off, o.Length, o.Ver = engine.OpRead, buf, 0, n.chunk, store.Version{}
+		o.Chunk.Snap = 0
+		o.snap = uint64(h.Snap)
 	}
 	v := n.volEpoch(h.Volume)
 	for {
@@ -270,10 +312,13 @@ func (n *Server) Serve(r *netquic.ServerRequest) {
 			return
 		}
 		if h.Epoch == cur {
-			if op == wire.OpWrite {
+			switch op {
+			case wire.OpWrite:
 				n.writes.Add(1)
 				n.writeBytes.Add(uint64(h.Len))
-			} else {
+			case wire.OpClone:
+				n.clones.Add(1)
+			default:
 				n.discards.Add(1)
 			}
 			// Submit only queues the op (or completes it at once on
@@ -324,6 +369,7 @@ func (n *Server) get(r *netquic.ServerRequest, op wire.Op) *nodeOp {
 
 func (n *Server) put(o *nodeOp) {
 	o.r, o.Buf = nil, nil
+	o.AsOf, o.ListSnaps, o.IfAbsent, o.snap = false, false, false, 0
 	n.ops.Put(o)
 }
 
@@ -347,6 +393,24 @@ func (n *Server) staleReply(r *netquic.ServerRequest, cur uint64) {
 // CompleteChunk answers the request of o from the store's completion.
 func (o *nodeOp) CompleteChunk(_ *store.ChunkOp, err error) {
 	n, r := o.n, o.r
+	if o.snap != 0 && err == nil {
+		// OpClone: the head is read; write it as the snapshot copy (a
+		// copy: exactly the head's version), unless the copy exists. An
+		// absent head gives a copy of one zero block, which reads as
+		// zeros whole.
+		o.Chunk.Snap, o.snap = o.snap, 0
+		o.Op, o.Off = engine.OpWrite, 0
+		o.Flags = engine.FlagCopy | engine.FlagFUA
+		o.IfAbsent = true
+		if !o.Found {
+			o.Buf = o.Buf[:engine.BlockSize]
+			clear(o.Buf)
+			o.Ver = store.Version{}
+		}
+		o.Length = int64(len(o.Buf))
+		n.submit(r, &o.ChunkOp)
+		return
+	}
 	var payload []byte
 	s := wire.StatusOK
 	if err != nil {
@@ -360,7 +424,7 @@ func (o *nodeOp) CompleteChunk(_ *store.ChunkOp, err error) {
 		} else if s != wire.StatusRange {
 			n.log.Warn("node: chunk I/O failed", "node", n.id, "op", o.wop.String(), "chunk", o.Chunk, "err", err)
 		}
-	} else if o.wop == wire.OpRead {
+	} else if o.wop == wire.OpRead || o.wop == wire.OpSnaps {
 		payload = o.Buf
 	}
 	switch {
@@ -368,6 +432,9 @@ func (o *nodeOp) CompleteChunk(_ *store.ChunkOp, err error) {
 		// The chunk's version, with the incarnation.
 		hb := n.boot
 		wire.SetVersion(&hb, o.Ver.Epoch, o.Ver.Seq)
+		if o.AsOf {
+			wire.SetReplySnap(&hb, uint32(o.From))
+		}
 		n.put(o)
 		_ = r.Reply(uint8(s), &hb, payload)
 	case s == wire.StatusOK:

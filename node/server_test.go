@@ -118,7 +118,10 @@ func TestNodeServer(t *testing.T) {
 		{"unknown op", 99, wire.Header{Volume: 7, Len: engine.BlockSize}, nil, wire.StatusBadRequest},
 		{"zero-length read", wire.OpRead, wire.Header{Volume: 7}, nil, wire.StatusBadRequest},
 		{"unknown flag", wire.OpRead, wire.Header{Volume: 7, Len: engine.BlockSize, Flags: 0x80}, nil, wire.StatusBadRequest},
-		{"snapshot", wire.OpRead, wire.Header{Volume: 7, Len: engine.BlockSize, Snap: 1}, nil, wire.StatusBadRequest},
+		{"write to a snapshot copy", wire.OpWrite, wire.Header{Volume: 7, Epoch: 3, Len: engine.BlockSize, Snap: 1}, data[:engine.BlockSize], wire.StatusBadRequest},
+		{"as-of write", wire.OpWrite, wire.Header{Volume: 7, Epoch: 3, Len: engine.BlockSize, Snap: 1, Flags: wire.FlagAsOf}, data[:engine.BlockSize], wire.StatusBadRequest},
+		{"as-of read of snapshot 0", wire.OpRead, wire.Header{Volume: 7, Len: engine.BlockSize, Flags: wire.FlagAsOf}, nil, wire.StatusBadRequest},
+		{"clone to snapshot 0", wire.OpClone, wire.Header{Volume: 7, Epoch: 3}, nil, wire.StatusBadRequest},
 		{"past the chunk", wire.OpRead, wire.Header{Volume: 7, Off: testChunk - engine.BlockSize, Len: 2 * engine.BlockSize}, nil, wire.StatusRange},
 		{"short payload", wire.OpWrite, wire.Header{Volume: 7, Epoch: 3, Len: 2 * engine.BlockSize}, data[:engine.BlockSize], wire.StatusRange},
 		{"payload on a read", wire.OpRead, wire.Header{Volume: 7, Len: engine.BlockSize}, data[:engine.BlockSize], wire.StatusRange},
@@ -181,7 +184,71 @@ func TestNodeServer(t *testing.T) {
 		t.Fatalf("flush: %v", s)
 	}
 	st := ns.Stats()
-	if st.NoSpace != 1 || st.Flushes != 1 || st.Writes != 3 || st.Reads != 2 || st.Errors != 14 {
+	if st.NoSpace != 1 || st.Flushes != 1 || st.Writes != 3 || st.Reads != 2 || st.Errors != 17 {
 		t.Errorf("stats %+v", st)
+	}
+}
+
+// Snapshot copies through the protocol: OpClone copies the head once (a
+// second clone to the same snapshot changes nothing), an absent head gives
+// a copy that reads as zeros, as-of reads resolve to the right copy and
+// say which, OpSnaps lists the copies, and clones are fenced like writes.
+func TestNodeServerSnapshots(t *testing.T) {
+	_, nc := startNode(t, 16)
+	blk := voltest.Buf(t, engine.BlockSize)
+	resp := voltest.Buf(t, engine.BlockSize)
+	const e = 1 << 32
+	write := func(idx uint64, fill byte) {
+		t.Helper()
+		for i := range blk {
+			blk[i] = fill
+		}
+		if s, _ := nc.call(wire.OpWrite, wire.Header{Volume: 7, Index: idx, Epoch: e, Len: engine.BlockSize}, blk, nil); s != wire.StatusOK {
+			t.Fatalf("write: %v", s)
+		}
+	}
+	clone := func(idx uint64, snap uint32) {
+		t.Helper()
+		if s, _ := nc.call(wire.OpClone, wire.Header{Volume: 7, Index: idx, Epoch: e, Snap: snap}, nil, nil); s != wire.StatusOK {
+			t.Fatalf("clone %d to %d: %v", idx, snap, s)
+		}
+	}
+	asOf := func(idx uint64, snap uint32) (byte, uint32) {
+		t.Helper()
+		s, h := nc.call(wire.OpRead, wire.Header{Volume: 7, Index: idx, Len: engine.BlockSize, Snap: snap, Flags: wire.FlagAsOf}, nil, resp)
+		if s != wire.StatusOK {
+			t.Fatalf("as-of read %d@%d: %v", idx, snap, s)
+		}
+		return resp[0], h.Snap
+	}
+	write(0, 'a')
+	clone(0, 3)
+	write(0, 'b')
+	clone(0, 3) // again: the copy keeps 'a'
+	clone(1, 3) // no head: a copy of zeros
+	write(1, 'z')
+	for _, c := range []struct {
+		idx  uint64
+		snap uint32
+		want byte
+		from uint32
+	}{{0, 1, 'a', 3}, {0, 3, 'a', 3}, {0, 4, 'b', 0}, {1, 2, 0, 3}, {1, 4, 'z', 0}} {
+		if got, from := asOf(c.idx, c.snap); got != c.want || from != c.from {
+			t.Errorf("chunk %d as of %d: %q from %d, want %q from %d", c.idx, c.snap, got, from, c.want, c.from)
+		}
+	}
+	list := voltest.Buf(t, engine.BlockSize)
+	if s, _ := nc.call(wire.OpSnaps, wire.Header{Volume: 7, Index: 0}, nil, list); s != wire.StatusOK || list[0] != 3 || list[8] != 0 {
+		t.Fatalf("snaps of chunk 0: %v %v", s, list[:16])
+	}
+	if s, _ := nc.call(wire.OpFence, wire.Header{Volume: 7, Epoch: 2 << 32}, nil, nil); s != wire.StatusOK {
+		t.Fatalf("fence: %v", s)
+	}
+	if s, _ := nc.call(wire.OpClone, wire.Header{Volume: 7, Index: 2, Epoch: e, Snap: 5}, nil, nil); s != wire.StatusStaleEpoch {
+		t.Fatalf("clone after a fence: %v", s)
+	}
+	// As-of reads are not fenced.
+	if got, _ := asOf(0, 2); got != 'a' {
+		t.Fatalf("as-of read after a fence: %q", got)
 	}
 }

@@ -41,13 +41,20 @@ package store
 //   - A linked chain (the fdatasync before an evicting log write) is taken
 //     with sqes, all entries before any is prepared, so no submission can
 //     fall between them and cut the link.
+//   - snaps holds, per (volume, index), exactly the Snap numbers > 0 that
+//     chunks maps for it: both change together, on the shard's thread. All
+//     chunks of one (volume, index) are on one shard (Store.shardOfIndex), so
+//     an AsOf read resolves, and a ListSnaps read lists, at one instant in
+//     the order of the shard's ops.
 //   - Every SQE's user_data carries the shard id in bits 40..47 (udShard), so
 //     shards and a frontend can share one ring (a frontend's own user_data
 //     keeps bits 56..63 zero).
 
 import (
+	"encoding/binary"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -98,6 +105,9 @@ type shard struct {
 	fixed  uint8 // iouring.SQEFixedFile when fd is a fixed-file index
 	local  []*ChunkOp
 	chunks map[ChunkID]int32
+	// snaps lists, for each (volume, index) with snapshot copies, their
+	// Snap numbers in ascending order (every key of chunks with Snap > 0).
+	snaps map[headKey][]uint64
 	// freed keeps the version of chunks whose slot was freed, for a write
 	// of the chunk that arrives late (older than the discard that freed
 	// it) and takes a new slot: the new slot starts from this version, not
@@ -145,7 +155,7 @@ func newShard(s *Store, id int) (*shard, error) {
 	}
 	sh := &shard{s: s, id: id, efd: efd, runDone: make(chan struct{}), ud: uint64(id) << udShardShift,
 		queue: make([]*ChunkOp, 0, maxOps), local: make([]*ChunkOp, 0, maxOps),
-		chunks: make(map[ChunkID]int32), freed: make(map[ChunkID]Version)}
+		chunks: make(map[ChunkID]int32), snaps: make(map[headKey][]uint64), freed: make(map[ChunkID]Version)}
 	sh.one[0] = 1
 	const nh = maxOps + cleanMax
 	arena, err := alignbuf.Alloc((nh + 1 + alPerShard) * engine.BlockSize)
@@ -172,6 +182,7 @@ func newShard(s *Store, id int) (*shard, error) {
 		m := &s.slots[i]
 		if m.used && s.shardOfIndex(m.id) == id {
 			sh.chunks[m.id] = int32(i)
+			sh.addSnap(m.id)
 		}
 	}
 	ready := make(chan error, 1)
@@ -414,7 +425,23 @@ func (sh *shard) dispatch(op *ChunkOp) {
 		op.pending = 1
 		return
 	}
-	slot, ok := sh.chunks[op.Chunk]
+	id := op.Chunk
+	if op.Op == engine.OpRead {
+		if op.ListSnaps {
+			sh.listSnaps(op)
+			return
+		}
+		if op.AsOf {
+			id.Snap = sh.resolve(id)
+			op.From = id.Snap
+		}
+	}
+	slot, ok := sh.chunks[id]
+	op.Found = ok
+	if ok && op.IfAbsent && op.Op == engine.OpWrite {
+		sh.finish(op)
+		return
+	}
 	if !ok {
 		switch op.Op {
 		case engine.OpRead:
@@ -430,6 +457,7 @@ func (sh *shard) dispatch(op *ChunkOp) {
 				return
 			}
 			sh.chunks[op.Chunk] = slot
+			sh.addSnap(op.Chunk)
 			if v, ok := sh.freed[op.Chunk]; ok {
 				s.slots[slot].ver = v
 				delete(sh.freed, op.Chunk)
@@ -1135,6 +1163,7 @@ func (sh *shard) unlock(op *ChunkOp) {
 			m.hdrFail, m.dirty = true, true
 		} else {
 			delete(sh.chunks, m.id)
+			sh.dropSnap(m.id)
 			if !m.ver.IsZero() {
 				if len(sh.freed) >= freedMax {
 					clear(sh.freed)
@@ -1172,4 +1201,61 @@ func (sh *shard) unlock(op *ChunkOp) {
 		m.active = b
 		sh.run1(b, m)
 	}
+}
+
+// headKey names a chunk regardless of snapshot.
+type headKey struct{ volume, index uint64 }
+
+// addSnap records that id, if a snapshot copy, has a slot.
+func (sh *shard) addSnap(id ChunkID) {
+	if id.Snap == 0 {
+		return
+	}
+	k := headKey{id.Volume, id.Index}
+	l := sh.snaps[k]
+	i, found := slices.BinarySearch(l, id.Snap)
+	if !found {
+		sh.snaps[k] = slices.Insert(l, i, id.Snap)
+	}
+}
+
+// dropSnap records that id, if a snapshot copy, has no slot any more.
+func (sh *shard) dropSnap(id ChunkID) {
+	if id.Snap == 0 {
+		return
+	}
+	k := headKey{id.Volume, id.Index}
+	l := sh.snaps[k]
+	if i, found := slices.BinarySearch(l, id.Snap); found {
+		l = slices.Delete(l, i, i+1)
+		if len(l) == 0 {
+			delete(sh.snaps, k)
+		} else {
+			sh.snaps[k] = l
+		}
+	}
+}
+
+// resolve returns the Snap of the chunk that holds id as of snapshot id.Snap:
+// the smallest snapshot copy at or above it, else 0 (the head).
+func (sh *shard) resolve(id ChunkID) uint64 {
+	l := sh.snaps[headKey{id.Volume, id.Index}]
+	if i, _ := slices.BinarySearch(l, id.Snap); i < len(l) {
+		return l[i]
+	}
+	return 0
+}
+
+// listSnaps completes a ListSnaps read (ChunkOp.ListSnaps).
+func (sh *shard) listSnaps(op *ChunkOp) {
+	clear(op.Buf)
+	l := sh.snaps[headKey{op.Chunk.Volume, op.Chunk.Index}]
+	for i, t := range l {
+		if (i+1)*8 > len(op.Buf) {
+			break
+		}
+		binary.LittleEndian.PutUint64(op.Buf[i*8:], t)
+	}
+	op.Ver = Version{}
+	sh.finish(op)
 }

@@ -52,8 +52,10 @@ import (
 	"github.com/torus-storage/torus/internal/crc32c"
 )
 
-// ChunkID names a chunk. Snap leaves room for snapshots and clones (see
-// docs/STORE.md); the local volume uses Snap 0.
+// ChunkID names a chunk. Snap 0 is the chunk as the volume sees it now
+// (its head); a chunk with Snap s > 0 is a copy of the head taken before the
+// first change made under snapshot number s (see docs/ARCHITECTURE.md,
+// "Snapshots"). The local volume uses Snap 0 only.
 type ChunkID struct {
 	Volume uint64
 	Index  uint64
@@ -88,6 +90,24 @@ type ChunkOp struct {
 	Done   ChunkCompleter
 	// Tag is the submitter's cookie; the store leaves it alone.
 	Tag uint64
+
+	// AsOf makes a read return the chunk as of snapshot Chunk.Snap (> 0):
+	// the chunk (Volume, Index, t) with the smallest t >= Chunk.Snap, else
+	// the head (t = 0). The store sets From to the t it read.
+	AsOf bool
+	// ListSnaps makes a read fill Buf, instead of data, with the snapshot
+	// numbers (t > 0) of the chunks (Volume, Index, t) the store holds, in
+	// ascending order, as little-endian uint64s; the rest of Buf is zeroed.
+	// Chunk.Snap and Off are ignored; at most len(Buf)/8 are listed.
+	ListSnaps bool
+	// IfAbsent makes a write change nothing, and succeed, if the chunk
+	// already has a slot.
+	IfAbsent bool
+	// Found is set when a read or write starts: whether the chunk it
+	// addressed had a slot.
+	Found bool
+	// From is set by a read with AsOf (above).
+	From uint64
 
 	// Shard-private state.
 	slot     int32
@@ -686,8 +706,10 @@ func (s *Store) releaseSlot(slot int32) {
 }
 
 // shardOfIndex picks the shard of a chunk.
+// Every snapshot copy of a chunk (any Snap) is on the head's shard, which
+// resolves AsOf reads and lists them.
 func (s *Store) shardOfIndex(id ChunkID) int {
-	h := id.Volume*0x9e3779b97f4a7c15 ^ id.Index*0xbf58476d1ce4e5b9 ^ id.Snap*0x94d049bb133111eb
+	h := id.Volume*0x9e3779b97f4a7c15 ^ id.Index*0xbf58476d1ce4e5b9
 	h ^= h >> 31
 	return int(h % uint64(s.nshards))
 }

@@ -17,8 +17,15 @@
 //	         new store), so a client notices such a restart
 //	[24:26]  offset inside the chunk, in 4 KiB blocks
 //	[26:28]  length, in 4 KiB blocks (at most 512: chunks are at most 2 MiB)
-//	[28]     flags: bit 0 FUA, bit 1 NoUnmap, bit 2 Copy; other bits zero
-//	[29:32]  snapshot (24 bits; 0 is the live volume)
+//	[28]     flags: bit 0 FUA, bit 1 NoUnmap, bit 2 Copy, bit 3 AsOf; other
+//	         bits zero
+//	[29:32]  snapshot (24 bits). In a request, the chunk addressed is
+//	         (volume, index, snapshot): 0 is the head (the volume as it is
+//	         now), s > 0 the copy of the head taken before the first change
+//	         made under snapshot number s; a read with FlagAsOf reads the
+//	         volume as of snapshot s instead. In an OK response to a read
+//	         with FlagAsOf, the snapshot number of the chunk it read (0: the
+//	         head).
 //	[32:48]  chunk version: attach epoch u64 (32), sequence u64 (40). In a
 //	         write, discard or write-zeroes, the version of that change (the
 //	         writer's attach epoch and its per-chunk sequence); with FlagCopy
@@ -68,7 +75,21 @@ const (
 	// ID. A client checks it before trusting an address it did not get
 	// from the node's certificate (the node's unix socket).
 	OpHello Op = 7
+	// OpClone copies the head of chunk (Volume, Index) to the chunk
+	// (Volume, Index, Snap), Snap > 0, unless that one exists; an absent
+	// head gives a copy that reads as zeros. The copy is durable (as FUA)
+	// when the reply is OK. It is fenced like a write; Off and Len are
+	// zero.
+	OpClone Op = 8
+	// OpSnaps lists the snapshot copies of chunk (Volume, Index): the OK
+	// reply's payload holds their snapshot numbers, ascending, as
+	// little-endian uint64s (at most MaxSnapsListed). Off and Len are zero.
+	OpSnaps Op = 9
 )
+
+// MaxSnapsListed is the most snapshot copies of one chunk an OpSnaps reply
+// lists (one 4 KiB block of numbers).
+const MaxSnapsListed = BlockSize / 8
 
 // String names the op.
 func (o Op) String() string {
@@ -87,12 +108,16 @@ func (o Op) String() string {
 		return "fence"
 	case OpHello:
 		return "hello"
+	case OpClone:
+		return "clone"
+	case OpSnaps:
+		return "snaps"
 	}
 	return fmt.Sprintf("op(%d)", uint8(o))
 }
 
 // Valid reports whether o is a known op.
-func (o Op) Valid() bool { return o >= OpRead && o <= OpHello }
+func (o Op) Valid() bool { return o >= OpRead && o <= OpSnaps }
 
 // Status is a response's status (the netquic frame's code).
 type Status uint8
@@ -139,8 +164,13 @@ const (
 	// FlagCopy marks a write or write-zeroes of a whole chunk by a rebuild:
 	// the node sets the chunk's version to exactly the header's, and
 	// refuses (StatusNewer) if it holds a newer one.
-	FlagCopy   uint8 = 1 << 2
-	flagsKnown       = FlagFUA | FlagNoUnmap | FlagCopy
+	FlagCopy uint8 = 1 << 2
+	// FlagAsOf marks a read of the volume as of snapshot Snap (> 0): the
+	// node reads the chunk's snapshot copy with the smallest number at or
+	// above Snap, else its head. Such a read carries no epoch and is not
+	// fenced: what it reads never changes.
+	FlagAsOf   uint8 = 1 << 3
+	flagsKnown       = FlagFUA | FlagNoUnmap | FlagCopy | FlagAsOf
 )
 
 // Header is the decoded caller header of a request or response.
@@ -199,6 +229,15 @@ func Decode(op Op, b *[HeaderSize]byte, h *Header) error {
 	if h.Flags&FlagCopy != 0 && op != OpWrite && op != OpWriteZeroes {
 		return fmt.Errorf("%w: copy flag on a %v", ErrMalformed, op)
 	}
+	if h.Flags&FlagAsOf != 0 && (op != OpRead || h.Snap == 0) {
+		return fmt.Errorf("%w: as-of flag on a %v of snapshot %d", ErrMalformed, op, h.Snap)
+	}
+	if op == OpClone && h.Snap == 0 {
+		return fmt.Errorf("%w: clone to snapshot 0", ErrMalformed)
+	}
+	if (op == OpWrite || op == OpWriteZeroes) && h.Snap != 0 && h.Flags&FlagCopy == 0 {
+		return fmt.Errorf("%w: %v of snapshot copy %d without the copy flag (snapshot copies change only by a copy)", ErrMalformed, op, h.Snap)
+	}
 	switch op {
 	case OpRead, OpWrite, OpDiscard, OpWriteZeroes:
 		if lenB == 0 {
@@ -245,6 +284,17 @@ func Version(b *[HeaderSize]byte) (epoch, seq uint64) {
 func SetVersion(b *[HeaderSize]byte, epoch, seq uint64) {
 	binary.LittleEndian.PutUint64(b[32:40], epoch)
 	binary.LittleEndian.PutUint64(b[40:48], seq)
+}
+
+// ReplySnap returns the snapshot field of an encoded header (the chunk an
+// as-of read read).
+func ReplySnap(b *[HeaderSize]byte) uint32 {
+	return uint32(b[29]) | uint32(b[30])<<8 | uint32(b[31])<<16
+}
+
+// SetReplySnap overwrites the snapshot field of an encoded header.
+func SetReplySnap(b *[HeaderSize]byte, s uint32) {
+	b[29], b[30], b[31] = byte(s), byte(s>>8), byte(s>>16)
 }
 
 // Incarnation returns the node incarnation carried by an OK response header
