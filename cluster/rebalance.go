@@ -402,6 +402,13 @@ func (c *Volume) discardOld(st *clusterState) int {
 					discarded++
 				}
 				cancel()
+				// And its snapshot copies (left, if this fails, to the
+				// node's garbage collection of copies no ring gives it).
+				if snaps, err := c.listSnaps(c.ctx, p, idx); err == nil {
+					for _, s := range snaps {
+						_ = c.discardSnap(c.ctx, p, idx, s, c.wireEpoch(p))
+					}
+				}
 			}
 		}
 	}

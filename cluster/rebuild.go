@@ -768,6 +768,10 @@ type Stats struct {
 	Moving     bool
 	MoveCopies int64
 	Rebalances uint64
+	// SnapshotPauses counts the pauses of writes for snapshots;
+	// SnapshotCopies the chunk heads copied before their first change
+	// under a new snapshot (copy-on-write).
+	SnapshotPauses, SnapshotCopies uint64
 }
 
 // Stats returns the volume's counters.
@@ -776,6 +780,7 @@ func (c *Volume) Stats() Stats {
 		Missed: c.marks.count(), Rebuilt: c.rebuilt.Load(), RebuiltBytes: c.rebuiltBytes.Load(),
 		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(), NodeRestarts: c.restarts.Load(), Behind: c.behindFound.Load(), CopiesRefused: c.copiesRefused.Load(),
 		Moving: c.movePending.Load(), MoveCopies: c.moveTotal.Load(), Rebalances: c.moves.Load(),
+		SnapshotPauses: c.snap.pauses.Load(), SnapshotCopies: c.snap.copies.Load(),
 	}
 }
 
@@ -1192,13 +1197,12 @@ func (c *Volume) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err e
 		}
 		return copied{}, fmt.Errorf("%w: %w", errNoSource, srcErr)
 	}
-	zero := true
-	for _, b := range data {
-		if b != 0 {
-			zero = false
-			break
-		}
+	// Snapshot copies first, from the same source: until the head is
+	// copied and the mark cleared, the target is read by no one.
+	if err := c.copySnaps(ctx, from, target, ch, tgen); err != nil {
+		return copied{}, c.fenceIf(fmt.Errorf("snapshot copies: %w", err))
 	}
+	zero := allZero(data)
 	// The target takes the source's version exactly, or refuses a copy
 	// older than what it holds.
 	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: wire.FenceEpoch(c.epoch.Load(), tgen),

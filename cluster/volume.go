@@ -89,6 +89,11 @@ type Options struct {
 	// Holder names who runs the volume's background jobs in their progress
 	// records (the attach lock's holder).
 	Holder string
+	// Snapshot, if not 0, opens a read-only view of the volume as of its
+	// snapshot with this number (meta.Snapshot.ID): it needs no attach
+	// lock and changes nothing, so it can be open while a holder writes
+	// the volume. Writes fail with engine.ErrReadOnly.
+	Snapshot uint64
 }
 
 // maxReplicas is the most copies of a chunk a Volume writes.
@@ -106,6 +111,7 @@ const (
 const (
 	clusterStreams = 4
 	clusterDepth   = 64
+	cloneDepth     = 16 // clone jobs in flight (snapshot.go)
 )
 
 // peerRetry is how long a node whose connection failed is tried last by
@@ -126,7 +132,10 @@ type Volume struct {
 
 	state atomic.Pointer[clusterState]
 	parts chan *clusterPart
-	all   []clusterPart
+	// cloneParts are the parts of clone jobs (snapshot.go): a pool of its
+	// own, since the writes that wait for a clone hold parts of parts.
+	cloneParts chan *clusterPart
+	all        []clusterPart
 
 	failovers atomic.Uint64
 	epoch     atomic.Uint64 // the attach epoch every write carries
@@ -152,6 +161,9 @@ type Volume struct {
 	clears                                uint64
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 	restarts                              atomic.Uint64 // node restarts seen (a new incarnation)
+
+	// Snapshots (snapshot.go).
+	snap snapState
 
 	// Chunk versions (version.go).
 	vers        []chunkVer    // by chunk
@@ -236,7 +248,8 @@ type clusterPart struct {
 	mu        sync.Mutex   // parent only: guards err
 	err       error        // parent: the request's first error
 
-	pending atomic.Int32 // calls in flight + 1 while issuing
+	home    chan *clusterPart // the pool it goes back to
+	pending atomic.Int32      // calls in flight + 1 while issuing
 	perr    atomic.Pointer[error]
 	op      wire.Op
 	msg     netquic.Message
@@ -324,16 +337,21 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 	}
 	n := clusterStreams * clusterDepth
 	c.parts = make(chan *clusterPart, n)
-	c.all = make([]clusterPart, n)
+	c.cloneParts = make(chan *clusterPart, cloneDepth)
+	c.all = make([]clusterPart, n+cloneDepth)
 	for i := range c.all {
 		p := &c.all[i]
 		p.c = c
+		p.home = c.parts
+		if i >= n {
+			p.home = c.cloneParts
+		}
 		p.active.Store(-1)
 		for j := range p.calls {
 			p.calls[j].p = p
 			p.calls[j].i = j
 		}
-		c.parts <- p
+		p.home <- p
 	}
 	r, _, err := ms.Ring(ctx)
 	if err != nil {
@@ -362,6 +380,7 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 	}
 	c.epoch.Store(opt.Epoch)
 	c.vers = make([]chunkVer, (c.size+c.chunk-1)/c.chunk)
+	c.initSnap(vol)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	fail := func(err error) (*Volume, error) {
 		c.cancel()
@@ -382,6 +401,15 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 	}
 	if err := c.loadMarks(ctx); err != nil {
 		return fail(fmt.Errorf("missed chunks: %w", err))
+	}
+	if opt.Snapshot != 0 {
+		// A view: no fence, no move recorded, no repair. opened stays
+		// false: a node's first reply is trusted with the marks read
+		// above (and re-read every second); a restart seen later makes
+		// the node suspect until they are read again (viewRefresher).
+		c.wg.Go(c.refresher)
+		c.wg.Go(c.viewRefresher)
+		return c, nil
 	}
 	c.mu.Lock()
 	err = c.advanceLocked(ctx, r)
@@ -404,6 +432,7 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 	c.wg.Go(c.marker)
 	c.wg.Go(c.prober)
 	c.wg.Go(c.rebuildLoop)
+	c.wg.Go(c.snapWatcher)
 	return c, nil
 }
 
@@ -807,6 +836,16 @@ func (c *Volume) Submit(r *engine.Request) {
 		r.Done.Complete(r, engine.ErrRange)
 		return
 	}
+	view := c.opt.Snapshot
+	if op != wire.OpRead {
+		if view != 0 {
+			r.Done.Complete(r, engine.ErrReadOnly)
+			return
+		}
+		if !c.holdWrite(r) {
+			return
+		}
+	}
 	var flags uint8
 	if r.Flags&engine.FlagFUA != 0 {
 		flags |= wire.FlagFUA
@@ -831,7 +870,11 @@ func (c *Volume) Submit(r *engine.Request) {
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Off: uint32(in), Len: uint32(n), Flags: flags}
 		p.vseq, p.vwant = 0, store.Version{}
 		if op == wire.OpRead {
-			p.vwant = c.ackedVer(idx)
+			if view != 0 {
+				h.Snap, h.Flags = uint32(view), h.Flags|wire.FlagAsOf
+			} else {
+				p.vwant = c.ackedVer(idx)
+			}
 		} else {
 			p.vseq = c.nextVer(idx)
 			h.VerEpoch, h.VerSeq = c.epoch.Load(), p.vseq
@@ -851,40 +894,50 @@ func (c *Volume) Submit(r *engine.Request) {
 		parent.remaining.Add(1)
 		off += n
 		p.chunk = idx
-		if op != wire.OpRead {
-			for {
-				p.active.Store(idx)
-				tracked, gate := c.marks.trackStart(idx)
-				if gate == nil {
-					p.tracked = tracked
-					break
-				}
-				// A rebuild copy of the chunk is running: wait for it
-				// (it lasts one chunk's read and write), not in flight.
-				p.active.Store(-1)
-				<-gate
-			}
+		if op != wire.OpRead && c.needClone(idx) {
+			c.cloneThen(p, idx)
+		} else {
+			c.sendPart(p, idx)
 		}
-		// The placement is read only now, after the part is marked active
-		// (and tracked): a move that switched the ring while this request
-		// waited for a part has copied nothing this part could miss, and
-		// one that switches later sees the part in flight. The part
-		// publishes the placement it uses before it checks that it is
-		// still current, so finishMove (which switches, then scans) either
-		// sees it or it sees the switch.
-		st := c.state.Load()
-		for {
-			p.placed.Store(st)
-			cur := c.state.Load()
-			if cur == st {
-				break
-			}
-			st = cur
-		}
-		c.place(st, p, idx)
 		p = nil
 	}
 	parent.done()
+}
+
+// sendPart sends part p of chunk idx: a write-class part once no rebuild
+// copy of the chunk runs, under the current placement.
+func (c *Volume) sendPart(p *clusterPart, idx int64) {
+	if p.op != wire.OpRead {
+		for {
+			p.active.Store(idx)
+			tracked, gate := c.marks.trackStart(idx)
+			if gate == nil {
+				p.tracked = tracked
+				break
+			}
+			// A rebuild copy of the chunk is running: wait for it
+			// (it lasts one chunk's read and write), not in flight.
+			p.active.Store(-1)
+			<-gate
+		}
+	}
+	// The placement is read only now, after the part is marked active
+	// (and tracked): a move that switched the ring while this request
+	// waited for a part has copied nothing this part could miss, and
+	// one that switches later sees the part in flight. The part
+	// publishes the placement it uses before it checks that it is
+	// still current, so finishMove (which switches, then scans) either
+	// sees it or it sees the switch.
+	st := c.state.Load()
+	for {
+		p.placed.Store(st)
+		cur := c.state.Load()
+		if cur == st {
+			break
+		}
+		st = cur
+	}
+	c.place(st, p, idx)
 }
 
 // place finds the owners of chunk idx and sends p to them (a write to all,
@@ -1220,7 +1273,7 @@ func (p *clusterPart) finish(err error) {
 	}
 	if p != parent {
 		p.req, p.parent = nil, nil
-		p.c.parts <- p
+		p.home <- p
 	}
 	parent.done()
 }
@@ -1233,7 +1286,10 @@ func (p *clusterPart) done() {
 	}
 	r, err := p.req, p.err
 	p.req, p.parent, p.err = nil, nil, nil
-	p.c.parts <- p
+	p.home <- p
+	if r.Op != engine.OpRead && r.Op != engine.OpFlush && r.Op != 0 {
+		p.c.writeDone()
+	}
 	r.Done.Complete(r, err)
 }
 
@@ -1244,8 +1300,8 @@ func (c *Volume) Close() error {
 	if c.closed.Swap(true) {
 		return engine.ErrClosed
 	}
-	for range c.all {
-		<-c.parts // every part back: nothing in flight
+	for i := range c.all {
+		<-c.all[i].home // every part back: nothing in flight
 	}
 	var errs []error
 	st := c.state.Load()
@@ -1296,7 +1352,7 @@ func (c *Volume) Close() error {
 	c.wg.Wait()
 	c.closeClients()
 	for i := range c.all {
-		c.parts <- &c.all[i]
+		c.all[i].home <- &c.all[i]
 	}
 	return errors.Join(errs...)
 }

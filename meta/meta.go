@@ -123,6 +123,7 @@ type Client struct {
 	guard  *guard // set by Guarded: an attach lock every write compares against
 
 	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress, kMoves, kRings, kPlaced string
+	kSnapReq, kSnapAck                                                                                                         string
 }
 
 type unreachableError struct {
@@ -218,6 +219,8 @@ func newClient(cli *clientv3.Client, prefix string, log *slog.Logger) *Client {
 		kMoves:    v + "moves/",
 		kRings:    v + "rings/",
 		kPlaced:   v + "placed/",
+		kSnapReq:  v + "snapreq/",
+		kSnapAck:  v + "snapack/",
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -366,10 +367,10 @@ func TestVolumes(t *testing.T) {
 		t.Fatalf("name with '/': %v", err)
 	}
 	vols, err := s.Volumes(ctx)
-	if err != nil || len(vols) != 2 || vols[0] != a || vols[1] != b {
+	if err != nil || len(vols) != 2 || !reflect.DeepEqual(vols[0], a) || !reflect.DeepEqual(vols[1], b) {
 		t.Fatalf("Volumes = %+v, %v", vols, err)
 	}
-	if v, err := s.Volume(ctx, "b"); err != nil || v != b {
+	if v, err := s.Volume(ctx, "b"); err != nil || !reflect.DeepEqual(v, b) {
 		t.Fatalf("Volume b = %+v, %v", v, err)
 	}
 	if _, err := s.Volume(ctx, "zz"); !errors.Is(err, ErrNotFound) {

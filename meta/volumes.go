@@ -41,6 +41,11 @@ type Volume struct {
 	State string `json:"state"`
 	// Created is when CreateVolume ran.
 	Created time.Time `json:"created"`
+	// SnapSeq is the newest snapshot number given out (0: none); its
+	// holder makes every change under it (see snapshots.go).
+	SnapSeq uint64 `json:"snap_seq,omitempty"`
+	// Snapshots, by ascending ID.
+	Snapshots []Snapshot `json:"snapshots,omitempty"`
 }
 
 // maxTries bounds CAS retry loops against concurrent writers.
@@ -190,6 +195,8 @@ func (s *Client) DeleteVolume(ctx context.Context, name string) error {
 				clientv3.OpDelete(s.progressKey(v.ID)),
 				clientv3.OpDelete(s.movesKey(v.ID)),
 				clientv3.OpDelete(s.placedKey(v.ID)),
+				clientv3.OpDelete(s.SnapRequestKey(v.ID)),
+				clientv3.OpDelete(s.SnapAckKey(v.ID)),
 			},
 			[]clientv3.Op{clientv3.OpGet(ak)})
 		if err != nil {

@@ -1,0 +1,171 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/voltest"
+	"github.com/torus-storage/torus/meta"
+)
+
+// fillPattern fills b, the bytes at volume offset off, with pattern p: each
+// 4 KiB block names its offset and the pattern.
+func fillPattern(b []byte, off int64, p byte) {
+	for i := 0; i < len(b); i += engine.BlockSize {
+		blk := b[i : i+engine.BlockSize]
+		for j := range blk {
+			blk[j] = p
+		}
+		o := off + int64(i)
+		for j := 0; j < 8; j++ {
+			blk[j] = byte(o >> (8 * j))
+		}
+	}
+}
+
+// snapView opens a read-only view of vol as of snapshot name.
+func (tc *testCluster) snapView(t *testing.T, volume, name string) *Volume {
+	t.Helper()
+	ctx := context.Background()
+	v, err := tc.ms.Volume(ctx, volume)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, ok := v.Snapshot(name)
+	if !ok {
+		t.Fatalf("no snapshot %s@%s in %+v", volume, name, v.Snapshots)
+	}
+	c, err := Open(ctx, tc.ms, v, Options{TLS: tc.client.Client, Timeout: time.Second, Logger: quietLog, Snapshot: s.ID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// expect reads the whole of v and checks block by block that it holds
+// pattern want(off) (0: zeros).
+func expect(t *testing.T, what string, v engine.Volume, want func(off int64) byte) {
+	t.Helper()
+	size := v.Size()
+	got := voltest.Buf(t, int(size))
+	if err := voltest.Do(v, engine.OpRead, 0, 0, size, got); err != nil {
+		t.Fatalf("%s: read: %v", what, err)
+	}
+	blk := voltest.Buf(t, engine.BlockSize)
+	for off := int64(0); off < size; off += engine.BlockSize {
+		p := want(off)
+		if p == 0 {
+			clear(blk)
+		} else {
+			fillPattern(blk, off, p)
+		}
+		if !bytes.Equal(got[off:off+engine.BlockSize], blk) {
+			t.Fatalf("%s: block at %d: got %q..., want pattern %q", what, off, got[off+8:off+12], p)
+		}
+	}
+}
+
+// Pattern A, snapshot, pattern B: the snapshot reads A, the volume B; a
+// second snapshot after B and pattern C keep B and C apart; a discarded
+// chunk reads as zeros in the volume and as before in the snapshots; the
+// snapshots are unchanged by a write of the volume after the holder
+// closed and another attached, and by a snapshot of the detached volume.
+func TestSnapshotPatterns(t *testing.T) {
+	tc := startCluster(t, 3, 64)
+	ctx := context.Background()
+	const size = 8 * testChunk
+	tc.volume("vol", size, 2)
+	ao := AttachOptions{Options: Options{TLS: tc.client.Client, Timeout: time.Second, Logger: quietLog, Holder: "t"}}
+	a, err := Attach(ctx, tc.ms, "vol", ao)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := voltest.Buf(t, size)
+	write := func(v engine.Volume, off, n int64, p byte) {
+		t.Helper()
+		fillPattern(buf[:n], off, p)
+		if err := voltest.Do(v, engine.OpWrite, 0, off, n, buf[:n]); err != nil {
+			t.Fatalf("write %q at %d: %v", p, off, err)
+		}
+	}
+	write(a, 0, size-2*testChunk, 'A') // the last two chunks never written
+	snap := func(name string) {
+		t.Helper()
+		if _, err := tc.ms.TakeSnapshots(ctx, "", []meta.SnapshotRequest{{Volume: "vol", Name: name}}, 5*time.Second); err != nil {
+			t.Fatalf("snapshot %s: %v", name, err)
+		}
+	}
+	snap("s1")
+	if got := a.Volume.SnapSeq(); got != 1 {
+		t.Fatalf("holder's snapshot number after s1: %d", got)
+	}
+	// B over the first half, a chunk discarded, a chunk first written.
+	write(a, 0, 4*testChunk, 'B')
+	if err := voltest.Do(a, engine.OpDiscard, 0, 5*testChunk, testChunk, nil); err != nil {
+		t.Fatal(err)
+	}
+	write(a, 6*testChunk, testChunk, 'B')
+	afterB := func(off int64) byte {
+		switch {
+		case off < 4*testChunk, off >= 6*testChunk && off < 7*testChunk:
+			return 'B'
+		case off >= 5*testChunk:
+			return 0
+		}
+		return 'A'
+	}
+	s1 := func(off int64) byte {
+		if off < size-2*testChunk {
+			return 'A'
+		}
+		return 0
+	}
+	expect(t, "volume after B", a, afterB)
+	expect(t, "s1 after B", tc.snapView(t, "vol", "s1"), s1)
+	snap("s2")
+	write(a, 2*testChunk, 4*testChunk, 'C')
+	afterC := func(off int64) byte {
+		if off >= 2*testChunk && off < 6*testChunk {
+			return 'C'
+		}
+		return afterB(off)
+	}
+	expect(t, "volume after C", a, afterC)
+	expect(t, "s1 after C", tc.snapView(t, "vol", "s1"), s1)
+	expect(t, "s2 after C", tc.snapView(t, "vol", "s2"), afterB)
+	if st := a.Volume.Stats(); st.SnapshotCopies == 0 {
+		t.Errorf("no chunk head copied: %+v", st)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Detached: a snapshot needs no holder; a new holder writes under it.
+	snap("s3")
+	b, err := Attach(ctx, tc.ms, "vol", ao)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if got := b.Volume.SnapSeq(); got != 3 {
+		t.Fatalf("new holder's snapshot number: %d, want 3", got)
+	}
+	write(b, 0, size, 'D')
+	expect(t, "volume after D", b, func(int64) byte { return 'D' })
+	expect(t, "s1 after D", tc.snapView(t, "vol", "s1"), s1)
+	expect(t, "s2 after D", tc.snapView(t, "vol", "s2"), afterB)
+	expect(t, "s3 after D", tc.snapView(t, "vol", "s3"), afterC)
+
+	// A view is read-only; a snapshot name is unique.
+	if err := voltest.Do(tc.snapView(t, "vol", "s1"), engine.OpWrite, 0, 0, engine.BlockSize, buf[:engine.BlockSize]); !errors.Is(err, engine.ErrReadOnly) {
+		t.Fatalf("write to a snapshot view: %v", err)
+	}
+	if _, err := tc.ms.TakeSnapshots(ctx, "", []meta.SnapshotRequest{{Volume: "vol", Name: "s1"}}, time.Second); !errors.Is(err, meta.ErrExists) {
+		t.Fatalf("second snapshot s1: %v", err)
+	}
+}
