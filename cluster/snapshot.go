@@ -283,6 +283,9 @@ func (c *Volume) snapWatcher() {
 			if err := json.Unmarshal([]byte(v), &rq); err != nil || rq.Epoch != c.epoch.Load() || c.fenced.Load() {
 				continue // not for this holder
 			}
+			if d := c.testSnapDelay.Load(); d != nil {
+				time.Sleep(*d)
+			}
 			if err := c.answerSnap(v, rq); err != nil {
 				c.log.Warn("cluster: snapshot request not acknowledged; writes go on", "volume", c.vol.Name, "snapshot", rq.Seq, "err", err)
 				continue
@@ -448,11 +451,13 @@ func (c *Volume) discardSnap(ctx context.Context, p *peer, ch int64, snap uint64
 	return nil
 }
 
-// copySnaps makes target's snapshot copies of chunk ch those of from (a
-// source of the chunk's head): each of from's is copied, in ascending order
-// (so that a copy in progress never resolves a read to a newer one than
-// from would), and those from does not hold are discarded. tgen is target's
-// fence generation of the copy.
+// copySnaps gives target the snapshot copies of chunk ch from holds (a
+// source of the chunk's head), in ascending order, so that a copy in
+// progress never resolves a read to a newer one than from would. A copy
+// target holds and from does not is left: it serves no snapshot (from
+// would hold it, or one between, if a snapshot as of which it is read were
+// still there), and the node's garbage collection drops it. tgen is
+// target's fence generation of the copy.
 func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tgen uint32) error {
 	src, err := c.listSnaps(ctx, from, ch)
 	if err != nil {
@@ -509,13 +514,6 @@ func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tg
 			return fmt.Errorf("write snapshot copy %d to %s: %w", s, target.id, err)
 		}
 	}
-	for _, s := range have {
-		if !slices.Contains(src, s) {
-			if err := c.discardSnap(ctx, target, ch, s, epoch); err != nil {
-				return err
-			}
-		}
-	}
 	return nil
 }
 
@@ -527,4 +525,101 @@ func allZero(b []byte) bool {
 		}
 	}
 	return true
+}
+
+// OpenSnapshot opens a read-only view of snapshot snapshot of the volume
+// called volume (see Options.Snapshot); ms stays the caller's. It fails
+// with meta.ErrNotFound if either does not exist (a pending snapshot does
+// not).
+func OpenSnapshot(ctx context.Context, ms *meta.Client, volume, snapshot string, opt Options) (*Volume, error) {
+	v, err := ms.Volume(ctx, volume)
+	if err != nil {
+		return nil, err
+	}
+	s, ok := v.Snapshot(snapshot)
+	if !ok {
+		return nil, fmt.Errorf("volume %s has no snapshot %s: %w", volume, snapshot, meta.ErrNotFound)
+	}
+	opt.Snapshot = s.ID
+	if s.Size > 0 && s.Size <= v.Size {
+		v.Size = s.Size // the volume grew since: past its end it reads zeros
+	}
+	return Open(ctx, ms, v, opt)
+}
+
+// RollbackResult is what Rollback did.
+type RollbackResult struct {
+	// Chunks is the number of chunks compared; Changed those rewritten.
+	Chunks, Changed int64
+}
+
+// Rollback makes the volume called volume read as its snapshot snapshot
+// again. The volume must be detached: Rollback holds its attach lock
+// throughout (a client's Attach fails meanwhile with meta.ErrAttached). It
+// compares each chunk with the snapshot and rewrites only those that
+// differ, as any holder's writes (so later snapshots keep what they hold),
+// then flushes. The snapshot and every other one stay. A Rollback that
+// fails half way leaves each chunk as the snapshot or as before; run it
+// again.
+func Rollback(ctx context.Context, ms *meta.Client, volume, snapshot string, opt AttachOptions) (RollbackResult, error) {
+	var res RollbackResult
+	sv, err := OpenSnapshot(ctx, ms, volume, snapshot, opt.Options)
+	if err != nil {
+		return res, err
+	}
+	defer sv.Close()
+	if opt.Holder == "" {
+		opt.Holder = "rollback to " + snapshot
+	}
+	opt.ScrubInterval = 0
+	a, err := Attach(ctx, ms, volume, opt)
+	if err != nil {
+		return res, err
+	}
+	defer a.Close()
+	chunk := a.Volume.chunk
+	want := make([]byte, chunk)
+	have := make([]byte, chunk)
+	for off := int64(0); off < a.Size(); off += chunk {
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		n := min(chunk, a.Size()-off)
+		clear(want[:n])
+		if m := min(n, sv.Size()-off); m > 0 {
+			if err := doIO(sv, engine.OpRead, off, want[:m]); err != nil {
+				return res, fmt.Errorf("read snapshot %s@%s at %d: %w", volume, snapshot, off, err)
+			}
+		}
+		if err := doIO(a, engine.OpRead, off, have[:n]); err != nil {
+			return res, fmt.Errorf("read volume %s at %d: %w", volume, off, err)
+		}
+		res.Chunks++
+		if string(want[:n]) == string(have[:n]) {
+			continue
+		}
+		res.Changed++
+		op := engine.OpWrite
+		if allZero(want[:n]) {
+			op = engine.OpDiscard
+		}
+		if err := doIO(a, op, off, want[:n]); err != nil {
+			return res, fmt.Errorf("write volume %s at %d: %w", volume, off, err)
+		}
+	}
+	if err := doIO(a, engine.OpFlush, 0, nil); err != nil {
+		return res, fmt.Errorf("flush volume %s: %w", volume, err)
+	}
+	return res, nil
+}
+
+// doIO runs one request on v and waits for it.
+func doIO(v engine.Volume, op engine.Op, off int64, b []byte) error {
+	w := make(flushWaiter, 1)
+	r := &engine.Request{Op: op, Offset: off, Length: int64(len(b)), Done: w}
+	if op == engine.OpRead || op == engine.OpWrite {
+		r.Buf = b
+	}
+	v.Submit(r)
+	return <-w
 }

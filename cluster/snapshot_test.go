@@ -169,3 +169,157 @@ func TestSnapshotPatterns(t *testing.T) {
 		t.Fatalf("second snapshot s1: %v", err)
 	}
 }
+
+// Rollback: a detached volume reads as its snapshot again, rewriting only
+// the chunks that differ; later snapshots keep what they hold; an attached
+// volume is refused.
+func TestSnapshotRollback(t *testing.T) {
+	tc := startCluster(t, 3, 64)
+	ctx := context.Background()
+	const size = 6 * testChunk
+	tc.volume("vol", size, 2)
+	ao := AttachOptions{Options: Options{TLS: tc.client.Client, Timeout: time.Second, Logger: quietLog, Holder: "t"}}
+	a, err := Attach(ctx, tc.ms, "vol", ao)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := voltest.Buf(t, size)
+	write := func(off, n int64, p byte) {
+		t.Helper()
+		fillPattern(buf[:n], off, p)
+		if err := voltest.Do(a, engine.OpWrite, 0, off, n, buf[:n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(0, 4*testChunk, 'A')
+	if _, err := tc.ms.TakeSnapshots(ctx, "", []meta.SnapshotRequest{{Volume: "vol", Name: "a"}}, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	write(testChunk, testChunk, 'B')
+	write(5*testChunk, testChunk, 'B')
+	if err := voltest.Do(a, engine.OpDiscard, 0, 3*testChunk, testChunk, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tc.ms.TakeSnapshots(ctx, "", []meta.SnapshotRequest{{Volume: "vol", Name: "b"}}, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Rollback(ctx, tc.ms, "vol", "a", ao); !errors.Is(err, meta.ErrAttached) {
+		t.Fatalf("rollback of an attached volume: %v", err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	res, err := Rollback(ctx, tc.ms, "vol", "a", ao)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Chunks != 6 || res.Changed != 3 {
+		t.Errorf("rollback: %+v, want 6 chunks compared and 3 rewritten", res)
+	}
+	a, err = Attach(ctx, tc.ms, "vol", ao)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	snapA := func(off int64) byte {
+		if off < 4*testChunk {
+			return 'A'
+		}
+		return 0
+	}
+	expect(t, "volume after rollback", a, snapA)
+	expect(t, "a after rollback", tc.snapView(t, "vol", "a"), snapA)
+	expect(t, "b after rollback", tc.snapView(t, "vol", "b"), func(off int64) byte {
+		switch {
+		case off >= testChunk && off < 2*testChunk, off >= 5*testChunk:
+			return 'B'
+		case off >= 3*testChunk:
+			return 0
+		}
+		return 'A'
+	})
+}
+
+// A group snapshot of two volumes held by two clients is one instant: one
+// writer numbers its writes across both volumes, each acknowledged before
+// the next starts, and the two snapshots hold exactly the writes up to
+// some number.
+func TestSnapshotGroupInstant(t *testing.T) {
+	tc := startCluster(t, 3, 64)
+	ctx := context.Background()
+	const blocks = 16
+	vols := [2]*Attached{}
+	for i, name := range []string{"wal", "data"} {
+		tc.volume(name, blocks*engine.BlockSize, 2)
+		a, err := Attach(ctx, tc.ms, name, AttachOptions{Options: Options{TLS: tc.client.Client, Timeout: time.Second, Logger: quietLog, Holder: name}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Close()
+		vols[i] = a
+	}
+	// The second holder sees the request late: the first must hold its
+	// writes until both paused.
+	late := 100 * time.Millisecond
+	vols[1].Volume.testSnapDelay.Store(&late)
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	var hist [][2]int // write n: volume, block
+	go func() {
+		b := make([]byte, engine.BlockSize)
+		for n := 1; ; n++ {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			v, blk := n%2, (n/2)%blocks
+			for j := 0; j < len(b); j += 8 {
+				b[j], b[j+1], b[j+2], b[j+3] = byte(n), byte(n>>8), byte(n>>16), byte(n>>24)
+			}
+			if err := voltest.Do(vols[v], engine.OpWrite, 0, int64(blk)*engine.BlockSize, engine.BlockSize, b); err != nil {
+				done <- err
+				return
+			}
+			hist = append(hist, [2]int{v, blk})
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if _, err := tc.ms.TakeSnapshots(ctx, "g", []meta.SnapshotRequest{{Volume: "wal", Name: "g1"}, {Volume: "data", Name: "g1"}}, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// What each snapshot holds: the write number in each block.
+	var held [2][blocks]int
+	maxN := 0
+	for i, name := range []string{"wal", "data"} {
+		v := tc.snapView(t, name, "g1")
+		b := voltest.Buf(t, blocks*engine.BlockSize)
+		if err := voltest.Do(v, engine.OpRead, 0, 0, int64(len(b)), b); err != nil {
+			t.Fatal(err)
+		}
+		for blk := range blocks {
+			p := b[blk*engine.BlockSize:]
+			held[i][blk] = int(p[0]) | int(p[1])<<8 | int(p[2])<<16 | int(p[3])<<24
+			maxN = max(maxN, held[i][blk])
+		}
+	}
+	if maxN == 0 || maxN >= len(hist) {
+		t.Fatalf("snapshot holds writes up to %d of %d: not taken during the writes", maxN, len(hist))
+	}
+	// The prefix up to maxN, replayed, must be what the snapshots hold.
+	var want [2][blocks]int
+	for n := 1; n <= maxN; n++ {
+		w := hist[n-1]
+		want[w[0]][w[1]] = n
+	}
+	if held != want {
+		t.Fatalf("the group snapshot is not one instant:\nheld %v\nwant %v (writes 1..%d)", held, want, maxN)
+	}
+	t.Logf("group snapshot holds writes 1..%d of %d", maxN, len(hist))
+}

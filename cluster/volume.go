@@ -196,6 +196,9 @@ type Volume struct {
 	// finishMove once the previous rings left the placement; true stops
 	// the end there, as a crash would.
 	testMoveSwitched atomic.Pointer[func() bool]
+	// testSnapDelay, set by tests, delays the answer to a snapshot
+	// request (a holder slow to see it).
+	testSnapDelay atomic.Pointer[time.Duration]
 }
 
 var _ engine.Volume = (*Volume)(nil)

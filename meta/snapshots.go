@@ -60,6 +60,8 @@ type Snapshot struct {
 	Name string `json:"name"`
 	// Created is when it was begun.
 	Created time.Time `json:"created"`
+	// Size is the volume's size then (a view of it reads zeros past it).
+	Size uint64 `json:"size"`
 	// Group names the group snapshot it was taken with (empty: alone).
 	Group string `json:"group,omitempty"`
 	// Pending: begun, not committed (or abandoned).
@@ -226,7 +228,7 @@ func (s *Client) BeginSnapshots(ctx context.Context, group string, reqs []Snapsh
 			}
 			v.SnapSeq++
 			bv.seq = v.SnapSeq
-			v.Snapshots = append(v.Snapshots, Snapshot{ID: v.SnapSeq, Name: r.Name, Created: now, Group: group, Pending: true})
+			v.Snapshots = append(v.Snapshots, Snapshot{ID: v.SnapSeq, Name: r.Name, Created: now, Size: v.Size, Group: group, Pending: true})
 			js, _ := json.Marshal(v)
 			ops = append(ops, clientv3.OpPut(s.volKey(v.ID), string(js)))
 			if bv.holder != "" {

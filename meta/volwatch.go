@@ -10,6 +10,7 @@ package meta
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -25,8 +26,19 @@ type VolumeSet struct {
 	// Next is the id the next created volume gets; every id below it was
 	// allocated once.
 	Next uint64
+	// Snaps holds, for each volume with snapshot numbers given out, the
+	// newest (SnapSeq) and those of its snapshots (pending ones included).
+	Snaps map[uint64]VolumeSnaps
 	// Rev is the etcd revision of the read.
 	Rev int64
+}
+
+// VolumeSnaps are a volume's snapshot numbers in a VolumeSet.
+type VolumeSnaps struct {
+	// Seq is the newest number given out (Volume.SnapSeq).
+	Seq uint64
+	// Live are the numbers of its snapshots, ascending.
+	Live []uint64
 }
 
 // Deleted reports whether volume id existed once and is deleted: its
@@ -37,19 +49,26 @@ func (v VolumeSet) Deleted(id uint64) bool { return id < v.Next && !v.IDs[id] }
 // revision.
 func (s *Client) VolumeSet(ctx context.Context) (VolumeSet, error) {
 	resp, err := s.cli.Txn(ctx).Then(
-		clientv3.OpGet(s.kVolumes+"0", clientv3.WithRange(s.kVolumes+":"), clientv3.WithKeysOnly()),
+		clientv3.OpGet(s.kVolumes+"0", clientv3.WithRange(s.kVolumes+":")),
 		clientv3.OpGet(s.kNextID),
 	).Commit()
 	if err != nil {
 		return VolumeSet{}, fmt.Errorf("meta: list volume ids: %w", err)
 	}
-	vs := VolumeSet{IDs: make(map[uint64]bool), Next: 1, Rev: resp.Header.Revision}
+	vs := VolumeSet{IDs: make(map[uint64]bool), Next: 1, Rev: resp.Header.Revision, Snaps: make(map[uint64]VolumeSnaps)}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		id, err := strconv.ParseUint(strings.TrimPrefix(string(kv.Key), s.kVolumes), 10, 64)
 		if err != nil {
 			return VolumeSet{}, fmt.Errorf("meta: list volume ids: malformed key %q: %w", kv.Key, err)
 		}
 		vs.IDs[id] = true
+		var v Volume
+		if err := json.Unmarshal(kv.Value, &v); err != nil {
+			return VolumeSet{}, fmt.Errorf("meta: list volume ids: decode volume %d: %w", id, err)
+		}
+		if v.SnapSeq > 0 {
+			vs.Snaps[id] = VolumeSnaps{Seq: v.SnapSeq, Live: v.LiveSnaps()}
+		}
 	}
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
 		if vs.Next, err = strconv.ParseUint(string(kvs[0].Value), 10, 64); err != nil {

@@ -1,6 +1,7 @@
 package node
 
-// Garbage collection of deleted volumes' chunks.
+// Garbage collection of deleted volumes' chunks and of snapshot copies no
+// snapshot is read from.
 //
 // Invariants:
 //   - A chunk is discarded only if its volume id is below the id counter and
@@ -8,6 +9,10 @@ package node
 //     the volume existed and was deleted. Ids are never reused, so a volume
 //     created after that read (a higher id) is never touched, and a chunk of
 //     an id never allocated is left alone.
+//   - A snapshot copy of a volume that exists is discarded only if no
+//     snapshot of the same VolumeSet (pending ones included) reads from it
+//     and its number is not above the volume's SnapSeq there (see
+//     garbageCopies for why a listing is enough).
 //   - The collector runs on its own goroutine, one pass at a time, and stops
 //     (Node.Stop waits for it) before the store closes.
 //   - A pass discards each garbage chunk whole (OpDiscard over the chunk),
@@ -18,6 +23,7 @@ package node
 import (
 	"context"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -82,7 +88,8 @@ func (c *collector) close() {
 	<-c.done
 }
 
-// pass discards every chunk of a volume that vs reports deleted.
+// pass discards every chunk of a volume that vs reports deleted, and every
+// snapshot copy no snapshot of vs is read from (garbageCopies).
 func (c *collector) pass(ctx context.Context, vs meta.VolumeSet) {
 	ids, err := c.st.Chunks()
 	if err != nil {
@@ -97,6 +104,8 @@ func (c *collector) pass(ctx context.Context, vs meta.VolumeSet) {
 			vols[id.Volume]++
 		}
 	}
+	copies := garbageCopies(ids, vs)
+	garbage = append(garbage, copies...)
 	if len(garbage) == 0 {
 		return
 	}
@@ -123,8 +132,48 @@ func (c *collector) pass(ctx context.Context, vs meta.VolumeSet) {
 		})
 	}
 	wg.Wait()
-	c.log.Info("gc: freed chunks of deleted volumes", "chunks", freed.Load(), "failed", failed.Load(),
-		"volumes", len(vols), "took", time.Since(start).Round(time.Millisecond))
+	c.log.Info("gc: freed chunks of deleted volumes and snapshots", "chunks", freed.Load(), "failed", failed.Load(),
+		"volumes", len(vols), "snapshot_copies", len(copies), "took", time.Since(start).Round(time.Millisecond))
+}
+
+// garbageCopies returns the snapshot copies of ids (a store's chunks, in
+// Store.Chunks order) that no snapshot of vs is read from. A read as of
+// snapshot s resolves to the smallest copy >= s, so copy c, whose next
+// lower copy in the store is p (0 if none), serves exactly the snapshots in
+// (p, c]: it is garbage if none of them is live. Copies numbered above the
+// volume's Seq (taken after vs was read) are kept.
+//
+// Why acting on a listing is safe: only this collector, and a move's end
+// (which drops every copy of a chunk the node no longer owns), discard
+// copies; every other change adds copies (a clone, a rebuild's copy), and
+// an added copy only narrows what an existing one serves. So a copy the
+// listing shows serving no live snapshot serves none when discarded.
+// Snapshots taken later have numbers above every existing copy.
+func garbageCopies(ids []store.ChunkID, vs meta.VolumeSet) []store.ChunkID {
+	byHead := make(map[[2]uint64][]uint64)
+	for _, id := range ids {
+		if id.Snap == 0 || vs.Deleted(id.Volume) || !vs.IDs[id.Volume] {
+			continue
+		}
+		k := [2]uint64{id.Volume, id.Index}
+		byHead[k] = append(byHead[k], id.Snap)
+	}
+	var out []store.ChunkID
+	for k, copies := range byHead {
+		slices.Sort(copies)
+		sn := vs.Snaps[k[0]]
+		prev := uint64(0)
+		for _, c := range copies {
+			if c <= sn.Seq {
+				i, _ := slices.BinarySearch(sn.Live, prev+1)
+				if i >= len(sn.Live) || sn.Live[i] > c {
+					out = append(out, store.ChunkID{Volume: k[0], Index: k[1], Snap: c})
+				}
+			}
+			prev = c
+		}
+	}
+	return out
 }
 
 // gcWaiter completes a ChunkOp into a channel.
