@@ -63,6 +63,9 @@ func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
 	if err := c.src.parse("attach", args); err != nil {
 		return err
 	}
+	if c.src.snapshot != "" {
+		return cli.Usagef("%s is a snapshot: attach takes a volume; export a snapshot read-only with torusblk serve %s@%s --read-only", c.src, c.src.name, c.src.snapshot)
+	}
 	if err := c.ef.check(!c.src.isCluster()); err != nil {
 		return err
 	}

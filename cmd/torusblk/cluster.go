@@ -110,3 +110,46 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, wait time.Du
 	}
 	return cv, nil
 }
+
+// snapshotVolume is a read-only view of a snapshot through its own etcd
+// client; Close closes the client after the view.
+type snapshotVolume struct {
+	*cluster.Volume
+	ms *meta.Client
+}
+
+// Close closes the view, then etcd.
+func (v *snapshotVolume) Close() error {
+	err := v.Volume.Close()
+	v.ms.Close()
+	return err
+}
+
+// openSnapshot opens a read-only view of snapshot VOLUME@SNAPSHOT: no attach
+// lock, so the volume may be attached and written meanwhile.
+func openSnapshot(ctx context.Context, volume, snapshot string, cf clusterFlags, log *slog.Logger) (*snapshotVolume, error) {
+	tlsConf, err := netquic.LoadTLS(cf.tlsDir)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-dir %s: %w", cf.tlsDir, err)
+	}
+	ms, err := meta.Open(ctx, cf.cluster.Endpoints(), cf.cluster.Prefix, meta.Options{Logger: log})
+	if err != nil {
+		if errors.Is(err, meta.ErrUnreachable) {
+			return nil, fmt.Errorf("%w: is etcd running at %s? (--etcd or TORUS_ETCD)", err, cf.cluster.Etcd)
+		}
+		return nil, err
+	}
+	v, err := cluster.OpenSnapshot(ctx, ms, volume, snapshot, cluster.Options{
+		TLS: tlsConf.Client, LocalNode: cf.localNode, Timeout: cf.timeout, Logger: log,
+		Holder: fmt.Sprintf("torusblk pid %d (snapshot view)", os.Getpid()),
+	})
+	if err != nil {
+		ms.Close()
+		if errors.Is(err, meta.ErrNotFound) {
+			return nil, fmt.Errorf("%w (list snapshots with `torusctl snapshot list %s`)", err, volume)
+		}
+		return nil, err
+	}
+	log.Info("opened snapshot read-only", "volume", volume, "snapshot", snapshot)
+	return &snapshotVolume{Volume: v, ms: ms}, nil
+}

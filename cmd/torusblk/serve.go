@@ -28,6 +28,7 @@ type serveCmd struct {
 	listen, name     string
 	shards, maxProcs int
 	noUring          bool
+	readOnly         bool
 	cpuProfile       string
 }
 
@@ -37,8 +38,10 @@ func serveCommand(log *slog.Logger) *cli.Command {
 		Name:    "serve",
 		Summary: "export a volume over NBD",
 		Usage: `--store DIR --size SIZE --listen unix:PATH|tcp:HOST:PORT
-NAME --etcd URL --tls-dir DIR --listen unix:PATH|tcp:HOST:PORT`,
-		Help:  "The first form serves a local volume, the second a volume of a Torus cluster.",
+NAME --etcd URL --tls-dir DIR --listen unix:PATH|tcp:HOST:PORT
+NAME@SNAPSHOT --read-only --etcd URL --tls-dir DIR --listen unix:PATH|tcp:HOST:PORT`,
+		Help: "The first form serves a local volume, the second a volume of a Torus cluster (under its attach lock), " +
+			"the third a snapshot of one, read-only (no lock: the volume may be attached elsewhere meanwhile).",
 		Flags: c.flags,
 		Run:   c.run,
 	}
@@ -51,6 +54,7 @@ func (c *serveCmd) flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.name, "name", "torus", "NBD export name")
 	fs.IntVar(&c.shards, "shards", 0, "store io_uring shards, each one ring on one OS thread (default: one per CPU)")
 	fs.IntVar(&c.maxProcs, "gomaxprocs", procs.Auto, "GOMAXPROCS: 0 = CPUs + shards (so goroutines never wait for shards blocked in io_uring), -1 = Go's default")
+	fs.BoolVar(&c.readOnly, "read-only", false, "export read-only (the NBD read-only flag; writes fail with EPERM); required for a snapshot")
 	fs.BoolVar(&c.noUring, "no-uring-conns", false, "serve each NBD connection with reader and writer goroutines instead of one io_uring thread that runs the store shards (for comparison)")
 	// The flag's name before "ring" came to mean placement only.
 	fs.BoolVar(&c.noUring, "no-ring-conns", false, "")
@@ -69,6 +73,9 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 	}
 	if err := c.src.parse("serve", args); err != nil {
 		return err
+	}
+	if c.src.snapshot != "" && !c.readOnly {
+		return cli.Usagef("%s is a snapshot: snapshots are read-only, add --read-only", c.src)
 	}
 	if err := c.ef.check(!c.src.isCluster()); err != nil {
 		return err
@@ -112,13 +119,17 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 	desc, source, size := "torus local volume", c.src.path, int64(c.src.size)
 	if c.src.isCluster() {
 		desc, source, size = "torus cluster volume "+c.src.name, c.src.name, vol.Size()
+		if c.src.snapshot != "" {
+			source += "@" + c.src.snapshot
+			desc = "torus snapshot " + source
+		}
 		if err := listenNBD(); err != nil {
 			vol.Close()
 			return err
 		}
 		defer l.Close()
 	}
-	srv, err := nbd.NewServer([]nbd.Export{{Name: c.name, Description: desc, Volume: vol}}, nbd.Options{Logger: log, NoUring: c.noUring})
+	srv, err := nbd.NewServer([]nbd.Export{{Name: c.name, Description: desc, Volume: vol, ReadOnly: c.readOnly}}, nbd.Options{Logger: log, NoUring: c.noUring})
 	if err != nil {
 		vol.Close()
 		return err

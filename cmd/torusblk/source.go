@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -11,6 +12,7 @@ import (
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/blockdev"
 	"github.com/torus-storage/torus/internal/cli"
+	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/store"
 )
 
@@ -19,6 +21,7 @@ import (
 //
 //	--store DIR --size SIZE            a local volume: a store on this machine
 //	NAME [--etcd URL] [--tls-dir DIR]  a volume of a Torus cluster
+//	NAME@SNAPSHOT [...]                one of its snapshots, read-only
 //
 // register defines the flags of both forms; parse picks the form from the
 // positional arguments and checks it, once; open opens the volume.
@@ -30,6 +33,8 @@ type volumeSource struct {
 
 	// name is the cluster volume's name, "" for a local volume.
 	name string
+	// snapshot is the snapshot of it to open read-only ("": the volume).
+	snapshot string
 	// path is the local volume's store: the file in --store DIR, or the
 	// block device --store names.
 	path string
@@ -52,6 +57,13 @@ func (s *volumeSource) parse(cmd string, args []string) error {
 	}
 	if len(args) == 1 {
 		s.name = args[0]
+		if strings.Contains(s.name, "@") {
+			r, err := meta.ParseSnapshotName(s.name)
+			if err != nil {
+				return cli.Usagef("%q: want NAME or NAME@SNAPSHOT", s.name)
+			}
+			s.name, s.snapshot = r.Volume, r.Name
+		}
 		if s.store != "" || s.fs.Changed("size") {
 			return cli.Usagef("--store and --size are for a local volume; cluster volume %s lives in the cluster (its size is in etcd)", s.name)
 		}
@@ -79,8 +91,12 @@ func (s *volumeSource) parse(cmd string, args []string) error {
 // isCluster reports whether the volume is a cluster volume.
 func (s *volumeSource) isCluster() bool { return s.name != "" }
 
-// String names the volume: "cluster:NAME", or the local store's path.
+// String names the volume: "cluster:NAME[@SNAPSHOT]", or the local
+// store's path.
 func (s *volumeSource) String() string {
+	if s.snapshot != "" {
+		return "cluster:" + s.name + "@" + s.snapshot
+	}
 	if s.isCluster() {
 		return "cluster:" + s.name
 	}
@@ -99,6 +115,9 @@ func (s *volumeSource) open(ctx context.Context, shards int, wait time.Duration,
 			return nil, err
 		}
 		return lv, nil
+	}
+	if s.snapshot != "" {
+		return openSnapshot(ctx, s.name, s.snapshot, s.cluster, log)
 	}
 	cv, err := openCluster(ctx, s.name, s.cluster, wait, sf, log)
 	if err != nil {

@@ -37,6 +37,13 @@ func commands() []command {
 		{path: "volume info", summary: "a volume, its attach epoch and its copies", args: "NAME", nargs: 1, build: plain(cmdVolumeInfo)},
 		{path: "volume resize", summary: "grow a volume", args: "NAME", flags: "--size SIZE", nargs: 1, build: buildVolumeResize},
 		{path: "volume delete", summary: "delete a volume", args: "NAME", nargs: 1, build: plain(cmdVolumeDelete)},
+		{path: "volume rollback", summary: "make a detached volume read as one of its snapshots again", args: "VOLUME@SNAPSHOT",
+			flags: "--tls-dir DIR", nargs: 1, build: buildVolumeRollback},
+		{path: "snapshot create", summary: "snapshot one volume, or several at one instant (--group)", args: "VOLUME@SNAPSHOT...",
+			flags: "[--group NAME] [--wait 10s]", nargs: 1, maxArgs: -1, build: buildSnapshotCreate},
+		{path: "snapshot list", summary: "the snapshots of every volume, or of one", args: "[VOLUME]", maxArgs: 1, build: plain(cmdSnapshotList)},
+		{path: "snapshot delete", summary: "delete a snapshot (the nodes give its space back)", args: "VOLUME@SNAPSHOT", nargs: 1,
+			build: plain(cmdSnapshotDelete)},
 	}
 }
 

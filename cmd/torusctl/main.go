@@ -11,6 +11,10 @@
 //	torusctl volume info NAME
 //	torusctl volume resize NAME --size SIZE
 //	torusctl volume delete NAME
+//	torusctl volume rollback VOLUME@SNAPSHOT --tls-dir DIR
+//	torusctl snapshot create [--group NAME] VOLUME@SNAPSHOT...
+//	torusctl snapshot list [VOLUME]
+//	torusctl snapshot delete VOLUME@SNAPSHOT
 //
 // Global flags (before or after the command): --etcd URL[,URL] (default
 // $TORUS_ETCD, else http://127.0.0.1:2379), --prefix (default /torus/) and
@@ -65,7 +69,8 @@ type command struct {
 	summary string // what it does, for its --help
 	args    string // positional arguments, for the usage line
 	flags   string // its flags, for the usage line
-	nargs   int    // exact count of positional arguments
+	nargs   int    // count of positional arguments (the least, with maxArgs)
+	maxArgs int    // if not 0, the most positional arguments (-1: any)
 	// build registers the command's flags on fs and returns the function
 	// that runs it with their parsed values.
 	build func(fs *pflag.FlagSet) runFunc
@@ -128,8 +133,11 @@ func (c *command) command(g *globals, name string) *cli.Command {
 			if err := g.check(); err != nil {
 				return err
 			}
-			if len(args) != c.nargs {
-				if c.nargs == 0 {
+			if c.maxArgs != 0 && len(args) >= c.nargs && (c.maxArgs < 0 || len(args) <= c.maxArgs) {
+				return run(ctx, &env{g: g, stdout: io.Stdout, stderr: io.Stderr}, args)
+			}
+			if len(args) != c.nargs || c.maxArgs != 0 {
+				if c.nargs == 0 && c.maxArgs == 0 {
 					return cli.Usagef("unexpected arguments %q", args)
 				}
 				return cli.Usagef("want %s, got %d arguments (example: torusctl %s %s)",
@@ -150,6 +158,8 @@ func example(c *command) string {
 		return "3"
 	case "node remove":
 		return "node4"
+	case "snapshot create", "snapshot delete", "volume rollback":
+		return "vol0@before-upgrade"
 	default:
 		return "vol0"
 	}

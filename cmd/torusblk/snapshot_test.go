@@ -1,0 +1,204 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/torus-storage/torus/meta"
+)
+
+// qemuIO runs qemu-io commands against the NBD export at sock.
+func qemuIO(t *testing.T, sock string, cmds ...string) {
+	t.Helper()
+	qemuIOArgs(t, sock, []string{"-f", "raw"}, cmds...)
+}
+
+// qemuIORead runs qemu-io commands against the read-only export at sock.
+func qemuIORead(t *testing.T, sock string, cmds ...string) {
+	t.Helper()
+	qemuIOArgs(t, sock, []string{"-r", "-f", "raw"}, cmds...)
+}
+
+func qemuIOArgs(t *testing.T, sock string, args []string, cmds ...string) {
+	t.Helper()
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	args = append(args, "nbd+unix:///torus?socket="+sock)
+	out, err := runTool(t, 2*time.Minute, "qemu-io", args...)
+	if err != nil || strings.Contains(out, "Pattern verification failed") || strings.Contains(out, "failed") {
+		t.Fatalf("qemu-io %v: %v\n%s", cmds, err, out)
+	}
+}
+
+// snapshots returns the volume's snapshots as torusctl lists them.
+func (c *testCluster) snapshots(vol string) []meta.Snapshot {
+	c.t.Helper()
+	var rows []meta.Snapshot
+	if err := json.Unmarshal([]byte(c.Ctl("--output", "json", "snapshot", "list", vol)), &rows); err != nil {
+		c.t.Fatal(err)
+	}
+	return rows
+}
+
+// Snapshots end to end with real processes: a snapshot of a volume served
+// by torusblk (the barrier goes through it), exported read-only by another
+// torusblk while the volume is written, backed up with qemu-img convert and
+// nbdcopy; a kill -9 of the serving client and of a node during snapshot
+// create leaves the snapshot complete or absent; a node that missed writes
+// and copies is rebuilt with the snapshot's data; rollback; delete.
+func TestClusterSnapshot(t *testing.T) {
+	needTool(t, "qemu-img")
+	needTool(t, "nbdcopy")
+	c := startCluster(t, 3)
+	c.Ctl("volume", "create", "db", "--size", "32MiB", "--replication", "2")
+	s, sock := c.serve("db", "--lease-ttl", "1s")
+	qemuIO(t, sock, "write -P 0xaa 0 16M")
+	start := time.Now()
+	out := c.Ctl("snapshot", "create", "db@a")
+	attached := time.Since(start)
+	if !strings.Contains(out, "snapshot db@a taken") {
+		t.Fatalf("snapshot create: %s", out)
+	}
+	qemuIO(t, sock, "write -P 0xbb 0 8M", "write -z 12M 4M")
+
+	// The snapshot, exported read-only while the volume is written.
+	rs, rsock := c.serve("db@a", "--read-only")
+	if out, err := runTool(t, time.Minute, "nbdinfo", "--can", "write", "nbd+unix:///torus?socket="+rsock); err == nil {
+		t.Fatalf("nbdinfo --can write on a snapshot export: %s", out)
+	}
+	qemuIORead(t, rsock, "read -P 0xaa 0 16M", "read -P 0 16M 16M")
+	qemuIO(t, sock, "read -P 0xbb 0 8M", "read -P 0xaa 8M 4M", "read -P 0 12M 20M")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.img")
+	if out, err := runTool(t, 2*time.Minute, "qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd+unix:///torus?socket="+rsock, img); err != nil {
+		t.Fatalf("qemu-img convert: %v\n%s", err, out)
+	}
+	raw := filepath.Join(dir, "a.raw")
+	if out, err := runTool(t, 2*time.Minute, "nbdcopy", "nbd+unix:///torus?socket="+rsock, raw); err != nil {
+		t.Fatalf("nbdcopy: %v\n%s", err, out)
+	}
+	want := append(bytes.Repeat([]byte{0xaa}, 16<<20), make([]byte, 16<<20)...)
+	for _, f := range []string{img, raw} {
+		got, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s differs from the snapshot's data", f)
+		}
+	}
+	rs.Stop(t)
+
+	// kill -9 of the serving client during snapshot create: complete or
+	// absent, never pending.
+	ctx := context.Background()
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Torusctl(ctx, "snapshot", "create", "db@k", "--wait", "3s")
+		done <- err
+	}()
+	time.Sleep(5 * time.Millisecond)
+	s.Kill()
+	err := <-done
+	snaps := c.snapshots("db")
+	var k *meta.Snapshot
+	for i := range snaps {
+		if snaps[i].Name == "k" {
+			k = &snaps[i]
+		}
+	}
+	switch {
+	case err == nil && (k == nil || k.Pending):
+		t.Fatalf("snapshot create succeeded but the snapshot is %+v", k)
+	case err != nil && k != nil:
+		t.Fatalf("snapshot create failed (%v) but left %+v", err, *k)
+	}
+	t.Logf("kill -9 of the client during snapshot create: create error %v, snapshot %+v", err, k)
+
+	// kill -9 of a node during snapshot create, with a new client (once
+	// the killed one's lease ended).
+	deadline := time.Now().Add(20 * time.Second)
+	for s, sock = c.tryServe("db", "--replica-timeout", "1s"); s == nil; s, sock = c.tryServe("db", "--replica-timeout", "1s") {
+		if time.Now().After(deadline) {
+			t.Fatal("no new client could attach within 20 s of the kill")
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	go func() {
+		_, err := c.Torusctl(ctx, "snapshot", "create", "db@n")
+		done <- err
+	}()
+	c.Nodes[2].Proc.Kill()
+	err = <-done
+	snaps = c.snapshots("db")
+	found := false
+	for _, sn := range snaps {
+		if sn.Name == "n" {
+			found = !sn.Pending
+			if sn.Pending {
+				t.Fatalf("snapshot n left pending: %+v", sn)
+			}
+		}
+	}
+	if (err == nil) != found {
+		t.Fatalf("snapshot create with a node killed: error %v, snapshot present %v", err, found)
+	}
+	t.Logf("kill -9 of a node during snapshot create: create error %v", err)
+
+	// The dead node misses writes and head copies; once back it is rebuilt,
+	// snapshot copies included: with another node stopped, the snapshot
+	// still reads whole.
+	c.Ctl("snapshot", "create", "db@b")
+	qemuIO(t, sock, "write -P 0xcc 0 32M")
+	c.StartNode(c.Nodes[2])
+	c.WaitNodes(3)
+	deadline = time.Now().Add(60 * time.Second)
+	for {
+		v, err := c.Meta.Volume(ctx, "db")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := c.Meta.Missed(ctx, v.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("marks left after 60 s: %v\n%s", m, s.Log())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	s.Stop(t)
+	c.Nodes[0].Proc.Stop(t)
+	rs, rsock = c.serve("db@b", "--read-only")
+	qemuIORead(t, rsock, "read -P 0xbb 0 8M", "read -P 0xaa 8M 4M", "read -P 0 12M 20M")
+	rs.Stop(t)
+	c.StartNode(c.Nodes[0])
+	c.WaitNodes(3)
+
+	// Rollback to a, then the snapshots are deleted and the nodes give
+	// their copies back.
+	out = c.Ctl("volume", "rollback", "db@a", "--tls-dir", c.TLSDir)
+	if !strings.Contains(out, "is back at snapshot a") {
+		t.Fatalf("rollback: %s", out)
+	}
+	s, sock = c.serve("db")
+	qemuIO(t, sock, "read -P 0xaa 0 16M", "read -P 0 16M 16M")
+	s.Stop(t)
+	for _, sn := range c.snapshots("db") {
+		c.Ctl("snapshot", "delete", "db@"+sn.Name)
+	}
+	if n := len(c.snapshots("db")); n != 0 {
+		t.Fatalf("%d snapshots left after deleting all", n)
+	}
+	t.Logf("snapshot create attached: %v", attached.Round(time.Millisecond))
+}

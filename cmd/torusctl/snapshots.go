@@ -1,0 +1,178 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/torus-storage/torus/cluster"
+	"github.com/torus-storage/torus/internal/cli"
+	"github.com/torus-storage/torus/internal/units"
+	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/netquic"
+)
+
+// snapshotNames parses VOLUME@SNAPSHOT arguments.
+func snapshotNames(args []string) ([]meta.SnapshotRequest, error) {
+	var reqs []meta.SnapshotRequest
+	for _, a := range args {
+		r, err := meta.ParseSnapshotName(a)
+		if err != nil {
+			return nil, cli.Usagef("%q: want VOLUME@SNAPSHOT (example: vol0@before-upgrade)", a)
+		}
+		reqs = append(reqs, r)
+	}
+	return reqs, nil
+}
+
+func buildSnapshotCreate(fs *pflag.FlagSet) runFunc {
+	var group string
+	var wait time.Duration
+	fs.StringVar(&group, "group", "", "take the snapshots of every VOLUME@SNAPSHOT at one instant, as group `NAME` (needed for more than one)")
+	fs.DurationVar(&wait, "wait", 10*time.Second, "how long the clients holding the volumes may take to pause their writes; past it the snapshot is cancelled")
+	return func(ctx context.Context, e *env, args []string) error {
+		reqs, err := snapshotNames(args)
+		if err != nil {
+			return err
+		}
+		if len(reqs) > 1 && group == "" {
+			return cli.Usagef("%d volumes: snapshots of several volumes are taken at one instant as a group: give --group NAME", len(reqs))
+		}
+		if wait <= 0 {
+			return cli.Usagef("--wait %v: must be positive", wait)
+		}
+		return withStore(ctx, e, func(s *meta.Client) error {
+			start := time.Now()
+			snaps, err := s.TakeSnapshots(ctx, group, reqs, wait)
+			switch {
+			case errors.Is(err, meta.ErrExists):
+				return fmt.Errorf("%w: pick another name or delete the old snapshot", err)
+			case errors.Is(err, context.DeadlineExceeded):
+				return fmt.Errorf("%w: the snapshot is cancelled (a client holding the volume did not pause in time; is it reachable from etcd?)", err)
+			case err != nil:
+				return notFound(err)
+			}
+			took := time.Since(start)
+			if e.g.output == cli.JSON {
+				return e.printJSON(snaps)
+			}
+			for i, sn := range snaps {
+				fmt.Fprintf(e.stdout, "snapshot %s@%s taken (number %d, %s)\n", reqs[i].Volume, sn.Name, sn.ID, took.Round(time.Millisecond))
+			}
+			return nil
+		})
+	}
+}
+
+// snapshotRow is a line of snapshot list.
+type snapshotRow struct {
+	Volume string `json:"volume"`
+	meta.Snapshot
+}
+
+func cmdSnapshotList(ctx context.Context, e *env, args []string) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
+		var vols []meta.Volume
+		if len(args) == 1 {
+			v, err := s.Volume(ctx, args[0])
+			if err != nil {
+				return notFound(err)
+			}
+			vols = []meta.Volume{v}
+		} else {
+			var err error
+			if vols, err = s.Volumes(ctx); err != nil {
+				return err
+			}
+		}
+		rows := []snapshotRow{}
+		for _, v := range vols {
+			for _, sn := range v.Snapshots {
+				rows = append(rows, snapshotRow{v.Name, sn})
+			}
+		}
+		if e.g.output == cli.JSON {
+			return e.printJSON(rows)
+		}
+		tw := e.table()
+		fmt.Fprintln(tw, "SNAPSHOT\tNUMBER\tSIZE\tCREATED\tGROUP\tSTATE")
+		for _, r := range rows {
+			state, group := "ready", r.Group
+			if r.Pending {
+				state = "pending (being taken, or left by a command that died: delete it)"
+			}
+			if group == "" {
+				group = "-"
+			}
+			fmt.Fprintf(tw, "%s@%s\t%d\t%s\t%s\t%s\t%s\n", r.Volume, r.Name, r.ID, units.FormatSize(int64(r.Size)),
+				r.Created.Format(time.RFC3339), group, state)
+		}
+		return tw.Flush()
+	})
+}
+
+func cmdSnapshotDelete(ctx context.Context, e *env, args []string) error {
+	reqs, err := snapshotNames(args)
+	if err != nil {
+		return err
+	}
+	r := reqs[0]
+	return withStore(ctx, e, func(s *meta.Client) error {
+		if err := s.DeleteSnapshot(ctx, r.Volume, r.Name); err != nil {
+			if errors.Is(err, meta.ErrNotFound) {
+				return fmt.Errorf("no snapshot %s@%s: %w: see 'torusctl snapshot list %s'", r.Volume, r.Name, err, r.Volume)
+			}
+			return err
+		}
+		if e.g.output == cli.JSON {
+			return e.printJSON(map[string]string{"deleted": r.Volume + "@" + r.Name})
+		}
+		fmt.Fprintf(e.stdout, "deleted snapshot %s@%s (the nodes give back the space only it held)\n", r.Volume, r.Name)
+		return nil
+	})
+}
+
+func buildVolumeRollback(fs *pflag.FlagSet) runFunc {
+	var tlsDir string
+	cli.TLSDirFlag(fs, &tlsDir)
+	return func(ctx context.Context, e *env, args []string) error {
+		reqs, err := snapshotNames(args)
+		if err != nil {
+			return err
+		}
+		if tlsDir == "" {
+			return cli.Usagef("--tls-dir (or TORUS_TLS_DIR) is required: rollback reads and writes the volume's chunks on the nodes as a client")
+		}
+		tc, err := netquic.LoadTLS(tlsDir)
+		if err != nil {
+			return fmt.Errorf("--tls-dir %s: %w", tlsDir, err)
+		}
+		r := reqs[0]
+		return withStore(ctx, e, func(s *meta.Client) error {
+			host, _ := os.Hostname()
+			log := slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+			start := time.Now()
+			res, err := cluster.Rollback(ctx, s, r.Volume, r.Name, cluster.AttachOptions{Options: cluster.Options{
+				TLS: tc.Client, Logger: log, Holder: fmt.Sprintf("torusctl rollback pid %d on %s", os.Getpid(), host)}})
+			switch {
+			case errors.Is(err, meta.ErrAttached):
+				return fmt.Errorf("%w: rollback needs the volume detached: detach it first", err)
+			case errors.Is(err, meta.ErrNotFound):
+				return fmt.Errorf("%w: see 'torusctl snapshot list %s'", err, r.Volume)
+			case err != nil:
+				return err
+			}
+			if e.g.output == cli.JSON {
+				return e.printJSON(map[string]any{"volume": r.Volume, "snapshot": r.Name, "chunks": res.Chunks, "rewritten": res.Changed})
+			}
+			fmt.Fprintf(e.stdout, "volume %s is back at snapshot %s: %d of %d chunks rewritten (%s)\n", r.Volume, r.Name,
+				res.Changed, res.Chunks, time.Since(start).Round(time.Millisecond))
+			return nil
+		})
+	}
+}
