@@ -7,6 +7,9 @@
 //	torusblk detach  DEVICE
 //	torusblk recover /dev/ublkbN
 //	torusblk list    [--output text|json]
+//	torusblk serve   NAME@SNAPSHOT --read-only --etcd URL --tls-dir DIR --listen ...
+//	torusblk export-diff NAME@FROM..@TO|NAME@SNAPSHOT FILE|- --etcd URL --tls-dir DIR
+//	torusblk import-diff FILE|- NAME --etcd URL --tls-dir DIR
 //
 // serve exports one volume over NBD: a local store (--store, --size) or a
 // volume NAME of a Torus cluster (--etcd, default $TORUS_ETCD; --tls-dir,
@@ -56,6 +59,8 @@ this client's certificate (--tls-dir, default $TORUS_TLS_DIR).`,
 			detachCommand(log),
 			recoverCommand(log),
 			listCommand(),
+			exportDiffCommand(log),
+			importDiffCommand(log),
 		},
 	}
 }

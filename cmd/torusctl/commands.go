@@ -42,6 +42,8 @@ func commands() []command {
 		{path: "snapshot create", summary: "snapshot one volume, or several at one instant (--group)", args: "VOLUME@SNAPSHOT...",
 			flags: "[--group NAME] [--wait 10s]", nargs: 1, maxArgs: -1, build: buildSnapshotCreate},
 		{path: "snapshot list", summary: "the snapshots of every volume, or of one", args: "[VOLUME]", maxArgs: 1, build: plain(cmdSnapshotList)},
+		{path: "snapshot diff", summary: "the extents that differ between two snapshots of a volume", args: "VOLUME@FROM VOLUME@TO",
+			flags: "--tls-dir DIR", nargs: 2, build: buildSnapshotDiff},
 		{path: "snapshot delete", summary: "delete a snapshot (the nodes give its space back)", args: "VOLUME@SNAPSHOT", nargs: 1,
 			build: plain(cmdSnapshotDelete)},
 	}

@@ -14,6 +14,7 @@
 //	torusctl volume rollback VOLUME@SNAPSHOT --tls-dir DIR
 //	torusctl snapshot create [--group NAME] VOLUME@SNAPSHOT...
 //	torusctl snapshot list [VOLUME]
+//	torusctl snapshot diff VOLUME@FROM VOLUME@TO --tls-dir DIR
 //	torusctl snapshot delete VOLUME@SNAPSHOT
 //
 // Global flags (before or after the command): --etcd URL[,URL] (default
@@ -160,6 +161,8 @@ func example(c *command) string {
 		return "node4"
 	case "snapshot create", "snapshot delete", "volume rollback":
 		return "vol0@before-upgrade"
+	case "snapshot diff":
+		return "vol0@mon vol0@tue"
 	default:
 		return "vol0"
 	}

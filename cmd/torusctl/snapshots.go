@@ -176,3 +176,61 @@ func buildVolumeRollback(fs *pflag.FlagSet) runFunc {
 		})
 	}
 }
+
+func buildSnapshotDiff(fs *pflag.FlagSet) runFunc {
+	var tlsDir string
+	cli.TLSDirFlag(fs, &tlsDir)
+	return func(ctx context.Context, e *env, args []string) error {
+		reqs, err := snapshotNames(args)
+		if err != nil {
+			return err
+		}
+		if reqs[0].Volume != reqs[1].Volume {
+			return cli.Usagef("%s and %s: both snapshots must be of one volume", args[0], args[1])
+		}
+		if tlsDir == "" {
+			return cli.Usagef("--tls-dir (or TORUS_TLS_DIR) is required: diff reads the snapshots' chunks on the nodes as a client")
+		}
+		tc, err := netquic.LoadTLS(tlsDir)
+		if err != nil {
+			return fmt.Errorf("--tls-dir %s: %w", tlsDir, err)
+		}
+		return withStore(ctx, e, func(s *meta.Client) error {
+			log := slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+			extents := []cluster.Extent{}
+			info, err := cluster.Diff(ctx, s, reqs[0].Volume, cluster.DiffOptions{Options: cluster.Options{TLS: tc.Client, Logger: log},
+				From: reqs[0].Name, To: reqs[1].Name}, func(x cluster.Extent, _ []byte) error {
+				extents = append(extents, x)
+				return nil
+			})
+			switch {
+			case errors.Is(err, meta.ErrNotFound):
+				return fmt.Errorf("%w: see 'torusctl snapshot list %s'", err, reqs[0].Volume)
+			case err != nil:
+				return err
+			}
+			if e.g.output == cli.JSON {
+				return e.printJSON(map[string]any{"volume": reqs[0].Volume, "from": reqs[0].Name, "to": reqs[1].Name,
+					"size": info.Size, "chunks": info.Chunks, "chunks_read": info.Read, "extents": extents})
+			}
+			tw := e.table()
+			fmt.Fprintln(tw, "OFFSET\tLENGTH\tKIND")
+			var data, zero int64
+			for _, x := range extents {
+				kind := "data"
+				if x.Zero {
+					kind, zero = "zero", zero+x.Length
+				} else {
+					data += x.Length
+				}
+				fmt.Fprintf(tw, "%d\t%d\t%s\n", x.Offset, x.Length, kind)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "%d extents: %s of data, %s of zeros (%d of %d chunks read)\n", len(extents),
+				units.FormatSize(data), units.FormatSize(zero), info.Read, info.Chunks)
+			return nil
+		})
+	}
+}
