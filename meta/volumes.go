@@ -43,7 +43,7 @@ type Volume struct {
 	Created time.Time `json:"created"`
 	// QoS are the I/O limits the attached client enforces (qos.go);
 	// the zero QoS is unlimited.
-	QoS QoS `json:"qos,omitzero"`
+	QoS QoS `json:"qos"`
 }
 
 // maxTries bounds CAS retry loops against concurrent writers.
