@@ -83,7 +83,7 @@ func TestQoSFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]float64{"read-iops": 2000, "write-iops": 500, "read-bps": 10 << 20, "write-bps": 20 << 20}
+	want := map[string]float64{"read-iops": 2000, "write-iops": 500, "read-bps": 10 << 20, "write-bps": 10 << 20}
 	if len(cfg.cases) != len(want) || cfg.results != "" {
 		t.Fatalf("cases %+v, results %q", cfg.cases, cfg.results)
 	}

@@ -95,6 +95,7 @@ type qosReport struct {
 	LoadAvgEnd string      `json:"loadavg_end"`
 	Size       int64       `json:"size_bytes"`
 	Runtime    string      `json:"runtime"`
+	Burst      string      `json:"burst"`
 	Tolerance  float64     `json:"tolerance"`
 	Results    []qosResult `json:"results"`
 }
@@ -103,7 +104,7 @@ type qosReport struct {
 type qosConfig struct {
 	torusblk, dir, results string
 	size                   int64
-	runtime                time.Duration
+	runtime, burst         time.Duration
 	keep                   bool
 	cases                  []qosCase
 	args                   []string
@@ -120,11 +121,12 @@ func parseQoSFlags(args []string) (qosConfig, error) {
 		rBPS, wBPS string
 	)
 	fs.StringVar(&rBPS, "read-bps", "40MiB", "read bandwidth limit per second (fio randread 64k QD16)")
-	fs.StringVar(&wBPS, "write-bps", "20MiB", "write bandwidth limit per second (fio randwrite 64k QD16)")
+	fs.StringVar(&wBPS, "write-bps", "10MiB", "write bandwidth limit per second (fio randwrite 64k QD16)")
 	fs.StringVar(&cfg.torusblk, "torusblk", "", "path to the torusblk binary (default: build ./cmd/torusblk into the work dir)")
 	fs.StringVar(&cfg.dir, "dir", "", "directory for the cluster's data (default: a temp dir on the repo's filesystem; not tmpfs)")
 	fs.StringVar(&size, "size", "256MiB", "size of the volume")
 	fs.DurationVar(&cfg.runtime, "runtime", 10*time.Second, "runtime of each measured fio job")
+	fs.DurationVar(&cfg.burst, "burst", 0, "QoS burst of the limited runs (0: requests paced at the limit)")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work dir (data, logs) after the run")
 	fs.StringVar(&cfg.results, "results", "", "directory for the results file (default: bench/results/qos in the repository)")
 	fs.BoolVar(&noResults, "no-results", false, "write no results file")
@@ -144,6 +146,9 @@ func parseQoSFlags(args []string) (qosConfig, error) {
 	}
 	if cfg.runtime < time.Second {
 		return cfg, fmt.Errorf("--runtime %v: must be at least 1s", cfg.runtime)
+	}
+	if cfg.burst < 0 || cfg.burst%time.Millisecond != 0 {
+		return cfg, fmt.Errorf("--burst %v: whole milliseconds, not negative", cfg.burst)
 	}
 	rb, err := units.ParseSize(rBPS)
 	if err != nil {
@@ -255,10 +260,10 @@ func benchQoS(ctx context.Context, cfg qosConfig) error {
 	if _, _, err := runFio(ctx, work, prefillJob, srv.io, cfg.size, 0, false); err != nil {
 		return fmt.Errorf("prefill: %w", err)
 	}
-	fmt.Printf("3-node dev cluster, R=3 volume of %d MiB over NBD (torusblk serve), fio libnbd, %v per job, burst 0\n\n",
-		cfg.size>>20, cfg.runtime)
+	fmt.Printf("3-node dev cluster, R=3 volume of %d MiB over NBD (torusblk serve), fio libnbd, %v per job, burst %v\n\n",
+		cfg.size>>20, cfg.runtime, cfg.burst)
 	rep := qosReport{Bench: "qos", Date: time.Now().UTC().Format(time.RFC3339), Args: cfg.args, Machine: m,
-		Size: cfg.size, Runtime: cfg.runtime.String(), Tolerance: qosTolerance}
+		Size: cfg.size, Runtime: cfg.runtime.String(), Burst: cfg.burst.String(), Tolerance: qosTolerance}
 	for _, c := range cfg.cases {
 		r, err := qosRun(ctx, cfg, work, dc, srv, &mt, c)
 		if err != nil {
@@ -287,7 +292,7 @@ func qosRun(ctx context.Context, cfg qosConfig, work string, dc *devCluster, srv
 	r := qosResult{qosCase: c}
 	set := func(limit float64) error {
 		args := []string{"volume", "set-qos", "qos", "--read-iops", "0", "--write-iops", "0", "--read-bps", "0",
-			"--write-bps", "0", "--burst", "0"}
+			"--write-bps", "0", "--burst", cfg.burst.String()}
 		args = append(args, "--"+c.Kind, strconv.FormatFloat(limit, 'f', 0, 64))
 		if err := dc.ctl(ctx, args...); err != nil {
 			return err
