@@ -71,7 +71,7 @@ lint:
 # Benchmarks are not tests: tables and ratios against peers measured in the same run.
 bench:
 	scripts/deps.sh bench
-	$(GO) test -run '^$$' -bench . -benchmem ./iouring/ ./store/ ./cluster/ ./nbd/
+	$(GO) test -run '^$$' -bench . -benchmem ./iouring/ ./store/ ./cluster/ ./nbd/ ./internal/qos/
 	$(GO) run ./bench $(BENCHFLAGS)
 
 # Benchmark in the VM: ublk, a loop device and kernel NBD over the same

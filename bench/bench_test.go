@@ -75,3 +75,26 @@ func TestUnescapeMount(t *testing.T) {
 		t.Errorf("unescapeMount = %q", got)
 	}
 }
+
+// TestQoSFlags: bench qos measures the four kinds of limit with the
+// defaults, takes limits from its flags and refuses bad ones.
+func TestQoSFlags(t *testing.T) {
+	cfg, err := parseQoSFlags([]string{"--no-results", "--read-bps", "10MiB", "--write-iops", "500"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]float64{"read-iops": 2000, "write-iops": 500, "read-bps": 10 << 20, "write-bps": 10 << 20}
+	if len(cfg.cases) != len(want) || cfg.results != "" {
+		t.Fatalf("cases %+v, results %q", cfg.cases, cfg.results)
+	}
+	for _, c := range cfg.cases {
+		if c.Limit != want[c.Kind] || c.Job.write() != strings.HasPrefix(c.Kind, "write") || c.metric == "" {
+			t.Errorf("case %+v", c)
+		}
+	}
+	for _, bad := range [][]string{{"--read-iops", "0"}, {"--write-bps", "x"}, {"--runtime", "10ms"}, {"--size", "1MiB"}, {"extra"}} {
+		if _, err := parseQoSFlags(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}

@@ -28,6 +28,38 @@ const (
 // startCluster starts the dev cluster under dir, creates a volume of size
 // bytes with R=3 and serves it on sock with torusblk.
 func startCluster(ctx context.Context, dir, sock string, size int64, torusblk string) (*server, error) {
+	dc, err := startDev(ctx, dir, size)
+	if err != nil {
+		return nil, err
+	}
+	if err := dc.ctl(ctx, "volume", "create", "bench", "--size", fmt.Sprint(size), "--replication", "3"); err != nil {
+		stopProc(dc.proc)
+		return nil, err
+	}
+	args := []string{"serve", "bench", "--etcd", dc.etcd, "--tls-dir", dc.tls, "--listen", "unix:" + sock}
+	srv, err := startServer(ctx, dir, sock, torusblk, args...)
+	if err != nil {
+		stopProc(dc.proc)
+		return nil, err
+	}
+	srv.extra = append(srv.extra, dc.proc)
+	srv.cmd = append(append([]string{"torusd"}, dc.args...), append([]string{"&&", "torusblk"}, args...)...)
+	return srv, nil
+}
+
+// devCluster is a running `torusd dev` (embedded etcd and three storage
+// nodes in one process) and the torusctl that manages it.
+type devCluster struct {
+	proc      *testcluster.Proc
+	args      []string // torusd's arguments
+	etcd, tls string   // what it printed: the etcd URL and the client TLS dir
+	torusctl  string
+}
+
+// startDev builds torusd and torusctl into dir and starts a 3-node dev
+// cluster under dir whose nodes hold an R=3 volume of size bytes. The
+// caller stops dc.proc.
+func startDev(ctx context.Context, dir string, size int64) (*devCluster, error) {
 	torusd, err := testcluster.Build(ctx, dir, "torusd")
 	if err != nil {
 		return nil, err
@@ -46,29 +78,26 @@ func startCluster(ctx context.Context, dir, sock string, size int64, torusblk st
 	if err != nil {
 		return nil, err
 	}
-	fail := func(err error) (*server, error) { stopProc(dev); return nil, err }
 	deadline := time.Now().Add(readyTimeout)
 	var printed [2]string
 	for i, what := range []string{"etcd", "tls"} {
 		m, err := dev.AwaitLog(`(?m)^`+what+`: (\S+)\n`, time.Until(deadline))
 		if err != nil {
-			return fail(fmt.Errorf("torusd dev not ready: %w (%s)", err, tail(dev)))
+			stopProc(dev)
+			return nil, fmt.Errorf("torusd dev not ready: %w (%s)", err, tail(dev))
 		}
 		printed[i] = m[1]
 	}
-	etcd, tls := printed[0], printed[1]
-	ctl := exec.CommandContext(ctx, torusctl, "--etcd", etcd, "volume", "create", "bench", "--size", fmt.Sprint(size), "--replication", "3")
-	if b, err := ctl.CombinedOutput(); err != nil {
-		return fail(fmt.Errorf("torusctl volume create: %w: %s", err, b))
+	return &devCluster{proc: dev, args: devArgs, etcd: printed[0], tls: printed[1], torusctl: torusctl}, nil
+}
+
+// ctl runs torusctl against the dev cluster.
+func (dc *devCluster) ctl(ctx context.Context, args ...string) error {
+	cmd := exec.CommandContext(ctx, dc.torusctl, append([]string{"--etcd", dc.etcd}, args...)...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("torusctl %s: %w: %s", strings.Join(args, " "), err, b)
 	}
-	args := []string{"serve", "bench", "--etcd", etcd, "--tls-dir", tls, "--listen", "unix:" + sock}
-	srv, err := startServer(ctx, dir, sock, torusblk, args...)
-	if err != nil {
-		return fail(err)
-	}
-	srv.extra = append(srv.extra, dev)
-	srv.cmd = append(append([]string{"torusd"}, devArgs...), append([]string{"&&", "torusblk"}, args...)...)
-	return srv, nil
+	return nil
 }
 
 // printCluster prints the replicated volume against the single-node one and

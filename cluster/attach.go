@@ -40,6 +40,7 @@ import (
 	"time"
 
 	"github.com/torus-storage/torus/internal/procs"
+	"github.com/torus-storage/torus/internal/qos"
 	"github.com/torus-storage/torus/meta"
 )
 
@@ -94,6 +95,11 @@ type Attached struct {
 	svcCancel context.CancelFunc
 	svcWG     sync.WaitGroup
 	scrub     scrubTotals
+
+	// QoS (qos.go): the limiter every Submit passes, and the limits of
+	// the record it enforces.
+	qos       *qos.Limiter
+	qosRecord atomic.Pointer[meta.QoS]
 }
 
 // Attach takes the attach lock of the volume called name in ms and opens
@@ -136,6 +142,7 @@ func Attach(ctx context.Context, ms *meta.Client, name string, opt AttachOptions
 	wctx, stop := context.WithCancel(context.Background())
 	a := &Attached{Volume: vol, info: lease.Volume(), ttl: ttl, log: log, lease: lease, stop: stop}
 	a.svcCtx, a.svcCancel = context.WithCancel(context.Background())
+	a.startQoS(ms)
 	a.wg.Add(2)
 	go a.keepLock(wctx)
 	// Requests to the nodes leave every P idle while they wait; the
@@ -225,12 +232,13 @@ func (a *Attached) keepLock(ctx context.Context) {
 	}
 }
 
-// Close stops the periodic scrub and the metrics endpoint, closes the
-// volume (completed writes durable on every replica), then releases the
-// attach lock. It does not close the meta.Client given to Attach.
+// Close stops the periodic scrub, the metrics endpoint and the QoS watch,
+// passes on the requests QoS holds back, closes the volume (completed
+// writes durable on every replica), then releases the attach lock. It does not close the meta.Client given to Attach.
 func (a *Attached) Close() error {
 	a.svcCancel()
 	a.svcWG.Wait()
+	a.qos.Close()
 	err := a.Volume.Close()
 	a.stop()
 	a.wg.Wait()

@@ -10,7 +10,8 @@ package cluster
 //
 // Invariants:
 //   - The data path only bumps its own atomics (Volume's counters, the
-//     scrub totals); nothing on the I/O path calls Prometheus.
+//     scrub totals, the QoS limiter's); nothing on the I/O path calls
+//     Prometheus.
 //   - The endpoint is stopped and waited for before the volume closes
 //     (Attached.Close).
 //   - Counters end in _total and only grow while the process lives.
@@ -32,6 +33,7 @@ type statsSource interface {
 	Size() int64
 	Stats() Stats
 	ScrubTotals() ScrubTotals
+	QoSStats() QoSStats
 }
 
 // volumeSample is what one scrape reads of the volume, once.
@@ -39,21 +41,28 @@ type volumeSample struct {
 	size  int64
 	st    Stats
 	scrub ScrubTotals
+	qos   QoSStats
 }
 
-// volumeMetric is one metric family and how to read it.
+// volumeMetric is one metric family and how to read it: value, or seconds
+// for a metric in seconds.
 type volumeMetric struct {
-	desc  *prometheus.Desc
-	typ   prometheus.ValueType
-	value func(s *volumeSample) uint64
+	desc    *prometheus.Desc
+	typ     prometheus.ValueType
+	value   func(s *volumeSample) uint64
+	seconds func(s *volumeSample) time.Duration
 }
 
 func volumeGauge(name, help string, value func(*volumeSample) uint64) volumeMetric {
-	return volumeMetric{prometheus.NewDesc(name, help, []string{"volume"}, nil), prometheus.GaugeValue, value}
+	return volumeMetric{prometheus.NewDesc(name, help, []string{"volume"}, nil), prometheus.GaugeValue, value, nil}
 }
 
 func volumeCounter(name, help string, value func(*volumeSample) uint64) volumeMetric {
-	return volumeMetric{prometheus.NewDesc(name, help, []string{"volume"}, nil), prometheus.CounterValue, value}
+	return volumeMetric{prometheus.NewDesc(name, help, []string{"volume"}, nil), prometheus.CounterValue, value, nil}
+}
+
+func volumeSeconds(typ prometheus.ValueType, name, help string, seconds func(*volumeSample) time.Duration) volumeMetric {
+	return volumeMetric{prometheus.NewDesc(name, help, []string{"volume"}, nil), typ, nil, seconds}
 }
 
 // volumeMetrics lists every metric of a volume (the endpoint sorts them by
@@ -93,6 +102,26 @@ var volumeMetrics = []volumeMetric{
 		func(s *volumeSample) uint64 { return s.scrub.Repaired }),
 	volumeCounter("torus_volume_scrub_lost_chunks_total", "Chunks a scrub found with no good replica at all (restore from a backup).",
 		func(s *volumeSample) uint64 { return s.scrub.Lost }),
+	volumeGauge("torus_volume_qos_read_iops_limit", "QoS limit on read requests per second (0: unlimited).",
+		func(s *volumeSample) uint64 { return s.qos.Limits.ReadIOPS }),
+	volumeGauge("torus_volume_qos_write_iops_limit", "QoS limit on write, discard and write-zeroes requests per second (0: unlimited).",
+		func(s *volumeSample) uint64 { return s.qos.Limits.WriteIOPS }),
+	volumeGauge("torus_volume_qos_read_bytes_per_second_limit", "QoS limit on bytes read per second (0: unlimited).",
+		func(s *volumeSample) uint64 { return s.qos.Limits.ReadBPS }),
+	volumeGauge("torus_volume_qos_write_bytes_per_second_limit", "QoS limit on bytes written per second (0: unlimited).",
+		func(s *volumeSample) uint64 { return s.qos.Limits.WriteBPS }),
+	volumeSeconds(prometheus.GaugeValue, "torus_volume_qos_burst_seconds", "QoS burst: how long an idle volume saves credit above its limits.",
+		func(s *volumeSample) time.Duration { return s.qos.Limits.Burst() }),
+	volumeCounter("torus_volume_qos_throttled_read_requests_total", "Read requests that waited for a QoS limit.",
+		func(s *volumeSample) uint64 { return s.qos.ReadThrottled }),
+	volumeCounter("torus_volume_qos_throttled_write_requests_total", "Write, discard and write-zeroes requests that waited for a QoS limit.",
+		func(s *volumeSample) uint64 { return s.qos.WriteThrottled }),
+	volumeSeconds(prometheus.CounterValue, "torus_volume_qos_throttled_read_seconds_total", "Time read requests waited for a QoS limit, added up.",
+		func(s *volumeSample) time.Duration { return s.qos.ReadThrottledTime }),
+	volumeSeconds(prometheus.CounterValue, "torus_volume_qos_throttled_write_seconds_total", "Time write, discard and write-zeroes requests waited for a QoS limit, added up.",
+		func(s *volumeSample) time.Duration { return s.qos.WriteThrottledTime }),
+	volumeGauge("torus_volume_qos_queued_requests", "Requests waiting for a QoS limit now.",
+		func(s *volumeSample) uint64 { return uint64(s.qos.Queued) }),
 }
 
 // boolValue is 1 for true, 0 for false.
@@ -127,9 +156,15 @@ func (c *volumeCollector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector: it reads the volume once.
 func (c *volumeCollector) Collect(ch chan<- prometheus.Metric) {
-	s := volumeSample{size: c.src.Size(), st: c.src.Stats(), scrub: c.src.ScrubTotals()}
+	s := volumeSample{size: c.src.Size(), st: c.src.Stats(), scrub: c.src.ScrubTotals(), qos: c.src.QoSStats()}
 	for _, m := range volumeMetrics {
-		pm, err := prometheus.NewConstMetric(m.desc, m.typ, float64(m.value(&s)), c.name)
+		var v float64
+		if m.seconds != nil {
+			v = m.seconds(&s).Seconds()
+		} else {
+			v = float64(m.value(&s))
+		}
+		pm, err := prometheus.NewConstMetric(m.desc, m.typ, v, c.name)
 		if err != nil {
 			pm = prometheus.NewInvalidMetric(m.desc, fmt.Errorf("volume %s: %w", c.name, err))
 		}

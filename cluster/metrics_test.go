@@ -10,6 +10,7 @@ import (
 
 	"github.com/torus-storage/torus/internal/metrics"
 	"github.com/torus-storage/torus/internal/metrics/metricstest"
+	"github.com/torus-storage/torus/meta"
 )
 
 // TestVolumeMetrics serves the metrics of a volume whose counters all
@@ -24,6 +25,9 @@ func TestVolumeMetrics(t *testing.T) {
 	}}
 	src.scrub = ScrubTotals{Runs: 11, Chunks: 12, Skipped: 13, Checksum: 14, Mismatches: 15, Behind: 16, Repaired: 17, Lost: 18,
 		Running: true, LastSuccess: time.Unix(1_700_000_000, 0)}
+	src.qos = QoSStats{Limits: meta.QoS{ReadIOPS: 21, WriteIOPS: 22, ReadBPS: 23 << 20, WriteBPS: 24 << 20, BurstMS: 2500},
+		ReadThrottled: 25, WriteThrottled: 26, ReadThrottledTime: 1500 * time.Millisecond, WriteThrottledTime: 27 * time.Second,
+		Queued: 28}
 	const name = `vol"\1`
 	c := &volumeCollector{name: name, src: src}
 	ped := prometheus.NewPedanticRegistry()
@@ -62,6 +66,16 @@ func TestVolumeMetrics(t *testing.T) {
 		"torus_volume_scrub_behind_total":                   16,
 		"torus_volume_scrub_repaired_total":                 17,
 		"torus_volume_scrub_lost_chunks_total":              18,
+		"torus_volume_qos_read_iops_limit":                  21,
+		"torus_volume_qos_write_iops_limit":                 22,
+		"torus_volume_qos_read_bytes_per_second_limit":      23 << 20,
+		"torus_volume_qos_write_bytes_per_second_limit":     24 << 20,
+		"torus_volume_qos_burst_seconds":                    2.5,
+		"torus_volume_qos_throttled_read_requests_total":    25,
+		"torus_volume_qos_throttled_write_requests_total":   26,
+		"torus_volume_qos_throttled_read_seconds_total":     1.5,
+		"torus_volume_qos_throttled_write_seconds_total":    27,
+		"torus_volume_qos_queued_requests":                  28,
 	} {
 		f := fams[metric]
 		if f == nil {
@@ -84,8 +98,10 @@ type fakeVolume struct {
 	size  int64
 	st    Stats
 	scrub ScrubTotals
+	qos   QoSStats
 }
 
 func (f fakeVolume) Size() int64              { return f.size }
 func (f fakeVolume) Stats() Stats             { return f.st }
 func (f fakeVolume) ScrubTotals() ScrubTotals { return f.scrub }
+func (f fakeVolume) QoSStats() QoSStats       { return f.qos }

@@ -46,6 +46,9 @@ type Volume struct {
 	SnapSeq uint64 `json:"snap_seq,omitempty"`
 	// Snapshots, by ascending ID.
 	Snapshots []Snapshot `json:"snapshots,omitempty"`
+	// QoS are the I/O limits the attached client enforces (qos.go);
+	// the zero QoS is unlimited.
+	QoS QoS `json:"qos"`
 }
 
 // maxTries bounds CAS retry loops against concurrent writers.
@@ -56,11 +59,19 @@ func (s *Client) attachKey(id uint64) string { return fmt.Sprintf("%s%020d", s.k
 func (s *Client) epochKey(id uint64) string  { return fmt.Sprintf("%s%020d", s.kEpochs, id) }
 
 // CreateVolume creates a volume of size bytes with replication copies
-// (0: the cluster default from Config). It fails with ErrExists if name is
-// taken.
-func (s *Client) CreateVolume(ctx context.Context, name string, size uint64, replication int) (Volume, error) {
+// (0: the cluster default from Config), with the settings opts give (such
+// as WithQoS). It fails with ErrExists if name is taken, and with
+// ErrInvalid for a bad setting.
+func (s *Client) CreateVolume(ctx context.Context, name string, size uint64, replication int, opts ...VolumeOption) (Volume, error) {
 	if err := validName("volume name", name); err != nil {
 		return Volume{}, err
+	}
+	var set Volume
+	for _, o := range opts {
+		o(&set)
+	}
+	if err := set.QoS.Validate(); err != nil {
+		return Volume{}, fmt.Errorf("meta: create volume %s: %w", name, err)
 	}
 	if size == 0 {
 		return Volume{}, fmt.Errorf("meta: create volume %s: size 0: %w", name, ErrInvalid)
@@ -85,7 +96,8 @@ func (s *Client) CreateVolume(ctx context.Context, name string, size uint64, rep
 			}
 			rev = resp.Kvs[0].ModRevision
 		}
-		v := Volume{ID: id, Name: name, Size: size, Replication: replication, State: VolumeReady, Created: time.Now().UTC()}
+		v := Volume{ID: id, Name: name, Size: size, Replication: replication, State: VolumeReady, Created: time.Now().UTC(),
+			QoS: set.QoS}
 		js, _ := json.Marshal(v)
 		// The new volume has no data: its placement is recorded up to the
 		// current ring (checked unchanged in the same transaction).

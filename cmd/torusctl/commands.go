@@ -31,11 +31,13 @@ func commands() []command {
 		{path: "ring show", summary: "the placement ring", build: plain(cmdRingShow)},
 		{path: "ring set-replication", summary: "the replication of volumes created from now on", args: "N", nargs: 1,
 			build: plain(cmdRingSetReplication)},
-		{path: "volume create", summary: "create a volume", args: "NAME", flags: "--size SIZE [--replication N]", nargs: 1,
+		{path: "volume create", summary: "create a volume", args: "NAME", flags: "--size SIZE [--replication N] " + qosFlagsUsage, nargs: 1,
 			build: buildVolumeCreate},
 		{path: "volume list", summary: "the volumes", build: plain(cmdVolumeList)},
 		{path: "volume info", summary: "a volume, its attach epoch and its copies", args: "NAME", nargs: 1, build: plain(cmdVolumeInfo)},
 		{path: "volume resize", summary: "grow a volume", args: "NAME", flags: "--size SIZE", nargs: 1, build: buildVolumeResize},
+		{path: "volume set-qos", summary: "change a volume's I/O limits, live", args: "NAME", flags: qosFlagsUsage, nargs: 1,
+			build: buildVolumeSetQoS},
 		{path: "volume delete", summary: "delete a volume", args: "NAME", nargs: 1, build: plain(cmdVolumeDelete)},
 		{path: "volume rollback", summary: "make a detached volume read as one of its snapshots again", args: "VOLUME@SNAPSHOT",
 			flags: "--tls-dir DIR", nargs: 1, build: buildVolumeRollback},
@@ -351,6 +353,7 @@ func (e *env) printVolume(v volumeResult) error {
 	fmt.Fprintf(tw, "state:\t%s\n", v.State)
 	fmt.Fprintf(tw, "created:\t%s\n", v.Created.Format(time.RFC3339))
 	fmt.Fprintf(tw, "epoch:\t%d\n", v.Epoch)
+	fmt.Fprintf(tw, "qos:\t%s\n", formatQoS(v.QoS))
 	if v.FewestCopies > 0 || v.OneCopy > 0 {
 		line := fmt.Sprintf("%d of %d", v.FewestCopies, v.Replication)
 		if v.OneCopy > 0 {
@@ -365,9 +368,15 @@ func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
 	var size cli.Size
 	fs.Var(&size, "size", "volume size, e.g. 10GiB (a multiple of 4 KiB)")
 	repl := fs.Int("replication", 0, "copies of each chunk (default: the cluster's replication)")
+	var qf qosFlags
+	qf.register(fs)
 	return func(ctx context.Context, e *env, args []string) error {
 		n, err := volumeSize(fs, size)
 		if err != nil {
+			return err
+		}
+		var q meta.QoS
+		if err := qf.apply(&q); err != nil {
 			return err
 		}
 		if *repl < 0 {
@@ -397,7 +406,7 @@ func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
 				}
 				return fmt.Errorf("volume needs %d replicas but %s: %s", r, live, hint)
 			}
-			v, err := s.CreateVolume(ctx, args[0], n, r)
+			v, err := s.CreateVolume(ctx, args[0], n, r, meta.WithQoS(q))
 			if errors.Is(err, meta.ErrExists) {
 				return fmt.Errorf("volume %s already exists: pick another name, or see 'torusctl volume info %s'",
 					args[0], args[0])
@@ -408,8 +417,8 @@ func buildVolumeCreate(fs *pflag.FlagSet) runFunc {
 			if e.g.output == cli.JSON {
 				return e.printJSON(volumeResult{Volume: v})
 			}
-			fmt.Fprintf(e.stdout, "created volume %s (id %d, %s, replication %d)\n",
-				v.Name, v.ID, units.FormatSize(int64(v.Size)), v.Replication)
+			fmt.Fprintf(e.stdout, "created volume %s (id %d, %s, replication %d, qos %s)\n",
+				v.Name, v.ID, units.FormatSize(int64(v.Size)), v.Replication, formatQoS(v.QoS))
 			return nil
 		})
 	}

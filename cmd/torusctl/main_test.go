@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -383,5 +384,68 @@ func TestRingSetReplication(t *testing.T) {
 	}
 	if res["replication"] != 1 || res["previous"] != 2 {
 		t.Fatalf("ring set-replication --output json: %v", res)
+	}
+}
+
+// TestVolumeQoS: QoS limits given at create are in volume info (table and
+// JSON); set-qos changes only the limits it is given; bad values are usage
+// errors that name the flag and change nothing.
+func TestVolumeQoS(t *testing.T) {
+	initCluster(t, 1)
+	registerNodes(t, "n", 1)
+	out := must(t, "volume", "create", "q", "--size", "1GiB", "--replication", "1",
+		"--read-iops", "1000", "--write-bps", "50MiB", "--burst", "500ms")
+	if !strings.Contains(out, "qos read 1000 IOPS; write 50 MiB/s; burst 500ms") {
+		t.Fatalf("volume create:\n%s", out)
+	}
+	info := func() meta.QoS {
+		t.Helper()
+		var v volumeResult
+		if err := json.Unmarshal([]byte(must(t, "--output", "json", "volume", "info", "q")), &v); err != nil {
+			t.Fatal(err)
+		}
+		return v.QoS
+	}
+	if q := info(); q != (meta.QoS{ReadIOPS: 1000, WriteBPS: 50 << 20, BurstMS: 500}) {
+		t.Fatalf("volume info json qos: %+v", q)
+	}
+	out = must(t, "volume", "set-qos", "q", "--write-iops", "300", "--read-bps", "1.5GiB", "--read-iops", "0")
+	if !strings.Contains(out, "volume q qos: read 1.50 GiB/s; write 300 IOPS, 50 MiB/s; burst 500ms") {
+		t.Fatalf("volume set-qos:\n%s", out)
+	}
+	want := meta.QoS{WriteIOPS: 300, ReadBPS: 3 << 29, WriteBPS: 50 << 20, BurstMS: 500}
+	if q := info(); q != want {
+		t.Fatalf("after set-qos: %+v, want %+v", q, want)
+	}
+	if out := must(t, "volume", "info", "q"); !strings.Contains(out, "qos:") || !strings.Contains(out, "write 300 IOPS, 50 MiB/s") {
+		t.Fatalf("volume info table:\n%s", out)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--read-iops", "-5"}, `"-5": must not be negative`},
+		{[]string{"--write-iops", "fast"}, `"fast": not a whole number`},
+		{[]string{"--read-bps", "-1MiB"}, "read-bps"},
+		{[]string{"--write-bps", "lots"}, "not a size"},
+		{[]string{"--write-bps", "100"}, "--write-bps 100: below 4096 bytes per second"},
+		{[]string{"--burst", "-1s"}, "--burst -1s: must not be negative"},
+		{[]string{"--burst", "2m"}, "--burst 2m0s: at most 1m0s"},
+		{[]string{"--burst", "1500us"}, "whole milliseconds"},
+		{nil, "give at least one limit"},
+	} {
+		fails(t, 2, c.want, append([]string{"volume", "set-qos", "q"}, c.args...)...)
+	}
+	fails(t, 2, "must not be negative", "volume", "create", "bad", "--size", "1GiB", "--write-iops", "-1")
+	fails(t, 1, "not found", "volume", "set-qos", "nope", "--read-iops", "1")
+	if q := info(); q != want {
+		t.Fatalf("after refused changes: %+v, want %+v", q, want)
+	}
+	var v volumeResult
+	if err := json.Unmarshal([]byte(must(t, "--output", "json", "volume", "set-qos", "q", "--read-bps", "0", "--write-bps", "0", "--write-iops", "0")), &v); err != nil {
+		t.Fatal(err)
+	}
+	if v.QoS != (meta.QoS{BurstMS: 500}) || !regexp.MustCompile(`(?m)^qos: +unlimited$`).MatchString(must(t, "volume", "info", "q")) {
+		t.Fatalf("after lifting every limit: %+v\n%s", v.QoS, must(t, "volume", "info", "q"))
 	}
 }
