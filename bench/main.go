@@ -20,7 +20,8 @@
 //
 // "bench chart [-o FILE] [RESULTS...]" draws results files as an SVG chart
 // (chart.go) instead of running anything. "bench qos" measures how closely
-// a cluster volume is held to each kind of QoS limit (qos.go).
+// a cluster volume is held to each kind of QoS limit (qos.go); "bench
+// snapshot" what a snapshot costs (snapshot.go).
 //
 // Invariants:
 //   - Every process the program starts runs in its own process group and is
@@ -79,6 +80,9 @@ func run() int {
 	if len(os.Args) > 1 && os.Args[1] == "qos" {
 		return runQoS(os.Args[2:])
 	}
+	if len(os.Args) > 1 && os.Args[1] == "snapshot" {
+		return runSnapshot(os.Args[2:])
+	}
 	cfg, err := parseFlags(os.Args[1:])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
@@ -118,7 +122,7 @@ func parseFlags(args []string) (config, error) {
 		return config{}, err
 	}
 	if fs.NArg() != 0 {
-		return config{}, fmt.Errorf("unexpected arguments: %q (the subcommands are chart and qos)", fs.Args())
+		return config{}, fmt.Errorf("unexpected arguments: %q (the subcommands are chart, qos and snapshot)", fs.Args())
 	}
 	cfg.args = args
 	var err error

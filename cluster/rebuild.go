@@ -1108,6 +1108,9 @@ type copied struct {
 const (
 	gateHold     = 3 * time.Second
 	clearTimeout = 2 * time.Second
+	// snapCopyTimeout bounds the copy of a chunk's snapshot copies before
+	// the hold.
+	snapCopyTimeout = 5 * time.Minute
 )
 
 // copyChunk copies chunk ch from a good replica to target. It holds new
@@ -1122,6 +1125,17 @@ const (
 func (c *Volume) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err error) {
 	if c.refusedIdle(target, ch) {
 		return copied{n: -1}, nil
+	}
+	// Snapshot copies first, before the chunk's writes are held back (they
+	// never change; see copySnaps). A failure here is left to the pass
+	// inside the hold.
+	var pre *peer
+	var done map[uint64]bool
+	if srcs := c.sources(c.state.Load(), ch); len(srcs) > 0 && c.marks.has(target.id, ch) {
+		pctx, cancel := context.WithTimeout(c.ctx, snapCopyTimeout)
+		pre = srcs[0]
+		done, _ = c.copySnaps(pctx, pre, target, ch, target.gen.Load(), nil)
+		cancel()
 	}
 	held := c.marks.hold(target.id, ch)
 	if held == nil {
@@ -1199,7 +1213,10 @@ func (c *Volume) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err e
 	}
 	// Snapshot copies first, from the same source: until the head is
 	// copied and the mark cleared, the target is read by no one.
-	if err := c.copySnaps(ctx, from, target, ch, tgen); err != nil {
+	if from != pre {
+		done = nil
+	}
+	if _, err := c.copySnaps(ctx, from, target, ch, tgen, done); err != nil {
 		return copied{}, c.fenceIf(fmt.Errorf("snapshot copies: %w", err))
 	}
 	zero := allZero(data)

@@ -457,22 +457,33 @@ func (c *Volume) discardSnap(ctx context.Context, p *peer, ch int64, snap uint64
 // target holds and from does not is left: it serves no snapshot (from
 // would hold it, or one between, if a snapshot as of which it is read were
 // still there), and the node's garbage collection drops it. tgen is
-// target's fence generation of the copy.
-func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tgen uint32) error {
+// target's fence generation of the copy. Copies in done (copied from from
+// before) are skipped; it returns done with those it copied added.
+//
+// A copy never changes once made, so copyChunk copies them in two passes:
+// most before it holds the chunk's writes back, and inside its short hold
+// only those made meanwhile.
+func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tgen uint32, done map[uint64]bool) (map[uint64]bool, error) {
+	if done == nil {
+		done = make(map[uint64]bool)
+	}
 	src, err := c.listSnaps(ctx, from, ch)
 	if err != nil {
-		return err
+		return done, err
 	}
 	have, err := c.listSnaps(ctx, target, ch)
 	if err != nil {
-		return err
+		return done, err
 	}
-	if len(src) == 0 && len(have) == 0 {
-		return nil
+	if len(src) == 0 {
+		return done, nil
 	}
 	data := make([]byte, c.chunk)
 	epoch := wire.FenceEpoch(c.epoch.Load(), tgen)
 	for _, s := range src {
+		if done[s] {
+			continue
+		}
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Snap: uint32(s), Len: uint32(c.chunk), Epoch: c.wireEpoch(from)}
 		req := netquic.Message{Code: uint8(wire.OpRead)}
 		h.Encode(&req.Header)
@@ -484,7 +495,7 @@ func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tg
 			err = wire.ErrBadRequest
 		}
 		if err != nil {
-			return fmt.Errorf("read snapshot copy %d from %s: %w", s, from.id, err)
+			return done, fmt.Errorf("read snapshot copy %d from %s: %w", s, from.id, err)
 		}
 		ver := replyVer(&resp.Header)
 		// A copy that reads as zeros is kept as one zero block: it must
@@ -500,7 +511,7 @@ func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tg
 			// holds whole would leave the rest.
 			if slices.Contains(have, s) {
 				if err := c.discardSnap(ctx, target, ch, s, epoch); err != nil {
-					return err
+					return done, err
 				}
 			}
 		}
@@ -511,10 +522,11 @@ func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tg
 		err = c.copyCallErr(target, target.cli.Call(cctx, &req, &resp), &resp)
 		cancel()
 		if err != nil {
-			return fmt.Errorf("write snapshot copy %d to %s: %w", s, target.id, err)
+			return done, fmt.Errorf("write snapshot copy %d to %s: %w", s, target.id, err)
 		}
+		done[s] = true
 	}
-	return nil
+	return done, nil
 }
 
 // allZero reports whether b holds only zeros.
