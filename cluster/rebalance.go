@@ -339,6 +339,13 @@ func (c *Volume) finishMove() {
 	}
 	discarded := 0
 	if !resume {
+		// Snapshot views re-read the placement every second: give them
+		// time to leave the old owners before their copies go.
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-time.After(viewGrace):
+		}
 		discarded = c.discardOld(st)
 	}
 	if err := c.dropLeavingMarks(ctx); err != nil {
@@ -402,8 +409,8 @@ func (c *Volume) discardOld(st *clusterState) int {
 					discarded++
 				}
 				cancel()
-				// And its snapshot copies (left, if this fails, to the
-				// node's garbage collection of copies no ring gives it).
+				// And its snapshot copies (if this fails, they stay until
+				// their snapshots are deleted).
 				if snaps, err := c.listSnaps(c.ctx, p, idx); err == nil {
 					for _, s := range snaps {
 						_ = c.discardSnap(c.ctx, p, idx, s, c.wireEpoch(p))

@@ -1217,7 +1217,12 @@ func (c *Volume) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err e
 		done = nil
 	}
 	if _, err := c.copySnaps(ctx, from, target, ch, tgen, done); err != nil {
-		return copied{}, c.fenceIf(fmt.Errorf("snapshot copies: %w", err))
+		// Not the target's failure: this chunk waits for the next pass,
+		// the node's other chunks go on.
+		c.log.Warn("cluster: rebuild: snapshot copies of a chunk not copied; trying it again at the next pass",
+			"volume", c.vol.Name, "node", target.id, "chunk", ch, "from", from.id, "err", err)
+		c.fenceIf(err)
+		return copied{n: -1}, nil
 	}
 	zero := allZero(data)
 	// The target takes the source's version exactly, or refuses a copy

@@ -47,6 +47,15 @@ import (
 	"github.com/torus-storage/torus/store"
 )
 
+// viewGrace is how long a finished move waits before it discards the old
+// owners' copies: more than twice the interval at which snapshot views
+// re-read the placement (viewRefresher).
+const viewGrace = 3 * time.Second
+
+// viewUseTTL is the lease of a view's registration as a reader of its
+// snapshot (meta.UseSnapshot): past it without etcd the view stops reading.
+const viewUseTTL = 10 * time.Second
+
 // pauseLimit is the longest a client holds new writes for a snapshot that
 // does not commit.
 const pauseLimit = 15 * time.Second
@@ -67,6 +76,8 @@ type snapState struct {
 
 	pauses atomic.Uint64 // snapshot pauses taken
 	copies atomic.Uint64 // chunk heads copied (clone jobs that succeeded)
+
+	use *meta.SnapshotUse // a view's registration as a reader of its snapshot
 }
 
 // cloneJob copies one chunk's head to a snapshot copy; the write parts that
@@ -77,6 +88,10 @@ type cloneJob struct {
 	seq     uint64
 	req     engine.Request
 	waiters []*clusterPart
+	// ifHead: started for a discard or write-zeroes (FlagIfHead): nodes
+	// without a head make no copy; heads counts those that made one.
+	ifHead bool
+	heads  atomic.Int32
 }
 
 func (c *Volume) initSnap(vol meta.Volume) {
@@ -115,7 +130,7 @@ func (c *Volume) cloneThen(p *clusterPart, idx int64) {
 		c.sendPart(p, idx)
 		return
 	}
-	j := &cloneJob{c: c, idx: idx, seq: seq, waiters: []*clusterPart{p}}
+	j := &cloneJob{c: c, idx: idx, seq: seq, waiters: []*clusterPart{p}, ifHead: p.op != wire.OpWrite}
 	j.req.Done = j
 	c.snap.cow[idx] = j
 	c.snap.cowMu.Unlock()
@@ -124,6 +139,10 @@ func (c *Volume) cloneThen(p *clusterPart, idx int64) {
 	q.startReq(&j.req, q)
 	q.remaining.Store(1)
 	h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Snap: uint32(seq)}
+	if j.ifHead {
+		h.Flags = wire.FlagIfHead
+	}
+	q.job = j
 	q.vseq, q.vwant = 0, store.Version{}
 	q.op = wire.OpClone
 	q.msg.Code = uint8(wire.OpClone)
@@ -136,27 +155,33 @@ func (c *Volume) cloneThen(p *clusterPart, idx int64) {
 // Complete ends a clone job: its waiters are sent, or fail with its error.
 func (j *cloneJob) Complete(_ *engine.Request, err error) {
 	c := j.c
+	// No node had a head (ifHead): no copy was made, and none is needed
+	// until a write creates the head: the chunk stays to be copied.
+	copied := err == nil && !(j.ifHead && j.heads.Load() == 0)
 	c.snap.cowMu.Lock()
 	delete(c.snap.cow, j.idx)
-	if err == nil && j.idx < int64(len(c.snap.cloned)) {
+	if copied && j.idx < int64(len(c.snap.cloned)) {
 		c.snap.cloned[j.idx].Store(uint32(j.seq))
 	}
 	w := j.waiters
 	c.snap.cowMu.Unlock()
-	if err == nil {
+	if copied {
 		c.snap.copies.Add(1)
-	} else {
+	} else if err != nil {
 		err = fmt.Errorf("cluster: volume %s chunk %d: copy of the head for snapshot %d: %w", c.vol.Name, j.idx, j.seq, err)
 	}
 	// Not on this goroutine (a node reply's): sending may wait for a
 	// rebuild's copy of the chunk.
 	go func() {
 		for _, p := range w {
-			if err != nil {
+			switch {
+			case err != nil:
 				p.finish(err)
-				continue
+			case !copied && p.op == wire.OpWrite:
+				c.cloneThen(p, p.chunk) // a write needs the copy after all
+			default:
+				c.sendPart(p, p.chunk)
 			}
-			c.sendPart(p, p.chunk)
 		}
 	}()
 }
@@ -306,6 +331,8 @@ func (c *Volume) answerSnap(v string, rq meta.SnapRequest) error {
 	ctx, cancel := context.WithTimeout(c.ctx, pauseLimit)
 	defer cancel()
 	if err := c.pause(ctx, rq.Seq); err != nil {
+		// Resumed: the request must not commit without this client.
+		c.giveUpSnap(v)
 		return fmt.Errorf("waiting for writes in flight: %w", err)
 	}
 	for {
@@ -355,6 +382,12 @@ func (c *Volume) viewRefresher() {
 		select {
 		case <-c.ctx.Done():
 			return
+		case <-c.snap.use.Lost():
+			// The snapshot may be deleted now: read no more.
+			c.Fence(fmt.Errorf("cluster: snapshot %d of volume %s: the view's registration as a reader ended (etcd unreachable): %w",
+				c.opt.Snapshot, c.vol.Name, errSnapshotGone))
+			<-c.ctx.Done()
+			return
 		case <-t.C:
 		case <-c.probeKick:
 		}
@@ -375,9 +408,31 @@ func (c *Volume) viewRefresher() {
 	}
 }
 
-// refreshView re-reads the volume's marks (dropping those cleared) and its
-// recorded placement.
+// refreshView re-reads the volume's recorded placement and then its marks
+// (the holder records a move's rings, then the new owners' marks, then the
+// placement: read in the other order, a new owner is never taken without
+// its marks), and fences the view for good if its snapshot is gone.
 func (c *Volume) refreshView(ctx context.Context) error {
+	v, err := c.ms.Volume(ctx, c.vol.Name)
+	if err != nil && !errors.Is(err, meta.ErrNotFound) {
+		return err
+	}
+	if err != nil || v.ID != c.vol.ID || !slices.ContainsFunc(v.Snapshots, func(s meta.Snapshot) bool { return s.ID == c.opt.Snapshot && !s.Pending }) {
+		c.Fence(fmt.Errorf("cluster: snapshot %d of volume %s was deleted while a view read it: %w", c.opt.Snapshot, c.vol.Name, errSnapshotGone))
+		return nil
+	}
+	r, _, err := c.ms.Ring(ctx)
+	if err != nil {
+		return err
+	}
+	prev, err := c.ms.Moves(ctx, c.vol.ID)
+	if err != nil {
+		return err
+	}
+	base, err := c.placedRing(ctx, r)
+	if err != nil {
+		return err
+	}
 	m, unf, err := c.readMarks(ctx)
 	if err != nil {
 		return err
@@ -394,18 +449,6 @@ func (c *Volume) refreshView(ctx context.Context) error {
 		}
 	}
 	c.addMarks(m, unf, "")
-	r, _, err := c.ms.Ring(ctx)
-	if err != nil {
-		return err
-	}
-	prev, err := c.ms.Moves(ctx, c.vol.ID)
-	if err != nil {
-		return err
-	}
-	base, err := c.placedRing(ctx, r)
-	if err != nil {
-		return err
-	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if base.Version() == c.ring.Version() && len(prev) == len(c.prev) {
@@ -414,6 +457,9 @@ func (c *Volume) refreshView(ctx context.Context) error {
 	c.ring, c.prev = base, prev
 	return c.rebuildLocked()
 }
+
+// errSnapshotGone fails the reads of a view whose snapshot was deleted.
+var errSnapshotGone = errors.New("snapshot deleted")
 
 // listSnaps returns the snapshot copies p holds of chunk ch.
 func (c *Volume) listSnaps(ctx context.Context, p *peer, ch int64) ([]uint64, error) {
@@ -575,20 +621,22 @@ type RollbackResult struct {
 // again.
 func Rollback(ctx context.Context, ms *meta.Client, volume, snapshot string, opt AttachOptions) (RollbackResult, error) {
 	var res RollbackResult
-	sv, err := OpenSnapshot(ctx, ms, volume, snapshot, opt.Options)
-	if err != nil {
-		return res, err
-	}
-	defer sv.Close()
 	if opt.Holder == "" {
 		opt.Holder = "rollback to " + snapshot
 	}
 	opt.ScrubInterval = 0
+	// The lock first: the move a ring change made while the volume was
+	// detached is recorded (and may finish) before the view reads.
 	a, err := Attach(ctx, ms, volume, opt)
 	if err != nil {
 		return res, err
 	}
 	defer a.Close()
+	sv, err := OpenSnapshot(ctx, ms, volume, snapshot, opt.Options)
+	if err != nil {
+		return res, err
+	}
+	defer sv.Close()
 	chunk := a.Volume.chunk
 	want := make([]byte, chunk)
 	have := make([]byte, chunk)

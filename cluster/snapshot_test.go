@@ -323,3 +323,57 @@ func TestSnapshotGroupInstant(t *testing.T) {
 	}
 	t.Logf("group snapshot holds writes 1..%d of %d", maxN, len(hist))
 }
+
+// A discard or write-zeroes of a chunk never written, after a snapshot,
+// makes no snapshot copy (an fstrim would otherwise take a slot per
+// chunk); a write after it does, and the snapshot still reads zeros there.
+func TestSnapshotDiscardAbsentNoCopy(t *testing.T) {
+	tc := startCluster(t, 3, 64)
+	ctx := context.Background()
+	const size = 8 * testChunk
+	tc.volume("vol", size, 2)
+	a, err := Attach(ctx, tc.ms, "vol", AttachOptions{Options: Options{TLS: tc.client.Client, Timeout: time.Second, Logger: quietLog, Holder: "t"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	buf := voltest.Buf(t, testChunk)
+	fillPattern(buf, 0, 'A')
+	if err := voltest.Do(a, engine.OpWrite, 0, 0, testChunk, buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tc.ms.TakeSnapshots(ctx, "", []meta.SnapshotRequest{{Volume: "vol", Name: "s"}}, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := voltest.Do(a, engine.OpDiscard, 0, testChunk, size-testChunk, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := voltest.Do(a, engine.OpWriteZeroes, 0, 2*testChunk, testChunk, nil); err != nil {
+		t.Fatal(err)
+	}
+	copies := 0
+	for _, nd := range tc.nodes {
+		ids, err := nd.st.Chunks()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, id := range ids {
+			if id.Snap != 0 {
+				copies++
+			}
+		}
+	}
+	if copies != 0 {
+		t.Fatalf("%d snapshot copies after discards of chunks never written", copies)
+	}
+	fillPattern(buf, 3*testChunk, 'B')
+	if err := voltest.Do(a, engine.OpWrite, 0, 3*testChunk, testChunk, buf); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, "snapshot", tc.snapView(t, "vol", "s"), func(off int64) byte {
+		if off < testChunk {
+			return 'A'
+		}
+		return 0
+	})
+}

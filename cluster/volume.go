@@ -51,6 +51,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -252,6 +253,7 @@ type clusterPart struct {
 	err       error        // parent: the request's first error
 
 	home    chan *clusterPart // the pool it goes back to
+	job     *cloneJob         // an OpClone part: its job (snapshot.go)
 	pending atomic.Int32      // calls in flight + 1 while issuing
 	perr    atomic.Pointer[error]
 	op      wire.Op
@@ -410,6 +412,17 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 		// false: a node's first reply is trusted with the marks read
 		// above (and re-read every second); a restart seen later makes
 		// the node suspect until they are read again (viewRefresher).
+		// While it is open the snapshot cannot be deleted.
+		holder := opt.Holder
+		if holder == "" {
+			host, _ := os.Hostname()
+			holder = fmt.Sprintf("view pid %d on %s", os.Getpid(), host)
+		}
+		u, err := ms.UseSnapshot(ctx, vol, opt.Snapshot, holder, viewUseTTL)
+		if err != nil {
+			return fail(err)
+		}
+		c.snap.use = u
 		c.wg.Go(c.refresher)
 		c.wg.Go(c.viewRefresher)
 		return c, nil
@@ -754,6 +767,10 @@ func (c *Volume) Fence(cause error) {
 		return
 	}
 	c.fenced.Store(true)
+	if c.opt.Snapshot != 0 {
+		c.log.Error("cluster: snapshot view stopped: every read fails from now on", "volume", c.vol.Name, "snapshot", c.opt.Snapshot, "cause", cause)
+		return
+	}
 	c.log.Error("cluster: volume fenced for good: another holder attached it after this client did; every I/O fails from now on: detach it",
 		"volume", c.vol.Name, "epoch", c.epoch.Load(), "cause", cause)
 }
@@ -1199,6 +1216,9 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 			// older one's processed late, the chunk is among those a
 			// restart marks.
 			cc.peer.took(p.chunk)
+			if p.job != nil && wire.ReplyFlags(&resp.Header)&wire.ReplyAbsent == 0 {
+				p.job.heads.Add(1)
+			}
 			c.sawIncarnation(cc.peer, wire.Incarnation(&resp.Header))
 		case nodeFailure(err):
 			c.setDown(cc.peer, err)
@@ -1269,6 +1289,7 @@ func (p *clusterPart) finish(err error) {
 	}
 	p.active.Store(-1)
 	p.placed.Store(nil)
+	p.job = nil
 	p.msg.Payload, p.buf = nil, nil
 	for i := range p.calls[:p.n] {
 		p.calls[i].peer = nil
@@ -1354,6 +1375,13 @@ func (c *Volume) Close() error {
 	c.cancel()
 	c.wg.Wait()
 	c.closeClients()
+	if u := c.snap.use; u != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := u.Close(ctx); err != nil {
+			errs = append(errs, err)
+		}
+		cancel()
+	}
 	for i := range c.all {
 		c.all[i].home <- &c.all[i]
 	}

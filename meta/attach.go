@@ -159,6 +159,8 @@ func (s *Client) attach(ctx context.Context, name, holder string, ttl time.Durat
 	return nil, fmt.Errorf("meta: attach %s: contended %d times: %w", name, maxTries, ErrConflict)
 }
 
+func (s *Client) releasedKey(id uint64) string { return fmt.Sprintf("%s%020d", s.kReleased, id) }
+
 func parseEpoch(resp *clientv3.GetResponse) (epoch uint64, rev int64, err error) {
 	if len(resp.Kvs) == 0 {
 		return 0, 0, nil
@@ -347,6 +349,14 @@ func (a *AttachLease) Release(ctx context.Context) error {
 	a.mu.Unlock()
 	a.stop()
 	<-a.done
+	// Recorded before the lock goes: this epoch detached cleanly (a
+	// snapshot of the volume needs no holder to pause). Only while still
+	// held with our lease and epoch; if that fails, the detach counts as
+	// unclean, which costs a snapshot a fencing attach, never a write.
+	a.s.cli.Txn(ctx).If(
+		clientv3.Compare(clientv3.Value(a.s.epochKey(a.volume.ID)), "=", strconv.FormatUint(a.epoch, 10)),
+		clientv3.Compare(clientv3.LeaseValue(a.s.attachKey(a.volume.ID)), "=", a.lease),
+	).Then(clientv3.OpPut(a.s.releasedKey(a.volume.ID), strconv.FormatUint(a.epoch, 10))).Commit()
 	_, err := a.s.cli.Revoke(ctx, a.lease)
 	if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) { // not found: expired already
 		return fmt.Errorf("meta: release %s: revoke lease: %w", a.volume.Name, err)

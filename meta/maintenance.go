@@ -30,9 +30,11 @@ type VolumeWork struct {
 	Maintenance bool
 }
 
-// Needed reports whether the volume has work: marks, a move, or a ring
-// change to record.
-func (w VolumeWork) Needed() bool { return w.Missed > 0 || w.Moving || w.Behind }
+// Needed reports whether the volume has work: marks, a move, a ring
+// change to record, or a flatten asked for.
+func (w VolumeWork) Needed() bool {
+	return w.Missed > 0 || w.Moving || w.Behind || w.Volume.Parent != nil && w.Volume.Parent.Flatten
+}
 
 // Work reads, at one etcd revision, every volume with what it needs from
 // maintenance and who holds its attach lock.

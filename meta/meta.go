@@ -94,6 +94,13 @@ var (
 	ErrAttached           = errors.New("volume is attached")
 	ErrShrink             = errors.New("size below the current size")
 	ErrInvalid            = errors.New("invalid argument")
+	// ErrInUse: a snapshot (or a volume with one) that clones still read
+	// from.
+	ErrInUse = errors.New("in use by clones")
+	// ErrNotReleased: the volume's last holder did not detach cleanly (its
+	// lease expired): it may still be writing without etcd. A snapshot of
+	// it needs a holder that fences the nodes first (attach it).
+	ErrNotReleased = errors.New("the last holder did not detach cleanly")
 	// ErrNotHolder: another holder attached the volume after the caller's
 	// attach (its epoch is no longer the volume's). The caller must stop
 	// all I/O to it for good.
@@ -123,7 +130,7 @@ type Client struct {
 	guard  *guard // set by Guarded: an attach lock every write compares against
 
 	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress, kMoves, kRings, kPlaced string
-	kSnapReq, kSnapAck                                                                                                         string
+	kSnapReq, kSnapAck, kReleased, kSnapUse                                                                                    string
 }
 
 type unreachableError struct {
@@ -221,6 +228,8 @@ func newClient(cli *clientv3.Client, prefix string, log *slog.Logger) *Client {
 		kPlaced:   v + "placed/",
 		kSnapReq:  v + "snapreq/",
 		kSnapAck:  v + "snapack/",
+		kReleased: v + "released/",
+		kSnapUse:  v + "snapuse/",
 	}
 }
 

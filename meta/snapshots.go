@@ -33,12 +33,14 @@ package meta
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -47,6 +49,10 @@ const MaxSnapshots = 256
 
 // MaxSnapSeq bounds snapshot numbers (the chunk protocol carries 24 bits).
 const MaxSnapSeq = 1<<24 - 1
+
+// pauseLimitMeta is how long a holder stays paused for a snapshot that
+// does not commit before it cancels it (cluster's pauseLimit).
+const pauseLimitMeta = 15 * time.Second
 
 // pendingAbandoned is the age past which a pending snapshot is taken to be
 // left by a process that died while taking it.
@@ -66,6 +72,8 @@ type Snapshot struct {
 	Group string `json:"group,omitempty"`
 	// Pending: begun, not committed (or abandoned).
 	Pending bool `json:"pending,omitempty"`
+	// Clones names the volumes cloned from it that still read from it.
+	Clones []string `json:"clones,omitempty"`
 }
 
 // Snapshot returns the committed snapshot of v called name.
@@ -182,8 +190,9 @@ func (s *Client) BeginSnapshots(ctx context.Context, group string, reqs []Snapsh
 			if err != nil {
 				return nil, fmt.Errorf("meta: snapshot %s@%s: %w", r.Volume, r.Name, err)
 			}
-			ak, ek := s.attachKey(v.ID), s.epochKey(v.ID)
-			resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(ak), clientv3.OpGet(ek)).Commit()
+			ak, ek, rk := s.attachKey(v.ID), s.epochKey(v.ID), s.SnapRequestKey(v.ID)
+			resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(ak), clientv3.OpGet(ek), clientv3.OpGet(rk),
+				clientv3.OpGet(s.releasedKey(v.ID))).Commit()
 			if err != nil {
 				return nil, fmt.Errorf("meta: snapshot %s@%s: %w", r.Volume, r.Name, err)
 			}
@@ -195,6 +204,7 @@ func (s *Client) BeginSnapshots(ctx context.Context, group string, reqs []Snapsh
 			} else {
 				cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(ek), "=", 0))
 			}
+			held := false
 			if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 {
 				var a attachRecord
 				if err := json.Unmarshal(kvs[0].Value, &a); err != nil {
@@ -203,12 +213,40 @@ func (s *Client) BeginSnapshots(ctx context.Context, group string, reqs []Snapsh
 				cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(ak), "=", kvs[0].ModRevision))
 				if !a.Maintenance {
 					// A client holds it: it must pause. A storage node's
-					// maintenance job changes no data (it copies), so it
-					// need not.
+					// maintenance job changes no data (it copies), and it
+					// fenced every earlier holder when it opened the volume.
 					bv.holder = fmt.Sprintf("%s on %s, epoch %d", a.Holder, a.Host, a.Epoch)
 				}
+				held = true
 			} else {
 				cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(ak), "=", 0))
+				released := ""
+				if kvs := resp.Responses[3].GetResponseRange().Kvs; len(kvs) == 1 {
+					released = string(kvs[0].Value)
+				}
+				if bv.epoch != "" && released != bv.epoch {
+					// Its lease expired: it may still be writing, without
+					// etcd, under the old snapshot number.
+					return nil, fmt.Errorf("meta: snapshot %s@%s: volume %s was last held at epoch %s and its holder's lease expired without a detach: "+
+						"it may still be writing (cut off from etcd): %w", r.Volume, r.Name, r.Volume, bv.epoch, ErrNotReleased)
+				}
+			}
+			// A request left by a snapshot whose command died: dropped if
+			// it is not for the holder now (that holder cancels its own
+			// after pauseLimit).
+			if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 {
+				var old SnapRequest
+				json.Unmarshal(kvs[0].Value, &old)
+				if held && bv.holder != "" && strconv.FormatUint(old.Epoch, 10) == bv.epoch {
+					return nil, fmt.Errorf("meta: snapshot %s@%s: another snapshot of the volume is being taken (if its command died, its holder cancels it within %v): try again: %w",
+						r.Volume, r.Name, pauseLimitMeta, ErrConflict)
+				}
+				cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(rk), "=", kvs[0].ModRevision))
+				if bv.holder == "" { // else replaced below
+					ops = append(ops, clientv3.OpDelete(rk), clientv3.OpDelete(s.SnapAckKey(v.ID)))
+				}
+			} else {
+				cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(rk), "=", 0))
 			}
 			// Drop snapshots abandoned by a process that died taking them.
 			v.Snapshots = slices.DeleteFunc(v.Snapshots, func(o Snapshot) bool {
@@ -235,8 +273,7 @@ func (s *Client) BeginSnapshots(ctx context.Context, group string, reqs []Snapsh
 				e, _ := strconv.ParseUint(bv.epoch, 10, 64)
 				rq, _ := json.Marshal(SnapRequest{Seq: bv.seq, Group: group, Epoch: e})
 				bv.reqVal = string(rq)
-				cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.SnapRequestKey(v.ID)), "=", 0))
-				ops = append(ops, clientv3.OpPut(s.SnapRequestKey(v.ID), bv.reqVal), clientv3.OpDelete(s.SnapAckKey(v.ID)))
+				ops = append(ops, clientv3.OpPut(rk, bv.reqVal), clientv3.OpDelete(s.SnapAckKey(v.ID)))
 			}
 			b.vols = append(b.vols, bv)
 		}
@@ -433,11 +470,25 @@ func (s *Client) dropSnapshot(ctx context.Context, volume string, id uint64, mat
 		if i < 0 {
 			return fmt.Errorf("meta: delete snapshot of %s: %w", volume, ErrNotFound)
 		}
+		if c := v.Snapshots[i].Clones; len(c) > 0 {
+			return fmt.Errorf("meta: delete snapshot %s@%s: clones %s read from it: flatten or delete them first: %w",
+				volume, v.Snapshots[i].Name, strings.Join(c, ", "), ErrInUse)
+		}
+		readers, urev, err := s.snapshotReaders(ctx, v.ID, v.Snapshots[i].ID)
+		if err != nil {
+			return fmt.Errorf("meta: delete snapshot of %s: %w", volume, err)
+		}
+		if len(readers) > 0 {
+			return fmt.Errorf("meta: delete snapshot %s@%s: being read by %s: stop them first: %w",
+				volume, v.Snapshots[i].Name, strings.Join(readers, ", "), ErrInUse)
+		}
+		ukey := s.snapUseKey(v.ID, v.Snapshots[i].ID)
 		v.Snapshots = slices.Delete(v.Snapshots, i, i+1)
 		js, _ := json.Marshal(v)
 		tr, err := s.txn(ctx,
-			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.volKey(v.ID)), "=", rev)},
-			[]clientv3.Op{clientv3.OpPut(s.volKey(v.ID), string(js))}, nil)
+			[]clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(s.volKey(v.ID)), "=", rev),
+				clientv3.Compare(clientv3.ModRevision(ukey), "=", urev)},
+			[]clientv3.Op{clientv3.OpPut(s.volKey(v.ID), string(js)), clientv3.OpDelete(ukey)}, nil)
 		if err != nil {
 			return fmt.Errorf("meta: delete snapshot of %s: %w", volume, err)
 		}
@@ -570,4 +621,92 @@ func (s *Client) TakeSnapshots(ctx context.Context, group string, reqs []Snapsho
 		return nil, fmt.Errorf("%w (and cancelling it: %v)", err, aerr)
 	}
 	return nil, err
+}
+
+// snapUseKey is the key whose mod revision grows with every new reader of
+// snapshot snap of volume vol; its readers' keys are under it + "/".
+func (s *Client) snapUseKey(vol, snap uint64) string {
+	return fmt.Sprintf("%s%020d/%d", s.kSnapUse, vol, snap)
+}
+
+// SnapshotUse keeps a snapshot from being deleted while a reader (a view,
+// a diff, a rollback) reads it: DeleteSnapshot fails with ErrInUse while it
+// lasts. It lives under a lease; Lost is closed when the lease ends
+// (etcd unreachable past the TTL, or Close), after which the reader must
+// stop reading: the snapshot may be deleted.
+type SnapshotUse struct {
+	s     *Client
+	lease clientv3.LeaseID
+	stop  context.CancelFunc
+	lost  chan struct{}
+}
+
+// UseSnapshot registers holder as a reader of snapshot snap (a number) of
+// volume vol under a lease of ttl, and checks afterwards that the snapshot
+// exists (committed): ErrNotFound otherwise.
+func (s *Client) UseSnapshot(ctx context.Context, vol Volume, snap uint64, holder string, ttl time.Duration) (*SnapshotUse, error) {
+	g, err := s.cli.Grant(ctx, ttlSeconds(ttl))
+	if err != nil {
+		return nil, fmt.Errorf("meta: use snapshot %d of %s: grant lease: %w", snap, vol.Name, err)
+	}
+	key := s.snapUseKey(vol.ID, snap)
+	if _, err := s.cli.Txn(ctx).Then(
+		clientv3.OpPut(fmt.Sprintf("%s/%x", key, int64(g.ID)), holder, clientv3.WithLease(g.ID)),
+		clientv3.OpPut(key, holder),
+	).Commit(); err != nil {
+		s.cli.Revoke(context.WithoutCancel(ctx), g.ID)
+		return nil, fmt.Errorf("meta: use snapshot %d of %s: %w", snap, vol.Name, err)
+	}
+	v, err := s.Volume(ctx, vol.Name)
+	if err == nil && (v.ID != vol.ID || !slices.ContainsFunc(v.Snapshots, func(o Snapshot) bool { return o.ID == snap && !o.Pending })) {
+		err = fmt.Errorf("volume %s has no snapshot %d: %w", vol.Name, snap, ErrNotFound)
+	}
+	if err != nil {
+		s.cli.Revoke(context.WithoutCancel(ctx), g.ID)
+		return nil, fmt.Errorf("meta: use snapshot: %w", err)
+	}
+	kctx, stop := context.WithCancel(clientv3.WithRequireLeader(context.WithoutCancel(ctx)))
+	u := &SnapshotUse{s: s, lease: g.ID, stop: stop, lost: make(chan struct{})}
+	ch, err := s.cli.KeepAlive(kctx, g.ID)
+	go func() {
+		defer close(u.lost)
+		if err != nil {
+			return
+		}
+		for range ch { // drain
+		}
+	}()
+	return u, nil
+}
+
+// Lost is closed when the use ends.
+func (u *SnapshotUse) Lost() <-chan struct{} { return u.lost }
+
+// Close ends the use (revokes its lease).
+func (u *SnapshotUse) Close(ctx context.Context) error {
+	u.stop()
+	<-u.lost
+	if _, err := u.s.cli.Revoke(ctx, u.lease); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		return fmt.Errorf("meta: end snapshot use: %w", err)
+	}
+	return nil
+}
+
+// snapshotReaders returns the holders reading snapshot snap of volume vol
+// and the mod revision of its use key (0: never used).
+func (s *Client) snapshotReaders(ctx context.Context, vol, snap uint64) ([]string, int64, error) {
+	key := s.snapUseKey(vol, snap)
+	resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(key+"/", clientv3.WithPrefix()), clientv3.OpGet(key)).Commit()
+	if err != nil {
+		return nil, 0, err
+	}
+	var l []string
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		l = append(l, string(kv.Value))
+	}
+	var rev int64
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
+		rev = kvs[0].ModRevision
+	}
+	return l, rev, nil
 }

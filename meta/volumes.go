@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -46,6 +47,9 @@ type Volume struct {
 	SnapSeq uint64 `json:"snap_seq,omitempty"`
 	// Snapshots, by ascending ID.
 	Snapshots []Snapshot `json:"snapshots,omitempty"`
+	// Parent is, for a clone, the snapshot it reads where it has no chunk
+	// of its own (nil once flattened, and for other volumes).
+	Parent *Parent `json:"parent,omitempty"`
 	// QoS are the I/O limits the attached client enforces (qos.go);
 	// the zero QoS is unlimited.
 	QoS QoS `json:"qos"`
@@ -83,6 +87,13 @@ func (s *Client) CreateVolume(ctx context.Context, name string, size uint64, rep
 		}
 		replication = cfg.Replication
 	}
+	return s.create(ctx, name, Volume{Size: size, Replication: replication, QoS: set.QoS}, nil)
+}
+
+// create creates volume name from tmpl (size, replication, settings); more,
+// if not nil, gives for the new volume's id further comparisons and
+// operations of the creating transaction (a clone's parent record).
+func (s *Client) create(ctx context.Context, name string, tmpl Volume, more func(id uint64) ([]clientv3.Cmp, []clientv3.Op, error)) (Volume, error) {
 	nameKey := s.kByName + name
 	for range maxTries {
 		resp, err := s.cli.Get(ctx, s.kNextID)
@@ -96,8 +107,8 @@ func (s *Client) CreateVolume(ctx context.Context, name string, size uint64, rep
 			}
 			rev = resp.Kvs[0].ModRevision
 		}
-		v := Volume{ID: id, Name: name, Size: size, Replication: replication, State: VolumeReady, Created: time.Now().UTC(),
-			QoS: set.QoS}
+		v := tmpl
+		v.ID, v.Name, v.State, v.Created = id, name, VolumeReady, time.Now().UTC()
 		js, _ := json.Marshal(v)
 		// The new volume has no data: its placement is recorded up to the
 		// current ring (checked unchanged in the same transaction).
@@ -105,19 +116,25 @@ func (s *Client) CreateVolume(ctx context.Context, name string, size uint64, rep
 		if err != nil {
 			return Volume{}, fmt.Errorf("meta: create volume %s: %w", name, err)
 		}
-		tr, err := s.txn(ctx,
-			[]clientv3.Cmp{
-				clientv3.Compare(clientv3.CreateRevision(nameKey), "=", 0),
-				clientv3.Compare(clientv3.ModRevision(s.kNextID), "=", rev),
-				clientv3.Compare(clientv3.ModRevision(s.kRing), "=", ringRev),
-			},
-			[]clientv3.Op{
-				clientv3.OpPut(nameKey, strconv.FormatUint(id, 10)),
-				clientv3.OpPut(s.volKey(id), string(js)),
-				clientv3.OpPut(s.kNextID, strconv.FormatUint(id+1, 10)),
-				clientv3.OpPut(s.placedKey(id), strconv.FormatUint(r.Version(), 10)),
-			},
-			[]clientv3.Op{clientv3.OpGet(nameKey, clientv3.WithCountOnly())})
+		cmps := []clientv3.Cmp{
+			clientv3.Compare(clientv3.CreateRevision(nameKey), "=", 0),
+			clientv3.Compare(clientv3.ModRevision(s.kNextID), "=", rev),
+			clientv3.Compare(clientv3.ModRevision(s.kRing), "=", ringRev),
+		}
+		ops := []clientv3.Op{
+			clientv3.OpPut(nameKey, strconv.FormatUint(id, 10)),
+			clientv3.OpPut(s.volKey(id), string(js)),
+			clientv3.OpPut(s.kNextID, strconv.FormatUint(id+1, 10)),
+			clientv3.OpPut(s.placedKey(id), strconv.FormatUint(r.Version(), 10)),
+		}
+		if more != nil {
+			c, o, err := more(id)
+			if err != nil {
+				return Volume{}, fmt.Errorf("meta: create volume %s: %w", name, err)
+			}
+			cmps, ops = append(cmps, c...), append(ops, o...)
+		}
+		tr, err := s.txn(ctx, cmps, ops, []clientv3.Op{clientv3.OpGet(nameKey, clientv3.WithCountOnly())})
 		if err != nil {
 			return Volume{}, fmt.Errorf("meta: create volume %s: %w", name, err)
 		}
@@ -193,23 +210,35 @@ func (s *Client) DeleteVolume(ctx context.Context, name string) error {
 		if err != nil {
 			return fmt.Errorf("meta: delete: %w", err)
 		}
+		for _, sn := range v.Snapshots {
+			if len(sn.Clones) > 0 {
+				return fmt.Errorf("meta: delete volume %s: snapshot %s has clones %s: flatten or delete them first: %w",
+					name, sn.Name, strings.Join(sn.Clones, ", "), ErrInUse)
+			}
+		}
 		ak := s.attachKey(v.ID)
+		unlink, err := s.unlinkClone(ctx, v)
+		if err != nil {
+			return fmt.Errorf("meta: delete volume %s: %w", name, err)
+		}
 		tr, err := s.txn(ctx,
-			[]clientv3.Cmp{
+			append([]clientv3.Cmp{
 				clientv3.Compare(clientv3.ModRevision(s.volKey(v.ID)), "=", rev),
 				clientv3.Compare(clientv3.CreateRevision(ak), "=", 0),
-			},
-			[]clientv3.Op{
+			}, unlink.cmps...),
+			append([]clientv3.Op{
 				clientv3.OpDelete(s.kByName + name),
 				clientv3.OpDelete(s.volKey(v.ID)),
 				clientv3.OpDelete(s.epochKey(v.ID)),
+				clientv3.OpDelete(s.releasedKey(v.ID)),
+				clientv3.OpDelete(fmt.Sprintf("%s%020d/", s.kSnapUse, v.ID), clientv3.WithPrefix()),
 				clientv3.OpDelete(s.missedVolPrefix(v.ID), clientv3.WithPrefix()),
 				clientv3.OpDelete(s.progressKey(v.ID)),
 				clientv3.OpDelete(s.movesKey(v.ID)),
 				clientv3.OpDelete(s.placedKey(v.ID)),
 				clientv3.OpDelete(s.SnapRequestKey(v.ID)),
 				clientv3.OpDelete(s.SnapAckKey(v.ID)),
-			},
+			}, unlink.ops...),
 			[]clientv3.Op{clientv3.OpGet(ak)})
 		if err != nil {
 			return fmt.Errorf("meta: delete volume %s: %w", name, err)

@@ -142,10 +142,15 @@ func saveLost(dir string, chunks []store.ChunkID) error {
 		return nil
 	}
 	b := make([]byte, 0, 16*len(chunks))
+	seen := make(map[[2]uint64]bool, len(chunks))
 	for _, id := range chunks {
-		if id.Snap != 0 {
+		// A snapshot copy is marked through its head: a mark covers a
+		// chunk's copies too, and the rebuild copies them all.
+		k := [2]uint64{id.Volume, id.Index}
+		if seen[k] {
 			continue
 		}
+		seen[k] = true
 		b = binary.LittleEndian.AppendUint64(b, id.Volume)
 		b = binary.LittleEndian.AppendUint64(b, id.Index)
 	}

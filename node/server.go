@@ -107,6 +107,8 @@ type nodeOp struct {
 	// snap is, for an OpClone, the snapshot number of the copy; it is set
 	// while the head is read and zero once the copy is being written.
 	snap uint64
+	// ifHead: an OpClone with FlagIfHead.
+	ifHead bool
 }
 
 // NewServer returns a server of st's chunks. Serve it with
@@ -228,6 +230,7 @@ func (n *Server) Serve(r *netquic.ServerRequest) {
 	if h.Flags&wire.FlagCopy != 0 {
 		o.Flags |= engine.FlagCopy
 	}
+	o.IfAbsent = h.Flags&wire.FlagIfAbsent != 0
 	o.Ver = store.Version{Epoch: h.VerEpoch, Seq: h.VerSeq}
 	switch op {
 	case wire.OpSnaps:
@@ -299,6 +302,7 @@ func (n *Server) Serve(r *netquic.ServerRequest) {
 		o.Op, o.Buf, o.Off, o.Length, o.Ver = engine.OpRead, buf, 0, n.chunk, store.Version{}
 		o.Chunk.Snap = 0
 		o.snap = uint64(h.Snap)
+		o.ifHead = h.Flags&wire.FlagIfHead != 0
 	}
 	v := n.volEpoch(h.Volume)
 	for {
@@ -369,7 +373,7 @@ func (n *Server) get(r *netquic.ServerRequest, op wire.Op) *nodeOp {
 
 func (n *Server) put(o *nodeOp) {
 	o.r, o.Buf = nil, nil
-	o.AsOf, o.ListSnaps, o.IfAbsent, o.snap = false, false, false, 0
+	o.AsOf, o.ListSnaps, o.IfAbsent, o.snap, o.ifHead = false, false, false, 0, false
 	n.ops.Put(o)
 }
 
@@ -393,6 +397,14 @@ func (n *Server) staleReply(r *netquic.ServerRequest, cur uint64) {
 // CompleteChunk answers the request of o from the store's completion.
 func (o *nodeOp) CompleteChunk(_ *store.ChunkOp, err error) {
 	n, r := o.n, o.r
+	if o.snap != 0 && err == nil && !o.Found && o.ifHead {
+		// No head, and the change to come leaves the chunk absent: no copy.
+		hb := n.boot
+		wire.SetReplyFlags(&hb, wire.ReplyAbsent)
+		n.put(o)
+		_ = r.Reply(uint8(wire.StatusOK), &hb, nil)
+		return
+	}
 	if o.snap != 0 && err == nil {
 		// OpClone: the head is read; write it as the snapshot copy (a
 		// copy: exactly the head's version), unless the copy exists. An
@@ -434,6 +446,9 @@ func (o *nodeOp) CompleteChunk(_ *store.ChunkOp, err error) {
 		wire.SetVersion(&hb, o.Ver.Epoch, o.Ver.Seq)
 		if o.AsOf {
 			wire.SetReplySnap(&hb, uint32(o.From))
+		}
+		if s == wire.StatusOK && !o.Found {
+			wire.SetReplyFlags(&hb, wire.ReplyAbsent)
 		}
 		n.put(o)
 		_ = r.Reply(uint8(s), &hb, payload)

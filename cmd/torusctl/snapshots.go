@@ -31,8 +31,10 @@ func snapshotNames(args []string) ([]meta.SnapshotRequest, error) {
 }
 
 func buildSnapshotCreate(fs *pflag.FlagSet) runFunc {
-	var group string
+	var group, tlsDir string
 	var wait time.Duration
+	cli.TLSDirFlag(fs, &tlsDir)
+	fs.Lookup("tls-dir").Usage += "; needed only for a volume whose last holder did not detach (torusctl then attaches it, which fences that holder on the nodes, for the snapshot)"
 	fs.StringVar(&group, "group", "", "take the snapshots of every VOLUME@SNAPSHOT at one instant, as group `NAME` (needed for more than one)")
 	fs.DurationVar(&wait, "wait", 10*time.Second, "how long the clients holding the volumes may take to pause their writes; past it the snapshot is cancelled")
 	return func(ctx context.Context, e *env, args []string) error {
@@ -49,6 +51,12 @@ func buildSnapshotCreate(fs *pflag.FlagSet) runFunc {
 		return withStore(ctx, e, func(s *meta.Client) error {
 			start := time.Now()
 			snaps, err := s.TakeSnapshots(ctx, group, reqs, wait)
+			if errors.Is(err, meta.ErrNotReleased) {
+				if tlsDir == "" {
+					return fmt.Errorf("%w: attach the volume, or give --tls-dir and torusctl attaches it for the snapshot (fencing that holder)", err)
+				}
+				snaps, err = snapshotFenced(ctx, s, e, tlsDir, group, reqs, wait)
+			}
 			switch {
 			case errors.Is(err, meta.ErrExists):
 				return fmt.Errorf("%w: pick another name or delete the old snapshot", err)
@@ -233,4 +241,28 @@ func buildSnapshotDiff(fs *pflag.FlagSet) runFunc {
 			return nil
 		})
 	}
+}
+
+// snapshotFenced takes the snapshots while this process holds every
+// detached volume of reqs (cluster.Attach fences their earlier holders on
+// the nodes), then detaches them cleanly.
+func snapshotFenced(ctx context.Context, s *meta.Client, e *env, tlsDir, group string, reqs []meta.SnapshotRequest, wait time.Duration) ([]meta.Snapshot, error) {
+	tc, err := netquic.LoadTLS(tlsDir)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-dir %s: %w", tlsDir, err)
+	}
+	log := slog.New(slog.NewTextHandler(e.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	host, _ := os.Hostname()
+	for _, r := range reqs {
+		a, err := cluster.Attach(ctx, s, r.Volume, cluster.AttachOptions{Options: cluster.Options{
+			TLS: tc.Client, Logger: log, Holder: fmt.Sprintf("torusctl snapshot pid %d on %s", os.Getpid(), host)}})
+		if errors.Is(err, meta.ErrAttached) {
+			continue // held: its holder pauses for the snapshot
+		}
+		if err != nil {
+			return nil, fmt.Errorf("attaching %s to fence its last holder: %w", r.Volume, err)
+		}
+		defer a.Close()
+	}
+	return s.TakeSnapshots(ctx, group, reqs, wait)
 }

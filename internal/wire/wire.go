@@ -17,8 +17,10 @@
 //	         new store), so a client notices such a restart
 //	[24:26]  offset inside the chunk, in 4 KiB blocks
 //	[26:28]  length, in 4 KiB blocks (at most 512: chunks are at most 2 MiB)
-//	[28]     flags: bit 0 FUA, bit 1 NoUnmap, bit 2 Copy, bit 3 AsOf; other
-//	         bits zero
+//	[28]     flags: bit 0 FUA, bit 1 NoUnmap, bit 2 Copy, bit 3 AsOf, bit 4
+//	         IfAbsent, bit 5 IfHead; other bits zero. In an OK response to a read, bit 0
+//	         (ReplyAbsent) says the node has no slot for the chunk read
+//	         (it read zeros)
 //	[29:32]  snapshot (24 bits). In a request, the chunk addressed is
 //	         (volume, index, snapshot): 0 is the head (the volume as it is
 //	         now), s > 0 the copy of the head taken before the first change
@@ -169,8 +171,22 @@ const (
 	// node reads the chunk's snapshot copy with the smallest number at or
 	// above Snap, else its head. Such a read carries no epoch and is not
 	// fenced: what it reads never changes.
-	FlagAsOf   uint8 = 1 << 3
-	flagsKnown       = FlagFUA | FlagNoUnmap | FlagCopy | FlagAsOf
+	FlagAsOf uint8 = 1 << 3
+	// FlagIfAbsent makes a write change nothing (and succeed) if the node
+	// holds the chunk already: a clone's copy of its parent's chunk.
+	FlagIfAbsent uint8 = 1 << 4
+	// FlagIfHead makes an OpClone of a chunk with no head make no copy
+	// (and answer with ReplyAbsent): the clone before a discard or
+	// write-zeroes, which leave an absent chunk absent.
+	FlagIfHead uint8 = 1 << 5
+	flagsKnown       = FlagFUA | FlagNoUnmap | FlagCopy | FlagAsOf | FlagIfAbsent | FlagIfHead
+)
+
+// ReplyAbsent, in the flags of an OK read response, says that the node
+// holds no slot for the chunk it read (a clone reads its parent there); in
+// that of an OpClone with FlagIfHead, that it made no copy (no head).
+const (
+	ReplyAbsent uint8 = 1 << 0
 )
 
 // Header is the decoded caller header of a request or response.
@@ -232,6 +248,12 @@ func Decode(op Op, b *[HeaderSize]byte, h *Header) error {
 	if h.Flags&FlagAsOf != 0 && (op != OpRead || h.Snap == 0) {
 		return fmt.Errorf("%w: as-of flag on a %v of snapshot %d", ErrMalformed, op, h.Snap)
 	}
+	if h.Flags&FlagIfAbsent != 0 && op != OpWrite {
+		return fmt.Errorf("%w: if-absent flag on a %v", ErrMalformed, op)
+	}
+	if h.Flags&FlagIfHead != 0 && op != OpClone {
+		return fmt.Errorf("%w: if-head flag on a %v", ErrMalformed, op)
+	}
 	if op == OpClone && h.Snap == 0 {
 		return fmt.Errorf("%w: clone to snapshot 0", ErrMalformed)
 	}
@@ -291,6 +313,12 @@ func SetVersion(b *[HeaderSize]byte, epoch, seq uint64) {
 func ReplySnap(b *[HeaderSize]byte) uint32 {
 	return uint32(b[29]) | uint32(b[30])<<8 | uint32(b[31])<<16
 }
+
+// ReplyFlags returns the flags of an encoded response header.
+func ReplyFlags(b *[HeaderSize]byte) uint8 { return b[28] }
+
+// SetReplyFlags overwrites the flags of an encoded header.
+func SetReplyFlags(b *[HeaderSize]byte, f uint8) { b[28] = f }
 
 // SetReplySnap overwrites the snapshot field of an encoded header.
 func SetReplySnap(b *[HeaderSize]byte, s uint32) {
