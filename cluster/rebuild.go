@@ -772,6 +772,10 @@ type Stats struct {
 	// SnapshotCopies the chunk heads copied before their first change
 	// under a new snapshot (copy-on-write).
 	SnapshotPauses, SnapshotCopies uint64
+	// CloneCopies counts the chunks a clone copied from its parent;
+	// Flattening is true while a flatten is asked for and not done.
+	CloneCopies uint64
+	Flattening  bool
 }
 
 // Stats returns the volume's counters.
@@ -781,6 +785,7 @@ func (c *Volume) Stats() Stats {
 		Failovers: c.failovers.Load(), NodeFailures: c.degradedEvents.Load(), NodeRestarts: c.restarts.Load(), Behind: c.behindFound.Load(), CopiesRefused: c.copiesRefused.Load(),
 		Moving: c.movePending.Load(), MoveCopies: c.moveTotal.Load(), Rebalances: c.moves.Load(),
 		SnapshotPauses: c.snap.pauses.Load(), SnapshotCopies: c.snap.copies.Load(),
+		CloneCopies: c.clone.copyUps.Load(), Flattening: c.clone.flattening.Load(),
 	}
 }
 
@@ -1171,7 +1176,7 @@ func (c *Volume) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err e
 	data := buf[:length]
 	var srcErr error
 	var srcVer store.Version
-	got := false
+	got, srcAbsent := false, false
 	var from *peer
 	srcs := c.newestSources(ctx, st, target, ch, data[:engine.BlockSize])
 	for _, src := range srcs {
@@ -1203,6 +1208,7 @@ func (c *Volume) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err e
 			continue
 		}
 		got, from = true, src
+		srcAbsent = wire.ReplyFlags(&resp.Header)&wire.ReplyAbsent != 0
 		break
 	}
 	if !got {
@@ -1230,8 +1236,9 @@ func (c *Volume) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err e
 	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(length), Epoch: wire.FenceEpoch(c.epoch.Load(), tgen),
 		Flags: wire.FlagFUA | wire.FlagCopy, VerEpoch: srcVer.Epoch, VerSeq: srcVer.Seq}
 	req := netquic.Message{Code: uint8(wire.OpWrite), Payload: data}
-	if zero {
-		// Keep the copy thin: write-zeroes may free the slot.
+	if zero && (srcAbsent || !c.cloneLive()) {
+		// Keep the copy thin: write-zeroes may free the slot. Not for a
+		// clone's chunk the source holds: absent, it would read the parent.
 		req = netquic.Message{Code: uint8(wire.OpWriteZeroes)}
 	}
 	h.Encode(&req.Header)

@@ -163,8 +163,9 @@ type Volume struct {
 	rebuilt, rebuiltBytes, degradedEvents atomic.Uint64
 	restarts                              atomic.Uint64 // node restarts seen (a new incarnation)
 
-	// Snapshots (snapshot.go).
-	snap snapState
+	// Snapshots (snapshot.go) and clones (clone.go).
+	snap  snapState
+	clone cloneState
 
 	// Chunk versions (version.go).
 	vers        []chunkVer    // by chunk
@@ -253,6 +254,7 @@ type clusterPart struct {
 	err       error        // parent: the request's first error
 
 	home    chan *clusterPart // the pool it goes back to
+	preq    engine.Request    // a clone's read of its parent (clone.go)
 	job     *cloneJob         // an OpClone part: its job (snapshot.go)
 	pending atomic.Int32      // calls in flight + 1 while issuing
 	perr    atomic.Pointer[error]
@@ -386,10 +388,18 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 	c.epoch.Store(opt.Epoch)
 	c.vers = make([]chunkVer, (c.size+c.chunk-1)/c.chunk)
 	c.initSnap(vol)
+	if vol.Parent != nil {
+		if err := c.openParent(ctx, vol); err != nil {
+			return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
+		}
+	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	fail := func(err error) (*Volume, error) {
 		c.cancel()
 		c.closeClients()
+		if c.clone.parent != nil {
+			c.clone.parent.Close()
+		}
 		return nil, fmt.Errorf("open volume %s: %w", vol.Name, err)
 	}
 	c.mu.Lock()
@@ -449,6 +459,9 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 	c.wg.Go(c.prober)
 	c.wg.Go(c.rebuildLoop)
 	c.wg.Go(c.snapWatcher)
+	if c.clone.parent != nil {
+		c.wg.Go(c.flattener)
+	}
 	return c, nil
 }
 
@@ -873,6 +886,11 @@ func (c *Volume) Submit(r *engine.Request) {
 	if r.Flags&engine.FlagNoUnmap != 0 {
 		flags |= wire.FlagNoUnmap
 	}
+	if (op == wire.OpDiscard || op == wire.OpWriteZeroes) && c.cloneLive() {
+		// A clone's chunk keeps its slot: without one it would read the
+		// parent (clone.go).
+		op, flags = wire.OpWriteZeroes, flags|wire.FlagNoUnmap
+	}
 	parent := <-c.parts
 	parent.startReq(r, parent)
 	parent.remaining.Store(1)
@@ -914,10 +932,13 @@ func (c *Volume) Submit(r *engine.Request) {
 		parent.remaining.Add(1)
 		off += n
 		p.chunk = idx
-		if op != wire.OpRead && c.needClone(idx) {
-			c.cloneThen(p, idx)
-		} else {
+		switch {
+		case op == wire.OpRead:
 			c.sendPart(p, idx)
+		case c.needCopyUp(idx):
+			c.copyUpThen(p, idx)
+		default:
+			c.sendChange(p, idx)
 		}
 		p = nil
 	}
@@ -1247,6 +1268,14 @@ func (cc *clusterCall) CallDone(resp *netquic.Message, err error) {
 		}
 	}
 	if err == nil {
+		if c.clone.parent != nil && wire.ReplyFlags(&resp.Header)&wire.ReplyAbsent != 0 {
+			c.clone.reads.Add(1) // before the check: see clone.go
+			if c.cloneLive() {
+				c.readParent(p)
+				return
+			}
+			c.clone.reads.Add(-1)
+		}
 		p.finish(nil)
 		return
 	}
@@ -1375,6 +1404,11 @@ func (c *Volume) Close() error {
 	c.cancel()
 	c.wg.Wait()
 	c.closeClients()
+	if pv := c.clone.parent; pv != nil {
+		if err := pv.Close(); err != nil && !errors.Is(err, engine.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
 	if u := c.snap.use; u != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if err := u.Close(ctx); err != nil {

@@ -43,6 +43,7 @@ const (
 	ProgressRebuild   = "rebuild"
 	ProgressRebalance = "rebalance"
 	ProgressScrub     = "scrub"
+	ProgressFlatten   = "flatten"
 )
 
 // Progress is how far a background job over one volume has come: a rebuild
@@ -324,9 +325,9 @@ func (s *Client) MissedCounts(ctx context.Context) (map[uint64]map[string]int, e
 // previous record. It fails with ErrNotFound if the volume does not exist.
 func (s *Client) SetProgress(ctx context.Context, vol uint64, p Progress) error {
 	switch p.Kind {
-	case ProgressRebuild, ProgressRebalance, ProgressScrub:
+	case ProgressRebuild, ProgressRebalance, ProgressScrub, ProgressFlatten:
 	default:
-		return fmt.Errorf("meta: progress of volume %d: kind %q: want rebuild, rebalance or scrub: %w", vol, p.Kind, ErrInvalid)
+		return fmt.Errorf("meta: progress of volume %d: kind %q: want rebuild, rebalance, scrub or flatten: %w", vol, p.Kind, ErrInvalid)
 	}
 	if p.Updated.IsZero() {
 		p.Updated = time.Now().UTC()

@@ -304,3 +304,52 @@ func TestClusterDiffBackup(t *testing.T) {
 		t.Fatalf("snapshot diff s2 s3: %s", out)
 	}
 }
+
+// Clones end to end: a clone of a snapshot is served at once, reads the
+// snapshot, takes writes that leave the parent alone; flattened while
+// detached (by a storage node's maintenance job), it keeps its data and
+// the parent's snapshot can then be deleted.
+func TestClusterClone(t *testing.T) {
+	c := startCluster(t, 3)
+	c.Ctl("volume", "create", "golden", "--size", "16MiB", "--replication", "2")
+	s, sock := c.serve("golden")
+	qemuIO(t, sock, "write -P 0x61 0 12M")
+	c.Ctl("snapshot", "create", "golden@v1")
+	qemuIO(t, sock, "write -P 0x62 0 4M")
+	s.Stop(t)
+	out := c.Ctl("volume", "clone", "golden@v1", "vm1")
+	if !strings.Contains(out, "is a clone of golden@v1") {
+		t.Fatalf("volume clone: %s", out)
+	}
+	s, sock = c.serve("vm1")
+	qemuIO(t, sock, "read -P 0x61 0 12M", "read -P 0 12M 4M", "write -P 0x63 2M 8k", "write -P 0x63 14M 4k", "discard 8M 1M")
+	qemuIO(t, sock, "read -P 0x61 0 2M", "read -P 0x63 2M 8k", "read -P 0x61 2056k 6136k", "read -P 0 8M 1M",
+		"read -P 0x61 9M 3M", "read -P 0x63 14M 4k")
+	s.Stop(t)
+	if out, err := c.Torusctl(context.Background(), "snapshot", "delete", "golden@v1"); err == nil || !strings.Contains(out, "clones vm1") {
+		t.Fatalf("delete of a snapshot with a clone: %v\n%s", err, out)
+	}
+	c.Ctl("volume", "flatten", "vm1")
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var v meta.Volume
+		if err := json.Unmarshal([]byte(c.Ctl("--output", "json", "volume", "info", "vm1")), &v); err != nil {
+			t.Fatal(err)
+		}
+		if v.Parent == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("vm1 not flattened by the nodes within 60 s:\n%s", c.Ctl("status"))
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	c.Ctl("snapshot", "delete", "golden@v1")
+	s, sock = c.serve("vm1")
+	qemuIO(t, sock, "read -P 0x61 0 2M", "read -P 0x63 2M 8k", "read -P 0x61 2056k 6136k", "read -P 0 8M 1M",
+		"read -P 0x61 9M 3M", "read -P 0 12M 2M", "read -P 0x63 14M 4k")
+	s.Stop(t)
+	s, sock = c.serve("golden")
+	qemuIO(t, sock, "read -P 0x62 0 4M", "read -P 0x61 4M 8M")
+	s.Stop(t)
+}

@@ -11,6 +11,8 @@
 //	torusctl volume info NAME
 //	torusctl volume resize NAME --size SIZE
 //	torusctl volume delete NAME
+//	torusctl volume clone VOLUME@SNAPSHOT NAME
+//	torusctl volume flatten NAME
 //	torusctl volume rollback VOLUME@SNAPSHOT --tls-dir DIR
 //	torusctl snapshot create [--group NAME] VOLUME@SNAPSHOT...
 //	torusctl snapshot list [VOLUME]
@@ -163,6 +165,8 @@ func example(c *command) string {
 		return "vol0@before-upgrade"
 	case "snapshot diff":
 		return "vol0@mon vol0@tue"
+	case "volume clone":
+		return "vol0@golden vol1"
 	default:
 		return "vol0"
 	}

@@ -266,3 +266,42 @@ func snapshotFenced(ctx context.Context, s *meta.Client, e *env, tlsDir, group s
 	}
 	return s.TakeSnapshots(ctx, group, reqs, wait)
 }
+
+func cmdVolumeClone(ctx context.Context, e *env, args []string) error {
+	reqs, err := snapshotNames(args[:1])
+	if err != nil {
+		return err
+	}
+	return withStore(ctx, e, func(s *meta.Client) error {
+		v, err := s.CloneVolume(ctx, reqs[0], args[1])
+		switch {
+		case errors.Is(err, meta.ErrExists):
+			return fmt.Errorf("%w: pick another name", err)
+		case errors.Is(err, meta.ErrNotFound):
+			return fmt.Errorf("%w: see 'torusctl snapshot list %s'", err, reqs[0].Volume)
+		case err != nil:
+			return err
+		}
+		if e.g.output == cli.JSON {
+			return e.printJSON(volumeResult{Volume: v})
+		}
+		fmt.Fprintf(e.stdout, "volume %s is a clone of %s@%s (%s); attach it anywhere\n", v.Name, reqs[0].Volume, reqs[0].Name,
+			units.FormatSize(int64(v.Size)))
+		return nil
+	})
+}
+
+func cmdVolumeFlatten(ctx context.Context, e *env, args []string) error {
+	return withStore(ctx, e, func(s *meta.Client) error {
+		v, err := s.FlattenVolume(ctx, args[0])
+		if err != nil {
+			return notFound(err)
+		}
+		if e.g.output == cli.JSON {
+			return e.printJSON(volumeResult{Volume: v})
+		}
+		fmt.Fprintf(e.stdout, "flattening %s: its holder (the attached client, else a storage node) copies what it still reads from %s@%s; "+
+			"'torusctl status' shows the progress\n", v.Name, v.Parent.Name, v.Parent.Snapshot)
+		return nil
+	})
+}

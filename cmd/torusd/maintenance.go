@@ -26,5 +26,5 @@ type maintenanceJob struct{ *cluster.Volume }
 // Pending implements node.MaintenanceJob.
 func (j maintenanceJob) Pending() (bool, uint64, int64) {
 	st := j.Stats()
-	return st.Missed > 0 || st.Moving, st.Rebuilt, st.MoveCopies
+	return st.Missed > 0 || st.Moving || st.Flattening, st.Rebuilt, st.MoveCopies
 }
