@@ -23,6 +23,9 @@
 //	                                the history placement changes are read from
 //	PREFIX/v1/placed/ID             the ring version up to which the volume's
 //	                                placement changes are recorded (moves.go)
+//	PREFIX/v1/usage/NODE            JSON NodeUsage: the chunks a node holds
+//	                                per volume, attached to the node's lease
+//	                                (usage.go)
 //
 // Invariants (kept by this file's txn helper and by every writer):
 //
@@ -43,7 +46,7 @@
 //     with its epoch (the comparisons are in the same transaction).
 //   - Volume ids come from the next-id counter, changed only by CAS, so an
 //     id is never reused, not even after a delete (epochs stay monotonic).
-//   - Keys attached to a lease (nodes, attach) vanish when the lease ends:
+//   - Keys attached to a lease (nodes, usage, attach) vanish when the lease ends:
 //     presence means a live owner.
 //   - Missed marks and progress records exist only for existing volumes:
 //     they are written in transactions that check the volume record and
@@ -130,7 +133,7 @@ type Client struct {
 	guard  *guard // set by Guarded: an attach lock every write compares against
 
 	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress, kMoves, kRings, kPlaced string
-	kSnapReq, kSnapAck, kReleased, kSnapUse                                                                                    string
+	kSnapReq, kSnapAck, kReleased, kSnapUse, kUsage                                                                            string
 }
 
 type unreachableError struct {
@@ -230,6 +233,7 @@ func newClient(cli *clientv3.Client, prefix string, log *slog.Logger) *Client {
 		kSnapAck:  v + "snapack/",
 		kReleased: v + "released/",
 		kSnapUse:  v + "snapuse/",
+		kUsage:    v + "usage/",
 	}
 }
 

@@ -39,6 +39,11 @@ type Node struct {
 	Used    uint64 `json:"used,omitempty"`
 	NoSpace uint64 `json:"no_space,omitempty"`
 	Full    bool   `json:"full,omitempty"`
+	// NearFullRatio is the node's --near-full ratio of Used to Capacity,
+	// and NearFull whether Used is at or above it, as last reported: a
+	// warning before the node runs out of space (Full).
+	NearFullRatio float64 `json:"near_full_ratio,omitempty"`
+	NearFull      bool    `json:"near_full,omitempty"`
 	// Zone and Host are the failure domains (see ring.Node).
 	Zone string `json:"zone"`
 	Host string `json:"host"`
@@ -73,6 +78,10 @@ type Registration struct {
 
 	mu    sync.Mutex
 	lease clientv3.LeaseID
+	// usage and usageLease are the usage record last written and the
+	// lease it was written under (PutUsage, usage.go).
+	usage      string
+	usageLease clientv3.LeaseID
 }
 
 // RegisterNode writes n under a new lease of ttl (rounded up to seconds;

@@ -14,7 +14,9 @@ package node
 //     and its number is not above the volume's SnapSeq there (see
 //     garbageCopies for why a listing is enough).
 //   - The collector runs on its own goroutine, one pass at a time, and stops
-//     (Node.Stop waits for it) before the store closes.
+//     (Node.Stop waits for it) before the store closes. The same goroutine
+//     publishes the node's usage per volume (usage.go) after each pass, from
+//     a listing taken after the pass's discards.
 //   - A pass discards each garbage chunk whole (OpDiscard over the chunk),
 //     which frees its slot; a discard that fails or races another op leaves
 //     the chunk for the next pass, which the next volume change, or the
@@ -47,18 +49,30 @@ type collector struct {
 	total atomic.Uint64 // chunks freed since start (torus_gc_chunks_total)
 	stop  context.CancelFunc
 	done  chan struct{}
+	// usage, if set, is given a listing of the store and the VolumeSet
+	// after every pass and every usageEvery (usage.go).
+	usage      func(ctx context.Context, ids []store.ChunkID, vs meta.VolumeSet)
+	usageEvery time.Duration
 }
 
 // startCollector runs the collector until stop: a pass at once, after
-// every change of the volumes in ms, and every gcInterval.
-func startCollector(ctx context.Context, st *store.Store, ms *meta.Client, log *slog.Logger) *collector {
+// every change of the volumes in ms, and every gcInterval. With usage set,
+// it also hands usage a listing after every pass and every usageEvery.
+func startCollector(ctx context.Context, st *store.Store, ms *meta.Client, log *slog.Logger,
+	usage func(context.Context, []store.ChunkID, meta.VolumeSet), usageEvery time.Duration) *collector {
 	ctx, stop := context.WithCancel(context.WithoutCancel(ctx))
-	c := &collector{st: st, log: log, stop: stop, done: make(chan struct{})}
+	c := &collector{st: st, log: log, stop: stop, done: make(chan struct{}), usage: usage, usageEvery: usageEvery}
 	go func() {
 		defer close(c.done)
 		ch := ms.WatchVolumes(ctx)
 		t := time.NewTicker(gcInterval)
 		defer t.Stop()
+		var ut <-chan time.Time
+		if usage != nil && usageEvery > 0 {
+			tk := time.NewTicker(usageEvery)
+			defer tk.Stop()
+			ut = tk.C
+		}
 		var last meta.VolumeSet
 		for {
 			select {
@@ -75,11 +89,35 @@ func startCollector(ctx context.Context, st *store.Store, ms *meta.Client, log *
 				}
 				// An old set is still safe: a deleted id stays deleted,
 				// and its Next only hides newer deletions.
+			case <-ut:
+				if last.IDs != nil {
+					c.publish(ctx, nil, last)
+				}
+				continue
 			}
-			c.pass(ctx, last)
+			ids, freed := c.pass(ctx, last)
+			if freed {
+				ids = nil // list again: the listing still has what was freed
+			}
+			c.publish(ctx, ids, last)
 		}
 	}()
 	return c
+}
+
+// publish hands c.usage the listing ids (nil: list the store now) and vs.
+func (c *collector) publish(ctx context.Context, ids []store.ChunkID, vs meta.VolumeSet) {
+	if c.usage == nil || ctx.Err() != nil {
+		return
+	}
+	if ids == nil {
+		var err error
+		if ids, err = c.st.Chunks(); err != nil {
+			c.log.Warn("usage: cannot list the store's chunks", "err", err)
+			return
+		}
+	}
+	c.usage(ctx, ids, vs)
 }
 
 // close stops the collector and waits for its pass in flight.
@@ -89,12 +127,14 @@ func (c *collector) close() {
 }
 
 // pass discards every chunk of a volume that vs reports deleted, and every
-// snapshot copy no snapshot of vs is read from (garbageCopies).
-func (c *collector) pass(ctx context.Context, vs meta.VolumeSet) {
+// snapshot copy no snapshot of vs is read from (garbageCopies). It returns
+// the listing it acted on (nil if it could not list) and whether it tried
+// to discard anything (the listing is then out of date).
+func (c *collector) pass(ctx context.Context, vs meta.VolumeSet) ([]store.ChunkID, bool) {
 	ids, err := c.st.Chunks()
 	if err != nil {
 		c.log.Warn("gc: cannot list the store's chunks", "err", err)
-		return
+		return nil, false
 	}
 	var garbage []store.ChunkID
 	vols := make(map[uint64]int)
@@ -107,7 +147,7 @@ func (c *collector) pass(ctx context.Context, vs meta.VolumeSet) {
 	copies := garbageCopies(ids, vs)
 	garbage = append(garbage, copies...)
 	if len(garbage) == 0 {
-		return
+		return ids, false
 	}
 	start := time.Now()
 	var freed, failed atomic.Uint64
@@ -134,6 +174,7 @@ func (c *collector) pass(ctx context.Context, vs meta.VolumeSet) {
 	wg.Wait()
 	c.log.Info("gc: freed chunks of deleted volumes and snapshots", "chunks", freed.Load(), "failed", failed.Load(),
 		"volumes", len(vols), "snapshot_copies", len(copies), "took", time.Since(start).Round(time.Millisecond))
+	return ids, true
 }
 
 // garbageCopies returns the snapshot copies of ids (a store's chunks, in

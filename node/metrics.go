@@ -58,6 +58,13 @@ var nodeMetrics = []nodeMetric{
 		func(s *nodeSample) uint64 { return uint64(s.store.Slots * s.store.ChunkSize) }),
 	nodeGauge("torus_store_used_bytes", "Bytes of the store's slots in use.",
 		func(s *nodeSample) uint64 { return uint64(s.store.UsedSlots * s.store.ChunkSize) }),
+	nodeGauge("torus_store_near_full", "1 while the store's used slots are at or above the node's --near-full ratio of its slots.",
+		func(s *nodeSample) uint64 {
+			if s.n.isNearFull(s.store) {
+				return 1
+			}
+			return 0
+		}),
 	nodeCounter("torus_node_reads_total", "Chunk reads served.",
 		func(s *nodeSample) uint64 { return s.cs.Reads }),
 	nodeCounter("torus_node_writes_total", "Chunk writes served.",

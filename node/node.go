@@ -60,7 +60,18 @@ type Config struct {
 	// OpenMaintenance opens a volume for a maintenance job; required unless
 	// Maintenance is 0.
 	OpenMaintenance OpenMaintenance
+	// NearFull is the ratio of used to total store space at or above which
+	// the node warns (log, registration) that it is nearly full, before it
+	// refuses writes; 0 means DefaultNearFull. It must be in (0, 1).
+	NearFull float64
+	// UsageInterval is how often the node lists its store to publish its
+	// usage per volume (usage.go), besides after every garbage-collection
+	// pass; 0 means DefaultUsageInterval.
+	UsageInterval time.Duration
 }
+
+// DefaultNearFull is the near-full ratio of a node whose Config gives none.
+const DefaultNearFull = 0.85
 
 // DefaultMaintenance is how often a node looks for volumes to maintain;
 // DefaultMaintenanceDelay how long a volume must be free first.
@@ -93,6 +104,12 @@ type Node struct {
 	dead  *deadWatch  // nil without --dead-timeout
 	maint *maintainer // nil without --maintenance-interval
 	log   *slog.Logger
+	// nearFull is the ratio of used to total slots at or above which the
+	// node reports itself nearly full (Config.NearFull).
+	nearFull float64
+	// usagePartial: the last usage record published lacked the per
+	// snapshot breakdown (logged once); the collector's goroutine only.
+	usagePartial bool
 
 	stopReport context.CancelFunc
 	reported   chan struct{}
@@ -104,6 +121,18 @@ type Node struct {
 func Start(ctx context.Context, ms *meta.Client, cfg meta.Config, nc Config, log *slog.Logger) (_ *Node, err error) {
 	if nc.Maintenance > 0 && nc.OpenMaintenance == nil {
 		return nil, fmt.Errorf("%w: maintenance every %v but no OpenMaintenance", ErrConfig, nc.Maintenance)
+	}
+	if nc.NearFull == 0 {
+		nc.NearFull = DefaultNearFull
+	}
+	if !(nc.NearFull > 0 && nc.NearFull < 1) {
+		return nil, fmt.Errorf("%w: --near-full %v: want a ratio between 0 and 1 (example: --near-full 0.85)", ErrConfig, nc.NearFull)
+	}
+	if nc.UsageInterval < 0 {
+		return nil, fmt.Errorf("%w: --usage-interval %v: want a positive duration", ErrConfig, nc.UsageInterval)
+	}
+	if nc.UsageInterval == 0 {
+		nc.UsageInterval = DefaultUsageInterval
 	}
 	if nc.Size < int64(cfg.ChunkSize) {
 		return nil, fmt.Errorf("%w: --size %s is below the cluster's chunk size %s",
@@ -139,7 +168,7 @@ func Start(ctx context.Context, ms *meta.Client, cfg meta.Config, nc Config, log
 	if err != nil {
 		return nil, err
 	}
-	n := &Node{id: id, store: st, log: log}
+	n := &Node{id: id, store: st, log: log, nearFull: nc.NearFull}
 	defer func() {
 		if err != nil {
 			n.Stop(context.WithoutCancel(ctx))
@@ -198,7 +227,8 @@ func Start(ctx context.Context, ms *meta.Client, cfg meta.Config, nc Config, log
 		return nil, err
 	}
 	stats := st.Stats()
-	mn := meta.Node{ID: id.NodeID, Addr: n.addr, Socket: sock, Capacity: uint64(stats.Slots * stats.ChunkSize), Zone: nc.Zone, Host: nc.Host}
+	mn := meta.Node{ID: id.NodeID, Addr: n.addr, Socket: sock, Capacity: uint64(stats.Slots * stats.ChunkSize), Zone: nc.Zone, Host: nc.Host,
+		NearFullRatio: nc.NearFull}
 	if n.reg, err = register(ctx, ms, mn, nc.LeaseTTL, log); err != nil {
 		return nil, err
 	}
@@ -216,7 +246,7 @@ func Start(ctx context.Context, ms *meta.Client, cfg meta.Config, nc Config, log
 	go n.reportUsage(rctx, mn)
 	n.epochsDone = make(chan struct{})
 	go n.watchEpochs(rctx, ms)
-	n.gc = startCollector(ctx, st, ms, log)
+	n.gc = startCollector(ctx, st, ms, log, n.publishUsage, nc.UsageInterval)
 	n.dead = startDeadWatch(ctx, ms, id.NodeID, nc.DeadTimeout, log)
 	n.maint = startMaintainer(ctx, ms, nc.OpenMaintenance, id.NodeID, tc.Client, nc.Maintenance, nc.MaintenanceDelay, nc.LeaseTTL, nc.RebuildRate, log)
 	log.Info("node ready", "addr", n.addr, "listen", n.srv.Addr().String(), "socket", sock, "capacity",
@@ -389,15 +419,22 @@ func (n *Node) Stop(ctx context.Context) error {
 // usageEvery is how often a node publishes its usage in its registration.
 const usageEvery = 5 * time.Second
 
-// reportUsage keeps the registration's Used, NoSpace and Full current
-// (checked every usageEvery, written when they change), so torusctl shows a
-// full node, and shows it recovered once space is freed.
+// isNearFull reports whether st's used slots are at or above the node's
+// near-full ratio of its slots.
+func (n *Node) isNearFull(st store.StoreStats) bool {
+	return st.Slots > 0 && n.nearFull > 0 && float64(st.UsedSlots) >= n.nearFull*float64(st.Slots)
+}
+
+// reportUsage keeps the registration's Used, NoSpace, Full and NearFull
+// current (checked every usageEvery, written when they change), so torusctl
+// shows a nearly full and a full node, and shows it recovered once space is
+// freed. It logs a warning when the node crosses its near-full ratio.
 func (n *Node) reportUsage(ctx context.Context, mn meta.Node) {
 	defer close(n.reported)
 	t := time.NewTicker(usageEvery)
 	defer t.Stop()
 	var lastRefusal time.Time
-	published := false
+	published, near := false, false
 	for {
 		st := n.store.Stats()
 		ns := n.cs.Stats().NoSpace
@@ -407,6 +444,18 @@ func (n *Node) reportUsage(ctx context.Context, mn meta.Node) {
 		next := mn
 		next.Used, next.NoSpace = uint64(st.UsedSlots*st.ChunkSize), ns
 		next.Full = st.UsedSlots >= st.Slots || time.Since(lastRefusal) < 2*usageEvery
+		next.NearFull = n.isNearFull(st)
+		if next.NearFull != near {
+			near = next.NearFull
+			capacity := units.FormatSize(st.Slots * st.ChunkSize)
+			if near {
+				n.log.Warn("node is nearly full: free space (delete snapshots or volumes) or add nodes before it refuses writes",
+					"used", units.FormatSize(int64(next.Used)), "capacity", capacity, "near_full", n.nearFull)
+			} else {
+				n.log.Info("node is below its near-full ratio again", "used", units.FormatSize(int64(next.Used)), "capacity", capacity,
+					"near_full", n.nearFull)
+			}
+		}
 		if !published || next != mn {
 			uctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			err := n.reg.Update(uctx, next)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -33,8 +34,9 @@ func commands() []command {
 			build: plain(cmdRingSetReplication)},
 		{path: "volume create", summary: "create a volume", args: "NAME", flags: "--size SIZE [--replication N] " + qosFlagsUsage, nargs: 1,
 			build: buildVolumeCreate},
-		{path: "volume list", summary: "the volumes", build: plain(cmdVolumeList)},
-		{path: "volume info", summary: "a volume, its attach epoch and its copies", args: "NAME", nargs: 1, build: plain(cmdVolumeInfo)},
+		{path: "volume list", summary: "the volumes, with the bytes they take on the nodes' disks (all replicas)", build: plain(cmdVolumeList)},
+		{path: "volume info", summary: "a volume, its attach epoch, its copies and its bytes on the nodes' disks (all replicas)", args: "NAME",
+			nargs: 1, build: plain(cmdVolumeInfo)},
 		{path: "volume resize", summary: "grow a volume", args: "NAME", flags: "--size SIZE", nargs: 1, build: buildVolumeResize},
 		{path: "volume set-qos", summary: "change a volume's I/O limits, live", args: "NAME", flags: qosFlagsUsage, nargs: 1,
 			build: buildVolumeSetQoS},
@@ -47,7 +49,8 @@ func commands() []command {
 			flags: "--tls-dir DIR", nargs: 1, build: buildVolumeRollback},
 		{path: "snapshot create", summary: "snapshot one volume, or several at one instant (--group)", args: "VOLUME@SNAPSHOT...",
 			flags: "[--group NAME] [--wait 10s]", nargs: 1, maxArgs: -1, build: buildSnapshotCreate},
-		{path: "snapshot list", summary: "the snapshots of every volume, or of one", args: "[VOLUME]", maxArgs: 1, build: plain(cmdSnapshotList)},
+		{path: "snapshot list", summary: "the snapshots of every volume, or of one, with the bytes only each holds", args: "[VOLUME]", maxArgs: 1,
+			build: plain(cmdSnapshotList)},
 		{path: "snapshot diff", summary: "the extents that differ between two snapshots of a volume", args: "VOLUME@FROM VOLUME@TO",
 			flags: "--tls-dir DIR", nargs: 2, build: buildSnapshotDiff},
 		{path: "snapshot delete", summary: "delete a snapshot (the nodes give its space back)", args: "VOLUME@SNAPSHOT", nargs: 1,
@@ -167,8 +170,11 @@ type statusResult struct {
 	LiveNodes   int       `json:"live_nodes"`
 	Volumes     int       `json:"volumes"`
 	RingVersion uint64    `json:"ring_version"`
-	// Full lists the nodes that refused writes for lack of space.
-	Full []fullNode `json:"full"`
+	// Full lists the nodes that refused writes for lack of space;
+	// NearFull those at or above their near-full ratio that still take
+	// writes.
+	Full     []fullNode     `json:"full"`
+	NearFull []nearFullNode `json:"near_full"`
 	// Degraded lists volumes with missed marks; Jobs the rebuild,
 	// rebalance and scrub progress of volumes.
 	Degraded []degradedResult `json:"degraded"`
@@ -205,10 +211,13 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 		if err != nil {
 			return err
 		}
-		full := []fullNode{}
+		full, near := []fullNode{}, []nearFullNode{}
 		for _, n := range nodes {
-			if n.Full {
+			switch {
+			case n.Full:
 				full = append(full, fullNode{n.ID, n.Used, n.Capacity, n.NoSpace})
+			case n.NearFull:
+				near = append(near, nearFullNode{n.ID, n.Used, n.Capacity, n.NearFullRatio})
 			}
 		}
 		moving, err := s.Moving(ctx, vols, r.Version())
@@ -216,7 +225,7 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 			return err
 		}
 		res := statusResult{cfg.ClusterID, cfg.Created, cfg.ChunkSize, cfg.Replication, len(nodes), len(vols), r.Version(),
-			full, deg, jobs, moving}
+			full, near, deg, jobs, moving}
 		if e.g.output == cli.JSON {
 			return e.printJSON(res)
 		}
@@ -231,6 +240,10 @@ func cmdStatus(ctx context.Context, e *env, _ []string) error {
 		for _, f := range full {
 			fmt.Fprintf(tw, "OUT OF SPACE:\tnode %s refused %d writes (%s of %s used): free space (discard, delete volumes) or add nodes\n",
 				f.ID, f.NoSpace, units.FormatSize(int64(f.Used)), units.FormatSize(int64(f.Capacity)))
+		}
+		for _, f := range near {
+			fmt.Fprintf(tw, "NEAR FULL:\tnode %s: %s: free space (delete snapshots or volumes) or add nodes before it refuses writes\n",
+				f.ID, nearFullText(f.Used, f.Capacity, f.Ratio))
 		}
 		if err := tw.Flush(); err != nil {
 			return err
@@ -343,6 +356,8 @@ type volumeResult struct {
 	// has (volume info); OneCopy counts chunks down to one or none.
 	FewestCopies int    `json:"fewest_copies"`
 	OneCopy      uint64 `json:"chunks_on_one_copy"`
+	// Space is the volume's bytes on the nodes (volume info).
+	*VolumeSpace
 }
 
 func (e *env) printVolume(v volumeResult) error {
@@ -358,6 +373,14 @@ func (e *env) printVolume(v volumeResult) error {
 	fmt.Fprintf(tw, "created:\t%s\n", v.Created.Format(time.RFC3339))
 	fmt.Fprintf(tw, "epoch:\t%d\n", v.Epoch)
 	fmt.Fprintf(tw, "qos:\t%s\n", formatQoS(v.QoS))
+	if sp := v.VolumeSpace; sp != nil {
+		note := fmt.Sprintf("%d of %d nodes reported", sp.Reported, sp.Nodes)
+		if len(sp.Missing) > 0 {
+			note = fmt.Sprintf("only %s; missing %s: their bytes are not counted", note, strings.Join(sp.Missing, ", "))
+		}
+		fmt.Fprintf(tw, "allocated:\t%s on the nodes' disks, all replicas (%s)\n", units.FormatSize(int64(sp.AllocatedBytes)), note)
+		fmt.Fprintf(tw, "snapshots:\t%s of snapshot copies on the nodes' disks, all replicas\n", units.FormatSize(int64(sp.SnapshotBytes)))
+	}
 	if v.FewestCopies > 0 || v.OneCopy > 0 {
 		line := fmt.Sprintf("%d of %d", v.FewestCopies, v.Replication)
 		if v.OneCopy > 0 {
@@ -434,17 +457,39 @@ func cmdVolumeList(ctx context.Context, e *env, _ []string) error {
 		if err != nil {
 			return err
 		}
+		sp, err := readSpace(ctx, s)
+		if err != nil {
+			return err
+		}
+		rows := make([]volumeRow, len(vols))
+		for i, v := range vols {
+			rows[i] = volumeRow{v, sp.volume(v.ID)}
+		}
 		if e.g.output == cli.JSON {
-			return e.printJSON(vols)
+			return e.printJSON(rows)
 		}
 		tw := e.table()
-		fmt.Fprintln(tw, "NAME\tID\tSIZE\tREPLICATION\tSTATE\tCREATED")
-		for _, v := range vols {
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\n", v.Name, v.ID, units.FormatSize(int64(v.Size)),
-				v.Replication, v.State, v.Created.Format(time.RFC3339))
+		fmt.Fprintln(tw, "NAME\tID\tSIZE\tREPLICATION\tSTATE\tALLOCATED\tSNAPSHOTS\tCREATED")
+		for _, r := range rows {
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%s\t%s\t%s\n", r.Name, r.ID, units.FormatSize(int64(r.Size)),
+				r.Replication, r.State, units.FormatSize(int64(r.AllocatedBytes)), units.FormatSize(int64(r.SnapshotBytes)),
+				r.Created.Format(time.RFC3339))
 		}
-		return tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		if len(rows) > 0 {
+			fmt.Fprintf(e.stdout, "ALLOCATED (live data) and SNAPSHOTS (snapshot copies): bytes on the nodes' disks, all replicas; %s\n",
+				sp.reported())
+		}
+		return nil
 	})
+}
+
+// volumeRow is a line of volume list: the volume and its space.
+type volumeRow struct {
+	meta.Volume
+	VolumeSpace
 }
 
 // notFound adds a hint to a missing volume error.
@@ -469,7 +514,12 @@ func cmdVolumeInfo(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		return e.printVolume(volumeResult{v, ep, fewest, one})
+		sp, err := readSpace(ctx, s)
+		if err != nil {
+			return err
+		}
+		space := sp.volume(v.ID)
+		return e.printVolume(volumeResult{v, ep, fewest, one, &space})
 	})
 }
 
@@ -526,8 +576,11 @@ type fullNode struct {
 
 // nodeState is the STATE column of node list.
 func nodeState(n meta.Node) string {
-	if n.Full {
+	switch {
+	case n.Full:
 		return fmt.Sprintf("out of space (%d writes refused)", n.NoSpace)
+	case n.NearFull:
+		return "near full: " + nearFullText(n.Used, n.Capacity, n.NearFullRatio)
 	}
 	return "ok"
 }

@@ -81,6 +81,14 @@ func buildSnapshotCreate(fs *pflag.FlagSet) runFunc {
 type snapshotRow struct {
 	Volume string `json:"volume"`
 	meta.Snapshot
+	// Exclusive is the bytes, on the nodes' disks and all replicas, that
+	// only this snapshot holds: what deleting it gives back. Unknown when
+	// ExclusiveUnknown (a node left the breakdown out of its record).
+	Exclusive        uint64 `json:"exclusive_bytes"`
+	ExclusiveUnknown bool   `json:"exclusive_unknown,omitempty"`
+	// Reported of Nodes nodes had a usage record (see volume list).
+	Reported int `json:"usage_nodes_reported"`
+	Nodes    int `json:"usage_nodes"`
 }
 
 func cmdSnapshotList(ctx context.Context, e *env, args []string) error {
@@ -98,17 +106,23 @@ func cmdSnapshotList(ctx context.Context, e *env, args []string) error {
 				return err
 			}
 		}
+		sp, err := readSpace(ctx, s)
+		if err != nil {
+			return err
+		}
 		rows := []snapshotRow{}
 		for _, v := range vols {
 			for _, sn := range v.Snapshots {
-				rows = append(rows, snapshotRow{v.Name, sn})
+				ex, known := sp.exclusive(v.ID, sn.ID)
+				rows = append(rows, snapshotRow{Volume: v.Name, Snapshot: sn, Exclusive: ex, ExclusiveUnknown: !known,
+					Reported: len(sp.nodes) - len(sp.missing), Nodes: len(sp.nodes)})
 			}
 		}
 		if e.g.output == cli.JSON {
 			return e.printJSON(rows)
 		}
 		tw := e.table()
-		fmt.Fprintln(tw, "SNAPSHOT\tNUMBER\tSIZE\tCREATED\tGROUP\tSTATE")
+		fmt.Fprintln(tw, "SNAPSHOT\tNUMBER\tSIZE\tEXCLUSIVE\tCREATED\tGROUP\tSTATE")
 		for _, r := range rows {
 			state, group := "ready", r.Group
 			if r.Pending {
@@ -117,10 +131,21 @@ func cmdSnapshotList(ctx context.Context, e *env, args []string) error {
 			if group == "" {
 				group = "-"
 			}
-			fmt.Fprintf(tw, "%s@%s\t%d\t%s\t%s\t%s\t%s\n", r.Volume, r.Name, r.ID, units.FormatSize(int64(r.Size)),
+			ex := units.FormatSize(int64(r.Exclusive))
+			if r.ExclusiveUnknown {
+				ex = "?"
+			}
+			fmt.Fprintf(tw, "%s@%s\t%d\t%s\t%s\t%s\t%s\t%s\n", r.Volume, r.Name, r.ID, units.FormatSize(int64(r.Size)), ex,
 				r.Created.Format(time.RFC3339), group, state)
 		}
-		return tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		if len(rows) > 0 {
+			fmt.Fprintf(e.stdout, "SIZE: the volume's size when taken; EXCLUSIVE: bytes on the nodes' disks (all replicas) only that snapshot holds, "+
+				"which deleting it gives back; %s\n", sp.reported())
+		}
+		return nil
 	})
 }
 

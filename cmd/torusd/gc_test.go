@@ -61,7 +61,7 @@ func TestGCDeletedVolume(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	p.WaitLog(t, `msg="gc: freed chunks of deleted volumes" node=g1 chunks=2 failed=0 volumes=1`)
+	p.WaitLog(t, `msg="gc: freed chunks of deleted volumes and snapshots" node=g1 chunks=2 failed=0 volumes=1`)
 	body := metricstest.Scrape(t, url)
 	if got := sample(t, body, "torus_gc_chunks_total", "g1"); got != "2" {
 		t.Fatalf("torus_gc_chunks_total = %s, want 2", got)

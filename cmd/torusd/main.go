@@ -4,7 +4,7 @@
 //	torusd [--etcd URL[,URL]] --data-dir DIR --listen HOST:PORT --size SIZE
 //	       [--zone Z] [--host H] [--id ID] [--advertise HOST:PORT]
 //	       [--metrics HOST:PORT] [--cluster-dir CADIR | --tls-dir DIR] [--prefix P]
-//	       [--dead-timeout DURATION]
+//	       [--dead-timeout DURATION] [--near-full RATIO]
 //	torusd dev --nodes 3 --data-dir DIR [--etcd-listen 127.0.0.1:2379]
 //	       [--size 1GiB] [--replication 3] [--metrics HOST:PORT]
 //
@@ -36,6 +36,11 @@
 // whenever the volumes in etcd change, it discards the whole chunks of
 // volumes that no longer exist, freeing their slots (metric
 // torus_gc_chunks_total).
+//
+// Every node publishes in etcd the chunks it holds per volume and snapshot
+// (after every garbage collection and every --usage-interval), which
+// torusctl adds up, and warns (log, registration, torusctl status) once
+// --near-full of its store is used, before it refuses writes.
 //
 // Every node also watches the registry: a node of the ring that stays
 // unregistered longer than --dead-timeout (default 10m, 0 = never) is removed
@@ -89,7 +94,7 @@ func program(log *slog.Logger) *cli.Command {
 		Usage: `[--etcd URL[,URL]] --data-dir DIR --listen HOST:PORT --size SIZE
  [--zone Z] [--host H] [--id ID] [--advertise HOST:PORT]
  [--metrics HOST:PORT] [--cluster-dir CADIR | --tls-dir DIR] [--prefix P]
- [--dead-timeout DURATION]`,
+ [--dead-timeout DURATION] [--near-full RATIO]`,
 		Flags: n.flags,
 		Run:   configErrors(n.run),
 		Sub: []*cli.Command{{
@@ -185,6 +190,8 @@ func (c *nodeCmd) flags(fs *pflag.FlagSet) {
 	fs.DurationVar(&nc.MaintenanceDelay, "maintenance-delay", node.DefaultMaintenanceDelay, "how long a volume must have no holder before a node maintains it (a client whose lease lapsed takes it back first)")
 	fs.Var(&c.rebuildRate, "rebuild-rate", "bytes per second one maintenance job copies, e.g. 64MiB (default 64MiB)")
 	fs.IntVar(&c.maxProcs, "gomaxprocs", procs.Auto, gomaxprocsUsage)
+	fs.Float64Var(&nc.NearFull, "near-full", node.DefaultNearFull, "warn (log, torusctl status) once this `RATIO` of the store is used, before writes are refused; between 0 and 1")
+	fs.DurationVar(&nc.UsageInterval, "usage-interval", node.DefaultUsageInterval, "how often to list the store and publish its bytes per volume and snapshot (also after every garbage collection)")
 }
 
 // run runs one storage node until ctx is done.
@@ -221,6 +228,12 @@ func (c *nodeCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 	}
 	if nc.LeaseTTL < time.Second {
 		return cli.Usagef("--lease-ttl %v: at least 1s", nc.LeaseTTL)
+	}
+	if !(nc.NearFull > 0 && nc.NearFull < 1) {
+		return cli.Usagef("--near-full %v: want a ratio between 0 and 1, exclusive (example: --near-full 0.85)", nc.NearFull)
+	}
+	if nc.UsageInterval <= 0 {
+		return cli.Usagef("--usage-interval %v: want a positive duration (example: --usage-interval 15s)", nc.UsageInterval)
 	}
 	if nc.MaintenanceDelay < 0 {
 		return cli.Usagef("--maintenance-delay %v: want a duration >= 0", nc.MaintenanceDelay)
