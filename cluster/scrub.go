@@ -132,6 +132,12 @@ func (c *Volume) Scrub(ctx context.Context) (ScrubResult, error) {
 		bufs[i] = b
 	}
 	nchunks := (c.size + c.chunk - 1) / c.chunk
+	var snaps []uint64 // live snapshots, whose copies are judged too
+	if v, err := c.ms.Volume(ctx, c.vol.Name); err == nil && v.ID == c.vol.ID {
+		snaps = v.LiveSnaps()
+	} else if err != nil {
+		return res, fmt.Errorf("scrub volume %s: %w", c.vol.Name, err)
+	}
 	var marked []markKey
 	start := time.Now()
 	c.log.Info("cluster: scrub started", "volume", c.vol.Name, "chunks", nchunks)
@@ -139,7 +145,7 @@ func (c *Volume) Scrub(ctx context.Context) (ScrubResult, error) {
 		if err := ctx.Err(); err != nil {
 			return res, fmt.Errorf("scrub volume %s: stopped at chunk %d of %d: %w", c.vol.Name, ch, nchunks, err)
 		}
-		bad, err := c.scrubChunk(ctx, ch, bufs, &res)
+		bad, err := c.scrubChunk(ctx, ch, bufs, snaps, &res)
 		if err != nil {
 			return res, err
 		}
@@ -175,7 +181,7 @@ func (c *Volume) Scrub(ctx context.Context) (ScrubResult, error) {
 
 // scrubChunk reads and judges chunk ch and returns the nodes whose copies
 // are bad.
-func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, res *ScrubResult) ([]string, error) {
+func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, snaps []uint64, res *ScrubResult) ([]string, error) {
 	length := c.chunk
 	if end := (ch + 1) * c.chunk; end > c.size {
 		length = c.size - ch*c.chunk
@@ -207,7 +213,7 @@ func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, res *S
 			copies[n] = scrubCopy{p: p, id: p.id, seq: p.lastSeq[ch].Load(), buf: bufs[n][:length]}
 			n++
 		}
-		c.scrubRead(ctx, ch, copies[:n])
+		c.scrubRead(ctx, ch, copies[:n], 0)
 		if c.chunkBusy(ch) || c.state.Load() != st {
 			continue
 		}
@@ -228,19 +234,30 @@ func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, res *S
 		}
 		res.Chunks++
 		res.Unreadable += unreadable
-		return c.judge(ch, copies[:n], res), nil
+		bad := c.judge(ch, copies[:n], res)
+		if len(bad) == 0 && len(snaps) > 0 {
+			// The head is good everywhere: now its snapshot copies.
+			if bad = c.scrubSnaps(ctx, ch, copies[:n], snaps, res); c.chunkBusy(ch) || c.state.Load() != st {
+				bad = nil // raced a write: judged at the next scrub
+			}
+		}
+		return bad, nil
 	}
 	res.Skipped++
 	return nil, nil
 }
 
-// scrubRead reads chunk ch from every copy's node in parallel.
-func (c *Volume) scrubRead(ctx context.Context, ch int64, copies []scrubCopy) {
+// scrubRead reads chunk ch from every copy's node in parallel; as of
+// snapshot asOf if it is not 0.
+func (c *Volume) scrubRead(ctx context.Context, ch int64, copies []scrubCopy, asOf uint64) {
 	var wg sync.WaitGroup
 	for i := range copies {
 		cp := &copies[i]
 		wg.Go(func() {
 			h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Len: uint32(len(cp.buf)), Epoch: c.wireEpoch(cp.p)}
+			if asOf != 0 {
+				h.Snap, h.Flags = uint32(asOf), wire.FlagAsOf
+			}
 			req := netquic.Message{Code: uint8(wire.OpRead)}
 			h.Encode(&req.Header)
 			resp := netquic.Message{Payload: cp.buf}
@@ -382,4 +399,71 @@ func (c *Volume) scrubProgress(ctx context.Context, done, total uint64, res *Scr
 	if err != nil && ctx.Err() == nil {
 		c.log.Warn("cluster: scrub: cannot record progress in etcd", "volume", c.vol.Name, "err", err)
 	}
+}
+
+// scrubSnaps judges the snapshot copies of chunk ch on the owners of
+// copies (whose heads were just read and found good): the owners list their
+// copies, each live snapshot resolves on each owner to a copy (or the head).
+// For every distinct way of resolving that involves a copy: an owner that
+// resolves to another than the lowest lacks a copy; if none does, the chunk
+// is read as of the snapshot on every owner and judged like a head (data
+// and version). The bad owners are returned: a mark covers the chunk's
+// copies, which the rebuild copies too.
+func (c *Volume) scrubSnaps(ctx context.Context, ch int64, copies []scrubCopy, snaps []uint64, res *ScrubResult) []string {
+	lists := make([][]uint64, len(copies))
+	for i := range copies {
+		l, err := c.listSnaps(ctx, copies[i].p, ch)
+		if err != nil {
+			res.Unreadable++
+			return nil
+		}
+		lists[i] = l
+	}
+	resolve := func(l []uint64, s uint64) uint64 {
+		for _, t := range l {
+			if t >= s {
+				return t
+			}
+		}
+		return 0
+	}
+	seen := map[string]bool{}
+	for _, s := range snaps {
+		key, low := "", uint64(0)
+		rs := make([]uint64, len(lists))
+		for i, l := range lists {
+			rs[i] = resolve(l, s)
+			key += fmt.Sprintf("%d,", rs[i])
+			if rs[i] != 0 && (low == 0 || rs[i] < low) {
+				low = rs[i]
+			}
+		}
+		if low == 0 || seen[key] {
+			continue // every owner reads the head, judged already
+		}
+		seen[key] = true
+		// The lowest copy is the right one: an owner that reads a higher
+		// copy, or its head, lacks it (a copy is only ever added to an
+		// owner that has the chunk's head, and never serves a snapshot
+		// below the next lower copy).
+		var bad []string
+		for i, r := range rs {
+			if r != low {
+				bad = append(bad, copies[i].id)
+			}
+		}
+		if len(bad) > 0 {
+			res.Mismatches += uint64(len(bad))
+			c.log.Warn("cluster: scrub: replicas lack a snapshot copy of a chunk; repairing", "volume", c.vol.Name,
+				"chunk", ch, "snapshot", s, "copy", low, "bad", bad)
+			return bad
+		}
+		c.scrubRead(ctx, ch, copies, s)
+		if bad := c.judge(ch, copies, res); len(bad) > 0 {
+			c.log.Warn("cluster: scrub: snapshot copies of a chunk differ between replicas; repairing", "volume", c.vol.Name,
+				"chunk", ch, "snapshot", s, "bad", bad)
+			return bad
+		}
+	}
+	return nil
 }

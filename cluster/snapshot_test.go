@@ -10,6 +10,7 @@ import (
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/voltest"
 	"github.com/torus-storage/torus/meta"
+	"github.com/torus-storage/torus/store"
 )
 
 // fillPattern fills b, the bytes at volume offset off, with pattern p: each
@@ -376,4 +377,72 @@ func TestSnapshotDiscardAbsentNoCopy(t *testing.T) {
 		}
 		return 0
 	})
+}
+
+// Scrub judges snapshot copies too: a copy lost on one replica (discarded
+// in its store) and one overwritten with other bytes are found, marked and
+// rebuilt, after which every replica reads the snapshot right.
+func TestScrubSnapshotCopies(t *testing.T) {
+	tc := startCluster(t, 3, 64)
+	ctx := context.Background()
+	const size = 4 * testChunk
+	vol := tc.volume("vol", size, 2)
+	a, err := Attach(ctx, tc.ms, "vol", AttachOptions{Options: Options{TLS: tc.client.Client, Timeout: time.Second, Logger: quietLog, Holder: "t"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	buf := voltest.Buf(t, size)
+	fillPattern(buf, 0, 'A')
+	if err := voltest.Do(a, engine.OpWrite, 0, 0, size, buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tc.ms.TakeSnapshots(ctx, "", []meta.SnapshotRequest{{Volume: "vol", Name: "s"}}, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	fillPattern(buf, 0, 'B')
+	if err := voltest.Do(a, engine.OpWrite, 0, 0, size, buf); err != nil {
+		t.Fatal(err)
+	}
+	// Chunk 1's copy gone on its second owner, chunk 2's copy garbled on
+	// its primary.
+	lost := ownerNodes(t, tc, a.Volume, 1)[1]
+	w := make(chunkWaiter, 1)
+	lost.st.Submit(&store.ChunkOp{Op: engine.OpDiscard, Chunk: store.ChunkID{Volume: vol.ID, Index: 1, Snap: 1}, Length: testChunk, Done: w})
+	if err := <-w; err != nil {
+		t.Fatal(err)
+	}
+	garbled := ownerNodes(t, tc, a.Volume, 2)[0]
+	junk := voltest.Buf(t, testChunk)
+	voltest.Fill(junk, 99)
+	garbled.st.Submit(&store.ChunkOp{Op: engine.OpWrite, Flags: engine.FlagFUA | engine.FlagCopy, Chunk: store.ChunkID{Volume: vol.ID, Index: 2, Snap: 1},
+		Length: testChunk, Buf: junk, Done: w})
+	if err := <-w; err != nil {
+		t.Fatal(err)
+	}
+	res, err := a.Volume.Scrub(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Marked != 2 || res.Repaired != 2 {
+		t.Fatalf("scrub: %+v, want 2 copies marked and repaired", res)
+	}
+	// Each replica alone reads the snapshot right: stop the other owner.
+	for _, ch := range []int64{1, 2} {
+		for _, nd := range ownerNodes(t, tc, a.Volume, ch) {
+			w := make(chunkWaiter, 1)
+			got := voltest.Buf(t, testChunk)
+			op := &store.ChunkOp{Op: engine.OpRead, Chunk: store.ChunkID{Volume: vol.ID, Index: uint64(ch), Snap: 1}, Length: testChunk,
+				Buf: got, AsOf: true, Done: w}
+			nd.st.Submit(op)
+			if err := <-w; err != nil {
+				t.Fatal(err)
+			}
+			want := voltest.Buf(t, testChunk)
+			fillPattern(want, ch*testChunk, 'A')
+			if !bytes.Equal(got, want) {
+				t.Fatalf("chunk %d as of the snapshot on %s after the scrub: %q...", ch, nd.id, got[8:12])
+			}
+		}
+	}
 }
