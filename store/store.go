@@ -44,6 +44,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -389,15 +390,45 @@ func CreateStore(path string, opt StoreOptions) (*Store, error) {
 	return OpenStore(path, opt)
 }
 
+// storeLockWait is how long OpenStore waits for a store another open file
+// holds (a process still running, or the I/O a killed one left in flight).
+const storeLockWait = 30 * time.Second
+
+// lockStore takes an exclusive flock on f, the store at path, waiting up to
+// storeLockWait. The lock goes when the last reference to the open file
+// goes, and an io_uring request in flight holds one: so a store whose
+// previous process was killed is opened (and recovered) only once that
+// process's writes have landed, never under them. It also keeps two
+// processes from opening one store.
+func lockStore(f *os.File, path string, log *slog.Logger) error {
+	deadline := time.Now().Add(storeLockWait)
+	warned := false
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("open store %s: lock: %w", path, err)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("open store %s: in use by another process for %v (two processes must never open one store): %w",
+				path, storeLockWait, ErrInUse)
+		}
+		if !warned {
+			log.Warn("store: in use by another process, or a killed one's I/O is still in flight; waiting", "path", path)
+			warned = true
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // OpenStore opens an existing store. Only Shards, ForceBuffered and Logger of
 // opt are used.
 func OpenStore(path string, opt StoreOptions) (*Store, error) {
 	log := opt.Logger
 	if log == nil {
 		log = slog.Default()
-	}
-	if err := undoPowerLoss(path); err != nil {
-		return nil, err
 	}
 	s := &Store{path: path, log: log, tab: crc32.MakeTable(crc32.Castagnoli)}
 	s.syncNext.Store(1)
@@ -417,6 +448,14 @@ func OpenStore(path string, opt StoreOptions) (*Store, error) {
 	}
 	if err != nil {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	if err := lockStore(f, path, log); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := undoPowerLoss(path); err != nil {
+		f.Close()
+		return nil, err
 	}
 	s.f, s.fd, s.direct = f, int32(f.Fd()), direct
 	if err := s.armPowerLog(); err != nil {

@@ -136,6 +136,10 @@ var ErrCorrupt = errors.New("store: store metadata corrupt")
 // ErrNotStore reports a file or device without the store magic.
 var ErrNotStore = errors.New("store: not a torus store")
 
+// ErrInUse is wrapped by OpenStore's error when another open file holds the
+// store (another process, or I/O a killed one left in flight) for too long.
+var ErrInUse = errors.New("store: in use")
+
 // superblock is the decoded first 4 KiB of a store.
 type superblock struct {
 	version   uint32
