@@ -131,7 +131,7 @@ func (c *Volume) Scrub(ctx context.Context) (ScrubResult, error) {
 		defer alignbuf.Free(b)
 		bufs[i] = b
 	}
-	nchunks := (c.size + c.chunk - 1) / c.chunk
+	nchunks := c.nchunks(c.size.Load())
 	var marked []markKey
 	start := time.Now()
 	c.log.Info("cluster: scrub started", "volume", c.vol.Name, "chunks", nchunks)
@@ -177,8 +177,8 @@ func (c *Volume) Scrub(ctx context.Context) (ScrubResult, error) {
 // are bad.
 func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, res *ScrubResult) ([]string, error) {
 	length := c.chunk
-	if end := (ch + 1) * c.chunk; end > c.size {
-		length = c.size - ch*c.chunk
+	if end, size := (ch+1)*c.chunk, c.size.Load(); end > size {
+		length = size - ch*c.chunk
 	}
 	var copies [maxReplicas]scrubCopy
 	for attempt := 0; attempt < scrubAttempts; attempt++ {
@@ -204,7 +204,7 @@ func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, res *S
 				}
 				continue
 			}
-			copies[n] = scrubCopy{p: p, id: p.id, seq: p.lastSeq[ch].Load(), buf: bufs[n][:length]}
+			copies[n] = scrubCopy{p: p, id: p.id, seq: p.lastSeq.at(ch).Load(), buf: bufs[n][:length]}
 			n++
 		}
 		c.scrubRead(ctx, ch, copies[:n])
@@ -214,7 +214,7 @@ func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, res *S
 		raced := false
 		for i := range copies[:n] {
 			cp := &copies[i]
-			if cp.p.lastSeq[ch].Load() != cp.seq || c.marks.has(cp.id, ch) || cp.p.isSuspect(ch) {
+			if cp.p.lastSeq.at(ch).Load() != cp.seq || c.marks.has(cp.id, ch) || cp.p.isSuspect(ch) {
 				raced = true
 			}
 		}
