@@ -187,3 +187,20 @@ func offerLatest[T any](out chan T, v T) {
 	}
 	out <- v
 }
+
+// AttachHolder returns who holds the attach lock of volume v (false: no
+// one), and whether it is a storage node's maintenance job.
+func (s *Client) AttachHolder(ctx context.Context, v Volume) (holder, host string, maintenance, ok bool, err error) {
+	resp, err := s.cli.Get(ctx, s.attachKey(v.ID))
+	if err != nil {
+		return "", "", false, false, fmt.Errorf("meta: read the attach lock of volume %s: %w", v.Name, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return "", "", false, false, nil
+	}
+	var a attachRecord
+	if err := json.Unmarshal(resp.Kvs[0].Value, &a); err != nil {
+		return "", "", false, false, fmt.Errorf("meta: decode the attach lock of volume %s: %w", v.Name, err)
+	}
+	return a.Holder, a.Host, a.Maintenance, true, nil
+}
