@@ -78,8 +78,9 @@ type AttachOptions struct {
 // engine.Volume whose Close closes the volume and then releases the lock.
 // While it is open a goroutine keeps the lock (taking it back after an
 // etcd outage, or fencing the volume for good), another keeps the runtime
-// from idling between requests (procs.Keeper), and the periodic scrub and
-// the metrics endpoint run if asked for.
+// from idling between requests (procs.Keeper), another grows the volume
+// when its record in etcd grows (Resized), and the periodic scrub and the
+// metrics endpoint run if asked for.
 type Attached struct {
 	*Volume
 	info meta.Volume
