@@ -42,12 +42,13 @@ test-nemesis:
 
 # Real-kernel tests in qemu (TCG): ublk on trixie 6.12 and the newest
 # trixie-backports 7.x, the kernel NBD client on bookworm 6.1 (no ublk), and
-# torusblk attach/detach/recover end to end on all three. Kernels are fetched
-# once into ~/.cache/torus-vm.
+# torusblk attach/detach/recover end to end on all three, and online resize
+# of a mounted ext4 on all three. Kernels are fetched once into ~/.cache/torus-vm.
 test-vm: vm-kernels
 	UBLK_TEST_RUN='^TestVM(Device|StopByOther|Recovery)$$' ublk/vmtest.sh trixie backports
 	RUN='^Test(KernelNetlinkFioVerify|KernelIoctlFioVerify|DisconnectKernel|KernelFilesystem)$$' nbd/vmtest.sh bookworm
 	scripts/vm/attach-e2e.sh trixie backports bookworm
+	scripts/vm/resize-vm.sh backports trixie bookworm
 
 vm-kernels:
 	scripts/deps.sh vm

@@ -26,6 +26,9 @@ package cluster
 //     endpoint, before the volume closes (Attached.Close), so neither ever
 //     uses a closed volume.
 //   - The scrub totals grow once per finished scrub, by its ScrubResult.
+//   - The volume grows (Volume.Grow) when its record in etcd shows a larger
+//     size, before Resized signals it, so a device told to grow after the
+//     signal never sends a request the volume refuses (see grow.go).
 
 import (
 	"context"
@@ -76,8 +79,9 @@ type AttachOptions struct {
 // engine.Volume whose Close closes the volume and then releases the lock.
 // While it is open a goroutine keeps the lock (taking it back after an
 // etcd outage, or fencing the volume for good), another keeps the runtime
-// from idling between requests (procs.Keeper), and the periodic scrub and
-// the metrics endpoint run if asked for.
+// from idling between requests (procs.Keeper), another grows the volume
+// when its record in etcd grows (Resized), and the periodic scrub and the
+// metrics endpoint run if asked for.
 type Attached struct {
 	*Volume
 	info meta.Volume
@@ -100,6 +104,12 @@ type Attached struct {
 	// the record it enforces.
 	qos       *qos.Limiter
 	qosRecord atomic.Pointer[meta.QoS]
+
+	resized chan struct{} // capacity 1: the volume grew (Resized)
+	devMu   sync.Mutex    // guards dev, hasDev
+	dev     meta.Device   // the device last reported (ReportDevice)
+	hasDev  bool
+	ms      *meta.Client
 }
 
 // Attach takes the attach lock of the volume called name in ms and opens
@@ -140,11 +150,13 @@ func Attach(ctx context.Context, ms *meta.Client, name string, opt AttachOptions
 		return nil, fmt.Errorf("opening volume %s: %w", name, err)
 	}
 	wctx, stop := context.WithCancel(context.Background())
-	a := &Attached{Volume: vol, info: lease.Volume(), ttl: ttl, log: log, lease: lease, stop: stop}
+	a := &Attached{Volume: vol, info: lease.Volume(), ttl: ttl, log: log, lease: lease, stop: stop,
+		resized: make(chan struct{}, 1), ms: ms}
 	a.svcCtx, a.svcCancel = context.WithCancel(context.Background())
 	a.startQoS(ms)
-	a.wg.Add(2)
+	a.wg.Add(3)
 	go a.keepLock(wctx)
+	go a.watchSize(wctx)
 	// Requests to the nodes leave every P idle while they wait; the
 	// keeper spares the runtime a sysmon wake-up on each (internal/procs).
 	go func() {
@@ -227,6 +239,9 @@ func (a *Attached) keepLock(ctx context.Context) {
 			a.lease = nl
 			a.mu.Unlock()
 			log.Info("attach lock taken back: nobody attached meanwhile", "volume", name, "epoch", nl.Epoch())
+			if err := a.putDevice(ctx); err != nil { // the record went with the old lease
+				log.Warn("device record not restored", "volume", name, "err", err)
+			}
 			break
 		}
 	}
@@ -346,4 +361,61 @@ func localNode(nodes []meta.Node, host string, log *slog.Logger) string {
 		}
 	}
 	return ""
+}
+
+// watchSize grows the volume when its record in etcd shows a larger size
+// (torusctl volume resize), then signals Resized.
+func (a *Attached) watchSize(ctx context.Context) {
+	defer a.wg.Done()
+	for v := range a.ms.WatchVolume(ctx, a.info.ID) {
+		size := int64(v.Size)
+		if size <= a.Volume.Size() {
+			continue
+		}
+		if err := a.Volume.Grow(size); err != nil {
+			a.log.Error("the volume's record grew but the volume cannot", "volume", a.info.Name, "size", size, "err", err)
+			continue
+		}
+		select {
+		case a.resized <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Resized returns a channel that receives after the volume grew (the
+// signals of several growths may come as one): Size is the new size, and
+// requests up to it are taken. A device serving the volume grows then.
+func (a *Attached) Resized() <-chan struct{} { return a.resized }
+
+// ReportDevice records in etcd, under the attach lock, the device that
+// serves the volume and how it follows a growth (meta.Device), for
+// torusctl volume resize to tell the operator; again after each growth
+// with the device's new size. It is recorded again when the lock is taken
+// back after an etcd outage. A failure is returned (and logged by the
+// caller); the record is only information.
+func (a *Attached) ReportDevice(ctx context.Context, d meta.Device) error {
+	a.devMu.Lock()
+	a.dev, a.hasDev = d, true
+	a.devMu.Unlock()
+	return a.putDevice(ctx)
+}
+
+// putDevice writes the last reported device, if any, under the current lease.
+func (a *Attached) putDevice(ctx context.Context) error {
+	a.devMu.Lock()
+	d, ok := a.dev, a.hasDev
+	a.devMu.Unlock()
+	if !ok {
+		return nil
+	}
+	a.mu.Lock()
+	lease := a.lease
+	a.mu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := a.ms.SetDevice(ctx, lease, d); err != nil {
+		return fmt.Errorf("reporting device %s of volume %s: %w", d.Path, a.info.Name, err)
+	}
+	return nil
 }

@@ -84,7 +84,7 @@ func (c *Volume) openParent(ctx context.Context, vol meta.Volume) error {
 		return fmt.Errorf("parent %s@%s of clone %s: %w", p.Name, p.Snapshot, vol.Name, err)
 	}
 	c.clone.parent = view
-	c.clone.present = make([]atomic.Uint32, (c.size+c.chunk-1)/c.chunk)
+	c.clone.present = make([]atomic.Uint32, c.nchunks(c.size.Load()))
 	c.clone.jobs = make(map[int64]*copyUpJob)
 	c.clone.flattening.Store(p.Flatten)
 	return nil
@@ -167,7 +167,7 @@ func (j *copyUpJob) start() {
 	c := j.c
 	pv := c.clone.parent
 	off := j.idx * c.chunk
-	n := min(c.chunk, c.size-off)
+	n := min(c.chunk, c.size.Load()-off)
 	if off >= pv.Size() {
 		j.end(nil) // past the parent's end: zeros, like an absent chunk
 		return

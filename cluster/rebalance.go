@@ -118,7 +118,7 @@ func (c *Volume) startMoveLocked(ctx context.Context, next *ring.Ring) error {
 		return err
 	}
 	c.movePending.Store(true)
-	nchunks := (c.size + c.chunk - 1) / c.chunk
+	nchunks := c.nchunks(c.size.Load())
 	need := make(map[string][]int64)
 	var a, b []string
 	for idx := int64(0); idx < nchunks; idx++ {
@@ -370,7 +370,7 @@ func (c *Volume) finishMove() {
 // of st (a placement no request uses any more, and no moves record names)
 // and returns how many copies went.
 func (c *Volume) discardOld(st *clusterState) int {
-	nchunks := (c.size + c.chunk - 1) / c.chunk
+	nchunks := c.nchunks(c.size.Load())
 	var ids [maxReplicas]int
 	discarded := 0
 	for idx := int64(0); idx < nchunks; idx++ {
@@ -397,8 +397,8 @@ func (c *Volume) discardOld(st *clusterState) int {
 					continue
 				}
 				length := c.chunk
-				if end := (idx + 1) * c.chunk; end > c.size {
-					length = c.size - idx*c.chunk
+				if end, size := (idx+1)*c.chunk, c.size.Load(); end > size {
+					length = size - idx*c.chunk
 				}
 				h := wire.Header{Volume: c.vol.ID, Index: uint64(idx), Len: uint32(length), Epoch: c.wireEpoch(p)}
 				req := netquic.Message{Code: uint8(wire.OpDiscard)}

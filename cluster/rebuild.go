@@ -349,7 +349,7 @@ func nodeFailure(err error) bool {
 
 // took notes that peer p completed a write of chunk.
 func (p *peer) took(chunk int64) {
-	p.lastSeq[chunk].Store(p.seq.Add(1))
+	p.lastSeq.at(chunk).Store(p.seq.Add(1))
 }
 
 // flushedUpTo records that a flush covering every write with seq <= q
@@ -368,11 +368,11 @@ func (p *peer) flushedUpTo(q uint64) {
 func (p *peer) unflushedChunks() []int64 {
 	f := p.flushed.Load()
 	var out []int64
-	for i := range p.lastSeq {
-		if p.lastSeq[i].Load() > f {
-			out = append(out, int64(i))
+	p.lastSeq.each(func(i int64, s *atomic.Uint64) {
+		if s.Load() > f {
+			out = append(out, i)
 		}
-	}
+	})
 	return out
 }
 
@@ -447,9 +447,7 @@ func (np *peer) inherit(old *peer) {
 	np.inc.Store(old.inc.Load())
 	np.seq.Store(old.seq.Load())
 	np.flushed.Store(old.flushed.Load())
-	for i := range old.lastSeq {
-		np.lastSeq[i].Store(old.lastSeq[i].Load())
-	}
+	old.lastSeq.each(func(i int64, s *atomic.Uint64) { np.lastSeq.at(i).Store(s.Load()) })
 	if s := old.suspects(); len(s) > 0 {
 		np.suspect = make(map[int64]bool, len(s))
 		for _, ch := range s {
@@ -1170,8 +1168,8 @@ func (c *Volume) copyChunk(buf []byte, target *peer, ch int64) (cp copied, err e
 	defer cancel()
 	st := c.state.Load()
 	length := c.chunk
-	if end := (ch + 1) * c.chunk; end > c.size {
-		length = c.size - ch*c.chunk
+	if end, size := (ch+1)*c.chunk, c.size.Load(); end > size {
+		length = size - ch*c.chunk
 	}
 	data := buf[:length]
 	var srcErr error

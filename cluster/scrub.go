@@ -131,7 +131,7 @@ func (c *Volume) Scrub(ctx context.Context) (ScrubResult, error) {
 		defer alignbuf.Free(b)
 		bufs[i] = b
 	}
-	nchunks := (c.size + c.chunk - 1) / c.chunk
+	nchunks := c.nchunks(c.size.Load())
 	var snaps []uint64 // live snapshots, whose copies are judged too
 	if v, err := c.ms.Volume(ctx, c.vol.Name); err == nil && v.ID == c.vol.ID {
 		snaps = v.LiveSnaps()
@@ -183,8 +183,8 @@ func (c *Volume) Scrub(ctx context.Context) (ScrubResult, error) {
 // are bad.
 func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, snaps []uint64, res *ScrubResult) ([]string, error) {
 	length := c.chunk
-	if end := (ch + 1) * c.chunk; end > c.size {
-		length = c.size - ch*c.chunk
+	if end, size := (ch+1)*c.chunk, c.size.Load(); end > size {
+		length = size - ch*c.chunk
 	}
 	var copies [maxReplicas]scrubCopy
 	for attempt := 0; attempt < scrubAttempts; attempt++ {
@@ -210,7 +210,7 @@ func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, snaps 
 				}
 				continue
 			}
-			copies[n] = scrubCopy{p: p, id: p.id, seq: p.lastSeq[ch].Load(), buf: bufs[n][:length]}
+			copies[n] = scrubCopy{p: p, id: p.id, seq: p.lastSeq.at(ch).Load(), buf: bufs[n][:length]}
 			n++
 		}
 		c.scrubRead(ctx, ch, copies[:n], 0)
@@ -220,7 +220,7 @@ func (c *Volume) scrubChunk(ctx context.Context, ch int64, bufs [][]byte, snaps 
 		raced := false
 		for i := range copies[:n] {
 			cp := &copies[i]
-			if cp.p.lastSeq[ch].Load() != cp.seq || c.marks.has(cp.id, ch) || cp.p.isSuspect(ch) {
+			if cp.p.lastSeq.at(ch).Load() != cp.seq || c.marks.has(cp.id, ch) || cp.p.isSuspect(ch) {
 				raced = true
 			}
 		}

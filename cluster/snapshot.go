@@ -96,7 +96,7 @@ type cloneJob struct {
 
 func (c *Volume) initSnap(vol meta.Volume) {
 	c.snap.seq.Store(vol.SnapSeq)
-	c.snap.cloned = make([]atomic.Uint32, (c.size+c.chunk-1)/c.chunk)
+	c.snap.cloned = make([]atomic.Uint32, c.nchunks(c.size.Load()))
 	c.snap.cow = make(map[int64]*cloneJob)
 	c.snap.drained = make(chan struct{}, 1)
 }

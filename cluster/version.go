@@ -69,12 +69,12 @@ type chunkVer struct {
 var errBehind = errors.New("cluster: replica is behind: its version of the chunk is older than a change acknowledged before")
 
 // nextVer gives the next version of chunk ch to a change.
-func (c *Volume) nextVer(ch int64) uint64 { return c.vers[ch].next.Add(1) }
+func (c *Volume) nextVer(ch int64) uint64 { return c.vers.at(ch).next.Add(1) }
 
 // ackVer records that the change of chunk ch with sequence seq was
 // acknowledged.
 func (c *Volume) ackVer(ch int64, seq uint64) {
-	a := &c.vers[ch].acked
+	a := &c.vers.at(ch).acked
 	for {
 		cur := a.Load()
 		if cur >= seq || a.CompareAndSwap(cur, seq) {
@@ -86,7 +86,7 @@ func (c *Volume) ackVer(ch int64, seq uint64) {
 // ackedVer is the version of the newest acknowledged change of chunk ch,
 // zero if this client acknowledged none.
 func (c *Volume) ackedVer(ch int64) store.Version {
-	if s := c.vers[ch].acked.Load(); s != 0 {
+	if s := c.vers.at(ch).acked.Load(); s != 0 {
 		return store.Version{Epoch: c.epoch.Load(), Seq: s}
 	}
 	return store.Version{}
@@ -229,7 +229,7 @@ func (c *Volume) refusedIdle(target *peer, ch int64) bool {
 	if !ok {
 		return false
 	}
-	if v.(uint64) == c.vers[ch].next.Load() {
+	if v.(uint64) == c.vers.at(ch).next.Load() {
 		return true
 	}
 	c.refused.Delete(markKey{target.id, ch})
@@ -246,7 +246,7 @@ func (c *Volume) refusedIdle(target *peer, ch int64) bool {
 // operator decides.
 func (c *Volume) copyRefused(src, target *peer, ch int64, sv, tv store.Version, err error) error {
 	c.copiesRefused.Add(1)
-	c.refused.Store(markKey{target.id, ch}, c.vers[ch].next.Load())
+	c.refused.Store(markKey{target.id, ch}, c.vers.at(ch).next.Load())
 	c.log.Warn("cluster: rebuild copy refused: the target holds a newer version of the chunk than the source; both kept",
 		"volume", c.vol.Name, "chunk", ch, "target", target.id, "target_version", tv.String(), "source", src.id, "source_version", sv.String())
 	return fmt.Errorf("%w: %s holds version %v, newer than the source's %v: %w", errNoSource, target.id, tv, sv, err)

@@ -126,7 +126,7 @@ type Volume struct {
 	vol   meta.Volume
 	opt   Options
 	log   *slog.Logger
-	size  int64
+	size  atomic.Int64 // bytes; only grows (grow.go)
 	chunk int64
 	repl  int
 	nopts netquic.Options
@@ -168,7 +168,7 @@ type Volume struct {
 	clone cloneState
 
 	// Chunk versions (version.go).
-	vers        []chunkVer    // by chunk
+	vers        *verTable     // by chunk
 	behindFound atomic.Uint64 // replicas found behind by their version
 	// copiesRefused counts rebuild copies a target refused (it held a
 	// newer version).
@@ -229,7 +229,7 @@ type peer struct {
 	// Degraded mode (rebuild.go).
 	down     atomic.Bool     // failed: writes skip it (marked) until the prober reaches it
 	seq      atomic.Uint64   // writes it completed (OK), a sequence
-	lastSeq  []atomic.Uint64 // by chunk: seq of the last write of it the node took
+	lastSeq  *chunkWriteSeqs // by chunk: seq of the last write of it the node took
 	flushed  atomic.Uint64   // every write with seq <= flushed is covered by a flush
 	inc      atomic.Uint64   // node incarnation of its last OK reply
 	incMu    sync.Mutex      // serialises incarnation changes; guards suspect
@@ -332,7 +332,7 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 		return nil, fmt.Errorf("open volume %s: size %d is not a positive multiple of 4 KiB", vol.Name, size)
 	}
 	c := &Volume{
-		ms: ms, vol: vol, opt: opt, log: opt.Logger, size: size, chunk: chunk, repl: repl,
+		ms: ms, vol: vol, opt: opt, log: opt.Logger, chunk: chunk, repl: repl,
 		nopts: netquic.Options{Transport: opt.Transport, Streams: clusterStreams, Depth: clusterDepth, Logger: opt.Logger},
 		peers: make(map[string]*peer), nodes: make(map[string]meta.Node), refresh: make(chan struct{}, 1),
 		unixOK:  make(map[string]bool),
@@ -386,7 +386,8 @@ func Open(ctx context.Context, ms *meta.Client, vol meta.Volume, opt Options) (*
 		return nil, fmt.Errorf("open volume %s: attach epoch %d is beyond 2^32", vol.Name, opt.Epoch)
 	}
 	c.epoch.Store(opt.Epoch)
-	c.vers = make([]chunkVer, (c.size+c.chunk-1)/c.chunk)
+	c.size.Store(size)
+	c.vers = newChunkTable[chunkVer](c.nchunks(size))
 	c.initSnap(vol)
 	if vol.Parent != nil {
 		if err := c.openParent(ctx, vol); err != nil {
@@ -611,7 +612,7 @@ func (c *Volume) rebuildLocked() error {
 			if err != nil {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
-			np := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
+			np := &peer{id: id, addr: addr, cli: cli, lastSeq: newChunkTable[atomic.Uint64](c.nchunks(c.size.Load()))}
 			if c.opened.Load() {
 				c.needReload(np) // its own marks may be newer than ours
 			}
@@ -643,7 +644,7 @@ func (c *Volume) rebuildLocked() error {
 			if err != nil {
 				return fmt.Errorf("node %s: %w", id, err)
 			}
-			p := &peer{id: id, addr: addr, cli: cli, lastSeq: make([]atomic.Uint64, (c.size+c.chunk-1)/c.chunk)}
+			p := &peer{id: id, addr: addr, cli: cli, lastSeq: newChunkTable[atomic.Uint64](c.nchunks(c.size.Load()))}
 			if c.opened.Load() {
 				c.needReload(p)
 			}
@@ -756,8 +757,8 @@ func (c *Volume) refresher() {
 	}
 }
 
-// Size is the volume size in bytes.
-func (c *Volume) Size() int64 { return c.size }
+// Size is the volume size in bytes; it grows with Grow.
+func (c *Volume) Size() int64 { return c.size.Load() }
 
 // BlockSize is 4096.
 func (c *Volume) BlockSize() int { return engine.BlockSize }
@@ -846,8 +847,9 @@ func (c *Volume) Submit(r *engine.Request) {
 		parent.done()
 		return
 	}
-	if r.Offset < 0 || r.Length <= 0 || r.Offset%engine.BlockSize != 0 || r.Length%engine.BlockSize != 0 ||
-		r.Offset > c.size || r.Length > c.size-r.Offset {
+	// The size is loaded before any per-chunk table is touched (grow.go).
+	if size := c.size.Load(); r.Offset < 0 || r.Length <= 0 || r.Offset%engine.BlockSize != 0 || r.Length%engine.BlockSize != 0 ||
+		r.Offset > size || r.Length > size-r.Offset {
 		r.Done.Complete(r, engine.ErrRange)
 		return
 	}

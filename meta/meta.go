@@ -11,6 +11,8 @@
 //	PREFIX/v1/volumes/by-name/NAME  volume id, decimal
 //	PREFIX/v1/volumes/ID            JSON Volume; ID is 20 zero-padded digits
 //	PREFIX/v1/attach/ID             JSON attach record, attached to the holder's lease
+//	PREFIX/v1/devices/ID            JSON Device the holder serves the volume with,
+//	                                attached to the holder's lease (device.go)
 //	PREFIX/v1/epochs/ID             last attach epoch of the volume, decimal
 //	PREFIX/v1/missed/ID/NODE/CHUNK  a missed mark: node NODE lacks the latest
 //	                                data of chunk CHUNK (20 digits) of volume

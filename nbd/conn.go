@@ -230,12 +230,17 @@ func (c *conn) readLoop() error {
 // limits are what a connection checks every request against.
 type limits struct {
 	size       uint64
+	live       engine.Volume // non-nil: its current Size is the limit, not size
 	readOnly   bool
 	maxPayload int
 }
 
 func newLimits(e *Export, opt Options) limits {
-	return limits{size: uint64(e.Volume.Size()), readOnly: e.ReadOnly, maxPayload: opt.MaxPayload}
+	l := limits{size: uint64(e.Volume.Size()), readOnly: e.ReadOnly, maxPayload: opt.MaxPayload}
+	if e.liveSize {
+		l.live = e.Volume
+	}
+	return l
 }
 
 // check returns the NBD errno with which rq is rejected, or 0.
@@ -264,8 +269,12 @@ func (c *limits) check(rq request) uint32 {
 	if op == engine.OpFlush {
 		return 0
 	}
+	size := c.size
+	if c.live != nil {
+		size = uint64(c.live.Size())
+	}
 	if rq.length == 0 || rq.offset%blockSize != 0 || rq.length%blockSize != 0 ||
-		rq.offset > c.size || uint64(rq.length) > c.size-rq.offset {
+		rq.offset > size || uint64(rq.length) > size-rq.offset {
 		return errInval
 	}
 	if (op == engine.OpRead || op == engine.OpWrite) && int64(rq.length) > int64(c.maxPayload) {

@@ -101,12 +101,15 @@ type KernelDevice struct {
 	index   int
 	path    string
 	netlink bool
+	vol     engine.Volume
 	log     *slog.Logger
 	cancel  context.CancelFunc // stops serving (backstop for Close)
 	done    chan struct{}      // closed when the device let go of the volume
 
 	mu  sync.Mutex
 	err error // first serving error; guarded by mu, final once done is closed
+
+	sizeMu sync.Mutex // serialises SetSize
 
 	closeOnce sync.Once
 	closeErr  error
@@ -177,7 +180,7 @@ func attachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*K
 	if vol.Size() <= 0 {
 		return nil, fmt.Errorf("nbd: attach: volume size %d", vol.Size())
 	}
-	srv, err := NewServer([]Export{{Volume: vol}}, Options{Logger: log})
+	srv, err := NewServer([]Export{{Volume: vol, liveSize: true}}, Options{Logger: log})
 	if err != nil {
 		return nil, fmt.Errorf("nbd: attach: %w", err)
 	}
@@ -206,7 +209,7 @@ func attachKernel(ctx context.Context, vol engine.Volume, opt AttachOptions) (*K
 	}
 
 	serveCtx, cancel := context.WithCancel(context.Background())
-	d := &KernelDevice{index: opt.Index, netlink: g != nil, log: log, cancel: cancel, done: make(chan struct{})}
+	d := &KernelDevice{index: opt.Index, netlink: g != nil, vol: vol, log: log, cancel: cancel, done: make(chan struct{})}
 	var wg sync.WaitGroup
 	kfds := make([]int, 0, conns)
 	closeKernelEnds := func() {
@@ -528,6 +531,53 @@ func (d *KernelDevice) Path() string { return d.path }
 
 // Index is N of /dev/nbdN.
 func (d *KernelDevice) Index() int { return d.index }
+
+// ErrNoResize is wrapped by SetSize's and Resizable's error when the
+// device cannot change its size while connected: it was attached over the
+// ioctl interface (the kernel has no nbd netlink family, or ForceIoctl).
+var ErrNoResize = errors.New("a kernel NBD device attached over ioctl cannot be resized while connected (resizing needs the nbd netlink family)")
+
+// Resizable returns nil if SetSize can change the device's size while it
+// is connected, else an error wrapping ErrNoResize.
+func (d *KernelDevice) Resizable() error {
+	if !d.netlink {
+		return fmt.Errorf("nbd: %s: %w", d.path, ErrNoResize)
+	}
+	return nil
+}
+
+// SetSize makes the device size bytes long while connected: NBD_CMD_RECONFIGURE
+// with NBD_ATTR_SIZE_BYTES, which the kernel applies to the live device
+// (nbd_genl_reconfigure sets the size like a connect does), then it checks
+// that /sys/block/nbdN/size shows it. The volume must already take requests
+// up to size: the connections check each request against its current size.
+func (d *KernelDevice) SetSize(size int64) error {
+	if err := d.Resizable(); err != nil {
+		return err
+	}
+	if size <= 0 || size%blockSize != 0 || size > d.vol.Size() {
+		return fmt.Errorf("nbd: resize %s to %d bytes: not a multiple of %d up to the volume's %d", d.path, size, blockSize, d.vol.Size())
+	}
+	d.sizeMu.Lock()
+	defer d.sizeMu.Unlock()
+	g, err := openNBDGenl()
+	if err != nil {
+		return fmt.Errorf("nbd: resize %s: %w", d.path, err)
+	}
+	defer g.close()
+	if err := g.reconfigureSize(d.index, uint64(size), blockSize); err != nil {
+		return fmt.Errorf("nbd: resize %s to %d bytes: %w", d.path, size, err)
+	}
+	got, err := sysfsSize(d.index)
+	if err != nil {
+		return fmt.Errorf("nbd: resize %s: %w", d.path, err)
+	}
+	if got != size {
+		return fmt.Errorf("nbd: resize %s to %d bytes: the kernel took NBD_CMD_RECONFIGURE but the device shows %d bytes", d.path, size, got)
+	}
+	d.log.Info("nbd: device resized", "device", d.path, "size", size)
+	return nil
+}
 
 // Wait blocks until the device is disconnected (by Close, DisconnectKernel or
 // a broken connection) and every request the kernel sent has been answered.

@@ -106,6 +106,36 @@ func TestNetlinkConnectEncoding(t *testing.T) {
 	}
 }
 
+// TestNetlinkReconfigureSizeEncoding: NBD_CMD_RECONFIGURE's attributes
+// name the device and carry the new size and the block size, nothing else.
+func TestNetlinkReconfigureSizeEncoding(t *testing.T) {
+	attrs, err := parseAttrs(encodeReconfigureSize(5, 3<<30, 4096))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[uint16]uint64{nbdAttrIndex: 5, nbdAttrSizeBytes: 3 << 30, nbdAttrBlockSizeBytes: 4096}
+	if len(attrs) != len(want) {
+		t.Fatalf("%d attributes, want %d: %v", len(attrs), len(want), attrs)
+	}
+	for _, a := range attrs {
+		var v uint64
+		switch len(a.data) {
+		case 4:
+			v = uint64(binary.NativeEndian.Uint32(a.data))
+		case 8:
+			v = binary.NativeEndian.Uint64(a.data)
+		default:
+			t.Fatalf("attribute %d: %d bytes", a.typ, len(a.data))
+		}
+		if w, ok := want[a.typ]; !ok || v != w {
+			t.Errorf("attribute %d = %d, want %d (expected %v)", a.typ, v, w, ok)
+		}
+	}
+	if nbdCmdReconfigure != 3 {
+		t.Fatalf("NBD_CMD_RECONFIGURE is 3 in nbd-netlink.h, not %d", nbdCmdReconfigure)
+	}
+}
+
 func TestNetlinkStatusDecoding(t *testing.T) {
 	var a nlAttrs
 	a.nest(nbdAttrDeviceList, func() {
@@ -364,4 +394,27 @@ func TestServeTransmissionZeroAlloc(t *testing.T) {
 		t.Fatalf("%d allocs/op (%d B/op), want 0", a, r.AllocedBytesPerOp())
 	}
 	t.Logf("%v", r)
+}
+
+// TestLimitsLiveSize: the kernel client's connections check requests
+// against the volume's current size, so that a device grown by SetSize can
+// use the new end; a handshake connection keeps the size it was given.
+func TestLimitsLiveSize(t *testing.T) {
+	v := newMemVolume(8 * blockSize)
+	live := newLimits(&Export{Volume: v, liveSize: true}, Options{MaxPayload: 1 << 20})
+	fixed := newLimits(&Export{Volume: v}, Options{MaxPayload: 1 << 20})
+	past := request{typ: cmdWrite, offset: 8 * blockSize, length: blockSize}
+	if live.check(past) != errInval || fixed.check(past) != errInval {
+		t.Fatal("a write past the end is taken")
+	}
+	v.data = append(v.data, make([]byte, 4*blockSize)...)
+	if e := live.check(past); e != 0 {
+		t.Fatalf("live limits refuse a write below the grown size: errno %d", e)
+	}
+	if e := live.check(request{typ: cmdRead, offset: 12 * blockSize, length: blockSize}); e != errInval {
+		t.Fatalf("live limits take a read past the grown size: errno %d", e)
+	}
+	if fixed.check(past) != errInval {
+		t.Fatal("a handshake connection's limit grew with the volume")
+	}
 }

@@ -1,8 +1,8 @@
 package nbd
 
 // A minimal generic netlink client for the kernel's "nbd" family
-// (include/uapi/linux/nbd-netlink.h): resolve the family, connect, disconnect
-// and list devices. Messages and attributes are encoded here by hand; none of
+// (include/uapi/linux/nbd-netlink.h): resolve the family, connect, disconnect,
+// resize (reconfigure) and list devices. Messages and attributes are encoded here by hand; none of
 // this is on the data path.
 //
 // Invariants:
@@ -27,9 +27,10 @@ const (
 	nbdGenlName    = "nbd"
 	nbdGenlVersion = 1
 
-	nbdCmdConnect    = 1
-	nbdCmdDisconnect = 2
-	nbdCmdStatus     = 5
+	nbdCmdConnect     = 1
+	nbdCmdDisconnect  = 2
+	nbdCmdReconfigure = 3
+	nbdCmdStatus      = 5
 
 	nbdAttrIndex           = 1 // u32
 	nbdAttrSizeBytes       = 2 // u64
@@ -359,6 +360,25 @@ func (g *nbdGenl) disconnect(index int) error {
 	a.u32(nbdAttrIndex, uint32(index))
 	if _, err := g.c.request(g.id, nbdCmdDisconnect, nbdGenlVersion, a.b); err != nil {
 		return fmt.Errorf("nbd: netlink NBD_CMD_DISCONNECT of nbd%d: %w", index, err)
+	}
+	return nil
+}
+
+// encodeReconfigureSize builds the attributes of an NBD_CMD_RECONFIGURE
+// that sets the size of device index.
+func encodeReconfigureSize(index int, size, blockSize uint64) []byte {
+	var a nlAttrs
+	a.u32(nbdAttrIndex, uint32(index))
+	a.u64(nbdAttrSizeBytes, size)
+	a.u64(nbdAttrBlockSizeBytes, blockSize)
+	return a.b
+}
+
+// reconfigureSize asks the kernel to make connected device index size
+// bytes long (NBD_CMD_RECONFIGURE with NBD_ATTR_SIZE_BYTES).
+func (g *nbdGenl) reconfigureSize(index int, size, blockSize uint64) error {
+	if _, err := g.c.request(g.id, nbdCmdReconfigure, nbdGenlVersion, encodeReconfigureSize(index, size, blockSize)); err != nil {
+		return fmt.Errorf("netlink NBD_CMD_RECONFIGURE of nbd%d: %w", index, err)
 	}
 	return nil
 }

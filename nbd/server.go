@@ -50,6 +50,11 @@ type Export struct {
 	Volume engine.Volume
 	// ReadOnly rejects writes, trims and write-zeroes with EPERM.
 	ReadOnly bool
+
+	// liveSize checks requests against the volume's size at each request
+	// instead of the size at the connection's start: for the kernel's
+	// client, whose size AttachKernel raises when the volume grows.
+	liveSize bool
 }
 
 // Options tune a Server. Zero values pick defaults.

@@ -95,7 +95,7 @@ func (c *ctrl) serve() {
 			r.payload(c.page)
 		}
 		res, err := c.issue(r)
-		if err == nil && res == -int32(unix.EOPNOTSUPP) && !c.legacy && r.nr != cmdGetFeatures {
+		if err == nil && res == -int32(unix.EOPNOTSUPP) && !c.legacy && r.nr != cmdGetFeatures && r.nr != cmdUpdateSize {
 			// Kernels built without legacy opcodes refuse nothing here; kernels
 			// without the ioctl encoding (before 6.4) refuse it: use the
 			// legacy numbers from now on.
@@ -207,6 +207,12 @@ func (c *ctrl) startDev(id uint32) error {
 func (c *ctrl) stopDev(id uint32) error { return c.simple("STOP_DEV", cmdStopDev, id, 0) }
 
 func (c *ctrl) delDev(id uint32) error { return c.simple("DEL_DEV", cmdDelDev, id, 0) }
+
+// updateSize sets the capacity of a started device to sectors (512 bytes)
+// and tells the block layer (UBLK_U_CMD_UPDATE_SIZE, data[0]).
+func (c *ctrl) updateSize(id uint32, sectors uint64) error {
+	return c.simple("UPDATE_SIZE", cmdUpdateSize, id, sectors)
+}
 
 func (c *ctrl) startUserRecovery(id uint32) error {
 	return c.simple("START_USER_RECOVERY", cmdStartUserRecovery, id, 0)

@@ -25,6 +25,7 @@ const (
 	cmdEndUserRecovery   = 0x11
 	cmdGetDevInfo2       = 0x12
 	cmdGetFeatures       = 0x13 // ioctl-encoded only
+	cmdUpdateSize        = 0x15 // ioctl-encoded only (UBLK_U_CMD_UPDATE_SIZE, 6.16+)
 )
 
 // I/O command numbers (UBLK_IO_*).

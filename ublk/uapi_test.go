@@ -65,6 +65,7 @@ func TestOpcodes(t *testing.T) {
 		{"START_USER_RECOVERY", ctrlOp(cmdStartUserRecovery, false), 0xC0207510},
 		{"END_USER_RECOVERY", ctrlOp(cmdEndUserRecovery, false), 0xC0207511},
 		{"GET_FEATURES", ctrlOp(cmdGetFeatures, false), 0x80207513},
+		{"UPDATE_SIZE", ctrlOp(cmdUpdateSize, false), 0xC0207515},
 		{"legacy ADD_DEV", ctrlOp(cmdAddDev, true), 0x04},
 		{"FETCH_REQ", ioOp(ioFetchReq, false), 0xC0107520},
 		{"COMMIT_AND_FETCH_REQ", ioOp(ioCommitAndFetchReq, false), 0xC0107521},

@@ -115,7 +115,9 @@ type Device struct {
 	queues []*queue
 	vol    engine.Volume
 	log    *slog.Logger
+	feats  uint64 // GET_FEATURES (0 before 6.5)
 
+	sizeMu    sync.Mutex    // serialises SetSize
 	done      chan struct{} // closed when every queue goroutine has exited
 	waitErr   error         // first queue error, set before done closes
 	closeOnce sync.Once
@@ -173,6 +175,9 @@ func Create(ctx context.Context, vol engine.Volume, opt Options) (*Device, error
 	if feats&FeatureCmdIoctlEncode != 0 {
 		flags |= FeatureCmdIoctlEncode
 	}
+	if feats&FeatureUpdateSize != 0 {
+		flags |= FeatureUpdateSize
+	}
 	if opt.Recovery {
 		if feats&FeatureUserRecovery == 0 {
 			c.close()
@@ -196,7 +201,10 @@ func Create(ctx context.Context, vol engine.Volume, opt Options) (*Device, error
 		c.close()
 		return nil, err
 	}
-	d := &Device{id: info.devID, info: info, ctrl: c, cfd: -1, vol: vol, log: opt.Logger, done: make(chan struct{})}
+	if ferr != nil {
+		feats = 0 // a guess, not what the kernel said
+	}
+	d := &Device{id: info.devID, info: info, ctrl: c, cfd: -1, vol: vol, log: opt.Logger, feats: feats, done: make(chan struct{})}
 	if opt.Recovery && info.flags&FeatureUserRecovery == 0 {
 		d.abort()
 		return nil, fmt.Errorf("ublk: kernel refused UBLK_F_USER_RECOVERY (granted flags %#x)", info.flags)
@@ -273,10 +281,17 @@ func Recover(ctx context.Context, devID int, vol engine.Volume, opt Options) (*D
 		c.close()
 		return nil, fmt.Errorf("ublk: device %d was not created with recovery (flags %#x)", devID, info.flags)
 	}
-	if p, err := c.getParams(id); err == nil && p.basic.devSectors != uint64(vol.Size())>>9 {
-		c.close()
-		return nil, fmt.Errorf("ublk: device %d has %d sectors, volume %d bytes", devID, p.basic.devSectors, vol.Size())
+	// The volume may have grown since the device was made (SetSize grows
+	// the device after the recovery, where the kernel can); it never shrinks.
+	devSectors := uint64(0)
+	if p, err := c.getParams(id); err == nil {
+		devSectors = p.basic.devSectors
+		if devSectors > uint64(vol.Size())>>9 {
+			c.close()
+			return nil, fmt.Errorf("ublk: device %d has %d sectors, more than the volume's %d bytes", devID, devSectors, vol.Size())
+		}
 	}
+	feats, _ := c.getFeatures()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		err = c.startUserRecovery(id)
@@ -292,7 +307,7 @@ func Recover(ctx context.Context, devID int, vol engine.Volume, opt Options) (*D
 			return nil, fmt.Errorf("ublk: recover device %d: %w", devID, err)
 		}
 	}
-	d := &Device{id: id, info: info, ctrl: c, cfd: -1, vol: vol, log: opt.Logger, done: make(chan struct{})}
+	d := &Device{id: id, info: info, ctrl: c, cfd: -1, vol: vol, log: opt.Logger, feats: feats, done: make(chan struct{})}
 	if err := d.attach(ctx); err != nil {
 		d.detach()
 		c.close()
@@ -304,6 +319,11 @@ func Recover(ctx context.Context, devID int, vol engine.Volume, opt Options) (*D
 		return nil, err
 	}
 	d.log.Info("ublk: device recovered", "dev", d.Path(), "queues", info.nrHWQueues, "depth", info.queueDepth)
+	if devSectors != 0 && devSectors < uint64(vol.Size())>>9 {
+		if err := d.SetSize(vol.Size()); err != nil {
+			d.log.Warn("ublk: the volume grew while the device was being recovered; the device keeps its old size", "dev", d.Path(), "err", err)
+		}
+	}
 	return d, nil
 }
 
@@ -411,6 +431,46 @@ func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.id) }
 
 // Flags returns the UBLK_F_* flags the device runs with.
 func (d *Device) Flags() uint64 { return d.info.flags }
+
+// ErrNoResize is wrapped by SetSize's and Resizable's error when the kernel
+// cannot change the size of a live ublk device: it lacks
+// UBLK_F_UPDATE_SIZE (Linux 6.16 and later have it).
+var ErrNoResize = errors.New("the kernel's ublk driver cannot resize a live device (no UBLK_F_UPDATE_SIZE; Linux 6.16 and later have it)")
+
+// Resizable returns nil if SetSize can change the device's size while it
+// serves I/O, else an error wrapping ErrNoResize that names the kernel.
+func (d *Device) Resizable() error {
+	if (d.feats|d.info.flags)&FeatureUpdateSize != 0 {
+		return nil
+	}
+	var u unix.Utsname
+	rel := "this kernel"
+	if unix.Uname(&u) == nil {
+		rel = "kernel " + unix.ByteSliceToString(u.Release[:])
+	}
+	return fmt.Errorf("ublk: %s (features %#x): %w", rel, d.feats, ErrNoResize)
+}
+
+// SetSize makes the device size bytes long while it serves I/O
+// (UBLK_U_CMD_UPDATE_SIZE): the block layer, and the file systems on the
+// device, see the new capacity when it returns. The volume must already
+// take requests up to size. It fails with ErrNoResize where the kernel
+// cannot (Resizable).
+func (d *Device) SetSize(size int64) error {
+	if err := d.Resizable(); err != nil {
+		return err
+	}
+	if size <= 0 || size%512 != 0 || size > d.vol.Size() {
+		return fmt.Errorf("ublk: resize %s to %d bytes: not a multiple of 512 up to the volume's %d", d.Path(), size, d.vol.Size())
+	}
+	d.sizeMu.Lock()
+	defer d.sizeMu.Unlock()
+	if err := d.ctrl.updateSize(d.id, uint64(size)>>9); err != nil {
+		return fmt.Errorf("ublk: resize %s to %d bytes: %w", d.Path(), size, err)
+	}
+	d.log.Info("ublk: device resized", "dev", d.Path(), "size", size)
+	return nil
+}
 
 // Wait blocks until the device is stopped (by Close or by someone else, such
 // as `ublk del`) and every queue has drained. It returns the first queue

@@ -8,12 +8,16 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/pprof"
+	"sync"
 
 	"github.com/spf13/pflag"
 
+	"github.com/torus-storage/torus/engine"
+	"github.com/torus-storage/torus/internal/blockdev"
 	"github.com/torus-storage/torus/internal/cli"
 	"github.com/torus-storage/torus/internal/procs"
 	"github.com/torus-storage/torus/internal/units"
+	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/nbd"
 )
 
@@ -135,7 +139,14 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 		return err
 	}
 	log.Info("serving", "listen", c.listen, "volume", source, "size", units.FormatSize(size), "export", c.name)
+	gctx, stopGrowth := context.WithCancel(ctx)
+	var gwg sync.WaitGroup
+	if g, ok := vol.(blockdev.Growable); ok {
+		gwg.Go(func() { exportGrowth(gctx, g, vol, c.listen, log) })
+	}
 	serr := srv.Serve(ctx, l)
+	stopGrowth()
+	gwg.Wait()
 	cerr := vol.Close()
 	if serr != nil && ctx.Err() == nil {
 		return fmt.Errorf("serving %s: %w", c.listen, serr)
@@ -145,6 +156,31 @@ func (c *serveCmd) run(ctx context.Context, args []string, _ cli.IO) error {
 	}
 	log.Info("stopped", "volume", source)
 	return nil
+}
+
+// exportGrowth reports the NBD export of vol at listen (meta.GrowReconnect)
+// and logs each growth of the volume, until ctx is done: a client learns
+// the size in its handshake, so new connections get the new size and
+// connected clients keep theirs until they reconnect.
+func exportGrowth(ctx context.Context, g blockdev.Growable, vol engine.Volume, listen string, log *slog.Logger) {
+	report := func() {
+		d := meta.Device{Path: listen, Frontend: "nbd-export", Size: uint64(vol.Size()), Grow: meta.GrowReconnect,
+			Why: "an NBD client learns the size when it connects: connected clients keep theirs until they reconnect"}
+		if err := g.ReportDevice(ctx, d); err != nil && ctx.Err() == nil {
+			log.Warn("the export's record is not in etcd (torusctl volume resize cannot tell what it does)", "err", err)
+		}
+	}
+	report()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-g.Resized():
+		}
+		log.Info("the volume grew: new NBD connections get the new size; connected clients keep theirs until they reconnect",
+			"listen", listen, "size", units.FormatSize(vol.Size()))
+		report()
+	}
 }
 
 // storePath turns --store into the store's path: a block device is used as

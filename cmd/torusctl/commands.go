@@ -37,7 +37,8 @@ func commands() []command {
 		{path: "volume list", summary: "the volumes, with the bytes they take on the nodes' disks (all replicas)", build: plain(cmdVolumeList)},
 		{path: "volume info", summary: "a volume, its attach epoch, its copies and its bytes on the nodes' disks (all replicas)", args: "NAME",
 			nargs: 1, build: plain(cmdVolumeInfo)},
-		{path: "volume resize", summary: "grow a volume", args: "NAME", flags: "--size SIZE", nargs: 1, build: buildVolumeResize},
+		{path: "volume resize", summary: "grow a volume (and its attached device, where it can)", args: "NAME", flags: "--size SIZE [--wait 30s]",
+			nargs: 1, build: buildVolumeResize},
 		{path: "volume set-qos", summary: "change a volume's I/O limits, live", args: "NAME", flags: qosFlagsUsage, nargs: 1,
 			build: buildVolumeSetQoS},
 		{path: "volume delete", summary: "delete a volume", args: "NAME", nargs: 1, build: plain(cmdVolumeDelete)},
@@ -525,11 +526,16 @@ func cmdVolumeInfo(ctx context.Context, e *env, args []string) error {
 
 func buildVolumeResize(fs *pflag.FlagSet) runFunc {
 	var size cli.Size
+	var wait time.Duration
 	fs.Var(&size, "size", "new volume size, e.g. 20GiB; volumes only grow")
+	fs.DurationVar(&wait, "wait", 30*time.Second, "how long to wait for the attached device to report that it grew")
 	return func(ctx context.Context, e *env, args []string) error {
 		n, err := volumeSize(fs, size)
 		if err != nil {
 			return err
+		}
+		if wait < 0 {
+			return cli.Usagef("--wait %v: must not be negative", wait)
 		}
 		return withStore(ctx, e, func(s *meta.Client) error {
 			v, err := s.ResizeVolume(ctx, args[0], n)
@@ -540,10 +546,20 @@ func buildVolumeResize(fs *pflag.FlagSet) runFunc {
 			if err != nil {
 				return notFound(err)
 			}
-			if e.g.output == cli.JSON {
-				return e.printJSON(volumeResult{Volume: v})
+			r, err := resizeOutcome(ctx, s, v, wait)
+			if err != nil {
+				return err
 			}
-			fmt.Fprintf(e.stdout, "volume %s is now %s\n", v.Name, units.FormatSize(int64(v.Size)))
+			if e.g.output == cli.JSON {
+				if err := e.printJSON(r); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprintf(e.stdout, "volume %s is now %s\n%s\n", v.Name, units.FormatSize(int64(v.Size)), r.Note)
+			}
+			if r.Outcome == resizeTimedOut {
+				return fmt.Errorf("device %s on %s did not report the new size within %v: see its torusblk log", r.Device.Path, r.Device.Host, wait)
+			}
 			return nil
 		})
 	}

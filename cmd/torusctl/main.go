@@ -9,7 +9,7 @@
 //	torusctl volume create NAME --size SIZE [--replication N]
 //	torusctl volume list
 //	torusctl volume info NAME
-//	torusctl volume resize NAME --size SIZE
+//	torusctl volume resize NAME --size SIZE [--wait 30s]
 //	torusctl volume delete NAME
 //	torusctl volume clone VOLUME@SNAPSHOT NAME
 //	torusctl volume flatten NAME

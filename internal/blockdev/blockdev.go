@@ -18,6 +18,10 @@
 //   - Recover takes over only a ublk device (the kernel NBD client drops its
 //     device with its connections), and only once the process recorded as
 //     serving it is gone.
+//   - A device grows only after its volume did (Growable.Resized comes
+//     after the volume takes requests up to its new Size), so the kernel
+//     never sends a request past the volume's end; the growth loop ends
+//     before the device is removed.
 package blockdev
 
 import (
@@ -28,12 +32,15 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/torus-storage/torus/engine"
 	"github.com/torus-storage/torus/internal/units"
+	"github.com/torus-storage/torus/meta"
 	"github.com/torus-storage/torus/nbd"
 	"github.com/torus-storage/torus/ublk"
 )
@@ -213,11 +220,27 @@ type Options struct {
 // Device is a block device of the kernel serving a volume, from Attach or
 // Recover until Serve returns (or Close).
 type Device struct {
-	st          State
+	st          State // st.Size changes under stMu once Serve runs
+	stMu        sync.Mutex
 	runDir      string
 	vol         engine.Volume
 	wait, close func() error
 	log         *slog.Logger
+
+	// grow makes the device bigger while it serves (nil: it cannot;
+	// growWhy says why).
+	grow    func(size int64) error
+	growWhy string
+}
+
+// Growable is a volume that can grow while a device serves it
+// (cluster.Attached, whose size follows its record in etcd): Serve grows
+// the device after each Resized signal, and reports through ReportDevice
+// what the device is and how it follows a growth (meta.Device), for
+// torusctl volume resize.
+type Growable interface {
+	Resized() <-chan struct{}
+	ReportDevice(ctx context.Context, d meta.Device) error
 }
 
 // Attach makes vol a block device of the kernel (opt.Mode); src is what
@@ -245,6 +268,7 @@ func Attach(ctx context.Context, vol engine.Volume, src Source, opt Options) (*D
 		}
 		d.st.Device, d.st.ID, d.st.Queues, d.st.Depth = dev.Path(), dev.ID(), opt.Queues, opt.Depth
 		d.wait, d.close = dev.Wait, dev.Close
+		d.setGrow(dev.Resizable(), dev.SetSize)
 	case ModeNBD:
 		dev, err := nbd.AttachKernel(ctx, vol, nbd.AttachOptions{Index: -1, Conns: opt.Conns, Logger: opt.Logger})
 		if err != nil {
@@ -253,6 +277,7 @@ func Attach(ctx context.Context, vol engine.Volume, src Source, opt Options) (*D
 		}
 		d.st.Device, d.st.ID = dev.Path(), dev.Index()
 		d.wait, d.close = dev.Wait, dev.Close
+		d.setGrow(dev.Resizable(), dev.SetSize)
 	default:
 		vol.Close()
 		return nil, fmt.Errorf("blockdev: attach %s: mode %q: want ublk or nbd (ResolveMode)", src, opt.Mode)
@@ -287,15 +312,34 @@ func Recover(ctx context.Context, device, runDir string, open func(context.Conte
 		return nil, err
 	}
 	st.PID = os.Getpid()
+	if sz, err := sysfsBytes(st.Device); err == nil {
+		st.Size = sz // the volume may have grown since; ublk.Recover grows the device where it can
+	}
 	log.Info("recovered", "device", st.Device)
-	return &Device{st: *st, runDir: runDir, vol: vol, wait: dev.Wait, close: dev.Close, log: log}, nil
+	d := &Device{st: *st, runDir: runDir, vol: vol, wait: dev.Wait, close: dev.Close, log: log}
+	d.setGrow(dev.Resizable(), dev.SetSize)
+	return d, nil
+}
+
+// setGrow records how the device grows: with grow when resizable is nil,
+// else not at all, for the reason resizable gives.
+func (d *Device) setGrow(resizable error, grow func(int64) error) {
+	if resizable != nil {
+		d.growWhy = resizable.Error()
+		return
+	}
+	d.grow = grow
 }
 
 // Path returns the device's path: /dev/ublkbN or /dev/nbdN.
 func (d *Device) Path() string { return d.st.Device }
 
 // State returns what the device's state file records (written by Serve).
-func (d *Device) State() State { return d.st }
+func (d *Device) State() State {
+	d.stMu.Lock()
+	defer d.stMu.Unlock()
+	return d.st
+}
 
 // Close removes the device, then closes the volume, for a device that is
 // not served (Serve does both itself).
@@ -320,17 +364,27 @@ func (d *Device) Serve(ctx context.Context, ready func(path string)) error {
 	ready(st.Device)
 	log.Info("attached", "device", st.Device, "mode", st.Mode, "volume", st.Source.String(), "size", units.FormatSize(st.Size))
 
+	gctx, stopGrowth := context.WithCancel(context.Background())
+	var gwg sync.WaitGroup
+	if g, ok := d.vol.(Growable); ok {
+		gwg.Go(func() { d.followGrowth(gctx, g) })
+	}
 	done := make(chan error, 1)
 	go func() { done <- d.wait() }()
 	var werr error
 	select {
 	case <-ctx.Done():
 		log.Info("detaching", "device", st.Device)
+		stopGrowth()
+		gwg.Wait()
 		werr = d.close()
 		<-done
 	case werr = <-done:
+		stopGrowth()
+		gwg.Wait()
 		d.close()
 	}
+	stopGrowth()
 	cerr := d.vol.Close()
 	os.Remove(stateFile(d.runDir, st.Device))
 	if werr != nil {
@@ -341,6 +395,62 @@ func (d *Device) Serve(ctx context.Context, ready func(path string)) error {
 	}
 	log.Info("detached", "device", st.Device)
 	return nil
+}
+
+// followGrowth reports the device to g, then grows it after each growth of
+// the volume, until ctx is done. A device that cannot grow live keeps its
+// size: that is logged, with what to do, and reported.
+func (d *Device) followGrowth(ctx context.Context, g Growable) {
+	d.stMu.Lock()
+	dev, mode, cur := d.st.Device, string(d.st.Mode), d.st.Size
+	d.stMu.Unlock()
+	log := d.log.With("device", dev)
+	report := func(size int64, grow, why string) {
+		rec := meta.Device{Path: dev, Frontend: mode, Size: uint64(size), Grow: grow, Why: why}
+		if err := g.ReportDevice(ctx, rec); err != nil && ctx.Err() == nil {
+			log.Warn("the device record is not in etcd (torusctl volume resize cannot tell what the device does)", "err", err)
+		}
+	}
+	if d.grow != nil {
+		report(cur, meta.GrowLive, "")
+	} else {
+		report(cur, meta.GrowReattach, d.growWhy)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-g.Resized():
+		}
+		size := d.vol.Size()
+		if size <= cur {
+			continue
+		}
+		if d.grow == nil {
+			log.Error("the volume grew but this device cannot grow while attached: it keeps its size until it is detached and attached again",
+				"device_size", units.FormatSize(cur), "volume_size", units.FormatSize(size), "why", d.growWhy,
+				"do", "torusblk detach "+dev+", then attach the volume again")
+			report(cur, meta.GrowReattach, d.growWhy)
+			continue
+		}
+		if err := d.grow(size); err != nil {
+			log.Error("the volume grew but growing the device failed: it keeps its size until it is detached and attached again",
+				"device_size", units.FormatSize(cur), "volume_size", units.FormatSize(size), "err", err,
+				"do", "torusblk detach "+dev+", then attach the volume again")
+			report(cur, meta.GrowReattach, err.Error())
+			continue
+		}
+		cur = size
+		d.stMu.Lock()
+		d.st.Size = size
+		st := d.st
+		d.stMu.Unlock()
+		if err := st.save(d.runDir); err != nil {
+			log.Warn("the state file keeps the old size", "err", err)
+		}
+		log.Info("device grew with its volume", "size", units.FormatSize(size))
+		report(cur, meta.GrowLive, "")
+	}
 }
 
 // Detach stops the process that serves device (SIGTERM, then waits up to
@@ -383,6 +493,20 @@ func Detach(device, runDir string, timeout time.Duration, log *slog.Logger) erro
 	os.Remove(stateFile(runDir, st.Device))
 	log.Info("removed the device of a dead server", "device", st.Device)
 	return nil
+}
+
+// sysfsBytes returns the size in bytes the kernel shows for block device
+// dev (/sys/block/NAME/size, in 512-byte sectors).
+func sysfsBytes(dev string) (int64, error) {
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "size"))
+	if err != nil {
+		return 0, fmt.Errorf("size of %s: %w", dev, err)
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("size of %s: %w", dev, err)
+	}
+	return n * 512, nil
 }
 
 // ValidScheduler reports whether name can be an I/O scheduler's name (or
