@@ -48,6 +48,7 @@ test-vm: vm-kernels
 	UBLK_TEST_RUN='^TestVM(Device|StopByOther|Recovery)$$' ublk/vmtest.sh trixie backports
 	RUN='^Test(KernelNetlinkFioVerify|KernelIoctlFioVerify|DisconnectKernel|KernelFilesystem)$$' nbd/vmtest.sh bookworm
 	scripts/vm/attach-e2e.sh trixie backports bookworm
+	scripts/vm/snapshot-e2e.sh trixie backports bookworm
 
 vm-kernels:
 	scripts/deps.sh vm
