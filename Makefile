@@ -49,6 +49,7 @@ test-vm: vm-kernels
 	RUN='^Test(KernelNetlinkFioVerify|KernelIoctlFioVerify|DisconnectKernel|KernelFilesystem)$$' nbd/vmtest.sh bookworm
 	scripts/vm/attach-e2e.sh trixie backports bookworm
 	scripts/vm/resize-vm.sh backports trixie bookworm
+	scripts/vm/snapshot-e2e.sh trixie backports bookworm
 
 vm-kernels:
 	scripts/deps.sh vm

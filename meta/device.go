@@ -173,7 +173,6 @@ func (s *Client) WatchVolume(ctx context.Context, id uint64) <-chan Volume {
 	return out
 }
 
-
 // AttachHolder returns who holds the attach lock of volume v (false: no
 // one), and whether it is a storage node's maintenance job.
 func (s *Client) AttachHolder(ctx context.Context, v Volume) (holder, host string, maintenance, ok bool, err error) {
