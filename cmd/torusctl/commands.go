@@ -374,13 +374,23 @@ func (e *env) printVolume(v volumeResult) error {
 	fmt.Fprintf(tw, "created:\t%s\n", v.Created.Format(time.RFC3339))
 	fmt.Fprintf(tw, "epoch:\t%d\n", v.Epoch)
 	fmt.Fprintf(tw, "qos:\t%s\n", formatQoS(v.QoS))
+	if p := v.Parent; p != nil {
+		state := "reads it where it has not written"
+		if p.Flatten {
+			state = "flattening: its holder copies what it still reads from it"
+		}
+		fmt.Fprintf(tw, "parent:\t%s@%s (a clone; %s)\n", p.Name, p.Snapshot, state)
+	}
+	if n := len(v.Snapshots); n > 0 {
+		fmt.Fprintf(tw, "snapshots:\t%d (torusctl snapshot list %s)\n", n, v.Name)
+	}
 	if sp := v.VolumeSpace; sp != nil {
 		note := fmt.Sprintf("%d of %d nodes reported", sp.Reported, sp.Nodes)
 		if len(sp.Missing) > 0 {
 			note = fmt.Sprintf("only %s; missing %s: their bytes are not counted", note, strings.Join(sp.Missing, ", "))
 		}
 		fmt.Fprintf(tw, "allocated:\t%s on the nodes' disks, all replicas (%s)\n", units.FormatSize(int64(sp.AllocatedBytes)), note)
-		fmt.Fprintf(tw, "snapshots:\t%s of snapshot copies on the nodes' disks, all replicas\n", units.FormatSize(int64(sp.SnapshotBytes)))
+		fmt.Fprintf(tw, "snapshot copies:\t%s on the nodes' disks, all replicas\n", units.FormatSize(int64(sp.SnapshotBytes)))
 	}
 	if v.FewestCopies > 0 || v.OneCopy > 0 {
 		line := fmt.Sprintf("%d of %d", v.FewestCopies, v.Replication)

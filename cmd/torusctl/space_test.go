@@ -174,7 +174,7 @@ func TestSpaceUsage(t *testing.T) {
 	eventually(t, "with node2 down", check(want{3 * mib, 2 * mib, map[string]uint64{"c": 2 * mib}, 1}))
 	out = must(t, "volume", "info", "vol")
 	if !regexpFind(`allocated:\s+3 MiB on the nodes' disks, all replicas \(only 1 of 2 nodes reported; missing node2`, out) ||
-		!regexpFind(`snapshots:\s+2 MiB of snapshot copies`, out) {
+		!regexpFind(`snapshot copies:\s+2 MiB on the nodes`, out) {
 		t.Fatalf("volume info with a node down:\n%s", out)
 	}
 	if out := must(t, "volume", "list"); !strings.Contains(out, "only 1 of 2 nodes reported; missing node2") {
