@@ -461,16 +461,23 @@ func (c *Volume) refreshView(ctx context.Context) error {
 // errSnapshotGone fails the reads of a view whose snapshot was deleted.
 var errSnapshotGone = errors.New("snapshot deleted")
 
+// callNode sends one maintenance request (op, h, payload) to p with the
+// per-replica timeout and returns its reply, whose payload lands in into;
+// the error is the call's or the reply's status (copyCallErr).
+func (c *Volume) callNode(ctx context.Context, p *peer, op wire.Op, h wire.Header, payload, into []byte) (netquic.Message, error) {
+	req := netquic.Message{Code: uint8(op), Payload: payload}
+	h.Encode(&req.Header)
+	resp := netquic.Message{Payload: into}
+	cctx, cancel := context.WithTimeout(ctx, c.opt.Timeout)
+	defer cancel()
+	return resp, c.copyCallErr(p, p.cli.Call(cctx, &req, &resp), &resp)
+}
+
 // listSnaps returns the snapshot copies p holds of chunk ch.
 func (c *Volume) listSnaps(ctx context.Context, p *peer, ch int64) ([]uint64, error) {
 	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch)}
-	req := netquic.Message{Code: uint8(wire.OpSnaps)}
-	h.Encode(&req.Header)
-	buf := make([]byte, wire.MaxSnapsListed*8)
-	resp := netquic.Message{Payload: buf}
-	cctx, cancel := context.WithTimeout(ctx, c.opt.Timeout)
-	defer cancel()
-	if err := c.copyCallErr(p, p.cli.Call(cctx, &req, &resp), &resp); err != nil {
+	resp, err := c.callNode(ctx, p, wire.OpSnaps, h, nil, make([]byte, wire.MaxSnapsListed*8))
+	if err != nil {
 		return nil, fmt.Errorf("list snapshot copies on %s: %w", p.id, err)
 	}
 	var l []uint64
@@ -486,12 +493,7 @@ func (c *Volume) listSnaps(ctx context.Context, p *peer, ch int64) ([]uint64, er
 // epoch epoch.
 func (c *Volume) discardSnap(ctx context.Context, p *peer, ch int64, snap uint64, epoch uint64) error {
 	h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Snap: uint32(snap), Len: uint32(c.chunk), Epoch: epoch}
-	req := netquic.Message{Code: uint8(wire.OpDiscard)}
-	h.Encode(&req.Header)
-	resp := netquic.Message{}
-	cctx, cancel := context.WithTimeout(ctx, c.opt.Timeout)
-	defer cancel()
-	if err := c.copyCallErr(p, p.cli.Call(cctx, &req, &resp), &resp); err != nil {
+	if _, err := c.callNode(ctx, p, wire.OpDiscard, h, nil, nil); err != nil {
 		return fmt.Errorf("discard snapshot copy %d on %s: %w", snap, p.id, err)
 	}
 	return nil
@@ -531,12 +533,7 @@ func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tg
 			continue
 		}
 		h := wire.Header{Volume: c.vol.ID, Index: uint64(ch), Snap: uint32(s), Len: uint32(c.chunk), Epoch: c.wireEpoch(from)}
-		req := netquic.Message{Code: uint8(wire.OpRead)}
-		h.Encode(&req.Header)
-		resp := netquic.Message{Payload: data}
-		cctx, cancel := context.WithTimeout(ctx, c.opt.Timeout)
-		err := c.copyCallErr(from, from.cli.Call(cctx, &req, &resp), &resp)
-		cancel()
+		resp, err := c.callNode(ctx, from, wire.OpRead, h, nil, data)
 		if err == nil && len(resp.Payload) != len(data) {
 			err = wire.ErrBadRequest
 		}
@@ -561,13 +558,7 @@ func (c *Volume) copySnaps(ctx context.Context, from, target *peer, ch int64, tg
 				}
 			}
 		}
-		req = netquic.Message{Code: uint8(wire.OpWrite), Payload: data[:n]}
-		h.Encode(&req.Header)
-		resp = netquic.Message{}
-		cctx, cancel = context.WithTimeout(ctx, c.opt.Timeout)
-		err = c.copyCallErr(target, target.cli.Call(cctx, &req, &resp), &resp)
-		cancel()
-		if err != nil {
+		if _, err := c.callNode(ctx, target, wire.OpWrite, h, data[:n], nil); err != nil {
 			return done, fmt.Errorf("write snapshot copy %d to %s: %w", s, target.id, err)
 		}
 		done[s] = true
