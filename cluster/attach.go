@@ -174,11 +174,17 @@ func Attach(ctx context.Context, ms *meta.Client, name string, opt AttachOptions
 // every 500 ms while another holder has it, until wait has passed.
 func attachLock(ctx context.Context, ms *meta.Client, name, holder string, ttl, wait time.Duration, log *slog.Logger) (*meta.AttachLease, error) {
 	deadline := time.Now().Add(wait)
+	var held error // the last ErrAttached: who held the lock
 	for {
 		lease, err := ms.Attach(ctx, name, holder, ttl)
+		if err == nil && held != nil {
+			log.Warn("took the attach lock once the previous holder's lease expired: the storage nodes now refuse that holder's writes (fenced by the new epoch)",
+				"volume", name, "epoch", lease.Epoch(), "previous", held.Error())
+		}
 		if err == nil || !errors.Is(err, meta.ErrAttached) || time.Now().After(deadline) {
 			return lease, err
 		}
+		held = err
 		log.Info("waiting for the old attach lock to expire", "volume", name, "why", err.Error())
 		select {
 		case <-ctx.Done():

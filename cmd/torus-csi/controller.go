@@ -38,35 +38,10 @@ const defaultSize = 1 << 30
 // to pause its writes.
 const snapshotWait = 10 * time.Second
 
-// controller serves Identity and Controller.
+// controller serves the Controller service.
 type controller struct {
-	csi.UnimplementedIdentityServer
 	csi.UnimplementedControllerServer
-	ms      *meta.Client
-	version string
-}
-
-// GetPluginInfo implements csi.IdentityServer.
-func (c *controller) GetPluginInfo(context.Context, *csi.GetPluginInfoRequest) (*csi.GetPluginInfoResponse, error) {
-	return &csi.GetPluginInfoResponse{Name: driverName, VendorVersion: c.version}, nil
-}
-
-// GetPluginCapabilities implements csi.IdentityServer.
-func (c *controller) GetPluginCapabilities(context.Context, *csi.GetPluginCapabilitiesRequest) (*csi.GetPluginCapabilitiesResponse, error) {
-	svc := func(t csi.PluginCapability_Service_Type) *csi.PluginCapability {
-		return &csi.PluginCapability{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{Type: t}}}
-	}
-	exp := &csi.PluginCapability{Type: &csi.PluginCapability_VolumeExpansion_{
-		VolumeExpansion: &csi.PluginCapability_VolumeExpansion{Type: csi.PluginCapability_VolumeExpansion_ONLINE}}}
-	return &csi.GetPluginCapabilitiesResponse{Capabilities: []*csi.PluginCapability{svc(csi.PluginCapability_Service_CONTROLLER_SERVICE), exp}}, nil
-}
-
-// Probe implements csi.IdentityServer: ready when etcd answers.
-func (c *controller) Probe(ctx context.Context, _ *csi.ProbeRequest) (*csi.ProbeResponse, error) {
-	if _, err := c.ms.Config(ctx); err != nil {
-		return nil, status.Errorf(codes.Unavailable, "etcd: %v", err)
-	}
-	return &csi.ProbeResponse{}, nil
+	ms *meta.Client
 }
 
 // ControllerGetCapabilities implements csi.ControllerServer.

@@ -11,7 +11,6 @@ import (
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	. "github.com/onsi/ginkgo/v2"
 	. "github.com/onsi/gomega"
-	"google.golang.org/grpc"
 
 	"github.com/torus-storage/torus/internal/testcluster"
 )
@@ -34,8 +33,12 @@ func TestSanity(t *testing.T) {
 	// csi-sanity asks the node service for its capabilities when it cleans
 	// up after every spec; here a node service with none answers (it
 	// stages nothing, and nothing is published in these specs).
-	noNode := func(s *grpc.Server) { csi.RegisterNodeServer(s, noNodeServer{}) }
-	go func() { done <- serve(ctx, sock, &controller{ms: c.Meta, version: "test"}, quiet, noNode) }()
+	svc := services{
+		identity:   &identity{ms: c.Meta, version: "test", controller: true},
+		controller: &controller{ms: c.Meta},
+		node:       noNodeServer{},
+	}
+	go func() { done <- serve(ctx, sock, svc, quiet) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {

@@ -30,6 +30,7 @@ type attachCmd struct {
 	ef                    serviceFlags
 	mode, runDir, ioSched string
 	queues, depth, conns  int
+	wait                  time.Duration
 }
 
 func attachCommand(log *slog.Logger) *cli.Command {
@@ -55,6 +56,7 @@ func (c *attachCmd) flags(fs *pflag.FlagSet) {
 	fs.IntVar(&c.depth, "depth", 128, "ublk queue depth")
 	fs.IntVar(&c.conns, "connections", 4, "kernel NBD connections")
 	fs.StringVar(&c.runDir, "run-dir", blockdev.DefaultRunDir, "where attach state is kept for list, detach and recover")
+	fs.DurationVar(&c.wait, "wait", 0, "cluster volume: how long to wait for another holder's attach lock to expire (a host that died without detaching); 0 fails at once while the volume is attached elsewhere")
 	fs.StringVar(&c.ioSched, "io-scheduler", "none", "the device's block-layer I/O scheduler: none (Torus orders its own I/O, as for loop and NVMe devices), a name listed in /sys/block/DEV/queue/scheduler, or kernel to keep the kernel's choice")
 }
 
@@ -85,7 +87,10 @@ func (c *attachCmd) run(ctx context.Context, args []string, o cli.IO) error {
 		return err
 	}
 
-	vol, err := c.src.open(ctx, 0, 0, c.ef, log)
+	if c.wait < 0 || (c.wait > 0 && !c.src.isCluster()) {
+		return cli.Usagef("--wait %v: a positive duration, for a cluster volume", c.wait)
+	}
+	vol, err := c.src.open(ctx, 0, c.wait, c.ef, log)
 	if err != nil {
 		return err
 	}

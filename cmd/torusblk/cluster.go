@@ -26,6 +26,7 @@ import (
 type clusterFlags struct {
 	cluster           cli.Cluster
 	tlsDir, localNode string
+	holder            string
 	ttl, timeout      time.Duration
 }
 
@@ -36,6 +37,7 @@ func (c *clusterFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&c.localNode, "local-node", "", "cluster volume: id of a storage node on this host, whose replica reads prefer (default: the node registered with this host name, if any)")
 	fs.DurationVar(&c.timeout, "replica-timeout", 5*time.Second, "cluster volume: how long a replica may take to answer before it is taken out of the write path (its chunks are marked for rebuild) and reads move on")
 	fs.DurationVar(&c.ttl, "lease-ttl", cluster.DefaultAttachTTL, "cluster volume: attach lock lease; after a crash the volume can be attached elsewhere once it expires")
+	fs.StringVar(&c.holder, "holder", "", "cluster volume: `WHO` holds the attach lock, as torusctl volume info shows it (default: torusblk pid N on HOST; torus-csi names its node)")
 }
 
 // clusterOnly marks the named flags of fs, in its help, as being for
@@ -81,7 +83,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, wait time.Du
 	host, _ := os.Hostname()
 	av, err := cluster.Attach(ctx, ms, name, cluster.AttachOptions{
 		Options: cluster.Options{
-			Holder:    fmt.Sprintf("torusblk pid %d on %s", os.Getpid(), host),
+			Holder:    holderName(cf.holder, host),
 			TLS:       tlsConf.Client,
 			LocalNode: cf.localNode,
 			Timeout:   cf.timeout,
@@ -109,6 +111,15 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, wait time.Du
 		}
 	}
 	return cv, nil
+}
+
+// holderName is the attach lock's holder: who (--holder), then this
+// process and host.
+func holderName(who, host string) string {
+	if who == "" {
+		return fmt.Sprintf("torusblk pid %d on %s", os.Getpid(), host)
+	}
+	return fmt.Sprintf("%s (torusblk pid %d on %s)", who, os.Getpid(), host)
 }
 
 // snapshotVolume is a read-only view of a snapshot through its own etcd
