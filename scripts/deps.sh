@@ -21,6 +21,7 @@ vm)
 	# Guests run the host's binaries over 9p; scripts/vm/run.sh installs qemu and busybox itself.
 	need fio fio
 	need mkfs.ext4 e2fsprogs
+	need mkfs.xfs xfsprogs
 	need blkdiscard util-linux
 	need depmod kmod
 	need xz xz-utils

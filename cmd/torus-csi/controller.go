@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -25,6 +26,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/torus-storage/torus/internal/units"
 	"github.com/torus-storage/torus/meta"
 )
 
@@ -155,16 +157,9 @@ func (c *controller) CreateVolume(ctx context.Context, r *csi.CreateVolumeReques
 	if err != nil {
 		return nil, err
 	}
-	repl := 0
-	if s, ok := r.GetParameters()["replication"]; ok {
-		if repl, err = strconv.Atoi(s); err != nil || repl < 1 {
-			return nil, status.Errorf(codes.InvalidArgument, "parameter replication %q: want a positive number", s)
-		}
-	}
-	for k := range r.GetParameters() {
-		if k != "replication" {
-			return nil, status.Errorf(codes.InvalidArgument, "unknown parameter %q (known: replication)", k)
-		}
+	repl, qos, err := parseParameters(r.GetParameters())
+	if err != nil {
+		return nil, err
 	}
 	// Idempotent by name.
 	if v, err := c.ms.Volume(ctx, name); err == nil {
@@ -199,11 +194,75 @@ func (c *controller) CreateVolume(ctx context.Context, r *csi.CreateVolumeReques
 			return nil, err
 		}
 	default:
-		if v, err = c.ms.CreateVolume(ctx, name, size, repl); err != nil {
+		if v, err = c.ms.CreateVolume(ctx, name, size, repl, meta.WithQoS(qos)); err != nil {
 			return nil, metaErr("create volume "+name, err)
+		}
+		return &csi.CreateVolumeResponse{Volume: volumeOf(v)}, nil
+	}
+	// A clone: its replication is its parent's; its QoS is set here.
+	if !qos.Unlimited() {
+		if v, err = c.ms.UpdateQoS(ctx, name, func(q *meta.QoS) { *q = qos }); err != nil {
+			return nil, metaErr("set the QoS of clone "+name, err)
 		}
 	}
 	return &csi.CreateVolumeResponse{Volume: volumeOf(v)}, nil
+}
+
+// createParameters are the CreateVolume parameters (a StorageClass's),
+// each with what it takes.
+var createParameters = map[string]string{
+	"replication": "copies of each chunk, e.g. 3 (default: the cluster's)",
+	"readIOPS":    "QoS: read requests per second",
+	"writeIOPS":   "QoS: write, discard and write-zeroes requests per second",
+	"readBPS":     "QoS: bytes read per second, e.g. 100MiB",
+	"writeBPS":    "QoS: bytes written per second, e.g. 50MiB",
+	"burst":       "QoS: how long an idle volume saves credit above its limits, e.g. 1s",
+}
+
+// parseParameters reads CreateVolume's parameters: the replication (0:
+// the cluster's) and the QoS limits.
+func parseParameters(p map[string]string) (int, meta.QoS, error) {
+	var q meta.QoS
+	repl := 0
+	for k, v := range p {
+		var err error
+		switch k {
+		case "replication":
+			if repl, err = strconv.Atoi(v); err == nil && repl < 1 {
+				err = errors.New("want a positive number")
+			}
+		case "readIOPS":
+			q.ReadIOPS, err = strconv.ParseUint(v, 10, 64)
+		case "writeIOPS":
+			q.WriteIOPS, err = strconv.ParseUint(v, 10, 64)
+		case "readBPS", "writeBPS":
+			var n int64
+			if n, err = units.ParseSize(v); err == nil && n < 0 {
+				err = errors.New("negative")
+			}
+			if k == "readBPS" {
+				q.ReadBPS = uint64(n)
+			} else {
+				q.WriteBPS = uint64(n)
+			}
+		case "burst":
+			var d time.Duration
+			if d, err = time.ParseDuration(v); err == nil && d < 0 {
+				err = errors.New("negative")
+			}
+			q.BurstMS = uint64(d / time.Millisecond)
+		default:
+			known := slices.Sorted(maps.Keys(createParameters))
+			return 0, q, status.Errorf(codes.InvalidArgument, "unknown parameter %q (known: %s)", k, strings.Join(known, ", "))
+		}
+		if err != nil {
+			return 0, q, status.Errorf(codes.InvalidArgument, "parameter %s %q: %v (%s)", k, v, err, createParameters[k])
+		}
+	}
+	if err := q.Validate(); err != nil {
+		return 0, q, status.Errorf(codes.InvalidArgument, "QoS parameters: %v", err)
+	}
+	return repl, q, nil
 }
 
 // clone makes volume name a clone of sr, grown to size if it is larger.

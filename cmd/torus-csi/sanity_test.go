@@ -11,6 +11,8 @@ import (
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	. "github.com/onsi/ginkgo/v2"
 	. "github.com/onsi/gomega"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/torus-storage/torus/internal/testcluster"
 )
@@ -77,4 +79,24 @@ func (noNodeServer) NodeUnpublishVolume(context.Context, *csi.NodeUnpublishVolum
 // NodeUnstageVolume: nothing is staged here.
 func (noNodeServer) NodeUnstageVolume(context.Context, *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
 	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// TestParameters checks CreateVolume's parameters: each known one parsed,
+// bad values and unknown names refused with INVALID_ARGUMENT.
+func TestParameters(t *testing.T) {
+	repl, q, err := parseParameters(map[string]string{"replication": "2", "readIOPS": "500", "writeIOPS": "200",
+		"readBPS": "100MiB", "writeBPS": "1048576", "burst": "1s"})
+	if err != nil || repl != 2 || q.ReadIOPS != 500 || q.WriteIOPS != 200 || q.ReadBPS != 100<<20 || q.WriteBPS != 1<<20 || q.BurstMS != 1000 {
+		t.Fatalf("parseParameters: %d %+v %v", repl, q, err)
+	}
+	for _, bad := range []map[string]string{
+		{"replication": "0"}, {"replication": "x"}, {"readIOPS": "-1"}, {"readBPS": "lots"}, {"burst": "-1s"},
+		{"burst": "1h"}, {"writeBPS": "1"}, {"fsType": "ext4"},
+	} {
+		if _, _, err := parseParameters(bad); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("parseParameters(%v): %v, want INVALID_ARGUMENT", bad, err)
+		} else {
+			t.Logf("%v: %v", bad, err)
+		}
+	}
 }

@@ -132,7 +132,7 @@ func (s *volumeSource) record() blockdev.Source {
 	if s.isCluster() {
 		cf := s.cluster
 		return blockdev.Source{Volume: s.name, Etcd: cf.cluster.Etcd, Prefix: cf.cluster.Prefix, TLSDir: cf.tlsDir,
-			TTL: cf.ttl.String(), ReplicaTimeout: cf.timeout.String()}
+			TTL: cf.ttl.String(), ReplicaTimeout: cf.timeout.String(), Holder: cf.holder}
 	}
 	return blockdev.Source{Store: s.path}
 }
@@ -143,7 +143,7 @@ func sourceOf(st blockdev.State) *volumeSource {
 	if st.Volume == "" {
 		return &volumeSource{path: st.Store, size: cli.Size(st.Size)}
 	}
-	cf := clusterFlags{cluster: cli.Cluster{Etcd: st.Etcd, Prefix: st.Prefix}, tlsDir: st.TLSDir, ttl: cluster.DefaultAttachTTL, timeout: 5 * time.Second}
+	cf := clusterFlags{cluster: cli.Cluster{Etcd: st.Etcd, Prefix: st.Prefix}, tlsDir: st.TLSDir, holder: st.Holder, ttl: cluster.DefaultAttachTTL, timeout: 5 * time.Second}
 	if d, err := time.ParseDuration(st.TTL); err == nil {
 		cf.ttl = d
 	}

@@ -25,6 +25,7 @@
 package blockdev
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -108,6 +109,9 @@ type Source struct {
 	// ReplicaTimeout is the cluster volume's replica timeout, as a
 	// time.Duration's text.
 	ReplicaTimeout string `json:"replica_timeout,omitempty"`
+	// Holder is who holds the attach lock (torusblk --holder), kept by
+	// recover.
+	Holder string `json:"holder,omitempty"`
 }
 
 // String names the volume: "cluster:NAME", or the local store's path.
@@ -143,8 +147,22 @@ type State struct {
 // still runs.
 func (s *State) ServerAlive() bool { return alive(s.PID) }
 
+// alive reports whether process pid runs: it exists and is not a zombie
+// (a server killed after its parent died waits as one until init reaps
+// it).
 func alive(pid int) bool {
-	return pid > 0 && syscall.Kill(pid, 0) == nil
+	if pid <= 0 || syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true // no /proc: Kill's answer stands
+	}
+	// pid (comm) S ...: comm may hold spaces and parentheses.
+	if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) {
+		return b[i+2] != 'Z'
+	}
+	return true
 }
 
 func stateFile(runDir, device string) string {
