@@ -4,12 +4,18 @@ BIN      := bin
 PKGS     := ./...
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-faults test-nemesis test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
+.PHONY: all build image test test-faults test-nemesis test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
 
 all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
+
+# OCI image archives of torusd and torus-csi in _out/images (static binaries; torus-csi on a
+# Debian bookworm root with the ext4 and XFS tools), built by buildah: no daemon, no registry.
+image:
+	scripts/deps.sh image
+	GO=$(GO) scripts/image/build.sh
 
 # Every test: unit and integration tests with real clients (fio, nbdinfo,
 # qemu-img, qemu-io), a short run of every fuzz target, then the real-kernel
@@ -86,4 +92,4 @@ demo: build
 	scripts/demo.sh
 
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) _out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a make target needs, only when something is missing.
-# Usage: scripts/deps.sh test|bench|demo|vm
+# Usage: scripts/deps.sh test|bench|demo|vm|image
 # Needs root (apt-get); says so clearly otherwise.
 set -euo pipefail
 
@@ -25,8 +25,13 @@ vm)
 	need depmod kmod
 	need xz xz-utils
 	;;
+image)
+	# make image: buildah commits OCI archives, mmdebstrap makes torus-csi's Debian root.
+	need buildah buildah
+	need mmdebstrap mmdebstrap
+	;;
 *)
-	echo "deps.sh: unknown set '$1' (want test, bench, demo or vm)" >&2
+	echo "deps.sh: unknown set '$1' (want test, bench, demo, vm or image)" >&2
 	exit 2
 	;;
 esac
