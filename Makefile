@@ -4,22 +4,29 @@ BIN      := bin
 PKGS     := ./...
 FUZZTIME ?= 10s
 
-.PHONY: all build test test-faults test-nemesis test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
+.PHONY: all build image test test-faults test-nemesis test-image test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
 
 all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 
+# OCI image archives of torusd and torus-csi in _out/images (static binaries; torus-csi on a
+# Debian bookworm root with the ext4 and XFS tools), built by buildah: no daemon, no registry.
+image:
+	scripts/deps.sh image
+	GO=$(GO) scripts/image/build.sh
+
 # Every test: unit and integration tests with real clients (fio, nbdinfo,
-# qemu-img, qemu-io), a short run of every fuzz target, then the real-kernel
-# tests in VMs.
+# qemu-img, qemu-io), a short run of every fuzz target, the container images
+# under podman, then the real-kernel tests in VMs.
 test: lint
 	scripts/deps.sh test
 	$(GO) test -count=1 -timeout 20m $(PKGS)
 	$(MAKE) test-faults
 	$(MAKE) test-nemesis
 	$(MAKE) fuzz-smoke
+	$(MAKE) test-image
 	$(MAKE) test-vm
 
 # The fault-injection suite: binaries built with the faults
@@ -39,6 +46,13 @@ NEMESIS_TIMEOUT  ?= 30m
 test-nemesis:
 	$(GO) test -tags faults -count=1 -timeout $(NEMESIS_TIMEOUT) -v -run '^TestNemesis' ./cmd/torusblk/ \
 		-args -nemesis.duration=$(NEMESIS_DURATION) -nemesis.seed=$(NEMESIS_SEED)
+
+# The images under podman: torusd dev from the torusd image, a volume created by its torusctl and
+# served by torusblk from each image, written and read back over NBD (qemu-io, nbdcopy); the
+# torus-csi image's filesystem tools.
+test-image: image
+	scripts/deps.sh test-image
+	scripts/image/test.sh
 
 # Real-kernel tests in qemu (TCG): ublk on trixie 6.12 and the newest
 # trixie-backports 7.x, the kernel NBD client on bookworm 6.1 (no ublk), and
@@ -86,4 +100,4 @@ demo: build
 	scripts/demo.sh
 
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) _out

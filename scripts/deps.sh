@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a make target needs, only when something is missing.
-# Usage: scripts/deps.sh test|bench|demo|vm
+# Usage: scripts/deps.sh test|bench|demo|vm|image|test-image
 # Needs root (apt-get); says so clearly otherwise.
 set -euo pipefail
 
@@ -26,8 +26,22 @@ vm)
 	need depmod kmod
 	need xz xz-utils
 	;;
+image | test-image)
+	# make image: buildah commits OCI archives, mmdebstrap makes torus-csi's Debian root.
+	need buildah buildah
+	need mmdebstrap mmdebstrap
+	if [ "$1" = test-image ]; then
+		# podman runs the images with runc (scripts/image/containers.conf); jq derives the seccomp
+		# profile; qemu-io and nbdcopy are the NBD clients.
+		need podman podman
+		need runc runc
+		need jq jq
+		need qemu-io qemu-utils
+		need nbdcopy libnbd-bin
+	fi
+	;;
 *)
-	echo "deps.sh: unknown set '$1' (want test, bench, demo or vm)" >&2
+	echo "deps.sh: unknown set '$1' (want test, bench, demo, vm, image or test-image)" >&2
 	exit 2
 	;;
 esac
