@@ -61,7 +61,8 @@ var torusImages = map[string][]string{
 	"torus-storage/torus-csi": {"torus-csi", "torusblk", "torusctl"},
 }
 
-// secrets are the Secrets the manifests mount and the operator creates.
+// secrets are the Secrets the manifests mount and the operator creates
+// (docs/KUBERNETES.md says how).
 var secrets = []string{"torus-ca", "torus-csi-tls"}
 
 // reservedParams are the StorageClass parameters that the external
@@ -339,8 +340,12 @@ func TestManifests(t *testing.T) {
 		checkBinding(t, m, "RoleBinding/"+b.Name, b.RoleRef, b.Subjects)
 	}
 
+	docs, err := os.ReadFile("../../docs/KUBERNETES.md")
+	if err != nil {
+		t.Fatalf("the deployment's documentation: %v", err)
+	}
 	for _, p := range m.pods(t) {
-		checkPod(t, m, p)
+		checkPod(t, m, p, string(docs))
 	}
 }
 
@@ -364,7 +369,7 @@ func checkBinding(t *testing.T, m *manifests, owner string, ref rbacv1.RoleRef, 
 // checkPod checks a pod template's references: its service account, its
 // volumes and their uses, config maps, secrets, images and the variables
 // of its command lines.
-func checkPod(t *testing.T, m *manifests, p pod) {
+func checkPod(t *testing.T, m *manifests, p pod, docs string) {
 	if sa := p.spec.ServiceAccountName; sa != "" {
 		if _, ok := m.find("ServiceAccount", sa); !ok {
 			t.Errorf("%s: serviceAccountName %s is not in the manifests", p.owner, sa)
@@ -379,6 +384,9 @@ func checkPod(t *testing.T, m *manifests, p pod) {
 		if s := v.Secret; s != nil {
 			if !slices.Contains(secrets, s.SecretName) {
 				t.Errorf("%s: volume %s: Secret %s is not one of the documented secrets %v", p.owner, v.Name, s.SecretName, secrets)
+			}
+			if !strings.Contains(docs, "create secret generic "+s.SecretName) {
+				t.Errorf("%s: Secret %s: docs/KUBERNETES.md does not say how to create it (kubectl create secret generic %s)", p.owner, s.SecretName, s.SecretName)
 			}
 		}
 		if cm := v.ConfigMap; cm != nil {
