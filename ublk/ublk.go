@@ -549,6 +549,18 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // one left quiesced for recovery after its server was killed). It waits, as
 // the kernel does, while /dev/ublkbN is still open or mounted.
 func Delete(id int) error {
+	return deleteDev(id, true)
+}
+
+// Stop stops device id whose server died and will not be recovered: the
+// kernel fails its queued and future I/O, so that a filesystem on it can
+// be unmounted, and removes /dev/ublkbN; Delete removes the device once
+// nothing holds it open.
+func Stop(id int) error {
+	return deleteDev(id, false)
+}
+
+func deleteDev(id int, del bool) error {
 	if id < 0 {
 		return fmt.Errorf("ublk: bad device id %d", id)
 	}
@@ -559,7 +571,13 @@ func Delete(id int) error {
 	defer c.close()
 	// STOP_DEV fails on a device that is already stopped; DEL_DEV is what
 	// must succeed.
-	c.stopDev(uint32(id))
+	serr := c.stopDev(uint32(id))
+	if !del {
+		if serr != nil {
+			return fmt.Errorf("ublk: stopping device %d: %w", id, serr)
+		}
+		return nil
+	}
 	if err := c.delDev(uint32(id)); err != nil {
 		return fmt.Errorf("ublk: deleting device %d: %w", id, err)
 	}

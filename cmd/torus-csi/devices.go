@@ -199,6 +199,22 @@ func serverError(vol, lp string, from int64, exit error) error {
 	return status.Errorf(codes.Internal, "volume %s: torusblk failed (%v): %s (log: %s)", vol, exit, last, lp)
 }
 
+// abandonIfTaken stops st's device when its recovery failed because
+// another host holds the volume now: this host is fenced, and its device
+// fails its I/O instead of queueing it forever, so that the CO can
+// unpublish and unstage it (an unmount would wait on queued I/O).
+func (n *node) abandonIfTaken(st *blockdev.State, err error) {
+	if status.Code(err) != codes.FailedPrecondition {
+		return
+	}
+	if serr := blockdev.Stop(st.Device, n.cfg.runDir); serr != nil {
+		n.log.Error("stopping a device whose volume another host holds failed", "volume", st.Source.Volume, "device", st.Device, "err", serr)
+		return
+	}
+	n.log.Warn("another host holds the volume now: this host's device is stopped and fails its I/O (its writes were fenced); unpublish and unstage it",
+		"volume", st.Source.Volume, "device", st.Device)
+}
+
 // detach stops the server of st's device, which removes the device.
 func (n *node) detach(st *blockdev.State) error {
 	if err := blockdev.Detach(st.Device, n.cfg.runDir, 60*time.Second, n.log); err != nil {
@@ -237,6 +253,7 @@ func (n *node) adopt(ctx context.Context) error {
 					n.log.Error("recovering a device failed: its I/O waits until it is recovered (torusblk recover) or removed (torusblk detach)",
 						"volume", vol, "device", st.Device, "err", err)
 				}
+				n.abandonIfTaken(st, err)
 			}()
 		default:
 			n.log.Error("the server of a kernel NBD device died: the kernel fails its I/O, and it cannot be taken over; unstage the volume (move or restart its pod) to attach it again",

@@ -155,24 +155,42 @@ func isMountPoint(path string) (bool, error) {
 }
 
 // mountsOf returns where block device dev is mounted: its filesystem, and
-// bind mounts of the device node itself (a published block volume).
+// bind mounts of the device node itself (a published block volume). A
+// stopped device has no node any more: its mounts are found by name.
 func mountsOf(dev string) ([]string, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(dev, &st); err != nil {
-		return nil, err
-	}
 	ms, err := mounts()
 	if err != nil {
 		return nil, err
 	}
-	maj, min := unix.Major(st.Rdev), unix.Minor(st.Rdev)
 	var pts []string
 	for _, m := range ms {
-		if (m.major == maj && m.minor == min) || (m.fstype == "devtmpfs" && m.root == "/"+filepath.Base(dev)) {
+		if m.of(dev) {
 			pts = append(pts, m.point)
 		}
 	}
 	return pts, nil
+}
+
+// of reports whether m mounts block device dev, or binds its node.
+func (m mountInfo) of(dev string) bool {
+	if m.src == dev || (m.fstype == "devtmpfs" && m.root == "/"+filepath.Base(dev)) {
+		return true
+	}
+	var st unix.Stat_t
+	return unix.Stat(dev, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK &&
+		m.major == unix.Major(st.Rdev) && m.minor == unix.Minor(st.Rdev)
+}
+
+// mountedFrom reports whether path is a mount point of dev.
+func mountedFrom(path, dev string) bool {
+	ms, _ := mounts()
+	path = filepath.Clean(path)
+	for _, m := range ms {
+		if m.point == path && m.of(dev) {
+			return true
+		}
+	}
+	return false
 }
 
 // isDevice reports whether path is (a filesystem on, or a bind mount of)

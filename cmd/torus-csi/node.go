@@ -203,7 +203,9 @@ func (n *node) NodeStageVolume(ctx context.Context, r *csi.NodeStageVolumeReques
 		}
 	case st.ServerAlive():
 	case st.Mode == blockdev.ModeUblk:
+		old := st
 		if st, err = n.recoverDevice(ctx, st); err != nil {
+			n.abandonIfTaken(old, err)
 			return nil, err
 		}
 	default:
@@ -302,7 +304,7 @@ func (n *node) NodeUnstageVolume(ctx context.Context, r *csi.NodeUnstageVolumeRe
 		return nil, err
 	}
 	if st != nil {
-		if ok, _ := isDevice(staging, st.Device); ok {
+		if mountedFrom(staging, st.Device) {
 			if err := unmount(ctx, staging); err != nil {
 				return nil, status.Errorf(codes.Internal, "volume %s: %v", vol, err)
 			}

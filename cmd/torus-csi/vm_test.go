@@ -217,9 +217,15 @@ func (p *plugin) stop(t *testing.T) {
 	}
 	sts, _ := blockdev.List(p.runDir)
 	for _, st := range sts {
+		if !st.ServerAlive() {
+			// An unmount would wait forever on the I/O such a device queues.
+			t.Logf("cleanup: stopping %s, whose server is dead: %v", st.Device, blockdev.Stop(st.Device, p.runDir))
+		}
 		for _, m := range mountsOfQuiet(st.Device) {
+			t.Logf("cleanup: umount -l %s", m)
 			exec.Command("umount", "-l", m).Run()
 		}
+		t.Logf("cleanup: detaching %s (server alive %v)", st.Device, st.ServerAlive())
 		if err := blockdev.Detach(st.Device, p.runDir, 60*time.Second, nil); err != nil {
 			t.Logf("cleanup: detaching %s: %v", st.Device, err)
 		}
@@ -471,11 +477,24 @@ func TestVMFollow(t *testing.T) {
 	if waited < 2*time.Second {
 		t.Errorf("host-a staged %v after host-b died: it cannot have waited out host-b's 5s lease", waited)
 	}
-	a.unpublishUnstage(t, vol)
-	// Host B's dead device is what a reboot would clear.
-	for _, m := range mountsOfQuiet(devOf(t, b, vol)) {
-		exec.Command("umount", "-l", m).Run()
+
+	// Host B comes back: its plugin cannot recover the device (host A
+	// holds the volume), so it stops it, and the CO's cleanup of the pod
+	// that was there (unpublish, unstage) goes through.
+	start = time.Now()
+	b.start(t)
+	for !strings.Contains(b.logText(), "this host's device is stopped") {
+		if time.Since(start) > 90*time.Second {
+			t.Fatalf("host-b's plugin did not give up its device in 90s:\n%s", b.logText())
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
+	t.Logf("host-b back: its device stopped after %v", time.Since(start).Round(time.Millisecond))
+	b.unpublishUnstage(t, vol)
+	if got := readDigest(t, filepath.Join(ta, "data2")); got != sum2 {
+		t.Fatal("host-a's data changed while host-b cleaned up")
+	}
+	a.unpublishUnstage(t, vol)
 }
 
 func devOf(t *testing.T, p *plugin, vol string) string {

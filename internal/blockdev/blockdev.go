@@ -513,6 +513,30 @@ func Detach(device, runDir string, timeout time.Duration, log *slog.Logger) erro
 	return nil
 }
 
+// Stop makes device, whose server died and which will not be recovered
+// (another host holds its volume now), fail its queued and future I/O, so
+// that what is mounted on it can be unmounted; Detach removes it after.
+// The state file stays, for Detach.
+func Stop(device, runDir string) error {
+	st, err := load(runDir, device)
+	if err != nil {
+		return err
+	}
+	if alive(st.PID) {
+		return fmt.Errorf("%s is still served by process %d", st.Device, st.PID)
+	}
+	switch st.Mode {
+	case ModeUblk:
+		err = ublk.Stop(st.ID)
+	case ModeNBD:
+		err = nbd.DisconnectKernel(st.ID)
+	}
+	if err != nil {
+		return fmt.Errorf("stopping %s: %w", st.Device, err)
+	}
+	return nil
+}
+
 // sysfsBytes returns the size in bytes the kernel shows for block device
 // dev (/sys/block/NAME/size, in 512-byte sectors).
 func sysfsBytes(dev string) (int64, error) {

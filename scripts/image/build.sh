@@ -62,7 +62,7 @@ bah=(buildah --root "$PWD/$out/storage/root" --runroot "$PWD/$out/storage/run")
 "${bah[@]}" rm --all >/dev/null
 
 echo "image: go build (static) torusd torusctl torusblk torus-csi into $out/bin" >&2
-CGO_ENABLED=0 "$GO" build -trimpath -ldflags='-s -w' -o "$out/bin/" \
+CGO_ENABLED=0 "$GO" build -trimpath -ldflags="-s -w -X main.version=$version" -o "$out/bin/" \
 	./cmd/torusd ./cmd/torusctl ./cmd/torusblk ./cmd/torus-csi
 
 # config CONTAINER TITLE DESCRIPTION ENTRYPOINT: what every image carries.
