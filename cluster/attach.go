@@ -175,6 +175,7 @@ func Attach(ctx context.Context, ms *meta.Client, name string, opt AttachOptions
 func attachLock(ctx context.Context, ms *meta.Client, name, holder string, ttl, wait time.Duration, log *slog.Logger) (*meta.AttachLease, error) {
 	deadline := time.Now().Add(wait)
 	var held error // the last ErrAttached: who held the lock
+	var said time.Time
 	for {
 		lease, err := ms.Attach(ctx, name, holder, ttl)
 		if err == nil && held != nil {
@@ -184,8 +185,11 @@ func attachLock(ctx context.Context, ms *meta.Client, name, holder string, ttl, 
 		if err == nil || !errors.Is(err, meta.ErrAttached) || time.Now().After(deadline) {
 			return lease, err
 		}
+		if held == nil || time.Since(said) >= 5*time.Second {
+			log.Info("waiting for the old attach lock to expire", "volume", name, "why", err.Error(), "for at most", time.Until(deadline).Round(time.Second))
+			said = time.Now()
+		}
 		held = err
-		log.Info("waiting for the old attach lock to expire", "volume", name, "why", err.Error())
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("waiting for the attach lock of volume %s: %w", name, ctx.Err())

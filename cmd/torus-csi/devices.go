@@ -249,11 +249,12 @@ func (n *node) adopt(ctx context.Context) error {
 			go func() {
 				defer n.recovering.Done()
 				defer unlock()
-				if _, err := n.recoverDevice(ctx, st); err != nil {
+				_, rerr := n.recoverDevice(ctx, st)
+				if rerr != nil {
 					n.log.Error("recovering a device failed: its I/O waits until it is recovered (torusblk recover) or removed (torusblk detach)",
-						"volume", vol, "device", st.Device, "err", err)
+						"volume", vol, "device", st.Device, "err", rerr)
 				}
-				n.abandonIfTaken(st, err)
+				n.abandonIfTaken(st, rerr)
 			}()
 		default:
 			n.log.Error("the server of a kernel NBD device died: the kernel fails its I/O, and it cannot be taken over; unstage the volume (move or restart its pod) to attach it again",

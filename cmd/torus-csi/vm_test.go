@@ -15,6 +15,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/json"
 	"net"
 	"os"
 	"os/exec"
@@ -532,7 +533,8 @@ func TestVMPluginRestart(t *testing.T) {
 
 	fio := exec.Command("fio", "--name=restart", "--filename="+filepath.Join(target, "fio"), "--size=48M", "--bs=4k",
 		"--rw=randwrite", "--direct=1", "--ioengine=libaio", "--iodepth=8", "--verify=crc32c", "--verify_backlog=512",
-		"--verify_fatal=1", "--time_based", "--runtime=45", "--output-format=terse")
+		"--verify_fatal=1", "--verify_state_save=0", "--time_based", "--runtime=45", "--output-format=json")
+	fio.Dir = target
 	var fout bytes.Buffer
 	fio.Stdout, fio.Stderr = &fout, &fout
 	if err := fio.Start(); err != nil {
@@ -580,10 +582,29 @@ func TestVMPluginRestart(t *testing.T) {
 		fio.Process.Kill()
 		t.Fatalf("fio did not finish in 4 min\n%s", fout.String())
 	}
-	if strings.Contains(fout.String(), "err=") && !strings.Contains(fout.String(), "err= 0") {
-		t.Fatalf("fio reported errors:\n%s", fout.String())
+	var res struct {
+		Jobs []struct {
+			Error int `json:"error"`
+			Write struct {
+				IOBytes int64 `json:"io_bytes"`
+			} `json:"write"`
+			Read struct {
+				IOBytes int64 `json:"io_bytes"`
+			} `json:"read"`
+		} `json:"jobs"`
 	}
-	t.Logf("fio verify=crc32c across the restarts: %s", firstField(fout.String()))
+	out := fout.Bytes()
+	if i := bytes.IndexByte(out, '{'); i >= 0 {
+		out = out[i:]
+	}
+	if err := json.Unmarshal(out, &res); err != nil || len(res.Jobs) != 1 {
+		t.Fatalf("fio's JSON: %v\n%s", err, fout.String())
+	}
+	j := res.Jobs[0]
+	if j.Error != 0 || j.Write.IOBytes == 0 || j.Read.IOBytes == 0 {
+		t.Fatalf("fio: error %d, %d bytes written, %d verified:\n%s", j.Error, j.Write.IOBytes, j.Read.IOBytes, fout.String())
+	}
+	t.Logf("fio verify=crc32c across the restarts: %d MiB written, %d MiB verified, no error", j.Write.IOBytes>>20, j.Read.IOBytes>>20)
 	ctx, cancel := ctxT()
 	defer cancel()
 	h, err := p.node.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: vol})
@@ -591,16 +612,6 @@ func TestVMPluginRestart(t *testing.T) {
 		t.Errorf("volume health after the restarts: %v %v", h, err)
 	}
 	p.unpublishUnstage(t, vol)
-}
-
-func firstField(s string) string {
-	if i := strings.IndexByte(s, '\n'); i > 0 {
-		s = s[:i]
-	}
-	if len(s) > 120 {
-		s = s[:120]
-	}
-	return s
 }
 
 // TestVMSnapshotClone: an xfs volume with data, a snapshot, a clone of it
@@ -612,7 +623,7 @@ func TestVMSnapshotClone(t *testing.T) {
 	p := e.startPlugin(t, "host-a", filepath.Join(e.dir, "run"))
 	ctx, cancel := ctxT()
 	defer cancel()
-	p.createVolume(t, "src", 128<<20, nil)
+	p.createVolume(t, "src", 512<<20, nil) // xfs wants 300 MB at least
 	c := mountCap("xfs")
 	ts := p.stagePublish(t, "src", c)
 	sum := writeData(t, ts, "data", 8<<20)
@@ -623,7 +634,7 @@ func TestVMSnapshotClone(t *testing.T) {
 	writeData(t, ts, "data", 8<<20) // the volume changes after the snapshot
 	writeData(t, ts, "after", 1<<20)
 
-	p.createVolume(t, "clone", 128<<20, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+	p.createVolume(t, "clone", 512<<20, &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.GetSnapshot().GetSnapshotId()}}})
 	tc := p.stagePublish(t, "clone", c)
 	if got := readDigest(t, filepath.Join(tc, "data")); got != sum {
@@ -634,7 +645,7 @@ func TestVMSnapshotClone(t *testing.T) {
 	}
 
 	// Expansion.
-	const grown = 256 << 20
+	const grown = 768 << 20
 	if _, err := p.ctl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: "clone",
 		CapacityRange: &csi.CapacityRange{RequiredBytes: grown}}); err != nil {
 		t.Fatalf("ControllerExpandVolume: %v", err)
