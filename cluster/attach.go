@@ -68,6 +68,10 @@ type AttachOptions struct {
 	// has the lock (meta.ErrAttached), e.g. a server that died and whose
 	// lease has not expired yet. 0 fails at once.
 	Wait time.Duration
+	// After, if not 0, resumes a device served under that epoch (a
+	// recovered ublk device): the attach fails with meta.ErrNotHolder if
+	// another client attached the volume since (meta.AttachAfter).
+	After uint64
 	// ScrubInterval, if positive, scrubs the volume every interval (the
 	// first run one interval after Attach), one scrub at a time, until
 	// Close; a failed scrub is logged and tried again at the next interval.
@@ -130,7 +134,7 @@ func Attach(ctx context.Context, ms *meta.Client, name string, opt AttachOptions
 	if opt.Holder == "" {
 		opt.Holder = fmt.Sprintf("pid %d on %s", os.Getpid(), host)
 	}
-	lease, err := attachLock(ctx, ms, name, opt.Holder, ttl, opt.Wait, log)
+	lease, err := attachLock(ctx, ms, name, opt.Holder, ttl, opt.Wait, opt.After, log)
 	if err != nil {
 		return nil, err
 	}
@@ -172,12 +176,18 @@ func Attach(ctx context.Context, ms *meta.Client, name string, opt AttachOptions
 
 // attachLock takes the attach lock of volume name for holder, trying again
 // every 500 ms while another holder has it, until wait has passed.
-func attachLock(ctx context.Context, ms *meta.Client, name, holder string, ttl, wait time.Duration, log *slog.Logger) (*meta.AttachLease, error) {
+func attachLock(ctx context.Context, ms *meta.Client, name, holder string, ttl, wait time.Duration, after uint64, log *slog.Logger) (*meta.AttachLease, error) {
 	deadline := time.Now().Add(wait)
 	var held error // the last ErrAttached: who held the lock
 	var said time.Time
 	for {
-		lease, err := ms.Attach(ctx, name, holder, ttl)
+		var lease *meta.AttachLease
+		var err error
+		if after != 0 {
+			lease, err = ms.AttachAfter(ctx, name, holder, ttl, after)
+		} else {
+			lease, err = ms.Attach(ctx, name, holder, ttl)
+		}
 		if err == nil && held != nil {
 			log.Warn("took the attach lock once the previous holder's lease expired: the storage nodes now refuse that holder's writes (fenced by the new epoch)",
 				"volume", name, "epoch", lease.Epoch(), "previous", held.Error())
@@ -196,6 +206,13 @@ func attachLock(ctx context.Context, ms *meta.Client, name, holder string, ttl, 
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
+}
+
+// Epoch returns the attach epoch the volume is held under now.
+func (a *Attached) Epoch() uint64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.lease.Epoch()
 }
 
 // Info returns the volume's metadata as it was when attached.

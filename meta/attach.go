@@ -1,6 +1,11 @@
 package meta
 
 // Invariants of the attach lock:
+//   - clientepochs/ID is the epoch of the volume's last attach by a client,
+//     written in that attach's transaction. AttachAfter(E) succeeds only
+//     while it is still E: a client resuming a device of epoch E (its
+//     kernel queue and filesystem cache) never does after another client
+//     wrote the volume.
 //   - attach/ID exists iff some holder's lease is alive. Attach creates it
 //     only in the transaction that also writes epochs/ID = previous epoch + 1,
 //     so the epoch of a new holder is greater than every earlier one.
@@ -83,7 +88,20 @@ type AttachLease struct {
 // a storage node's maintenance lock (AttachMaintenance) is taken over: its
 // lease sees the lock lost, and the new epoch fences its writes.
 func (s *Client) Attach(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
-	return s.attach(ctx, name, holder, ttl, false)
+	return s.attach(ctx, name, holder, ttl, false, 0)
+}
+
+// AttachAfter is Attach for a holder that resumes a device it served
+// under epoch (a recovered ublk device, whose kernel queue and filesystem
+// cache carry on from that epoch): it fails with an error wrapping
+// ErrNotHolder if another client attached the volume since. Storage nodes'
+// maintenance locks in between change no data and are allowed. The new
+// lock has a new epoch, as every attach.
+func (s *Client) AttachAfter(ctx context.Context, name, holder string, ttl time.Duration, epoch uint64) (*AttachLease, error) {
+	if epoch == 0 {
+		return nil, fmt.Errorf("meta: attach %s after epoch 0: %w", name, ErrInvalid)
+	}
+	return s.attach(ctx, name, holder, ttl, false, epoch)
 }
 
 // AttachMaintenance takes the attach lock of the volume called name for a
@@ -91,10 +109,10 @@ func (s *Client) Attach(ctx context.Context, name, holder string, ttl time.Durat
 // It fails with ErrAttached while anyone holds the lock. A client's Attach
 // takes the lock over at any time: the lease's Lost channel is closed then.
 func (s *Client) AttachMaintenance(ctx context.Context, name, holder string, ttl time.Duration) (*AttachLease, error) {
-	return s.attach(ctx, name, holder, ttl, true)
+	return s.attach(ctx, name, holder, ttl, true, 0)
 }
 
-func (s *Client) attach(ctx context.Context, name, holder string, ttl time.Duration, maint bool) (*AttachLease, error) {
+func (s *Client) attach(ctx context.Context, name, holder string, ttl time.Duration, maint bool, after uint64) (*AttachLease, error) {
 	if holder == "" {
 		return nil, fmt.Errorf("meta: attach %s: empty holder: %w", name, ErrInvalid)
 	}
@@ -114,11 +132,39 @@ func (s *Client) attach(ctx context.Context, name, holder string, ttl time.Durat
 		if err != nil {
 			return nil, fmt.Errorf("meta: attach %s: %w", name, err)
 		}
+		cek := s.clientEpochKey(v.ID)
+		cr, err := s.cli.Get(ctx, cek)
+		if err != nil {
+			return nil, fmt.Errorf("meta: attach %s: read epoch: %w", name, err)
+		}
+		client, crev, err := parseEpoch(cr)
+		if err != nil {
+			return nil, fmt.Errorf("meta: attach %s: %w", name, err)
+		}
+		if len(cr.Kvs) == 0 {
+			client = epoch // attached before client epochs were kept
+		}
+		if after != 0 && client != after {
+			// The CAS on crev below keeps this true up to the attach.
+			ar, _ := s.cli.Get(ctx, ak)
+			var kvs []*mvccpb.KeyValue
+			if ar != nil {
+				kvs = ar.Kvs
+			}
+			return nil, fmt.Errorf("meta: attach: %w", notHolderError(name, after, client, kvs))
+		}
 		epoch++
 		rec, _ := json.Marshal(attachRecord{Holder: holder, Host: host, Epoch: epoch, Since: time.Now().UTC(), Maintenance: maint})
 		g, err := s.cli.Grant(ctx, ttlSeconds(ttl))
 		if err != nil {
 			return nil, fmt.Errorf("meta: attach %s: grant lease: %w", name, err)
+		}
+		puts := []clientv3.Op{
+			clientv3.OpPut(ak, string(rec), clientv3.WithLease(g.ID)),
+			clientv3.OpPut(ek, strconv.FormatUint(epoch, 10)),
+		}
+		if !maint {
+			puts = append(puts, clientv3.OpPut(cek, strconv.FormatUint(epoch, 10)))
 		}
 		free := clientv3.Compare(clientv3.CreateRevision(ak), "=", 0)
 		if takeOver != 0 {
@@ -129,11 +175,9 @@ func (s *Client) attach(ctx context.Context, name, holder string, ttl time.Durat
 				clientv3.Compare(clientv3.ModRevision(s.volKey(v.ID)), "=", rev),
 				free,
 				clientv3.Compare(clientv3.ModRevision(ek), "=", erev),
+				clientv3.Compare(clientv3.ModRevision(cek), "=", crev),
 			},
-			[]clientv3.Op{
-				clientv3.OpPut(ak, string(rec), clientv3.WithLease(g.ID)),
-				clientv3.OpPut(ek, strconv.FormatUint(epoch, 10)),
-			},
+			puts,
 			[]clientv3.Op{clientv3.OpGet(ak)})
 		if err == nil && tr.Succeeded {
 			gd := &guard{vol: v.ID, name: v.Name, epoch: epoch}

@@ -135,7 +135,7 @@ type Client struct {
 	guard  *guard // set by Guarded: an attach lock every write compares against
 
 	kSchema, kConfig, kNodes, kRing, kNextID, kByName, kVolumes, kAttach, kEpochs, kMissed, kProgress, kMoves, kRings, kPlaced string
-	kSnapReq, kSnapAck, kReleased, kSnapUse, kUsage                                                                            string
+	kSnapReq, kSnapAck, kReleased, kSnapUse, kUsage, kClientEpochs                                                             string
 }
 
 type unreachableError struct {
@@ -236,6 +236,8 @@ func newClient(cli *clientv3.Client, prefix string, log *slog.Logger) *Client {
 		kReleased: v + "released/",
 		kSnapUse:  v + "snapuse/",
 		kUsage:    v + "usage/",
+
+		kClientEpochs: v + "clientepochs/",
 	}
 }
 

@@ -197,3 +197,50 @@ func TestGuarded(t *testing.T) {
 		t.Fatalf("guarded MarkMissed after c2 detached: %v, want ErrNotHolder", err)
 	}
 }
+
+// TestAttachAfter: a holder resuming a device of epoch E (AttachAfter) gets
+// the volume while no other client attached it since, storage nodes'
+// maintenance locks in between included, and never once another client
+// did, even after that client released it.
+func TestAttachAfter(t *testing.T) {
+	ep := startEtcd(t)
+	ctx := context.Background()
+	s := initStore(t, ep)
+	if _, err := s.CreateVolume(ctx, "v", 1<<30, 1); err != nil {
+		t.Fatal(err)
+	}
+	l1, err := s.Attach(ctx, "v", "c1", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e1 := l1.Epoch()
+	l1.Release(ctx) // as if its lease expired with its server dead
+	m, err := s.AttachMaintenance(ctx, "v", "node1", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Release(ctx)
+	l2, err := s.AttachAfter(ctx, "v", "c1 again", 5*time.Second, e1)
+	if err != nil {
+		t.Fatalf("AttachAfter(%d) after only a maintenance lock: %v", e1, err)
+	}
+	if l2.Epoch() <= m.Epoch() {
+		t.Fatalf("epoch %d after maintenance epoch %d", l2.Epoch(), m.Epoch())
+	}
+	e2 := l2.Epoch()
+	l2.Release(ctx)
+
+	l3, err := s.Attach(ctx, "v", "c2", 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l3.Release(ctx)
+	_, err = s.AttachAfter(ctx, "v", "c1 late", 5*time.Second, e2)
+	if !errors.Is(err, ErrNotHolder) || !strings.Contains(err.Error(), "c2") && !strings.Contains(err.Error(), "detached") {
+		t.Fatalf("AttachAfter(%d) after another client attached: %v, want ErrNotHolder", e2, err)
+	}
+	t.Logf("refused: %v", err)
+	if _, err := s.AttachAfter(ctx, "v", "c", 5*time.Second, 0); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("AttachAfter(0): %v", err)
+	}
+}

@@ -62,6 +62,10 @@ func (s *Client) volKey(id uint64) string    { return fmt.Sprintf("%s%020d", s.k
 func (s *Client) attachKey(id uint64) string { return fmt.Sprintf("%s%020d", s.kAttach, id) }
 func (s *Client) epochKey(id uint64) string  { return fmt.Sprintf("%s%020d", s.kEpochs, id) }
 
+// clientEpochKey holds the epoch of the volume's last attach by a client
+// (not a storage node's maintenance lock).
+func (s *Client) clientEpochKey(id uint64) string { return fmt.Sprintf("%s%020d", s.kClientEpochs, id) }
+
 // CreateVolume creates a volume of size bytes with replication copies
 // (0: the cluster default from Config), with the settings opts give (such
 // as WithQoS). It fails with ErrExists if name is taken, and with
@@ -230,6 +234,7 @@ func (s *Client) DeleteVolume(ctx context.Context, name string) error {
 				clientv3.OpDelete(s.kByName + name),
 				clientv3.OpDelete(s.volKey(v.ID)),
 				clientv3.OpDelete(s.epochKey(v.ID)),
+				clientv3.OpDelete(s.clientEpochKey(v.ID)),
 				clientv3.OpDelete(s.releasedKey(v.ID)),
 				clientv3.OpDelete(fmt.Sprintf("%s%020d/", s.kSnapUse, v.ID), clientv3.WithPrefix()),
 				clientv3.OpDelete(s.missedVolPrefix(v.ID), clientv3.WithPrefix()),

@@ -20,6 +20,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -32,7 +33,12 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/torus-storage/torus/internal/blockdev"
+	"github.com/torus-storage/torus/meta"
 )
+
+// maxLog is the size above which a device server's log file starts
+// afresh at the next server's start.
+const maxLog = 4 << 20
 
 // readyTimeout bounds how long a device server may take to serve, on top of
 // the wait for another holder's lease.
@@ -71,7 +77,11 @@ func (n *node) spawn(vol string, args ...string) (*exec.Cmd, <-chan error, error
 	if err := os.MkdirAll(filepath.Dir(lp), 0o755); err != nil {
 		return nil, nil, err
 	}
-	f, err := os.OpenFile(lp, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	flags := os.O_CREATE | os.O_WRONLY | os.O_APPEND
+	if fi, err := os.Stat(lp); err == nil && fi.Size() > maxLog {
+		flags |= os.O_TRUNC // /run is memory: keep a volume's log small
+	}
+	f, err := os.OpenFile(lp, flags, 0o644)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -110,7 +120,11 @@ func (n *node) leaseWait() time.Duration { return n.cfg.leaseTTL + 5*time.Second
 // mounted filesystem sees a pause, not an error.
 func (n *node) recoverDevice(ctx context.Context, st *blockdev.State) (*blockdev.State, error) {
 	n.log.Warn("the server of a device died; recovering it", "volume", st.Source.Volume, "device", st.Device, "pid", st.PID)
-	return n.start(ctx, st.Source.Volume, "recover", "--run-dir", n.cfg.runDir, "--wait", (n.leaseWait() + n.cfg.leaseTTL).String(), st.Device)
+	ttl := n.cfg.leaseTTL
+	if d, err := time.ParseDuration(st.Source.TTL); err == nil && d > ttl {
+		ttl = d // the dead server's lease, which must expire first
+	}
+	return n.start(ctx, st.Source.Volume, "recover", "--run-dir", n.cfg.runDir, "--wait", (ttl + n.leaseWait()).String(), st.Device)
 }
 
 // start runs torusblk args for volume vol and waits until its state file
@@ -140,15 +154,28 @@ func (n *node) start(ctx context.Context, vol string, args ...string) (*blockdev
 			n.relay(vol, lp, from)
 			return nil, serverError(vol, lp, from, err)
 		case <-ctx.Done():
-			cmd.Process.Signal(syscall.SIGTERM)
 			n.log.Warn("the call ended before the device served; stopping its server", "volume", vol, "pid", pid)
+			stopServer(cmd, exited)
 			return nil, status.FromContextError(ctx.Err()).Err()
 		case <-tick.C:
 			if time.Now().After(deadline) {
-				cmd.Process.Signal(syscall.SIGTERM)
+				stopServer(cmd, exited)
 				return nil, status.Errorf(codes.DeadlineExceeded, "volume %s: torusblk did not serve a device in time (log: %s)", vol, lp)
 			}
 		}
+	}
+}
+
+// stopServer ends a server that has not served yet, and waits for it to
+// exit (it removes its device), so that the next call on the volume does
+// not find it half gone.
+func stopServer(cmd *exec.Cmd, exited <-chan error) {
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		<-exited
 	}
 }
 
@@ -166,14 +193,19 @@ func (n *node) relay(vol, lp string, from int64) {
 
 // logSince returns the end of file lp from offset from (at most 64 KiB).
 func logSince(lp string, from int64) []byte {
-	b, err := os.ReadFile(lp)
-	if err != nil || from > int64(len(b)) {
+	f, err := os.Open(lp)
+	if err != nil {
 		return nil
 	}
-	b = b[from:]
-	if len(b) > 64<<10 {
-		b = b[len(b)-64<<10:]
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || from > fi.Size() {
+		from = 0 // truncated since
 	}
+	if fi != nil && fi.Size()-from > 64<<10 {
+		from = fi.Size() - 64<<10
+	}
+	b, _ := io.ReadAll(io.NewSectionReader(f, from, 1<<20))
 	return b
 }
 
@@ -191,7 +223,9 @@ func serverError(vol, lp string, from int64, exit error) error {
 		last = fmt.Sprint(exit)
 	}
 	switch {
-	case strings.Contains(last, "volume is attached"):
+	case strings.Contains(last, meta.ErrNotHolder.Error()):
+		return status.Errorf(codes.FailedPrecondition, "volume %s was attached by another client since this host's device served it (this host is fenced): %s", vol, last)
+	case strings.Contains(last, meta.ErrAttached.Error()):
 		return status.Errorf(codes.FailedPrecondition, "volume %s is served by another host, which still renews its attach lock (one writer at a time): %s", vol, last)
 	case strings.Contains(last, "not found"):
 		return status.Errorf(codes.NotFound, "volume %s: %s", vol, last)
@@ -203,16 +237,23 @@ func serverError(vol, lp string, from int64, exit error) error {
 // another host holds the volume now: this host is fenced, and its device
 // fails its I/O instead of queueing it forever, so that the CO can
 // unpublish and unstage it (an unmount would wait on queued I/O).
-func (n *node) abandonIfTaken(st *blockdev.State, err error) {
-	if status.Code(err) != codes.FailedPrecondition {
-		return
+func (n *node) abandonIfTaken(st *blockdev.State, err error) bool {
+	if !taken(err) {
+		return false
 	}
 	if serr := blockdev.Stop(st.Device, n.cfg.runDir); serr != nil {
 		n.log.Error("stopping a device whose volume another host holds failed", "volume", st.Source.Volume, "device", st.Device, "err", serr)
-		return
+		return false
 	}
 	n.log.Warn("another host holds the volume now: this host's device is stopped and fails its I/O (its writes were fenced); unpublish and unstage it",
 		"volume", st.Source.Volume, "device", st.Device)
+	return true
+}
+
+// taken reports whether err says that another client attached the volume
+// since this host's device served it.
+func taken(err error) bool {
+	return err != nil && strings.Contains(err.Error(), meta.ErrNotHolder.Error())
 }
 
 // detach stops the server of st's device, which removes the device.

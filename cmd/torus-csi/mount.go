@@ -73,6 +73,38 @@ func probe(ctx context.Context, dev string) (string, error) {
 	return "something blkid cannot name", nil
 }
 
+// zeroed checks that the first and the last MiB of dev read as zeroes,
+// with direct I/O (not the page cache).
+func zeroed(dev string) error {
+	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	size, err := deviceSize(dev)
+	if err != nil {
+		return err
+	}
+	const n = 1 << 20
+	buf, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		return err
+	}
+	defer unix.Munmap(buf)
+	for _, off := range []int64{0, max(0, size-n)} {
+		b := buf[:min(n, size)]
+		if _, err := f.ReadAt(b, off); err != nil {
+			return fmt.Errorf("reading %s at %d: %w", dev, off, err)
+		}
+		for i, c := range b {
+			if c != 0 {
+				return fmt.Errorf("%s has data at byte %d", dev, off+int64(i))
+			}
+		}
+	}
+	return nil
+}
+
 // mountInfo is one line of /proc/self/mountinfo.
 type mountInfo struct {
 	major, minor uint32

@@ -177,7 +177,7 @@ func readOnly(c *csi.VolumeCapability) bool {
 // the kernel NBD client) and, for a mount volume, make its filesystem if
 // the device is blank, mount it at the staging path and grow it to the
 // device (the volume may have grown while it was not staged).
-func (n *node) NodeStageVolume(ctx context.Context, r *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+func (n *node) NodeStageVolume(ctx context.Context, r *csi.NodeStageVolumeRequest) (_ *csi.NodeStageVolumeResponse, err error) {
 	vol, staging := r.GetVolumeId(), r.GetStagingTargetPath()
 	if vol == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume id missing")
@@ -196,11 +196,13 @@ func (n *node) NodeStageVolume(ctx context.Context, r *csi.NodeStageVolumeReques
 	if err != nil {
 		return nil, err
 	}
+	started := false // this call started the device's server
 	switch {
 	case st == nil:
 		if st, err = n.attach(ctx, vol); err != nil {
 			return nil, err
 		}
+		started = true
 	case st.ServerAlive():
 	case st.Mode == blockdev.ModeUblk:
 		old := st
@@ -209,6 +211,10 @@ func (n *node) NodeStageVolume(ctx context.Context, r *csi.NodeStageVolumeReques
 			return nil, err
 		}
 	default:
+		if pts, _ := mountsOf(st.Device); len(pts) > 0 {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s: the server of kernel NBD device %s died and it is still mounted at %s: unpublish and unstage it first",
+				vol, st.Device, strings.Join(pts, ", "))
+		}
 		n.log.Warn("the server of a kernel NBD device died: removing the device and attaching the volume again", "volume", vol, "device", st.Device)
 		if err := n.detach(st); err != nil {
 			return nil, err
@@ -216,16 +222,37 @@ func (n *node) NodeStageVolume(ctx context.Context, r *csi.NodeStageVolumeReques
 		if st, err = n.attach(ctx, vol); err != nil {
 			return nil, err
 		}
+		started = true
 	}
+	// A stage that fails for good leaves nothing behind: the kubelet does
+	// not unstage after a failed stage, and the server would hold the
+	// volume's attach lock.
+	defer func() {
+		if err != nil && started && !retryable(err) {
+			n.log.Warn("the stage failed: detaching the device it attached", "volume", vol, "device", st.Device, "err", err)
+			if derr := n.detach(st); derr != nil {
+				n.log.Error("detaching after a failed stage", "volume", vol, "err", derr)
+			}
+		}
+	}()
 	m := r.GetVolumeCapability().GetMount()
 	if m == nil {
 		n.log.Info("staged", "volume", vol, "device", st.Device, "access", "block")
 		return &csi.NodeStageVolumeResponse{}, nil
 	}
-	if err := n.mountStaging(ctx, vol, st.Device, staging, m, readOnly(r.GetVolumeCapability())); err != nil {
+	if err = n.mountStaging(ctx, vol, st.Device, staging, m, readOnly(r.GetVolumeCapability())); err != nil {
 		return nil, err
 	}
 	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// retryable reports whether a call's error may pass if the CO calls again.
+func retryable(err error) bool {
+	switch status.Code(err) {
+	case codes.DeadlineExceeded, codes.Canceled, codes.Unavailable, codes.Aborted:
+		return true
+	}
+	return false
 }
 
 // mountStaging mounts dev's filesystem (made if dev is blank) at staging.
@@ -246,6 +273,13 @@ func (n *node) mountStaging(ctx context.Context, vol, dev, staging string, m *cs
 	have, err := probe(ctx, dev)
 	if err != nil {
 		return status.Errorf(codes.Internal, "volume %s: %v", vol, err)
+	}
+	if have == "" {
+		// blkid also says "nothing found" when it cannot read: format only
+		// a device whose first and last MiB read back as zeroes.
+		if err := zeroed(dev); err != nil {
+			return status.Errorf(codes.FailedPrecondition, "volume %s: blkid finds no filesystem, but it is not blank: %v; it is not formatted", vol, err)
+		}
 	}
 	switch {
 	case have == "":
@@ -269,6 +303,11 @@ func (n *node) mountStaging(ctx context.Context, vol, dev, staging string, m *cs
 		return status.Errorf(codes.FailedPrecondition, "volume %s has an %s filesystem, not the %s asked for: it is not formatted over", vol, have, want)
 	}
 	opts := slices.Clone(m.GetMountFlags())
+	if have == "xfs" && !slices.Contains(opts, "nouuid") {
+		// A clone's XFS has its parent's UUID, which XFS refuses to mount
+		// twice on one host.
+		opts = append(opts, "nouuid")
+	}
 	if ro {
 		opts = append(opts, "ro")
 	}
@@ -303,7 +342,27 @@ func (n *node) NodeUnstageVolume(ctx context.Context, r *csi.NodeUnstageVolumeRe
 	if err != nil {
 		return nil, err
 	}
-	if st != nil {
+	if st == nil {
+		// Nothing served here; a staging mount left by a device that is
+		// gone still goes.
+		if err := unmount(ctx, staging); err != nil {
+			return nil, status.Errorf(codes.Internal, "volume %s: %v", vol, err)
+		}
+		return &csi.NodeUnstageVolumeResponse{}, nil
+	}
+	if !st.ServerAlive() && st.Mode == blockdev.ModeUblk {
+		// Its I/O is queued: an unmount would wait on it for ever. Serve it
+		// again so that the unmount completes, or stop it if another host
+		// took the volume.
+		old := st
+		if st, err = n.recoverDevice(ctx, st); err != nil {
+			if !n.abandonIfTaken(old, err) {
+				return nil, status.Errorf(codes.Unavailable, "volume %s: its device's server died and is not recovered yet (unmounting would wait on its I/O): %v", vol, err)
+			}
+			st = old
+		}
+	}
+	{
 		if mountedFrom(staging, st.Device) {
 			if err := unmount(ctx, staging); err != nil {
 				return nil, status.Errorf(codes.Internal, "volume %s: %v", vol, err)

@@ -29,7 +29,6 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 	. "github.com/onsi/ginkgo/v2"
-	"github.com/onsi/ginkgo/v2/types"
 	. "github.com/onsi/gomega"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
@@ -346,21 +345,6 @@ func readDigest(t *testing.T, path string) [32]byte {
 	return sha256.Sum256(b)
 }
 
-// sanitySkips are the csi-sanity specs that skip themselves with this
-// driver, by their skip message, each with why: the spec makes the
-// capability optional and this driver does not advertise it. Any other
-// skip fails the test.
-var sanitySkips = map[string]string{
-	"Controller Publish, UnpublishVolume not supported":         "no ControllerPublish: a volume attaches in NodeStage (its attach lock is the one writer), so there is nothing to publish first",
-	"ControllerPublishVolume not supported":                     "as above",
-	"ControllerUnpublishVolume not supported":                   "as above",
-	"ControllerGetVolume not supported":                         "GET_VOLUME is optional; ListVolumes and the CO's own records serve",
-	"ModifyVolume not supported":                                "MODIFY_VOLUME (mutable parameters) is optional; QoS changes through torusctl volume set-qos",
-	"Service does not have single node multi writer capability": "one writer per volume: SINGLE_NODE_MULTI_WRITER is not offered",
-	"NodeGetStorageHealth not supported":                        "GET_STORAGE_HEALTH is optional; node health is torusctl health",
-	"ListVolumes published nodes not supported":                 "LIST_VOLUMES_PUBLISHED_NODES needs ControllerPublish",
-}
-
 // runSanity runs csi-sanity against p for each access type.
 func runSanity(t *testing.T, p *plugin, accessTypes []string) {
 	for _, at := range accessTypes {
@@ -371,33 +355,16 @@ func runSanity(t *testing.T, p *plugin, accessTypes []string) {
 		cfg.TestVolumeAccessType = at
 		cfg.TargetPath = filepath.Join(p.e.dir, "sanity-"+at, "target")
 		cfg.StagingPath = filepath.Join(p.e.dir, "sanity-"+at, "staging")
+		if err := os.MkdirAll(filepath.Join(p.e.dir, "sanity-"+at), 0o755); err != nil {
+			t.Fatal(err)
+		}
 		Describe("access type "+at, func() { sanity.GinkgoTest(&cfg) })
 	}
-	var unexpected []string
-	counts := map[string]int{}
-	ReportAfterSuite("skips", func(r Report) {
-		for _, s := range r.SpecReports {
-			if s.State != types.SpecStateSkipped {
-				continue
-			}
-			msg := strings.TrimSpace(s.Failure.Message)
-			if _, ok := sanitySkips[msg]; ok {
-				counts[msg]++
-				continue
-			}
-			unexpected = append(unexpected, s.FullText()+": "+msg)
-		}
+	checkSkips(t, func() {
+		RegisterFailHandler(Fail)
+		suite, reporter := GinkgoConfiguration()
+		RunSpecs(t, "torus-csi sanity in the VM", suite, reporter)
 	})
-	RegisterFailHandler(Fail)
-	suite, reporter := GinkgoConfiguration()
-	reporter.Verbose = false
-	RunSpecs(t, "torus-csi sanity in the VM", suite, reporter)
-	for msg, n := range counts {
-		t.Logf("skipped %d spec(s), %q: %s", n, msg, sanitySkips[msg])
-	}
-	if len(unexpected) > 0 {
-		t.Errorf("specs skipped with no reason listed in sanitySkips:\n%s", strings.Join(unexpected, "\n"))
-	}
 }
 
 // TestVMSanity runs every csi-sanity spec, Node included, against

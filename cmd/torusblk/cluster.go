@@ -28,6 +28,7 @@ type clusterFlags struct {
 	tlsDir, localNode string
 	holder            string
 	ttl, timeout      time.Duration
+	after             uint64 // recover: the epoch the device was served under
 }
 
 func (c *clusterFlags) register(fs *pflag.FlagSet) {
@@ -91,6 +92,7 @@ func openCluster(ctx context.Context, name string, cf clusterFlags, wait time.Du
 		},
 		TTL:           cf.ttl,
 		Wait:          wait,
+		After:         cf.after,
 		ScrubInterval: sf.scrubInterval,
 	})
 	if err != nil {

@@ -143,7 +143,7 @@ func sourceOf(st blockdev.State) *volumeSource {
 	if st.Volume == "" {
 		return &volumeSource{path: st.Store, size: cli.Size(st.Size)}
 	}
-	cf := clusterFlags{cluster: cli.Cluster{Etcd: st.Etcd, Prefix: st.Prefix}, tlsDir: st.TLSDir, holder: st.Holder, ttl: cluster.DefaultAttachTTL, timeout: 5 * time.Second}
+	cf := clusterFlags{cluster: cli.Cluster{Etcd: st.Etcd, Prefix: st.Prefix}, tlsDir: st.TLSDir, holder: st.Holder, after: st.Epoch, ttl: cluster.DefaultAttachTTL, timeout: 5 * time.Second}
 	if d, err := time.ParseDuration(st.TTL); err == nil {
 		cf.ttl = d
 	}

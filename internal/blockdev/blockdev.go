@@ -112,6 +112,10 @@ type Source struct {
 	// Holder is who holds the attach lock (torusblk --holder), kept by
 	// recover.
 	Holder string `json:"holder,omitempty"`
+	// Epoch is the attach epoch the device was served under: recover
+	// resumes the device only if no other client attached the volume
+	// since (cluster.AttachOptions.After).
+	Epoch uint64 `json:"epoch,omitempty"`
 }
 
 // String names the volume: "cluster:NAME", or the local store's path.
@@ -261,6 +265,9 @@ type Growable interface {
 	ReportDevice(ctx context.Context, d meta.Device) error
 }
 
+// epocher is a volume held under an attach epoch (a cluster volume).
+type epocher interface{ Epoch() uint64 }
+
 // Attach makes vol a block device of the kernel (opt.Mode); src is what
 // the state file records of the volume, for Recover. The device serves
 // vol until Serve returns, or Close. If Attach fails, vol is closed.
@@ -270,6 +277,9 @@ func Attach(ctx context.Context, vol engine.Volume, src Source, opt Options) (*D
 	}
 	if opt.Logger == nil {
 		opt.Logger = slog.Default()
+	}
+	if e, ok := vol.(epocher); ok {
+		src.Epoch = e.Epoch()
 	}
 	d := &Device{
 		st:     State{Mode: opt.Mode, PID: os.Getpid(), Source: src, Size: vol.Size()},
@@ -323,6 +333,9 @@ func Recover(ctx context.Context, device, runDir string, open func(context.Conte
 	vol, err := open(ctx, *st)
 	if err != nil {
 		return nil, err
+	}
+	if e, ok := vol.(epocher); ok {
+		st.Source.Epoch = e.Epoch()
 	}
 	dev, err := ublk.Recover(ctx, st.ID, vol, ublk.Options{Queues: st.Queues, Depth: st.Depth, Recovery: true, Logger: log})
 	if err != nil {
@@ -404,7 +417,11 @@ func (d *Device) Serve(ctx context.Context, ready func(path string)) error {
 	}
 	stopGrowth()
 	cerr := d.vol.Close()
-	os.Remove(stateFile(d.runDir, st.Device))
+	// Another server may have been given the same device id since the
+	// device went: its state file is not ours to remove.
+	if cur, err := load(d.runDir, st.Device); err == nil && cur.PID == st.PID && cur.Source == st.Source {
+		os.Remove(stateFile(d.runDir, st.Device))
+	}
 	if werr != nil {
 		return fmt.Errorf("%s: %w", st.Device, werr)
 	}
