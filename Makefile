@@ -4,7 +4,7 @@ BIN      := bin
 PKGS     := ./...
 FUZZTIME ?= 10s
 
-.PHONY: all build image test test-faults test-nemesis test-image test-vm vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
+.PHONY: all build image test test-faults test-nemesis test-image test-vm test-vm-all vm-kernels vm-check fuzz-smoke lint bench bench-vm demo clean
 
 all: build
 
@@ -62,8 +62,17 @@ test-vm: vm-kernels
 	UBLK_TEST_RUN='^TestVM(Device|StopByOther|Recovery)$$' ublk/vmtest.sh trixie backports
 	RUN='^Test(KernelNetlinkFioVerify|KernelIoctlFioVerify|DisconnectKernel|KernelFilesystem)$$' nbd/vmtest.sh bookworm
 	scripts/vm/attach-e2e.sh trixie backports bookworm
-	scripts/vm/resize-vm.sh backports trixie bookworm
-	scripts/vm/snapshot-e2e.sh trixie backports bookworm
+	scripts/vm/resize-vm.sh backports bookworm
+	scripts/vm/snapshot-e2e.sh trixie bookworm
+	scripts/vm/csi-vm.sh trixie bookworm
+
+# test-vm, with the end-to-end tests of resize, snapshots and the CSI
+# driver on every kernel (test-vm runs each where it differs: ublk that
+# grows live or not, the kernel NBD client).
+test-vm-all: test-vm
+	scripts/vm/resize-vm.sh trixie
+	scripts/vm/snapshot-e2e.sh backports
+	scripts/vm/csi-vm.sh backports
 
 vm-kernels:
 	scripts/deps.sh vm
