@@ -463,7 +463,7 @@ func TestVMFollow(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	t.Logf("host-b back: its device stopped after %v", time.Since(start).Round(time.Millisecond))
+	t.Logf("host-b back: its plugin gave its device up after %v", time.Since(start).Round(time.Millisecond))
 	b.unpublishUnstage(t, vol)
 	if got := readDigest(t, filepath.Join(ta, "data2")); got != sum2 {
 		t.Fatal("host-a's data changed while host-b cleaned up")
