@@ -139,8 +139,11 @@ type State struct {
 	Source
 	// Size is the volume's size in bytes.
 	Size int64 `json:"size"`
-	// PID is the process that serves the device.
-	PID int `json:"pid"`
+	// PID is the process that serves the device, and Start its start time
+	// (clock ticks after boot, /proc/PID/stat): a process with a reused
+	// PID is not the server.
+	PID   int    `json:"pid"`
+	Start uint64 `json:"start,omitempty"`
 	// Queues and Depth are the ublk queues and depth asked for (0: the
 	// defaults).
 	Queues int `json:"queues,omitempty"`
@@ -149,7 +152,9 @@ type State struct {
 
 // ServerAlive reports whether the process recorded as serving the device
 // still runs.
-func (s *State) ServerAlive() bool { return alive(s.PID) }
+func (s *State) ServerAlive() bool {
+	return alive(s.PID) && (s.Start == 0 || procStart(s.PID) == s.Start)
+}
 
 // alive reports whether process pid runs: it exists and is not a zombie
 // (a server killed after its parent died waits as one until init reaps
@@ -158,15 +163,38 @@ func alive(pid int) bool {
 	if pid <= 0 || syscall.Kill(pid, 0) != nil {
 		return false
 	}
+	f := procStat(pid)
+	return f == nil || f[0] != "Z" // no /proc: Kill's answer stands
+}
+
+// procStat returns the fields of /proc/PID/stat after the command name
+// (the first is the state, field 3), or nil.
+func procStat(pid int) []string {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return true // no /proc: Kill's answer stands
+		return nil
 	}
 	// pid (comm) S ...: comm may hold spaces and parentheses.
-	if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) {
-		return b[i+2] != 'Z'
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return nil
 	}
-	return true
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return nil
+	}
+	return f
+}
+
+// procStart returns the start time of process pid (field 22 of
+// /proc/PID/stat), or 0.
+func procStart(pid int) uint64 {
+	f := procStat(pid)
+	if f == nil {
+		return 0
+	}
+	n, _ := strconv.ParseUint(f[19], 10, 64)
+	return n
 }
 
 func stateFile(runDir, device string) string {
@@ -177,6 +205,9 @@ func stateFile(runDir, device string) string {
 func (s *State) save(runDir string) error {
 	if err := os.MkdirAll(runDir, 0o755); err != nil {
 		return fmt.Errorf("keeping attach state: %w", err)
+	}
+	if s.PID == os.Getpid() {
+		s.Start = procStart(s.PID)
 	}
 	b, _ := json.MarshalIndent(s, "", "  ")
 	tmp := stateFile(runDir, s.Device) + ".tmp"
@@ -327,7 +358,7 @@ func Recover(ctx context.Context, device, runDir string, open func(context.Conte
 	if st.Mode != ModeUblk {
 		return nil, fmt.Errorf("%s is attached over %s; only ublk devices can be recovered (detach and attach again)", st.Device, st.Mode)
 	}
-	if alive(st.PID) && st.PID != os.Getpid() {
+	if st.ServerAlive() && st.PID != os.Getpid() {
 		return nil, fmt.Errorf("%s is still served by process %d; recover is for a device whose server died", st.Device, st.PID)
 	}
 	vol, err := open(ctx, *st)
@@ -499,14 +530,14 @@ func Detach(device, runDir string, timeout time.Duration, log *slog.Logger) erro
 	if err != nil {
 		return err
 	}
-	if alive(st.PID) {
+	if st.ServerAlive() {
 		// The attaching process owns the device: ask it to stop, which
 		// drains I/O, removes the device and closes the store cleanly.
 		if err := syscall.Kill(st.PID, syscall.SIGTERM); err != nil {
 			return fmt.Errorf("signalling process %d that serves %s: %w", st.PID, st.Device, err)
 		}
 		deadline := time.Now().Add(timeout)
-		for alive(st.PID) {
+		for st.ServerAlive() {
 			if time.Now().After(deadline) {
 				return fmt.Errorf("%s: process %d did not stop within %v (is the device still mounted? umount it first)", st.Device, st.PID, timeout)
 			}
@@ -539,7 +570,7 @@ func Stop(device, runDir string) error {
 	if err != nil {
 		return err
 	}
-	if alive(st.PID) {
+	if st.ServerAlive() {
 		return fmt.Errorf("%s is still served by process %d", st.Device, st.PID)
 	}
 	switch st.Mode {

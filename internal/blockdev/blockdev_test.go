@@ -9,6 +9,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/torus-storage/torus/engine"
 )
@@ -107,5 +108,41 @@ func TestRecoverRefuses(t *testing.T) {
 	}
 	if err := Detach("/dev/ublkb9", dir, 0, nil); err == nil || !strings.Contains(err.Error(), "was not attached by torusblk") {
 		t.Errorf("Detach of an unknown device: %v", err)
+	}
+}
+
+// TestServerAlive: a state names a live server by PID and start time; a
+// process that reuses the PID, a zombie and a gone process are not it.
+func TestServerAlive(t *testing.T) {
+	me := State{Device: "/dev/ublkb9", PID: os.Getpid()}
+	if err := me.save(t.TempDir()); err != nil {
+		t.Fatal(err)
+	}
+	if me.Start == 0 || !me.ServerAlive() {
+		t.Fatalf("this process, start %d: alive %v", me.Start, me.ServerAlive())
+	}
+	reused := me
+	reused.Start++ // the PID now belongs to a process started later
+	if reused.ServerAlive() {
+		t.Fatal("a process whose start time differs counts as the server")
+	}
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	child := State{PID: cmd.Process.Pid}
+	if !child.ServerAlive() {
+		t.Fatal("a running child is not alive")
+	}
+	cmd.Process.Kill()
+	for i := 0; child.ServerAlive(); i++ { // a zombie until reaped
+		if i > 100 {
+			t.Fatal("a killed, unreaped child still counts as alive")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cmd.Wait()
+	if child.ServerAlive() {
+		t.Fatal("a reaped child counts as alive")
 	}
 }
